@@ -1,0 +1,339 @@
+"""The model registry: trained autoencoders logged to their MLflow run and registered under the spec's name.
+
+A registered version carries what `aeforge models list/show` prints without opening the run: tags for the
+variant, beta, latent size, data and job, and the key metrics as ``metric.<name>`` tags. Models are logged in
+MLflow's pickle format, so loading one gives back the :class:`~workers.models.base.Autoencoder` with its methods
+(encode, decode, sample); loading needs aeforge's ``workers`` package importable.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from datetime import datetime, timezone
+from typing import Any, Mapping
+
+import numpy as np
+
+from jobs.spec import JobSpec
+from workers import settings
+from workers.models.base import Autoencoder
+from workers.tracking import client as tracking_client
+from workers.tracking import use_tracking_uri
+
+METRIC_TAG_PREFIX = "metric."
+PICTURES_PATH = "pictures"
+# The metrics a generated description names, in this order, when the run reported them.
+KEY_METRICS = (
+    "eval/elbo", "eval/iwae_ll", "eval/recon", "eval/kl", "eval/tc", "eval/mig", "eval/dci_disentanglement",
+    "eval/sap", "eval/factor_vae",
+)
+INPUT_EXAMPLE_BATCH = 2
+
+
+class ModelLookupError(LookupError):
+    """An unknown registered model, alias or version; the message says what exists instead."""
+
+
+# --- logging and registering -----------------------------------------------------------------------------
+
+
+def _check_alias(alias: str) -> None:
+    # MLflow reserves "latest" and "v<number>" (they already mean a version).
+    if alias.lower() == "latest" or re.fullmatch(r"v\d+", alias.lower()):
+        raise ValueError(f"register.alias: '{alias}' is reserved by MLflow (it names a version); choose another alias")
+
+
+def version_tags(spec: JobSpec, job_id: str, metrics: Mapping[str, Any], extra_tags: Mapping[str, Any] | None) -> dict[str, str]:
+    model = spec.model
+    tags = {
+        "variant": model.variant,
+        "architecture": model.architecture,
+        "latent_dim": str(model.latent_dim),
+        "likelihood": model.likelihood,
+        "dataset": spec.data.source,
+        "job_id": job_id,
+    }
+    if model.stochastic:
+        tags["beta"] = repr(model.effective_beta)
+    if model.variant == "beta_tcvae":
+        tags["tc_estimator"] = model.effective_tc_estimator
+    for name, value in metrics.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            tags[f"{METRIC_TAG_PREFIX}{name}"] = repr(float(value))
+    for key, value in (extra_tags or {}).items():
+        tags[str(key)] = str(value)
+    return tags
+
+
+def generated_description(spec: JobSpec, job_id: str, metrics: Mapping[str, Any]) -> str:
+    model = spec.model
+    what = f"{model.variant} ({model.architecture}, latent_dim={model.latent_dim}"
+    if model.variant in ("beta_vae", "beta_tcvae"):
+        what += f", beta={model.effective_beta:g}"
+    what += f") trained on {spec.data.source} by job {job_id}"
+    shown = [f"{name}={float(metrics[name]):.4g}" for name in KEY_METRICS if isinstance(metrics.get(name), (int, float))]
+    return what + (f"; {', '.join(shown)}" if shown else "")
+
+
+def input_example(model: Autoencoder, batch: int = INPUT_EXAMPLE_BATCH) -> np.ndarray:
+    """A fixed small batch of images in [0, 1], float32, shaped like the model's input."""
+    rng = np.random.default_rng(0)
+    return rng.random((batch, *model.image_shape), dtype=np.float32)
+
+
+def _pip_requirements() -> list[str]:
+    import cloudpickle
+    import mlflow
+    import pydantic
+    import torch
+
+    torch_version = torch.__version__.split("+")[0]
+    return [f"torch=={torch_version}", f"mlflow=={mlflow.__version__}", f"cloudpickle=={cloudpickle.__version__}",
+            f"numpy=={np.__version__}", f"pydantic=={pydantic.__version__}"]
+
+
+def log_and_register(
+    model: Autoencoder,
+    spec: JobSpec,
+    job_id: str,
+    run_id: str,
+    metrics: Mapping[str, Any],
+    *,
+    extra_tags: Mapping[str, Any] | None = None,
+    alias: str | None = None,
+    tracking_uri: str | None = None,
+) -> dict[str, Any]:
+    """Log ``model`` on MLflow run ``run_id``, register it as a new version of ``spec.registration.model_name``,
+    point the alias at it (the spec's alias unless ``alias`` is given), and tag and describe the version.
+
+    Returns {"model_uri": "models:/NAME/VERSION", "name", "version", "alias", "logged_model_uri", "run_id"}.
+    """
+    import mlflow
+    import mlflow.pytorch
+    import torch
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import infer_signature
+
+    if spec.registration is None:
+        raise ValueError(f"job {job_id}: the spec has no 'register' section, so there is no model name to register under")
+    name = spec.registration.model_name
+    alias = alias or spec.registration.alias
+    _check_alias(alias)
+    uri = tracking_uri or settings.mlflow_tracking_uri()
+    mlflow_client = tracking_client(uri)
+
+    cpu_model = copy.deepcopy(model).cpu().eval()  # the caller's model keeps its device and mode
+    example = input_example(cpu_model)
+    with torch.no_grad():
+        output = cpu_model(torch.from_numpy(example)).numpy()
+    signature = infer_signature(example, output)
+    with use_tracking_uri(uri):
+        info = mlflow.pytorch.log_model(
+            pytorch_model=cpu_model,
+            name="model",
+            serialization_format="pickle",
+            input_example=example,
+            signature=signature,
+            pip_requirements=_pip_requirements(),
+            run_id=run_id,
+        )
+
+    try:
+        mlflow_client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    description = spec.registration.description or generated_description(spec, job_id, metrics)
+    version = mlflow_client.create_model_version(
+        name,
+        source=info.model_uri,
+        run_id=run_id,
+        tags=version_tags(spec, job_id, metrics, extra_tags),
+        description=description,
+        model_id=info.model_id,
+    )
+    mlflow_client.set_registered_model_alias(name, alias, version.version)
+    return {
+        "model_uri": f"models:/{name}/{version.version}",
+        "name": name,
+        "version": str(version.version),
+        "alias": alias,
+        "logged_model_uri": info.model_uri,
+        "run_id": run_id,
+    }
+
+
+# --- looking models up --------------------------------------------------------------------------------------
+
+
+def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
+    """"NAME@alias" -> (NAME, "alias", alias); "NAME/3" -> (NAME, "version", "3"); "NAME" or "NAME/latest" ->
+    (NAME, None, None). A models:/ prefix is accepted."""
+    text = ref[len("models:/"):] if ref.startswith("models:/") else ref
+    if not text or text.startswith(("@", "/")):
+        raise ModelLookupError(f"'{ref}' is not a model reference; use NAME, NAME@ALIAS or NAME/VERSION")
+    if "@" in text:
+        name, _, alias = text.partition("@")
+        if not alias:
+            raise ModelLookupError(f"'{ref}' names no alias after '@'")
+        return name, "alias", alias
+    if "/" in text:
+        name, _, version = text.partition("/")
+        if version == "latest":
+            return name, None, None
+        if not version.isdigit():
+            raise ModelLookupError(f"'{ref}': the version after '/' must be a number (or 'latest'), not '{version}'")
+        return name, "version", version
+    return text, None, None
+
+
+def _all_versions(mlflow_client, name: str) -> list:
+    versions, token = [], None
+    while True:
+        page = mlflow_client.search_model_versions(f"name='{name}'", max_results=1000, page_token=token)
+        versions.extend(page)
+        token = page.token
+        if not token:
+            return sorted(versions, key=lambda v: int(v.version))
+
+
+def _registered_names(mlflow_client) -> list[str]:
+    names, token = [], None
+    while True:
+        page = mlflow_client.search_registered_models(max_results=1000, page_token=token)
+        names.extend(m.name for m in page)
+        token = page.token
+        if not token:
+            return sorted(names)
+
+
+def _aliases_text(aliases: Mapping[str, str]) -> str:
+    if not aliases:
+        return "it has no aliases"
+    return "its aliases: " + ", ".join(f"{a} (version {v})" for a, v in sorted(aliases.items()))
+
+
+def _resolve(mlflow_client, uri: str, ref: str):
+    """(RegisteredModel, ModelVersion) for a reference, or ModelLookupError saying what exists."""
+    from mlflow.exceptions import MlflowException
+
+    name, kind, value = parse_ref(ref)
+    try:
+        registered = mlflow_client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        known = _registered_names(mlflow_client)
+        listed = ", ".join(known[:20]) + (", ..." if len(known) > 20 else "") if known else "none"
+        raise ModelLookupError(f"no registered model named '{name}' in {uri} (registered models: {listed})") from None
+    aliases = {a: str(v) for a, v in (registered.aliases or {}).items()}
+    if kind == "alias":
+        if value not in aliases:
+            raise ModelLookupError(f"model '{name}' has no alias '{value}'; {_aliases_text(aliases)}")
+        return registered, mlflow_client.get_model_version(name, aliases[value])
+    versions = _all_versions(mlflow_client, name)
+    if not versions:
+        raise ModelLookupError(f"model '{name}' has no versions yet")
+    if kind == "version":
+        for v in versions:
+            if str(v.version) == value:
+                return registered, v
+        numbers = ", ".join(str(v.version) for v in versions)
+        raise ModelLookupError(f"model '{name}' has no version {value}; its versions: {numbers}")
+    return registered, versions[-1]
+
+
+def resolve(ref: str, tracking_uri: str | None = None):
+    """The ModelVersion a reference points at, or ModelLookupError saying what exists."""
+    uri = tracking_uri or settings.mlflow_tracking_uri()
+    return _resolve(tracking_client(uri), uri, ref)[1]
+
+
+def load_model(ref: str, tracking_uri: str | None = None, map_location: str = "cpu") -> Autoencoder:
+    """The registered autoencoder ``ref`` points at ("NAME@alias", "NAME/3", "NAME" for the latest version, or a
+    models:/ URI), in eval mode on ``map_location``."""
+    import mlflow.pytorch
+
+    uri = tracking_uri or settings.mlflow_tracking_uri()
+    version = resolve(ref, uri)
+    with use_tracking_uri(uri):
+        model = mlflow.pytorch.load_model(f"models:/{version.name}/{version.version}", map_location=map_location)
+    if not isinstance(model, Autoencoder):
+        raise ModelLookupError(
+            f"model '{version.name}' version {version.version} is a {type(model).__name__}, not an aeforge autoencoder"
+        )
+    return model.eval()
+
+
+def _split_tags(tags: Mapping[str, str]) -> tuple[dict[str, str], dict[str, float]]:
+    plain, metrics = {}, {}
+    for key, value in tags.items():
+        if key.startswith(METRIC_TAG_PREFIX):
+            try:
+                metrics[key[len(METRIC_TAG_PREFIX):]] = float(value)
+            except ValueError:
+                plain[key] = value
+        else:
+            plain[key] = value
+    return plain, metrics
+
+
+def _iso(ms: int | None) -> str | None:
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="seconds")
+
+
+def describe(ref: str, tracking_uri: str | None = None) -> dict[str, Any]:
+    """One version's tags, metrics, aliases, run and the locations of its run's pictures."""
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking_uri or settings.mlflow_tracking_uri()
+    mlflow_client = tracking_client(uri)
+    registered, version = _resolve(mlflow_client, uri, ref)
+    tags, metrics = _split_tags(version.tags or {})
+    pictures: list[str] = []
+    run_artifact_uri = None
+    if version.run_id:
+        try:
+            run_artifact_uri = mlflow_client.get_run(version.run_id).info.artifact_uri
+            pictures = [f"{run_artifact_uri}/{f.path}" for f in mlflow_client.list_artifacts(version.run_id, PICTURES_PATH)
+                        if not f.is_dir]
+        except MlflowException:
+            pass  # the run was deleted: the version still describes itself
+    return {
+        "name": version.name,
+        "version": str(version.version),
+        "aliases": sorted(a for a, v in (registered.aliases or {}).items() if str(v) == str(version.version)),
+        "description": version.description or "",
+        "status": version.status,
+        "created": _iso(version.creation_timestamp),
+        "run_id": version.run_id,
+        "source": version.source,
+        "model_uri": f"models:/{version.name}/{version.version}",
+        "tags": tags,
+        "metrics": metrics,
+        "run_artifact_uri": run_artifact_uri,
+        "pictures": sorted(pictures),
+    }
+
+
+def list_models(tracking_uri: str | None = None) -> list[dict[str, Any]]:
+    """Every registered model: its number of versions, aliases, and its latest version's tags."""
+    uri = tracking_uri or settings.mlflow_tracking_uri()
+    mlflow_client = tracking_client(uri)
+    out = []
+    for name in _registered_names(mlflow_client):
+        registered = mlflow_client.get_registered_model(name)
+        versions = _all_versions(mlflow_client, name)
+        latest = versions[-1] if versions else None
+        tags, metrics = _split_tags(latest.tags or {}) if latest else ({}, {})
+        out.append({
+            "name": name,
+            "versions": len(versions),
+            "latest_version": str(latest.version) if latest else None,
+            "aliases": {a: str(v) for a, v in sorted((registered.aliases or {}).items())},
+            "description": registered.description or "",
+            "latest_tags": tags,
+            "latest_metrics": metrics,
+        })
+    return out

@@ -1,0 +1,381 @@
+"""The job spec: what a user writes, submits and gets validated before anything runs.
+
+The worker-side sections (model, data, train, eval) are the pydantic models of ``workers.config``; this module
+adds the job-level ones (resources, sweep, register) and the rules that span sections. ``parse_spec`` turns
+YAML/JSON text into a :class:`JobSpec` or raises :class:`SpecError` with one entry per problem, each naming its
+field path. ``check_data`` is the second stage, run before training: it opens the data source (cheaply) and
+checks that the architecture fits its images.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import yaml
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from workers.config import (
+    STOCHASTIC_VARIANTS,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    StrictModel,
+    TrainConfig,
+    Variant,
+)
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+
+
+class SpecError(ValueError):
+    """A spec that cannot run. ``errors`` lists {"loc": "model.beta", "msg": "..."} entries."""
+
+    def __init__(self, errors: list[dict[str, str]], source: str = "<spec>"):
+        self.errors = errors
+        self.source = source
+        lines = [f"{source}: {len(errors)} error{'s' if len(errors) != 1 else ''}"]
+        lines += [f"  {e['loc']}: {e['msg']}" for e in errors]
+        super().__init__("\n".join(lines))
+
+
+class Resources(StrictModel):
+    workers: int = Field(1, ge=1, description="Ray Train workers (DDP processes)")
+    gpus_per_worker: float = Field(0, ge=0)
+    cpus_per_worker: float = Field(1, gt=0)
+
+
+class BetaRange(StrictModel):
+    start: float = Field(..., ge=0)
+    stop: float = Field(..., ge=0)
+    num: int = Field(..., ge=1)
+    spacing: Literal["linear", "log"] = "linear"
+
+    @model_validator(mode="after")
+    def _positive_for_log(self) -> "BetaRange":
+        if self.spacing == "log" and (self.start <= 0 or self.stop <= 0):
+            raise ValueError("a log-spaced range needs start > 0 and stop > 0")
+        return self
+
+    def values(self) -> list[float]:
+        if self.num == 1:
+            return [self.start]
+        if self.spacing == "linear":
+            step = (self.stop - self.start) / (self.num - 1)
+            return [round(self.start + i * step, 10) for i in range(self.num)]
+        lo, hi = math.log(self.start), math.log(self.stop)
+        return [round(math.exp(lo + i * (hi - lo) / (self.num - 1)), 10) for i in range(self.num)]
+
+
+class SweepMetric(StrictModel):
+    name: str = "eval/elbo"
+    mode: Literal["max", "min"] = "max"
+
+
+class SweepConfig(StrictModel):
+    beta: list[float] | BetaRange | None = None
+    latent_dim: list[int] | None = None
+    seed: list[int] | None = None
+    variant: list[Variant] | None = None
+    search: Literal["grid", "random"] = "grid"
+    num_samples: int = Field(1, ge=1, description="grid: repeats of the grid; random: trials drawn")
+    metric: SweepMetric = Field(default_factory=SweepMetric)
+    max_concurrent_trials: int | None = Field(None, ge=1, description="default: as many as the cluster fits")
+    register_all: bool = Field(False, description="also register every non-best trial's model")
+
+    @field_validator("beta")
+    @classmethod
+    def _beta_non_negative(cls, v):
+        if isinstance(v, list) and any(b < 0 for b in v):
+            raise ValueError("beta values must be >= 0")
+        return v
+
+    @field_validator("latent_dim")
+    @classmethod
+    def _latent_positive(cls, v):
+        if v is not None and any(d < 1 for d in v):
+            raise ValueError("latent_dim values must be >= 1")
+        return v
+
+    def space(self) -> dict[str, list]:
+        """The searched dimensions and their values (empty lists kept, so validation can name them)."""
+        out: dict[str, list] = {}
+        if self.beta is not None:
+            out["beta"] = self.beta.values() if isinstance(self.beta, BetaRange) else list(self.beta)
+        for key in ("latent_dim", "seed", "variant"):
+            values = getattr(self, key)
+            if values is not None:
+                out[key] = list(values)
+        return out
+
+
+class RegisterConfig(StrictModel):
+    model_name: str = Field(..., pattern=NAME_PATTERN)
+    alias: str = Field("candidate", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+    description: str | None = None
+
+
+class JobSpec(StrictModel):
+    # "register" would shadow BaseModel.register: the field is `registration`, written `register` in specs.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_by_name=True,
+                              validate_by_alias=True, serialize_by_alias=True)
+
+    name: str = Field(..., pattern=NAME_PATTERN)
+    kind: Literal["train", "sweep"] = "train"
+    description: str | None = None
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    resources: Resources = Field(default_factory=Resources)
+    sweep: SweepConfig | None = None
+    registration: RegisterConfig | None = Field(None, alias="register")
+
+    @model_validator(mode="after")
+    def _cross_section_rules(self) -> "JobSpec":
+        errors: list[tuple[str, str]] = []
+        if self.kind == "sweep" and self.sweep is None:
+            errors.append(("sweep", "a job of kind 'sweep' needs a 'sweep' section"))
+        if self.kind == "train" and self.sweep is not None:
+            errors.append(("sweep", "only a job of kind 'sweep' takes a 'sweep' section (set kind: sweep)"))
+        variants = [self.model.variant]
+        if self.sweep is not None:
+            space = self.sweep.space()
+            if not space:
+                errors.append(("sweep", "the search space is empty: give at least one of beta, latent_dim, seed, variant"))
+            for key, values in space.items():
+                if not values:
+                    errors.append((f"sweep.{key}", "an empty list searches nothing; give at least one value"))
+            variants = space.get("variant") or variants
+            if "beta" in space and not all(v in ("beta_vae", "beta_tcvae") for v in variants):
+                bad = sorted({v for v in variants if v not in ("beta_vae", "beta_tcvae")})
+                errors.append(("sweep.beta", f"sweeping beta needs variant beta_vae or beta_tcvae, not {', '.join(bad)}"))
+            if "variant" in space and self.model.tc_estimator is not None and any(v != "beta_tcvae" for v in variants):
+                errors.append(("model.tc_estimator", "is only for beta_tcvae; drop it when sweeping other variants"))
+            if "variant" in space and self.model.corruption is not None and any(v != "dae" for v in variants):
+                errors.append(("model.corruption", "is only for dae; drop it when sweeping other variants"))
+            metric = self.sweep.metric.name
+            known = reported_metrics(self, variants)
+            if metric not in known and not _metric_needs_factors(metric):
+                errors.append(("sweep.metric.name", f"no trial reports '{metric}'; reported: {', '.join(sorted(known))}"))
+        if "beta_tcvae" in variants and self.train.batch_size < 2:
+            errors.append(("train.batch_size", "beta_tcvae's minibatch TC estimators need a batch of at least 2"))
+        if self.train.precision == "bf16" and self.resources.gpus_per_worker == 0:
+            errors.append(("train.precision", "bf16 needs GPUs (resources.gpus_per_worker > 0); use fp32 on CPU"))
+        if errors:
+            # Raised as one ValueError; parse_spec splits it back into field-level entries.
+            raise ValueError("\n".join(f"@{loc}: {msg}" for loc, msg in errors))
+        return self
+
+    # --- derived ----------------------------------------------------------------------------------
+    def resource_request(self) -> dict[str, float]:
+        """What the whole job holds on the cluster while it runs: every worker, plus a little for the driver."""
+        r = self.resources
+        trials = 1
+        if self.kind == "sweep" and self.sweep is not None:
+            trials = self.max_concurrent_trials(None)
+        return {"CPU": float(r.workers * r.cpus_per_worker * trials), "GPU": float(r.workers * r.gpus_per_worker * trials)}
+
+    def trial_configs(self) -> list[dict[str, Any]]:
+        """The grid of a sweep (one dict per trial, before random sampling and repeats)."""
+        if self.sweep is None:
+            return [{}]
+        space = self.sweep.space()
+        keys = list(space)
+        return [dict(zip(keys, combo)) for combo in itertools.product(*(space[k] for k in keys))]
+
+    def max_concurrent_trials(self, cluster: dict[str, float] | None) -> int:
+        """The spec's cap, else as many trials as the cluster fits (at least 1)."""
+        assert self.sweep is not None
+        n_trials = len(self.trial_configs()) * (self.sweep.num_samples if self.sweep.search == "grid" else 1)
+        if self.sweep.search == "random":
+            n_trials = self.sweep.num_samples
+        if self.sweep.max_concurrent_trials is not None:
+            return min(self.sweep.max_concurrent_trials, n_trials)
+        if cluster is None:
+            return 1
+        fits = trials_that_fit(self.resources, cluster)
+        return max(1, min(fits, n_trials))
+
+    def with_trial(self, trial: dict[str, Any]) -> "JobSpec":
+        """This spec with one trial's values put into the model/train sections."""
+        data = self.model_dump(mode="json")
+        for key, value in trial.items():
+            if key == "seed":
+                data["train"]["seed"] = value
+            else:
+                data["model"][key] = value
+        if data["model"]["variant"] != "beta_tcvae":
+            data["model"]["tc_estimator"] = None
+        if data["model"]["variant"] not in ("beta_vae", "beta_tcvae"):
+            data["model"]["beta"] = None
+        data["kind"] = "train"
+        data["sweep"] = None
+        return JobSpec.model_validate(data)
+
+
+def trials_that_fit(resources: Resources, cluster: dict[str, float]) -> int:
+    """How many trials of these resources the cluster holds at once."""
+    per_cpu = resources.workers * resources.cpus_per_worker
+    fits = int(cluster.get("CPU", 0) // per_cpu) if per_cpu else 10**6
+    if resources.gpus_per_worker:
+        fits = min(fits, int(cluster.get("GPU", 0) // (resources.workers * resources.gpus_per_worker)))
+    return fits
+
+
+def reported_metrics(spec: JobSpec, variants: list[str] | None = None) -> set[str]:
+    """Metric names every trial of this spec reports (those that need data factors are added by check_data)."""
+    variants = variants or [spec.model.variant]
+    names = {"train/loss", "train/recon", "eval/recon", "eval/elbo"}
+    if all(v in STOCHASTIC_VARIANTS for v in variants):
+        names |= {"train/kl", "eval/kl", "eval/iwae_ll", "eval/mi", "eval/tc", "eval/dwkl"}
+    if all(v == "beta_tcvae" for v in variants):
+        names |= {"train/mi", "train/tc", "train/dwkl"}
+    return names
+
+
+FACTOR_METRICS = {
+    "eval/mig", "eval/mig_exact", "eval/sap", "eval/dci_disentanglement", "eval/dci_completeness",
+    "eval/dci_informativeness", "eval/factor_vae", "eval/beta_vae",
+}
+
+
+def _metric_needs_factors(name: str) -> bool:
+    return name in FACTOR_METRICS
+
+
+# --- parsing ----------------------------------------------------------------------------------------------
+
+
+# pydantic names the branch of a union in an error's location (sweep.beta.list[float], sweep.beta.BetaRange,
+# function-after[...]); a user knows the field, not the branch. Field names are identifiers; branch names are
+# not, or are class names.
+def _is_branch(part) -> bool:
+    return isinstance(part, str) and (not part.isidentifier() or part[:1].isupper())
+
+
+# Errors that only say "this branch of the union did not match" when another branch said something useful.
+_BRANCH_MISMATCH = {"list_type", "model_type", "dict_type", "model_attributes_type"}
+
+
+def _loc(parts: tuple) -> str:
+    out = ""
+    for p in parts:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif not _is_branch(p):
+            out += ("." if out else "") + str(p)
+    return out or "<spec>"
+
+
+def _errors_from_validation(exc: ValidationError) -> list[dict[str, str]]:
+    raw = exc.errors()
+    in_union = [e for e in raw if any(_is_branch(p) for p in e["loc"])]
+    useful_locs = {_loc(e["loc"]) for e in in_union if e["type"] not in _BRANCH_MISMATCH}
+    errors: list[dict[str, str]] = []
+    for err in raw:
+        loc = _loc(err["loc"])
+        if err in in_union and err["type"] in _BRANCH_MISMATCH and loc in useful_locs:
+            continue
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (not part of the spec; check the spelling)"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        if msg.startswith("@"):  # cross-section rules: one entry per line, each with its own field path
+            for line in msg.splitlines():
+                where, _, what = line[1:].partition(": ")
+                errors.append({"loc": where, "msg": what})
+            continue
+        errors.append({"loc": loc, "msg": msg})
+    seen, unique = set(), []
+    for e in errors:
+        key = (e["loc"], e["msg"])
+        if key not in seen:
+            seen.add(key)
+            unique.append(e)
+    return unique
+
+
+def parse_spec(text: str, source: str = "<spec>") -> JobSpec:
+    """YAML or JSON text to a validated JobSpec, or SpecError listing every problem by field path."""
+    try:
+        data = yaml.safe_load(text)  # JSON is YAML
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError([{"loc": "<file>", "msg": f"not valid YAML/JSON at {where}: {problem}"}], source) from None
+    if data is None:
+        raise SpecError([{"loc": "<file>", "msg": "the spec is empty"}], source)
+    if not isinstance(data, dict):
+        raise SpecError([{"loc": "<file>", "msg": f"the spec must be a mapping of sections, not a {type(data).__name__}"}], source)
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(_errors_from_validation(exc), source) from None
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError([{"loc": "<file>", "msg": f"no such spec file: {path}"}], str(path))
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError([{"loc": "<file>", "msg": f"cannot read {path}: {exc}"}], str(path)) from None
+    return parse_spec(text, str(path))
+
+
+def spec_to_json(spec: JobSpec) -> str:
+    return json.dumps(spec.model_dump(mode="json"), sort_keys=True)
+
+
+def json_schema() -> dict:
+    return JobSpec.model_json_schema()
+
+
+# --- the data-aware stage ---------------------------------------------------------------------------------
+
+
+def check_data(spec: JobSpec, resolve: Callable[[str], str] | None = None) -> dict[str, Any]:
+    """Open the data source cheaply and check the spec against it, before any training starts.
+
+    Returns {"num_examples", "image_shape", "has_factors"}; raises SpecError naming ``data.source`` or
+    ``model.architecture``.
+    """
+    from workers.data import DataError, check_source
+    from workers.models.architectures import check_fits
+
+    try:
+        info = check_source(spec.data, resolve=resolve)
+    except DataError as exc:
+        raise SpecError([{"loc": "data.source", "msg": str(exc)}]) from None
+    num_examples, image_shape = info[0], tuple(info[1])
+    has_factors = bool(info[2]) if len(info) > 2 else False
+    errors = []
+    architectures = [spec.model.architecture]
+    for arch in architectures:
+        try:
+            check_fits(arch, image_shape)
+        except ValueError as exc:
+            errors.append({"loc": "model.architecture", "msg": str(exc)})
+    n_train = num_examples if spec.data.limit is None else min(num_examples, spec.data.limit)
+    n_train = int(n_train * (1 - spec.data.val_fraction))
+    global_batch = spec.train.batch_size * spec.resources.workers
+    if n_train < global_batch:
+        errors.append({"loc": "train.batch_size", "msg": f"the global batch ({global_batch}) is larger than the training set ({n_train} examples)"})
+    if spec.sweep is not None:
+        metric = spec.sweep.metric.name
+        if _metric_needs_factors(metric) and not (has_factors and spec.eval.disentanglement):
+            why = "the data has no ground-truth factors" if not has_factors else "eval.disentanglement is off"
+            errors.append({"loc": "sweep.metric.name", "msg": f"no trial reports '{metric}': {why}"})
+    if errors:
+        raise SpecError(errors)
+    return {"num_examples": num_examples, "image_shape": image_shape, "has_factors": has_factors}
+
+

@@ -1,0 +1,483 @@
+"""The queue's HTTP API (FastAPI): submit, list, inspect, cancel and retry jobs, read their logs.
+
+Every route but ``/healthz`` and the OpenAPI pages needs a bearer token; a user sees and acts on their own jobs
+only (another user's job is a 404, as an unknown id is), an admin on all. A spec is validated before anything is
+written: a malformed one is a 422 listing each field's problem, and never a row. Request bodies over
+AEFORGE_MAX_REQUEST_BYTES are refused with 413 before they are parsed.
+
+``python -m services.api`` (and ``aeforge serve``) runs the API with the dispatcher in the same process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Callable, Literal
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from services.dispatcher import Dispatcher, JobLauncher, LauncherUnavailable, parse_progress, redact
+from services.settings import Principal, ServiceSettings
+from services.store import STATES, InvalidTransition, Job, JobNotFound, Store, submission_id_for
+
+log = logging.getLogger(__name__)
+
+Validator = Callable[..., Any]
+
+
+# --- bodies -----------------------------------------------------------------------------------------------------
+
+
+class SubmitRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    spec: str | dict[str, Any] = Field(..., description="the job spec: YAML/JSON text as written, or a JSON object")
+    priority: int = Field(0, ge=-1000, le=1000, description="higher runs first")
+    idempotency_key: str | None = Field(None, min_length=1, max_length=200,
+                                        description="a retried submission with the same key returns the same job")
+    max_attempts: int | None = Field(None, ge=1, le=20, description="attempts before the job fails (default: the service's)")
+
+
+class EventOut(BaseModel):
+    id: int
+    job_id: str
+    at: str
+    from_state: str | None
+    to_state: str
+    attempt: int
+    reason: str
+
+
+class JobOut(BaseModel):
+    id: str
+    name: str
+    owner: str
+    kind: str
+    priority: int
+    resources: dict[str, float]
+    state: Literal["queued", "starting", "running", "succeeded", "failed", "cancelled"]
+    cancel_requested: bool
+    cancel_requested_by: str | None
+    attempts: int
+    max_attempts: int
+    ray_submission_id: str | None
+    mlflow_run_id: str | None
+    model_version: str | None
+    result: dict[str, Any] | None
+    error: str | None
+    idempotency_key: str | None
+    created_at: str
+    updated_at: str
+    started_at: str | None
+    finished_at: str | None
+
+
+class JobDetailOut(JobOut):
+    spec: str
+    events: list[EventOut]
+    progress: dict[str, Any] | None = None
+
+
+class JobPage(BaseModel):
+    items: list[JobOut]
+    total: int
+    limit: int
+    offset: int
+    next_offset: int | None
+
+
+class ErrorOut(BaseModel):
+    detail: str
+    errors: list[dict[str, str]] = []
+
+
+def job_out(job: Job) -> dict[str, Any]:
+    out = job.to_dict()
+    out["cancel_requested"] = job.cancel_requested_by is not None
+    return out
+
+
+def _error(status: int, detail: str, errors: list[dict[str, str]] | None = None, headers=None) -> JSONResponse:
+    return JSONResponse({"detail": detail, "errors": errors or []}, status_code=status, headers=headers)
+
+
+# --- the size limit ---------------------------------------------------------------------------------------------
+
+
+class BodySizeLimit:
+    """Refuses (413) a request whose body is over ``max_bytes``, by its Content-Length or while reading it, so an
+    oversize or endless body is never buffered whole nor parsed."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            try:
+                size = int(declared)
+            except ValueError:
+                await _error(400, "Content-Length is not a number")(scope, receive, send)
+                return
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                await self._refuse(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        delivered = False
+
+        async def replay():
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send):
+        await _error(413, f"request body too large: the limit is {self.max_bytes} bytes "
+                          f"(AEFORGE_MAX_REQUEST_BYTES)")(scope, receive, send)
+
+
+# --- the app ----------------------------------------------------------------------------------------------------
+
+
+def _default_validator() -> Validator:
+    from jobs.spec import parse_spec
+
+    return parse_spec
+
+
+def _spec_errors(exc: Exception) -> list[dict[str, str]] | None:
+    errors = getattr(exc, "errors", None)
+    if isinstance(errors, list) and all(isinstance(e, dict) for e in errors):
+        return [{"loc": str(e.get("loc", "<spec>")), "msg": str(e.get("msg", ""))} for e in errors]
+    return None
+
+
+def create_app(
+    store: Store,
+    settings: ServiceSettings,
+    *,
+    validate: Validator | None = None,
+    launcher: JobLauncher | None = None,
+    dispatcher: Dispatcher | None = None,
+) -> FastAPI:
+    """The API over ``store``. ``validate(text, source)`` turns spec text into a spec object (default
+    jobs.spec.parse_spec) or raises an error with ``.errors``; ``launcher`` serves logs; a ``dispatcher`` given
+    here runs in a thread for the app's lifetime."""
+    validate = validate or _default_validator()
+    if not settings.tokens:
+        raise ValueError("no API tokens are configured: set AEFORGE_TOKENS_FILE or AEFORGE_TOKENS "
+                         "(a list of {token, owner, role})")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        stop = threading.Event()
+        thread = None
+        if dispatcher is not None:
+            thread = threading.Thread(target=dispatcher.run, args=(stop, settings.dispatch_interval_s),
+                                      name="aeforge-dispatcher", daemon=True)
+            thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            if thread is not None:
+                await run_in_threadpool(thread.join, 30)
+
+    app = FastAPI(
+        title="aeforge queue",
+        version="1",
+        description="Submit autoencoder training jobs to a Ray cluster and follow them.",
+        lifespan=lifespan,
+    )
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    bearer = HTTPBearer(auto_error=False, description="an API token from the service's token list")
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(request: Request, exc: RequestValidationError):
+        errors = [{"loc": ".".join(str(p) for p in e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]
+        return _error(422, "invalid request: " + "; ".join(f"{e['loc']}: {e['msg']}" for e in errors), errors)
+
+    @app.exception_handler(JobNotFound)
+    async def _not_found(request: Request, exc: JobNotFound):
+        return _error(404, f"no job {exc.job_id}")
+
+    @app.exception_handler(InvalidTransition)
+    async def _conflict(request: Request, exc: InvalidTransition):
+        return _error(409, str(exc))
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException):
+        return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    def principal(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
+        if credentials is None:
+            raise HTTPException(401, "missing bearer token (Authorization: Bearer <token>)",
+                                headers={"WWW-Authenticate": "Bearer"})
+        found = settings.principal_for(credentials.credentials)
+        if found is None:
+            raise HTTPException(401, "unknown token", headers={"WWW-Authenticate": "Bearer"})
+        return found
+
+    def visible_job(job_id: str, who: Principal) -> Job:
+        job = store.get(job_id)
+        if not who.is_admin and job.owner != who.owner:
+            raise JobNotFound(job_id)  # another user's job does not exist for this caller
+        return job
+
+    errors_doc = {401: {"model": ErrorOut}, 404: {"model": ErrorOut}, 409: {"model": ErrorOut}}
+
+    @app.get("/healthz", tags=["service"])
+    def healthz():
+        """The service is up and its database answers (no token needed)."""
+        try:
+            store.ping()
+        except Exception as exc:
+            log.warning("health check: database unreachable: %s", exc)
+            return _error(503, "database unreachable")
+        return {"status": "ok", "database": store.dialect, "schema_version": store.schema_version}
+
+    @app.post("/jobs", status_code=201, response_model=JobOut, tags=["jobs"],
+              responses={200: {"model": JobOut, "description": "the job an earlier submission with this "
+                                                               "idempotency key made"},
+                         413: {"model": ErrorOut}, 422: {"model": ErrorOut}, **errors_doc})
+    def submit_job(body: SubmitRequest, response: Response, who: Principal = Depends(principal),
+                   idempotency_key: str | None = Header(None, alias="Idempotency-Key", max_length=200)):
+        """Validate a spec and queue it; 422 with every field error if it cannot run."""
+        key = body.idempotency_key
+        if idempotency_key is not None:
+            if key is not None and key != idempotency_key:
+                return _error(422, "the Idempotency-Key header and the body's idempotency_key differ")
+            key = idempotency_key
+        spec_text = body.spec if isinstance(body.spec, str) else json.dumps(body.spec)
+        try:
+            spec = validate(spec_text, "<request>")
+        except ValueError as exc:
+            errors = _spec_errors(exc)
+            if errors is None:
+                errors = [{"loc": "<spec>", "msg": str(exc)}]
+            return _error(422, "invalid job spec:\n" + "\n".join(f"  {e['loc']}: {e['msg']}" for e in errors), errors)
+        job, created = store.submit(
+            name=spec.name,
+            owner=who.owner,
+            kind=spec.kind,
+            spec_text=spec_text,
+            spec_json=json.dumps(spec.model_dump(mode="json"), sort_keys=True),
+            resources=spec.resource_request(),
+            priority=body.priority,
+            max_attempts=body.max_attempts or settings.max_attempts,
+            idempotency_key=key,
+        )
+        if not created:
+            if job.spec_text != spec_text or job.priority != body.priority:
+                return _error(409, f"idempotency key {key!r} was used for a different submission (job {job.id})")
+            response.status_code = 200
+        return job_out(job)
+
+    @app.get("/jobs", response_model=JobPage, tags=["jobs"], responses=errors_doc)
+    def list_jobs(
+        who: Principal = Depends(principal),
+        state: list[str] | None = Query(None, description=f"one or more of {', '.join(STATES)} (repeat, or comma-separated)"),
+        owner: str | None = Query(None, max_length=100),
+        name: str | None = Query(None, max_length=100),
+        limit: int = Query(50, ge=1, le=500),
+        offset: int = Query(0, ge=0),
+    ):
+        """Jobs, newest first, one page at a time; a user's listing holds only their own jobs."""
+        states = [s.strip() for item in (state or []) for s in item.split(",") if s.strip()]
+        unknown = sorted(set(states) - set(STATES))
+        if unknown:
+            return _error(422, f"unknown state(s) {', '.join(unknown)}; states are {', '.join(STATES)}",
+                          [{"loc": "query.state", "msg": f"unknown state {s!r}"} for s in unknown])
+        if not who.is_admin:
+            if owner is not None and owner != who.owner:
+                return _error(403, "a user lists only their own jobs")
+            owner = who.owner
+        jobs, total = store.list_jobs(states=states or None, owner=owner, name=name, limit=limit, offset=offset)
+        next_offset = offset + len(jobs) if offset + len(jobs) < total else None
+        return {"items": [job_out(j) for j in jobs], "total": total, "limit": limit, "offset": offset,
+                "next_offset": next_offset}
+
+    @app.get("/jobs/{job_id}", response_model=JobDetailOut, tags=["jobs"], responses=errors_doc)
+    def get_job(job_id: str, who: Principal = Depends(principal),
+                progress: bool = Query(False, description="read the training progress from the running job's log")):
+        """A job with its spec, every state change and its results (MLflow run, registered model version)."""
+        job = visible_job(job_id, who)
+        out = job_out(job) | {"spec": job.spec_text, "events": [e.to_dict() for e in store.events(job.id)]}
+        if progress and job.state == "running" and launcher is not None and job.ray_submission_id:
+            try:
+                out["progress"] = parse_progress(launcher.logs(job.ray_submission_id))
+            except (LauncherUnavailable, RuntimeError) as exc:
+                log.warning("job %s: no progress, the Ray logs are unavailable: %s", job.id, exc)
+        return out
+
+    @app.post("/jobs/{job_id}/cancel", response_model=JobOut, tags=["jobs"], responses={202: {"model": JobOut}, **errors_doc})
+    def cancel_job(job_id: str, response: Response, who: Principal = Depends(principal)):
+        """A queued job is cancelled now (200); a starting or running one is stopped on Ray and marked
+        cancelled once it has stopped (202)."""
+        visible_job(job_id, who)
+        job = store.request_cancel(job_id, who.owner)
+        if job.state != "cancelled":
+            response.status_code = 202
+        return job_out(job)
+
+    @app.post("/jobs/{job_id}/retry", response_model=JobOut, tags=["jobs"], responses=errors_doc)
+    def retry_job(job_id: str, who: Principal = Depends(principal)):
+        """A failed or cancelled job back to the queue; it resumes from its last checkpoint."""
+        visible_job(job_id, who)
+        return job_out(store.retry(job_id, who.owner))
+
+    @app.get("/jobs/{job_id}/logs", tags=["jobs"], response_class=StreamingResponse,
+             responses={200: {"content": {"text/plain": {}}}, 503: {"model": ErrorOut}, **errors_doc})
+    async def job_logs(job_id: str, who: Principal = Depends(principal),
+                       follow: bool = Query(False, description="keep streaming until the job ends"),
+                       attempt: int | None = Query(None, ge=1, description="default: the latest attempt")):
+        """The job's log from Ray (plain text); with follow=true, streamed as it is written, across attempts."""
+        job = await run_in_threadpool(visible_job, job_id, who)
+        if launcher is None:
+            return _error(503, "this service has no Ray connection to read logs from")
+        if attempt is not None and attempt > job.attempts:
+            return _error(404, f"job {job.id} has had {job.attempts} attempt(s), not {attempt}")
+        if not follow:
+            number = attempt or job.attempts
+            if number == 0:
+                return Response("", media_type="text/plain")
+            try:
+                text = await run_in_threadpool(launcher.logs, submission_id_for(job.id, number))
+            except LauncherUnavailable as exc:
+                return _error(503, str(exc))
+            return Response(redact(text), media_type="text/plain")
+        return StreamingResponse(_follow_logs(store, launcher, job.id, attempt), media_type="text/plain")
+
+    return app
+
+
+async def _follow_logs(store: Store, launcher: JobLauncher, job_id: str, only_attempt: int | None,
+                       poll_s: float = 1.0) -> AsyncIterator[str]:
+    """Stream the job's Ray log as it is written: one attempt if asked for, else each attempt in turn until the
+    job is finished."""
+    current = only_attempt
+    while True:
+        job = await run_in_threadpool(store.get, job_id)
+        if current is None:
+            if job.attempts == 0:  # not started yet
+                if job.is_terminal:
+                    return
+                await asyncio.sleep(poll_s)
+                continue
+            current = job.attempts
+        sid = submission_id_for(job_id, current)
+        try:
+            info = await run_in_threadpool(launcher.info, sid)
+        except LauncherUnavailable:
+            info = None
+        if info is None:  # claimed but not on Ray yet, or its Ray job is gone
+            if only_attempt is None and job.attempts > current:
+                current += 1
+            elif job.is_terminal or only_attempt is not None and job.attempts > current:
+                return
+            await asyncio.sleep(poll_s)
+            continue
+        try:
+            async for chunk in launcher.tail(sid):
+                yield redact(chunk)
+        except LauncherUnavailable as exc:
+            yield f"\n[aeforge] logs unavailable: {exc}\n"
+            return
+        if only_attempt is not None:
+            return
+        # This attempt's Ray job has ended: the job is finished, or re-queued for another attempt.
+        while True:
+            job = await run_in_threadpool(store.get, job_id)
+            if job.attempts > current:
+                current += 1
+                yield f"\n[aeforge] job {job_id}: attempt {current}\n"
+                break
+            if job.is_terminal:
+                return
+            await asyncio.sleep(poll_s)
+
+
+# --- running the service ----------------------------------------------------------------------------------------
+
+
+def start_embedded_ray() -> str:
+    """A local Ray head with its dashboard (which serves the Jobs API), for as long as this process lives."""
+    import ray
+
+    context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+    url = getattr(context, "dashboard_url", None)
+    if not url:
+        raise RuntimeError("the local Ray started without its dashboard, which serves the Jobs API; "
+                           "install ray[default] or set RAY_ADDRESS to a running cluster")
+    return url if "://" in url else f"http://{url}"
+
+
+def run_service(settings: ServiceSettings, host: str = "127.0.0.1", port: int = 8000, dispatch: bool = True,
+                on_ready: Callable[[str], None] | None = None) -> None:
+    """The API and (unless ``dispatch`` is False) the dispatcher in this process, until interrupted."""
+    import uvicorn
+
+    from services.dispatcher import RayClusterView, RayJobLauncher
+    from services.settings import local_tokens_path, write_local_admin_token
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not settings.tokens:
+        principal = write_local_admin_token(settings.home)
+        log.warning("no API tokens were configured; wrote an admin token for %s to %s", principal.owner,
+                    local_tokens_path(settings.home))
+        settings = ServiceSettings.load()
+    store = Store(settings.db_url)
+    address = settings.ray_address
+    if address is None:
+        address = start_embedded_ray()
+        log.info("started a local Ray head; its dashboard and Jobs API are at %s", address)
+    launcher = RayJobLauncher(address)
+    dispatcher = None
+    if dispatch:
+        dispatcher = Dispatcher(store, RayClusterView(launcher), launcher,
+                                max_concurrent_jobs=settings.max_concurrent_jobs, job_module=settings.job_module)
+    app = create_app(store, settings, launcher=launcher, dispatcher=dispatcher)
+    if on_ready is not None:
+        on_ready(f"http://{host}:{port}")
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m services.api", description="the aeforge queue service")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--no-dispatch", action="store_true", help="API only (another process dispatches)")
+    args = parser.parse_args(argv)
+    run_service(ServiceSettings.load(), host=args.host, port=args.port, dispatch=not args.no_dispatch)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

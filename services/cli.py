@@ -1,0 +1,220 @@
+"""The `aeforge` command line (Typer + rich).
+
+Spec errors, data errors and configuration errors print a plain message and exit with code 2; they never
+show a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="aeforge: train the autoencoder family on Ray, tracked in MLflow.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> None:
+    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def load_spec_or_exit(path: Path):
+    from jobs.spec import SpecError, load_spec
+
+    try:
+        return load_spec(path)
+    except SpecError as exc:
+        err_console.print(f"[bold red]{exc.source}[/bold red]: {len(exc.errors)} error(s)", highlight=False)
+        for e in exc.errors:
+            err_console.print(f"  [yellow]{e['loc']}[/yellow]: {e['msg']}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+
+
+@app.command()
+def validate(spec_path: Path = typer.Argument(..., metavar="SPEC", help="job spec (YAML or JSON)"),
+             data: bool = typer.Option(True, "--data/--no-data", help="also open the data source and check the model fits it")) -> None:
+    """Check a job spec: prints OK, or every error with its field path (exit code 2)."""
+    from jobs.spec import SpecError, check_data
+
+    spec = load_spec_or_exit(spec_path)
+    if data:
+        try:
+            info = check_data(spec, resolve=_resolver())
+        except SpecError as exc:
+            for e in exc.errors:
+                err_console.print(f"[bold red]{spec_path}[/bold red] [yellow]{e['loc']}[/yellow]: {e['msg']}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2)
+        console.print(f"OK  {spec.name} ({spec.kind}, {spec.model.variant}/{spec.model.architecture}); data: "
+                      f"{info['num_examples']} examples of {'x'.join(map(str, info['image_shape']))}", highlight=False)
+    else:
+        console.print(f"OK  {spec.name} ({spec.kind}, {spec.model.variant}/{spec.model.architecture})", highlight=False)
+
+
+@app.command()
+def schema() -> None:
+    """Print the job spec's JSON Schema (for editor completion)."""
+    from jobs.spec import json_schema
+
+    sys.stdout.write(json.dumps(json_schema(), indent=2) + "\n")
+
+
+def _resolver():
+    """The function that turns a data source into a local path (S3 and dataset names need storage)."""
+    try:
+        from workers.storage import resolver_from_settings
+    except ImportError:
+        return None
+    return resolver_from_settings()
+
+
+@app.command()
+def run(spec_path: Path = typer.Argument(..., metavar="SPEC"),
+        job_id: Optional[str] = typer.Option(None, "--job-id", help="resume this job id (default: a new id)"),
+        local: bool = typer.Option(False, "--local", help="one process, no Ray, no MLflow (debugging)")) -> None:
+    """Run a job here: on a local Ray (or RAY_ADDRESS's cluster), tracked in MLflow; prints where the results are."""
+    from jobs.run import new_job_id, run_dir_for, run_in_process, run_job
+    from jobs.spec import SpecError
+    from workers.data.base import DataError
+    from workers.loop import TrainingDiverged
+
+    spec = load_spec_or_exit(spec_path)
+    job_id = job_id or new_job_id(spec.name)
+    console.print(f"job [bold]{job_id}[/bold]  ({spec.kind}, {spec.model.variant}/{spec.model.architecture}, latent {spec.model.latent_dim})", highlight=False)
+    try:
+        if local:
+            if spec.kind != "train":
+                fail("--local runs train jobs only; a sweep needs Ray")
+            result = run_in_process(spec, job_id, resolve=_resolver())
+            _print_metrics(result.final_metrics, f"final metrics ({result.steps} steps, {result.images_per_second:,.0f} images/s)")
+            run_dir = run_dir_for(job_id)
+            console.print(f"run folder: {run_dir}", highlight=False, soft_wrap=True)
+            for name, path in sorted(result.pictures.items()):
+                console.print(f"  picture {name}: {path}", highlight=False, soft_wrap=True)
+            return
+        outcome = run_job(spec, job_id)
+    except SpecError as exc:
+        fail("\n".join(f"{e['loc']}: {e['msg']}" for e in exc.errors))
+    except (DataError, TrainingDiverged) as exc:
+        fail(str(exc))
+    except _operational_errors() as exc:
+        fail(str(exc))
+    if spec.kind == "sweep":
+        _print_sweep_rows(outcome["trials"], spec.sweep.metric.name)
+    else:
+        _print_metrics(outcome["metrics"], "final metrics")
+    console.print(f"MLflow run: {outcome['mlflow_run_id']}  (tracking URI {_tracking_uri()})", highlight=False, soft_wrap=True)
+    model = outcome.get("model")
+    if model:
+        console.print(f"registered model: [bold]{model['name']}[/bold] version {model['version']} alias @{model['alias']}  ({model['model_uri']})", highlight=False, soft_wrap=True)
+    if outcome.get("pictures"):
+        console.print(f"pictures: {outcome['pictures']}", highlight=False, soft_wrap=True)
+
+
+def _operational_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message is the whole story (storage preflight, registry look-ups, cluster too small)."""
+    errors: list[type[Exception]] = [ValueError, LookupError]
+    try:
+        from workers.storage import StorageError
+
+        errors.append(StorageError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _tracking_uri() -> str:
+    from workers.settings import mlflow_tracking_uri
+
+    return mlflow_tracking_uri()
+
+
+def _print_metrics(metrics: dict, title: str) -> None:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in sorted(metrics):
+        value = metrics[key]
+        table.add_row(key, f"{value:.4f}" if isinstance(value, (int, float)) else str(value))
+    console.print(table)
+
+
+def _print_sweep_rows(rows: list[dict], metric: str) -> None:
+    keys = [k for k in ("variant", "beta", "latent_dim", "seed") if any(k in r for r in rows)]
+    shown = [metric] + [m for m in ("eval/recon", "eval/elbo", "eval/mig", "eval/tc") if m != metric and any(m in r for r in rows)]
+    table = Table(title=f"sweep results ({len(rows)} trials, ranked by {metric})")
+    for k in ["run_name", *keys, "status", *shown]:
+        table.add_column(k, justify="right" if k in shown else "left")
+    for row in rows:
+        cells = [str(row.get("run_name", ""))] + [str(row.get(k, "")) for k in keys] + [str(row.get("status", ""))]
+        cells += [f"{row[m]:.4f}" if isinstance(row.get(m), (int, float)) else "" for m in shown]
+        table.add_row(*cells)
+    console.print(table)
+
+
+sweep_app = typer.Typer(no_args_is_help=True, help="Sweep results.")
+app.add_typer(sweep_app, name="sweep")
+
+
+@sweep_app.command("results")
+def sweep_results_command(ref: str = typer.Argument(..., metavar="JOB_OR_RUN", help="the sweep's job id or parent MLflow run id"),
+                          metric: str = typer.Option("eval/elbo", help="metric to show first"),
+                          csv_path: Optional[Path] = typer.Option(None, "--csv", help="also write the table as CSV")) -> None:
+    """The results table of a finished or running sweep."""
+    from jobs.sweep import sweep_results, write_results_csv
+
+    try:
+        rows = sweep_results(ref)
+    except LookupError as exc:
+        fail(str(exc))
+    _print_sweep_rows(rows, metric)
+    if csv_path is not None:
+        write_results_csv(rows, csv_path)
+        console.print(f"wrote {csv_path}", highlight=False)
+
+
+@app.command()
+def bench(spec_path: Path = typer.Argument(..., metavar="SPEC"),
+          steps: int = typer.Option(200, help="timed steps per loop"),
+          warmup: int = typer.Option(20, help="untimed steps first")) -> None:
+    """Training throughput (images/s) of aeforge's loop next to a plain PyTorch loop, same model, same device."""
+    from workers.bench import run_benchmark
+
+    spec = load_spec_or_exit(spec_path)
+    try:
+        report = run_benchmark(spec, steps=steps, warmup=warmup, resolve=_resolver())
+    except Exception as exc:  # a benchmark reports what stopped it, plainly
+        fail(f"benchmark failed: {exc}")
+    table = Table(title=f"throughput on {report['device']} ({spec.model.variant}/{spec.model.architecture}, batch {spec.train.batch_size})")
+    table.add_column("loop")
+    table.add_column("images/s", justify="right")
+    table.add_column("ms/step", justify="right")
+    for row in report["rows"]:
+        table.add_row(row["loop"], f"{row['images_per_second']:,.0f}", f"{row['ms_per_step']:.2f}")
+    console.print(table)
+    console.print(f"ratio aeforge / plain: {report['ratio']:.2f}x", highlight=False)
+
+
+def _mount_subcommands() -> None:
+    """The data, models and queue commands live next to the code they drive."""
+    from services import cli_data, cli_jobs, cli_models
+
+    for module in (cli_data, cli_models, cli_jobs):
+        module.register(app)
+
+
+_mount_subcommands()
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

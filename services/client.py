@@ -1,0 +1,108 @@
+"""A small client of the queue's HTTP API (httpx), used by the CLI: AEFORGE_API_URL and AEFORGE_API_TOKEN."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import httpx
+
+from services.settings import ServiceSettings
+
+
+class ApiError(Exception):
+    """The service said no (``status`` is its HTTP status) or could not be reached (``status`` is None)."""
+
+    def __init__(self, message: str, status: int | None = None, errors: list[dict[str, str]] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.errors = errors or []
+
+
+class AeforgeClient:
+    def __init__(self, url: str, token: str | None, *, timeout: float = 30.0, http: httpx.Client | None = None):
+        """``http``: an httpx client to send through (tests pass FastAPI's TestClient); default a new one."""
+        self.url = url.rstrip("/")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = http if http is not None else httpx.Client(base_url=self.url, timeout=timeout)
+        self.headers = headers
+
+    @classmethod
+    def from_settings(cls, settings: ServiceSettings | None = None) -> "AeforgeClient":
+        settings = settings or ServiceSettings.load()
+        return cls(settings.api_url, settings.client_token())
+
+    def close(self) -> None:
+        self.http.close()
+
+    # --- requests ----------------------------------------------------------------------------------------------
+    def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        try:
+            response = self.http.request(method, path, headers=self.headers, **kwargs)
+        except httpx.TransportError as exc:
+            raise ApiError(f"cannot reach the aeforge service at {self.url} ({exc}); is `aeforge serve` running, "
+                           f"and is AEFORGE_API_URL right?") from None
+        self._raise_for(response)
+        return response
+
+    def _raise_for(self, response: httpx.Response) -> None:
+        if response.status_code < 400:
+            return
+        try:
+            body = response.json()
+            detail, errors = str(body.get("detail", "")), body.get("errors") or []
+        except ValueError:
+            detail, errors = response.text, []
+        if response.status_code == 401:
+            detail = f"{detail}: set AEFORGE_API_TOKEN to a token the service knows"
+        raise ApiError(detail or f"HTTP {response.status_code}", response.status_code, errors)
+
+    def health(self) -> dict[str, Any]:
+        return self._request("GET", "/healthz").json()
+
+    def submit(self, spec_text: str, *, priority: int = 0, idempotency_key: str | None = None,
+               max_attempts: int | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"spec": spec_text, "priority": priority}
+        if idempotency_key is not None:
+            body["idempotency_key"] = idempotency_key
+        if max_attempts is not None:
+            body["max_attempts"] = max_attempts
+        return self._request("POST", "/jobs", json=body).json()
+
+    def list_jobs(self, *, states: list[str] | None = None, owner: str | None = None, name: str | None = None,
+                  limit: int = 50, offset: int = 0) -> dict[str, Any]:
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if states:
+            params["state"] = states
+        if owner:
+            params["owner"] = owner
+        if name:
+            params["name"] = name
+        return self._request("GET", "/jobs", params=params).json()
+
+    def get(self, job_id: str, *, progress: bool = False) -> dict[str, Any]:
+        return self._request("GET", f"/jobs/{job_id}", params={"progress": str(progress).lower()}).json()
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self._request("POST", f"/jobs/{job_id}/cancel").json()
+
+    def retry(self, job_id: str) -> dict[str, Any]:
+        return self._request("POST", f"/jobs/{job_id}/retry").json()
+
+    def logs(self, job_id: str, *, attempt: int | None = None) -> str:
+        params = {} if attempt is None else {"attempt": attempt}
+        return self._request("GET", f"/jobs/{job_id}/logs", params=params).text
+
+    def follow_logs(self, job_id: str, *, attempt: int | None = None) -> Iterator[str]:
+        """The log as the job writes it, until the job ends (no read timeout: a quiet job is not an error)."""
+        params: dict[str, Any] = {"follow": "true"}
+        if attempt is not None:
+            params["attempt"] = attempt
+        try:
+            with self.http.stream("GET", f"/jobs/{job_id}/logs", params=params, headers=self.headers,
+                                  timeout=httpx.Timeout(30.0, read=None)) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    self._raise_for(response)
+                yield from response.iter_text()
+        except httpx.TransportError as exc:
+            raise ApiError(f"the log stream from {self.url} broke off ({exc})") from None

@@ -1,0 +1,483 @@
+"""The dispatcher: admits queued jobs to the Ray cluster and follows their Ray jobs into the store.
+
+One pass (:meth:`Dispatcher.tick`) first follows every admitted job (Ray status -> job state, cancel requests ->
+``stop_job``, a Ray job that is gone -> re-queued or failed), then admits from the head of the queue while the
+cluster has room. The order is strict: priority (higher first), then submission order, and a head that does not
+fit yet is waited for rather than overtaken, so a large job is not starved by a stream of small ones. A job that
+could never fit the cluster is failed with what it asked for and what exists.
+
+The cluster and Ray's Jobs API sit behind two small interfaces (:class:`ClusterView`, :class:`JobLauncher`) so
+the policy is tested without Ray; :class:`RayClusterView` and :class:`RayJobLauncher` are the real ones.
+Everything the job needs reaches it through its runtime environment's variables; nothing secret is written to
+the job table, the events or the logs (texts from Ray are passed through :func:`redact`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Callable, Iterable, Mapping, Protocol
+
+from services.store import Decision, Holdings, Job, Store, add_resources
+
+log = logging.getLogger(__name__)
+
+RESULT_MARK = "AEFORGE_RESULT "
+PROGRESS_MARK = "AEFORGE_PROGRESS "
+# Ray job statuses: PENDING, RUNNING, STOPPED, SUCCEEDED, FAILED.
+RAY_TERMINAL = ("STOPPED", "SUCCEEDED", "FAILED")
+LOG_TAIL_LINES = 20
+SOURCE_ROOT = Path(__file__).resolve().parent.parent
+
+
+class LauncherUnavailable(RuntimeError):
+    """Ray's Jobs API could not be reached; nothing can be concluded about the jobs on it."""
+
+
+class SubmissionExists(RuntimeError):
+    """Ray already has a job with this submission id (a dispatcher submitted it before it stopped)."""
+
+
+@dataclass(frozen=True)
+class RayJobInfo:
+    status: str
+    message: str | None = None
+
+
+class ClusterView(Protocol):
+    def total_resources(self) -> dict[str, float]:
+        """Resources of the cluster's live nodes ({"CPU": 8.0, "GPU": 1.0, ...}); empty when it is not up."""
+
+
+class JobLauncher(Protocol):
+    def submit(self, submission_id: str, entrypoint: str, env_vars: dict[str, str]) -> None:
+        """Start a Ray job; raises SubmissionExists if Ray has that submission id already."""
+
+    def info(self, submission_id: str) -> RayJobInfo | None:
+        """The Ray job's status, or None when Ray has no job with that id."""
+
+    def stop(self, submission_id: str) -> None:
+        """Ask Ray to stop the job (idempotent)."""
+
+    def logs(self, submission_id: str) -> str:
+        """The job's whole log so far ("" when Ray has no such job)."""
+
+    def tail(self, submission_id: str) -> AsyncIterator[str]:
+        """The job's log as it is written, until the job ends."""
+
+
+# --- secrets ----------------------------------------------------------------------------------------------------
+
+
+def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Values of this process's secret variables, longest first (so a secret inside another is masked whole)."""
+    from workers.settings import SECRET_ENV_VARS
+
+    env = os.environ if environ is None else environ
+    names = (*SECRET_ENV_VARS, "AEFORGE_API_TOKEN", "AEFORGE_TOKENS")
+    values = [env[n] for n in names if len(env.get(n) or "") >= 4]
+    return sorted(set(values), key=len, reverse=True)
+
+
+def redact(text: str, secrets: list[str] | None = None) -> str:
+    for value in secret_values() if secrets is None else secrets:
+        text = text.replace(value, "***")
+    return text
+
+
+# --- log lines the job prints ---------------------------------------------------------------------------------
+
+
+def _last_marked(logs: str, mark: str) -> dict | None:
+    for line in reversed(logs.splitlines()):
+        start = line.find(mark)
+        if start >= 0:
+            try:
+                value = json.loads(line[start + len(mark):])
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                return value
+    return None
+
+
+def parse_result(logs: str) -> dict | None:
+    """The job's ``AEFORGE_RESULT {...}`` line (the last one), or None."""
+    return _last_marked(logs, RESULT_MARK)
+
+
+def parse_progress(logs: str) -> dict | None:
+    """The last ``AEFORGE_PROGRESS {"step": s, "total": t}`` line, or None."""
+    progress = _last_marked(logs, PROGRESS_MARK)
+    if progress is None or not isinstance(progress.get("step"), int):
+        return None
+    return progress
+
+
+def model_version_of(result: dict) -> str | None:
+    version = result.get("model_version")
+    if version is None and isinstance(result.get("model"), dict):
+        version = result["model"].get("version")
+    return None if version is None else str(version)
+
+
+# --- what a job gets ------------------------------------------------------------------------------------------
+
+
+def job_environment(job: Job, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The variables a job runs with: its id, spec and attempt, and the settings it needs from this process
+    (credentials included: they go to Ray's runtime environment only, never to the table or the logs)."""
+    from workers.settings import JOB_ENV_VARS
+
+    env_in = os.environ if environ is None else environ
+    env = {name: env_in[name] for name in JOB_ENV_VARS if env_in.get(name)}
+    env["AEFORGE_HOME"] = str(Path(env_in.get("AEFORGE_HOME", ".aeforge")).expanduser().resolve())
+    env["AEFORGE_JOB_ID"] = job.id
+    env["AEFORGE_JOB_SPEC"] = job.spec_json
+    env["AEFORGE_ATTEMPT"] = str(job.attempts)
+    # The job imports the same source tree as this service, installed or not.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SOURCE_ROOT), env_in.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def entrypoint_for(job_id: str, module: str = "jobs.run") -> str:
+    return f"python -m {module} {shlex.quote(job_id)}"
+
+
+def describe_resources(resources: Mapping[str, float], also: Iterable[str] = ()) -> str:
+    """"CPU 4, GPU 1": the schedulable resources (node markers and memory left out), with ``also`` shown at 0."""
+    keys = set(resources) | set(also)
+    parts = []
+    for key in sorted(keys):
+        value = float(resources.get(key, 0.0))
+        if key in ("memory", "object_store_memory") or key.startswith(("node:", "accelerator_type:")):
+            continue
+        if key in ("CPU", "GPU") or value or key in also:
+            parts.append(f"{key} {value:g}")
+    return ", ".join(parts) or "nothing"
+
+
+def fits(request: Mapping[str, float], available: Mapping[str, float]) -> bool:
+    return all(amount <= available.get(name, 0.0) + 1e-9 for name, amount in request.items() if amount > 0)
+
+
+def subtract(total: Mapping[str, float], held: Mapping[str, float]) -> dict[str, float]:
+    return {k: total.get(k, 0.0) - held.get(k, 0.0) for k in set(total) | set(held)}
+
+
+# --- the dispatcher -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TickReport:
+    started: list[str] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    waiting: str | None = None
+    wait_reason: str | None = None
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        store: Store,
+        cluster: ClusterView,
+        launcher: JobLauncher,
+        *,
+        max_concurrent_jobs: int | None = None,
+        job_module: str = "jobs.run",
+        environ: Mapping[str, str] | None = None,
+        resubmit_after_s: float = 15.0,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.store = store
+        self.cluster = cluster
+        self.launcher = launcher
+        self.max_concurrent_jobs = max_concurrent_jobs
+        self.job_module = job_module
+        self.environ = environ
+        # A job claimed (starting) that Ray does not know yet is submitted again only after this long, so that a
+        # dispatcher does not race another one that is between its claim and its submission.
+        self.resubmit_after_s = resubmit_after_s
+        self.clock = clock
+        self._unreachable_logged = False
+        # Texts from Ray (messages, log tails) may echo what the job was given; they are masked before storing.
+        self._secrets = sorted(set(secret_values(environ)) | set(secret_values()), key=len, reverse=True)
+
+    def _redact(self, text: str) -> str:
+        return redact(text, self._secrets)
+
+    # --- one pass ---------------------------------------------------------------------------------------------
+    def tick(self) -> TickReport:
+        report = TickReport()
+        self.follow(report)
+        self.admit(report)
+        return report
+
+    def run(self, stop: threading.Event, interval_s: float = 1.0) -> None:
+        """Tick until ``stop`` is set; a failing pass (database or Ray down) is logged and tried again."""
+        while not stop.is_set():
+            try:
+                self.tick()
+            except Exception:
+                log.exception("dispatcher pass failed; trying again in %.1f s", interval_s)
+            stop.wait(interval_s)
+
+    # --- admission --------------------------------------------------------------------------------------------
+    def admit(self, report: TickReport | None = None) -> TickReport:
+        report = report or TickReport()
+        try:
+            total = {k: float(v) for k, v in self.cluster.total_resources().items()}
+        except LauncherUnavailable as exc:
+            self._log_unreachable(exc)
+            return report
+        if not total:
+            # No live node (the cluster is starting or gone): nothing can be judged to fit or not.
+            return report
+        decide = self._policy(total)
+        while True:
+            admission = self.store.admit(decide)
+            report.rejected += [j.id for j in admission.rejected]
+            for job in admission.rejected:
+                log.warning("job %s failed: it can never fit the cluster", job.id)
+            if admission.started is None:
+                report.waiting = admission.waiting.id if admission.waiting else None
+                report.wait_reason = admission.wait_reason
+                return report
+            report.started.append(admission.started.id)
+            self._submit(admission.started)
+
+    def _policy(self, total: dict[str, float]) -> Callable[[Job, Holdings], Decision]:
+        cap = self.max_concurrent_jobs
+
+        def decide(job: Job, holdings: Holdings) -> Decision:
+            asked = job.resources
+            if not fits(asked, total):
+                return Decision.reject(f"can never run here: it asks for {describe_resources(asked)} but the whole "
+                                       f"Ray cluster has {describe_resources(total, also=asked)}")
+            if cap is not None and holdings.active_jobs >= cap:
+                return Decision.wait(f"{holdings.active_jobs} jobs running, the cap is {cap}")
+            free = subtract(total, holdings.resources)
+            if not fits(asked, free):
+                return Decision.wait(f"asks for {describe_resources(asked)}; free now: {describe_resources(free, also=asked)}")
+            return Decision.start(f"admitted: asks for {describe_resources(asked)}; free: {describe_resources(free, also=asked)}")
+
+        return decide
+
+    def _submit(self, job: Job) -> None:
+        assert job.ray_submission_id is not None
+        entrypoint = entrypoint_for(job.id, self.job_module)
+        try:
+            self.launcher.submit(job.ray_submission_id, entrypoint, job_environment(job, self.environ))
+        except SubmissionExists:
+            log.info("job %s: Ray already has %s; following it", job.id, job.ray_submission_id)
+        except LauncherUnavailable as exc:
+            # Left in `starting`: following it submits again once Ray answers.
+            self._log_unreachable(exc)
+        except Exception as exc:  # Ray refused the submission: this attempt failed
+            why = self._redact(str(exc))
+            log.warning("job %s: Ray refused the submission: %s", job.id, why)
+            self._attempt_failed(job, f"Ray refused the job submission: {why}")
+        else:
+            log.info("job %s: submitted to Ray as %s (attempt %d)", job.id, job.ray_submission_id, job.attempts)
+
+    # --- following --------------------------------------------------------------------------------------------
+    def follow(self, report: TickReport | None = None) -> TickReport:
+        report = report or TickReport()
+        for job in self.store.active_jobs():
+            try:
+                if self._follow_one(job):
+                    report.changed.append(job.id)
+            except LauncherUnavailable as exc:
+                self._log_unreachable(exc)
+                return report
+        self._unreachable_logged = False
+        return report
+
+    def _follow_one(self, job: Job) -> bool:
+        sid = job.ray_submission_id
+        assert sid is not None, f"active job {job.id} has no Ray submission id"
+        info = self.launcher.info(sid)
+        if info is None:
+            if job.state == "starting":
+                if job.cancel_requested_by:
+                    return self._set(job, "cancelled", f"cancelled by {job.cancel_requested_by} before it reached Ray")
+                if self.clock() - job.updated_at.timestamp() >= self.resubmit_after_s:
+                    # Claimed, never submitted: the dispatcher that claimed it stopped in between.
+                    log.info("job %s: claimed but not on Ray; submitting it", job.id)
+                    self._submit(job)
+                return False
+            return self._attempt_failed(job, "its Ray job is gone (the Ray cluster restarted or lost it)")
+        if job.cancel_requested_by and info.status not in RAY_TERMINAL:
+            self.launcher.stop(sid)
+            return False
+        if info.status == "PENDING":
+            return False
+        if info.status == "RUNNING":
+            if job.state == "starting":
+                return self._set(job, "running", f"Ray job {sid} is running")
+            return False
+        if info.status == "SUCCEEDED":
+            return self._succeeded(job)
+        if job.cancel_requested_by:
+            return self._set(job, "cancelled", f"cancelled by {job.cancel_requested_by}; Ray job {sid} stopped")
+        if info.status == "STOPPED":
+            return self._set(job, "cancelled", f"Ray job {sid} was stopped outside aeforge")
+        message = self._redact(info.message or "no message from Ray")
+        return self._attempt_failed(job, f"Ray job {sid} failed: {message}{self._log_tail(sid)}")
+
+    def _succeeded(self, job: Job) -> bool:
+        try:
+            logs = self.launcher.logs(job.ray_submission_id)
+        except LauncherUnavailable:
+            raise
+        except RuntimeError as exc:
+            log.warning("job %s: cannot read its Ray logs for the result: %s", job.id, exc)
+            logs = ""
+        result = parse_result(logs)
+        fields: dict = {"error": None}
+        reason = f"Ray job {job.ray_submission_id} succeeded"
+        if result is None:
+            reason += " (it printed no AEFORGE_RESULT line)"
+        else:
+            result = json.loads(self._redact(json.dumps(result)))
+            run_id = result.get("mlflow_run_id")
+            fields |= {"result": result, "mlflow_run_id": None if run_id is None else str(run_id),
+                       "model_version": model_version_of(result)}
+        if job.cancel_requested_by:
+            reason += f"; it finished before the cancel by {job.cancel_requested_by} took effect"
+        return self._set(job, "succeeded", reason, **fields)
+
+    def _attempt_failed(self, job: Job, why: str) -> bool:
+        if job.attempts < job.max_attempts:
+            return self._set(job, "queued", f"attempt {job.attempts} of {job.max_attempts} failed: {why}; "
+                                            f"re-queued to resume from its last checkpoint", error=why)
+        return self._set(job, "failed", f"attempt {job.attempts} of {job.max_attempts} failed: {why}", error=why)
+
+    def _set(self, job: Job, state: str, reason: str, **fields) -> bool:
+        # Guarded by state and attempt: another dispatcher that saw the same Ray status changes it once.
+        changed = self.store.transition(job.id, state, reason, expect=(job.state,), attempt=job.attempts, **fields)
+        if changed is not None:
+            log.info("job %s: %s -> %s (%s)", job.id, job.state, state, reason)
+        return changed is not None
+
+    def _log_tail(self, sid: str) -> str:
+        try:
+            logs = self.launcher.logs(sid)
+        except Exception:
+            return ""
+        lines = [line for line in logs.splitlines() if line.strip()][-LOG_TAIL_LINES:]
+        return ("\nlast log lines:\n" + self._redact("\n".join(lines))) if lines else ""
+
+    def _log_unreachable(self, exc: Exception) -> None:
+        if not self._unreachable_logged:
+            log.warning("Ray is not reachable (%s); jobs keep their states until it is", exc)
+            self._unreachable_logged = True
+
+
+# --- the real cluster -----------------------------------------------------------------------------------------
+
+
+class RayJobLauncher:
+    """Ray's Jobs API (``JobSubmissionClient``) at RAY_ADDRESS: a cluster address (host:6379) or the dashboard's
+    http:// address. The client is made on first use and again after a connection failure."""
+
+    def __init__(self, address: str | None):
+        self.address = address
+        self._client = None
+        self._lock = threading.Lock()
+
+    def client(self):
+        with self._lock:
+            if self._client is None:
+                from ray.job_submission import JobSubmissionClient
+
+                try:
+                    self._client = JobSubmissionClient(self.address)
+                except Exception as exc:  # connecting fails in several ways (refused, no GCS, no dashboard)
+                    raise LauncherUnavailable(f"cannot reach Ray's Jobs API at {self.address or 'the local cluster'}: {exc}") from None
+            return self._client
+
+    def dashboard_url(self) -> str:
+        return self.client().get_address()
+
+    def _call(self, fn: Callable, *args, **kwargs):
+        import requests
+
+        client = self.client()
+        try:
+            return fn(client, *args, **kwargs)
+        except (requests.ConnectionError, requests.Timeout, ConnectionError) as exc:
+            with self._lock:
+                self._client = None
+            raise LauncherUnavailable(f"Ray's Jobs API did not answer: {exc}") from None
+
+    def submit(self, submission_id: str, entrypoint: str, env_vars: dict[str, str]) -> None:
+        try:
+            self._call(lambda c: c.submit_job(entrypoint=entrypoint, submission_id=submission_id,
+                                              runtime_env={"env_vars": env_vars}))
+        except RuntimeError as exc:
+            if "already exists" in str(exc):
+                raise SubmissionExists(submission_id) from None
+            raise
+
+    def info(self, submission_id: str) -> RayJobInfo | None:
+        try:
+            details = self._call(lambda c: c.get_job_info(submission_id))
+        except RuntimeError as exc:
+            if "status code 404" in str(exc):
+                return None
+            raise
+        return RayJobInfo(status=str(details.status.value if hasattr(details.status, "value") else details.status),
+                          message=details.message)
+
+    def stop(self, submission_id: str) -> None:
+        try:
+            self._call(lambda c: c.stop_job(submission_id))
+        except RuntimeError as exc:
+            if "status code 404" not in str(exc):
+                raise
+
+    def logs(self, submission_id: str) -> str:
+        try:
+            return self._call(lambda c: c.get_job_logs(submission_id))
+        except RuntimeError as exc:
+            if "status code 404" in str(exc):
+                return ""
+            raise
+
+    async def tail(self, submission_id: str) -> AsyncIterator[str]:
+        import asyncio
+
+        client = await asyncio.to_thread(self.client)
+        try:
+            async for chunk in client.tail_job_logs(submission_id):
+                yield chunk
+        except Exception as exc:  # the websocket or the job went away mid-stream
+            raise LauncherUnavailable(f"the log stream of Ray job {submission_id} broke off: {exc}") from None
+
+
+class RayClusterView:
+    """Resources of the live nodes, from Ray's state API (through the dashboard; this process joins no cluster)."""
+
+    def __init__(self, launcher: RayJobLauncher):
+        self.launcher = launcher
+
+    def total_resources(self) -> dict[str, float]:
+        from ray.util.state import list_nodes
+
+        address = self.launcher.dashboard_url()
+        try:
+            nodes = list_nodes(address=address, filters=[("state", "=", "ALIVE")], timeout=10)
+        except Exception as exc:  # the state API raises several kinds when the dashboard is down
+            raise LauncherUnavailable(f"cannot list Ray's nodes at {address}: {exc}") from None
+        total: dict[str, float] = {}
+        for node in nodes:
+            total = add_resources(total, {k: v for k, v in node.resources_total.items() if not k.startswith("node:")})
+        return total

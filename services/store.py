@@ -1,0 +1,632 @@
+"""The job table: jobs, their state changes, and the atomic claim that admits a job to the cluster.
+
+SQLite (a file under AEFORGE_HOME) by default, PostgreSQL through AEFORGE_DB_URL (``postgresql+psycopg://``).
+The service creates the schema on first use and applies its migrations itself (``schema_version`` table).
+
+Every state change goes through :meth:`Store.transition` or one of the methods built on it, in one transaction
+with its event row. Admission (:meth:`Store.admit`) reads what the admitted jobs hold and claims the next job in
+the same transaction: on PostgreSQL under a transaction-level advisory lock plus ``FOR UPDATE SKIP LOCKED`` on
+the queued rows, on SQLite inside ``BEGIN IMMEDIATE`` (one writer at a time). Two dispatchers therefore never
+start the same job, nor admit two jobs into the same free resources.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    inspect,
+    insert,
+    select,
+    text,
+    union_all,
+    update,
+)
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.types import TypeDecorator
+
+log = logging.getLogger(__name__)
+
+STATES = ("queued", "starting", "running", "succeeded", "failed", "cancelled")
+ACTIVE_STATES = ("starting", "running")
+TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+
+# The state machine. queued -> failed is a job that can never fit the cluster; starting/running -> queued is a
+# failed attempt with attempts left; failed/cancelled -> queued is a retry asked for by a user.
+TRANSITIONS: dict[str | None, frozenset[str]] = {
+    None: frozenset({"queued"}),
+    "queued": frozenset({"starting", "cancelled", "failed"}),
+    "starting": frozenset({"running", "succeeded", "failed", "cancelled", "queued"}),
+    "running": frozenset({"succeeded", "failed", "cancelled", "queued"}),
+    "succeeded": frozenset(),
+    "failed": frozenset({"queued"}),
+    "cancelled": frozenset({"queued"}),
+}
+
+SCHEMA_VERSION = 1
+# Transaction-level advisory lock keys (PostgreSQL): admission decisions, schema migrations.
+ADMISSION_LOCK_KEY = 0x6165_0001
+MIGRATION_LOCK_KEY = 0x6165_0002
+
+
+class StoreError(Exception):
+    """Base of the store's errors."""
+
+
+class JobNotFound(StoreError, LookupError):
+    def __init__(self, job_id: str):
+        super().__init__(f"no job with id {job_id!r}")
+        self.job_id = job_id
+
+
+class InvalidTransition(StoreError):
+    """A state change the job's current state does not allow (cancel a finished job, retry a running one)."""
+
+
+class SchemaTooNew(StoreError):
+    pass
+
+
+class UTCDateTime(TypeDecorator):
+    """Timezone-aware UTC datetimes on every backend (SQLite keeps no zone; values are stored as UTC)."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; use timezone-aware UTC times")
+        return value.astimezone(timezone.utc).replace(tzinfo=None)
+
+    def process_result_value(self, value, dialect):
+        return None if value is None else value.replace(tzinfo=timezone.utc)
+
+
+metadata = MetaData()
+
+jobs_table = Table(
+    "aeforge_jobs",
+    metadata,
+    # seq orders submissions (strictly increasing); id is the job id users and Ray see.
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(128), nullable=False, unique=True),
+    Column("name", String(100), nullable=False, index=True),
+    Column("owner", String(100), nullable=False, index=True),
+    Column("kind", String(16), nullable=False),
+    Column("spec_text", Text, nullable=False),
+    Column("spec_json", Text, nullable=False),
+    Column("priority", Integer, nullable=False, default=0),
+    Column("resources", JSON, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("cancel_requested_by", String(100)),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("max_attempts", Integer, nullable=False),
+    Column("ray_submission_id", String(160)),
+    Column("mlflow_run_id", String(64)),
+    Column("model_version", String(64)),
+    Column("result", JSON),
+    # The last failed attempt's error: kept while the job is retried, cleared when it succeeds or a user retries it.
+    Column("error", Text),
+    Column("idempotency_key", String(200)),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("started_at", UTCDateTime),
+    Column("finished_at", UTCDateTime),
+    UniqueConstraint("owner", "idempotency_key", name="uq_aeforge_jobs_owner_idempotency_key"),
+)
+Index("ix_aeforge_jobs_queue", jobs_table.c.state, jobs_table.c.priority.desc(), jobs_table.c.seq)
+
+events_table = Table(
+    "aeforge_job_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("job_id", String(128), ForeignKey("aeforge_jobs.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("at", UTCDateTime, nullable=False),
+    Column("from_state", String(16)),
+    Column("to_state", String(16), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("reason", Text, nullable=False),
+)
+
+schema_table = Table(
+    "aeforge_schema",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("version", Integer, nullable=False),
+    Column("migrated_at", UTCDateTime, nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One schema step from ``version - 1`` to ``version``; ``apply`` runs inside the migration transaction."""
+
+    version: int
+    description: str
+    apply: Callable[[Connection], None]
+
+
+# Schema steps after version 1, in order. A fresh database is created at SCHEMA_VERSION directly from the table
+# definitions above; an existing one is brought up to date by the steps it has not had.
+MIGRATIONS: tuple[Migration, ...] = ()
+
+
+@dataclass(frozen=True)
+class Job:
+    seq: int
+    id: str
+    name: str
+    owner: str
+    kind: str
+    spec_text: str
+    spec_json: str
+    priority: int
+    resources: dict[str, float]
+    state: str
+    cancel_requested_by: str | None
+    attempts: int
+    max_attempts: int
+    ray_submission_id: str | None
+    mlflow_run_id: str | None
+    model_version: str | None
+    result: dict | None
+    error: str | None
+    idempotency_key: str | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row) -> "Job":
+        return cls(**{k: row._mapping[k] for k in cls.__dataclass_fields__})
+
+    @property
+    def is_active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    def to_dict(self, *, include_spec: bool = False) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("seq")
+        out.pop("spec_json")
+        if not include_spec:
+            out.pop("spec_text")
+        for key in ("created_at", "updated_at", "started_at", "finished_at"):
+            out[key] = _iso(out[key])
+        return out
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    job_id: str
+    at: datetime
+    from_state: str | None
+    to_state: str
+    attempt: int
+    reason: str
+
+    @classmethod
+    def from_row(cls, row) -> "Event":
+        return cls(**{k: row._mapping[k] for k in cls.__dataclass_fields__})
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["at"] = _iso(self.at)
+        return out
+
+
+@dataclass(frozen=True)
+class Holdings:
+    """What the admitted (starting or running) jobs hold, as the admission transaction sees it."""
+
+    resources: dict[str, float]
+    active_jobs: int
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the dispatcher's policy says about the head of the queue: start it, wait, or fail it for good."""
+
+    action: str  # "start" | "wait" | "reject"
+    reason: str
+
+    @classmethod
+    def start(cls, reason: str) -> "Decision":
+        return cls("start", reason)
+
+    @classmethod
+    def wait(cls, reason: str) -> "Decision":
+        return cls("wait", reason)
+
+    @classmethod
+    def reject(cls, reason: str) -> "Decision":
+        return cls("reject", reason)
+
+
+@dataclass(frozen=True)
+class Admission:
+    started: Job | None
+    rejected: tuple[Job, ...] = ()
+    waiting: Job | None = None
+    wait_reason: str | None = None
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def new_job_id(name: str) -> str:
+    """``<name slug>-<UTC time>-<random>``: readable, sortable by time, unique."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    slug = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:48] or "job"
+    return f"{slug}-{stamp}-{secrets.token_hex(3)}"
+
+
+def submission_id_for(job_id: str, attempt: int) -> str:
+    """The Ray submission id of an attempt. Deterministic, so a dispatcher that restarts between claiming and
+    submitting finds (or re-creates) exactly one Ray job per attempt; Ray refuses a second one with the same id."""
+    return job_id if attempt == 1 else f"{job_id}-attempt-{attempt}"
+
+
+def add_resources(total: dict[str, float], more: dict[str, float]) -> dict[str, float]:
+    out = dict(total)
+    for key, value in more.items():
+        out[key] = out.get(key, 0.0) + float(value)
+    return out
+
+
+class Store:
+    """The job table. Thread-safe: each method runs in its own transaction on a pooled connection."""
+
+    def __init__(self, url: str, *, migrations: Sequence[Migration] = MIGRATIONS, echo: bool = False):
+        self.url = url
+        self.engine: Engine = _make_engine(url, echo=echo)
+        self.dialect = self.engine.dialect.name
+        if self.dialect not in ("sqlite", "postgresql"):
+            raise StoreError(f"AEFORGE_DB_URL: unsupported database {self.dialect!r}; use sqlite:/// or postgresql+psycopg://")
+        self.schema_version = migrate(self.engine, migrations)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- transactions --------------------------------------------------------------------------------------
+    @contextmanager
+    def _tx(self, *, write: bool = True, lock_key: int | None = None) -> Iterator[Connection]:
+        with self.engine.connect() as conn:
+            if write and self.dialect == "sqlite":
+                # Take SQLite's write lock at BEGIN: a read-then-write transaction that upgraded later could fail
+                # with SQLITE_BUSY instead of waiting.
+                conn = conn.execution_options(sqlite_begin="IMMEDIATE")
+            with conn.begin():
+                if lock_key is not None and self.dialect == "postgresql":
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": lock_key})
+                yield conn
+
+    def _lock_job(self, conn: Connection, job_id: str):
+        query = select(jobs_table).where(jobs_table.c.id == job_id)
+        if self.dialect == "postgresql":
+            query = query.with_for_update()
+        row = conn.execute(query).first()
+        if row is None:
+            raise JobNotFound(job_id)
+        return row
+
+    def ping(self) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    # --- submission ----------------------------------------------------------------------------------------
+    def submit(
+        self,
+        *,
+        name: str,
+        owner: str,
+        kind: str,
+        spec_text: str,
+        spec_json: str,
+        resources: dict[str, float],
+        priority: int = 0,
+        max_attempts: int = 3,
+        idempotency_key: str | None = None,
+    ) -> tuple[Job, bool]:
+        """A new queued job and its first event; with an idempotency key already used by this owner, the job
+        made then (and False)."""
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        if idempotency_key is not None:
+            existing = self._by_idempotency_key(owner, idempotency_key)
+            if existing is not None:
+                return existing, False
+        now = utcnow()
+        job_id = new_job_id(name)
+        try:
+            with self._tx() as conn:
+                conn.execute(insert(jobs_table).values(
+                    id=job_id, name=name, owner=owner, kind=kind, spec_text=spec_text, spec_json=spec_json,
+                    priority=int(priority), resources={k: float(v) for k, v in resources.items()}, state="queued",
+                    attempts=0, max_attempts=max_attempts, idempotency_key=idempotency_key,
+                    created_at=now, updated_at=now,
+                ))
+                self._event(conn, job_id, None, "queued", 0, f"submitted by {owner} with priority {priority}", now)
+        except IntegrityError:
+            # Two submissions with the same key raced; the one that committed first is the job.
+            if idempotency_key is not None:
+                existing = self._by_idempotency_key(owner, idempotency_key)
+                if existing is not None:
+                    return existing, False
+            raise
+        return self.get(job_id), True
+
+    def _by_idempotency_key(self, owner: str, key: str) -> Job | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(jobs_table).where(
+                jobs_table.c.owner == owner, jobs_table.c.idempotency_key == key)).first()
+        return None if row is None else Job.from_row(row)
+
+    # --- reading -------------------------------------------------------------------------------------------
+    def get(self, job_id: str) -> Job:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(jobs_table).where(jobs_table.c.id == job_id)).first()
+        if row is None:
+            raise JobNotFound(job_id)
+        return Job.from_row(row)
+
+    def events(self, job_id: str) -> list[Event]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(events_table).where(events_table.c.job_id == job_id)
+                                .order_by(events_table.c.id)).all()
+        return [Event.from_row(r) for r in rows]
+
+    def list_jobs(
+        self,
+        *,
+        states: Iterable[str] | None = None,
+        owner: str | None = None,
+        name: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> tuple[list[Job], int]:
+        """Newest first; returns one page and the number of jobs that match."""
+        conditions = []
+        if states:
+            states = list(states)
+            unknown = sorted(set(states) - set(STATES))
+            if unknown:
+                raise ValueError(f"unknown state(s) {', '.join(unknown)}; states are {', '.join(STATES)}")
+            conditions.append(jobs_table.c.state.in_(states))
+        if owner is not None:
+            conditions.append(jobs_table.c.owner == owner)
+        if name is not None:
+            conditions.append(jobs_table.c.name == name)
+        with self.engine.connect() as conn:
+            total = conn.execute(select(func.count()).select_from(jobs_table).where(*conditions)).scalar_one()
+            rows = conn.execute(select(jobs_table).where(*conditions).order_by(jobs_table.c.seq.desc())
+                                .limit(limit).offset(offset)).all()
+        return [Job.from_row(r) for r in rows], int(total)
+
+    def active_jobs(self) -> list[Job]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(_per_active_state(select(jobs_table))).all()
+        return sorted((Job.from_row(r) for r in rows), key=lambda job: job.seq)
+
+    # --- state changes -------------------------------------------------------------------------------------
+    def transition(
+        self,
+        job_id: str,
+        to_state: str,
+        reason: str,
+        *,
+        expect: Iterable[str],
+        attempt: int | None = None,
+        **fields: Any,
+    ) -> Job | None:
+        """Move a job to ``to_state`` if it is in one of ``expect`` (and, given ``attempt``, still on that
+        attempt); returns the updated job, or None when it had moved on (another dispatcher got there first)."""
+        if to_state not in STATES:
+            raise ValueError(f"unknown state {to_state!r}")
+        unknown_fields = set(fields) - set(jobs_table.c.keys())
+        if unknown_fields:
+            raise ValueError(f"not job columns: {', '.join(sorted(unknown_fields))}")
+        expect = tuple(expect)
+        with self._tx() as conn:
+            row = self._lock_job(conn, job_id)
+            if row.state not in expect or (attempt is not None and row.attempts != attempt):
+                return None
+            self._apply(conn, row, to_state, reason, fields)
+        return self.get(job_id)
+
+    def _apply(self, conn: Connection, row, to_state: str, reason: str, fields: dict[str, Any]) -> None:
+        if to_state not in TRANSITIONS[row.state]:
+            raise InvalidTransition(f"job {row.id} cannot go from {row.state} to {to_state}")
+        now = utcnow()
+        values: dict[str, Any] = {"state": to_state, "updated_at": now}
+        if to_state == "running":
+            values["started_at"] = now
+        if to_state in TERMINAL_STATES:
+            values["finished_at"] = now
+        if to_state == "queued":
+            values["finished_at"] = None
+        values.update(fields)
+        attempts = values.get("attempts", row.attempts)
+        result = conn.execute(update(jobs_table).where(jobs_table.c.id == row.id, jobs_table.c.state == row.state)
+                              .values(**values))
+        if result.rowcount != 1:  # unreachable while the row is locked; kept so a lost update cannot pass silently
+            raise StoreError(f"job {row.id} changed during its own transition")
+        self._event(conn, row.id, row.state, to_state, attempts, reason, now)
+
+    def _event(self, conn: Connection, job_id: str, from_state: str | None, to_state: str, attempt: int,
+               reason: str, at: datetime) -> None:
+        conn.execute(insert(events_table).values(job_id=job_id, at=at, from_state=from_state, to_state=to_state,
+                                                 attempt=attempt, reason=reason))
+
+    def request_cancel(self, job_id: str, by: str) -> Job:
+        """A queued job is cancelled at once; a starting or running one is marked for the dispatcher to stop."""
+        with self._tx() as conn:
+            row = self._lock_job(conn, job_id)
+            if row.state == "queued":
+                self._apply(conn, row, "cancelled", f"cancelled by {by} while queued", {})
+            elif row.state in ACTIVE_STATES:
+                if row.cancel_requested_by is None:
+                    conn.execute(update(jobs_table).where(jobs_table.c.id == job_id)
+                                 .values(cancel_requested_by=by, updated_at=utcnow()))
+            else:
+                raise InvalidTransition(f"job {job_id} is already {row.state}")
+        return self.get(job_id)
+
+    def retry(self, job_id: str, by: str) -> Job:
+        """A failed or cancelled job back to the queue with one more attempt; it resumes from its checkpoint."""
+        with self._tx() as conn:
+            row = self._lock_job(conn, job_id)
+            if row.state not in ("failed", "cancelled"):
+                raise InvalidTransition(f"only a failed or cancelled job can be retried; job {job_id} is {row.state}")
+            self._apply(conn, row, "queued", f"retried by {by}", {
+                "max_attempts": max(row.max_attempts, row.attempts + 1),
+                "cancel_requested_by": None,
+                "error": None,
+            })
+        return self.get(job_id)
+
+    # --- admission -----------------------------------------------------------------------------------------
+    def admit(self, decide: Callable[[Job, Holdings], Decision], batch: int = 8) -> Admission:
+        """Walk the queue (priority, higher first, then submission order) and let ``decide`` start, reject or
+        wait on each head in turn; at most one job is started per call. Atomic across dispatchers."""
+        rejected: list[Job] = []
+        with self._tx(lock_key=ADMISSION_LOCK_KEY) as conn:
+            holdings = self._holdings(conn)
+            while True:
+                query = (select(jobs_table).where(jobs_table.c.state == "queued")
+                         .order_by(jobs_table.c.priority.desc(), jobs_table.c.seq).limit(batch))
+                if self.dialect == "postgresql":
+                    query = query.with_for_update(skip_locked=True)
+                rows = conn.execute(query).all()
+                if not rows:
+                    return Admission(started=None, rejected=tuple(rejected))
+                for row in rows:
+                    job = Job.from_row(row)
+                    decision = decide(job, holdings)
+                    if decision.action == "reject":
+                        self._apply(conn, row, "failed", decision.reason, {"error": decision.reason})
+                        rejected.append(job)
+                        continue
+                    if decision.action == "wait":
+                        return Admission(started=None, rejected=tuple(rejected), waiting=job, wait_reason=decision.reason)
+                    if decision.action != "start":
+                        raise ValueError(f"unknown admission decision {decision.action!r}")
+                    attempt = row.attempts + 1
+                    self._apply(conn, row, "starting", decision.reason, {
+                        "attempts": attempt,
+                        "ray_submission_id": submission_id_for(row.id, attempt),
+                    })
+                    started = Job.from_row(conn.execute(select(jobs_table).where(jobs_table.c.id == row.id)).one())
+                    return Admission(started=started, rejected=tuple(rejected))
+
+    def _holdings(self, conn: Connection) -> Holdings:
+        rows = conn.execute(_per_active_state(select(jobs_table.c.resources))).all()
+        held: dict[str, float] = {}
+        for (resources,) in rows:
+            held = add_resources(held, resources or {})
+        return Holdings(resources=held, active_jobs=len(rows))
+
+    def holdings(self) -> Holdings:
+        with self.engine.connect() as conn:
+            return self._holdings(conn)
+
+
+def _per_active_state(query):
+    """``query`` restricted to the admitted states, one equality per state: SQLite scans the whole table for
+    ``state IN (...)`` but searches the queue index for ``state = ?``, and the queue may hold many thousands."""
+    return union_all(*(query.where(jobs_table.c.state == state) for state in ACTIVE_STATES))
+
+
+# --- engine and schema ---------------------------------------------------------------------------------------
+
+
+def _make_engine(url: str, *, echo: bool) -> Engine:
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        raise StoreError("AEFORGE_DB_URL: use the psycopg 3 driver, postgresql+psycopg://user@host:port/db")
+    if url.startswith("sqlite"):
+        if ":memory:" in url or url in ("sqlite://", "sqlite:///"):
+            raise StoreError("AEFORGE_DB_URL: an in-memory SQLite database is not shared between the API and the "
+                             "dispatcher; give a file, sqlite:////path/to/aeforge.db")
+        database = url.split("///", 1)[-1].split("?", 1)[0]
+        from pathlib import Path
+
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, echo=echo, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_connect(dbapi_conn, _record):
+            # pysqlite's own BEGIN handling is off so that _tx can choose BEGIN IMMEDIATE (SQLAlchemy's recipe).
+            dbapi_conn.isolation_level = None
+            cursor = dbapi_conn.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn):
+            conn.exec_driver_sql(f"BEGIN {conn.get_execution_options().get('sqlite_begin', 'DEFERRED')}")
+
+        return engine
+    return create_engine(url, echo=echo, pool_pre_ping=True)
+
+
+def migrate(engine: Engine, migrations: Sequence[Migration] = MIGRATIONS) -> int:
+    """Create the schema on an empty database, or apply the migrations it lacks; returns the schema version."""
+    target = max([SCHEMA_VERSION, *(m.version for m in migrations)])
+    with engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            conn = conn.execution_options(sqlite_begin="IMMEDIATE")
+        with conn.begin():
+            if engine.dialect.name == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+            if not inspect(conn).has_table(schema_table.name):
+                metadata.create_all(conn)
+                conn.execute(insert(schema_table).values(id=1, version=target, migrated_at=utcnow()))
+                log.info("created the aeforge job store schema (version %d)", target)
+                return target
+            current = conn.execute(select(schema_table.c.version).where(schema_table.c.id == 1)).scalar_one()
+            if current > target:
+                raise SchemaTooNew(f"the job database is at schema version {current}, newer than this aeforge "
+                                   f"understands ({target}); upgrade aeforge")
+            for step in sorted(migrations, key=lambda m: m.version):
+                if step.version > current:
+                    log.info("migrating the job store to schema version %d: %s", step.version, step.description)
+                    step.apply(conn)
+                    current = step.version
+            conn.execute(update(schema_table).where(schema_table.c.id == 1).values(version=current, migrated_at=utcnow()))
+            return current

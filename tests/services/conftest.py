@@ -1,0 +1,95 @@
+"""Fixtures of the queue-service tests: a store on SQLite or on PostgreSQL (127.0.0.1:5432).
+
+PostgreSQL: one fresh database per test run (aeforge_test_<random>, dropped at the end), and one fresh schema
+per test inside it, so every test starts from an empty store. If the server is down, the fixture starts the
+local cluster; if it cannot be reached at all, the PostgreSQL cases are skipped and say why.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import subprocess
+import time
+from urllib.parse import quote
+
+import pytest
+
+PG_HOST, PG_PORT = "127.0.0.1", 5432
+PG_USERS = ("postgres", "root")
+
+
+def _connect(user: str, dbname: str = "postgres"):
+    import psycopg
+
+    return psycopg.connect(host=PG_HOST, port=PG_PORT, user=user, dbname=dbname, connect_timeout=3, autocommit=True)
+
+
+def _find_user() -> str | None:
+    import psycopg
+
+    for user in PG_USERS:
+        try:
+            with _connect(user):
+                return user
+        except psycopg.OperationalError:
+            continue
+    return None
+
+
+@pytest.fixture(scope="session")
+def postgres_database():
+    """(user, database) of a fresh database for this test run."""
+    pytest.importorskip("psycopg")
+    user = _find_user()
+    if user is None and shutil.which("pg_ctlcluster"):
+        subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", "15", "main", "start"],
+                       capture_output=True, timeout=60)
+        for _ in range(20):
+            user = _find_user()
+            if user is not None:
+                break
+            time.sleep(0.5)
+    if user is None:
+        pytest.skip(f"no PostgreSQL at {PG_HOST}:{PG_PORT} for users {', '.join(PG_USERS)} (and it could not be started)")
+    name = f"aeforge_test_{secrets.token_hex(4)}"
+    with _connect(user) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield user, name
+    finally:
+        with _connect(user) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def postgres_url(postgres_database):
+    """A SQLAlchemy URL whose connections work in a schema of their own (dropped after the test)."""
+    user, name = postgres_database
+    schema = f"t_{secrets.token_hex(4)}"
+    with _connect(user, name) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    options = quote(f"-csearch_path={schema}")
+    try:
+        yield f"postgresql+psycopg://{user}@{PG_HOST}:{PG_PORT}/{name}?options={options}"
+    finally:
+        with _connect(user, name) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'aeforge.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def store(store_url):
+    from services.store import Store
+
+    s = Store(store_url)
+    try:
+        yield s
+    finally:
+        s.close()

@@ -1,0 +1,42 @@
+"""A stand-in for ``python -m jobs.run <job id>`` in the queue's end-to-end tests (AEFORGE_JOB_MODULE points here).
+
+It reads what the dispatcher passes (AEFORGE_JOB_ID, AEFORGE_JOB_SPEC, AEFORGE_ATTEMPT), "trains" for
+``train.steps`` steps of ``0.1 s`` printing AEFORGE_PROGRESS lines, records when it started and ended under
+AEFORGE_HOME/fake-jobs/, and prints an AEFORGE_RESULT line like the real entry point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+STEP_SECONDS = 0.1
+
+
+def main(argv: list[str]) -> int:
+    job_id = argv[0]
+    if os.environ.get("AEFORGE_JOB_ID") != job_id:
+        print(f"AEFORGE_JOB_ID is {os.environ.get('AEFORGE_JOB_ID')!r}, not {job_id!r}", file=sys.stderr)
+        return 2
+    spec = json.loads(os.environ["AEFORGE_JOB_SPEC"])
+    attempt = int(os.environ["AEFORGE_ATTEMPT"])
+    record = Path(os.environ["AEFORGE_HOME"]) / "fake-jobs" / f"{job_id}.attempt-{attempt}.json"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    record.write_text(json.dumps({"started": started}))
+    # Says whether credentials arrived, never what they are.
+    print(f"credentials: {'present' if os.environ.get('AWS_SECRET_ACCESS_KEY') else 'absent'}", flush=True)
+    total = int(spec["train"]["steps"])
+    for step in range(1, total + 1):
+        time.sleep(STEP_SECONDS)
+        print(f"AEFORGE_PROGRESS {json.dumps({'step': step, 'total': total})}", flush=True)
+    record.write_text(json.dumps({"started": started, "ended": time.time()}))
+    print(f"AEFORGE_RESULT {json.dumps({'mlflow_run_id': f'run-{job_id}', 'model_version': str(attempt)})}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

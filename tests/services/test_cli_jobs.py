@@ -1,0 +1,109 @@
+"""The queue commands (services.cli_jobs) against the API in-process: what they print and their exit codes."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import typer
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from services import cli_jobs
+from services.api import create_app
+from services.client import AeforgeClient
+from services.dispatcher import Dispatcher
+from services.settings import Principal, ServiceSettings
+from services.store import Store
+from tests.services.fakes import FakeCluster, FakeLauncher
+
+SPEC = "name: cli-test\nmodel: {variant: ae, architecture: mlp, latent_dim: 2}\ntrain: {steps: 3, batch_size: 4}\n"
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    store = Store(f"sqlite:///{tmp_path / 'cli.db'}")
+    launcher = FakeLauncher()
+    settings = ServiceSettings(home=tmp_path, db_url="unused", tokens=(Principal("carol", "user", "carol-token-1"),))
+    app = typer.Typer()
+    cli_jobs.register(app)
+    with TestClient(create_app(store, settings, launcher=launcher)) as http:
+        monkeypatch.setattr(cli_jobs, "make_client", lambda: AeforgeClient("http://testserver", "carol-token-1", http=http))
+        spec_path = tmp_path / "spec.yaml"
+        spec_path.write_text(SPEC)
+        yield app, store, launcher, spec_path
+    store.close()
+
+
+def run(app, *args):
+    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "160"})
+
+
+def test_submit_list_status_cancel_retry(setup):
+    app, store, _, spec_path = setup
+    submitted = run(app, "submit", spec_path, "--priority", "3", "--idempotency-key", "k")
+    assert submitted.exit_code == 0, submitted.output
+    job_id = submitted.output.strip()
+    assert store.get(job_id).priority == 3
+    assert run(app, "submit", spec_path, "--priority", "3", "--idempotency-key", "k").output.strip() == job_id
+    listing = run(app, "jobs", "--state", "queued")
+    assert listing.exit_code == 0 and job_id in listing.output and "queued" in listing.output
+    status = run(app, "status", job_id)
+    assert status.exit_code == 0 and "submitted by carol with priority 3" in status.output
+    cancelled = run(app, "cancel", job_id)
+    assert cancelled.exit_code == 0 and "cancelled" in cancelled.output
+    retried = run(app, "retry", job_id)
+    assert retried.exit_code == 0 and "queued" in retried.output
+    assert store.get(job_id).state == "queued"
+
+
+def test_errors_print_one_message_and_exit_2(setup, tmp_path):
+    app, store, _, spec_path = setup
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(SPEC.replace("latent_dim: 2", "latent_dim: -1"))
+    result = run(app, "submit", bad)
+    assert result.exit_code == 2 and "model.latent_dim" in result.output and "Traceback" not in result.output
+    missing = run(app, "submit", tmp_path / "nope.yaml")
+    assert missing.exit_code == 2 and "cannot read" in missing.output
+    unknown = run(app, "status", "no-such-job")
+    assert unknown.exit_code == 2 and "no job no-such-job" in unknown.output
+    assert store.list_jobs()[1] == 0
+
+
+def test_an_unreachable_service_is_a_plain_error(setup, monkeypatch):
+    app, _, _, spec_path = setup
+    monkeypatch.setattr(cli_jobs, "make_client", lambda: AeforgeClient("http://127.0.0.1:9", "t"))
+    result = run(app, "jobs")
+    assert result.exit_code == 2 and "cannot reach the aeforge service" in result.output
+
+
+@pytest.mark.timeout(60)
+def test_submit_follow_shows_state_changes_and_logs_until_the_end(setup):
+    app, store, launcher, spec_path = setup
+    dispatcher = Dispatcher(store, FakeCluster({"CPU": 2}), launcher, environ={})
+    stop = threading.Event()
+
+    def cluster():  # the dispatcher and a Ray that runs each job through PENDING, RUNNING, SUCCEEDED
+        while not stop.wait(0.1):
+            dispatcher.tick()
+            for sid, job in list(launcher.jobs.items()):
+                if job["status"] == "PENDING":
+                    launcher.set(sid, "RUNNING", logs='hello from the job\nAEFORGE_PROGRESS {"step": 1, "total": 3}\n')
+                elif job["status"] == "RUNNING":
+                    launcher.set(sid, "SUCCEEDED", logs=job["logs"] + 'AEFORGE_PROGRESS {"step": 3, "total": 3}\n'
+                                                                     'AEFORGE_RESULT {"mlflow_run_id": "r1"}\n')
+
+    thread = threading.Thread(target=cluster, daemon=True)
+    thread.start()
+    try:
+        result = run(app, "submit", spec_path, "--follow")
+    finally:
+        stop.set()
+        thread.join()
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "hello from the job" in out and "AEFORGE_RESULT" in out
+    assert "AEFORGE_PROGRESS" not in out  # progress lines drive the bar instead
+    for state in ("queued", "starting", "running", "succeeded"):
+        assert state in out
+    assert out.index("starting") < out.index("running") < out.rindex("succeeded")

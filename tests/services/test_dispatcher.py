@@ -1,0 +1,330 @@
+"""The dispatcher's policy and its following of Ray jobs, on SQLite and PostgreSQL, with a fake cluster and a fake
+launcher that records submissions (the real Ray path is in test_e2e.py)."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from services.dispatcher import (
+    Dispatcher,
+    describe_resources,
+    entrypoint_for,
+    parse_progress,
+    parse_result,
+    redact,
+)
+from services.store import Store
+from tests.services.fakes import FakeCluster, FakeLauncher
+
+SECRET = "very-secret-aws-key-0123"
+ENVIRON = {
+    "AEFORGE_HOME": "/srv/aeforge",
+    "AEFORGE_STORAGE": "s3://bucket/prefix",
+    "AWS_ACCESS_KEY_ID": "AKIAEXAMPLE",
+    "AWS_SECRET_ACCESS_KEY": SECRET,
+    "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+    "UNRELATED": "not passed",
+}
+
+
+def submit(store, name="job", cpus=1.0, gpus=0.0, priority=0, max_attempts=2):
+    job, _ = store.submit(name=name, owner="alice", kind="train", spec_text=f"name: {name}\n",
+                          spec_json=json.dumps({"name": name}), resources={"CPU": cpus, "GPU": gpus},
+                          priority=priority, max_attempts=max_attempts)
+    return job
+
+
+@pytest.fixture
+def launcher():
+    return FakeLauncher()
+
+
+@pytest.fixture
+def make_dispatcher(store, launcher):
+    def make(cpus=2.0, gpus=0.0, **kwargs):
+        kwargs.setdefault("environ", ENVIRON)
+        cluster = FakeCluster({"CPU": cpus, "GPU": gpus, "memory": 1e9, "node:10.0.0.1": 1.0})
+        return Dispatcher(store, cluster, launcher, **kwargs)
+
+    return make
+
+
+def test_jobs_that_each_take_the_cluster_run_one_after_another_by_priority(store, launcher, make_dispatcher):
+    dispatcher = make_dispatcher(cpus=2)
+    low = submit(store, "low", cpus=2, priority=0)
+    high = submit(store, "high", cpus=2, priority=5)
+    high_later = submit(store, "high-later", cpus=2, priority=5)
+    order = []
+    for _ in range(8):
+        report = dispatcher.tick()
+        order += report.started
+        for sid, status in [(s, j["status"]) for s, j in launcher.jobs.items()]:
+            if status == "PENDING":
+                launcher.set(sid, "RUNNING")
+            elif status == "RUNNING":
+                launcher.set(sid, "SUCCEEDED", logs="AEFORGE_RESULT {}\n")
+    assert order == [high.id, high_later.id, low.id]
+    assert launcher.max_running == 1
+    assert all(store.get(j.id).state == "succeeded" for j in (low, high, high_later))
+
+
+def test_the_job_gets_a_fixed_entrypoint_and_its_settings_but_the_table_no_secret(store, launcher, make_dispatcher):
+    job = submit(store, "envjob")
+    make_dispatcher().tick()
+    [(sid, entrypoint, env)] = launcher.submissions
+    assert sid == job.id and entrypoint == f"python -m jobs.run {job.id}"
+    assert env["AEFORGE_JOB_ID"] == job.id and env["AEFORGE_ATTEMPT"] == "1"
+    assert json.loads(env["AEFORGE_JOB_SPEC"]) == {"name": "envjob"}
+    assert env["AWS_SECRET_ACCESS_KEY"] == SECRET and env["AEFORGE_STORAGE"] == "s3://bucket/prefix"
+    assert env["AEFORGE_HOME"] == "/srv/aeforge" and "UNRELATED" not in env
+    assert "PYTHONPATH" in env
+    launcher.set(sid, "FAILED", message=f"crashed with key {SECRET}", logs=f"Traceback\nKeyError: {SECRET}\n")
+    make_dispatcher().tick()
+    stored = store.get(job.id)
+    everything = json.dumps(stored.to_dict(include_spec=True)) + json.dumps([e.to_dict() for e in store.events(job.id)])
+    assert SECRET not in everything and "***" in stored.error
+
+
+def test_a_head_that_does_not_fit_yet_is_waited_for_not_overtaken(store, launcher, make_dispatcher):
+    dispatcher = make_dispatcher(cpus=2)
+    first = submit(store, "first", cpus=1, priority=9)
+    big = submit(store, "big", cpus=2, priority=5)
+    small = submit(store, "small", cpus=1, priority=0)
+    report = dispatcher.tick()
+    assert report.started == [first.id] and report.waiting == big.id
+    assert "CPU 2" in report.wait_reason and "free now: CPU 1" in report.wait_reason
+    assert store.get(small.id).state == "queued"  # 1 CPU is free, but the big job is ahead of it
+    launcher.set(first.id, "SUCCEEDED")
+    assert dispatcher.tick().started == [big.id]
+
+
+def test_a_job_that_can_never_fit_fails_with_what_it_asked_and_what_exists(store, launcher, make_dispatcher):
+    dispatcher = make_dispatcher(cpus=2, gpus=0)
+    too_many_cpus = submit(store, "cpus", cpus=8, priority=3)
+    needs_gpu = submit(store, "gpu", cpus=1, gpus=1, priority=2)
+    ok = submit(store, "ok", cpus=1)
+    report = dispatcher.tick()
+    assert report.rejected == [too_many_cpus.id, needs_gpu.id] and report.started == [ok.id]
+    cpu_error = store.get(too_many_cpus.id).error
+    assert "CPU 8" in cpu_error and "has CPU 2" in cpu_error
+    gpu_error = store.get(needs_gpu.id).error
+    assert "GPU 1" in gpu_error and "GPU 0" in gpu_error
+    assert store.get(needs_gpu.id).state == "failed"
+
+
+def test_the_concurrency_cap_holds_even_with_room(store, launcher, make_dispatcher):
+    dispatcher = make_dispatcher(cpus=16, max_concurrent_jobs=2)
+    jobs = [submit(store, f"j{i}") for i in range(4)]
+    report = dispatcher.tick()
+    assert report.started == [jobs[0].id, jobs[1].id] and "cap is 2" in report.wait_reason
+    launcher.set(jobs[0].id, "SUCCEEDED")
+    assert dispatcher.tick().started == [jobs[2].id]
+
+
+def test_ray_status_is_followed_into_the_store_with_results(store, launcher, make_dispatcher):
+    dispatcher = make_dispatcher()
+    job = submit(store, "follow")
+    dispatcher.tick()
+    dispatcher.tick()
+    assert store.get(job.id).state == "starting"  # Ray says PENDING
+    launcher.set(job.id, "RUNNING", logs='AEFORGE_PROGRESS {"step": 5, "total": 10}\n')
+    dispatcher.tick()
+    assert store.get(job.id).state == "running"
+    launcher.set(job.id, "SUCCEEDED", logs='AEFORGE_PROGRESS {"step": 10, "total": 10}\n'
+                 'AEFORGE_RESULT {"mlflow_run_id": "run123", "model": {"name": "m", "version": 4}}\n')
+    dispatcher.tick()
+    done = store.get(job.id)
+    assert done.state == "succeeded" and done.mlflow_run_id == "run123" and done.model_version == "4"
+    assert done.result["model"]["name"] == "m"
+    assert [e.to_state for e in store.events(job.id)] == ["queued", "starting", "running", "succeeded"]
+
+
+def test_a_failed_attempt_is_requeued_then_the_last_one_fails(store, launcher, make_dispatcher):
+    dispatcher = make_dispatcher()
+    job = submit(store, "flaky", max_attempts=2)
+    dispatcher.tick()
+    launcher.set(job.id, "FAILED", message="exit code 1", logs="line\nRuntimeError: worker died\n")
+    dispatcher.tick()  # attempt 1 fails -> queued, then admitted again in the same pass
+    second = f"{job.id}-attempt-2"
+    assert [s[0] for s in launcher.submissions] == [job.id, second]
+    assert launcher.submissions[1][2]["AEFORGE_ATTEMPT"] == "2"
+    requeue = [e for e in store.events(job.id) if e.to_state == "queued"][-1]
+    assert "attempt 1 of 2 failed" in requeue.reason and "resume from its last checkpoint" in requeue.reason
+    assert "worker died" in requeue.reason
+    launcher.set(second, "FAILED", message="exit code 1")
+    dispatcher.tick()
+    failed = store.get(job.id)
+    assert failed.state == "failed" and failed.attempts == 2 and "exit code 1" in failed.error
+    assert len(launcher.submissions) == 2
+
+
+def test_a_restarted_dispatcher_reattaches_and_requeues_what_ray_lost(store, launcher, make_dispatcher):
+    first = make_dispatcher(cpus=4)
+    still_running = submit(store, "alive")
+    lost = submit(store, "lost", max_attempts=2)
+    lost_last = submit(store, "lost-last", max_attempts=1)
+    first.tick()
+    for sid in (still_running.id, lost.id, lost_last.id):
+        launcher.set(sid, "RUNNING")
+    first.tick()
+    del first  # the service dies; Ray restarts and forgets two of the jobs
+    launcher.forget(lost.id)
+    launcher.forget(lost_last.id)
+    restarted = make_dispatcher(cpus=4)
+    restarted.follow()
+    assert store.get(still_running.id).state == "running"
+    requeued = store.get(lost.id)
+    assert requeued.state == "queued" and "gone" in requeued.error
+    assert store.get(lost_last.id).state == "failed"
+    assert [s[0] for s in launcher.submissions] == [still_running.id, lost.id, lost_last.id]  # nothing resubmitted yet
+    restarted.admit()
+    assert launcher.submissions[-1][0] == f"{lost.id}-attempt-2"
+    launcher.set(still_running.id, "SUCCEEDED")
+    restarted.tick()
+    assert store.get(still_running.id).state == "succeeded"
+    assert [s[0] for s in launcher.submissions].count(still_running.id) == 1
+
+
+def test_a_claim_that_never_reached_ray_is_submitted_once(store, launcher, make_dispatcher):
+    job = submit(store, "orphan")
+    from services.store import Decision
+
+    store.admit(lambda j, h: Decision.start("claimed by a dispatcher that then died"))
+    patient = make_dispatcher(resubmit_after_s=3600)
+    patient.follow()
+    assert launcher.submissions == []  # maybe another dispatcher is about to submit it
+    eager = make_dispatcher(resubmit_after_s=0)
+    eager.follow()
+    assert [s[0] for s in launcher.submissions] == [job.id]
+    launcher.set(job.id, "RUNNING")
+    eager._submit(store.get(job.id))  # a second submission of the same attempt is refused by Ray and attaches
+    eager.follow()
+    assert [s[0] for s in launcher.submissions] == [job.id] and store.get(job.id).state == "running"
+
+
+def test_cancel_stops_the_ray_job_then_marks_it_cancelled(store, launcher, make_dispatcher):
+    dispatcher = make_dispatcher(cpus=4)
+    running = submit(store, "running")
+    pending = submit(store, "pending")
+    dispatcher.tick()
+    launcher.set(running.id, "RUNNING")
+    dispatcher.tick()
+    store.request_cancel(running.id, by="bob")
+    store.request_cancel(pending.id, by="alice")
+    assert store.get(running.id).state == "running"
+    dispatcher.follow()  # stop asked of Ray
+    assert set(launcher.stops) == {running.id, pending.id}
+    dispatcher.follow()  # Ray says STOPPED
+    for job, who in ((running, "bob"), (pending, "alice")):
+        cancelled = store.get(job.id)
+        assert cancelled.state == "cancelled"
+        assert who in store.events(job.id)[-1].reason
+
+
+def test_cancel_of_a_claim_not_yet_on_ray_needs_no_ray_job(store, launcher, make_dispatcher):
+    from services.store import Decision
+
+    job = submit(store, "claimed")
+    store.admit(lambda j, h: Decision.start("claimed"))
+    store.request_cancel(job.id, by="alice")
+    make_dispatcher(resubmit_after_s=0).follow()
+    assert store.get(job.id).state == "cancelled" and launcher.submissions == []
+
+
+def test_a_job_stopped_outside_aeforge_is_cancelled_and_a_succeeding_one_stays_succeeded(store, launcher, make_dispatcher):
+    dispatcher = make_dispatcher(cpus=4)
+    outside = submit(store, "outside")
+    raced = submit(store, "raced")
+    dispatcher.tick()
+    launcher.set(outside.id, "STOPPED")
+    store.request_cancel(raced.id, by="alice")
+    launcher.set(raced.id, "SUCCEEDED", logs='AEFORGE_RESULT {"mlflow_run_id": "r"}\n')
+    dispatcher.follow()
+    assert store.get(outside.id).state == "cancelled"
+    assert "outside aeforge" in store.events(outside.id)[-1].reason
+    assert store.get(raced.id).state == "succeeded"
+    assert "before the cancel" in store.events(raced.id)[-1].reason
+
+
+def test_ray_unreachable_changes_nothing(store, launcher, make_dispatcher):
+    dispatcher = make_dispatcher()
+    running = submit(store, "r")
+    dispatcher.tick()
+    launcher.set(running.id, "RUNNING")
+    dispatcher.tick()
+    waiting = submit(store, "w")
+    launcher.down = True
+    dispatcher.cluster.down = True
+    report = dispatcher.tick()
+    assert report.started == [] and report.changed == [] and report.rejected == []
+    assert store.get(running.id).state == "running" and store.get(waiting.id).state == "queued"
+    launcher.down = dispatcher.cluster.down = False
+    dispatcher.cluster.resources = {}  # up, but no live node yet: nothing is judged
+    assert dispatcher.tick().rejected == [] and store.get(waiting.id).state == "queued"
+
+
+def test_ray_refusing_a_submission_is_a_failed_attempt(store, launcher, make_dispatcher):
+    class Refusing(FakeLauncher):
+        def submit(self, submission_id, entrypoint, env_vars):
+            raise RuntimeError(f"Request failed with status code 400: bad runtime_env {SECRET}")
+
+    refusing = Refusing()
+    dispatcher = Dispatcher(store, FakeCluster({"CPU": 2}), refusing, environ=ENVIRON)
+    job = submit(store, "refused", max_attempts=1)
+    dispatcher.admit()
+    failed = store.get(job.id)
+    assert failed.state == "failed" and "refused the job submission" in failed.error
+    assert SECRET not in failed.error
+
+
+@pytest.mark.timeout(120)
+def test_two_dispatchers_racing_start_every_job_once_within_the_cluster(store_url, launcher):
+    setup = Store(store_url)
+    ids = [submit(setup, f"r{i}", cpus=1).id for i in range(16)]
+    dispatchers = [Dispatcher(Store(store_url), FakeCluster({"CPU": 3}), launcher, environ=ENVIRON) for _ in range(2)]
+    for _ in range(40):
+        barrier = threading.Barrier(2)
+        errors = []
+
+        def run(d):
+            barrier.wait()
+            try:
+                d.tick()
+            except Exception as exc:  # surfaced below; a thread's exception would otherwise vanish
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(d,)) for d in dispatchers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        for sid, job in list(launcher.jobs.items()):
+            if job["status"] == "PENDING":
+                launcher.set(sid, "RUNNING")
+            elif job["status"] == "RUNNING":
+                launcher.set(sid, "SUCCEEDED")
+        if all(setup.get(i).state == "succeeded" for i in ids):
+            break
+    submitted = [s[0] for s in launcher.submissions]
+    assert sorted(submitted) == sorted(ids)  # each job once, none twice
+    assert launcher.max_running <= 3
+    for job_id in ids:
+        assert [e.to_state for e in setup.events(job_id)] == ["queued", "starting", "running", "succeeded"]
+    for d in dispatchers:
+        d.store.close()
+    setup.close()
+
+
+def test_log_line_parsing_and_redaction():
+    logs = ('noise\nAEFORGE_PROGRESS {"step": 3, "total": 9}\n(pid=1) AEFORGE_PROGRESS {"step": 4, "total": 9}\n'
+            'AEFORGE_RESULT not json\nAEFORGE_RESULT {"mlflow_run_id": "a", "model_version": 2}\n')
+    assert parse_progress(logs) == {"step": 4, "total": 9}
+    assert parse_result(logs) == {"mlflow_run_id": "a", "model_version": 2}
+    assert parse_result("nothing here") is None and parse_progress("") is None
+    assert redact("key=abcdef and abcdef", ["abcdef"]) == "key=*** and ***"
+    assert describe_resources({"CPU": 4.0, "memory": 1e9, "node:x": 1.0}, also={"GPU": 1}) == "CPU 4, GPU 0"
+    assert entrypoint_for("a-b", "jobs.run") == "python -m jobs.run a-b"

@@ -1,0 +1,295 @@
+"""The job store on SQLite and PostgreSQL: submission, idempotency, listing, state machine, admission order and
+atomicity, schema creation and migration."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from sqlalchemy import inspect, text
+
+from services.store import (
+    Decision,
+    InvalidTransition,
+    JobNotFound,
+    Migration,
+    SchemaTooNew,
+    Store,
+    submission_id_for,
+)
+
+
+def submit(store: Store, name="job", owner="alice", priority=0, cpus=1.0, key=None, max_attempts=3):
+    job, _ = store.submit(name=name, owner=owner, kind="train", spec_text=f"name: {name}\n", spec_json=f'{{"name": "{name}"}}',
+                          resources={"CPU": cpus, "GPU": 0.0}, priority=priority, max_attempts=max_attempts,
+                          idempotency_key=key)
+    return job
+
+
+def start_all(job, holdings):
+    return Decision.start("test: start everything")
+
+
+def test_submit_makes_a_queued_job_with_its_first_event(store):
+    job = submit(store, name="My Job_1", priority=4)
+    assert job.state == "queued" and job.priority == 4 and job.attempts == 0 and job.max_attempts == 3
+    assert job.id.startswith("my-job-1-")
+    assert job.resources == {"CPU": 1.0, "GPU": 0.0}
+    assert job.created_at.tzinfo is not None
+    assert store.get(job.id) == job
+    [event] = store.events(job.id)
+    assert (event.from_state, event.to_state, event.attempt) == (None, "queued", 0)
+    assert "alice" in event.reason and "priority 4" in event.reason
+    shown = job.to_dict()
+    assert shown["created_at"].endswith("Z") and "spec_text" not in shown
+    assert job.to_dict(include_spec=True)["spec_text"] == "name: My Job_1\n"
+
+
+def test_unknown_job_raises_not_found(store):
+    with pytest.raises(JobNotFound):
+        store.get("nope")
+    with pytest.raises(JobNotFound):
+        store.request_cancel("nope", by="alice")
+    with pytest.raises(JobNotFound):
+        store.transition("nope", "starting", "x", expect=("queued",))
+
+
+def test_idempotency_key_returns_the_same_job_per_owner(store):
+    first, created = store.submit(name="a", owner="alice", kind="train", spec_text="x", spec_json="{}",
+                                  resources={"CPU": 1}, idempotency_key="k1")
+    again, created_again = store.submit(name="a", owner="alice", kind="train", spec_text="x", spec_json="{}",
+                                        resources={"CPU": 1}, idempotency_key="k1")
+    other_owner, created_other = store.submit(name="a", owner="bob", kind="train", spec_text="x", spec_json="{}",
+                                              resources={"CPU": 1}, idempotency_key="k1")
+    assert created and not created_again and created_other
+    assert again.id == first.id and other_owner.id != first.id
+    assert store.list_jobs()[1] == 2
+
+
+def test_racing_submissions_with_one_key_make_one_job(store_url):
+    stores = [Store(store_url) for _ in range(4)]
+    results, barrier = [], threading.Barrier(4)
+
+    def worker(s):
+        barrier.wait()
+        results.append(s.submit(name="race", owner="alice", kind="train", spec_text="x", spec_json="{}",
+                                resources={"CPU": 1}, idempotency_key="same"))
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({job.id for job, _ in results}) == 1
+    assert sum(created for _, created in results) == 1
+    assert stores[0].list_jobs()[1] == 1
+    for s in stores:
+        s.close()
+
+
+def test_list_filters_and_pages_newest_first(store):
+    ids = [submit(store, name=f"n{i % 2}", owner="alice" if i < 5 else "bob").id for i in range(7)]
+    store.request_cancel(ids[0], by="alice")
+    page, total = store.list_jobs(limit=3)
+    assert total == 7 and [j.id for j in page] == ids[::-1][:3]
+    page2, _ = store.list_jobs(limit=3, offset=3)
+    assert [j.id for j in page2] == ids[::-1][3:6]
+    assert store.list_jobs(owner="bob")[1] == 2
+    assert {j.name for j in store.list_jobs(name="n1")[0]} == {"n1"}
+    assert [j.id for j in store.list_jobs(states=["cancelled"])[0]] == [ids[0]]
+    assert store.list_jobs(states=["queued"], owner="alice")[1] == 4
+    with pytest.raises(ValueError, match="unknown state"):
+        store.list_jobs(states=["done"])
+
+
+def test_admission_follows_priority_then_submission_order(store):
+    low = submit(store, name="low", priority=0)
+    high1 = submit(store, name="high1", priority=5)
+    mid = submit(store, name="mid", priority=2)
+    high2 = submit(store, name="high2", priority=5)
+    order = []
+    while (admission := store.admit(start_all)).started is not None:
+        order.append(admission.started.id)
+    assert order == [high1.id, high2.id, mid.id, low.id]
+    started = store.get(high1.id)
+    assert started.state == "starting" and started.attempts == 1
+    assert started.ray_submission_id == submission_id_for(high1.id, 1) == high1.id
+
+
+def test_admission_sees_what_admitted_jobs_hold_and_waits_at_the_head(store):
+    big = submit(store, name="big", cpus=2, priority=1)
+    small = submit(store, name="small", cpus=1)
+    seen = []
+
+    def two_cpus(job, holdings):
+        seen.append((job.name, holdings.resources.get("CPU", 0.0), holdings.active_jobs))
+        free = 2.0 - holdings.resources.get("CPU", 0.0)
+        return Decision.start("fits") if job.resources["CPU"] <= free else Decision.wait("no room")
+
+    assert store.admit(two_cpus).started.id == big.id
+    admission = store.admit(two_cpus)
+    # The head waits; the small job behind it is not looked at, let alone started.
+    assert admission.started is None and admission.waiting.id == small.id and admission.wait_reason == "no room"
+    assert seen == [("big", 0.0, 0), ("small", 2.0, 1)]
+    assert store.holdings().resources["CPU"] == 2.0
+
+
+def test_rejected_jobs_fail_with_the_reason_and_admission_goes_on(store):
+    huge = submit(store, name="huge", cpus=64, priority=9)
+    fine = submit(store, name="fine", cpus=1)
+
+    def decide(job, holdings):
+        if job.resources["CPU"] > 4:
+            return Decision.reject("asks for CPU 64 but the cluster has CPU 4")
+        return Decision.start("fits")
+
+    admission = store.admit(decide)
+    assert [j.id for j in admission.rejected] == [huge.id]
+    assert admission.started.id == fine.id
+    failed = store.get(huge.id)
+    assert failed.state == "failed" and "CPU 64" in failed.error and failed.finished_at is not None
+    assert store.events(huge.id)[-1].reason == "asks for CPU 64 but the cluster has CPU 4"
+
+
+def test_transitions_are_guarded_and_each_writes_an_event(store):
+    submit(store)
+    job = store.admit(lambda j, h: Decision.start("go")).started
+    assert store.transition(job.id, "running", "ray says running", expect=("queued",)) is None  # it is starting
+    assert store.transition(job.id, "running", "stale attempt", expect=("starting",), attempt=2) is None
+    running = store.transition(job.id, "running", "ray says running", expect=("starting",), attempt=1)
+    assert running.state == "running" and running.started_at is not None
+    with pytest.raises(InvalidTransition):
+        store.transition(job.id, "starting", "backwards", expect=("running",))
+    done = store.transition(job.id, "succeeded", "finished", expect=("running",), mlflow_run_id="abc", model_version="3",
+                            result={"mlflow_run_id": "abc"})
+    assert done.state == "succeeded" and done.finished_at >= done.started_at
+    assert (done.mlflow_run_id, done.model_version, done.result) == ("abc", "3", {"mlflow_run_id": "abc"})
+    assert [(e.from_state, e.to_state) for e in store.events(job.id)] == [
+        (None, "queued"), ("queued", "starting"), ("starting", "running"), ("running", "succeeded")]
+    assert [e.reason for e in store.events(job.id)][1:] == ["go", "ray says running", "finished"]
+    with pytest.raises(ValueError, match="not job columns"):
+        store.transition(job.id, "failed", "x", expect=("succeeded",), colour="red")
+
+
+def test_cancel_queued_at_once_running_by_request_finished_refused(store):
+    queued = submit(store, name="q")
+    cancelled = store.request_cancel(queued.id, by="alice")
+    assert cancelled.state == "cancelled" and cancelled.finished_at is not None
+    assert "alice" in store.events(queued.id)[-1].reason
+    with pytest.raises(InvalidTransition, match="already cancelled"):
+        store.request_cancel(queued.id, by="alice")
+
+    running = submit(store, name="r")
+    store.admit(start_all)
+    store.transition(running.id, "running", "up", expect=("starting",))
+    marked = store.request_cancel(running.id, by="root")
+    assert marked.state == "running" and marked.cancel_requested_by == "root"
+    assert store.request_cancel(running.id, by="alice").cancel_requested_by == "root"  # the first asker is kept
+
+
+def test_retry_requeues_a_failed_job_with_one_more_attempt(store):
+    job = submit(store, max_attempts=1)
+    store.admit(start_all)
+    store.transition(job.id, "failed", "boom", expect=("starting",), error="boom")
+    with pytest.raises(InvalidTransition):
+        store.retry(submit(store, name="other").id, by="alice")  # queued: nothing to retry
+    again = store.retry(job.id, by="alice")
+    assert again.state == "queued" and again.max_attempts == 2 and again.error is None and again.finished_at is None
+    started = store.admit(start_all).started
+    assert started.id == job.id and started.attempts == 2
+    assert started.ray_submission_id == f"{job.id}-attempt-2"
+    assert store.events(job.id)[-2].reason == "retried by alice"
+
+
+def test_reopening_keeps_the_data_and_a_migration_runs_once(store_url):
+    first = Store(store_url)
+    job = submit(first)
+    first.close()
+
+    calls = []
+
+    def add_column(conn):
+        calls.append(1)
+        conn.execute(text("ALTER TABLE aeforge_jobs ADD COLUMN note VARCHAR(20)"))
+
+    step = Migration(version=2, description="a note per job", apply=add_column)
+    migrated = Store(store_url, migrations=[step])
+    assert migrated.schema_version == 2 and calls == [1]
+    with migrated.engine.connect() as conn:
+        assert "note" in {c["name"] for c in inspect(conn).get_columns("aeforge_jobs")}
+    assert migrated.get(job.id).id == job.id
+    migrated.close()
+    again = Store(store_url, migrations=[step])
+    assert again.schema_version == 2 and calls == [1]
+    again.close()
+    with pytest.raises(SchemaTooNew, match="schema version 2"):
+        Store(store_url)
+
+
+def test_a_postgres_url_without_the_psycopg_driver_is_refused():
+    from services.store import StoreError
+
+    with pytest.raises(StoreError, match="postgresql\\+psycopg"):
+        Store("postgresql://u@localhost/db")
+
+
+@pytest.mark.timeout(120)
+def test_racing_admissions_start_each_job_once_and_never_overcommit(store_url):
+    """Four stores (as four dispatchers would) claim from one queue at the same time."""
+    setup = Store(store_url)
+    ids = {submit(setup, name=f"j{i}", cpus=1).id for i in range(24)}
+    capacity = 5.0
+
+    def decide(job, holdings):
+        if holdings.resources.get("CPU", 0.0) + job.resources["CPU"] <= capacity:
+            return Decision.start("fits")
+        return Decision.wait("full")
+
+    claimed: list[str] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(4)
+
+    def dispatcher():
+        s = Store(store_url)
+        barrier.wait()
+        for _ in range(10):
+            admission = s.admit(decide)
+            if admission.started is not None:
+                with lock:
+                    claimed.append(admission.started.id)
+        s.close()
+
+    threads = [threading.Thread(target=dispatcher) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(claimed) == len(set(claimed)) == capacity  # no job twice, and no more than fits
+    assert set(claimed) <= ids
+    assert setup.holdings().active_jobs == capacity
+
+    # Now every job can start: all 24 are claimed exactly once between the four.
+    claimed.clear()
+    decide_all = start_all
+    barrier = threading.Barrier(4)
+
+    def greedy():
+        s = Store(store_url)
+        barrier.wait()
+        while (admission := s.admit(decide_all)).started is not None:
+            with lock:
+                claimed.append(admission.started.id)
+        s.close()
+
+    threads = [threading.Thread(target=greedy) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(claimed) == len(set(claimed)) == 24 - capacity
+    with setup.engine.connect() as conn:
+        states = conn.execute(text("SELECT state, count(*) FROM aeforge_jobs GROUP BY state")).all()
+    assert dict(states) == {"starting": 24}
+    for job_id in ids:
+        assert [e.to_state for e in setup.events(job_id)] == ["queued", "starting"]
+    setup.close()

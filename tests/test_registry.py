@@ -1,0 +1,204 @@
+"""jobs.registry: log, register, tag, describe and load autoencoders; against sqlite and the real mlflow server
+with S3 artifacts."""
+
+from __future__ import annotations
+
+import mlflow
+import mlflow.pytorch
+import pytest
+import torch
+from torch import nn
+
+from jobs.registry import ModelLookupError, describe, list_models, load_model, log_and_register, parse_ref
+from jobs.spec import JobSpec
+from workers.config import ModelConfig
+from workers.models.base import Autoencoder
+from workers.tracking import MlflowRun, ensure_experiment, start_or_resume_run, use_tracking_uri
+
+IMAGE_SHAPE = (1, 8, 8)
+
+
+class TinyAutoencoder(Autoencoder):
+    """Linear encoder and decoder: the registry needs the Autoencoder interface, not a real architecture."""
+
+    variant = "ae"
+
+    def __init__(self, config: ModelConfig, image_shape, dataset_size: int = 100):
+        nn.Module.__init__(self)
+        self.config = config
+        self.image_shape = tuple(image_shape)
+        self.latent_dim = config.latent_dim
+        self.dataset_size = dataset_size
+        pixels = int(torch.tensor(image_shape).prod())
+        encoder_out = 2 * config.latent_dim if self.stochastic else config.latent_dim
+        self.encoder = nn.Sequential(nn.Flatten(), nn.Linear(pixels, encoder_out))
+        self.decoder = nn.Sequential(nn.Linear(config.latent_dim, pixels), nn.Unflatten(1, self.image_shape))
+
+
+class TinyBetaVAE(TinyAutoencoder):
+    variant = "beta_vae"
+    stochastic = True
+
+
+def make_spec(variant: str = "beta_vae", name: str = "tiny-faces", alias: str = "candidate",
+              description: str | None = None) -> JobSpec:
+    model = {"variant": variant, "architecture": "mlp", "latent_dim": 3}
+    if variant in ("beta_vae", "beta_tcvae"):
+        model["beta"] = 4.0
+    register = {"model_name": name, "alias": alias}
+    if description is not None:
+        register["description"] = description
+    return JobSpec.model_validate({"name": name, "model": model, "data": {"source": "file:///data/faces.npz"},
+                                   "train": {"steps": 10}, "register": register})
+
+
+def make_model(spec: JobSpec) -> Autoencoder:
+    torch.manual_seed(0)
+    cls = TinyBetaVAE if spec.model.stochastic else TinyAutoencoder
+    return cls(spec.model, IMAGE_SHAPE)
+
+
+METRICS = {"eval/elbo": -41.5, "eval/recon": 38.25, "eval/mig": 0.125, "train/loss": 40.0}
+
+
+def register_one(spec: JobSpec, job_id: str = "job-1", **kwargs):
+    experiment_id = ensure_experiment(spec.name)
+    run_id = start_or_resume_run(experiment_id, job_id)
+    model = make_model(spec)
+    return model, run_id, log_and_register(model, spec, job_id, run_id, METRICS, **kwargs)
+
+
+def test_parse_ref_forms():
+    assert parse_ref("faces@best") == ("faces", "alias", "best")
+    assert parse_ref("models:/faces@best") == ("faces", "alias", "best")
+    assert parse_ref("faces/3") == ("faces", "version", "3")
+    assert parse_ref("faces") == ("faces", None, None)
+    assert parse_ref("faces/latest") == ("faces", None, None)
+    with pytest.raises(ModelLookupError, match="must be a number"):
+        parse_ref("faces/three")
+    with pytest.raises(ModelLookupError, match="no alias"):
+        parse_ref("faces@")
+
+
+def test_register_tags_describe_and_load(mlflow_sqlite, tmp_path):
+    spec = make_spec()
+    model, run_id, registered = register_one(spec)
+    assert registered["name"] == "tiny-faces" and registered["version"] == "1" and registered["alias"] == "candidate"
+    assert registered["model_uri"] == "models:/tiny-faces/1"
+
+    client = mlflow.MlflowClient(mlflow_sqlite)
+    version = client.get_model_version_by_alias("tiny-faces", "candidate")
+    assert str(version.version) == "1" and version.run_id == run_id
+    assert version.tags["variant"] == "beta_vae"
+    assert version.tags["beta"] == "4.0"
+    assert version.tags["latent_dim"] == "3"
+    assert version.tags["architecture"] == "mlp"
+    assert version.tags["dataset"] == "file:///data/faces.npz"
+    assert version.tags["job_id"] == "job-1"
+    assert float(version.tags["metric.eval/elbo"]) == -41.5
+    assert version.description.startswith("beta_vae (mlp, latent_dim=3, beta=4) trained on file:///data/faces.npz by job job-1")
+    assert "eval/elbo=-41.5" in version.description and "eval/mig=0.125" in version.description
+
+    x = torch.rand(5, *IMAGE_SHAPE, generator=torch.Generator().manual_seed(1))
+    for ref in ("tiny-faces@candidate", "tiny-faces/1", "tiny-faces", "models:/tiny-faces@candidate"):
+        loaded = load_model(ref)
+        assert isinstance(loaded, TinyBetaVAE) and not loaded.training
+        torch.testing.assert_close(loaded(x), model(x))
+    assert loaded.encode(x).mean.shape == (5, 3)
+    assert loaded.sample(4, generator=torch.Generator().manual_seed(0)).shape == (4, *IMAGE_SHAPE)
+
+    # The run's pictures show up in describe(); metric tags come back as numbers.
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    (pictures / "samples.png").write_bytes(b"png")
+    MlflowRun(run_id).log_artifacts(pictures, "pictures")
+    info = describe("tiny-faces@candidate")
+    assert info["version"] == "1" and info["aliases"] == ["candidate"] and info["run_id"] == run_id
+    assert info["metrics"] == METRICS
+    assert info["tags"]["variant"] == "beta_vae" and not any(k.startswith("metric.") for k in info["tags"])
+    assert [p.rsplit("/", 2)[-2:] for p in info["pictures"]] == [["pictures", "samples.png"]]
+
+
+def test_a_new_version_takes_the_alias_and_is_the_latest(mlflow_sqlite):
+    spec = make_spec(description="first try")
+    register_one(spec, "job-1")
+    register_one(spec, "job-2", alias="best", extra_tags={"sweep_id": "sw-1"})
+    register_one(spec, "job-3")
+    client = mlflow.MlflowClient(mlflow_sqlite)
+    assert str(client.get_model_version_by_alias("tiny-faces", "candidate").version) == "3"
+    best = client.get_model_version_by_alias("tiny-faces", "best")
+    assert str(best.version) == "2" and best.tags["sweep_id"] == "sw-1" and best.description == "first try"
+    assert describe("tiny-faces")["version"] == "3"
+    assert describe("tiny-faces/2")["aliases"] == ["best"]
+
+    [listed] = list_models()
+    assert listed["name"] == "tiny-faces" and listed["versions"] == 3 and listed["latest_version"] == "3"
+    assert listed["aliases"] == {"best": "2", "candidate": "3"}
+    assert listed["latest_tags"]["job_id"] == "job-3"
+
+
+def test_a_deterministic_autoencoder_registers_without_beta(mlflow_sqlite):
+    spec = make_spec(variant="ae", name="tiny-ae")
+    model, _, _ = register_one(spec)
+    version = mlflow.MlflowClient(mlflow_sqlite).get_model_version("tiny-ae", "1")
+    assert version.tags["variant"] == "ae" and "beta" not in version.tags
+    loaded = load_model("tiny-ae@candidate")
+    with pytest.raises(ValueError, match="no prior"):
+        loaded.sample(2)
+
+
+def test_lookup_errors_say_what_exists(mlflow_sqlite):
+    register_one(make_spec())
+    with pytest.raises(ModelLookupError, match=r"no registered model named 'nope'.*registered models: tiny-faces"):
+        load_model("nope@candidate")
+    with pytest.raises(ModelLookupError, match=r"no alias 'prod'; its aliases: candidate \(version 1\)"):
+        load_model("tiny-faces@prod")
+    with pytest.raises(ModelLookupError, match=r"no version 7; its versions: 1"):
+        describe("tiny-faces/7")
+
+
+def test_bad_registration_input_is_refused_before_logging(mlflow_sqlite):
+    spec = make_spec()
+    experiment_id = ensure_experiment(spec.name)
+    run_id = start_or_resume_run(experiment_id, "job-1")
+    with pytest.raises(ValueError, match="register.alias: 'v2' is reserved"):
+        log_and_register(make_model(spec), spec, "job-1", run_id, {}, alias="v2")
+    no_register = spec.model_copy(update={"registration": None})
+    with pytest.raises(ValueError, match="no 'register' section"):
+        log_and_register(make_model(spec), no_register, "job-1", run_id, {})
+    assert mlflow.MlflowClient(mlflow_sqlite).search_registered_models() == []
+
+
+def test_register_on_the_server_keeps_artifacts_in_s3(mlflow_server, monkeypatch):
+    # Proxied artifacts: this client has no S3 endpoint or keys; only the server does.
+    for key in ("MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AEFORGE_S3_ENDPOINT_URL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", str(mlflow_server))
+    spec = make_spec(name="server-faces", alias="staging", description="tiny model for the server test")
+    model, run_id, registered = register_one(spec, "server-job-1")
+
+    client = mlflow.MlflowClient(str(mlflow_server))
+    version = client.get_model_version_by_alias("server-faces", "staging")
+    assert str(version.version) == registered["version"] and version.run_id == run_id
+    assert version.description == "tiny model for the server test"
+    assert version.tags["variant"] == "beta_vae" and version.tags["metric.eval/mig"] == "0.125"
+
+    model_id = registered["logged_model_uri"].removeprefix("models:/")
+    s3 = mlflow_server.s3_client()
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=mlflow_server.bucket,
+                                                                             Prefix=f"{mlflow_server.prefix}/")
+            for o in page.get("Contents", [])]
+    model_keys = [k for k in keys if model_id in k]
+    assert any(k.endswith("/MLmodel") for k in model_keys), keys
+    assert any(k.endswith("/data/model.pth") for k in model_keys), keys
+
+    with use_tracking_uri(str(mlflow_server)):
+        loaded = mlflow.pytorch.load_model("models:/server-faces@staging")
+    assert isinstance(loaded, TinyBetaVAE)
+    loaded.eval()
+    x = torch.rand(3, *IMAGE_SHAPE, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(loaded(x), model(x))
+    z = loaded.encode(x).mean
+    assert z.shape == (3, 3)
+    assert loaded.decode(z).shape == (3, *IMAGE_SHAPE)
+    assert loaded.sample(6).shape == (6, *IMAGE_SHAPE)

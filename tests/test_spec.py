@@ -1,0 +1,140 @@
+"""The job spec: field-level errors, cross-section rules, sweep spaces, examples, and `aeforge validate`."""
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from jobs.spec import JobSpec, SpecError, load_spec, parse_spec
+from services.cli import app
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "jobs" / "examples"
+runner = CliRunner()
+
+
+def errors_of(text: str) -> dict[str, str]:
+    with pytest.raises(SpecError) as info:
+        parse_spec(text, "test.yaml")
+    return {e["loc"]: e["msg"] for e in info.value.errors}
+
+
+def test_minimal_spec_gets_the_disentanglement_lib_defaults():
+    spec = parse_spec("name: m\n")
+    assert spec.kind == "train"
+    assert (spec.model.latent_dim, spec.train.batch_size, spec.train.steps) == (10, 64, 300_000)
+    assert spec.train.optimizer.lr == 1e-4 and spec.model.likelihood == "bernoulli"
+    assert spec.model.architecture == "conv64" and spec.data.source == "builtin:dsprites"
+
+
+def test_json_is_accepted_too():
+    spec = parse_spec('{"name": "j", "model": {"variant": "beta_vae", "beta": 4}}')
+    assert spec.model.effective_beta == 4.0
+
+
+def test_every_field_error_is_named_by_its_path():
+    errs = errors_of(
+        "name: x\n"
+        "model: {variant: dae, latent_dim: 0, corruption: {kind: mask, level: 1.5}, bogus: 1}\n"
+        "train: {batch_size: 0, optimizer: {lr: -1}}\n"
+        "surprise: true\n"
+    )
+    assert "greater than or equal to 1" in errs["model.latent_dim"]
+    assert "less than or equal to 1" in errs["model.corruption.level"]
+    assert "unknown key" in errs["model.bogus"]
+    assert "unknown key" in errs["surprise"]
+    assert "train.batch_size" in errs and "train.optimizer.lr" in errs
+
+
+@pytest.mark.parametrize(
+    "model, loc, words",
+    [
+        ("{variant: vae, corruption: {kind: mask, level: 0.5}}", "model", "only for variant 'dae'"),
+        ("{variant: beta_vae, tc_estimator: mss}", "model", "only for variant 'beta_tcvae'"),
+        ("{variant: ae, beta: 4}", "model", "only for variants 'beta_vae' and 'beta_tcvae'"),
+        ("{variant: beta_vae, beta: -1}", "model.beta", "greater than or equal to 0"),
+    ],
+)
+def test_variant_rules(model, loc, words):
+    assert words in errors_of(f"name: x\nmodel: {model}\n")[loc]
+
+
+def test_minibatch_tc_estimators_need_a_batch_of_two():
+    errs = errors_of("name: x\nmodel: {variant: beta_tcvae}\ntrain: {batch_size: 1}\n")
+    assert "at least 2" in errs["train.batch_size"]
+
+
+def test_steps_and_epochs_are_exclusive_and_bf16_needs_gpus():
+    assert "either 'steps' or 'epochs'" in errors_of("name: x\ntrain: {steps: 5, epochs: 2}\n")["train"]
+    assert "needs GPUs" in errors_of("name: x\ntrain: {precision: bf16}\n")["train.precision"]
+
+
+def test_yaml_syntax_errors_and_non_mappings_are_clear():
+    assert "line" in errors_of("name: [unclosed\n")["<file>"]
+    assert "mapping" in errors_of("- a\n- b\n")["<file>"]
+    assert "empty" in errors_of("")["<file>"]
+
+
+def test_missing_spec_file(tmp_path):
+    with pytest.raises(SpecError, match="no such spec file"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+def test_sweep_space_grid_and_log_range():
+    spec = parse_spec(
+        "name: s\nkind: sweep\nmodel: {variant: beta_tcvae}\n"
+        "sweep: {beta: {start: 1, stop: 16, num: 5, spacing: log}, latent_dim: [5, 10], seed: [0, 1]}\n"
+    )
+    assert spec.sweep.space()["beta"] == [1.0, 2.0, 4.0, 8.0, 16.0]
+    trials = spec.trial_configs()
+    assert len(trials) == 5 * 2 * 2
+    one = spec.with_trial(trials[3])
+    assert one.kind == "train" and one.sweep is None
+    assert (one.model.beta, one.model.latent_dim, one.train.seed) == (trials[3]["beta"], trials[3]["latent_dim"], trials[3]["seed"])
+
+
+def test_sweep_validation_errors():
+    errs = errors_of("name: s\nkind: sweep\nmodel: {variant: beta_vae}\nsweep: {latent_dim: []}\n")
+    assert "empty list" in errs["sweep.latent_dim"]
+    errs = errors_of("name: s\nkind: sweep\nmodel: {variant: beta_vae}\nsweep: {search: grid}\n")
+    assert "search space is empty" in errs["sweep"]
+    errs = errors_of("name: s\nkind: sweep\nmodel: {variant: vae}\nsweep: {beta: [1, 2]}\n")
+    assert "beta_vae or beta_tcvae" in errs["sweep.beta"]
+    errs = errors_of("name: s\nkind: sweep\nmodel: {variant: beta_vae}\nsweep: {beta: [1], metric: {name: eval/nothing}}\n")
+    assert "no trial reports 'eval/nothing'" in errs["sweep.metric.name"]
+    assert "needs a 'sweep' section" in errors_of("name: s\nkind: sweep\n")["sweep"]
+
+
+def test_sweep_over_variants_compares_beta_vae_and_beta_tcvae():
+    spec = parse_spec("name: s\nkind: sweep\nmodel: {variant: beta_vae}\nsweep: {variant: [beta_vae, beta_tcvae], beta: [2, 4]}\n")
+    variants = {spec.with_trial(t).model.variant for t in spec.trial_configs()}
+    assert variants == {"beta_vae", "beta_tcvae"}
+
+
+def test_register_section_uses_the_register_key():
+    spec = parse_spec("name: r\nregister: {model_name: my-model, alias: best}\n")
+    assert spec.registration.model_name == "my-model"
+    assert spec.model_dump(mode="json")["register"]["alias"] == "best"
+    assert JobSpec.model_validate(spec.model_dump(mode="json")) == spec
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_parses(path):
+    load_spec(path)
+
+
+def test_validate_cli_reports_field_errors_with_exit_code_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodel: {variant: vae, latent_dim: 0, tc_estimator: mws}\n")
+    result = runner.invoke(app, ["validate", str(bad)])
+    assert result.exit_code == 2
+    assert "model.latent_dim" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_schema_cli_prints_json_schema():
+    import json
+
+    result = runner.invoke(app, ["schema"])
+    assert result.exit_code == 0
+    schema = json.loads(result.output)
+    assert "model" in schema["properties"] and "register" in schema["properties"]

@@ -1,0 +1,124 @@
+"""Configuration of what runs on a worker: the model, its data, its training and its evaluation.
+
+These pydantic models are the worker-side half of the job spec. ``jobs/spec.py`` composes them with the
+job-level sections (resources, sweep, register), so a field is declared once and validated once.
+Unknown keys are errors everywhere (``extra="forbid"``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Variant = Literal["ae", "dae", "vae", "beta_vae", "beta_tcvae"]
+Architecture = Literal["mlp", "conv28", "conv64"]
+
+# Variants whose encoder is a Gaussian posterior q(z|x) with a N(0, I) prior.
+STOCHASTIC_VARIANTS = ("vae", "beta_vae", "beta_tcvae")
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CorruptionConfig(StrictModel):
+    """How a denoising autoencoder corrupts its input (Vincent et al. 2008/2010)."""
+
+    kind: Literal["mask", "gaussian", "salt_pepper"] = "mask"
+    # mask: fraction of pixels set to 0; gaussian: noise standard deviation; salt_pepper: fraction of pixels
+    # set to 0 or 1 with equal probability.
+    level: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class ModelConfig(StrictModel):
+    variant: Variant = "vae"
+    architecture: Architecture = "conv64"
+    latent_dim: int = Field(10, ge=1)
+    beta: float | None = Field(None, ge=0.0, description="weight on KL (beta_vae) or on TC (beta_tcvae)")
+    likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"
+    tc_estimator: Literal["mss", "mws"] | None = None
+    corruption: CorruptionConfig | None = None
+    hidden_dims: list[int] = Field(default_factory=lambda: [512, 256], description="mlp only")
+    # beta_tcvae under DDP: estimate TC over the global batch (posterior parameters gathered across ranks).
+    gather_global_batch: bool = True
+
+    @model_validator(mode="after")
+    def _variant_fields(self) -> "ModelConfig":
+        if self.corruption is not None and self.variant != "dae":
+            raise ValueError(f"'corruption' is only for variant 'dae', not '{self.variant}'")
+        if self.tc_estimator is not None and self.variant != "beta_tcvae":
+            raise ValueError(f"'tc_estimator' is only for variant 'beta_tcvae', not '{self.variant}'")
+        if self.beta is not None and self.variant not in ("beta_vae", "beta_tcvae"):
+            raise ValueError(f"'beta' is only for variants 'beta_vae' and 'beta_tcvae', not '{self.variant}'")
+        return self
+
+    # Resolved values: the defaults each variant uses when a field is left out.
+    @property
+    def effective_beta(self) -> float:
+        if self.variant not in ("beta_vae", "beta_tcvae"):
+            return 1.0  # a plain VAE is a beta-VAE with beta = 1; autoencoders have no KL term
+        return 4.0 if self.beta is None else self.beta
+
+    @property
+    def effective_tc_estimator(self) -> str:
+        return self.tc_estimator or "mss"
+
+    @property
+    def effective_corruption(self) -> CorruptionConfig:
+        return self.corruption or CorruptionConfig()
+
+    @property
+    def stochastic(self) -> bool:
+        return self.variant in STOCHASTIC_VARIANTS
+
+
+class DataConfig(StrictModel):
+    # builtin:NAME | a dataset name pushed with `aeforge data push` | s3://bucket/key | a local path
+    source: str = "builtin:dsprites"
+    format: Literal["idx", "npz", "folder"] | None = Field(None, description="inferred from the source if left out")
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    image_size: int | None = Field(None, ge=8, description="image folders: resize and centre-crop to this size")
+    grayscale: bool = Field(True, description="image folders: convert to one channel")
+    limit: int | None = Field(None, ge=2, description="use only the first N examples (quick runs)")
+
+
+class OptimizerConfig(StrictModel):
+    name: Literal["adam", "adamw"] = "adam"
+    lr: float = Field(1.0e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class TrainConfig(StrictModel):
+    steps: int | None = Field(None, ge=1)
+    epochs: int | None = Field(None, ge=1)
+    batch_size: int = Field(64, ge=1, description="per worker; global batch = batch_size x workers")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    grad_clip: float | None = Field(None, gt=0.0)
+    checkpoint_every: int = Field(5000, ge=1)
+    eval_every: int | None = Field(None, ge=1)
+    log_every: int = Field(50, ge=1)
+    seed: int = 0
+    num_to_keep: int = Field(2, ge=1, description="checkpoints kept")
+    max_failures: int = Field(2, ge=0, description="worker failures survived by resuming")
+
+    @model_validator(mode="after")
+    def _budget(self) -> "TrainConfig":
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give either 'steps' or 'epochs', not both")
+        if self.steps is None and self.epochs is None:
+            self.__dict__["steps"] = 300_000  # disentanglement_lib's protocol
+        return self
+
+
+class EvalConfig(StrictModel):
+    """What the end-of-run (and every eval_every steps) evaluation computes."""
+
+    iwae_samples: int = Field(50, ge=1, description="k for the importance-weighted log-likelihood bound")
+    max_examples: int = Field(2000, ge=10, description="validation examples used for ELBO/IWAE/decomposition")
+    disentanglement: bool = Field(True, description="MIG, SAP, DCI, FactorVAE and beta-VAE scores where the data has factors")
+    num_train: int = Field(2000, ge=10, description="points used to fit the disentanglement scores")
+    num_test: int = Field(1000, ge=10)
+    pictures: bool = True

@@ -1,0 +1,365 @@
+"""One process's training loop, read top to bottom.
+
+The same function runs alone (``aeforge run`` without Ray), and on every Ray Train worker under DDP. What
+differs between the two is the :class:`RunContext`: who this process is (rank, world size, device), how a model
+is wrapped (DDP or not), where checkpoints go and come back from, and where metrics are sent.
+
+Performance notes (the loop must be fast on an H100): the data set lives on the device when it fits; a batch is
+an index slice of a per-epoch permutation drawn on the device; the loss parts are accumulated on the device and
+read back only every ``log_every`` steps, so there is no host sync per step. The NaN/inf check also runs on the
+device: it records the first bad step and part, and the host reads it at the next log point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from workers.config import EvalConfig, ModelConfig, TrainConfig
+from workers.data.base import ImageDataset
+from workers.models import build_model
+from workers.models.base import Autoencoder, GatherFn, LossModule
+
+CHECKPOINT_FILE = "checkpoint.pt"
+# Keep a data set on the GPU when it takes less than this fraction of the free memory.
+DEVICE_DATA_FRACTION = 0.4
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite. The message names the step and the loss part."""
+
+
+@dataclass
+class RunContext:
+    """Where a training process runs and where its results go. The default is one local process."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    # Wraps the loss module for data-parallel training (DDP); identity in one process.
+    wrap: Callable[[nn.Module], nn.Module] = lambda module: module
+    # Differentiable all-gather across ranks (beta-TCVAE's global-batch estimator); None in one process.
+    gather: GatherFn | None = None
+    # Local folder of this run (rank 0 writes pictures and metrics there).
+    run_dir: Path | None = None
+
+    @property
+    def is_chief(self) -> bool:
+        return self.rank == 0
+
+    # --- checkpoints: local folders by default; Ray Train overrides these ---------------------------------
+    def latest_checkpoint(self) -> Path | None:
+        ckpt_root = self._checkpoint_root()
+        if ckpt_root is None or not ckpt_root.exists():
+            return None
+        done = sorted(p for p in ckpt_root.iterdir() if (p / CHECKPOINT_FILE).exists() and not p.name.startswith("."))
+        return done[-1] if done else None
+
+    def save_checkpoint(self, directory: Path, metrics: dict[str, float], step: int, keep: int) -> None:
+        """Called by every rank; ``directory`` holds the checkpoint only on the chief."""
+        ckpt_root = self._checkpoint_root()
+        if ckpt_root is None or not self.is_chief:
+            return
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        target = ckpt_root / f"step_{step:09d}"
+        # Copy to a hidden folder, then rename: a half-written checkpoint is never taken for a complete one.
+        partial = ckpt_root / f".partial_{step:09d}"
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(directory, partial)
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)
+        for old in sorted(p for p in ckpt_root.iterdir() if p.name.startswith("step_"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _checkpoint_root(self) -> Path | None:
+        return None if self.run_dir is None else self.run_dir / "checkpoints"
+
+    # --- metrics --------------------------------------------------------------------------------------
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Per-step curves and evaluation results (chief only). Default: JSON lines in the run folder."""
+        if self.run_dir is None or not self.is_chief:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def log_progress(self, step: int, total: int) -> None:
+        """A line the queue service reads to show a progress bar."""
+        if self.is_chief:
+            print(f"AEFORGE_PROGRESS {json.dumps({'step': step, 'total': total})}", flush=True)
+
+
+@dataclass
+class TrainResult:
+    model: Autoencoder
+    steps: int
+    final_metrics: dict[str, float]
+    history: dict[str, list[tuple[int, float]]]
+    pictures: dict[str, Path]
+    resumed_from_step: int
+    seconds: float
+    images_per_second: float
+
+
+# --- helpers -----------------------------------------------------------------------------------------------
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    opt = config.optimizer
+    cls = torch.optim.AdamW if opt.name == "adamw" else torch.optim.Adam
+    kwargs: dict[str, Any] = {"lr": opt.lr, "betas": tuple(opt.betas), "weight_decay": opt.weight_decay}
+    if torch.cuda.is_available() and next(model.parameters()).is_cuda:
+        kwargs["fused"] = True  # one kernel for the whole update
+    return cls(model.parameters(), **kwargs)
+
+
+def total_steps(config: TrainConfig, shard_size: int) -> int:
+    if config.steps is not None:
+        return config.steps
+    return int(config.epochs) * steps_per_epoch(shard_size, config.batch_size)
+
+
+def steps_per_epoch(shard_size: int, batch_size: int) -> int:
+    # Drop the last partial batch: every step sees a full batch (the TC estimators and DDP want equal sizes).
+    return max(1, shard_size // batch_size)
+
+
+def epoch_permutation(n: int, seed: int, epoch: int, rank: int, device: torch.device) -> torch.Tensor:
+    """The order of an epoch depends only on (seed, epoch, rank): a resumed run sees the same batches."""
+    gen = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + epoch) * 1009 + rank)
+    return torch.randperm(n, generator=gen).to(device)
+
+
+def place_data(data: ImageDataset, device: torch.device) -> ImageDataset:
+    """Put the data set on the GPU when it fits comfortably; CPU data stays where it is."""
+    if device.type != "cuda" or data.device == device:
+        return data
+    free, _ = torch.cuda.mem_get_info(device)
+    if data.nbytes() < DEVICE_DATA_FRACTION * free:
+        return data.to(device)
+    return data
+
+
+def _throughput(steps: int, images_per_step: int, seconds: float) -> float:
+    return steps * images_per_step / seconds if steps > 0 and seconds > 0 else 0.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def save_checkpoint_file(path: Path, model: Autoencoder, optimizer, step: int, history, spec_json: str | None) -> None:
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "history": history,
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "model_config": model.config.model_dump(mode="json"),
+        "image_shape": list(model.image_shape),
+        "dataset_size": model.dataset_size,
+        "spec": spec_json,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_model_from_checkpoint(path: Path | str, map_location="cpu") -> Autoencoder:
+    """A trained model from a checkpoint folder or file (for pictures, MLflow logging and evaluation)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    state = torch.load(path, map_location=map_location, weights_only=False)
+    model = build_model(ModelConfig.model_validate(state["model_config"]), tuple(state["image_shape"]), state["dataset_size"])
+    model.load_state_dict(state["model"])
+    return model
+
+
+# --- the loop ----------------------------------------------------------------------------------------------
+
+
+def train(
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    eval_config: EvalConfig,
+    train_data: ImageDataset,
+    val_data: ImageDataset,
+    ctx: RunContext | None = None,
+    *,
+    dataset_size: int | None = None,
+    full_data: ImageDataset | None = None,
+    spec_json: str | None = None,
+    pictures: bool = True,
+    evaluate_at_end: bool = True,
+    warmup_steps: int = 0,
+) -> TrainResult:
+    """Train one process's share. ``train_data`` is this rank's shard; ``dataset_size`` the whole training set's N.
+
+    ``warmup_steps`` are left out of the reported throughput (benchmarks); ``evaluate_at_end=False`` skips the
+    final evaluation and pictures.
+    """
+    from workers.metrics import evaluate  # heavy imports (sklearn) only when training
+    from workers.plots import make_run_pictures
+
+    ctx = ctx or RunContext()
+    device = ctx.device
+    cfg = train_config
+    seed_everything(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    dataset_size = dataset_size or len(train_data) * ctx.world_size
+
+    model = build_model(model_config, train_data.image_shape, dataset_size).to(device)
+    optimizer = build_optimizer(model, cfg)
+    loss_module = ctx.wrap(LossModule(model, gather=ctx.gather))
+    train_data = place_data(train_data, device)
+
+    n_steps = total_steps(cfg, len(train_data))
+    per_epoch = steps_per_epoch(len(train_data), cfg.batch_size)
+    history: dict[str, list[tuple[int, float]]] = {}
+    start_step = 0
+
+    resume = ctx.latest_checkpoint()
+    if resume is not None:
+        state = torch.load(Path(resume) / CHECKPOINT_FILE, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step = int(state["step"])
+        history = {k: [tuple(p) for p in v] for k, v in state["history"].items()}
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+    else:
+        # Different ranks draw different noise (corruption, reparameterisation) from here on.
+        torch.manual_seed(cfg.seed * 1000 + ctx.rank + 1)
+
+    autocast = (
+        torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        if cfg.precision == "bf16" and device.type == "cuda"
+        else nullcontext()
+    )
+    part_names: list[str] | None = None
+    part_sums: torch.Tensor | None = None
+    # First non-finite step and which part (index into ["loss", *parts]); -1 while all is well.
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    bad_part = torch.full((), -1, dtype=torch.long, device=device)
+    steps_in_window = 0
+    final_metrics: dict[str, float] = {}
+    perm_epoch, perm = -1, None
+    t0 = time.perf_counter()
+    seconds = 0.0
+    model.train()
+
+    for step in range(start_step, n_steps):
+        if step == start_step + warmup_steps:
+            _sync(device)
+            t0 = time.perf_counter()
+        epoch, pos = divmod(step, per_epoch)
+        if epoch != perm_epoch:
+            perm, perm_epoch = epoch_permutation(len(train_data), cfg.seed, epoch, ctx.rank, train_data.device), epoch
+        index = perm[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
+        x = train_data.images(index).to(device, non_blocking=True)
+
+        with autocast:
+            out = loss_module(x)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+
+        # Bookkeeping on the device: no host sync here.
+        if part_names is None:
+            part_names = ["loss", *out.parts]
+            part_sums = torch.zeros(len(part_names), device=device)
+        values = torch.stack([out.loss.detach().float(), *(out.parts[k].detach().float() for k in part_names[1:])])
+        part_sums += values
+        finite = torch.isfinite(values)
+        first_bad = torch.argmin(finite.to(torch.uint8))  # index of the first non-finite value, if any
+        newly_bad = (~finite.all()) & (bad_step < 0)
+        bad_step = torch.where(newly_bad, torch.tensor(step + 1, device=device), bad_step)
+        bad_part = torch.where(newly_bad, first_bad, bad_part)
+        steps_in_window += 1
+        done = step + 1
+
+        at_log = done % cfg.log_every == 0 or done == n_steps
+        at_ckpt = done % cfg.checkpoint_every == 0 or done == n_steps
+        at_eval = cfg.eval_every is not None and done % cfg.eval_every == 0 and done != n_steps
+        if at_log or at_ckpt:
+            if int(bad_step.item()) >= 0:  # one sync per log window
+                name = part_names[int(bad_part.item())]
+                raise TrainingDiverged(
+                    f"training diverged at step {int(bad_step.item())}: the '{name}' part of the loss is not finite "
+                    f"(NaN or inf); lower train.optimizer.lr, set train.grad_clip, or check the data"
+                )
+            means = (part_sums / steps_in_window).tolist()
+            step_metrics = {f"train/{k}": v for k, v in zip(part_names, means)}
+            for k, v in step_metrics.items():
+                history.setdefault(k, []).append((done, v))
+            ctx.log_metrics(step_metrics, done)
+            ctx.log_progress(done, n_steps)
+            part_sums.zero_()
+            steps_in_window = 0
+            final_metrics.update(step_metrics)
+
+        # The final evaluation comes before the final checkpoint, so the last report (Ray Train's result, Tune's
+        # ranking metric) carries it.
+        at_final_eval = done == n_steps and evaluate_at_end
+        if (at_eval or at_final_eval) and ctx.is_chief:
+            if at_final_eval:
+                _sync(device)
+                seconds = time.perf_counter() - t0
+                final_metrics["perf/images_per_second"] = _throughput(n_steps - start_step - warmup_steps, cfg.batch_size * ctx.world_size, seconds)
+            model.eval()
+            eval_metrics = evaluate(model, val_data, eval_config, seed=cfg.seed, full=full_data)
+            model.train()
+            ctx.log_metrics(eval_metrics, done)
+            final_metrics.update(eval_metrics)
+
+        if at_ckpt:
+            with tempfile.TemporaryDirectory(prefix="aeforge-ckpt-") as tmp:
+                if ctx.is_chief:
+                    save_checkpoint_file(Path(tmp) / CHECKPOINT_FILE, model, optimizer, done, history, spec_json)
+                ctx.save_checkpoint(Path(tmp), dict(final_metrics), done, cfg.num_to_keep)
+
+    if start_step >= n_steps and ctx.is_chief and evaluate_at_end:  # a finished run resumed: nothing to train
+        model.eval()
+        final_metrics.update(evaluate(model, val_data, eval_config, seed=cfg.seed, full=full_data))
+    if "perf/images_per_second" not in final_metrics:  # no final evaluation (benchmarks) or nothing left to train
+        _sync(device)
+        seconds = time.perf_counter() - t0
+        final_metrics["perf/images_per_second"] = _throughput(n_steps - start_step - warmup_steps, cfg.batch_size * ctx.world_size, seconds)
+    throughput = final_metrics["perf/images_per_second"]
+    pics: dict[str, Path] = {}
+    model.eval()
+    if ctx.is_chief and evaluate_at_end:
+        ctx.log_metrics({"perf/images_per_second": throughput}, n_steps)
+        if pictures and eval_config.pictures and ctx.run_dir is not None:
+            pics = make_run_pictures(model, train_data, val_data, ctx.run_dir / "pictures", seed=cfg.seed, history=history)
+    return TrainResult(
+        model=model,
+        steps=n_steps,
+        final_metrics=final_metrics,
+        history=history,
+        pictures=pics,
+        resumed_from_step=start_step,
+        seconds=seconds,
+        images_per_second=throughput,
+    )
+

@@ -1,0 +1,118 @@
+"""Evaluation of a trained autoencoder: one file per metric, and :func:`evaluate`, which the training loop calls.
+
+What :func:`evaluate` reports (keys prefixed ``eval/``), and on which examples:
+
+- ``elbo``, ``recon``, ``kl`` (``recon`` only for deterministic autoencoders): ``max_examples`` validation rows;
+- VAE family: ``iwae_ll`` (k = ``iwae_samples``) and ``mi``, ``tc``, ``dwkl`` on the same validation rows;
+- data with ground-truth factors and ``disentanglement`` on, drawn from ``full`` (the whole ground-truth data set)
+  when given, else from the validation set: ``mig`` (disentanglement_lib's: means, 20 bins, all factors),
+  ``sap``, ``dci_*`` on one shared draw of ``num_train`` + ``num_test`` codes; ``factor_vae`` and ``beta_vae``
+  on their own votes (sizes below); ``mig_exact`` (Chen et al.'s, VAE family) on ``max_examples`` rows.
+
+Sizes: disentanglement_lib votes with batches of 64 images, 10,000 training and 5,000 evaluation votes per
+score. Here each score gets ``num_train // VOTES_PER_POINT`` training and ``num_test // VOTES_PER_POINT``
+evaluation votes of ``VOTE_BATCH`` images (FactorVAE) or pairs (beta-VAE), so that with num_train = 2000 and
+num_test = 1000 a small model is evaluated in seconds on a CPU; raise num_train/num_test for published-size
+estimates. DCI fits 10 boosting stages at learning rate 0.5 instead of 100 at 0.1 (see dci.py for how
+close that comes).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from workers.config import EvalConfig
+from workers.data.base import ImageDataset
+from workers.metrics.beta_vae_score import beta_vae_score
+from workers.metrics.dci import dci_from_codes
+from workers.metrics.elbo import elbo
+from workers.metrics.factor_vae import factor_vae_score
+from workers.metrics.iwae import iwae_log_likelihood
+from workers.metrics.mig import mig_exact, mig_from_codes
+from workers.metrics.sampling import FactorSampler, model_device
+from workers.metrics.sap import sap_from_codes
+from workers.metrics.tc_decomposition import tc_decomposition
+
+VOTE_BATCH = 64  # images per FactorVAE vote, pairs per beta-VAE point (disentanglement_lib's batch_size)
+VOTES_PER_POINT = 10  # FactorVAE votes / beta-VAE points = num_train // 10 and num_test // 10
+
+__all__ = ["evaluate"]
+
+
+def _generator(seed: int, stream: str) -> torch.Generator:
+    # One random stream per metric: resizing or dropping one metric leaves the others' samples unchanged.
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(stream.encode())) % 2**63)
+
+
+def _varying_factor_count(dataset: ImageDataset) -> int:
+    return sum(1 for size in dataset.factor_sizes if size > 1)
+
+
+def evaluate(
+    model,
+    val: ImageDataset,
+    config: EvalConfig,
+    *,
+    batch_size: int = 256,
+    seed: int = 0,
+    full: ImageDataset | None = None,
+) -> dict[str, float]:
+    """Every metric that applies to this model and data (see the module doc), as ``{"eval/NAME": value}``.
+
+    Runs in eval mode without gradients on the model's device and restores the model's train/eval mode.
+    FactorVAE and beta-VAE scores need two factors that vary; with fewer they are left out.
+    """
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    out: dict[str, float] = {}
+    try:
+        with torch.no_grad():
+            # The same validation rows (same stream) for ELBO, IWAE and the decomposition, so they compare.
+            out.update(elbo(model, val, config.max_examples, batch_size, _generator(seed, "val")))
+            if model.stochastic:
+                out.update(iwae_log_likelihood(model, val, config.iwae_samples, config.max_examples, batch_size,
+                                               _generator(seed, "val")))
+                parts = tc_decomposition(model, val, config.max_examples, batch_size, _generator(seed, "val"))
+                out.update({k: parts[k] for k in ("mi", "tc", "dwkl")})
+
+            truth = full if full is not None else val
+            if config.disentanglement and truth.has_factors:
+                out.update(_disentanglement(model, truth, config, batch_size, seed, device))
+    finally:
+        model.train(was_training)
+    return {f"eval/{name}": float(value) for name, value in out.items()}
+
+
+def _disentanglement(model, truth: ImageDataset, config: EvalConfig, batch_size: int, seed: int,
+                     device: torch.device) -> dict[str, float]:
+    def representation(x: torch.Tensor) -> torch.Tensor:
+        return model.representation(x.to(device))
+
+    out: dict[str, float] = {}
+    sampler = FactorSampler(truth, _generator(seed, "codes"), "the disentanglement scores")
+    train, test = sampler.sample(config.num_train), sampler.sample(config.num_test)
+    train_codes = sampler.codes(train, representation, batch_size).cpu().numpy()
+    test_codes = sampler.codes(test, representation, batch_size).cpu().numpy()
+    train_factors, test_factors = train.factors.numpy(), test.factors.numpy()
+
+    out["mig"] = mig_from_codes(train_codes, train_factors)
+    out["sap"] = sap_from_codes(train_codes, train_factors, test_codes, test_factors)
+    dci = dci_from_codes(train_codes, train_factors, test_codes, test_factors, seed=seed)
+    out.update({f"dci_{k}": v for k, v in dci.items()})
+
+    if _varying_factor_count(truth) >= 2:
+        votes_train = max(2, config.num_train // VOTES_PER_POINT)
+        votes_test = max(1, config.num_test // VOTES_PER_POINT)
+        out["factor_vae"] = factor_vae_score(
+            representation, truth, votes_train, votes_test, config.num_train, VOTE_BATCH, batch_size,
+            _generator(seed, "factor_vae"),
+        )["eval_accuracy"]
+        out["beta_vae"] = beta_vae_score(
+            representation, truth, votes_train, votes_test, VOTE_BATCH, batch_size, _generator(seed, "beta_vae"),
+        )["eval_accuracy"]
+    if model.stochastic:
+        out["mig_exact"] = mig_exact(model, truth, config.max_examples, batch_size, _generator(seed, "mig_exact"))
+    return out

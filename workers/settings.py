@@ -1,0 +1,62 @@
+"""Settings that come from the environment (or a settings file), never from a job spec.
+
+Every layer reads them here so that one variable means one thing everywhere. Secrets (AWS keys, API tokens)
+are read where they are used and never copied into logs, MLflow params or the job table.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def home() -> Path:
+    """AEFORGE_HOME: the state folder (runs, local storage, sqlite stores). Default ./.aeforge."""
+    return Path(os.environ.get("AEFORGE_HOME", ".aeforge")).expanduser().resolve()
+
+
+def storage_uri() -> str:
+    """AEFORGE_STORAGE: file:///path (default: AEFORGE_HOME/storage) or s3://bucket/prefix."""
+    uri = os.environ.get("AEFORGE_STORAGE")
+    if uri:
+        return uri.rstrip("/")
+    return (home() / "storage").as_uri()
+
+
+def s3_endpoint_url() -> str | None:
+    """AEFORGE_S3_ENDPOINT_URL: a MinIO / Ceph / other S3-compatible endpoint; None means AWS."""
+    return os.environ.get("AEFORGE_S3_ENDPOINT_URL") or None
+
+
+def mlflow_tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI; default: a sqlite store under AEFORGE_HOME."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{home() / 'mlflow.db'}"
+
+
+def mlflow_artifact_root() -> str:
+    """Where the embedded MLflow store keeps artifacts (only used when aeforge creates the experiment)."""
+    return (home() / "mlartifacts").as_uri()
+
+
+def ray_address() -> str | None:
+    return os.environ.get("RAY_ADDRESS") or None
+
+
+# Variables a job needs wherever it runs (the queue passes them in the Ray job's runtime environment).
+JOB_ENV_VARS = (
+    "AEFORGE_HOME",
+    "AEFORGE_STORAGE",
+    "AEFORGE_S3_ENDPOINT_URL",
+    "MLFLOW_TRACKING_URI",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
+SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
