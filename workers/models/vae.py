@@ -1,0 +1,30 @@
+"""Variational autoencoder (Kingma & Welling 2014): Gaussian q(z|x) with diagonal covariance, N(0, I) prior,
+Bernoulli or Gaussian p(x|z).
+
+The loss is the negative ELBO per example, averaged over the batch: -log p(x|z) with one reparameterised sample
+z ~ q(z|x), plus beta times the closed-form KL(q(z|x) || N(0, I)). beta = 1 here; beta-VAE reuses this class.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from workers.losses import kl_standard_normal, reconstruction_nll
+from workers.models.base import Autoencoder, GatherFn, LossOutput
+from workers.models.registry import register
+
+
+@register("vae")
+class VAE(Autoencoder):
+    stochastic = True
+
+    @property
+    def beta(self) -> float:
+        return self.config.effective_beta
+
+    def loss(self, x: torch.Tensor, gather: GatherFn | None = None) -> LossOutput:
+        posterior = self.encode(x)
+        z = posterior.sample()
+        recon = reconstruction_nll(self.decode_logits(z), x, self.config.likelihood).mean()
+        kl = kl_standard_normal(posterior.mean.float(), posterior.logvar.float()).mean()
+        return LossOutput(loss=recon + self.beta * kl, parts={"recon": recon, "kl": kl})
