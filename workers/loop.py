@@ -291,7 +291,10 @@ def train(
         values = torch.stack([out.loss.detach().float(), *(out.parts[k].detach().float() for k in part_names[1:])])
         part_sums += values
         finite = torch.isfinite(values)
-        first_bad = torch.argmin(finite.to(torch.uint8))  # index of the first non-finite value, if any
+        # Name the first non-finite part (recon, kl, ...) rather than their sum: that is what a user can act on.
+        # The parts come after the total in ``values``, so look at them first and fall back to the total.
+        parts_then_total = torch.cat([finite[1:], finite[:1]]).to(torch.uint8)
+        first_bad = (torch.argmin(parts_then_total) + 1) % len(part_names)
         newly_bad = (~finite.all()) & (bad_step < 0)
         bad_step = torch.where(newly_bad, torch.tensor(step + 1, device=device), bad_step)
         bad_part = torch.where(newly_bad, first_bad, bad_part)
