@@ -89,6 +89,7 @@ class RunContext:
         """Per-step curves and evaluation results (chief only). Default: JSON lines in the run folder."""
         if self.run_dir is None or not self.is_chief:
             return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps({"step": step, **metrics}) + "\n")
 
