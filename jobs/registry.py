@@ -128,6 +128,8 @@ def log_and_register(
     with torch.no_grad():
         output = cpu_model(torch.from_numpy(example)).numpy()
     signature = infer_signature(example, output)
+    # Everything inside the block: the registry store looks a logged model up in MLflow's *global* tracking store,
+    # which is not aeforge's when MLFLOW_TRACKING_URI is unset (the embedded sqlite default under AEFORGE_HOME).
     with use_tracking_uri(uri):
         info = mlflow.pytorch.log_model(
             pytorch_model=cpu_model,
@@ -139,27 +141,63 @@ def log_and_register(
             run_id=run_id,
         )
 
-    try:
-        mlflow_client.create_registered_model(name)
-    except MlflowException as exc:
-        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
-            raise
-    description = spec.registration.description or generated_description(spec, job_id, metrics)
-    version = mlflow_client.create_model_version(
-        name,
-        source=info.model_uri,
-        run_id=run_id,
-        tags=version_tags(spec, job_id, metrics, extra_tags),
-        description=description,
-        model_id=info.model_id,
-    )
-    mlflow_client.set_registered_model_alias(name, alias, version.version)
+        try:
+            mlflow_client.create_registered_model(name)
+        except MlflowException as exc:
+            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                raise
+        description = spec.registration.description or generated_description(spec, job_id, metrics)
+        version = mlflow_client.create_model_version(
+            name,
+            source=info.model_uri,
+            run_id=run_id,
+            tags=version_tags(spec, job_id, metrics, extra_tags),
+            description=description,
+            model_id=info.model_id,
+        )
+        mlflow_client.set_registered_model_alias(name, alias, version.version)
     return {
         "model_uri": f"models:/{name}/{version.version}",
         "name": name,
         "version": str(version.version),
         "alias": alias,
         "logged_model_uri": info.model_uri,
+        "run_id": run_id,
+    }
+
+
+def registered_version_of_run(name: str, run_id: str, *, alias: str | None = None,
+                              tracking_uri: str | None = None) -> dict[str, Any] | None:
+    """The version of model ``name`` already registered from MLflow run ``run_id`` (a job run again after it
+    registered its model), as :func:`log_and_register` returns it; None if there is none. ``alias`` is pointed at
+    that version when the model does not have it yet (the first attempt died between registering and aliasing)."""
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking_uri or settings.mlflow_tracking_uri()
+    mlflow_client = tracking_client(uri)
+    if "'" in name or "'" in run_id:
+        raise ValueError(f"model name {name!r} and run id {run_id!r} cannot contain quotes")
+    try:
+        found = mlflow_client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    if not found:
+        return None
+    version = max(found, key=lambda v: int(v.version))
+    aliases = dict(mlflow_client.get_registered_model(name).aliases or {})
+    if alias is not None and alias not in aliases:
+        _check_alias(alias)
+        mlflow_client.set_registered_model_alias(name, alias, version.version)
+        aliases[alias] = version.version
+    shown_alias = alias if alias is not None and str(aliases.get(alias)) == str(version.version) else None
+    return {
+        "model_uri": f"models:/{name}/{version.version}",
+        "name": name,
+        "version": str(version.version),
+        "alias": shown_alias,
+        "logged_model_uri": version.source,
         "run_id": run_id,
     }
 

@@ -8,6 +8,7 @@ metrics.json (final numbers), checkpoints/ and pictures/.
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import tempfile
@@ -95,7 +96,9 @@ def job_environment() -> dict[str, str]:
     the source tree on PYTHONPATH so workers import the same packages as this driver."""
     import os
 
-    env = {k: os.environ[k] for k in settings.JOB_ENV_VARS if os.environ.get(k)}
+    from workers.ray_worker import TEST_HOOK_WORKER_EXIT
+
+    env = {k: os.environ[k] for k in (*settings.JOB_ENV_VARS, TEST_HOOK_WORKER_EXIT) if os.environ.get(k)}
     env.setdefault("AEFORGE_HOME", str(settings.home()))
     source_root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, os.environ.get("PYTHONPATH", "")) if p)
@@ -108,10 +111,19 @@ def connect_ray() -> None:
 
     if ray.is_initialized():
         return
-    ray.init(address=settings.ray_address(), runtime_env={"env_vars": job_environment()}, log_to_driver=True)
+    # "local": a new Ray on this machine even if another one runs here (ray.init(None) would join the last
+    # cluster `ray start` recorded in /tmp/ray, which is not what "no RAY_ADDRESS" means). Ray jobs launched by
+    # the queue get RAY_ADDRESS from Ray.
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        # A Ray Job's driver (the queue launched us): the job's runtime env, with these settings, is already in
+        # force, and Ray refuses a second one that sets the same variables.
+        ray.init(address=settings.ray_address() or "auto", log_to_driver=True)
+        return
+    ray.init(address=settings.ray_address() or "local", runtime_env={"env_vars": job_environment()},
+             log_to_driver=True)
 
 
-def worker_config(spec: JobSpec, job_id: str, experiment_path: str, mlflow_run_id: str | None) -> dict:
+def worker_config(spec: JobSpec, job_id: str, mlflow_run_id: str | None) -> dict:
     return {
         "model": spec.model.model_dump(mode="json"),
         "data": spec.data.model_dump(mode="json"),
@@ -119,7 +131,6 @@ def worker_config(spec: JobSpec, job_id: str, experiment_path: str, mlflow_run_i
         "eval": spec.eval.model_dump(mode="json"),
         "spec_json": json.dumps(spec.model_dump(mode="json")),
         "job_id": job_id,
-        "experiment_path": experiment_path,
         "mlflow_run_id": mlflow_run_id,
         "mlflow_tracking_uri": settings.mlflow_tracking_uri(),
     }
@@ -141,7 +152,7 @@ def build_trainer(spec: JobSpec, run_name: str, storage, mlflow_run_id: str | No
         per_worker["GPU"] = r.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=worker_config(spec, run_name, f"{storage_path}/{run_name}", mlflow_run_id),
+        train_loop_config=worker_config(spec, run_name, mlflow_run_id),
         scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=r.gpus_per_worker > 0, resources_per_worker=per_worker),
         run_config=RunConfig(
             name=run_name,
@@ -156,9 +167,35 @@ def build_trainer(spec: JobSpec, run_name: str, storage, mlflow_run_id: str | No
     )
 
 
+def user_error(exc: BaseException) -> BaseException:
+    """The error to show for a failed fit: a worker's own DataError or TrainingDiverged (whose message is the whole
+    story) rather than Ray's wrapper around it; anything else as Ray raised it."""
+    from ray.train import WorkerGroupError
+
+    from workers.data.base import DataError
+    from workers.loop import TrainingDiverged
+
+    if isinstance(exc, WorkerGroupError):
+        for _, failure in sorted(exc.worker_failures.items()):
+            cause, seen = failure, 0
+            while cause is not None and not isinstance(cause, (DataError, TrainingDiverged)) and seen < 10:
+                # Ray wraps a worker's exception (UserExceptionWithTraceback._base_exc, RayTaskError.cause).
+                cause = getattr(cause, "_base_exc", None) or getattr(cause, "cause", None) or cause.__cause__
+                seen += 1
+            if isinstance(cause, (DataError, TrainingDiverged)):
+                return cause
+    return exc
+
+
 def run_train_on_ray(spec: JobSpec, job_id: str) -> dict:
-    """A `train` job end to end: preflight, data check, Ray Train (DDP), MLflow run, registered model."""
-    from jobs.registry import log_and_register
+    """A `train` job end to end: preflight, data check, Ray Train (DDP), MLflow run, registered model.
+
+    The preflight (storage reachable and writable, data there and fitting the model) runs before Ray or MLflow is
+    touched, so a wrong endpoint, bucket or data set fails in seconds and leaves nothing behind. Running the same
+    job id again resumes: the Train run (named after the job id) restarts from its last checkpoint, the MLflow run
+    is the same one, and a model already registered from that run is not registered twice.
+    """
+    from jobs.registry import log_and_register, registered_version_of_run
     from workers.loop import load_model_from_checkpoint
     from workers.storage import Storage
     from workers.tracking import MlflowRun, ensure_experiment, start_or_resume_run
@@ -166,29 +203,55 @@ def run_train_on_ray(spec: JobSpec, job_id: str) -> dict:
     storage = Storage.from_settings()
     storage.preflight()
     check_data(spec, resolve=storage.resolve)
-    connect_ray()
 
     experiment_id = ensure_experiment(spec.name)
     run_id = start_or_resume_run(experiment_id, job_id, run_name=job_id)
     tracking = MlflowRun(run_id, settings.mlflow_tracking_uri())
-    tracking.log_spec(spec.model_dump(mode="json"))
-    tracking.set_tags({"aeforge.kind": spec.kind, "aeforge.variant": spec.model.variant})
-
-    result = build_trainer(spec, job_id, storage, run_id).fit()
-    if result.error:
-        raise result.error
-    with tempfile.TemporaryDirectory(prefix="aeforge-final-") as tmp:
-        result.checkpoint.to_directory(tmp)
-        model = load_model_from_checkpoint(tmp)
-    metrics = tracking.final_metrics()
-    registered = None
-    if spec.registration is not None:
-        registered = log_and_register(model, spec, job_id, run_id, metrics)
+    try:
+        # A changed spec under a finished job's id is refused here (params cannot change) and leaves that run as
+        # it was; from here on a failure marks the run FAILED.
+        tracking.log_spec(spec.model_dump(mode="json"))
+    except BaseException:
+        if tracking.client.get_run(run_id).info.status == "RUNNING":
+            tracking.terminate("FAILED")
+        raise
+    try:
+        tracking.client.update_run(run_id, status="RUNNING")
+        tracking.set_tags({"aeforge.kind": spec.kind, "aeforge.variant": spec.model.variant,
+                           "aeforge.storage": storage.uri(f"ray/{job_id}")})
+        connect_ray()
+        started = time.perf_counter()
+        try:
+            result = build_trainer(spec, job_id, storage, run_id).fit()
+        except Exception as exc:
+            shown = user_error(exc)
+            if shown is exc:
+                raise
+            raise shown from exc
+        fit_seconds = time.perf_counter() - started
+        if result.checkpoint is None:
+            raise RuntimeError(f"job {job_id}: training ended without a checkpoint in {storage.uri(f'ray/{job_id}')}")
+        summary = result.return_value or {}
+        metrics = tracking.final_metrics()
+        registered = None
+        if spec.registration is not None:
+            registered = registered_version_of_run(spec.registration.model_name, run_id, alias=spec.registration.alias)
+            if registered is None:
+                with tempfile.TemporaryDirectory(prefix="aeforge-final-") as tmp:
+                    result.checkpoint.to_directory(tmp)
+                    model = load_model_from_checkpoint(tmp)
+                registered = log_and_register(model, spec, job_id, run_id, metrics)
+    except BaseException as exc:
+        tracking.terminate("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
     tracking.terminate("FINISHED")
     return {
         "job_id": job_id,
         "mlflow_run_id": run_id,
         "checkpoint": result.checkpoint.path,
+        "steps": summary.get("steps"),
+        "resumed_from_step": summary.get("resumed_from_step"),
+        "fit_seconds": fit_seconds,
         "metrics": metrics,
         "model": registered,
         "pictures": storage.uri(f"runs/{job_id}/pictures"),

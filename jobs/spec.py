@@ -162,6 +162,11 @@ class JobSpec(StrictModel):
             known = reported_metrics(self, variants)
             if metric not in known and not _metric_needs_factors(metric):
                 errors.append(("sweep.metric.name", f"no trial reports '{metric}'; reported: {', '.join(sorted(known))}"))
+            elif metric == "eval/mig_exact" and not all(v in STOCHASTIC_VARIANTS for v in variants):
+                errors.append(("sweep.metric.name", "'eval/mig_exact' needs a posterior: only vae, beta_vae and "
+                               "beta_tcvae trials report it"))
+            elif _metric_needs_factors(metric) and not self.eval.disentanglement:
+                errors.append(("sweep.metric.name", f"no trial reports '{metric}': eval.disentanglement is off"))
         if "beta_tcvae" in variants and self.train.batch_size < 2:
             errors.append(("train.batch_size", "beta_tcvae's minibatch TC estimators need a batch of at least 2"))
         if self.train.precision == "bf16" and self.resources.gpus_per_worker == 0:
@@ -188,18 +193,23 @@ class JobSpec(StrictModel):
         keys = list(space)
         return [dict(zip(keys, combo)) for combo in itertools.product(*(space[k] for k in keys))]
 
-    def max_concurrent_trials(self, cluster: dict[str, float] | None) -> int:
-        """The spec's cap, else as many trials as the cluster fits (at least 1)."""
+    def num_trials(self) -> int:
+        """How many trials a sweep runs: the grid times its repeats, or the random draws."""
         assert self.sweep is not None
-        n_trials = len(self.trial_configs()) * (self.sweep.num_samples if self.sweep.search == "grid" else 1)
         if self.sweep.search == "random":
-            n_trials = self.sweep.num_samples
+            return self.sweep.num_samples
+        return len(self.trial_configs()) * self.sweep.num_samples
+
+    def max_concurrent_trials(self, cluster: dict[str, float] | None) -> int:
+        """The spec's cap, never more than the cluster fits (a trial started without room for its workers would
+        wait on them inside Ray Train and time out); without a cap, as many as the cluster fits; at least 1."""
+        assert self.sweep is not None
+        n = self.num_trials()
         if self.sweep.max_concurrent_trials is not None:
-            return min(self.sweep.max_concurrent_trials, n_trials)
+            n = min(n, self.sweep.max_concurrent_trials)
         if cluster is None:
-            return 1
-        fits = trials_that_fit(self.resources, cluster)
-        return max(1, min(fits, n_trials))
+            return n if self.sweep.max_concurrent_trials is not None else 1
+        return max(1, min(n, trials_that_fit(self.resources, cluster)))
 
     def with_trial(self, trial: dict[str, Any]) -> "JobSpec":
         """This spec with one trial's values put into the model/train sections."""
@@ -218,13 +228,41 @@ class JobSpec(StrictModel):
         return JobSpec.model_validate(data)
 
 
+# A sweep trial's driver (the Tune function that builds its TorchTrainer) only waits on the trainer: it holds this
+# sliver of a CPU, so that trials never hold whole CPUs their own workers need (two nested trials on 2 CPUs would
+# deadlock).
+TRIAL_DRIVER_CPU = 0.01
+
+
+def trial_cpus(resources: Resources) -> float:
+    """CPUs one sweep trial holds while it runs: its workers and its driver."""
+    return resources.workers * resources.cpus_per_worker + TRIAL_DRIVER_CPU
+
+
 def trials_that_fit(resources: Resources, cluster: dict[str, float]) -> int:
-    """How many trials of these resources the cluster holds at once."""
-    per_cpu = resources.workers * resources.cpus_per_worker
-    fits = int(cluster.get("CPU", 0) // per_cpu) if per_cpu else 10**6
+    """How many sweep trials of these resources the cluster holds at once (their drivers included)."""
+    # Rounded so that 2 CPUs hold 2 trials of 0.99 CPU despite float error.
+    fits = int(round(cluster.get("CPU", 0) / trial_cpus(resources), 9))
     if resources.gpus_per_worker:
-        fits = min(fits, int(cluster.get("GPU", 0) // (resources.workers * resources.gpus_per_worker)))
+        fits = min(fits, int(round(cluster.get("GPU", 0) / (resources.workers * resources.gpus_per_worker), 9)))
     return fits
+
+
+def check_cluster(spec: "JobSpec", cluster: dict[str, float]) -> int:
+    """How many trials of a sweep run at once on this cluster ({"CPU": n, "GPU": m}); SpecError naming
+    ``resources`` when not even one trial fits, so that nothing starts."""
+    r = spec.resources
+    if trials_that_fit(r, cluster) >= 1:
+        return spec.max_concurrent_trials(cluster)
+    need = f"{r.workers} worker(s) x {r.cpus_per_worker:g} CPU"
+    if r.gpus_per_worker:
+        need += f" and {r.gpus_per_worker:g} GPU"
+    raise SpecError([{
+        "loc": "resources",
+        "msg": (f"a trial needs {need} plus {TRIAL_DRIVER_CPU:g} CPU for its driver, and the cluster has "
+                f"{cluster.get('CPU', 0):g} CPU and {cluster.get('GPU', 0):g} GPU in all, so no trial can ever start; "
+                f"lower resources.workers / cpus_per_worker / gpus_per_worker or use a larger cluster"),
+    }])
 
 
 def reported_metrics(spec: JobSpec, variants: list[str] | None = None) -> set[str]:

@@ -14,22 +14,46 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from jobs.spec import BetaRange, JobSpec, check_data, trials_that_fit
+import pyarrow.fs
+
+from jobs.spec import TRIAL_DRIVER_CPU, BetaRange, JobSpec, check_cluster, check_data
 from workers import settings
 
 TRIAL_KEYS = ("variant", "beta", "latent_dim", "seed")
+SWEEP_ID_TAG = "aeforge.sweep_id"
+TRIAL_ID_TAG = "aeforge.trial_id"
+# Written on storage by a trial's driver when its Train run has finished: {"metrics": {...}, "checkpoint_path"}.
+TRIAL_RESULT_FILE = "trial.json"
 
 
 def trial_run_name(job_id: str, trial_id: str) -> str:
     return f"{job_id}-{trial_id}"
 
 
+def trial_result_relpath(run_name: str) -> str:
+    return f"runs/{run_name}/{TRIAL_RESULT_FILE}"
+
+
+def _finished_trial(storage, run_name: str) -> dict[str, Any] | None:
+    relpath = trial_result_relpath(run_name)
+    if not storage.exists(relpath):
+        return None
+    return json.loads(storage.get_bytes(relpath))
+
+
 def _trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
-    """One trial, inside a Tune trial actor: a nested MLflow run and a TorchTrainer with TuneReportCallback."""
+    """One trial, inside a Tune trial actor: a nested MLflow run and a TorchTrainer with TuneReportCallback.
+
+    A trial whose Train run already finished (its driver wrote trial.json, then the sweep's driver died before
+    Tune recorded the trial as done) trains nothing: it reports its stored results again.
+    """
+    import os
+
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -37,19 +61,39 @@ def _trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     from workers.storage import Storage
     from workers.tracking import MlflowRun, start_or_resume_run
 
+    # Tune's trial actors live in worker processes started with the cluster, whose environment may predate this
+    # sweep's settings (storage, MLflow, keys): take the driver's.
+    os.environ.update(sweep["env"])
+    tracking_uri = sweep["tracking_uri"]
     base = JobSpec.model_validate(sweep["spec"])
     values = {k: config[k] for k in TRIAL_KEYS if k in config}
     spec = base.with_trial(values)
-    run_name = trial_run_name(sweep["job_id"], tune.get_context().get_trial_id())
-    run_id = start_or_resume_run(sweep["experiment_id"], run_name, run_name=run_name, parent_run_id=sweep["parent_run_id"])
-    tracking = MlflowRun(run_id, settings.mlflow_tracking_uri())
+    trial_id = tune.get_context().get_trial_id()
+    run_name = trial_run_name(sweep["job_id"], trial_id)
+    storage = Storage.from_settings()
+    run_id = start_or_resume_run(sweep["experiment_id"], run_name, run_name=run_name,
+                                 parent_run_id=sweep["parent_run_id"], tracking_uri=tracking_uri)
+    tracking = MlflowRun(run_id, tracking_uri)
+
+    done = _finished_trial(storage, run_name)
+    if done is not None:
+        tracking.terminate("FINISHED")
+        tune.report({**done["metrics"], "checkpoint_path": done["checkpoint_path"]})
+        return
+
     tracking.log_spec(spec.model_dump(mode="json"))
     tracking.log_params({f"trial.{k}": v for k, v in values.items()})
-    tracking.set_tags({"aeforge.sweep_id": sweep["job_id"]})
-    result = build_trainer(spec, run_name, Storage.from_settings(), run_id, callbacks=[TuneReportCallback()]).fit()
-    if result.error:
+    tracking.set_tags({SWEEP_ID_TAG: sweep["job_id"], TRIAL_ID_TAG: trial_id})
+    try:
+        result = build_trainer(spec, run_name, storage, run_id, callbacks=[TuneReportCallback()]).fit()
+        if result.error:
+            raise result.error
+    except BaseException:
         tracking.terminate("FAILED")
-        raise result.error
+        raise
+    metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    record = {"metrics": metrics, "checkpoint_path": result.checkpoint.path if result.checkpoint else None}
+    storage.put_bytes(json.dumps(record, sort_keys=True).encode(), trial_result_relpath(run_name))
     tracking.terminate("FINISHED")
 
 
@@ -79,6 +123,71 @@ def _trial_entry(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     _trial(_flatten_trial(config), sweep)
 
 
+# --- Tune's view of storage ----------------------------------------------------------------------------------------
+# Tune pickles its storage filesystem into the files it keeps with the experiment (tuner.pkl, the experiment and
+# searcher state), and a pyarrow S3FileSystem pickles with its keys: on S3 storage the keys would be written into
+# the bucket. Tune gets a filesystem that pickles without them instead; wherever it is unpickled (the sweep's driver
+# on restore, Tune's trial actors) the keys come from the environment, or, in processes started without it, from
+# Ray's in-memory key-value store, where the sweep's driver puts them for the length of the run.
+_KV_NAMESPACE = "aeforge"
+_S3_SECRET_OPTIONS = ("access_key", "secret_key", "session_token")
+
+
+def _s3_keys_from_env() -> dict[str, str]:
+    import os
+
+    keys = {"access_key": os.environ.get("AWS_ACCESS_KEY_ID"), "secret_key": os.environ.get("AWS_SECRET_ACCESS_KEY")}
+    if not (keys["access_key"] and keys["secret_key"]):
+        return {}
+    if os.environ.get("AWS_SESSION_TOKEN"):
+        keys["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    return keys
+
+
+def _s3_keys_from_ray(kv_key: str | None) -> dict[str, str]:
+    if not kv_key:
+        return {}
+    try:
+        import ray
+        from ray.experimental import internal_kv
+
+        if not ray.is_initialized():
+            return {}
+        raw = internal_kv._internal_kv_get(kv_key, namespace=_KV_NAMESPACE)
+    except Exception:  # no cluster to ask: the default credential chain applies
+        return {}
+    return json.loads(raw) if raw else {}
+
+
+def _rebuild_tune_s3(options: dict[str, Any], kv_key: str | None):
+    keys = _s3_keys_from_env() or _s3_keys_from_ray(kv_key)
+    return _make_tune_s3(options, kv_key, keys)
+
+
+def _make_tune_s3(options: dict[str, Any], kv_key: str | None, keys: dict[str, str]) -> "TuneS3FileSystem":
+    fs = TuneS3FileSystem(**options, **keys, retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=5))
+    fs._aeforge_public = (dict(options), kv_key)
+    return fs
+
+
+class TuneS3FileSystem(pyarrow.fs.S3FileSystem):
+    """pyarrow's S3FileSystem, pickled as its settings without the keys (see above)."""
+
+    def __reduce__(self):
+        return (_rebuild_tune_s3, self._aeforge_public)
+
+
+def tune_filesystem(storage, kv_key: str | None = None):
+    """(filesystem, base path) for Tune: the storage's own, except that on S3 it pickles without the keys."""
+    fs, base = storage.pyarrow_filesystem()
+    if not isinstance(fs, pyarrow.fs.S3FileSystem):
+        return fs, base
+    options = dict(fs.__reduce__()[1][0])
+    keys = {k: options.pop(k) for k in _S3_SECRET_OPTIONS if k in options}
+    keys = {k: v for k, v in keys.items() if v}
+    return _make_tune_s3(options, kv_key, keys), base
+
+
 def cluster_resources() -> dict[str, float]:
     import ray
 
@@ -86,11 +195,13 @@ def cluster_resources() -> dict[str, float]:
 
 
 def run_sweep(spec: JobSpec, job_id: str) -> dict[str, Any]:
+    """A `sweep` job end to end. Running the same job id again restores the Tune experiment: finished trials are
+    kept as they are, unfinished and failed ones run again (each resuming its Train run's last checkpoint)."""
     from ray import tune
 
-    from jobs.run import connect_ray
+    from jobs.run import connect_ray, job_environment
     from workers.storage import Storage
-    from workers.tracking import MlflowRun, ensure_experiment, start_or_resume_run
+    from workers.tracking import MlflowRun, client, ensure_experiment, start_or_resume_run
 
     assert spec.sweep is not None
     storage = Storage.from_settings()
@@ -98,72 +209,112 @@ def run_sweep(spec: JobSpec, job_id: str) -> dict[str, Any]:
     info = check_data(spec, resolve=storage.resolve)
     connect_ray()
     cluster = cluster_resources()
-    if trials_that_fit(spec.resources, cluster) < 1:
-        r = spec.resources
-        raise ValueError(
-            f"resources: a trial asks for {r.workers} workers x {r.cpus_per_worker} CPUs and {r.gpus_per_worker} GPUs; "
-            f"the cluster has {cluster.get('CPU', 0):g} CPUs and {cluster.get('GPU', 0):g} GPUs, so no trial can ever start"
-        )
+    max_concurrent = check_cluster(spec, cluster)
 
-    experiment_id = ensure_experiment(spec.name)
-    parent_id = start_or_resume_run(experiment_id, job_id, run_name=job_id)
-    parent = MlflowRun(parent_id, settings.mlflow_tracking_uri())
+    tracking_uri = settings.mlflow_tracking_uri()
+    experiment_id = ensure_experiment(spec.name, tracking_uri)
+    parent_id = start_or_resume_run(experiment_id, job_id, run_name=job_id, tracking_uri=tracking_uri)
+    parent = MlflowRun(parent_id, tracking_uri)
+    if parent.client.get_run(parent_id).info.status != "RUNNING":  # a finished sweep run again
+        client(tracking_uri).update_run(parent_id, status="RUNNING")
     parent.log_spec(spec.model_dump(mode="json"))
-    parent.set_tags({"aeforge.kind": "sweep", "aeforge.sweep_id": job_id})
+    parent.set_tags({"aeforge.kind": "sweep", SWEEP_ID_TAG: job_id})
 
-    sweep_ctx = {"spec": spec.model_dump(mode="json"), "job_id": job_id, "experiment_id": experiment_id, "parent_run_id": parent_id}
-    # The trial's driver only waits on its TorchTrainer: a sliver of a CPU, so two nested trials cannot deadlock a
-    # small cluster by holding whole CPUs their workers need.
-    trainable = tune.with_resources(tune.with_parameters(_trial_entry, sweep=sweep_ctx), {"cpu": 0.01})
-    fs, base = storage.pyarrow_filesystem()
+    sweep_ctx = {"spec": spec.model_dump(mode="json"), "job_id": job_id, "experiment_id": experiment_id,
+                 "parent_run_id": parent_id, "tracking_uri": tracking_uri, "env": job_environment()}
+    trainable = tune.with_resources(tune.with_parameters(_trial_entry, sweep=sweep_ctx), {"cpu": TRIAL_DRIVER_CPU})
+    kv_key = f"s3-keys/{job_id}"
+    fs, base = tune_filesystem(storage, kv_key)
+    _share_s3_keys(kv_key)
     tune_path = f"{base}/tune"
     experiment_path = f"{tune_path}/{job_id}"
     metric = spec.sweep.metric
-    if tune.Tuner.can_restore(experiment_path, storage_filesystem=fs):
-        tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
-                                   storage_filesystem=fs)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space(spec),
-            tune_config=tune.TuneConfig(
-                metric=metric.name,
-                mode=metric.mode,
-                num_samples=spec.sweep.num_samples,
-                max_concurrent_trials=spec.max_concurrent_trials(cluster),
-            ),
-            run_config=tune.RunConfig(name=job_id, storage_path=tune_path, storage_filesystem=fs, verbose=0),
-        )
-    grid = tuner.fit()
-
-    rows = results_rows(grid, job_id)
-    if not rows:
-        raise RuntimeError(f"sweep {job_id}: no trial finished; see the trial errors in the Ray logs")
-    outcome: dict[str, Any] = {"job_id": job_id, "mlflow_run_id": parent_id, "trials": rows}
-    with tempfile.TemporaryDirectory(prefix="aeforge-sweep-") as tmp:
-        tmp_path = Path(tmp)
-        write_results_csv(rows, tmp_path / "results.csv")
-        storage.put_file(tmp_path / "results.csv", f"runs/{job_id}/results.csv")
-        parent.log_artifacts(tmp_path, "results")
-        pictures = tmp_path / "pictures"
-        from workers.sweep_plots import sweep_summary_pictures
-
-        sweep_summary_pictures(rows, metric.name, pictures, traversal_for=lambda row: _fetch_traversal(storage, row, tmp_path))
-        parent.log_artifacts(pictures, "pictures")
-        for p in pictures.iterdir():
-            storage.put_file(p, f"runs/{job_id}/pictures/{p.name}")
-
-    finished = [r for r in rows if r["status"] == "finished" and isinstance(r.get(metric.name), (int, float))]
-    if spec.registration is not None and finished:
-        outcome["model"] = _register_trials(spec, job_id, finished, metric, storage)
-    if finished:
-        best = max(finished, key=lambda r: r[metric.name] if metric.mode == "max" else -r[metric.name])
-        parent.log_metrics({f"best/{metric.name}": best[metric.name]}, 0)
-        parent.set_tags({"aeforge.best_trial": best["run_name"]})
-        outcome["best"] = best
+    try:
+        if tune.Tuner.can_restore(experiment_path, storage_filesystem=fs):
+            tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True, storage_filesystem=fs)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space(spec),
+                # No metric/mode here: Tune would require it in every report, and a trial reports its ranking
+                # metric (an evaluation result) only at the end. The ranking is done on the final rows.
+                tune_config=tune.TuneConfig(
+                    num_samples=spec.sweep.num_samples,
+                    max_concurrent_trials=max_concurrent,
+                ),
+                run_config=tune.RunConfig(name=job_id, storage_path=tune_path, storage_filesystem=fs, verbose=0),
+            )
+        grid = tuner.fit()
+        rows = results_rows(grid, job_id)
+        if not any(r["status"] == "finished" for r in rows):
+            errors = "; ".join(f"{r['run_name']}: {r.get('error')}" for r in rows if r.get("error"))
+            raise RuntimeError(f"sweep {job_id}: no trial finished ({errors or 'see the trial errors in the Ray logs'})")
+        outcome = _summarise(spec, job_id, rows, parent, storage)
+    except BaseException:
+        parent.terminate("FAILED")
+        raise
+    finally:
+        _share_s3_keys(kv_key, remove=True)
     parent.terminate("FINISHED")
     outcome["data"] = info
     return outcome
+
+
+def _share_s3_keys(kv_key: str, remove: bool = False) -> None:
+    """Put this driver's S3 keys in Ray's in-memory key-value store for the sweep's trial actors (see
+    tune_filesystem), or take them out again."""
+    from ray.experimental import internal_kv
+
+    if remove:
+        internal_kv._internal_kv_del(kv_key, namespace=_KV_NAMESPACE)
+        return
+    keys = _s3_keys_from_env()
+    if keys and settings.storage_uri().startswith("s3://"):
+        internal_kv._internal_kv_put(kv_key, json.dumps(keys).encode(), overwrite=True, namespace=_KV_NAMESPACE)
+
+
+def _summarise(spec: JobSpec, job_id: str, rows: list[dict[str, Any]], parent, storage) -> dict[str, Any]:
+    """The results table and pictures on the parent run (and storage), the best trial, the registered model."""
+    from workers.sweep_plots import sweep_summary_pictures
+
+    metric = spec.sweep.metric
+    outcome: dict[str, Any] = {"job_id": job_id, "mlflow_run_id": parent.run_id, "trials": rows}
+    with tempfile.TemporaryDirectory(prefix="aeforge-sweep-") as tmp:
+        tmp_path = Path(tmp)
+        table = tmp_path / "results" / RESULTS_CSV
+        write_results_csv(rows, table)
+        storage.put_file(table, f"runs/{job_id}/{RESULTS_CSV}")
+        parent.log_artifacts(table.parent, "results")
+        pictures = tmp_path / "pictures"
+        made = sweep_summary_pictures(rows, metric.name, pictures,
+                                      traversal_for=lambda row: _fetch_traversal(storage, row, tmp_path))
+        if made:
+            parent.log_artifacts(pictures, "pictures")
+            for p in sorted(pictures.iterdir()):
+                storage.put_file(p, f"runs/{job_id}/pictures/{p.name}")
+    outcome["pictures"] = storage.uri(f"runs/{job_id}/pictures")
+
+    finished = [r for r in rows if r["status"] == "finished" and isinstance(r.get(metric.name), (int, float))]
+    if finished:
+        best = rank_rows(finished, metric.name, metric.mode)[0]
+        parent.log_metrics({f"best/{metric.name}": best[metric.name]}, 0)
+        parent.set_tags({"aeforge.best_trial": best["run_name"]})
+        outcome["best"] = best
+        if spec.registration is not None:
+            outcome["model"] = _register_trials(spec, job_id, finished, metric, storage)
+    return outcome
+
+
+def rank_rows(rows: list[dict[str, Any]], metric: str, mode: str) -> list[dict[str, Any]]:
+    """Rows with a numeric ``metric``, best first (NaN last); the others after them, in their order."""
+    def key(row):
+        value = row.get(metric)
+        if not isinstance(value, (int, float)) or value != value:
+            return (1, 0.0)
+        return (0, -value if mode == "max" else value)
+
+    return sorted(rows, key=key)
 
 
 def results_rows(grid, job_id: str) -> list[dict[str, Any]]:
@@ -172,11 +323,13 @@ def results_rows(grid, job_id: str) -> list[dict[str, Any]]:
     for result in grid:
         config = _flatten_trial(result.config or {})
         metrics = dict(result.metrics or {})
-        trial_id = metrics.get("trial_id") or (Path(result.path).name.split("_")[1] if result.path else "?")
+        trial_id = metrics.get("trial_id") or _trial_id_from_path(result.path)
         row: dict[str, Any] = {k: config.get(k) for k in TRIAL_KEYS if k in config}
         row["trial_id"] = trial_id
         row["run_name"] = trial_run_name(job_id, trial_id)
         row["status"] = "error" if result.error else "finished"
+        if result.error:
+            row["error"] = str(result.error).strip().splitlines()[-1][:300] if str(result.error).strip() else repr(result.error)
         row["checkpoint_path"] = metrics.get("checkpoint_path")
         for key, value in metrics.items():
             if "/" in key and isinstance(value, (int, float)):
@@ -186,10 +339,20 @@ def results_rows(grid, job_id: str) -> list[dict[str, Any]]:
     return rows
 
 
+RESULTS_CSV = "results.csv"
+
+
+def _trial_id_from_path(path: str | None) -> str:
+    """A trial folder is named <trainable>_<trial id>_<index>_<config>_<date>; a trial id is <5 hex>_<5 digits>."""
+    found = re.search(r"(?:^|_)([0-9a-f]{5}_\d{5})(?:_|$)", Path(path).name) if path else None
+    return found.group(1) if found else "?"
+
+
 def write_results_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    """One row per trial: its values, status and final metrics (columns in first-seen order)."""
     keys: list[str] = []
     for row in rows:
-        keys += [k for k in row if k not in keys and k != "checkpoint_path"]
+        keys += [k for k in row if k not in keys and k not in ("checkpoint_path", "error")]
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
@@ -218,11 +381,33 @@ def _load_trial_model(storage, checkpoint_path: str):
         return load_model_from_checkpoint(tmp)
 
 
+def _registered_by_sweep(name: str, job_id: str) -> list:
+    """Versions of registered model ``name`` that this sweep registered (a finished sweep run again registers
+    nothing new)."""
+    from workers.tracking import client
+
+    if "'" in job_id or "'" in name:
+        return []
+    return list(client().search_model_versions(f"name = '{name}' and tags.sweep_id = '{job_id}'"))
+
+
+def _version_info(version, alias: str | None) -> dict[str, Any]:
+    return {"model_uri": f"models:/{version.name}/{version.version}", "name": version.name,
+            "version": str(version.version), "alias": alias, "logged_model_uri": version.source,
+            "run_id": version.run_id}
+
+
 def _register_trials(spec: JobSpec, job_id: str, finished: list[dict], metric, storage) -> dict:
+    """Register the best trial's model with alias ``best`` (and, with register_all, every other finished trial's
+    without an alias), each version tagged with the sweep id, the trial id and its rank."""
     from jobs.registry import log_and_register
     from workers.tracking import ensure_experiment, start_or_resume_run
 
-    ordered = sorted(finished, key=lambda r: r[metric.name], reverse=metric.mode == "max")
+    ordered = rank_rows(finished, metric.name, metric.mode)
+    earlier = _registered_by_sweep(spec.registration.model_name, job_id)
+    if earlier:
+        best = [v for v in earlier if (v.tags or {}).get("sweep_rank") == "1"] or earlier
+        return _version_info(min(best, key=lambda v: int(v.version)), BEST_ALIAS)
     to_register = ordered if spec.sweep.register_all else ordered[:1]
     experiment_id = ensure_experiment(spec.name)
     best_version = None
@@ -233,41 +418,93 @@ def _register_trials(spec: JobSpec, job_id: str, finished: list[dict], metric, s
         registered = log_and_register(
             model, trial_spec, row["run_name"], run_id, {k: v for k, v in row.items() if "/" in k},
             extra_tags={"sweep_id": job_id, "trial_id": row["trial_id"], "sweep_rank": str(rank + 1)},
-            alias="best" if rank == 0 else None,
+            alias=BEST_ALIAS if rank == 0 else None,
         )
         if rank == 0:
             best_version = registered
     return best_version
 
 
-def sweep_results(ref: str) -> list[dict[str, Any]]:
-    """The results table of a finished or running sweep, from MLflow: ``ref`` is the job id or the parent run id."""
-    import mlflow
+BEST_ALIAS = "best"
 
-    client = mlflow.MlflowClient(settings.mlflow_tracking_uri())
-    parent = None
-    try:
-        parent = client.get_run(ref)
-    except Exception:
-        found = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.`aeforge.job_id` = '{ref}'",
-                                   output_format="list")
-        parent = found[0] if found else None
+
+def _all_experiment_ids(mlflow_client) -> list[str]:
+    ids, token = [], None
+    while True:
+        page = mlflow_client.search_experiments(max_results=1000, page_token=token)
+        ids += [e.experiment_id for e in page]
+        token = page.token
+        if not token:
+            return ids
+
+
+def _find_sweep_run(mlflow_client, ref: str):
+    from mlflow.exceptions import MlflowException
+
+    from workers.tracking import JOB_ID_TAG
+
+    if re.fullmatch(r"[0-9a-f]{32}", ref):
+        try:
+            return mlflow_client.get_run(ref)
+        except MlflowException:
+            pass
+    if "'" in ref:
+        return None
+    ids = _all_experiment_ids(mlflow_client)
+    for start in range(0, len(ids), 100):
+        found = mlflow_client.search_runs(ids[start:start + 100], filter_string=f"tags.`{JOB_ID_TAG}` = '{ref}'",
+                                          max_results=1, order_by=["attributes.start_time ASC"])
+        if found:
+            return found[0]
+    return None
+
+
+def load_sweep(ref: str, tracking_uri: str | None = None) -> dict[str, Any]:
+    """A finished or running sweep, from MLflow: ``ref`` is its job id or its parent run id.
+
+    Returns {"job_id", "mlflow_run_id", "status", "metric", "mode", "rows"}: one row per trial (its values,
+    status and latest metrics), best first by the sweep's metric.
+    """
+    from workers.tracking import JOB_ID_TAG, PARENT_RUN_TAG, client
+
+    uri = tracking_uri or settings.mlflow_tracking_uri()
+    mlflow_client = client(uri)
+    parent = _find_sweep_run(mlflow_client, ref)
     if parent is None:
-        raise LookupError(f"no sweep with job id or run id '{ref}' in {settings.mlflow_tracking_uri()}")
-    children = mlflow.search_runs(
-        experiment_ids=[parent.info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
-        output_format="list",
-    )
+        raise LookupError(f"no sweep with job id or MLflow run id '{ref}' in {uri}")
+    params = parent.data.params
+    if parent.data.tags.get("aeforge.kind") != "sweep" and params.get("kind") != "sweep":
+        raise LookupError(f"'{ref}' is MLflow run {parent.info.run_id}, which is not a sweep")
+    children, token = [], None
+    while True:
+        page = mlflow_client.search_runs([parent.info.experiment_id],
+                                         filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent.info.run_id}'",
+                                         max_results=1000, page_token=token)
+        children += list(page)
+        token = page.token
+        if not token:
+            break
     rows = []
     for child in children:
-        row: dict[str, Any] = {"run_name": child.info.run_name, "status": child.info.status.lower()}
-        for key, value in child.data.params.items():
+        row: dict[str, Any] = {}
+        for key, value in sorted(child.data.params.items()):
             if key.startswith("trial."):
                 row[key[len("trial."):]] = _parse_param(value)
-        row.update(child.data.metrics)
+        row["trial_id"] = child.data.tags.get(TRIAL_ID_TAG, "")
+        row["run_name"] = child.info.run_name
+        row["status"] = child.info.status.lower()
+        row.update(sorted(child.data.metrics.items()))
         rows.append(row)
-    return sorted(rows, key=lambda r: r["run_name"])
+    metric = params.get("sweep.metric.name", "eval/elbo")
+    mode = params.get("sweep.metric.mode", "max")
+    rows = rank_rows(sorted(rows, key=lambda r: r["run_name"]), metric, mode)
+    return {"job_id": parent.data.tags.get(JOB_ID_TAG, ref), "mlflow_run_id": parent.info.run_id,
+            "status": parent.info.status.lower(), "metric": metric, "mode": mode, "rows": rows}
+
+
+def sweep_results(ref: str) -> list[dict[str, Any]]:
+    """The results table of a finished or running sweep (see :func:`load_sweep`)."""
+    return load_sweep(ref)["rows"]
 
 
 def _parse_param(value: str):

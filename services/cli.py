@@ -106,7 +106,7 @@ def run(spec_path: Path = typer.Argument(..., metavar="SPEC"),
     except _operational_errors() as exc:
         fail(str(exc))
     if spec.kind == "sweep":
-        _print_sweep_rows(outcome["trials"], spec.sweep.metric.name)
+        _print_sweep_rows(outcome["trials"], spec.sweep.metric.name, spec.sweep.metric.mode)
     else:
         _print_metrics(outcome["metrics"], "final metrics")
     console.print(f"MLflow run: {outcome['mlflow_run_id']}  (tracking URI {_tracking_uri()})", highlight=False, soft_wrap=True)
@@ -145,17 +145,29 @@ def _print_metrics(metrics: dict, title: str) -> None:
     console.print(table)
 
 
-def _print_sweep_rows(rows: list[dict], metric: str) -> None:
-    keys = [k for k in ("variant", "beta", "latent_dim", "seed") if any(k in r for r in rows)]
+def _print_sweep_rows(rows: list[dict], metric: str, mode: str = "max", title: str | None = None) -> None:
+    """One row per trial, best first by ``metric``: its values, status and the key final metrics."""
+    from jobs.sweep import rank_rows
+
+    rows = rank_rows(rows, metric, mode)
+    keys = [k for k in ("variant", "beta", "latent_dim", "seed") if any(r.get(k) is not None for r in rows)]
     shown = [metric] + [m for m in ("eval/recon", "eval/elbo", "eval/mig", "eval/tc") if m != metric and any(m in r for r in rows)]
-    table = Table(title=f"sweep results ({len(rows)} trials, ranked by {metric})")
+    table = Table(title=title or f"sweep results ({len(rows)} trials, ranked by {metric}, {mode})")
     for k in ["run_name", *keys, "status", *shown]:
         table.add_column(k, justify="right" if k in shown else "left")
     for row in rows:
-        cells = [str(row.get("run_name", ""))] + [str(row.get(k, "")) for k in keys] + [str(row.get("status", ""))]
+        cells = [str(row.get("run_name", ""))] + [_cell(row.get(k)) for k in keys] + [str(row.get("status", ""))]
         cells += [f"{row[m]:.4f}" if isinstance(row.get(m), (int, float)) else "" for m in shown]
         table.add_row(*cells)
     console.print(table)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
 
 sweep_app = typer.Typer(no_args_is_help=True, help="Sweep results.")
@@ -164,16 +176,28 @@ app.add_typer(sweep_app, name="sweep")
 
 @sweep_app.command("results")
 def sweep_results_command(ref: str = typer.Argument(..., metavar="JOB_OR_RUN", help="the sweep's job id or parent MLflow run id"),
-                          metric: str = typer.Option("eval/elbo", help="metric to show first"),
+                          metric: Optional[str] = typer.Option(None, help="metric to rank by (default: the sweep's)"),
+                          mode: Optional[str] = typer.Option(None, help="max or min (default: the sweep's mode for its metric, else max)"),
                           csv_path: Optional[Path] = typer.Option(None, "--csv", help="also write the table as CSV")) -> None:
-    """The results table of a finished or running sweep."""
-    from jobs.sweep import sweep_results, write_results_csv
+    """The results table of a finished or running sweep, best trial first."""
+    from jobs.sweep import load_sweep, write_results_csv
 
     try:
-        rows = sweep_results(ref)
+        sweep = load_sweep(ref)
     except LookupError as exc:
         fail(str(exc))
-    _print_sweep_rows(rows, metric)
+    except _operational_errors() as exc:
+        fail(str(exc))
+    rows = sweep["rows"]
+    if not rows:
+        fail(f"sweep {sweep['job_id']} (MLflow run {sweep['mlflow_run_id']}, {sweep['status']}) has no trials yet")
+    metric_name = metric or sweep["metric"]
+    if mode not in (None, "max", "min"):
+        fail(f"--mode must be max or min, not {mode!r}")
+    mode = mode or (sweep["mode"] if metric_name == sweep["metric"] else "max")
+    title = (f"sweep {sweep['job_id']} ({sweep['status']}): {len(rows)} trials, ranked by {metric_name} ({mode})")
+    _print_sweep_rows(rows, metric_name, mode, title=title)
+    console.print(f"MLflow run: {sweep['mlflow_run_id']}  (tracking URI {_tracking_uri()})", highlight=False, soft_wrap=True)
     if csv_path is not None:
         write_results_csv(rows, csv_path)
         console.print(f"wrote {csv_path}", highlight=False)
@@ -182,13 +206,21 @@ def sweep_results_command(ref: str = typer.Argument(..., metavar="JOB_OR_RUN", h
 @app.command()
 def bench(spec_path: Path = typer.Argument(..., metavar="SPEC"),
           steps: int = typer.Option(200, help="timed steps per loop"),
-          warmup: int = typer.Option(20, help="untimed steps first")) -> None:
-    """Training throughput (images/s) of aeforge's loop next to a plain PyTorch loop, same model, same device."""
+          warmup: int = typer.Option(20, help="untimed steps first"),
+          ray_workers: int = typer.Option(0, "--ray-workers", min=0,
+                                          help="also time the loop on Ray Train as DDP over this many workers "
+                                               "(local Ray, or RAY_ADDRESS's cluster; resources per worker from the spec)")) -> None:
+    """Training throughput (images/s) of aeforge's loop next to a plain PyTorch loop, same model, same device;
+    with --ray-workers N, also on Ray Train (N DDP workers), so Ray's overhead per step shows."""
     from workers.bench import run_benchmark
 
     spec = load_spec_or_exit(spec_path)
     try:
-        report = run_benchmark(spec, steps=steps, warmup=warmup, resolve=_resolver())
+        if ray_workers:
+            from jobs.run import connect_ray
+
+            connect_ray()
+        report = run_benchmark(spec, steps=steps, warmup=warmup, resolve=_resolver(), ray_workers=ray_workers)
     except Exception as exc:  # a benchmark reports what stopped it, plainly
         fail(f"benchmark failed: {exc}")
     table = Table(title=f"throughput on {report['device']} ({spec.model.variant}/{spec.model.architecture}, batch {spec.train.batch_size})")
@@ -199,6 +231,10 @@ def bench(spec_path: Path = typer.Argument(..., metavar="SPEC"),
         table.add_row(row["loop"], f"{row['images_per_second']:,.0f}", f"{row['ms_per_step']:.2f}")
     console.print(table)
     console.print(f"ratio aeforge / plain: {report['ratio']:.2f}x", highlight=False)
+    for row in report["rows"]:
+        if "fit_seconds" in row:
+            console.print(f"Ray Train fit, worker start-up included: {row['fit_seconds']:.1f} s for {warmup + steps} "
+                          f"steps (images/s above: timed steps only)", highlight=False)
 
 
 def _mount_subcommands() -> None:

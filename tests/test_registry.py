@@ -202,3 +202,18 @@ def test_register_on_the_server_keeps_artifacts_in_s3(mlflow_server, monkeypatch
     assert z.shape == (3, 3)
     assert loaded.decode(z).shape == (3, *IMAGE_SHAPE)
     assert loaded.sample(6).shape == (6, *IMAGE_SHAPE)
+
+
+def test_registering_works_when_only_aeforge_knows_the_tracking_uri(mlflow_sqlite, tmp_path, monkeypatch):
+    """The embedded default: MLFLOW_TRACKING_URI unset, aeforge's sqlite store under AEFORGE_HOME. MLflow's own
+    default store (elsewhere) must not be where the registry looks the logged model up."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(tmp_path)  # MLflow's default store would be created here
+    spec = make_spec(name="embedded-default")
+    _, run_id, registered = register_one(spec)
+    assert registered["version"] == "1"
+    from jobs.registry import registered_version_of_run
+
+    again = registered_version_of_run("embedded-default", run_id, alias="candidate")
+    assert again["version"] == "1" and again["alias"] == "candidate"
+    assert isinstance(load_model("embedded-default@candidate"), TinyBetaVAE)

@@ -3,12 +3,20 @@
 Rank 0 (the chief) sends curves and evaluation results to MLflow itself (Train V2 keeps metrics only with
 checkpoints), writes the pictures, and puts the final model files in the last checkpoint. Every rank reads its own
 shard of the training set; the beta-TCVAE estimator gathers the posterior parameters of the global batch.
+
+Test hook (tests only): ``AEFORGE_TEST_HOOK_WORKER_EXIT=RANK:STEP:MARKER`` makes the worker of rank RANK exit
+abruptly (``os._exit``, as a crashed or killed process would) at its first log point at or after step STEP, once:
+it creates the file MARKER first and never fires while MARKER exists, so the restarted attempt runs through.
+``jobs.run.job_environment`` passes the variable to the workers when it is set; nothing else reads it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +28,12 @@ import torch.distributed as dist
 from workers.loop import CHECKPOINT_FILE, RunContext, train
 
 T = TypeVar("T")
+
+TEST_HOOK_WORKER_EXIT = "AEFORGE_TEST_HOOK_WORKER_EXIT"
+# Give the controller this long to collect the reports made before the hook fires (it polls workers every
+# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so the checkpoint before the crash is registered as a real crash's would be.
+TEST_HOOK_EXIT_DELAY_S = 3.0
+CHECKPOINT_DIR = re.compile(r"checkpoint_step_(\d+)$")
 
 
 def with_retries(fn: Callable[[], T], what: str, attempts: int = 4, base_delay_s: float = 1.0,
@@ -44,10 +58,24 @@ def _all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_gather(t), dim=0)
 
 
+def _test_hook_exit(rank: int, step: int) -> None:
+    """The test hook of the module doc: exit this process abruptly, once, if the hook names this rank and step."""
+    spec = os.environ.get(TEST_HOOK_WORKER_EXIT)
+    if not spec:
+        return
+    hook_rank, hook_step, marker = spec.split(":", 2)
+    if rank != int(hook_rank) or step < int(hook_step) or os.path.exists(marker):
+        return
+    Path(marker).write_text(f"rank {rank} exited at step {step}\n")
+    print(f"aeforge test hook: rank {rank} exits at step {step}", flush=True)
+    time.sleep(TEST_HOOK_EXIT_DELAY_S)
+    os._exit(1)
+
+
 class RayTrainContext(RunContext):
     """RunContext on a Ray Train worker: checkpoints through ray.train.report, metrics to MLflow from rank 0."""
 
-    def __init__(self, *, storage_fs, experiment_path: str, mlflow_run=None, run_dir: Path, gather_tc: bool):
+    def __init__(self, *, mlflow_run=None, run_dir: Path, gather_tc: bool):
         import ray.train
         import ray.train.torch
 
@@ -70,37 +98,52 @@ class RayTrainContext(RunContext):
             gather=_all_gather_cat if (distributed and gather_tc) else None,
             run_dir=run_dir,
         )
-        self._fs = storage_fs
-        self._experiment_path = experiment_path
         self._mlflow = mlflow_run
         self._restored: tempfile.TemporaryDirectory | None = None
+        self.resumed_from_step: int | None = None
 
     def latest_checkpoint(self) -> Path | None:
+        """The run's last checkpoint (Ray Train's, from this attempt or an earlier fit under the same run name),
+        downloaded to a local folder; None on a fresh start."""
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
         self._restored = tempfile.TemporaryDirectory(prefix="aeforge-restore-")
-        checkpoint.to_directory(self._restored.name)
-        return Path(self._restored.name) if (Path(self._restored.name) / CHECKPOINT_FILE).exists() else None
+        with_retries(lambda: checkpoint.to_directory(self._restored.name), f"download of checkpoint {checkpoint.path}")
+        if not (Path(self._restored.name) / CHECKPOINT_FILE).exists():
+            return None
+        found = CHECKPOINT_DIR.search(checkpoint.path.rstrip("/"))
+        if found is not None:
+            self.resumed_from_step = int(found.group(1))
+            if self.is_chief:
+                print(f"aeforge: resuming from {checkpoint.path} (step {self.resumed_from_step})", flush=True)
+                if self._mlflow is not None:
+                    # A trace on the MLflow run of every resumption: value and step are the step resumed from.
+                    self._mlflow.log_metrics({"resume/from_step": self.resumed_from_step}, self.resumed_from_step)
+        return Path(self._restored.name)
 
     def save_checkpoint(self, directory: Path, metrics: dict[str, float], step: int, keep: int) -> None:
+        """Every rank reports (a barrier); the chief's report carries the checkpoint, uploaded with retries and
+        back-off into the Train run's folder as checkpoint_step_<step>. ``keep`` is CheckpointConfig's business."""
         import pyarrow.fs
         import ray.train
 
         def upload(checkpoint: "ray.train.Checkpoint", dir_name: str) -> "ray.train.Checkpoint":
-            destination = f"{self._experiment_path}/{dir_name}"
+            storage = ray.train.get_context().get_storage()
+            fs = storage.storage_filesystem
+            destination = f"{storage.experiment_fs_path}/{dir_name}"
 
             def copy() -> None:
-                self._fs.create_dir(destination)
+                fs.create_dir(destination)
                 pyarrow.fs.copy_files(checkpoint.path, destination, source_filesystem=checkpoint.filesystem,
-                                      destination_filesystem=self._fs)
+                                      destination_filesystem=fs)
 
             with_retries(copy, f"checkpoint upload to {destination}")
-            return ray.train.Checkpoint(path=destination, filesystem=self._fs)
+            return ray.train.Checkpoint(path=destination, filesystem=fs)
 
-        reported = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        reported = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         reported["step"] = step
         if self.is_chief:
             checkpoint = ray.train.Checkpoint.from_directory(str(directory))
@@ -110,14 +153,27 @@ class RayTrainContext(RunContext):
             ray.train.report(reported, checkpoint=None)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self.resumed_from_step is not None and metrics.get("perf/images_per_second") == 0.0:
+            # A finished run started again trains nothing; its throughput of 0 would hide the real one.
+            metrics = {k: v for k, v in metrics.items() if k != "perf/images_per_second"}
+            if not metrics:
+                return
         super().log_metrics(metrics, step)
         if self.is_chief and self._mlflow is not None:
-            self._mlflow.log_metrics(metrics, step)
+            with_retries(lambda: self._mlflow.log_metrics(metrics, step), "MLflow metrics", attempts=3)
+
+    def log_progress(self, step: int, total: int) -> None:
+        super().log_progress(step, total)
+        _test_hook_exit(self.rank, step)
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     """The Ray Train entry. ``config``: the worker-side spec sections (model, data, train, eval) as dicts, the job
-    spec as JSON (stored in checkpoints), the job id, the experiment path on storage and the MLflow run."""
+    spec as JSON (stored in checkpoints), the job id and the MLflow run.
+
+    Returns (rank 0; Ray Train hands it to the driver as ``Result.return_value``) the steps trained, the step this
+    attempt resumed from (0 on a fresh start) and the final metrics.
+    """
     from workers.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
     from workers.data import open_dataset, shard, train_val_split
     from workers.storage import Storage
@@ -129,28 +185,38 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     eval_cfg = EvalConfig.model_validate(config["eval"])
 
     storage = Storage.from_settings()
-    fs, _ = storage.pyarrow_filesystem()
     mlflow_run = MlflowRun(config["mlflow_run_id"], config["mlflow_tracking_uri"]) if config.get("mlflow_run_id") else None
     run_dir = Path(tempfile.mkdtemp(prefix=f"aeforge-{config['job_id']}-"))
-    ctx = RayTrainContext(storage_fs=fs, experiment_path=config["experiment_path"], mlflow_run=mlflow_run,
-                          run_dir=run_dir, gather_tc=model_cfg.gather_global_batch)
+    try:
+        ctx = RayTrainContext(mlflow_run=mlflow_run, run_dir=run_dir, gather_tc=model_cfg.gather_global_batch)
 
-    full = open_dataset(data_cfg, resolve=storage.resolve)
-    train_part, val_part = train_val_split(full, data_cfg.val_fraction, train_cfg.seed)
-    if len(val_part) == 0:
-        val_part = train_part
-    local_shard = shard(train_part, ctx.rank, ctx.world_size, train_cfg.seed)
+        full = open_dataset(data_cfg, resolve=storage.resolve)
+        train_part, val_part = train_val_split(full, data_cfg.val_fraction, train_cfg.seed)
+        if len(val_part) == 0:
+            val_part = train_part
+        local_shard = shard(train_part, ctx.rank, ctx.world_size, train_cfg.seed)
 
-    result = train(model_cfg, train_cfg, eval_cfg, local_shard, val_part, ctx, dataset_size=len(train_part),
-                   full_data=full if full.has_factors else None, spec_json=config.get("spec_json"))
+        result = train(model_cfg, train_cfg, eval_cfg, local_shard, val_part, ctx, dataset_size=len(train_part),
+                       full_data=full if full.has_factors else None, spec_json=config.get("spec_json"))
+        if not ctx.is_chief:
+            return None
 
-    if ctx.is_chief:
+        final = {k: v for k, v in result.final_metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         pictures_dir = run_dir / "pictures"
-        if mlflow_run is not None and pictures_dir.exists():
-            mlflow_run.log_artifacts(pictures_dir, "pictures")
         if pictures_dir.exists():
-            for path in sorted(pictures_dir.iterdir()):
+            if mlflow_run is not None:
+                with_retries(lambda: mlflow_run.log_artifacts(pictures_dir, "pictures"), "MLflow upload of the pictures")
+            for path in sorted(p for p in pictures_dir.iterdir() if p.is_file()):
                 with_retries(lambda p=path: storage.put_file(p, f"runs/{config['job_id']}/pictures/{p.name}"),
                              f"upload of {path.name}")
-        final = {k: v for k, v in result.final_metrics.items() if isinstance(v, (int, float))}
-        storage.put_bytes(json.dumps(final, indent=2, sort_keys=True).encode(), f"runs/{config['job_id']}/metrics.json")
+        with_retries(lambda: storage.put_bytes(json.dumps(final, indent=2, sort_keys=True).encode(),
+                                               f"runs/{config['job_id']}/metrics.json"), "upload of metrics.json")
+        return {
+            "steps": result.steps,
+            "resumed_from_step": result.resumed_from_step,
+            "images_per_second": result.images_per_second,
+            "final_metrics": final,
+            "pictures": sorted(result.pictures),
+        }
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)

@@ -402,6 +402,10 @@ class Storage(abc.ABC):
     def preflight(self) -> None:
         """Check that this storage can be reached and written; StorageError saying what is wrong if not."""
 
+    def _endpoint_note(self) -> str:
+        """" at S3 endpoint URL" for messages about S3 storage; empty for a local folder."""
+        return ""
+
     # --- objects -------------------------------------------------------------------------------------------
     def get_bytes(self, relpath: str) -> bytes:
         with self._open_read(relpath) as stream:
@@ -538,7 +542,7 @@ class Storage(abc.ABC):
             raise _data_error(f"data source '{source}': {exc}") from exc
         if found is None:
             raise _data_error(f"data source '{source}': no such local file, and no dataset of that name in "
-                              f"{self.uri(DATASETS)} (`aeforge data ls` lists them)")
+                              f"{self.uri(DATASETS)}{self._endpoint_note()} (`aeforge data ls` lists them)")
         return self._fetch_dataset(source, *found)
 
     def _fetch_dataset(self, name: str, manifest: dict[str, Any], raw: bytes) -> str:
@@ -808,6 +812,9 @@ class S3Storage(Storage):
 
     def describe(self) -> str:
         return f"s3://{self.bucket}/{self.prefix} at endpoint {self.s3.endpoint_name}"
+
+    def _endpoint_note(self) -> str:
+        return f" at S3 endpoint {self.s3.endpoint_name}"
 
     @contextlib.contextmanager
     def _s3_errors(self, what: str) -> Iterator[None]:

@@ -1,0 +1,530 @@
+"""Sweeps (issue 4): a 4-trial grid over beta x latent size on a real local Ray (2 CPUs), tracked on a real MLflow
+server (S3 artifacts on moto); the results table, the summary pictures, the registered best model; a sweep whose
+driver is killed, run again with the same job id; the validation that stops a sweep before anything starts; and
+`aeforge sweep results`.
+
+The Ray tests share one sweep (module-scoped): each TorchTrainer.fit costs ~13 s of start-up on 2 CPUs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import pickle
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import mlflow
+import mlflow.pytorch
+import numpy as np
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from jobs.spec import JobSpec, SpecError, check_cluster, check_data, parse_spec, trials_that_fit
+from workers.sweep_plots import _curves, sweep_summary_pictures
+
+ROOT = Path(__file__).resolve().parent.parent
+GRID = {(1.0, 2), (1.0, 3), (4.0, 2), (4.0, 3)}
+PICTURES = {"metric_vs_beta.png", "recon_vs_beta.png", "mig_vs_beta.png", "traversals.png"}
+runner = CliRunner()
+
+
+# --- data and specs ------------------------------------------------------------------------------------------
+
+
+def write_factor_npz(path: Path, copies: int = 8) -> Path:
+    """16x16 images of a 4x4 square at 4 x 4 positions (factors pos_x, pos_y), each combination ``copies`` times."""
+    images, factors = [], []
+    for _ in range(copies):
+        for fx in range(4):
+            for fy in range(4):
+                img = np.zeros((16, 16), dtype=np.uint8)
+                img[4 * fy:4 * fy + 4, 4 * fx:4 * fx + 4] = 255
+                images.append(img)
+                factors.append((fx, fy))
+    np.savez(path, images=np.stack(images), factors=np.array(factors, dtype=np.int64),
+             factor_names=np.array(["pos_x", "pos_y"]), factor_sizes=np.array([4, 4]))
+    return path
+
+
+def write_plain_npz(path: Path, n: int = 64) -> Path:
+    rng = np.random.default_rng(0)
+    np.savez(path, images=(rng.random((n, 8, 8)) > 0.5).astype(np.uint8) * 255)
+    return path
+
+
+def spec_dict(data: Path, name: str, **overrides) -> dict:
+    spec = {
+        "name": name,
+        "kind": "sweep",
+        "model": {"variant": "beta_vae", "architecture": "mlp", "hidden_dims": [32], "latent_dim": 2},
+        "data": {"source": str(data), "val_fraction": 0.25},
+        "train": {"steps": 30, "batch_size": 16, "log_every": 10, "checkpoint_every": 15,
+                  "optimizer": {"lr": 1.0e-3}},
+        "eval": {"iwae_samples": 2, "max_examples": 32, "num_train": 64, "num_test": 32},
+        "resources": {"workers": 1, "cpus_per_worker": 0.5},
+        "sweep": {"beta": [1, 4], "latent_dim": [2, 3], "search": "grid", "metric": {"name": "eval/mig", "mode": "max"},
+                  "max_concurrent_trials": 2},
+        "register": {"model_name": name},
+    }
+    for section, value in overrides.items():
+        if isinstance(value, dict) and isinstance(spec.get(section), dict):
+            spec[section] = {**spec[section], **value}
+        else:
+            spec[section] = value
+    return spec
+
+
+def make_spec(data: Path, name: str, **overrides) -> JobSpec:
+    return parse_spec(yaml.safe_dump(spec_dict(data, name, **overrides)), "test-sweep.yaml")
+
+
+def errors_of(fn) -> dict[str, str]:
+    with pytest.raises(SpecError) as info:
+        fn()
+    return {e["loc"]: e["msg"] for e in info.value.errors}
+
+
+# --- MLflow look-ups -----------------------------------------------------------------------------------------
+
+
+def parent_and_children(client, job_id: str):
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string=f"tags.`aeforge.job_id` = '{job_id}'")
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    parent = runs[0]
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    return parent, children
+
+
+def fits_per_trial(client, children) -> dict[str, int]:
+    """Train fits per nested run: the chief logs perf/images_per_second once at the end of every fit."""
+    return {c.info.run_name: len(client.get_metric_history(c.info.run_id, "perf/images_per_second")) for c in children}
+
+
+# --- fixtures --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sweep_env(tmp_path_factory, mlflow_server, ray_cluster):
+    """AEFORGE_HOME (local storage under it) and MLFLOW_TRACKING_URI (the real server) for the module."""
+    home = tmp_path_factory.mktemp("sweep-home")
+    names = ("AEFORGE_HOME", "AEFORGE_STORAGE", "MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ["AEFORGE_HOME"] = str(home)
+    os.environ.pop("AEFORGE_STORAGE", None)
+    os.environ["MLFLOW_TRACKING_URI"] = str(mlflow_server)
+    # Keys a job passes on to its workers (storage is local here, and the MLflow server holds its own S3 keys):
+    # the secret must not land in Tune's experiment files, on storage or in MLflow.
+    secret = f"sweep-secret-{uuid.uuid4().hex}"
+    os.environ["AWS_ACCESS_KEY_ID"] = "sweep-test-key"
+    os.environ["AWS_SECRET_ACCESS_KEY"] = secret
+    try:
+        yield {"home": home, "tracking_uri": str(mlflow_server), "data": write_factor_npz(home / "squares.npz"),
+               "secret": secret}
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(sweep_env):
+    """The 4-trial grid sweep, run once for the module: (spec, job id, outcome, seconds)."""
+    from jobs.sweep import run_sweep
+
+    name = f"sweep-grid-{uuid.uuid4().hex[:6]}"
+    spec = make_spec(sweep_env["data"], name)
+    job_id = f"{name}-job"
+    t0 = time.perf_counter()
+    outcome = run_sweep(spec, job_id)
+    seconds = time.perf_counter() - t0
+    print(f"\n4-trial sweep: {seconds:.1f} s")
+    return spec, job_id, outcome, seconds
+
+
+# --- the sweep ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(240)
+def test_a_grid_sweep_tracks_every_trial_and_registers_the_best(finished_sweep, sweep_env):
+    spec, job_id, outcome, seconds = finished_sweep
+    client = mlflow.MlflowClient(sweep_env["tracking_uri"])
+
+    # The rows returned: one per trial, with its values and final metrics.
+    rows = outcome["trials"]
+    assert len(rows) == 4 and all(r["status"] == "finished" for r in rows), rows
+    assert {(r["beta"], r["latent_dim"]) for r in rows} == GRID
+    for row in rows:
+        assert row["step"] == 30
+        assert all(isinstance(row.get(m), float) for m in ("eval/mig", "eval/recon", "eval/elbo")), row
+
+    # One parent run, four nested runs with the trial's values as params.
+    parent, children = parent_and_children(client, job_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["aeforge.kind"] == "sweep"
+    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+    seen = set()
+    for child in children:
+        params = child.data.params
+        beta, latent = float(params["trial.beta"]), int(params["trial.latent_dim"])
+        assert (float(params["model.beta"]), int(params["model.latent_dim"])) == (beta, latent)
+        assert params["kind"] == "train" and child.data.tags["aeforge.sweep_id"] == job_id
+        assert child.info.run_name == f"{job_id}-{child.data.tags['aeforge.trial_id']}"
+        assert "eval/mig" in child.data.metrics
+        seen.add((beta, latent))
+    assert seen == GRID
+    assert {r["run_name"] for r in rows} == {c.info.run_name for c in children}
+    assert set(fits_per_trial(client, children).values()) == {1}
+
+    # The results table (CSV) and the summary pictures on the parent run.
+    artifacts = {f.path for f in client.list_artifacts(parent.info.run_id, "pictures")}
+    assert artifacts == {f"pictures/{p}" for p in PICTURES}
+    table = Path(client.download_artifacts(parent.info.run_id, "results/results.csv", str(sweep_env["home"])))
+    with open(table) as fh:
+        table_rows = list(csv.DictReader(fh))
+    assert len(table_rows) == 4
+    assert {(float(r["beta"]), int(r["latent_dim"])) for r in table_rows} == GRID
+    assert all(r["eval/mig"] and r["status"] == "finished" for r in table_rows)
+
+    # The best trial (by eval/mig, max) is registered with alias best, tagged with the sweep id, and loads.
+    best = max(rows, key=lambda r: r["eval/mig"])
+    assert outcome["best"]["run_name"] == best["run_name"]
+    assert parent.data.tags["aeforge.best_trial"] == best["run_name"]
+    version = client.get_model_version_by_alias(spec.registration.model_name, "best")
+    assert version.tags["sweep_id"] == job_id and version.tags["trial_id"] == best["trial_id"]
+    assert int(version.tags["latent_dim"]) == best["latent_dim"] and float(version.tags["beta"]) == best["beta"]
+    assert outcome["model"]["version"] == str(version.version)
+    with mlflow_uri(sweep_env["tracking_uri"]):
+        model = mlflow.pytorch.load_model(f"models:/{spec.registration.model_name}@best", map_location="cpu")
+    assert model.latent_dim == best["latent_dim"] and tuple(model.image_shape) == (1, 16, 16)
+    with torch.no_grad():
+        out = model(torch.rand(2, 1, 16, 16))
+    assert tuple(out.shape) == (2, 1, 16, 16)
+    assert seconds < 200, f"the 4-trial sweep took {seconds:.0f} s"
+
+    # The keys the trials were given appear nowhere on storage (Tune's experiment files included) or in MLflow.
+    storage_root = sweep_env["home"] / "storage"
+    secret = sweep_env["secret"].encode()
+    leaked = [p for p in storage_root.rglob("*") if p.is_file() and (secret in p.read_bytes() or secret.hex().encode() in p.read_bytes())]
+    assert not leaked
+    for run in (parent, *children):
+        assert sweep_env["secret"] not in json.dumps({**run.data.params, **run.data.tags})
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_running_a_finished_sweep_again_trains_nothing(finished_sweep, sweep_env):
+    from jobs.sweep import run_sweep
+
+    spec, job_id, first, _ = finished_sweep
+    client = mlflow.MlflowClient(sweep_env["tracking_uri"])
+    _, children = parent_and_children(client, job_id)
+    fits_before = fits_per_trial(client, children)
+    versions_before = client.search_model_versions(f"name = '{spec.registration.model_name}'")
+
+    t0 = time.perf_counter()
+    again = run_sweep(spec, job_id)
+    seconds = time.perf_counter() - t0
+    print(f"\nre-run of a finished sweep: {seconds:.1f} s")
+
+    parent, children = parent_and_children(client, job_id)
+    assert parent.info.status == "FINISHED"
+    assert fits_per_trial(client, children) == fits_before  # no trial trained again, no new nested run
+    assert {r["run_name"]: r["eval/mig"] for r in again["trials"]} == {r["run_name"]: r["eval/mig"] for r in first["trials"]}
+    assert again["model"]["version"] == first["model"]["version"]
+    assert len(client.search_model_versions(f"name = '{spec.registration.model_name}'")) == len(versions_before)
+    assert seconds < 60
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_sweep_results_cli_prints_the_table(finished_sweep, sweep_env, tmp_path, monkeypatch):
+    from services import cli
+
+    _, job_id, outcome, _ = finished_sweep
+    monkeypatch.setattr(cli.console, "width", 250)
+    out_csv = tmp_path / "table.csv"
+    result = runner.invoke(cli.app, ["sweep", "results", job_id, "--csv", str(out_csv)])
+    assert result.exit_code == 0, result.output
+    assert "ranked by eval/mig (max)" in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("│") and f"{job_id}-" in line]
+    assert len(lines) == 4, result.output
+    best = outcome["best"]["run_name"]
+    assert best in lines[0]  # best first
+    with open(out_csv) as fh:
+        assert len(list(csv.DictReader(fh))) == 4
+
+    by_run = runner.invoke(cli.app, ["sweep", "results", outcome["mlflow_run_id"]])
+    assert by_run.exit_code == 0 and best in by_run.output
+
+    missing = runner.invoke(cli.app, ["sweep", "results", "no-such-sweep"])
+    assert missing.exit_code == 2 and "no sweep with job id" in missing.output
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_aeforge_run_prints_the_sweep_table(finished_sweep, sweep_env, tmp_path, monkeypatch):
+    """`aeforge run SPEC --job-id ID` on the finished sweep: restored, nothing trained, the table printed."""
+    from services import cli
+
+    spec, job_id, outcome, _ = finished_sweep
+    monkeypatch.setattr(cli.console, "width", 250)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    result = runner.invoke(cli.app, ["run", str(path), "--job-id", job_id])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("│") and f"{job_id}-" in line]
+    assert len(lines) == 4 and outcome["best"]["run_name"] in lines[0]
+    assert "@best" in result.output and outcome["mlflow_run_id"] in result.output
+
+
+# --- a killed driver ----------------------------------------------------------------------------------------------
+
+
+def _experiment_state_trials(storage, prefix: str) -> dict[str, str]:
+    """{trial id: status} from the newest experiment state file Tune wrote under ``prefix`` on storage."""
+    states = sorted(p for p in storage.list_prefix(prefix) if p.rsplit("/", 1)[-1].startswith("experiment_state-"))
+    if not states:
+        return {}
+    try:
+        data = json.loads(storage.get_bytes(states[-1]))
+    except ValueError:  # being written
+        return {}
+    out = {}
+    for entry in data.get("trial_data", []):
+        trial = json.loads(entry[0]) if isinstance(entry, (list, tuple)) else entry
+        out[trial.get("trial_id")] = trial.get("status")
+    return out
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_sweep_whose_driver_was_killed_continues_without_retraining_finished_trials(sweep_env, s3_bucket, tmp_path,
+                                                                                      monkeypatch):
+    """The sweep runs as the queue runs it (`python -m jobs.run JOB_ID` in its own process, joined to the same Ray
+    cluster), one trial at a time, with its storage (Tune's experiment, Train checkpoints) on S3 (moto); its driver
+    is killed once the first trial has finished (as Tune's saved experiment state and the trial's result file
+    show), then the same job id runs again here."""
+    import ray
+
+    from jobs.sweep import run_sweep, trial_result_relpath
+    from workers.storage import Storage
+
+    endpoint, bucket = s3_bucket
+    monkeypatch.setenv("AEFORGE_STORAGE", f"s3://{bucket}/aeforge")
+    monkeypatch.setenv("AEFORGE_S3_ENDPOINT_URL", endpoint)
+    name = f"sweep-killed-{uuid.uuid4().hex[:6]}"
+    spec_text = yaml.safe_dump(spec_dict(sweep_env["data"], name, sweep={"beta": [1, 4], "latent_dim": [2],
+                                                                                "max_concurrent_trials": 1},
+                                         register=None))
+    job_id = f"{name}-job"
+    storage = Storage.from_settings()
+    env = {**os.environ, "AEFORGE_JOB_SPEC": spec_text, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+           "PYTHONPATH": str(ROOT)}
+    log = open(tmp_path / "driver.log", "wb")
+    t0 = time.perf_counter()
+    driver = subprocess.Popen([sys.executable, "-m", "jobs.run", job_id], cwd=ROOT, env=env, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    finished_before_kill: set[str] = set()
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and driver.poll() is None:
+            states = _experiment_state_trials(storage, f"tune/{job_id}")
+            done = {t for t in states if storage.exists(trial_result_relpath(f"{job_id}-{t}"))}
+            if done:
+                finished_before_kill = done
+                break
+            time.sleep(0.5)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+        log.close()
+    assert finished_before_kill, f"no trial finished before the driver ended:\n{(tmp_path / 'driver.log').read_text()[-3000:]}"
+    print(f"\ndriver killed after {time.perf_counter() - t0:.1f} s with {len(finished_before_kill)} trial(s) finished")
+
+    client = mlflow.MlflowClient(sweep_env["tracking_uri"])
+    _, children = parent_and_children(client, job_id)
+    fits_before = fits_per_trial(client, children)
+
+    # Ray frees the killed driver's actors and placement groups: wait for the CPUs to come back.
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+    t1 = time.perf_counter()
+    outcome = run_sweep(parse_spec(spec_text), job_id)
+    print(f"re-run after the kill: {time.perf_counter() - t1:.1f} s")
+
+    rows = outcome["trials"]
+    assert len(rows) == 2 and all(r["status"] == "finished" for r in rows), rows
+    parent, children = parent_and_children(client, job_id)
+    assert len(children) == 2 and parent.info.status == "FINISHED"
+    fits_after = fits_per_trial(client, children)
+    for trial_id in finished_before_kill:
+        run_name = f"{job_id}-{trial_id}"
+        assert fits_after[run_name] == fits_before[run_name] == 1, (fits_before, fits_after)
+    assert all(n >= 1 for n in fits_after.values())
+    assert all(storage.list_prefix(f"ray/{r['run_name']}") for r in rows)  # the Train runs' checkpoints, on S3
+    # Tune pickles its storage filesystem into its experiment files: the S3 keys must not travel with it.
+    secret = sweep_env["secret"].encode()
+    objects = storage.list_prefix("")
+    assert any("/tuner.pkl" in o for o in objects) and any("experiment_state-" in o for o in objects)
+    assert not [o for o in objects if secret in storage.get_bytes(o) or secret.hex().encode() in storage.get_bytes(o)]
+
+
+# --- validation before anything starts -------------------------------------------------------------------------
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(60)
+def test_trials_that_can_never_fit_the_cluster_stop_the_sweep_before_it_starts(sweep_env):
+    from jobs.sweep import run_sweep
+
+    name = f"sweep-too-big-{uuid.uuid4().hex[:6]}"
+    spec = make_spec(sweep_env["data"], name, resources={"workers": 2, "cpus_per_worker": 1})
+    errs = errors_of(lambda: run_sweep(spec, f"{name}-job"))
+    assert "no trial can ever start" in errs["resources"] and "2 CPU" in errs["resources"]
+    assert mlflow.MlflowClient(sweep_env["tracking_uri"]).get_experiment_by_name(name) is None
+    assert not (sweep_env["home"] / "storage" / "tune" / f"{name}-job").exists()
+
+
+def test_cluster_fit_counts_each_trials_driver():
+    spec = JobSpec.model_validate(spec_dict(Path("x.npz"), "fit", sweep={"max_concurrent_trials": None}))
+    assert trials_that_fit(spec.resources, {"CPU": 2.0}) == 3  # 3 x (0.5 + 0.01) <= 2
+    assert check_cluster(spec, {"CPU": 2.0}) == 3
+    whole = spec.model_copy(update={"resources": spec.resources.model_copy(update={"cpus_per_worker": 1.0})})
+    assert trials_that_fit(whole.resources, {"CPU": 2.0}) == 1  # 2 x 1.01 > 2: the second would wait on its workers
+    capped = JobSpec.model_validate(spec_dict(Path("x.npz"), "fit", sweep={"max_concurrent_trials": 8}))
+    assert check_cluster(capped, {"CPU": 2.0}) == 3  # a cap above what fits is cut to what fits
+    gpu = JobSpec.model_validate(spec_dict(Path("x.npz"), "fit", resources={"workers": 1, "gpus_per_worker": 1}))
+    errs = errors_of(lambda: check_cluster(gpu, {"CPU": 16.0}))
+    assert "1 GPU" in errs["resources"] and "0 GPU in all" in errs["resources"]
+
+
+def test_a_metric_that_needs_factors_on_data_without_factors_is_an_error(tmp_path):
+    plain = write_plain_npz(tmp_path / "plain.npz")
+    spec = make_spec(plain, "no-factors")
+    errs = errors_of(lambda: check_data(spec))
+    assert "no trial reports 'eval/mig': the data has no ground-truth factors" in errs["sweep.metric.name"]
+    # ... and `aeforge validate` says so, before anything runs.
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec_dict(plain, "no-factors")))
+    from services.cli import app
+
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2 and "sweep.metric.name" in result.output and "Traceback" not in result.output
+    # With factors the same spec is fine.
+    assert check_data(make_spec(write_factor_npz(tmp_path / "sq.npz"), "factors"))["has_factors"]
+
+
+@pytest.mark.parametrize(
+    "sweep, extra, loc, words",
+    [
+        ({"beta": [], "latent_dim": [2, 3]}, {}, "sweep.beta", "empty list searches nothing"),
+        ({"beta": None, "latent_dim": None}, {}, "sweep", "search space is empty"),
+        ({"beta": {"start": 1, "stop": 8, "num": 4, "spacing": "log"}, "metric": {"name": "eval/fid"}}, {},
+         "sweep.metric.name", "no trial reports 'eval/fid'"),
+        ({"metric": {"name": "train/tc"}}, {}, "sweep.metric.name", "no trial reports 'train/tc'"),
+        ({"metric": {"name": "eval/mig"}}, {"eval": {"disentanglement": False}}, "sweep.metric.name",
+         "eval.disentanglement is off"),
+        ({"beta": None, "variant": ["ae", "beta_vae"], "metric": {"name": "eval/mig_exact"}},
+         {"model": {"variant": "beta_vae", "architecture": "mlp"}}, "sweep.metric.name", "needs a posterior"),
+    ],
+)
+def test_sweep_spec_errors_name_their_field(sweep, extra, loc, words):
+    text = yaml.safe_dump(spec_dict(Path("x.npz"), "bad", sweep=sweep, **extra))
+    errs = errors_of(lambda: parse_spec(text))
+    assert words in errs[loc], errs
+
+
+def test_grid_and_random_search_spaces():
+    from jobs.sweep import param_space
+
+    spec = JobSpec.model_validate(spec_dict(Path("x.npz"), "space"))
+    grid = param_space(spec)["trial"]["grid_search"]
+    assert {(t["beta"], t["latent_dim"]) for t in grid} == GRID and spec.num_trials() == 4
+    random_spec = JobSpec.model_validate(spec_dict(Path("x.npz"), "space", sweep={
+        "beta": {"start": 0.5, "stop": 16, "num": 3, "spacing": "log"}, "search": "random", "num_samples": 5}))
+    space = param_space(random_spec)
+    assert random_spec.num_trials() == 5
+    assert 0.5 <= space["beta"].lower and space["beta"].upper == 16  # sampled on a log scale over the range
+    assert space["latent_dim"].categories == [2, 3]
+
+
+def test_tunes_s3_filesystem_pickles_without_the_keys(monkeypatch):
+    """Tune writes its filesystem, pickled, into the experiment's files on storage: no keys in that pickle; where it
+    is unpickled the keys come from the environment."""
+    import cloudpickle
+    import pyarrow.fs
+
+    from jobs.sweep import tune_filesystem
+    from workers.storage import Storage
+
+    secret = f"tune-secret-{uuid.uuid4().hex}"
+    monkeypatch.setenv("AEFORGE_STORAGE", "s3://some-bucket/aeforge")
+    monkeypatch.setenv("AEFORGE_S3_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "tune-key-id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    fs, base = tune_filesystem(Storage.from_settings(), "s3-keys/job")
+    assert base == "some-bucket/aeforge" and isinstance(fs, pyarrow.fs.S3FileSystem)
+    for dumped in (pickle.dumps(fs), cloudpickle.dumps(fs)):
+        assert secret.encode() not in dumped and b"tune-key-id" not in dumped
+    again = pickle.loads(pickle.dumps(fs))
+    assert isinstance(again, pyarrow.fs.S3FileSystem) and again.region == fs.region
+    assert pickle.dumps(again) == pickle.dumps(fs)
+    local, _ = tune_filesystem(Storage.from_uri("file:///tmp/x", cache_dir=Path("/tmp/x-cache")))
+    assert isinstance(local, pyarrow.fs.LocalFileSystem)
+
+
+# --- the summary pictures --------------------------------------------------------------------------------------
+
+
+def test_summary_pictures_draw_one_curve_per_latent_size(tmp_path):
+    from PIL import Image
+
+    rows = []
+    for beta in (1.0, 4.0, 16.0):
+        for latent in (2, 3):
+            rows.append({"beta": beta, "latent_dim": latent, "status": "finished", "run_name": f"t-{beta}-{latent}",
+                         "eval/elbo": -beta - latent, "eval/recon": beta, "eval/mig": 0.1 * latent})
+    rows.append({"beta": 2.0, "latent_dim": 2, "status": "error", "run_name": "broken"})
+    curves = _curves(rows, "eval/elbo")
+    assert set(curves) == {"z=2", "z=3"} and [b for b, _ in curves["z=2"]] == [1.0, 4.0, 16.0]
+
+    tile = tmp_path / "tile.png"
+    Image.new("L", (40, 90), 128).save(tile)
+    made = sweep_summary_pictures(rows, "eval/elbo", tmp_path / "pics", traversal_for=lambda row: tile)
+    assert {p.name for p in made.values()} == PICTURES
+    # Without factors there is no MIG picture; trials without a traversal are left out of the grid.
+    for row in rows:
+        row.pop("eval/mig", None)
+    made = sweep_summary_pictures(rows, "eval/elbo", tmp_path / "pics2", traversal_for=lambda row: None)
+    assert set(made) == {"metric_vs_beta", "recon_vs_beta"}
+
+
+class mlflow_uri:
+    """MLflow's global tracking URI for a block (model loading reads only the global one)."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+
+    def __enter__(self):
+        from workers.tracking import use_tracking_uri
+
+        self._cm = use_tracking_uri(self.uri)
+        self._cm.__enter__()
+
+    def __exit__(self, *exc):
+        return self._cm.__exit__(*exc)
