@@ -95,3 +95,5 @@ def test_run_local_writes_the_run_folder_and_resumes_by_job_id(tmp_path, home, m
     curves_after = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     # Nothing was trained again: no new train/* lines, only the re-evaluation of the finished model.
     assert [c["step"] for c in curves_after if "train/loss" in c] == [2, 4, 6, 8]
+    # ... and no throughput for the run that trained nothing (a 0 would hide the real figure).
+    assert len([c for c in curves_after if "perf/images_per_second" in c]) == 1

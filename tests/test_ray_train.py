@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from jobs.spec import JobSpec, SpecError, parse_spec
-from tests.fixtures.s3 import TEST_KEYS, s3_client
+from tests.fixtures.s3 import TEST_KEYS, point_aeforge_at_s3, s3_client
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
@@ -94,14 +94,9 @@ def env(ray_cluster, s3_server, mlflow_server, tmp_path_factory):
     s3.create_bucket(Bucket=bucket)
     home = tmp_path_factory.mktemp("aeforge-home")
     with pytest.MonkeyPatch.context() as mp:
-        for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
-                     "RAY_ADDRESS", "AEFORGE_TEST_HOOK_WORKER_EXIT"):
+        for name in ("RAY_ADDRESS", "AEFORGE_TEST_HOOK_WORKER_EXIT"):
             mp.delenv(name, raising=False)
-        for name, value in TEST_KEYS.items():
-            mp.setenv(name, value)
-        mp.setenv("AEFORGE_HOME", str(home))
-        mp.setenv("AEFORGE_STORAGE", f"s3://{bucket}/aeforge")
-        mp.setenv("AEFORGE_S3_ENDPOINT_URL", s3_server)
+        point_aeforge_at_s3(mp, s3_server, bucket, home)
         mp.setenv("MLFLOW_TRACKING_URI", str(mlflow_server))
         source = tmp_path_factory.mktemp("data") / "shapes16.npz"
         write_shapes(source)

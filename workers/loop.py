@@ -345,15 +345,18 @@ def train(
     if start_step >= n_steps and ctx.is_chief and evaluate_at_end:  # a finished run resumed: nothing to train
         model.eval()
         final_metrics.update(evaluate(model, val_data, eval_config, seed=cfg.seed, full=full_data))
-    if "perf/images_per_second" not in final_metrics:  # no final evaluation (benchmarks) or nothing left to train
+    trained = start_step < n_steps
+    if trained and "perf/images_per_second" not in final_metrics:  # no final evaluation (benchmarks)
         _sync(device)
         seconds = time.perf_counter() - t0
         final_metrics["perf/images_per_second"] = _throughput(n_steps - start_step - warmup_steps, cfg.batch_size * ctx.world_size, seconds)
-    throughput = final_metrics["perf/images_per_second"]
+    # A finished run started again trains nothing: it has no throughput to report, and a 0 would hide the real one.
+    throughput = final_metrics.get("perf/images_per_second", 0.0)
     pics: dict[str, Path] = {}
     model.eval()
     if ctx.is_chief and evaluate_at_end:
-        ctx.log_metrics({"perf/images_per_second": throughput}, n_steps)
+        if trained:
+            ctx.log_metrics({"perf/images_per_second": throughput}, n_steps)
         if pictures and eval_config.pictures and ctx.run_dir is not None:
             pics = make_run_pictures(model, train_data, val_data, ctx.run_dir / "pictures", seed=cfg.seed, history=history)
     return TrainResult(

@@ -153,11 +153,6 @@ class RayTrainContext(RunContext):
             ray.train.report(reported, checkpoint=None)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if self.resumed_from_step is not None and metrics.get("perf/images_per_second") == 0.0:
-            # A finished run started again trains nothing; its throughput of 0 would hide the real one.
-            metrics = {k: v for k, v in metrics.items() if k != "perf/images_per_second"}
-            if not metrics:
-                return
         super().log_metrics(metrics, step)
         if self.is_chief and self._mlflow is not None:
             with_retries(lambda: self._mlflow.log_metrics(metrics, step), "MLflow metrics", attempts=3)
