@@ -81,7 +81,7 @@ def test_run_local_writes_the_run_folder_and_resumes_by_job_id(tmp_path, home, m
     run_dir = home / "runs" / "local-1"
     assert yaml.safe_load((run_dir / "spec.yaml").read_text())["name"] == "cli-run"
     final = json.loads((run_dir / "metrics.json").read_text())
-    assert {"eval/elbo", "eval/iwae_ll", "eval/recon", "eval/kl", "train/loss"} <= set(final)
+    assert {"eval/elbo", "eval/iwae_ll", "eval/recon", "eval/kl", "train/loss", "eval/probe_linear_accuracy"} <= set(final)
     curves = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [c["step"] for c in curves if "train/loss" in c] == [2, 4, 6, 8]
     model = load_model_from_checkpoint(run_dir / "checkpoints" / "step_000000008")

@@ -122,3 +122,7 @@ class EvalConfig(StrictModel):
     num_train: int = Field(2000, ge=10, description="points used to fit the disentanglement scores")
     num_test: int = Field(1000, ge=10)
     pictures: bool = True
+    probe: bool = Field(True, description="labelled data: test accuracy of a linear probe on the frozen codes")
+    probe_finetune_epochs: int = Field(0, ge=0, description="labelled data: also fine-tune a copy of the encoder "
+                                       "with a linear head for this many epochs over num_train rows (0: off)")
+    probe_finetune_lr: float = Field(1.0e-3, gt=0.0)

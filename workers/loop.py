@@ -331,7 +331,7 @@ def train(
                 seconds = time.perf_counter() - t0
                 final_metrics["perf/images_per_second"] = _throughput(n_steps - start_step - warmup_steps, cfg.batch_size * ctx.world_size, seconds)
             model.eval()
-            eval_metrics = evaluate(model, val_data, eval_config, seed=cfg.seed, full=full_data)
+            eval_metrics = evaluate(model, val_data, eval_config, seed=cfg.seed, full=full_data, train=train_data)
             model.train()
             ctx.log_metrics(eval_metrics, done)
             final_metrics.update(eval_metrics)
@@ -344,7 +344,7 @@ def train(
 
     if start_step >= n_steps and ctx.is_chief and evaluate_at_end:  # a finished run resumed: nothing to train
         model.eval()
-        final_metrics.update(evaluate(model, val_data, eval_config, seed=cfg.seed, full=full_data))
+        final_metrics.update(evaluate(model, val_data, eval_config, seed=cfg.seed, full=full_data, train=train_data))
     trained = start_step < n_steps
     if trained and "perf/images_per_second" not in final_metrics:  # no final evaluation (benchmarks)
         _sync(device)

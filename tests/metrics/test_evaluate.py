@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tests.metrics.standins import OracleVAE, StandInModel, factor_grid
+from tests.metrics.test_probe import labelled
 from workers.config import EvalConfig
 from workers.data.base import ImageDataset
 from workers.metrics import evaluate
@@ -66,3 +67,24 @@ def test_the_model_mode_is_restored_when_a_metric_fails():
     with pytest.raises(ValueError, match="empty"):
         evaluate(model, factor_grid(SIZES).subset(torch.arange(0)), SMALL)
     assert model.training
+
+
+def test_labelled_data_gets_the_encoder_as_a_classifier():
+    """factor_grid(labels=True) labels each image with its first factor, which the oracle's code holds: the linear
+    probe reads it back; a fine-tuned head is reported only when asked for; without training data there is none."""
+    grid = factor_grid(SIZES, repeats=2, labels=True)
+    train, val = grid.subset(torch.arange(0, len(grid), 2)), grid.subset(torch.arange(1, len(grid), 2))
+    out = evaluate(OracleVAE(4), val, SMALL, batch_size=64, train=train)
+    assert out["eval/probe_linear_accuracy"] > 0.95
+    assert "eval/probe_finetune_accuracy" not in out
+    assert "eval/probe_linear_accuracy" not in evaluate(OracleVAE(4), val, SMALL, batch_size=64)
+
+    model = StandInModel(latent_dim=2)
+    tuned = evaluate(model, labelled(200, 1), SMALL.model_copy(update={"probe_finetune_epochs": 15,
+                                                                       "probe_finetune_lr": 3e-2}),
+                     batch_size=32, train=labelled(300, 0))
+    assert tuned["eval/probe_finetune_accuracy"] > 0.9  # 3 classes: chance is 1/3
+    assert "eval/probe_linear_accuracy" in tuned
+    assert torch.is_grad_enabled()  # the caller's grad mode is back
+    off = SMALL.model_copy(update={"probe": False})
+    assert "eval/probe_linear_accuracy" not in evaluate(OracleVAE(4), val, off, batch_size=64, train=train)

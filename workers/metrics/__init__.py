@@ -4,6 +4,10 @@ What :func:`evaluate` reports (keys prefixed ``eval/``), and on which examples:
 
 - ``elbo``, ``recon``, ``kl`` (``recon`` only for deterministic autoencoders): ``max_examples`` validation rows;
 - VAE family: ``iwae_ll`` (k = ``iwae_samples``) and ``mi``, ``tc``, ``dwkl`` on the same validation rows;
+- labelled data with ``probe`` on: ``probe_linear_accuracy`` (a logistic regression on the frozen posterior means
+  of up to ``num_train`` training rows, tested on up to ``num_test`` validation rows) and, with
+  ``probe_finetune_epochs`` > 0, ``probe_finetune_accuracy`` (a copy of the encoder and a linear head trained end
+  to end): the encoder as a pre-trained classifier, as the lecture shows;
 - data with ground-truth factors and ``disentanglement`` on, drawn from ``full`` (the whole ground-truth data set)
   when given, else from the validation set: ``mig`` (disentanglement_lib's: means, 20 bins, all factors),
   ``sap``, ``dci_*`` on one shared draw of ``num_train`` + ``num_test`` codes; ``factor_vae`` and ``beta_vae``
@@ -31,6 +35,7 @@ from workers.metrics.elbo import elbo
 from workers.metrics.factor_vae import factor_vae_score
 from workers.metrics.iwae import iwae_log_likelihood
 from workers.metrics.mig import mig_exact, mig_from_codes
+from workers.metrics.probe import fine_tune, linear_probe
 from workers.metrics.sampling import FactorSampler, model_device
 from workers.metrics.sap import sap_from_codes
 from workers.metrics.tc_decomposition import tc_decomposition
@@ -58,6 +63,7 @@ def evaluate(
     batch_size: int = 256,
     seed: int = 0,
     full: ImageDataset | None = None,
+    train: ImageDataset | None = None,
 ) -> dict[str, float]:
     """Every metric that applies to this model and data (see the module doc), as ``{"eval/NAME": value}``.
 
@@ -78,12 +84,30 @@ def evaluate(
                 parts = tc_decomposition(model, val, config.max_examples, batch_size, _generator(seed, "val"))
                 out.update({k: parts[k] for k in ("mi", "tc", "dwkl")})
 
+            if config.probe and train is not None and _has_classes(train) and _has_classes(val):
+                out.update(_probes(model, train, val, config, batch_size, seed))
+
             truth = full if full is not None else val
             if config.disentanglement and truth.has_factors:
                 out.update(_disentanglement(model, truth, config, batch_size, seed, device))
     finally:
         model.train(was_training)
     return {f"eval/{name}": float(value) for name, value in out.items()}
+
+
+def _has_classes(dataset: ImageDataset) -> bool:
+    return dataset.labels is not None and len(dataset) > 0 and int(dataset.labels.unique().numel()) >= 2
+
+
+def _probes(model, train: ImageDataset, val: ImageDataset, config: EvalConfig, batch_size: int,
+            seed: int) -> dict[str, float]:
+    sizes = {"max_train": config.num_train, "max_test": config.num_test, "seed": seed}
+    out = {"probe_linear_accuracy": linear_probe(model, train, val, batch_size=batch_size, **sizes)["probe/linear_accuracy"]}
+    if config.probe_finetune_epochs > 0:
+        with torch.enable_grad():
+            out["probe_finetune_accuracy"] = fine_tune(model, train, val, config.probe_finetune_epochs,
+                                                       config.probe_finetune_lr, **sizes)["probe/finetune_accuracy"]
+    return out
 
 
 def _disentanglement(model, truth: ImageDataset, config: EvalConfig, batch_size: int, seed: int,
