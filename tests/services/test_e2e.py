@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,8 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
+
+from tests.fixtures.s3 import free_port, free_ports
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -34,12 +35,6 @@ RAY_ENV = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
@@ -61,15 +56,14 @@ def tail(path: Path, lines: int = 40) -> str:
 @pytest.fixture(scope="module")
 def ray_head():
     """A Ray head with 2 CPUs and its dashboard, in a process of its own, stopped by its pid at the end."""
-    gcs, dashboard = free_port(), free_port()
+    gcs, dashboard, *component_ports = free_ports(9)
     temp_dir = tempfile.mkdtemp(prefix="aeray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     log_path = Path(temp_dir) / "ray-start.log"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | RAY_ENV
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `python` for job entrypoints
-    ports = {"--dashboard-agent-listen-port": free_port(), "--metrics-export-port": free_port(),
-             "--runtime-env-agent-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
-             "--node-manager-port": free_port(), "--object-manager-port": free_port(),
-             "--ray-client-server-port": free_port()}
+    ports = dict(zip(("--dashboard-agent-listen-port", "--metrics-export-port", "--runtime-env-agent-port",
+                      "--dashboard-agent-grpc-port", "--node-manager-port", "--object-manager-port",
+                      "--ray-client-server-port"), component_ports))
     command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0",
                f"--port={gcs}", f"--dashboard-port={dashboard}", "--include-dashboard=true",
                "--dashboard-host=127.0.0.1", "--disable-usage-stats", f"--temp-dir={temp_dir}",
