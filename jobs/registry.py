@@ -192,14 +192,14 @@ def registered_version_of_run(name: str, run_id: str, *, alias: str | None = Non
         mlflow_client.set_registered_model_alias(name, alias, version.version)
         aliases[alias] = version.version
     shown_alias = alias if alias is not None and str(aliases.get(alias)) == str(version.version) else None
-    return {
-        "model_uri": f"models:/{name}/{version.version}",
-        "name": name,
-        "version": str(version.version),
-        "alias": shown_alias,
-        "logged_model_uri": version.source,
-        "run_id": run_id,
-    }
+    return version_info(version, shown_alias)
+
+
+def version_info(version, alias: str | None) -> dict[str, Any]:
+    """A registered model version as :func:`log_and_register` returns one."""
+    return {"model_uri": f"models:/{version.name}/{version.version}", "name": version.name,
+            "version": str(version.version), "alias": alias, "logged_model_uri": version.source,
+            "run_id": version.run_id}
 
 
 # --- looking models up --------------------------------------------------------------------------------------

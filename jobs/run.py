@@ -94,8 +94,6 @@ def run_in_process(spec: JobSpec, job_id: str, resolve: Callable[[str], str] | N
 def job_environment() -> dict[str, str]:
     """Settings a job's Ray workers need, from this process's environment (secrets included, never logged), and
     the source tree on PYTHONPATH so workers import the same packages as this driver."""
-    import os
-
     from workers.ray_worker import TEST_HOOK_WORKER_EXIT
 
     env = {k: os.environ[k] for k in (*settings.JOB_ENV_VARS, TEST_HOOK_WORKER_EXIT) if os.environ.get(k)}
@@ -111,14 +109,13 @@ def connect_ray() -> None:
 
     if ray.is_initialized():
         return
-    # "local": a new Ray on this machine even if another one runs here (ray.init(None) would join the last
-    # cluster `ray start` recorded in /tmp/ray, which is not what "no RAY_ADDRESS" means). Ray jobs launched by
-    # the queue get RAY_ADDRESS from Ray.
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
         # A Ray Job's driver (the queue launched us): the job's runtime env, with these settings, is already in
         # force, and Ray refuses a second one that sets the same variables.
         ray.init(address=settings.ray_address() or "auto", log_to_driver=True)
         return
+    # "local": a new Ray on this machine even if another one runs here (ray.init(None) would join the last
+    # cluster `ray start` recorded in /tmp/ray, which is not what "no RAY_ADDRESS" means).
     ray.init(address=settings.ray_address() or "local", runtime_env={"env_vars": job_environment()},
              log_to_driver=True)
 
@@ -147,13 +144,10 @@ def build_trainer(spec: JobSpec, run_name: str, storage, mlflow_run_id: str | No
     fs, base = storage.pyarrow_filesystem()
     storage_path = f"{base}/ray"
     r = spec.resources
-    per_worker = {"CPU": r.cpus_per_worker}
-    if r.gpus_per_worker:
-        per_worker["GPU"] = r.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=worker_config(spec, run_name, mlflow_run_id),
-        scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=r.gpus_per_worker > 0, resources_per_worker=per_worker),
+        scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=r.gpus_per_worker > 0, resources_per_worker=r.per_worker()),
         run_config=RunConfig(
             name=run_name,
             storage_path=storage_path,
@@ -185,6 +179,17 @@ def user_error(exc: BaseException) -> BaseException:
             if isinstance(cause, (DataError, TrainingDiverged)):
                 return cause
     return exc
+
+
+def fit(trainer):
+    """``trainer.fit()`` (which raises on a failed run on Ray 2.60), showing a worker's own error (user_error)."""
+    try:
+        return trainer.fit()
+    except Exception as exc:
+        shown = user_error(exc)
+        if shown is exc:
+            raise
+        raise shown from exc
 
 
 def run_train_on_ray(spec: JobSpec, job_id: str) -> dict:
@@ -221,13 +226,7 @@ def run_train_on_ray(spec: JobSpec, job_id: str) -> dict:
                            "aeforge.storage": storage.uri(f"ray/{job_id}")})
         connect_ray()
         started = time.perf_counter()
-        try:
-            result = build_trainer(spec, job_id, storage, run_id).fit()
-        except Exception as exc:
-            shown = user_error(exc)
-            if shown is exc:
-                raise
-            raise shown from exc
+        result = fit(build_trainer(spec, job_id, storage, run_id))
         fit_seconds = time.perf_counter() - started
         if result.checkpoint is None:
             raise RuntimeError(f"job {job_id}: training ended without a checkpoint in {storage.uri(f'ray/{job_id}')}")

@@ -48,6 +48,10 @@ class Resources(StrictModel):
     gpus_per_worker: float = Field(0, ge=0)
     cpus_per_worker: float = Field(1, gt=0)
 
+    def per_worker(self) -> dict[str, float]:
+        """Ray Train's resources_per_worker."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.gpus_per_worker else {})}
+
 
 class BetaRange(StrictModel):
     start: float = Field(..., ge=0)

@@ -57,9 +57,9 @@ def _trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from jobs.run import build_trainer
+    from jobs.run import build_trainer, fit
     from workers.storage import Storage
-    from workers.tracking import MlflowRun, start_or_resume_run
+    from workers.tracking import MlflowRun, numeric_metrics, start_or_resume_run
 
     # Tune's trial actors live in worker processes started with the cluster, whose environment may predate this
     # sweep's settings (storage, MLflow, keys): take the driver's.
@@ -85,13 +85,11 @@ def _trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     tracking.log_params({f"trial.{k}": v for k, v in values.items()})
     tracking.set_tags({SWEEP_ID_TAG: sweep["job_id"], TRIAL_ID_TAG: trial_id})
     try:
-        result = build_trainer(spec, run_name, storage, run_id, callbacks=[TuneReportCallback()]).fit()
-        if result.error:
-            raise result.error
+        result = fit(build_trainer(spec, run_name, storage, run_id, callbacks=[TuneReportCallback()]))
     except BaseException:
         tracking.terminate("FAILED")
         raise
-    metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics = numeric_metrics(result.metrics or {})
     record = {"metrics": metrics, "checkpoint_path": result.checkpoint.path if result.checkpoint else None}
     storage.put_bytes(json.dumps(record, sort_keys=True).encode(), trial_result_relpath(run_name))
     tracking.terminate("FINISHED")
@@ -391,23 +389,17 @@ def _registered_by_sweep(name: str, job_id: str) -> list:
     return list(client().search_model_versions(f"name = '{name}' and tags.sweep_id = '{job_id}'"))
 
 
-def _version_info(version, alias: str | None) -> dict[str, Any]:
-    return {"model_uri": f"models:/{version.name}/{version.version}", "name": version.name,
-            "version": str(version.version), "alias": alias, "logged_model_uri": version.source,
-            "run_id": version.run_id}
-
-
 def _register_trials(spec: JobSpec, job_id: str, finished: list[dict], metric, storage) -> dict:
     """Register the best trial's model with alias ``best`` (and, with register_all, every other finished trial's
     without an alias), each version tagged with the sweep id, the trial id and its rank."""
-    from jobs.registry import log_and_register
+    from jobs.registry import log_and_register, version_info
     from workers.tracking import ensure_experiment, start_or_resume_run
 
     ordered = rank_rows(finished, metric.name, metric.mode)
     earlier = _registered_by_sweep(spec.registration.model_name, job_id)
     if earlier:
         best = [v for v in earlier if (v.tags or {}).get("sweep_rank") == "1"] or earlier
-        return _version_info(min(best, key=lambda v: int(v.version)), BEST_ALIAS)
+        return version_info(min(best, key=lambda v: int(v.version)), BEST_ALIAS)
     to_register = ordered if spec.sweep.register_all else ordered[:1]
     experiment_id = ensure_experiment(spec.name)
     best_version = None

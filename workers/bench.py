@@ -89,9 +89,6 @@ def run_ray_benchmark(spec, workers: int, steps: int = 200, warmup: int = 20) ->
     from ray.train.torch import TorchTrainer
 
     r = spec.resources
-    per_worker = {"CPU": r.cpus_per_worker}
-    if r.gpus_per_worker:
-        per_worker["GPU"] = r.gpus_per_worker
     config = {
         "model": spec.model.model_dump(mode="json"),
         "data": spec.data.model_dump(mode="json"),
@@ -103,7 +100,7 @@ def run_ray_benchmark(spec, workers: int, steps: int = 200, warmup: int = 20) ->
             _ray_bench_loop_per_worker,
             train_loop_config=config,
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=r.gpus_per_worker > 0,
-                                         resources_per_worker=per_worker),
+                                         resources_per_worker=r.per_worker()),
             run_config=RunConfig(name=f"aeforge-bench-{uuid.uuid4().hex[:8]}", storage_path=storage_path),
         )
         started = time.perf_counter()

@@ -130,6 +130,8 @@ class RayTrainContext(RunContext):
         import pyarrow.fs
         import ray.train
 
+        from workers.tracking import numeric_metrics  # imports MLflow: only where a worker needs it
+
         def upload(checkpoint: "ray.train.Checkpoint", dir_name: str) -> "ray.train.Checkpoint":
             storage = ray.train.get_context().get_storage()
             fs = storage.storage_filesystem
@@ -143,7 +145,7 @@ class RayTrainContext(RunContext):
             with_retries(copy, f"checkpoint upload to {destination}")
             return ray.train.Checkpoint(path=destination, filesystem=fs)
 
-        reported = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        reported = numeric_metrics(metrics)
         reported["step"] = step
         if self.is_chief:
             checkpoint = ray.train.Checkpoint.from_directory(str(directory))
@@ -172,7 +174,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     from workers.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
     from workers.data import open_dataset, shard, train_val_split
     from workers.storage import Storage
-    from workers.tracking import MlflowRun
+    from workers.tracking import MlflowRun, numeric_metrics
 
     model_cfg = ModelConfig.model_validate(config["model"])
     data_cfg = DataConfig.model_validate(config["data"])
@@ -196,7 +198,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         if not ctx.is_chief:
             return None
 
-        final = {k: v for k, v in result.final_metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        final = numeric_metrics(result.final_metrics)
         pictures_dir = run_dir / "pictures"
         if pictures_dir.exists():
             if mlflow_run is not None:
