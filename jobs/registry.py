@@ -17,6 +17,7 @@ import numpy as np
 
 from jobs.spec import JobSpec
 from workers import settings
+from workers.errors import AeforgeError
 from workers.models.base import Autoencoder
 from workers.tracking import client as tracking_client
 from workers.tracking import use_tracking_uri
@@ -31,7 +32,7 @@ KEY_METRICS = (
 INPUT_EXAMPLE_BATCH = 2
 
 
-class ModelLookupError(LookupError):
+class ModelLookupError(AeforgeError):
     """An unknown registered model, alias or version; the message says what exists instead."""
 
 

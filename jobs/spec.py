@@ -19,6 +19,7 @@ from typing import Any, Callable, Literal
 import yaml
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from workers.errors import AeforgeError
 from workers.config import (
     STOCHASTIC_VARIANTS,
     DataConfig,
@@ -32,7 +33,7 @@ from workers.config import (
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 
 
-class SpecError(ValueError):
+class SpecError(AeforgeError):
     """A spec that cannot run. ``errors`` lists {"loc": "model.beta", "msg": "..."} entries."""
 
     def __init__(self, errors: list[dict[str, str]], source: str = "<spec>"):

@@ -7,9 +7,10 @@ from typing import Any, Iterator
 import httpx
 
 from services.settings import ServiceSettings
+from workers.errors import AeforgeError
 
 
-class ApiError(Exception):
+class ApiError(AeforgeError):
     """The service said no (``status`` is its HTTP status) or could not be reached (``status`` is None)."""
 
     def __init__(self, message: str, status: int | None = None, errors: list[dict[str, str]] | None = None):

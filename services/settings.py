@@ -21,6 +21,8 @@ from urllib.parse import urlparse
 
 import yaml
 
+from workers.errors import AeforgeError
+
 Role = Literal["user", "admin"]
 ROLES = ("user", "admin")
 
@@ -54,7 +56,7 @@ MIN_TOKEN_LENGTH = 8
 MODULE_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
-class SettingsError(ValueError):
+class SettingsError(AeforgeError):
     """A setting with a value that cannot be used; the message names the variable or file."""
 
 

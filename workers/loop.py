@@ -27,6 +27,7 @@ from torch import nn
 
 from workers.config import EvalConfig, ModelConfig, TrainConfig
 from workers.data.base import ImageDataset
+from workers.errors import AeforgeError
 from workers.models import build_model
 from workers.models.base import Autoencoder, GatherFn, LossModule
 
@@ -35,7 +36,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 DEVICE_DATA_FRACTION = 0.4
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(AeforgeError):
     """The loss became NaN or infinite. The message names the step and the loss part."""
 
 

@@ -11,8 +11,10 @@ from typing import Sequence
 
 import torch
 
+from workers.errors import AeforgeError
 
-class DataError(ValueError):
+
+class DataError(AeforgeError):
     """A data file or source that cannot be used. The message names the file and what was wrong."""
 
 
