@@ -17,8 +17,10 @@ import numpy as np
 
 from jobs.spec import JobSpec
 from workers import settings
+from workers.config import BETA_VARIANTS
 from workers.errors import AeforgeError
 from workers.models.base import Autoencoder
+from workers.tracking import all_pages
 from workers.tracking import client as tracking_client
 from workers.tracking import use_tracking_uri
 
@@ -36,13 +38,17 @@ class ModelLookupError(AeforgeError):
     """An unknown registered model, alias or version; the message says what exists instead."""
 
 
+class RegistrationError(AeforgeError, ValueError):
+    """A registration the spec asks for that cannot be made (a reserved alias, no `register` section)."""
+
+
 # --- logging and registering -----------------------------------------------------------------------------
 
 
 def _check_alias(alias: str) -> None:
     # MLflow reserves "latest" and "v<number>" (they already mean a version).
     if alias.lower() == "latest" or re.fullmatch(r"v\d+", alias.lower()):
-        raise ValueError(f"register.alias: '{alias}' is reserved by MLflow (it names a version); choose another alias")
+        raise RegistrationError(f"register.alias: '{alias}' is reserved by MLflow (it names a version); choose another alias")
 
 
 def version_tags(spec: JobSpec, job_id: str, metrics: Mapping[str, Any], extra_tags: Mapping[str, Any] | None) -> dict[str, str]:
@@ -70,7 +76,7 @@ def version_tags(spec: JobSpec, job_id: str, metrics: Mapping[str, Any], extra_t
 def generated_description(spec: JobSpec, job_id: str, metrics: Mapping[str, Any]) -> str:
     model = spec.model
     what = f"{model.variant} ({model.architecture}, latent_dim={model.latent_dim}"
-    if model.variant in ("beta_vae", "beta_tcvae"):
+    if model.variant in BETA_VARIANTS:
         what += f", beta={model.effective_beta:g}"
     what += f") trained on {spec.data.source} by job {job_id}"
     shown = [f"{name}={float(metrics[name]):.4g}" for name in KEY_METRICS if isinstance(metrics.get(name), (int, float))]
@@ -117,7 +123,7 @@ def log_and_register(
     from mlflow.models import infer_signature
 
     if spec.registration is None:
-        raise ValueError(f"job {job_id}: the spec has no 'register' section, so there is no model name to register under")
+        raise RegistrationError(f"job {job_id}: the spec has no 'register' section, so there is no model name to register under")
     name = spec.registration.model_name
     alias = alias or spec.registration.alias
     _check_alias(alias)
@@ -228,23 +234,11 @@ def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
 
 
 def _all_versions(mlflow_client, name: str) -> list:
-    versions, token = [], None
-    while True:
-        page = mlflow_client.search_model_versions(f"name='{name}'", max_results=1000, page_token=token)
-        versions.extend(page)
-        token = page.token
-        if not token:
-            return sorted(versions, key=lambda v: int(v.version))
+    return sorted(all_pages(mlflow_client.search_model_versions, f"name='{name}'"), key=lambda v: int(v.version))
 
 
 def _registered_names(mlflow_client) -> list[str]:
-    names, token = [], None
-    while True:
-        page = mlflow_client.search_registered_models(max_results=1000, page_token=token)
-        names.extend(m.name for m in page)
-        token = page.token
-        if not token:
-            return sorted(names)
+    return sorted(m.name for m in all_pages(mlflow_client.search_registered_models))
 
 
 def _aliases_text(aliases: Mapping[str, str]) -> str:

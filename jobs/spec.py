@@ -21,6 +21,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator, model_
 
 from workers.errors import AeforgeError
 from workers.config import (
+    BETA_VARIANTS,
     STOCHASTIC_VARIANTS,
     DataConfig,
     EvalConfig,
@@ -156,8 +157,8 @@ class JobSpec(StrictModel):
                 if not values:
                     errors.append((f"sweep.{key}", "an empty list searches nothing; give at least one value"))
             variants = space.get("variant") or variants
-            if "beta" in space and not all(v in ("beta_vae", "beta_tcvae") for v in variants):
-                bad = sorted({v for v in variants if v not in ("beta_vae", "beta_tcvae")})
+            if "beta" in space and not all(v in BETA_VARIANTS for v in variants):
+                bad = sorted({v for v in variants if v not in BETA_VARIANTS})
                 errors.append(("sweep.beta", f"sweeping beta needs variant beta_vae or beta_tcvae, not {', '.join(bad)}"))
             if "variant" in space and self.model.tc_estimator is not None and any(v != "beta_tcvae" for v in variants):
                 errors.append(("model.tc_estimator", "is only for beta_tcvae; drop it when sweeping other variants"))
@@ -226,7 +227,7 @@ class JobSpec(StrictModel):
                 data["model"][key] = value
         if data["model"]["variant"] != "beta_tcvae":
             data["model"]["tc_estimator"] = None
-        if data["model"]["variant"] not in ("beta_vae", "beta_tcvae"):
+        if data["model"]["variant"] not in BETA_VARIANTS:
             data["model"]["beta"] = None
         data["kind"] = "train"
         data["sweep"] = None
@@ -348,11 +349,18 @@ def parse_spec(text: str, source: str = "<spec>") -> JobSpec:
     """YAML or JSON text to a validated JobSpec, or SpecError listing every problem by field path."""
     try:
         data = yaml.safe_load(text)  # JSON is YAML
+    except RecursionError:
+        raise SpecError([{"loc": "<file>", "msg": "the spec is nested too deeply to be a job spec"}], source) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
         problem = getattr(exc, "problem", None) or str(exc)
         raise SpecError([{"loc": "<file>", "msg": f"not valid YAML/JSON at {where}: {problem}"}], source) from None
+    return spec_from_data(data, source)
+
+
+def spec_from_data(data: Any, source: str = "<spec>") -> JobSpec:
+    """Parsed YAML/JSON (a mapping of sections) to a validated JobSpec, or SpecError by field path."""
     if data is None:
         raise SpecError([{"loc": "<file>", "msg": "the spec is empty"}], source)
     if not isinstance(data, dict):
@@ -361,6 +369,16 @@ def parse_spec(text: str, source: str = "<spec>") -> JobSpec:
         return JobSpec.model_validate(data)
     except ValidationError as exc:
         raise SpecError(_errors_from_validation(exc), source) from None
+
+
+def parse_spec_json(text: str, source: str = "<spec>") -> JobSpec:
+    """The JSON the queue stored for a job (``spec_json``) to a JobSpec. JSON is read as JSON, never as YAML: YAML
+    reads JSON's escaped surrogate pairs (an emoji written by ``json.dumps``) as two lone surrogates."""
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise SpecError([{"loc": "<file>", "msg": f"the stored spec is not valid JSON: {exc}"}], source) from None
+    return spec_from_data(data, source)
 
 
 def load_spec(path: str | Path) -> JobSpec:
@@ -372,10 +390,6 @@ def load_spec(path: str | Path) -> JobSpec:
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError([{"loc": "<file>", "msg": f"cannot read {path}: {exc}"}], str(path)) from None
     return parse_spec(text, str(path))
-
-
-def spec_to_json(spec: JobSpec) -> str:
-    return json.dumps(spec.model_dump(mode="json"), sort_keys=True)
 
 
 def json_schema() -> dict:
@@ -398,15 +412,12 @@ def check_data(spec: JobSpec, resolve: Callable[[str], str] | None = None) -> di
         info = check_source(spec.data, resolve=resolve)
     except DataError as exc:
         raise SpecError([{"loc": "data.source", "msg": str(exc)}]) from None
-    num_examples, image_shape = info[0], tuple(info[1])
-    has_factors = bool(info[2]) if len(info) > 2 else False
+    num_examples, image_shape, has_factors = info[0], tuple(info[1]), bool(info[2])
     errors = []
-    architectures = [spec.model.architecture]
-    for arch in architectures:
-        try:
-            check_fits(arch, image_shape)
-        except ValueError as exc:
-            errors.append({"loc": "model.architecture", "msg": str(exc)})
+    try:
+        check_fits(spec.model.architecture, image_shape)
+    except ValueError as exc:
+        errors.append({"loc": "model.architecture", "msg": str(exc)})
     n_train = num_examples if spec.data.limit is None else min(num_examples, spec.data.limit)
     n_train = int(n_train * (1 - spec.data.val_fraction))
     global_batch = spec.train.batch_size * spec.resources.workers

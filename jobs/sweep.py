@@ -19,16 +19,21 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs
-
+from jobs.ray_train import build_trainer, cluster_resources, connect_ray, fit, job_environment
 from jobs.spec import TRIAL_DRIVER_CPU, BetaRange, JobSpec, check_cluster, check_data
 from workers import settings
+from workers.errors import AeforgeError
+from workers.outputs import publish_outputs
 
 TRIAL_KEYS = ("variant", "beta", "latent_dim", "seed")
 SWEEP_ID_TAG = "aeforge.sweep_id"
 TRIAL_ID_TAG = "aeforge.trial_id"
 # Written on storage by a trial's driver when its Train run has finished: {"metrics": {...}, "checkpoint_path"}.
 TRIAL_RESULT_FILE = "trial.json"
+
+
+class SweepNotFound(AeforgeError):
+    """No sweep with that job id or MLflow run id."""
 
 
 def trial_run_name(job_id: str, trial_id: str) -> str:
@@ -57,7 +62,6 @@ def _trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from jobs.run import build_trainer, fit
     from workers.storage import Storage
     from workers.tracking import MlflowRun, numeric_metrics, start_or_resume_run
 
@@ -65,7 +69,7 @@ def _trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     # sweep's settings (storage, MLflow, keys): take the driver's.
     os.environ.update(sweep["env"])
     tracking_uri = sweep["tracking_uri"]
-    base = JobSpec.model_validate(sweep["spec"])
+    base: JobSpec = sweep["spec"]
     values = {k: config[k] for k in TRIAL_KEYS if k in config}
     spec = base.with_trial(values)
     trial_id = tune.get_context().get_trial_id()
@@ -73,26 +77,18 @@ def _trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     storage = Storage.from_settings()
     run_id = start_or_resume_run(sweep["experiment_id"], run_name, run_name=run_name,
                                  parent_run_id=sweep["parent_run_id"], tracking_uri=tracking_uri)
-    tracking = MlflowRun(run_id, tracking_uri)
-
-    done = _finished_trial(storage, run_name)
-    if done is not None:
-        tracking.terminate("FINISHED")
-        tune.report({**done["metrics"], "checkpoint_path": done["checkpoint_path"]})
-        return
-
-    tracking.log_spec(spec.model_dump(mode="json"))
-    tracking.log_params({f"trial.{k}": v for k, v in values.items()})
-    tracking.set_tags({SWEEP_ID_TAG: sweep["job_id"], TRIAL_ID_TAG: trial_id})
-    try:
+    with MlflowRun(run_id, tracking_uri) as tracking:
+        done = _finished_trial(storage, run_name)
+        if done is not None:
+            tune.report({**done["metrics"], "checkpoint_path": done["checkpoint_path"]})
+            return
+        tracking.log_spec(spec.model_dump(mode="json"))
+        tracking.log_params({f"trial.{k}": v for k, v in values.items()})
+        tracking.set_tags({SWEEP_ID_TAG: sweep["job_id"], TRIAL_ID_TAG: trial_id})
         result = fit(build_trainer(spec, run_name, storage, run_id, callbacks=[TuneReportCallback()]))
-    except BaseException:
-        tracking.terminate("FAILED")
-        raise
-    metrics = numeric_metrics(result.metrics or {})
-    record = {"metrics": metrics, "checkpoint_path": result.checkpoint.path if result.checkpoint else None}
-    storage.put_bytes(json.dumps(record, sort_keys=True).encode(), trial_result_relpath(run_name))
-    tracking.terminate("FINISHED")
+        metrics = numeric_metrics(result.metrics or {})
+        record = {"metrics": metrics, "checkpoint_path": result.checkpoint.path if result.checkpoint else None}
+        storage.put_bytes(json.dumps(record, sort_keys=True).encode(), trial_result_relpath(run_name))
 
 
 def param_space(spec: JobSpec) -> dict[str, Any]:
@@ -121,85 +117,11 @@ def _trial_entry(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     _trial(_flatten_trial(config), sweep)
 
 
-# --- Tune's view of storage ----------------------------------------------------------------------------------------
-# Tune pickles its storage filesystem into the files it keeps with the experiment (tuner.pkl, the experiment and
-# searcher state), and a pyarrow S3FileSystem pickles with its keys: on S3 storage the keys would be written into
-# the bucket. Tune gets a filesystem that pickles without them instead; wherever it is unpickled (the sweep's driver
-# on restore, Tune's trial actors) the keys come from the environment, or, in processes started without it, from
-# Ray's in-memory key-value store, where the sweep's driver puts them for the length of the run.
-_KV_NAMESPACE = "aeforge"
-_S3_SECRET_OPTIONS = ("access_key", "secret_key", "session_token")
-
-
-def _s3_keys_from_env() -> dict[str, str]:
-    import os
-
-    keys = {"access_key": os.environ.get("AWS_ACCESS_KEY_ID"), "secret_key": os.environ.get("AWS_SECRET_ACCESS_KEY")}
-    if not (keys["access_key"] and keys["secret_key"]):
-        return {}
-    if os.environ.get("AWS_SESSION_TOKEN"):
-        keys["session_token"] = os.environ["AWS_SESSION_TOKEN"]
-    return keys
-
-
-def _s3_keys_from_ray(kv_key: str | None) -> dict[str, str]:
-    if not kv_key:
-        return {}
-    try:
-        import ray
-        from ray.experimental import internal_kv
-
-        if not ray.is_initialized():
-            return {}
-        raw = internal_kv._internal_kv_get(kv_key, namespace=_KV_NAMESPACE)
-    except Exception:  # no cluster to ask: the default credential chain applies
-        return {}
-    return json.loads(raw) if raw else {}
-
-
-def _rebuild_tune_s3(options: dict[str, Any], kv_key: str | None):
-    keys = _s3_keys_from_env() or _s3_keys_from_ray(kv_key)
-    return _make_tune_s3(options, kv_key, keys)
-
-
-def _make_tune_s3(options: dict[str, Any], kv_key: str | None, keys: dict[str, str]) -> "TuneS3FileSystem":
-    fs = TuneS3FileSystem(**options, **keys, retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=5))
-    fs._aeforge_public = (dict(options), kv_key)
-    return fs
-
-
-class TuneS3FileSystem(pyarrow.fs.S3FileSystem):
-    """pyarrow's S3FileSystem, pickled as its settings without the keys (see above)."""
-
-    def __reduce__(self):
-        return (_rebuild_tune_s3, self._aeforge_public)
-
-
-def tune_filesystem(storage, kv_key: str | None = None):
-    """(filesystem, base path) for Tune: the storage's own, except that on S3 it pickles without the keys."""
-    fs, base = storage.pyarrow_filesystem()
-    if not isinstance(fs, pyarrow.fs.S3FileSystem):
-        return fs, base
-    options = dict(fs.__reduce__()[1][0])
-    keys = {k: options.pop(k) for k in _S3_SECRET_OPTIONS if k in options}
-    keys = {k: v for k, v in keys.items() if v}
-    return _make_tune_s3(options, kv_key, keys), base
-
-
-def cluster_resources() -> dict[str, float]:
-    import ray
-
-    return {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-
-
 def run_sweep(spec: JobSpec, job_id: str) -> dict[str, Any]:
     """A `sweep` job end to end. Running the same job id again restores the Tune experiment: finished trials are
     kept as they are, unfinished and failed ones run again (each resuming its Train run's last checkpoint)."""
-    from ray import tune
-
-    from jobs.run import connect_ray, job_environment
     from workers.storage import Storage
-    from workers.tracking import MlflowRun, client, ensure_experiment, start_or_resume_run
+    from workers.tracking import MlflowRun, ensure_experiment, start_or_resume_run
 
     assert spec.sweep is not None
     storage = Storage.from_settings()
@@ -213,20 +135,29 @@ def run_sweep(spec: JobSpec, job_id: str) -> dict[str, Any]:
     experiment_id = ensure_experiment(spec.name, tracking_uri)
     parent_id = start_or_resume_run(experiment_id, job_id, run_name=job_id, tracking_uri=tracking_uri)
     parent = MlflowRun(parent_id, tracking_uri)
-    if parent.client.get_run(parent_id).info.status != "RUNNING":  # a finished sweep run again
-        client(tracking_uri).update_run(parent_id, status="RUNNING")
-    parent.log_spec(spec.model_dump(mode="json"))
-    parent.set_tags({"aeforge.kind": "sweep", SWEEP_ID_TAG: job_id})
+    parent.mark_running()  # a finished sweep run again runs again
+    with parent:
+        parent.log_spec(spec.model_dump(mode="json"))
+        parent.set_tags({"aeforge.kind": "sweep", SWEEP_ID_TAG: job_id})
+        outcome = _tune(spec, job_id, storage, parent, experiment_id, max_concurrent)
+    outcome["data"] = info
+    return outcome
 
-    sweep_ctx = {"spec": spec.model_dump(mode="json"), "job_id": job_id, "experiment_id": experiment_id,
-                 "parent_run_id": parent_id, "tracking_uri": tracking_uri, "env": job_environment()}
+
+def _tune(spec: JobSpec, job_id: str, storage, parent, experiment_id: str, max_concurrent: int) -> dict[str, Any]:
+    """Run (or restore) the Tune experiment and summarise it on the parent run."""
+    from ray import tune
+
+    from workers.storage.ray_fs import share_s3_keys, tune_filesystem
+
+    sweep_ctx = {"spec": spec, "job_id": job_id, "experiment_id": experiment_id, "parent_run_id": parent.run_id,
+                 "tracking_uri": parent.tracking_uri, "env": job_environment()}
     trainable = tune.with_resources(tune.with_parameters(_trial_entry, sweep=sweep_ctx), {"cpu": TRIAL_DRIVER_CPU})
     kv_key = f"s3-keys/{job_id}"
     fs, base = tune_filesystem(storage, kv_key)
-    _share_s3_keys(kv_key)
+    share_s3_keys(kv_key)
     tune_path = f"{base}/tune"
     experiment_path = f"{tune_path}/{job_id}"
-    metric = spec.sweep.metric
     try:
         if tune.Tuner.can_restore(experiment_path, storage_filesystem=fs):
             tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True,
@@ -248,49 +179,24 @@ def run_sweep(spec: JobSpec, job_id: str) -> dict[str, Any]:
         if not any(r["status"] == "finished" for r in rows):
             errors = "; ".join(f"{r['run_name']}: {r.get('error')}" for r in rows if r.get("error"))
             raise RuntimeError(f"sweep {job_id}: no trial finished ({errors or 'see the trial errors in the Ray logs'})")
-        outcome = _summarise(spec, job_id, rows, parent, storage)
-    except BaseException:
-        parent.terminate("FAILED")
-        raise
+        return _summarise(spec, job_id, rows, parent, storage)
     finally:
-        _share_s3_keys(kv_key, remove=True)
-    parent.terminate("FINISHED")
-    outcome["data"] = info
-    return outcome
-
-
-def _share_s3_keys(kv_key: str, remove: bool = False) -> None:
-    """Put this driver's S3 keys in Ray's in-memory key-value store for the sweep's trial actors (see
-    tune_filesystem), or take them out again."""
-    from ray.experimental import internal_kv
-
-    if remove:
-        internal_kv._internal_kv_del(kv_key, namespace=_KV_NAMESPACE)
-        return
-    keys = _s3_keys_from_env()
-    if keys and settings.storage_uri().startswith("s3://"):
-        internal_kv._internal_kv_put(kv_key, json.dumps(keys).encode(), overwrite=True, namespace=_KV_NAMESPACE)
+        share_s3_keys(kv_key, remove=True)
 
 
 def _summarise(spec: JobSpec, job_id: str, rows: list[dict[str, Any]], parent, storage) -> dict[str, Any]:
     """The results table and pictures on the parent run (and storage), the best trial, the registered model."""
-    from workers.sweep_plots import sweep_summary_pictures
+    from workers.plots.sweep import sweep_summary_pictures
 
     metric = spec.sweep.metric
     outcome: dict[str, Any] = {"job_id": job_id, "mlflow_run_id": parent.run_id, "trials": rows}
-    with tempfile.TemporaryDirectory(prefix="aeforge-sweep-") as tmp:
-        tmp_path = Path(tmp)
-        table = tmp_path / "results" / RESULTS_CSV
-        write_results_csv(rows, table)
-        storage.put_file(table, f"runs/{job_id}/{RESULTS_CSV}")
-        parent.log_artifacts(table.parent, "results")
-        pictures = tmp_path / "pictures"
-        made = sweep_summary_pictures(rows, metric.name, pictures,
-                                      traversal_for=lambda row: _fetch_traversal(storage, row, tmp_path))
-        if made:
-            parent.log_artifacts(pictures, "pictures")
-            for p in sorted(pictures.iterdir()):
-                storage.put_file(p, f"runs/{job_id}/pictures/{p.name}")
+    with tempfile.TemporaryDirectory(prefix="aeforge-sweep-") as tmp, \
+            tempfile.TemporaryDirectory(prefix="aeforge-traversals-") as traversals:
+        outputs = Path(tmp)
+        write_results_csv(rows, outputs / "results" / RESULTS_CSV)
+        sweep_summary_pictures(rows, metric.name, outputs / "pictures",
+                               traversal_for=lambda row: _fetch_traversal(storage, row, Path(traversals)))
+        publish_outputs(outputs, storage=storage, run_name=job_id, mlflow_run=parent)
     outcome["pictures"] = storage.uri(f"runs/{job_id}/pictures")
 
     finished = [r for r in rows if r["status"] == "finished" and isinstance(r.get(metric.name), (int, float))]
@@ -420,20 +326,10 @@ def _register_trials(spec: JobSpec, job_id: str, finished: list[dict], metric, s
 BEST_ALIAS = "best"
 
 
-def _all_experiment_ids(mlflow_client) -> list[str]:
-    ids, token = [], None
-    while True:
-        page = mlflow_client.search_experiments(max_results=1000, page_token=token)
-        ids += [e.experiment_id for e in page]
-        token = page.token
-        if not token:
-            return ids
-
-
 def _find_sweep_run(mlflow_client, ref: str):
     from mlflow.exceptions import MlflowException
 
-    from workers.tracking import JOB_ID_TAG
+    from workers.tracking import JOB_ID_TAG, all_pages
 
     if re.fullmatch(r"[0-9a-f]{32}", ref):
         try:
@@ -442,7 +338,7 @@ def _find_sweep_run(mlflow_client, ref: str):
             pass
     if "'" in ref:
         return None
-    ids = _all_experiment_ids(mlflow_client)
+    ids = [e.experiment_id for e in all_pages(mlflow_client.search_experiments)]
     for start in range(0, len(ids), 100):
         found = mlflow_client.search_runs(ids[start:start + 100], filter_string=f"tags.`{JOB_ID_TAG}` = '{ref}'",
                                           max_results=1, order_by=["attributes.start_time ASC"])
@@ -457,25 +353,18 @@ def load_sweep(ref: str, tracking_uri: str | None = None) -> dict[str, Any]:
     Returns {"job_id", "mlflow_run_id", "status", "metric", "mode", "rows"}: one row per trial (its values,
     status and latest metrics), best first by the sweep's metric.
     """
-    from workers.tracking import JOB_ID_TAG, PARENT_RUN_TAG, client
+    from workers.tracking import JOB_ID_TAG, PARENT_RUN_TAG, all_pages, client
 
     uri = tracking_uri or settings.mlflow_tracking_uri()
     mlflow_client = client(uri)
     parent = _find_sweep_run(mlflow_client, ref)
     if parent is None:
-        raise LookupError(f"no sweep with job id or MLflow run id '{ref}' in {uri}")
+        raise SweepNotFound(f"no sweep with job id or MLflow run id '{ref}' in {uri}")
     params = parent.data.params
     if parent.data.tags.get("aeforge.kind") != "sweep" and params.get("kind") != "sweep":
-        raise LookupError(f"'{ref}' is MLflow run {parent.info.run_id}, which is not a sweep")
-    children, token = [], None
-    while True:
-        page = mlflow_client.search_runs([parent.info.experiment_id],
-                                         filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent.info.run_id}'",
-                                         max_results=1000, page_token=token)
-        children += list(page)
-        token = page.token
-        if not token:
-            break
+        raise SweepNotFound(f"'{ref}' is MLflow run {parent.info.run_id}, which is not a sweep")
+    children = all_pages(mlflow_client.search_runs, [parent.info.experiment_id],
+                         filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent.info.run_id}'")
     rows = []
     for child in children:
         row: dict[str, Any] = {}

@@ -21,19 +21,17 @@ import shlex
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import AsyncIterator, Callable, Iterable, Mapping, Protocol
 
+from jobs import ray_train
 from services.store import Decision, Holdings, Job, Store, add_resources
+from workers.protocol import PROGRESS_MARK, RESULT_MARK, parse_progress, parse_result  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
-RESULT_MARK = "AEFORGE_RESULT "
-PROGRESS_MARK = "AEFORGE_PROGRESS "
 # Ray job statuses: PENDING, RUNNING, STOPPED, SUCCEEDED, FAILED.
 RAY_TERMINAL = ("STOPPED", "SUCCEEDED", "FAILED")
 LOG_TAIL_LINES = 20
-SOURCE_ROOT = Path(__file__).resolve().parent.parent
 
 
 class LauncherUnavailable(RuntimeError):
@@ -91,33 +89,7 @@ def redact(text: str, secrets: list[str] | None = None) -> str:
     return text
 
 
-# --- log lines the job prints ---------------------------------------------------------------------------------
-
-
-def _last_marked(logs: str, mark: str) -> dict | None:
-    for line in reversed(logs.splitlines()):
-        start = line.find(mark)
-        if start >= 0:
-            try:
-                value = json.loads(line[start + len(mark):])
-            except ValueError:
-                continue
-            if isinstance(value, dict):
-                return value
-    return None
-
-
-def parse_result(logs: str) -> dict | None:
-    """The job's ``AEFORGE_RESULT {...}`` line (the last one), or None."""
-    return _last_marked(logs, RESULT_MARK)
-
-
-def parse_progress(logs: str) -> dict | None:
-    """The last ``AEFORGE_PROGRESS {"step": s, "total": t}`` line, or None."""
-    progress = _last_marked(logs, PROGRESS_MARK)
-    if progress is None or not isinstance(progress.get("step"), int):
-        return None
-    return progress
+# --- log lines the job prints (workers.protocol) -------------------------------------------------------------
 
 
 def model_version_of(result: dict) -> str | None:
@@ -131,18 +103,12 @@ def model_version_of(result: dict) -> str | None:
 
 
 def job_environment(job: Job, environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The variables a job runs with: its id, spec and attempt, and the settings it needs from this process
-    (credentials included: they go to Ray's runtime environment only, never to the table or the logs)."""
-    from workers.settings import JOB_ENV_VARS
-
-    env_in = os.environ if environ is None else environ
-    env = {name: env_in[name] for name in JOB_ENV_VARS if env_in.get(name)}
-    env["AEFORGE_HOME"] = str(Path(env_in.get("AEFORGE_HOME", ".aeforge")).expanduser().resolve())
+    """The variables a job runs with: the settings every job gets (jobs.ray_train.job_environment), and its id,
+    spec (the JSON stored at submission) and attempt."""
+    env = ray_train.job_environment(environ)
     env["AEFORGE_JOB_ID"] = job.id
     env["AEFORGE_JOB_SPEC"] = job.spec_json
     env["AEFORGE_ATTEMPT"] = str(job.attempts)
-    # The job imports the same source tree as this service, installed or not.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SOURCE_ROOT), env_in.get("PYTHONPATH", "")) if p)
     return env
 
 

@@ -13,9 +13,6 @@ start the same job, nor admit two jobs into the same free resources.
 from __future__ import annotations
 
 import logging
-import re
-import secrets
-import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -46,6 +43,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.types import TypeDecorator
+
+from workers.protocol import new_job_id  # noqa: F401 (the one job-id format, re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -286,13 +285,6 @@ def utcnow() -> datetime:
 
 def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
-
-
-def new_job_id(name: str) -> str:
-    """``<name slug>-<UTC time>-<random>``: readable, sortable by time, unique."""
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    slug = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:48] or "job"
-    return f"{slug}-{stamp}-{secrets.token_hex(3)}"
 
 
 def submission_id_for(job_id: str, attempt: int) -> str:

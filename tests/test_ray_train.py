@@ -94,8 +94,7 @@ def env(ray_cluster, s3_server, mlflow_server, tmp_path_factory):
     s3.create_bucket(Bucket=bucket)
     home = tmp_path_factory.mktemp("aeforge-home")
     with pytest.MonkeyPatch.context() as mp:
-        for name in ("RAY_ADDRESS", "AEFORGE_TEST_HOOK_WORKER_EXIT"):
-            mp.delenv(name, raising=False)
+        mp.delenv("RAY_ADDRESS", raising=False)
         point_aeforge_at_s3(mp, s3_server, bucket, home)
         mp.setenv("MLFLOW_TRACKING_URI", str(mlflow_server))
         source = tmp_path_factory.mktemp("data") / "shapes16.npz"
@@ -275,11 +274,11 @@ def test_a_worker_killed_mid_run_resumes_from_the_last_checkpoint(env, tmp_path,
     """Rank 1 exits abruptly (os._exit) at step 30 of its first attempt; Ray Train restarts the worker group
     (FailureConfig.max_failures = 1), which resumes from the checkpoint of step 20 and ends at step 40."""
     from jobs.run import run_train_on_ray
-    from workers.ray_worker import TEST_HOOK_WORKER_EXIT
+    from tests.fixtures import worker_exit
     from workers.tracking import client
 
     marker = tmp_path / "rank1-exited"
-    monkeypatch.setenv(TEST_HOOK_WORKER_EXIT, f"1:30:{marker}")
+    worker_exit.install(monkeypatch, tmp_path / "fault", rank=1, step=30, marker=marker)
     spec = tiny_spec(model_name="raytest-fault", alias="candidate")
     job_id = new_job_id("fault")
 

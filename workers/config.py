@@ -16,6 +16,8 @@ Architecture = Literal["mlp", "conv28", "conv64"]
 
 # Variants whose encoder is a Gaussian posterior q(z|x) with a N(0, I) prior.
 STOCHASTIC_VARIANTS = ("vae", "beta_vae", "beta_tcvae")
+# Variants with a beta: the weight on the KL (beta_vae) or on the total correlation (beta_tcvae).
+BETA_VARIANTS = ("beta_vae", "beta_tcvae")
 
 
 class StrictModel(BaseModel):
@@ -49,14 +51,14 @@ class ModelConfig(StrictModel):
             raise ValueError(f"'corruption' is only for variant 'dae', not '{self.variant}'")
         if self.tc_estimator is not None and self.variant != "beta_tcvae":
             raise ValueError(f"'tc_estimator' is only for variant 'beta_tcvae', not '{self.variant}'")
-        if self.beta is not None and self.variant not in ("beta_vae", "beta_tcvae"):
+        if self.beta is not None and self.variant not in BETA_VARIANTS:
             raise ValueError(f"'beta' is only for variants 'beta_vae' and 'beta_tcvae', not '{self.variant}'")
         return self
 
     # Resolved values: the defaults each variant uses when a field is left out.
     @property
     def effective_beta(self) -> float:
-        if self.variant not in ("beta_vae", "beta_tcvae"):
+        if self.variant not in BETA_VARIANTS:
             return 1.0  # a plain VAE is a beta-VAE with beta = 1; autoencoders have no KL term
         return 4.0 if self.beta is None else self.beta
 

@@ -13,11 +13,19 @@ import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import yaml
 
 from workers import settings
+from workers.errors import AeforgeError
+
+
+
+class TrackingError(AeforgeError, ValueError):
+    """What MLflow holds refuses the job: a deleted experiment of the job's name, a changed spec under a job id
+    whose run already has other params, a param that looks like a secret."""
+
 
 JOB_ID_TAG = "aeforge.job_id"
 PARENT_RUN_TAG = "mlflow.parentRunId"
@@ -128,7 +136,7 @@ def ensure_experiment(name: str, tracking_uri: str | None = None) -> str:
             if experiment is None:
                 raise
     if experiment.lifecycle_stage == "deleted":
-        raise ValueError(
+        raise TrackingError(
             f"MLflow experiment '{name}' (id {experiment.experiment_id}) is deleted in {uri}; restore it "
             f"(mlflow experiments restore --experiment-id {experiment.experiment_id}) or remove it for good "
             f"(mlflow gc) before running a job named '{name}'"
@@ -139,7 +147,7 @@ def ensure_experiment(name: str, tracking_uri: str | None = None) -> str:
 def find_run(experiment_id: str, job_id: str, tracking_uri: str | None = None) -> str | None:
     """The id of the run tagged aeforge.job_id = ``job_id`` in the experiment, or None."""
     if "'" in job_id:
-        raise ValueError(f"job id {job_id!r} contains a quote; job ids are letters, digits, '.', '_' and '-'")
+        raise TrackingError(f"job id {job_id!r} contains a quote; job ids are letters, digits, '.', '_' and '-'")
     runs = client(tracking_uri).search_runs(
         [experiment_id], filter_string=f"tags.`{JOB_ID_TAG}` = '{job_id}'", max_results=1,
         order_by=["attributes.start_time ASC"],
@@ -212,14 +220,14 @@ class MlflowRun:
 
         secret = sorted(k for k in params if looks_secret(k))
         if secret:
-            raise ValueError(f"refusing to log params that look like secrets: {', '.join(secret)}")
+            raise TrackingError(f"refusing to log params that look like secrets: {', '.join(secret)}")
         existing = self.client.get_run(self.run_id).data.params
         new: list[Param] = []
         for key, value in params.items():
             text = param_value(value)
             if key in existing:
                 if existing[key] != text:
-                    raise ValueError(
+                    raise TrackingError(
                         f"param '{key}' is already {existing[key]!r} on MLflow run {self.run_id} and cannot change "
                         f"to {text!r}; run the changed spec under a new job id"
                     )
@@ -248,12 +256,39 @@ class MlflowRun:
             raise ValueError(f"cannot log artifacts from {local_dir}: not a folder")
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
 
-    def log_file(self, local_file: str | Path, artifact_path: str | None = None) -> None:
-        local_file = Path(local_file)
-        if not local_file.is_file():
-            raise ValueError(f"cannot log artifact {local_file}: no such file")
-        self.client.log_artifact(self.run_id, str(local_file), artifact_path)
-
     def terminate(self, status: str = "FINISHED") -> None:
         """End the run: FINISHED, FAILED or KILLED."""
         self.client.set_terminated(self.run_id, status=status)
+
+    def mark_running(self) -> None:
+        self.client.update_run(self.run_id, status="RUNNING")
+
+    # --- the run's end, as a context --------------------------------------------------------------------------
+    def __enter__(self) -> "MlflowRun":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """End the run as the block ended: FINISHED; KILLED on KeyboardInterrupt (Ctrl-C, or a cancelled queue job,
+        whose entry point turns Ray's SIGTERM into KeyboardInterrupt); FAILED on any other exception. A run that
+        is not RUNNING when the block fails (a finished job's run, refusing a changed spec) is left as it was."""
+        if exc_type is None:
+            self.terminate("FINISHED")
+            return
+        try:
+            if self.client.get_run(self.run_id).info.status == "RUNNING":
+                self.terminate("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+        except Exception as end_error:  # the block's own error is the one to show
+            print(f"aeforge: could not end MLflow run {self.run_id}: {end_error}", flush=True)
+
+
+def all_pages(search: Callable[..., Any], *args: Any, **kwargs: Any) -> list:
+    """Every result of an MLflow search that pages (search_runs, search_experiments, search_model_versions,
+    search_registered_models), following its page tokens."""
+    items: list = []
+    token = None
+    while True:
+        page = search(*args, max_results=1000, page_token=token, **kwargs)
+        items += list(page)
+        token = page.token
+        if not token:
+            return items

@@ -6,6 +6,7 @@ such as ``s3://bucket/key`` or a pushed data set's name to a local path), which 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -20,7 +21,7 @@ from workers.data.npz import read_npz, read_npz_header
 
 __all__ = [
     "BUILTINS", "DataError", "ImageDataset", "builtin_names", "check_source", "infer_format", "open_dataset",
-    "read_local", "shard", "take_first", "train_val_split",
+    "PreparedData", "prepare", "read_local", "shard", "take_first", "train_val_split",
 ]
 
 BUILTIN_PREFIX = "builtin:"
@@ -170,3 +171,18 @@ def shard(dataset: ImageDataset, rank: int, world_size: int, seed: int) -> Image
     rows = torch.randperm(n, generator=gen)[rank * per_rank:(rank + 1) * per_rank].sort().values
     return dataset.subset(rows)
 
+
+
+@dataclass
+class PreparedData:
+    full: ImageDataset
+    train: ImageDataset
+    val: ImageDataset
+
+
+def prepare(config: DataConfig, seed: int, resolve: Resolver | None = None) -> PreparedData:
+    """Open the data and split it; the split depends on the seed only, so every worker gets the same one. With
+    ``val_fraction: 0`` the evaluation uses the training data."""
+    full = open_dataset(config, resolve=resolve)
+    train_part, val_part = train_val_split(full, config.val_fraction, seed)
+    return PreparedData(full=full, train=train_part, val=val_part if len(val_part) else train_part)

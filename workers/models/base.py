@@ -14,10 +14,15 @@ import torch
 from torch import nn
 
 from workers.config import ModelConfig
+from workers.errors import AeforgeError
 
 # Collects a tensor from every DDP rank along dim 0, keeping gradients for the local part
 # (torch.distributed.nn.functional.all_gather). None when running in one process.
 GatherFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class NoPrior(AeforgeError, ValueError):
+    """Sampling asked of a deterministic autoencoder, which has no prior."""
 
 
 @dataclass
@@ -94,7 +99,7 @@ class Autoencoder(nn.Module):
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images decoded from z ~ N(0, I). Only the VAE family has that prior."""
         if not self.stochastic:
-            raise ValueError(f"variant '{self.variant}' has no prior to sample from; use a vae, beta_vae or beta_tcvae")
+            raise NoPrior(f"variant '{self.variant}' has no prior to sample from; use a vae, beta_vae or beta_tcvae")
         device = next(self.parameters()).device
         z = torch.randn(n, self.latent_dim, device=device, generator=generator)
         return self.decode(z)

@@ -1,0 +1,112 @@
+"""The Ray Train plumbing that a train job and each sweep trial share: joining the cluster, the settings a job's
+processes get, building a TorchTrainer, and running it so that a worker's own error is what the user sees.
+
+The job spec crosses into the Ray workers as the typed :class:`~jobs.spec.JobSpec` object itself (Ray pickles it),
+never as YAML or JSON text to be parsed again.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+from jobs.spec import JobSpec
+from workers import settings
+
+SOURCE_ROOT = Path(__file__).resolve().parent.parent
+
+
+def job_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The settings a job's processes need, taken from ``environ`` (default: this process's environment): storage,
+    MLflow, AEFORGE_HOME as an absolute path, and this source tree on PYTHONPATH so that Ray's processes import the
+    same packages as this one."""
+    env_in = os.environ if environ is None else environ
+    env = {name: env_in[name] for name in settings.JOB_ENV_VARS if env_in.get(name)}
+    env["AEFORGE_HOME"] = str(Path(env_in.get("AEFORGE_HOME", ".aeforge")).expanduser().resolve())
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SOURCE_ROOT), env_in.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def connect_ray() -> None:
+    """Join RAY_ADDRESS's cluster, or start a local Ray sized to this machine (the embedded default)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        # A Ray Job's driver (the queue launched us): the job's runtime env, with these settings, is already in
+        # force, and Ray refuses a second one that sets the same variables.
+        ray.init(address=settings.ray_address() or "auto", log_to_driver=True)
+        return
+    # "local": a new Ray on this machine even if another one runs here (ray.init(None) would join the last
+    # cluster `ray start` recorded in /tmp/ray, which is not what "no RAY_ADDRESS" means).
+    ray.init(address=settings.ray_address() or "local", runtime_env={"env_vars": job_environment()},
+             log_to_driver=True)
+
+
+def cluster_resources() -> dict[str, float]:
+    import ray
+
+    return {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+
+
+def build_trainer(spec: JobSpec, run_name: str, storage, mlflow_run_id: str | None, callbacks=()):
+    """One TorchTrainer for a `train` spec (or one sweep trial); the Train run is named after the job/trial id,
+    so running the same id again resumes from its last checkpoint."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from workers.ray_worker import WorkerJob, train_loop_per_worker
+
+    fs, base = storage.pyarrow_filesystem()
+    r = spec.resources
+    job = WorkerJob(spec=spec, run_name=run_name, mlflow_run_id=mlflow_run_id,
+                    mlflow_tracking_uri=settings.mlflow_tracking_uri())
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job},
+        scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=r.gpus_per_worker > 0,
+                                     resources_per_worker=r.per_worker()),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=f"{base}/ray",
+            storage_filesystem=fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.train.num_to_keep),
+            failure_config=FailureConfig(max_failures=spec.train.max_failures),
+            callbacks=list(callbacks),
+            # Settings as this driver sees them now, whenever the cluster was started.
+            worker_runtime_env={"env_vars": job_environment()},
+        ),
+    )
+
+
+def user_error(exc: BaseException) -> BaseException:
+    """The error to show for a failed fit: a worker's own DataError or TrainingDiverged (whose message is the whole
+    story) rather than Ray's wrapper around it; anything else as Ray raised it."""
+    from ray.train import WorkerGroupError
+
+    from workers.data.base import DataError
+    from workers.loop import TrainingDiverged
+
+    if isinstance(exc, WorkerGroupError):
+        for _, failure in sorted(exc.worker_failures.items()):
+            cause, seen = failure, 0
+            while cause is not None and not isinstance(cause, (DataError, TrainingDiverged)) and seen < 10:
+                # Ray wraps a worker's exception (UserExceptionWithTraceback._base_exc, RayTaskError.cause).
+                cause = getattr(cause, "_base_exc", None) or getattr(cause, "cause", None) or cause.__cause__
+                seen += 1
+            if isinstance(cause, (DataError, TrainingDiverged)):
+                return cause
+    return exc
+
+
+def fit(trainer):
+    """``trainer.fit()`` (which raises on a failed run on Ray 2.60), showing a worker's own error (user_error)."""
+    try:
+        return trainer.fit()
+    except Exception as exc:
+        shown = user_error(exc)
+        if shown is exc:
+            raise
+        raise shown from exc
