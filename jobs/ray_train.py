@@ -13,6 +13,7 @@ from typing import Mapping
 
 from jobs.spec import JobSpec
 from workers import settings
+from workers.errors import AeforgeError
 
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,11 +39,29 @@ def connect_ray() -> None:
         # A Ray Job's driver (the queue launched us): the job's runtime env, with these settings, is already in
         # force, and Ray refuses a second one that sets the same variables.
         ray.init(address=settings.ray_address() or "auto", log_to_driver=True)
-        return
-    # "local": a new Ray on this machine even if another one runs here (ray.init(None) would join the last
-    # cluster `ray start` recorded in /tmp/ray, which is not what "no RAY_ADDRESS" means).
-    ray.init(address=settings.ray_address() or "local", runtime_env={"env_vars": job_environment()},
-             log_to_driver=True)
+    else:
+        # "local": a new Ray on this machine even if another one runs here (ray.init(None) would join the last
+        # cluster `ray start` recorded in /tmp/ray, which is not what "no RAY_ADDRESS" means).
+        ray.init(address=settings.ray_address() or "local", runtime_env={"env_vars": job_environment()},
+                 log_to_driver=True)
+    _stop_on_sigterm()
+
+
+def _stop_on_sigterm() -> None:
+    """Ray stops a job (`ray job stop`, a cancel in the queue) with SIGTERM to its driver, and ray.init has just
+    put its own SIGTERM handler in place (it logs and dies). Take it back: the job ends as on Ctrl-C, through the
+    `with` blocks that mark its MLflow runs KILLED, well inside the seconds Ray waits before SIGKILL."""
+    import signal
+    import threading
+
+    from workers.tracking import STOP_REQUESTED
+
+    def stop(signum, frame):
+        STOP_REQUESTED.set()
+        raise KeyboardInterrupt(f"job stopped (signal {signum})")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
 
 
 def cluster_resources() -> dict[str, float]:
@@ -82,21 +101,18 @@ def build_trainer(spec: JobSpec, run_name: str, storage, mlflow_run_id: str | No
 
 
 def user_error(exc: BaseException) -> BaseException:
-    """The error to show for a failed fit: a worker's own DataError or TrainingDiverged (whose message is the whole
-    story) rather than Ray's wrapper around it; anything else as Ray raised it."""
+    """The error to show for a failed fit: a worker's own AeforgeError (a DataError, TrainingDiverged, StorageError:
+    its message is the whole story) rather than Ray's wrapper around it; anything else as Ray raised it."""
     from ray.train import WorkerGroupError
-
-    from workers.data.base import DataError
-    from workers.loop import TrainingDiverged
 
     if isinstance(exc, WorkerGroupError):
         for _, failure in sorted(exc.worker_failures.items()):
             cause, seen = failure, 0
-            while cause is not None and not isinstance(cause, (DataError, TrainingDiverged)) and seen < 10:
+            while cause is not None and not isinstance(cause, AeforgeError) and seen < 10:
                 # Ray wraps a worker's exception (UserExceptionWithTraceback._base_exc, RayTaskError.cause).
                 cause = getattr(cause, "_base_exc", None) or getattr(cause, "cause", None) or cause.__cause__
                 seen += 1
-            if isinstance(cause, (DataError, TrainingDiverged)):
+            if isinstance(cause, AeforgeError):
                 return cause
     return exc
 

@@ -8,7 +8,6 @@ metrics.json (final numbers), checkpoints/ and pictures/.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -113,12 +112,6 @@ def run_job(spec: JobSpec, job_id: str) -> dict:
     return run_train_on_ray(spec, job_id)
 
 
-def _cancelled(signum, frame) -> None:
-    # Ray stops a job (`ray job stop`, a cancel in the queue) with SIGTERM to its driver: end like Ctrl-C, so the
-    # MLflow run is marked KILLED rather than left RUNNING or marked FAILED.
-    raise KeyboardInterrupt(f"job stopped (signal {signum})")
-
-
 def main(argv: list[str] | None = None) -> int:
     """`python -m jobs.run <job id>`: the queue's fixed entry point. The spec comes in AEFORGE_JOB_SPEC as the JSON
     the queue stored when the job was submitted."""
@@ -131,7 +124,6 @@ def main(argv: list[str] | None = None) -> int:
     if not text:
         print(f"job {job_id}: AEFORGE_JOB_SPEC is not set; the queue passes the spec in the job's environment", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _cancelled)
     try:
         spec = parse_spec_json(text, f"job {job_id}")
         outcome = run_job(spec, job_id)

@@ -15,18 +15,20 @@ import json
 import logging
 import threading
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable, Literal
+from datetime import datetime
+from typing import Any, AsyncIterator, Callable, Literal, get_type_hints
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.concurrency import run_in_threadpool
 
 from services.dispatcher import Dispatcher, JobLauncher, LauncherUnavailable, parse_progress, redact
 from services.settings import Principal, ServiceSettings
 from services.store import STATES, InvalidTransition, Job, JobNotFound, Store, submission_id_for
+from workers.errors import AeforgeError
 
 log = logging.getLogger(__name__)
 
@@ -56,28 +58,26 @@ class EventOut(BaseModel):
     reason: str
 
 
-class JobOut(BaseModel):
-    id: str
-    name: str
-    owner: str
-    kind: str
-    priority: int
-    resources: dict[str, float]
-    state: Literal["queued", "starting", "running", "succeeded", "failed", "cancelled"]
-    cancel_requested: bool
-    cancel_requested_by: str | None
-    attempts: int
-    max_attempts: int
-    ray_submission_id: str | None
-    mlflow_run_id: str | None
-    model_version: str | None
-    result: dict[str, Any] | None
-    error: str | None
-    idempotency_key: str | None
-    created_at: str
-    updated_at: str
-    started_at: str | None
-    finished_at: str | None
+def _job_out_fields() -> dict[str, Any]:
+    """The store's :class:`Job` fields as :meth:`Job.to_dict` gives them (times as ISO 8601 text, no spec), with
+    the state as one of STATES and ``cancel_requested`` after it: one list of a job's fields, the store's."""
+    shown: dict[str, Any] = {}
+    for name, annotation in get_type_hints(Job).items():
+        if name in ("seq", "spec_text", "spec_json"):
+            continue
+        if name == "state":
+            annotation = Literal[STATES]
+        elif annotation == datetime:
+            annotation = str
+        elif annotation == datetime | None:
+            annotation = str | None
+        shown[name] = (annotation, ...)
+        if name == "state":
+            shown["cancel_requested"] = (bool, ...)
+    return shown
+
+
+JobOut = create_model("JobOut", **_job_out_fields())
 
 
 class JobDetailOut(JobOut):
@@ -276,7 +276,7 @@ def create_app(
         spec_text = body.spec if isinstance(body.spec, str) else json.dumps(body.spec)
         try:
             spec = validate(spec_text, "<request>")
-        except ValueError as exc:
+        except (AeforgeError, ValueError) as exc:  # a SpecError, or a plain ValueError from another validator
             errors = _spec_errors(exc)
             if errors is None:
                 errors = [{"loc": "<spec>", "msg": str(exc)}]

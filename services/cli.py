@@ -1,56 +1,52 @@
 """The `aeforge` command line (Typer + rich).
 
-Spec errors, data errors and configuration errors print a plain message and exit with code 2; they never
-show a traceback.
+Errors a user can act on (an AeforgeError: a bad spec, data, setting, storage, unknown model or job) print one
+plain message and exit with code 2, never a traceback; anything else is a bug in aeforge and prints its traceback
+and a line saying so (exit code 1). See services.cli_errors.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="aeforge: train the autoencoder family on Ray, tracked in MLflow.")
+from services.cli_errors import ErrorHandlingGroup, fail
+
+app = typer.Typer(cls=ErrorHandlingGroup, add_completion=False, no_args_is_help=True,
+                  help="aeforge: train the autoencoder family on Ray, tracked in MLflow.")
 console = Console()
-err_console = Console(stderr=True)
 
 
-def fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def load_spec_or_exit(path: Path):
-    from jobs.spec import SpecError, load_spec
+@contextmanager
+def _spec_named(path: Path) -> Iterator[None]:
+    """A SpecError raised past the parsing stage (the data check) names the spec file it is about."""
+    from jobs.spec import SpecError
 
     try:
-        return load_spec(path)
+        yield
     except SpecError as exc:
-        err_console.print(f"[bold red]{exc.source}[/bold red]: {len(exc.errors)} error(s)", highlight=False)
-        for e in exc.errors:
-            err_console.print(f"  [yellow]{e['loc']}[/yellow]: {e['msg']}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2)
+        if exc.source != "<spec>":
+            raise
+        raise SpecError(exc.errors, str(path)) from exc
 
 
 @app.command()
 def validate(spec_path: Path = typer.Argument(..., metavar="SPEC", help="job spec (YAML or JSON)"),
              data: bool = typer.Option(True, "--data/--no-data", help="also open the data source and check the model fits it")) -> None:
     """Check a job spec: prints OK, or every error with its field path (exit code 2)."""
-    from jobs.spec import SpecError, check_data
+    from jobs.spec import check_data, load_spec
 
-    spec = load_spec_or_exit(spec_path)
+    spec = load_spec(spec_path)
     if data:
-        try:
+        with _spec_named(spec_path):
             info = check_data(spec, resolve=_resolver())
-        except SpecError as exc:
-            for e in exc.errors:
-                err_console.print(f"[bold red]{spec_path}[/bold red] [yellow]{e['loc']}[/yellow]: {e['msg']}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2)
         console.print(f"OK  {spec.name} ({spec.kind}, {spec.model.variant}/{spec.model.architecture}); data: "
                       f"{info['num_examples']} examples of {'x'.join(map(str, info['image_shape']))}", highlight=False)
     else:
@@ -67,10 +63,8 @@ def schema() -> None:
 
 def _resolver():
     """The function that turns a data source into a local path (S3 and dataset names need storage)."""
-    try:
-        from workers.storage import resolver_from_settings
-    except ImportError:
-        return None
+    from workers.storage import resolver_from_settings
+
     return resolver_from_settings()
 
 
@@ -80,14 +74,12 @@ def run(spec_path: Path = typer.Argument(..., metavar="SPEC"),
         local: bool = typer.Option(False, "--local", help="one process, no Ray, no MLflow (debugging)")) -> None:
     """Run a job here: on a local Ray (or RAY_ADDRESS's cluster), tracked in MLflow; prints where the results are."""
     from jobs.run import new_job_id, run_dir_for, run_in_process, run_job
-    from jobs.spec import SpecError
-    from workers.data.base import DataError
-    from workers.loop import TrainingDiverged
+    from jobs.spec import load_spec
 
-    spec = load_spec_or_exit(spec_path)
+    spec = load_spec(spec_path)
     job_id = job_id or new_job_id(spec.name)
     console.print(f"job [bold]{job_id}[/bold]  ({spec.kind}, {spec.model.variant}/{spec.model.architecture}, latent {spec.model.latent_dim})", highlight=False)
-    try:
+    with _spec_named(spec_path):
         if local:
             if spec.kind != "train":
                 fail("--local runs train jobs only; a sweep needs Ray")
@@ -99,12 +91,6 @@ def run(spec_path: Path = typer.Argument(..., metavar="SPEC"),
                 console.print(f"  picture {name}: {path}", highlight=False, soft_wrap=True)
             return
         outcome = run_job(spec, job_id)
-    except SpecError as exc:
-        fail("\n".join(f"{e['loc']}: {e['msg']}" for e in exc.errors))
-    except (DataError, TrainingDiverged) as exc:
-        fail(str(exc))
-    except _operational_errors() as exc:
-        fail(str(exc))
     if spec.kind == "sweep":
         _print_sweep_rows(outcome["trials"], spec.sweep.metric.name, spec.sweep.metric.mode)
     else:
@@ -115,18 +101,6 @@ def run(spec_path: Path = typer.Argument(..., metavar="SPEC"),
         console.print(f"registered model: [bold]{model['name']}[/bold] version {model['version']} alias @{model['alias']}  ({model['model_uri']})", highlight=False, soft_wrap=True)
     if outcome.get("pictures"):
         console.print(f"pictures: {outcome['pictures']}", highlight=False, soft_wrap=True)
-
-
-def _operational_errors() -> tuple[type[Exception], ...]:
-    """Errors whose message is the whole story (storage preflight, registry look-ups, cluster too small)."""
-    errors: list[type[Exception]] = [ValueError, LookupError]
-    try:
-        from workers.storage import StorageError
-
-        errors.append(StorageError)
-    except ImportError:
-        pass
-    return tuple(errors)
 
 
 def _tracking_uri() -> str:
@@ -170,7 +144,7 @@ def _cell(value) -> str:
     return str(value)
 
 
-sweep_app = typer.Typer(no_args_is_help=True, help="Sweep results.")
+sweep_app = typer.Typer(cls=ErrorHandlingGroup, no_args_is_help=True, help="Sweep results.")
 app.add_typer(sweep_app, name="sweep")
 
 
@@ -182,12 +156,7 @@ def sweep_results_command(ref: str = typer.Argument(..., metavar="JOB_OR_RUN", h
     """The results table of a finished or running sweep, best trial first."""
     from jobs.sweep import load_sweep, write_results_csv
 
-    try:
-        sweep = load_sweep(ref)
-    except LookupError as exc:
-        fail(str(exc))
-    except _operational_errors() as exc:
-        fail(str(exc))
+    sweep = load_sweep(ref)
     rows = sweep["rows"]
     if not rows:
         fail(f"sweep {sweep['job_id']} (MLflow run {sweep['mlflow_run_id']}, {sweep['status']}) has no trials yet")
@@ -212,17 +181,15 @@ def bench(spec_path: Path = typer.Argument(..., metavar="SPEC"),
                                                "(local Ray, or RAY_ADDRESS's cluster; resources per worker from the spec)")) -> None:
     """Training throughput (images/s) of aeforge's loop next to a plain PyTorch loop, same model, same device;
     with --ray-workers N, also on Ray Train (N DDP workers), so Ray's overhead per step shows."""
-    from workers.bench import run_benchmark
+    from benchmarks.bench_train import run_benchmark
+    from jobs.spec import load_spec
 
-    spec = load_spec_or_exit(spec_path)
-    try:
-        if ray_workers:
-            from jobs.run import connect_ray
+    spec = load_spec(spec_path)
+    if ray_workers:
+        from jobs.ray_train import connect_ray
 
-            connect_ray()
-        report = run_benchmark(spec, steps=steps, warmup=warmup, resolve=_resolver(), ray_workers=ray_workers)
-    except Exception as exc:  # a benchmark reports what stopped it, plainly
-        fail(f"benchmark failed: {exc}")
+        connect_ray()
+    report = run_benchmark(spec, steps=steps, warmup=warmup, resolve=_resolver(), ray_workers=ray_workers)
     table = Table(title=f"throughput on {report['device']} ({spec.model.variant}/{spec.model.architecture}, batch {spec.train.batch_size})")
     table.add_column("loop")
     table.add_column("images/s", justify="right")

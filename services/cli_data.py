@@ -1,7 +1,8 @@
 """The `aeforge data` commands: push files as a named dataset to storage, list the datasets, remove one.
 
 ``register(app)`` mounts them as the ``data`` sub-command. Storage comes from the settings (AEFORGE_STORAGE,
-AEFORGE_S3_ENDPOINT_URL, the AWS keys). Errors print one plain message and exit with code 2.
+AEFORGE_S3_ENDPOINT_URL, the AWS keys). A storage error prints one plain message and exits with code 2 (see
+services.cli_errors).
 """
 
 from __future__ import annotations
@@ -14,22 +15,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from services.cli_errors import ErrorHandlingGroup
+
 console = Console()
-err_console = Console(stderr=True)
-
-
-def fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def _storage():
-    from workers.storage import Storage, StorageError
+    from workers.storage import Storage
 
-    try:
-        return Storage.from_settings()
-    except StorageError as exc:
-        fail(str(exc))
+    return Storage.from_settings()
 
 
 def push(
@@ -39,16 +33,13 @@ def push(
     format: Optional[str] = typer.Option(None, "--format", help="idx | npz | folder (default: inferred from the first file)"),
 ) -> None:
     """Upload files to storage as dataset NAME (the manifest is written last)."""
-    from workers.storage import StorageError, human_size
+    from workers.storage import human_size
 
     storage = _storage()
-    try:
-        storage.preflight()
-        with console.status("uploading") as status:
-            manifest = storage.push(paths, name, overwrite=overwrite, format=format,
-                                    progress=lambda relpath: status.update(f"uploading {relpath}"))
-    except StorageError as exc:
-        fail(str(exc))
+    storage.preflight()
+    with console.status("uploading") as status:
+        manifest = storage.push(paths, name, overwrite=overwrite, format=format,
+                                progress=lambda relpath: status.update(f"uploading {relpath}"))
     console.print(f"pushed [bold]{escape(manifest['name'])}[/bold]: {len(manifest['files'])} file(s), "
                   f"{human_size(manifest['size'])}, format {manifest['format']} -> "
                   f"{storage.uri('datasets/' + manifest['name'])}", highlight=False, soft_wrap=True)
@@ -56,13 +47,10 @@ def push(
 
 def ls() -> None:
     """List the datasets in storage."""
-    from workers.storage import StorageError, human_size
+    from workers.storage import human_size
 
     storage = _storage()
-    try:
-        manifests = storage.ls()
-    except StorageError as exc:
-        fail(str(exc))
+    manifests = storage.ls()
     if not manifests:
         console.print(f"no datasets in {storage.uri('datasets')}", highlight=False, soft_wrap=True)
         return
@@ -80,19 +68,13 @@ def ls() -> None:
 
 def rm(name: str = typer.Argument(..., metavar="NAME")) -> None:
     """Delete dataset NAME from storage."""
-    from workers.storage import StorageError
-
-    storage = _storage()
-    try:
-        deleted = storage.rm(name)
-    except StorageError as exc:
-        fail(str(exc))
+    deleted = _storage().rm(name)
     console.print(f"removed {name} ({deleted} object(s))", highlight=False)
 
 
 def register(app: typer.Typer) -> None:
     """Add the `data` sub-command (push, ls, rm) to the main app."""
-    data_app = typer.Typer(no_args_is_help=True, help="Datasets in storage: push, ls, rm.")
+    data_app = typer.Typer(cls=ErrorHandlingGroup, no_args_is_help=True, help="Datasets in storage: push, ls, rm.")
     data_app.command("push")(push)
     data_app.command("ls")(ls)
     data_app.command("rm")(rm)

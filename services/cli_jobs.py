@@ -1,8 +1,8 @@
 """The queue commands of the `aeforge` CLI: serve, submit, jobs, status, logs, cancel, retry.
 
 ``register(app)`` mounts them on the main Typer app. Every command but ``serve`` talks to the service over HTTP
-(AEFORGE_API_URL, AEFORGE_API_TOKEN). Errors from the service print as one plain message (exit code 2); a job
-followed to its end exits 0 if it succeeded, 1 otherwise.
+(AEFORGE_API_URL, AEFORGE_API_TOKEN). Errors from the service and in the settings print as one plain message (exit
+code 2; see services.cli_errors); a job followed to its end exits 0 if it succeeded, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import typer
 from rich import box
@@ -20,45 +20,21 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from services.cli_errors import fail, handle_errors
 from services.client import AeforgeClient, ApiError
 from services.dispatcher import PROGRESS_MARK, parse_progress
-from services.settings import ServiceSettings, SettingsError
+from services.settings import ServiceSettings
 from services.store import STATES, TERMINAL_STATES
 
 console = Console()
-err_console = Console(stderr=True)
 
 STATE_STYLES = {"queued": "cyan", "starting": "yellow", "running": "bold yellow", "succeeded": "green",
                 "failed": "bold red", "cancelled": "magenta"}
 
 
-def fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
 def make_client() -> AeforgeClient:
     """The API client from settings (a seam: tests put a client over an in-process app here)."""
     return AeforgeClient.from_settings(ServiceSettings.load())
-
-
-def _client() -> AeforgeClient:
-    try:
-        return make_client()
-    except SettingsError as exc:
-        fail(str(exc))
-
-
-def _call(fn: Callable, *args, **kwargs):
-    try:
-        return fn(*args, **kwargs)
-    except ApiError as exc:
-        if not exc.errors:
-            fail(str(exc))
-        err_console.print(f"[bold red]error:[/bold red] {str(exc).splitlines()[0]}", highlight=False, soft_wrap=True)
-        for e in exc.errors:
-            err_console.print(f"  [yellow]{e.get('loc', '')}[/yellow]: {e.get('msg', '')}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2)
 
 
 def styled(state: str) -> str:
@@ -92,10 +68,7 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
     """Run the queue service: the API, the dispatcher, and a local Ray head when RAY_ADDRESS is not set."""
     from services.api import run_service
 
-    try:
-        settings = ServiceSettings.load()
-    except SettingsError as exc:
-        fail(str(exc))
+    settings = ServiceSettings.load()
     console.print(f"aeforge service on http://{host}:{port}  (database {settings.db_url.split('://')[0]}, "
                   f"Ray {settings.ray_address or 'local head'}; API docs at /docs)", highlight=False, soft_wrap=True)
     run_service(settings, host=host, port=port, dispatch=dispatch)
@@ -112,8 +85,8 @@ def submit(spec_path: Path = typer.Argument(..., metavar="SPEC", help="job spec 
         text = spec_path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         fail(f"cannot read {spec_path}: {exc}")
-    client = _client()
-    job = _call(client.submit, text, priority=priority, idempotency_key=idempotency_key, max_attempts=max_attempts)
+    client = make_client()
+    job = client.submit(text, priority=priority, idempotency_key=idempotency_key, max_attempts=max_attempts)
     print(job["id"], flush=True)
     if follow:
         state = follow_job(client, job["id"])
@@ -126,7 +99,7 @@ def jobs(state: Optional[list[str]] = typer.Option(None, "--state", "-s", help=f
          limit: int = typer.Option(50, min=1, max=500),
          offset: int = typer.Option(0, min=0)) -> None:
     """List jobs, newest first."""
-    page = _call(_client().list_jobs, states=state, owner=owner, name=name, limit=limit, offset=offset)
+    page = make_client().list_jobs(states=state, owner=owner, name=name, limit=limit, offset=offset)
     items = page["items"]
     table = Table(title=f"jobs {offset + 1 if items else 0}-{offset + len(items)} of {page['total']}",
                   box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
@@ -154,7 +127,7 @@ def jobs(state: Optional[list[str]] = typer.Option(None, "--state", "-s", help=f
 
 def status(job_id: str = typer.Argument(..., metavar="ID")) -> None:
     """A job's state, results and every state change."""
-    job = _call(_client().get, job_id, progress=True)
+    job = make_client().get(job_id, progress=True)
     summary = Table(show_header=False, box=None)
     summary.add_column(style="bold")
     summary.add_column()
@@ -189,20 +162,17 @@ def logs(job_id: str = typer.Argument(..., metavar="ID"),
          follow: bool = typer.Option(False, "--follow", "-f", help="keep printing until the job ends"),
          attempt: Optional[int] = typer.Option(None, "--attempt", min=1, help="default: the latest")) -> None:
     """A job's log (from its Ray job)."""
-    client = _client()
+    client = make_client()
     if not follow:
-        console.out(_call(client.logs, job_id, attempt=attempt), end="", highlight=False)
+        console.out(client.logs(job_id, attempt=attempt), end="", highlight=False)
         return
-    try:
-        for chunk in client.follow_logs(job_id, attempt=attempt):
-            console.out(chunk, end="", highlight=False)
-    except ApiError as exc:
-        fail(str(exc))
+    for chunk in client.follow_logs(job_id, attempt=attempt):
+        console.out(chunk, end="", highlight=False)
 
 
 def cancel(job_id: str = typer.Argument(..., metavar="ID")) -> None:
     """Cancel a job: at once if queued; a running one is stopped on Ray first."""
-    job = _call(_client().cancel, job_id)
+    job = make_client().cancel(job_id)
     if job["state"] == "cancelled":
         console.print(f"{job['id']}: {styled('cancelled')}", highlight=False)
     else:
@@ -212,7 +182,7 @@ def cancel(job_id: str = typer.Argument(..., metavar="ID")) -> None:
 
 def retry(job_id: str = typer.Argument(..., metavar="ID")) -> None:
     """Queue a failed or cancelled job again; it resumes from its last checkpoint."""
-    job = _call(_client().retry, job_id)
+    job = make_client().retry(job_id)
     console.print(f"{job['id']}: {styled(job['state'])} (attempt {job['attempts'] + 1} of {job['max_attempts']} next)",
                   highlight=False)
 
@@ -241,7 +211,7 @@ def follow_job(client: AeforgeClient, job_id: str, poll_s: float = 1.0, out: Con
     with Progress(*columns, console=out, transient=False) as progress:
         task = progress.add_task(f"{job_id}: submitted", total=None)
         while True:
-            job = _call(client.get, job_id)
+            job = client.get(job_id)
             for e in job["events"][shown_events:]:
                 progress.console.print(f"[dim]{_short_time(e['at'])}[/dim] {styled(e['to_state'])}: {e['reason']}",
                                        highlight=False, soft_wrap=True)
@@ -282,11 +252,7 @@ def follow_job(client: AeforgeClient, job_id: str, poll_s: float = 1.0, out: Con
 
 
 def register(app: typer.Typer) -> None:
-    """Mount the queue commands on the `aeforge` app."""
-    app.command("serve")(serve)
-    app.command("submit")(submit)
-    app.command("jobs")(jobs)
-    app.command("status")(status)
-    app.command("logs")(logs)
-    app.command("cancel")(cancel)
-    app.command("retry")(retry)
+    """Mount the queue commands on the `aeforge` app (each handles its errors, whatever app it is mounted on)."""
+    for name, command in (("serve", serve), ("submit", submit), ("jobs", jobs), ("status", status), ("logs", logs),
+                          ("cancel", cancel), ("retry", retry)):
+        app.command(name)(handle_errors(command))

@@ -1,7 +1,8 @@
 """`aeforge models ...`: browse the MLflow model registry and draw pictures from registered autoencoders.
 
 A model reference is NAME@ALIAS, NAME/VERSION, NAME (its latest version) or a models:/ URI. Unknown models,
-aliases and versions, and asking an autoencoder without a prior for samples, print a plain message and exit 2.
+aliases and versions, asking an autoencoder without a prior for samples, and an MLflow that cannot be reached or
+refuses, print a plain message and exit 2 (see services.cli_errors).
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-models_app = typer.Typer(no_args_is_help=True, help="Registered models: list, show, sample, traverse.")
+from services.cli_errors import ErrorHandlingGroup, fail
+
+models_app = typer.Typer(cls=ErrorHandlingGroup, no_args_is_help=True,
+                         help="Registered models: list, show, sample, traverse.")
 
 
-def _console(stderr: bool = False) -> Console:
+def _console() -> Console:
     # Made per call, so the terminal width (COLUMNS) is read when a command runs, not at import.
-    return Console(stderr=stderr)
+    return Console()
 
 
 def register(app: typer.Typer) -> None:
@@ -28,30 +32,26 @@ def register(app: typer.Typer) -> None:
     app.add_typer(models_app, name="models")
 
 
-def _fail(message: str) -> None:
-    _console(stderr=True).print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
-
-
-def _expected_errors() -> tuple[type[Exception], ...]:
-    """Errors whose message is the whole story: lookups, bad input, an unreachable or refusing MLflow."""
+def _registry(fn, *args):
+    """``fn(*args)`` against the MLflow registry; an MLflow that cannot be reached or refuses is a plain error (an
+    unknown model, alias or version is a ModelLookupError, which the CLI prints as one)."""
     from mlflow.exceptions import MlflowException
 
-    return (LookupError, ValueError, MlflowException, OSError)
+    try:
+        return fn(*args)
+    except (MlflowException, OSError) as exc:
+        fail(str(exc))
 
 
 def _load(ref: str):
     from jobs.registry import load_model
 
-    try:
-        return load_model(ref)
-    except _expected_errors() as exc:
-        _fail(str(exc))
+    return _registry(load_model, ref)
 
 
 def _output_path(path: Path) -> Path:
     if path.suffix.lower() != ".png":
-        _fail(f"--output {path}: pictures are written as PNG; give a path ending in .png")
+        fail(f"--output {path}: pictures are written as PNG; give a path ending in .png")
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -63,10 +63,7 @@ def list_command() -> None:
     from jobs.registry import list_models
     from workers.settings import mlflow_tracking_uri
 
-    try:
-        models = list_models()
-    except _expected_errors() as exc:
-        _fail(str(exc))
+    models = _registry(list_models)
     if not models:
         console.print(f"no registered models in {mlflow_tracking_uri()}", highlight=False, soft_wrap=True)
         return
@@ -90,10 +87,7 @@ def show_command(
     console = _console()
     from jobs.registry import describe
 
-    try:
-        info = describe(ref)
-    except _expected_errors() as exc:
-        _fail(str(exc))
+    info = _registry(describe, ref)
     if as_json:
         typer.echo(json.dumps(info, indent=2, sort_keys=True))
         return
@@ -144,10 +138,7 @@ def sample_command(
     output = _output_path(output)
     model = _load(ref)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    try:
-        images = model.sample(n, generator=generator)
-    except ValueError as exc:  # an autoencoder without a prior
-        _fail(f"{ref}: {exc}")
+    images = model.sample(n, generator=generator)  # NoPrior (a plain error) for an autoencoder without a prior
     save_grid(images, output, nrow=nrow or math.ceil(math.sqrt(n)))
     console.print(f"wrote {n} samples from {ref} to {output}", highlight=False, soft_wrap=True)
 

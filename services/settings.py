@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 import yaml
 
 from workers.errors import AeforgeError
+from workers.settings import STORAGE_ENV_VARS
 
 Role = Literal["user", "admin"]
 ROLES = ("user", "admin")
@@ -40,13 +41,7 @@ KNOWN_VARIABLES = (
     "AEFORGE_DISPATCH_INTERVAL",
     "AEFORGE_JOB_MODULE",
     "RAY_ADDRESS",
-    "AEFORGE_STORAGE",
-    "AEFORGE_S3_ENDPOINT_URL",
-    "MLFLOW_TRACKING_URI",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_DEFAULT_REGION",
+    *STORAGE_ENV_VARS,
 )
 
 DEFAULT_API_URL = "http://127.0.0.1:8000"

@@ -44,6 +44,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.types import TypeDecorator
 
+from workers.errors import AeforgeError
 from workers.protocol import new_job_id  # noqa: F401 (the one job-id format, re-exported)
 
 log = logging.getLogger(__name__)
@@ -70,11 +71,11 @@ ADMISSION_LOCK_KEY = 0x6165_0001
 MIGRATION_LOCK_KEY = 0x6165_0002
 
 
-class StoreError(Exception):
-    """Base of the store's errors."""
+class StoreError(AeforgeError):
+    """Base of the store's errors; the message names the job, the state or the AEFORGE_DB_URL problem."""
 
 
-class JobNotFound(StoreError, LookupError):
+class JobNotFound(StoreError):
     def __init__(self, job_id: str):
         super().__init__(f"no job with id {job_id!r}")
         self.job_id = job_id

@@ -297,3 +297,35 @@ def test_a_worker_killed_mid_run_resumes_from_the_last_checkpoint(env, tmp_path,
     assert mlflow_client.get_run(run_id).info.status == "FINISHED"
     assert outcome["model"]["name"] == "raytest-fault"
     assert set(checkpoint_dirs(env, job_id)) == {"checkpoint_step_000000020", "checkpoint_step_000000040"}
+
+
+UNICODE_DESCRIPTION = "🚀 β-TCVAE on shapes: 形状の分離 (disentangling shapes) ✓"
+UNICODE_MODEL_DESCRIPTION = "模型说明 🧪 — registered by `aeforge run`"
+
+
+def test_aeforge_run_trains_and_registers_a_spec_with_emoji_and_cjk_text(env, tmp_path):
+    """Free text in any Unicode (the spec's description, the registered model's description) survives the whole
+    path: the file, the Ray workers, MLflow params and the registry."""
+    from services.cli import app
+    from workers.tracking import client
+
+    spec = parse_spec(SPEC, "test spec").model_dump(mode="json", by_alias=True)
+    spec["name"] = "raytest-unicode"
+    spec["description"] = UNICODE_DESCRIPTION
+    spec["train"].update(steps=10, checkpoint_every=10, log_every=10)
+    spec["resources"]["workers"] = 1
+    spec["register"] = {"model_name": "raytest-unicode", "description": UNICODE_MODEL_DESCRIPTION}
+    import yaml
+
+    path = tmp_path / "unicode.yaml"
+    path.write_text(yaml.safe_dump(spec, allow_unicode=True), encoding="utf-8")
+    job_id = new_job_id("unicode")
+    result = CliRunner().invoke(app, ["run", str(path), "--job-id", job_id], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    mlflow_client = client(env["mlflow"])
+    version = mlflow_client.get_model_version_by_alias("raytest-unicode", "candidate")
+    assert version.description == UNICODE_MODEL_DESCRIPTION
+    run = mlflow_client.get_run(version.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["aeforge.job_id"] == job_id
+    assert run.data.params["description"] == UNICODE_DESCRIPTION
+    assert run.data.params["register.description"] == UNICODE_MODEL_DESCRIPTION

@@ -28,7 +28,7 @@ import yaml
 from typer.testing import CliRunner
 
 from jobs.spec import JobSpec, SpecError, check_cluster, check_data, parse_spec, trials_that_fit
-from workers.sweep_plots import _curves, sweep_summary_pictures
+from workers.plots.sweep import _curves, sweep_summary_pictures
 
 ROOT = Path(__file__).resolve().parent.parent
 GRID = {(1.0, 2), (1.0, 3), (4.0, 2), (4.0, 3)}
@@ -330,7 +330,8 @@ def test_a_sweep_whose_driver_was_killed_continues_without_retraining_finished_t
                                          register=None))
     job_id = f"{name}-job"
     storage = Storage.from_settings()
-    env = {**os.environ, "AEFORGE_JOB_SPEC": spec_text, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+    spec_json = json.dumps(parse_spec(spec_text).model_dump(mode="json"), sort_keys=True)  # as the queue stores it
+    env = {**os.environ, "AEFORGE_JOB_SPEC": spec_json, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
            "PYTHONPATH": str(ROOT)}
     log = open(tmp_path / "driver.log", "wb")
     t0 = time.perf_counter()
@@ -469,7 +470,7 @@ def test_tunes_s3_filesystem_pickles_without_the_keys(monkeypatch):
     import cloudpickle
     import pyarrow.fs
 
-    from jobs.sweep import tune_filesystem
+    from workers.storage.ray_fs import tune_filesystem
     from workers.storage import Storage
 
     secret = f"tune-secret-{uuid.uuid4().hex}"

@@ -45,9 +45,9 @@ def ray_address() -> str | None:
     return os.environ.get("RAY_ADDRESS") or None
 
 
-# Variables a job needs wherever it runs (the queue passes them in the Ray job's runtime environment).
-JOB_ENV_VARS = (
-    "AEFORGE_HOME",
+# Where data, runs and MLflow are, and the AWS credentials that reach them: set for the service and its jobs alike
+# (the queue service's settings file may set them too; see services.settings).
+STORAGE_ENV_VARS = (
     "AEFORGE_STORAGE",
     "AEFORGE_S3_ENDPOINT_URL",
     "MLFLOW_TRACKING_URI",
@@ -55,6 +55,11 @@ JOB_ENV_VARS = (
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
     "AWS_DEFAULT_REGION",
+)
+# Variables a job needs wherever it runs (the queue passes them in the Ray job's runtime environment).
+JOB_ENV_VARS = (
+    "AEFORGE_HOME",
+    *STORAGE_ENV_VARS,
     "MLFLOW_TRACKING_USERNAME",
     "MLFLOW_TRACKING_PASSWORD",
     "MLFLOW_TRACKING_TOKEN",

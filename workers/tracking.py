@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +27,10 @@ class TrackingError(AeforgeError, ValueError):
     """What MLflow holds refuses the job: a deleted experiment of the job's name, a changed spec under a job id
     whose run already has other params, a param that looks like a secret."""
 
+
+# Set by a job's entry point when Ray asks the job to stop (SIGTERM: a cancel, `ray job stop`): whatever exception
+# the stop surfaces as inside Ray's calls, the job's MLflow runs then end KILLED.
+STOP_REQUESTED = threading.Event()
 
 JOB_ID_TAG = "aeforge.job_id"
 PARENT_RUN_TAG = "mlflow.parentRunId"
@@ -276,7 +281,8 @@ class MlflowRun:
             return
         try:
             if self.client.get_run(self.run_id).info.status == "RUNNING":
-                self.terminate("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+                stopped = issubclass(exc_type, KeyboardInterrupt) or STOP_REQUESTED.is_set()
+                self.terminate("KILLED" if stopped else "FAILED")
         except Exception as end_error:  # the block's own error is the one to show
             print(f"aeforge: could not end MLflow run {self.run_id}: {end_error}", flush=True)
 

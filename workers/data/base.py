@@ -14,7 +14,7 @@ import torch
 from workers.errors import AeforgeError
 
 
-class DataError(AeforgeError):
+class DataError(AeforgeError, ValueError):
     """A data file or source that cannot be used. The message names the file and what was wrong."""
 
 

@@ -117,10 +117,8 @@ def _disentanglement(model, truth: ImageDataset, config: EvalConfig, batch_size:
 
     out: dict[str, float] = {}
     sampler = FactorSampler(truth, _generator(seed, "codes"), "the disentanglement scores")
-    train, test = sampler.sample(config.num_train), sampler.sample(config.num_test)
-    train_codes = sampler.codes(train, representation, batch_size).cpu().numpy()
-    test_codes = sampler.codes(test, representation, batch_size).cpu().numpy()
-    train_factors, test_factors = train.factors.numpy(), test.factors.numpy()
+    train_codes, train_factors, test_codes, test_factors = sampler.train_test_codes(
+        representation, config.num_train, config.num_test, batch_size)
 
     out["mig"] = mig_from_codes(train_codes, train_factors)
     out["sap"] = sap_from_codes(train_codes, train_factors, test_codes, test_factors)

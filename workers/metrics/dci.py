@@ -20,8 +20,8 @@ import scipy.stats
 import torch
 from sklearn.ensemble import GradientBoostingClassifier
 
-from workers.data.base import ImageDataset
-from workers.metrics.sampling import FactorSampler, Representation
+from workers.data.base import DataError, ImageDataset
+from workers.metrics.sampling import FactorSampler, Representation, train_test_arrays
 
 DEFAULT_ESTIMATORS = 10
 DEFAULT_LEARNING_RATE = 0.5
@@ -31,12 +31,8 @@ def importance_matrix(train_codes, train_factors, test_codes, test_factors, n_es
                       learning_rate: float = DEFAULT_LEARNING_RATE, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(D, K) importances and (K,) test accuracies; factors constant in the training set are left out (columns
     and accuracies only for the others)."""
-    train_codes, test_codes = np.asarray(train_codes, np.float64), np.asarray(test_codes, np.float64)
-    train_factors, test_factors = np.asarray(train_factors), np.asarray(test_factors)
-    if train_codes.shape[0] != train_factors.shape[0] or test_codes.shape[0] != test_factors.shape[0]:
-        raise ValueError("DCI: codes and factors must have the same number of rows")
-    if train_codes.shape[1] != test_codes.shape[1] or train_factors.shape[1] != test_factors.shape[1]:
-        raise ValueError("DCI: training and test sets must have the same code and factor dimensions")
+    train_codes, train_factors, test_codes, test_factors = train_test_arrays("DCI", train_codes, train_factors,
+                                                                             test_codes, test_factors)
     importances, accuracies = [], []
     for k in range(train_factors.shape[1]):
         if np.unique(train_factors[:, k]).size < 2:
@@ -46,7 +42,7 @@ def importance_matrix(train_codes, train_factors, test_codes, test_factors, n_es
         importances.append(np.abs(model.feature_importances_))
         accuracies.append(np.mean(model.predict(test_codes) == test_factors[:, k]))
     if not importances:
-        raise ValueError("DCI: every factor takes a single value in the training sample; there is nothing to measure")
+        raise DataError("DCI: every factor takes a single value in the training sample; there is nothing to measure")
     return np.stack(importances, axis=1), np.array(accuracies)
 
 
@@ -85,9 +81,6 @@ def dci(
 ) -> dict[str, float]:
     """DCI on fresh ground-truth draws: ``num_train`` to fit the classifiers, ``num_test`` for informativeness."""
     sampler = FactorSampler(dataset, generator, "DCI")
-    train, test = sampler.sample(num_train), sampler.sample(num_test)
-    train_codes = sampler.codes(train, representation, batch_size).cpu().numpy()
-    test_codes = sampler.codes(test, representation, batch_size).cpu().numpy()
+    arrays = sampler.train_test_codes(representation, num_train, num_test, batch_size)
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-    return dci_from_codes(train_codes, train.factors.numpy(), test_codes, test.factors.numpy(), n_estimators,
-                          learning_rate, seed)
+    return dci_from_codes(*arrays, n_estimators=n_estimators, learning_rate=learning_rate, seed=seed)

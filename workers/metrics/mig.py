@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from sklearn.metrics import mutual_info_score
 
-from workers.data.base import ImageDataset
+from workers.data.base import DataError, ImageDataset
 from workers.losses import log_normal_density
 from workers.metrics.sampling import (
     FactorSampler,
@@ -70,7 +70,7 @@ def mig_from_codes(codes, factors, num_bins: int = 20) -> float:
     entropy = np.array([mutual_info_score(factors[:, k], factors[:, k]) for k in range(factors.shape[1])])
     informative = entropy > 0
     if not informative.any():
-        raise ValueError("MIG: every factor takes a single value in the sample; there is nothing to measure")
+        raise DataError("MIG: every factor takes a single value in the sample; there is nothing to measure")
     kept = np.flatnonzero(informative)
     mutual_info = np.array(
         [[mutual_info_score(factors[:, k], binned[:, j]) for k in kept] for j in range(codes.shape[1])]
@@ -146,5 +146,5 @@ def mig_exact(
     entropy_v = np.array([mutual_info_score(factor_values[:, f], factor_values[:, f]) for f in range(k)])
     informative = entropy_v > 0
     if not informative.any():
-        raise ValueError("mig_exact: every factor takes a single value in the sample; there is nothing to measure")
+        raise DataError("mig_exact: every factor takes a single value in the sample; there is nothing to measure")
     return _gap_score(mutual_info[:, informative], entropy_v[informative])

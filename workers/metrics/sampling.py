@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from workers.data.base import DataError, ImageDataset
@@ -147,6 +148,15 @@ class FactorSampler:
         ]
         return torch.cat(parts)
 
+    def train_test_codes(self, representation: Representation, num_train: int, num_test: int,
+                         batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(train codes, train factors, test codes, test factors) as NumPy arrays: ``num_train`` then ``num_test``
+        fresh draws, then their codes (in that order, so a generator gives the same draws every time)."""
+        train, test = self.sample(num_train), self.sample(num_test)
+        train_codes = self.codes(train, representation, batch_size).cpu().numpy()
+        test_codes = self.codes(test, representation, batch_size).cpu().numpy()
+        return train_codes, train.factors.numpy(), test_codes, test.factors.numpy()
+
     def _factor_name(self, k: int) -> str:
         names = self.dataset.factor_names
         return names[k] if names is not None and k < len(names) else str(k)
@@ -164,6 +174,19 @@ class FactorSampler:
             start = torch.cumsum(count, dim=1) - count + n * torch.arange(k).unsqueeze(1)
             self._groups = (order, start, count)
         return self._groups
+
+
+def train_test_arrays(what: str, train_codes, train_factors, test_codes,
+                      test_factors) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Codes (N, D) as float64 and factors (N, K) as arrays, for a metric that fits on the training set and scores
+    on the test set; ValueError (naming ``what``) unless the rows and the dimensions of the two sets match."""
+    train_codes, test_codes = np.asarray(train_codes, np.float64), np.asarray(test_codes, np.float64)
+    train_factors, test_factors = np.asarray(train_factors), np.asarray(test_factors)
+    if train_codes.shape[0] != train_factors.shape[0] or test_codes.shape[0] != test_factors.shape[0]:
+        raise ValueError(f"{what}: codes and factors must have the same number of rows")
+    if train_codes.shape[1] != test_codes.shape[1] or train_factors.shape[1] != test_factors.shape[1]:
+        raise ValueError(f"{what}: training and test sets must have the same code and factor dimensions")
+    return train_codes, train_factors, test_codes, test_factors
 
 
 def factor_columns(dataset: ImageDataset, factors) -> list[int]:

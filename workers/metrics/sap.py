@@ -16,18 +16,14 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.svm import LinearSVC
 
-from workers.data.base import ImageDataset
-from workers.metrics.sampling import FactorSampler, Representation
+from workers.data.base import DataError, ImageDataset
+from workers.metrics.sampling import FactorSampler, Representation, train_test_arrays
 
 
 def sap_score_matrix(train_codes, train_factors, test_codes, test_factors) -> np.ndarray:
     """(D, K) test accuracies of one-dimensional classifiers; factors constant in the training set are NaN."""
-    train_codes, test_codes = np.asarray(train_codes, np.float64), np.asarray(test_codes, np.float64)
-    train_factors, test_factors = np.asarray(train_factors), np.asarray(test_factors)
-    if train_codes.shape[0] != train_factors.shape[0] or test_codes.shape[0] != test_factors.shape[0]:
-        raise ValueError("SAP: codes and factors must have the same number of rows")
-    if train_codes.shape[1] != test_codes.shape[1] or train_factors.shape[1] != test_factors.shape[1]:
-        raise ValueError("SAP: training and test sets must have the same code and factor dimensions")
+    train_codes, train_factors, test_codes, test_factors = train_test_arrays("SAP", train_codes, train_factors,
+                                                                             test_codes, test_factors)
     num_codes, num_factors = train_codes.shape[1], train_factors.shape[1]
     scores = np.full((num_codes, num_factors), np.nan)
     for k in range(num_factors):
@@ -47,23 +43,14 @@ def sap_from_codes(train_codes, train_factors, test_codes, test_factors) -> floa
     scores = sap_score_matrix(train_codes, train_factors, test_codes, test_factors)
     scores = scores[:, ~np.isnan(scores).any(axis=0)]
     if scores.shape[1] == 0:
-        raise ValueError("SAP: every factor takes a single value in the training sample; there is nothing to measure")
+        raise DataError("SAP: every factor takes a single value in the training sample; there is nothing to measure")
     ranked = np.sort(scores, axis=0)[::-1]
     second = ranked[1] if ranked.shape[0] > 1 else np.zeros_like(ranked[0])
     return float(np.mean(ranked[0] - second))
 
 
-def sap(
-    representation: Representation,
-    dataset: ImageDataset,
-    num_train: int,
-    num_test: int,
-    batch_size: int = 256,
-    generator: torch.Generator | None = None,
-) -> float:
+def sap(representation: Representation, dataset: ImageDataset, num_train: int, num_test: int, batch_size: int = 256,
+        generator: torch.Generator | None = None) -> float:
     """SAP on fresh ground-truth draws: ``num_train`` to fit the classifiers, ``num_test`` to score them."""
     sampler = FactorSampler(dataset, generator, "SAP")
-    train, test = sampler.sample(num_train), sampler.sample(num_test)
-    train_codes = sampler.codes(train, representation, batch_size).cpu().numpy()
-    test_codes = sampler.codes(test, representation, batch_size).cpu().numpy()
-    return sap_from_codes(train_codes, train.factors.numpy(), test_codes, test.factors.numpy())
+    return sap_from_codes(*sampler.train_test_codes(representation, num_train, num_test, batch_size))
