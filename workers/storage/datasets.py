@@ -1,0 +1,143 @@
+"""Datasets in storage: ``datasets/<name>/files/<relative path>`` and ``datasets/<name>/manifest.json`` (each file's
+size and sha256), the manifest written last. A dataset without a manifest is incomplete: it is never listed or
+resolved, and the next push of that name clears it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, get_args
+
+from pyarrow.fs import FileType
+
+from workers.storage.objects import ObjectNotFound, ObjectStore, StorageError, clean_relpath, sha256_file
+
+DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+DATASETS, MANIFEST, MANIFEST_VERSION = "datasets", "manifest.json", 1
+
+
+def validate_dataset_name(name: str) -> str:
+    if not isinstance(name, str) or not DATASET_NAME.fullmatch(name):
+        raise StorageError(f"invalid dataset name {name!r}: use 1-100 letters, digits, '.', '_' or '-', starting "
+                           f"with a letter or digit")
+    return name
+
+
+def human_size(num_bytes: int) -> str:
+    size, units = float(num_bytes), ["B", "KiB", "MiB", "GiB", "TiB"]
+    while size >= 1024 and len(units) > 1:
+        size, units = size / 1024, units[1:]
+    return f"{int(size)} B" if units[0] == "B" else f"{size:.1f} {units[0]}"
+
+
+def data_formats() -> tuple[str, ...]:
+    from workers.config import DataConfig
+    return tuple(value for arg in get_args(DataConfig.model_fields["format"].annotation) for value in get_args(arg))
+
+
+class DatasetStore(ObjectStore):
+    def _dataset_prefix(self, name: str) -> str:
+        return f"{DATASETS}/{validate_dataset_name(name)}"
+
+    def _no_dataset(self, name: str) -> StorageError:
+        return StorageError(f"no dataset named '{name}' in {self.uri(DATASETS)} (`aeforge data ls` lists them)")
+
+    def _read_manifest(self, name: str) -> tuple[dict[str, Any], bytes] | None:
+        """(manifest, its bytes) of a complete dataset, or None if there is no manifest."""
+        relpath = f"{self._dataset_prefix(name)}/{MANIFEST}"
+        try:
+            raw = self.get_bytes(relpath)
+        except ObjectNotFound:
+            return None
+        try:
+            manifest = json.loads(raw)
+            if not isinstance(manifest["files"], list) or not manifest["files"]:
+                raise ValueError("no files")
+            for f in manifest["files"]:
+                f["path"] = clean_relpath(f["path"], "file path")
+                if (not isinstance(f["size"], int) or f["size"] < 0
+                        or not re.fullmatch(r"[0-9a-f]{64}", str(f["sha256"]))):
+                    raise ValueError(f"bad size or sha256 for {f['path']}")
+            if manifest.get("layout") not in ("files", "folder"):
+                raise ValueError(f"unknown layout {manifest.get('layout')!r}")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StorageError(f"the manifest of dataset '{name}' ({self.uri(relpath)}) is invalid: {exc}") from None
+        return manifest, raw
+
+    def manifest(self, name: str) -> dict[str, Any]:
+        found = self._read_manifest(name)
+        if found is None:
+            raise self._no_dataset(name)
+        return found[0]
+
+    def push(self, paths: list[Path | str], name: str, *, overwrite: bool = False, format: str | None = None,
+             progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """Upload files (or one folder's files, by relative path) as dataset ``name``; returns the manifest, written
+        last (an interrupted push leaves an incomplete dataset). ``format``: idx | npz | folder, inferred if None."""
+        validate_dataset_name(name)
+        paths = [Path(p) for p in paths]
+        if not paths:
+            raise StorageError("no files to push")
+        for p in paths:
+            if not p.exists():
+                raise StorageError(f"no such file or folder: {p}")
+        layout = "folder" if any(p.is_dir() for p in paths) else "files"
+        if layout == "folder" and len(paths) != 1:
+            raise StorageError(f"push either one folder or one or more files, not a mix: {', '.join(map(str, paths))}")
+        for i, p in enumerate(paths if layout == "files" else []):
+            if not p.is_file():
+                raise StorageError(f"not a regular file: {p}")
+            if p.name in (q.name for q in paths[:i]):
+                raise StorageError(f"two files named '{p.name}': a dataset keeps files by name")
+        entries = ([(f, f.relative_to(paths[0]).as_posix()) for f in sorted(paths[0].rglob("*")) if f.is_file()]
+                   if layout == "folder" else [(p, p.name) for p in paths])
+        if not entries:
+            raise StorageError(f"folder {paths[0]} has no files")
+        if format is None:
+            from workers.data import infer_format  # imported here: workers.data imports torch, `data ls` does not
+            try:
+                format = str(infer_format(paths[0]))
+            except ValueError as exc:  # a DataError
+                raise StorageError(f"cannot tell the format of {paths[0]} ({exc}); give it with --format") from None
+        elif format not in data_formats():
+            raise StorageError(f"unknown format {format!r}: use one of {', '.join(data_formats())}")
+        existing = self._read_manifest(name)
+        if existing is not None and not overwrite:
+            raise StorageError(f"dataset '{name}' already exists (pushed {existing[0].get('created', '?')}); "
+                               f"use --overwrite to replace it")
+        prefix, files = self._clear(name), []  # from here on the name reads as incomplete until the manifest lands
+        for local, relpath in entries:
+            if progress is not None:
+                progress(relpath)
+            files.append({"path": relpath, "size": local.stat().st_size, "sha256": sha256_file(local)})
+            self.put_file(local, f"{prefix}/files/{relpath}")
+        manifest = {"aeforge_manifest": MANIFEST_VERSION, "name": name, "layout": layout, "format": format,
+                    "files": files, "size": sum(f["size"] for f in files),
+                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        self.put_bytes(json.dumps(manifest, indent=2).encode(), f"{prefix}/{MANIFEST}")
+        return manifest
+
+    def _clear(self, name: str) -> str:
+        """Delete a dataset, its manifest first (so a half-deleted dataset is never used); returns its prefix."""
+        prefix = self._dataset_prefix(name)
+        with contextlib.suppress(ObjectNotFound):
+            self.delete(f"{prefix}/{MANIFEST}")
+        self.delete_prefix(prefix)
+        return prefix
+
+    def ls(self) -> list[dict[str, Any]]:
+        """Manifests of the complete datasets, by name."""
+        names = sorted(i.base_name for i in self._infos(DATASETS, recursive=False) if i.type == FileType.Directory)
+        found = [self._read_manifest(n) for n in names if DATASET_NAME.fullmatch(n)]
+        return [f[0] for f in found if f is not None]
+
+    def rm(self, name: str) -> int:
+        """Delete a dataset; returns the files deleted. An incomplete dataset (no manifest) is cleared too."""
+        present = self.list_prefix(self._dataset_prefix(name))
+        if not present:
+            raise self._no_dataset(name)
+        self._clear(name)
+        return len(present)

@@ -1,0 +1,316 @@
+"""Objects under relative paths in one root, a local folder (``file://``) or ``s3://bucket/prefix`` (AWS or compatible),
+through a pyarrow ``SubTreeFileSystem``; a local write is staged under a name listings skip, then renamed into place.
+boto3 only where S3's own API is the point: the preflight, and S3 writes, whose sha256 user metadata pyarrow drops."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import io
+import os
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Iterator
+from urllib.parse import unquote, urlparse
+
+import pyarrow.fs as pafs
+
+from workers import settings
+from workers.errors import AeforgeError
+
+PREFLIGHT_PREFIX, LOCAL_STAGING_MARK = ".aeforge-preflight", ".aeforge-part-"
+SHA256_METADATA = "sha256"  # user metadata key (x-amz-meta-sha256) of objects put by aeforge
+CHUNK = 1 << 20
+# (connect timeout s, read timeout s, attempts): ordinary traffic rides out a flaky endpoint, a preflight is quick
+TIMEOUTS, PREFLIGHT_TIMEOUTS = (5, 60, 5), (2, 5, 2)
+_ACCESS_DENIED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
+                  "ExpiredToken", "TokenRefreshRequired", "Forbidden", "AllAccessDisabled", "InvalidClientTokenId"}
+NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+_SESSION_LOCK, _session = threading.Lock(), None  # one boto3 session keeps botocore's loaded service models
+
+
+class StorageError(AeforgeError, ValueError):
+    """Storage that cannot be used, or an object or dataset that is not there. The message says which and why."""
+
+
+class ObjectNotFound(StorageError):
+    """No object at that path."""
+
+
+def clean_relpath(relpath: str, what: str = "path", allow_empty: bool = False) -> str:
+    """A '/'-separated relative path with no empty, '.' or '..' segments (so it cannot leave its folder)."""
+    cleaned = str(relpath).strip("/")
+    if not cleaned and not allow_empty:
+        raise StorageError(f"empty {what}")
+    if cleaned and (any(p in ("", ".", "..") for p in cleaned.split("/")) or "\\" in cleaned or "\x00" in cleaned):
+        raise StorageError(f"invalid {what} {relpath!r}: it must be a relative path without '.', '..' or empty parts")
+    return cleaned
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def write_file(stream: IO[bytes], target: Path, staging: Path | None = None, size: int | None = None,
+               sha256: str | None = None) -> Path:
+    """Copy ``stream`` to a file in ``staging`` (default: target's folder) and rename it to ``target``, unless it is
+    not ``size`` bytes or its sha256 is not ``sha256`` (StorageError): ``target`` only ever holds a checked file."""
+    tmp = (staging or target.parent) / f"{LOCAL_STAGING_MARK}{uuid.uuid4().hex}-{target.name}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    digest, written = hashlib.sha256(), 0
+    try:
+        with open(tmp, "wb") as out:
+            for chunk in iter(lambda: stream.read(CHUNK), b""):
+                digest.update(chunk)
+                written += out.write(chunk)
+        if size is not None and written != size:
+            raise StorageError(f"downloaded {written} bytes, expected {size}; the copy was discarded")
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise StorageError(f"sha256 mismatch (expected {sha256}, got {digest.hexdigest()}); the copy was discarded")
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return target
+
+
+@dataclass(frozen=True)
+class S3Connection:
+    """Where S3 is and how to sign for it. Secrets are kept out of repr and out of every message."""
+
+    endpoint_url: str | None
+    region: str
+    access_key_id: str | None
+    secret_access_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_settings(cls) -> "S3Connection":
+        env = os.environ.get
+        return cls(settings.s3_endpoint_url(), env("AWS_DEFAULT_REGION") or env("AWS_REGION") or "us-east-1",
+                   env("AWS_ACCESS_KEY_ID") or None, env("AWS_SECRET_ACCESS_KEY") or None,
+                   env("AWS_SESSION_TOKEN") or None)
+
+    @property
+    def endpoint_name(self) -> str:
+        return self.endpoint_url or "AWS S3 (default endpoint)"
+
+    def redact(self, text: str) -> str:  # whatever library wrote the text
+        for secret in (self.secret_access_key, self.session_token):
+            text = text.replace(secret, "***") if secret else text
+        return text
+
+    def client(self, *, preflight: bool = False):
+        import boto3
+        from botocore.config import Config
+        connect, read, attempts = PREFLIGHT_TIMEOUTS if preflight else TIMEOUTS
+        options: dict[str, Any] = {"connect_timeout": connect, "read_timeout": read,
+                                   "retries": {"mode": "standard", "total_max_attempts": attempts}}
+        if self.endpoint_url:  # S3-compatible: path-style buckets, no CRC checksums by default (old MinIO, Ceph)
+            options.update(s3={"addressing_style": "path"}, request_checksum_calculation="when_required",
+                           response_checksum_validation="when_required")
+        global _session
+        with _SESSION_LOCK:  # making clients from a session is not thread-safe; using them is
+            _session = _session or boto3.session.Session()
+            return _session.client("s3", endpoint_url=self.endpoint_url, region_name=self.region,
+                                   aws_access_key_id=self.access_key_id, aws_secret_access_key=self.secret_access_key,
+                                   aws_session_token=self.session_token, config=Config(**options))
+
+    def pyarrow_filesystem(self) -> pafs.S3FileSystem:
+        retry = pafs.AwsStandardS3RetryStrategy(max_attempts=TIMEOUTS[2])
+        options: dict[str, Any] = {"region": self.region, "connect_timeout": TIMEOUTS[0],
+                                   "request_timeout": TIMEOUTS[1], "retry_strategy": retry}
+        if self.endpoint_url:
+            parsed = urlparse(self.endpoint_url)
+            if parsed.scheme not in ("http", "https") or not parsed.netloc:
+                raise StorageError(f"AEFORGE_S3_ENDPOINT_URL={self.endpoint_url!r} is not an http(s)://host[:port] URL")
+            options.update(endpoint_override=parsed.netloc + parsed.path.rstrip("/"), scheme=parsed.scheme)
+        return pafs.S3FileSystem(**options, **self.pyarrow_keys())
+
+    def pyarrow_keys(self) -> dict[str, str]:
+        keys = {"access_key": self.access_key_id, "secret_key": self.secret_access_key,
+                "session_token": self.session_token}
+        return {k: v for k, v in keys.items() if v} if self.access_key_id and self.secret_access_key else {}
+
+
+def client_error_code(exc: Exception) -> str:
+    response = getattr(exc, "response", None) or {}
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return str(response.get("Error", {}).get("Code", "") or status or "")
+
+
+def s3_errors() -> tuple[type[Exception], ...]:
+    from boto3.exceptions import Boto3Error
+    from botocore.exceptions import BotoCoreError, ClientError
+    return ClientError, BotoCoreError, Boto3Error  # Boto3Error: a failed upload
+
+
+def explain_s3_error(exc: Exception, conn: S3Connection, bucket: str) -> str:
+    """One sentence on what went wrong talking to S3, naming the endpoint and bucket; never the secret key."""
+    from botocore.exceptions import ClientError, ConnectTimeoutError, EndpointConnectionError, NoCredentialsError
+    where, code = f"S3 endpoint {conn.endpoint_name}, bucket '{bucket}'", client_error_code(exc)
+    detail = (getattr(exc, "response", None) or {}).get("Error", {}).get("Message") or code
+    text = f"{where}: {code}: {detail}" if isinstance(exc, ClientError) else f"{where}: {type(exc).__name__}: {exc}"
+    if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError)):
+        text = f"cannot connect to {where}: is the endpoint URL (AEFORGE_S3_ENDPOINT_URL) right and the server up?"
+    elif isinstance(exc, NoCredentialsError):
+        text = f"{where}: no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+    elif isinstance(exc, ClientError) and code in _ACCESS_DENIED:
+        text = (f"access denied at {where} for access key id '{conn.access_key_id}' ({code}: {detail}): check "
+                f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket's policy")
+    elif code == "NoSuchBucket":
+        text = f"bucket '{bucket}' does not exist at S3 endpoint {conn.endpoint_name}"
+    return conn.redact(text)
+
+
+class ObjectStore:
+    """Objects under relative paths in a local folder ``root`` or under ``prefix`` in an S3 ``bucket``."""
+
+    def __init__(self, *, cache_dir: Path, s3: S3Connection, root: Path | None = None, bucket: str | None = None,
+                 prefix: str = ""):
+        self.cache_dir, self.s3, self.root, self.bucket, self.prefix = Path(cache_dir), s3, root, bucket, prefix
+        self.base_path = str(root) if bucket is None else "/".join(p for p in (bucket, prefix) if p)
+
+    @classmethod
+    def from_settings(cls):
+        """The storage named by AEFORGE_STORAGE (default: AEFORGE_HOME/storage), caching under AEFORGE_HOME/cache."""
+        return cls.from_uri(settings.storage_uri(), cache_dir=settings.home() / "cache")
+
+    @classmethod
+    def from_uri(cls, uri: str, *, cache_dir: Path, s3: S3Connection | None = None):
+        s3, parsed = s3 or S3Connection.from_settings(), urlparse(uri)
+        if parsed.scheme == "s3":
+            if not parsed.netloc:
+                raise StorageError(f"AEFORGE_STORAGE={uri!r}: no bucket; use s3://bucket/prefix")
+            prefix = clean_relpath(parsed.path, "prefix of AEFORGE_STORAGE", allow_empty=True)
+            return cls(cache_dir=cache_dir, s3=s3, bucket=parsed.netloc, prefix=prefix)
+        if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
+            raise StorageError(f"AEFORGE_STORAGE={uri!r}: a file URI needs an absolute path, as in file:///data/x")
+        root = Path(unquote(parsed.path)) if parsed.scheme == "file" else Path(uri)
+        if parsed.scheme not in ("file", "") or not root.is_absolute():
+            raise StorageError(f"AEFORGE_STORAGE={uri!r}: use file:///path or s3://bucket/prefix")
+        return cls(cache_dir=cache_dir, s3=s3, root=root)
+
+    @functools.cached_property
+    def fs(self) -> pafs.SubTreeFileSystem:
+        """The storage root as a pyarrow filesystem whose paths are the objects' relative paths."""
+        base = pafs.LocalFileSystem() if self.bucket is None else self.s3.pyarrow_filesystem()
+        return pafs.SubTreeFileSystem(self.base_path, base)
+
+    def pyarrow_filesystem(self) -> tuple[pafs.FileSystem, str]:
+        """(filesystem, base path) for Ray: RunConfig(storage_path=base + "/ray", storage_filesystem=fs)."""
+        return self.fs.base_fs, self.base_path
+
+    @functools.cached_property
+    def client(self):
+        return self.s3.client()  # S3 writes, and s3:// data sources on any storage
+
+    def uri(self, relpath: str = "") -> str:
+        cleaned = clean_relpath(relpath, allow_empty=True)
+        if self.bucket is None:
+            return (self.root / cleaned).as_uri()
+        return f"s3://{self.bucket}/{self._key(cleaned)}".rstrip("/")
+
+    def _key(self, relpath: str) -> str:
+        return "/".join(p for p in (self.prefix, relpath) if p)
+
+    def _endpoint_note(self) -> str:
+        return "" if self.bucket is None else f" at S3 endpoint {self.s3.endpoint_name}"
+
+    @contextlib.contextmanager
+    def _errors(self, what: str, missing: str | None = None) -> Iterator[None]:
+        """pyarrow's and boto3's errors as one StorageError sentence; ObjectNotFound if ``missing`` is not there."""
+        try:
+            yield
+        except (OSError, *s3_errors()) as exc:
+            if missing is not None and (isinstance(exc, FileNotFoundError) or client_error_code(exc) in NOT_FOUND):
+                raise ObjectNotFound(f"no object {self.uri(missing)}{self._endpoint_note()}") from None
+            if not isinstance(exc, OSError):
+                raise StorageError(f"{what}: {explain_s3_error(exc, self.s3, self.bucket or '')}") from None
+            raise StorageError(f"{what}{self._endpoint_note()}: {self.s3.redact(exc.strerror or str(exc))}") from None
+
+    def put_file(self, local_path: Path | str, relpath: str) -> None:
+        """Upload a local file to relpath (all or nothing: a reader never sees part of it)."""
+        if not Path(local_path).is_file():
+            raise StorageError(f"no such file: {local_path}")
+        with open(local_path, "rb") as fh:
+            self._put(fh, relpath, sha256_file(Path(local_path)))
+
+    def put_bytes(self, data: bytes, relpath: str) -> None:
+        self._put(io.BytesIO(data), relpath, hashlib.sha256(data).hexdigest())
+
+    def _put(self, stream: IO[bytes], relpath: str, sha256: str) -> None:
+        path = clean_relpath(relpath)
+        with self._errors(f"write of {self.uri(path)}"):
+            if self.bucket is not None:
+                return self.client.upload_fileobj(stream, self.bucket, self._key(path),
+                                                  ExtraArgs={"Metadata": {SHA256_METADATA: sha256}})
+            write_file(stream, self.root / path)
+
+    @contextlib.contextmanager
+    def _open_read(self, relpath: str) -> Iterator[IO[bytes]]:
+        path = clean_relpath(relpath)
+        with self._errors(f"read of {self.uri(path)}", missing=path):
+            stream = self.fs.open_input_stream(path)
+        with stream, self._errors(f"read of {self.uri(path)}"):
+            yield stream
+
+    def get_bytes(self, relpath: str) -> bytes:
+        with self._open_read(relpath) as stream:
+            return stream.read()
+
+    def get_file(self, relpath: str, target: Path | str) -> Path:
+        with self._open_read(relpath) as stream:
+            return write_file(stream, Path(target))
+
+    def _infos(self, prefix: str, recursive: bool = True) -> list[pafs.FileInfo]:
+        with self._errors(f"listing of {self.uri(prefix)}"):
+            return self.fs.get_file_info(pafs.FileSelector(prefix, recursive=recursive, allow_not_found=True))
+
+    def list_prefix(self, prefix: str = "") -> list[str]:
+        """Relative paths of all objects under a folder-like prefix, sorted ('runs/x' lists 'runs/x/...')."""
+        return sorted(i.path for i in self._infos(clean_relpath(prefix, "prefix", allow_empty=True))
+                      if i.type == pafs.FileType.File and not i.base_name.startswith(LOCAL_STAGING_MARK))
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under a folder-like prefix; returns how many. The storage root cannot be deleted."""
+        prefix = clean_relpath(prefix, "prefix")
+        count = len(self.list_prefix(prefix))
+        if count:
+            with self._errors(f"delete under {self.uri(prefix)}"):
+                self.fs.delete_dir(prefix)
+        return count
+
+    def delete(self, relpath: str) -> None:
+        path = clean_relpath(relpath)
+        with self._errors(f"delete of {self.uri(path)}", missing=path):
+            self.fs.delete_file(path)
+
+    def exists(self, relpath: str) -> bool:
+        path = clean_relpath(relpath)
+        with self._errors(f"look-up of {self.uri(path)}"):
+            return self.fs.get_file_info(path).type == pafs.FileType.File
+
+    def preflight(self) -> None:
+        """Check that this storage can be reached and written; StorageError saying what is wrong if not."""
+        probe = f"{PREFLIGHT_PREFIX}/{uuid.uuid4().hex}"
+        if self.bucket is None:
+            try:
+                self.put_bytes(b"aeforge preflight", probe)
+                return self.delete(probe)
+            except StorageError as exc:
+                raise StorageError(f"AEFORGE_STORAGE={self.uri()}: cannot create or write the folder: {exc}") from None
+        client = self.s3.client(preflight=True)
+        what = f"storage preflight (AEFORGE_STORAGE={self.uri()} at endpoint {self.s3.endpoint_name})"
+        try:  # listing (not HeadBucket, whose 403 has no body) says which of key id, signature or policy is wrong
+            client.list_objects_v2(Bucket=self.bucket, Prefix=self._key(""), MaxKeys=1)
+            what += f": bucket '{self.bucket}' is not writable under '{self.prefix or '/'}'"
+            client.put_object(Bucket=self.bucket, Key=self._key(probe), Body=b"aeforge preflight")
+            client.delete_object(Bucket=self.bucket, Key=self._key(probe))
+        except s3_errors() as exc:
+            raise StorageError(f"{what}: {explain_s3_error(exc, self.s3, self.bucket)}") from None
