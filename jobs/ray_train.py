@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
-from jobs.spec import JobSpec
+from jobs.spec import JobSpec, SpecError
 from workers import settings
 from workers.errors import AeforgeError
 
@@ -62,6 +62,39 @@ def _stop_on_sigterm() -> None:
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, stop)
+
+
+def describe_resources(resources: Mapping[str, float], also: Iterable[str] = ()) -> str:
+    """"CPU 4, GPU 1": the schedulable resources (node markers and memory left out), with ``also`` shown at 0."""
+    keys = set(resources) | set(also)
+    parts = []
+    for key in sorted(keys):
+        value = float(resources.get(key, 0.0))
+        if key in ("memory", "object_store_memory") or key.startswith(("node:", "accelerator_type:")):
+            continue
+        if key in ("CPU", "GPU") or value or key in also:
+            parts.append(f"{key} {value:g}")
+    return ", ".join(parts) or "nothing"
+
+
+def fits(request: Mapping[str, float], available: Mapping[str, float]) -> bool:
+    return all(amount <= available.get(name, 0.0) + 1e-9 for name, amount in request.items() if amount > 0)
+
+
+def never_fits(asked: Mapping[str, float], total: Mapping[str, float]) -> str | None:
+    """Why a job asking for ``asked`` can never run on a cluster of ``total`` resources, or None when it fits: the
+    one check of the queue's admission and of `aeforge run`."""
+    if fits(asked, total):
+        return None
+    return f"it asks for {describe_resources(asked)} but the whole Ray cluster has {describe_resources(total, also=asked)}"
+
+
+def check_fits_cluster(spec: JobSpec, cluster: Mapping[str, float]) -> None:
+    """SpecError naming ``resources`` when the job can never run on this cluster (it would wait forever)."""
+    why = never_fits(spec.resource_request(), cluster)
+    if why:
+        raise SpecError([{"loc": "resources", "msg": f"can never run here: {why}; lower resources.workers / "
+                                                     f"cpus_per_worker / gpus_per_worker or use a larger cluster"}])
 
 
 def cluster_resources() -> dict[str, float]:

@@ -138,6 +138,11 @@ def log_and_register(
     # Everything inside the block: the registry store looks a logged model up in MLflow's *global* tracking store,
     # which is not aeforge's when MLFLOW_TRACKING_URI is unset (the embedded sqlite default under AEFORGE_HOME).
     with use_tracking_uri(uri):
+        # The logged model is made in the run's own experiment first: given only run_id, MLflow 3 would make it in
+        # experiment 0, whose artifacts live under ./mlruns of whatever directory this process started in.
+        run = mlflow_client.get_run(run_id)
+        logged = mlflow_client.create_logged_model(run.info.experiment_id, name="model", source_run_id=run_id,
+                                                   params=dict(run.data.params))
         info = mlflow.pytorch.log_model(
             pytorch_model=cpu_model,
             name="model",
@@ -146,6 +151,7 @@ def log_and_register(
             signature=signature,
             pip_requirements=_pip_requirements(),
             run_id=run_id,
+            model_id=logged.model_id,
         )
 
         try:

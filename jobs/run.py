@@ -16,7 +16,7 @@ from typing import Callable
 
 import yaml
 
-from jobs.ray_train import build_trainer, connect_ray, fit
+from jobs.ray_train import build_trainer, check_fits_cluster, cluster_resources, connect_ray, fit
 from jobs.spec import JobSpec, SpecError, check_data, parse_spec_json
 from workers import settings
 from workers.data import prepare
@@ -65,6 +65,8 @@ def run_train_on_ray(spec: JobSpec, job_id: str) -> dict:
     storage = Storage.from_settings()
     storage.preflight()
     check_data(spec, resolve=storage.resolve)
+    connect_ray()
+    check_fits_cluster(spec, cluster_resources())  # a job that can never be placed would wait forever
 
     experiment_id = ensure_experiment(spec.name)
     run_id = start_or_resume_run(experiment_id, job_id, run_name=job_id)
@@ -75,7 +77,6 @@ def run_train_on_ray(spec: JobSpec, job_id: str) -> dict:
         tracking.mark_running()
         tracking.set_tags({"aeforge.kind": spec.kind, "aeforge.variant": spec.model.variant,
                            "aeforge.storage": storage.uri(f"ray/{job_id}")})
-        connect_ray()
         started = time.perf_counter()
         result = fit(build_trainer(spec, job_id, storage, run_id))
         fit_seconds = time.perf_counter() - started

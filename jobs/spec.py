@@ -32,6 +32,12 @@ from workers.config import (
 )
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+# The most trials one sweep may run (its grid times num_samples, or its random draws). The count is checked
+# before any trial is built, so a spec that asks for millions is refused at once.
+MAX_TRIALS = 10_000
+# Per-worker and per-job bounds that keep a job's resource request a finite number (the queue stores it).
+MAX_WORKERS = 10_000
+MAX_RESOURCE_PER_WORKER = 10_000.0
 
 
 class SpecError(AeforgeError):
@@ -46,9 +52,9 @@ class SpecError(AeforgeError):
 
 
 class Resources(StrictModel):
-    workers: int = Field(1, ge=1, description="Ray Train workers (DDP processes)")
-    gpus_per_worker: float = Field(0, ge=0)
-    cpus_per_worker: float = Field(1, gt=0)
+    workers: int = Field(1, ge=1, le=MAX_WORKERS, description="Ray Train workers (DDP processes)")
+    gpus_per_worker: float = Field(0, ge=0, le=MAX_RESOURCE_PER_WORKER)
+    cpus_per_worker: float = Field(1, gt=0, le=MAX_RESOURCE_PER_WORKER)
 
     def per_worker(self) -> dict[str, float]:
         """Ray Train's resources_per_worker."""
@@ -58,7 +64,7 @@ class Resources(StrictModel):
 class BetaRange(StrictModel):
     start: float = Field(..., ge=0)
     stop: float = Field(..., ge=0)
-    num: int = Field(..., ge=1)
+    num: int = Field(..., ge=1, le=MAX_TRIALS)
     spacing: Literal["linear", "log"] = "linear"
 
     @model_validator(mode="after")
@@ -88,7 +94,7 @@ class SweepConfig(StrictModel):
     seed: list[int] | None = None
     variant: list[Variant] | None = None
     search: Literal["grid", "random"] = "grid"
-    num_samples: int = Field(1, ge=1, description="grid: repeats of the grid; random: trials drawn")
+    num_samples: int = Field(1, ge=1, le=MAX_TRIALS, description="grid: repeats of the grid; random: trials drawn")
     metric: SweepMetric = Field(default_factory=SweepMetric)
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: as many as the cluster fits")
     register_all: bool = Field(False, description="also register every non-best trial's model")
@@ -106,6 +112,13 @@ class SweepConfig(StrictModel):
         if v is not None and any(d < 1 for d in v):
             raise ValueError("latent_dim values must be >= 1")
         return v
+
+    def num_trials(self) -> int:
+        """How many trials this sweep runs, counted without building them: the product of the grid's lengths
+        times its repeats, or the random draws."""
+        if self.search == "random":
+            return self.num_samples
+        return math.prod(len(values) for values in self.space().values()) * self.num_samples
 
     def space(self) -> dict[str, list]:
         """The searched dimensions and their values (empty lists kept, so validation can name them)."""
@@ -156,6 +169,13 @@ class JobSpec(StrictModel):
             for key, values in space.items():
                 if not values:
                     errors.append((f"sweep.{key}", "an empty list searches nothing; give at least one value"))
+            trials = self.sweep.num_trials()
+            if trials > MAX_TRIALS:
+                how = ("num_samples" if self.sweep.search == "random" else
+                       " x ".join(f"{len(v)} {k}" for k, v in space.items()) +
+                       (f" x {self.sweep.num_samples} num_samples" if self.sweep.num_samples > 1 else ""))
+                errors.append(("sweep", f"the sweep would run {trials:,} trials ({how}); at most {MAX_TRIALS:,} "
+                               f"trials per sweep: search fewer values or split it into several sweeps"))
             variants = space.get("variant") or variants
             if "beta" in space and not all(v in BETA_VARIANTS for v in variants):
                 bad = sorted({v for v in variants if v not in BETA_VARIANTS})
@@ -200,11 +220,9 @@ class JobSpec(StrictModel):
         return [dict(zip(keys, combo)) for combo in itertools.product(*(space[k] for k in keys))]
 
     def num_trials(self) -> int:
-        """How many trials a sweep runs: the grid times its repeats, or the random draws."""
+        """How many trials a sweep runs: the grid times its repeats, or the random draws (the grid is not built)."""
         assert self.sweep is not None
-        if self.sweep.search == "random":
-            return self.sweep.num_samples
-        return len(self.trial_configs()) * self.sweep.num_samples
+        return self.sweep.num_trials()
 
     def max_concurrent_trials(self, cluster: dict[str, float] | None) -> int:
         """The spec's cap, never more than the cluster fits (a trial started without room for its workers would
@@ -356,6 +374,10 @@ def parse_spec(text: str, source: str = "<spec>") -> JobSpec:
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
         problem = getattr(exc, "problem", None) or str(exc)
         raise SpecError([{"loc": "<file>", "msg": f"not valid YAML/JSON at {where}: {problem}"}], source) from None
+    except (ValueError, TypeError, OverflowError) as exc:
+        # A scalar YAML recognises but cannot build: a date like 2020-13-45, an int of more than 4300 digits, a
+        # `!!int abc`.
+        raise SpecError([{"loc": "<file>", "msg": f"not a valid YAML/JSON value: {exc}"}], source) from None
     return spec_from_data(data, source)
 
 

@@ -22,8 +22,9 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Res
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.dispatcher import Dispatcher, JobLauncher, LauncherUnavailable, parse_progress, redact
 from services.settings import Principal, ServiceSettings
@@ -34,18 +35,47 @@ log = logging.getLogger(__name__)
 
 Validator = Callable[..., Any]
 
+# The deepest page a listing serves: far beyond any job table, and well inside every database's integer range
+# (an offset of 2**63 overflowed SQLite's and PostgreSQL's 64-bit integers: a 500 before this bound).
+MAX_OFFSET = 1_000_000_000
+
+
+def text_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a key or name the queue stores or looks up (None when it can): PostgreSQL refuses
+    NUL in text, and a control character in a key or name is a mistake in the client."""
+    bad = sorted({c for c in value if ord(c) < 0x20 or ord(c) == 0x7F})
+    if bad:
+        shown = ", ".join(f"\\x{ord(c):02x}" for c in bad)
+        return f"must not contain control characters (found {shown})"
+    return None
+
 
 # --- bodies -----------------------------------------------------------------------------------------------------
 
 
 class SubmitRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # The examples are what the OpenAPI page shows, and the requests a schemathesis run starts from.
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"spec": "name: example\nmodel: {variant: vae, architecture: mlp, latent_dim: 4}\n"
+                 "train: {steps: 10, batch_size: 8}\n",
+         "priority": 1, "idempotency_key": "example-key-1"},
+        {"spec": {"name": "example-object", "train": {"steps": 5, "max_hours": 1.5}, "resources": {"workers": 1}},
+         "max_attempts": 2},
+    ]})
 
     spec: str | dict[str, Any] = Field(..., description="the job spec: YAML/JSON text as written, or a JSON object")
     priority: int = Field(0, ge=-1000, le=1000, description="higher runs first")
     idempotency_key: str | None = Field(None, min_length=1, max_length=200,
                                         description="a retried submission with the same key returns the same job")
     max_attempts: int | None = Field(None, ge=1, le=20, description="attempts before the job fails (default: the service's)")
+
+    @field_validator("idempotency_key")
+    @classmethod
+    def _storable_key(cls, value: str | None) -> str | None:
+        problem = None if value is None else text_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 class EventOut(BaseModel):
@@ -219,7 +249,8 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, exc: RequestValidationError):
-        errors = [{"loc": ".".join(str(p) for p in e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]
+        errors = [{"loc": ".".join(str(p) for p in e.get("loc", ())),
+                   "msg": str(e.get("msg", "")).removeprefix("Value error, ")} for e in exc.errors()]
         return _error(422, "invalid request: " + "; ".join(f"{e['loc']}: {e['msg']}" for e in errors), errors)
 
     @app.exception_handler(JobNotFound)
@@ -230,8 +261,11 @@ def create_app(
     async def _conflict(request: Request, exc: InvalidTransition):
         return _error(409, str(exc))
 
-    @app.exception_handler(HTTPException)
-    async def _http_error(request: Request, exc: HTTPException):
+    # Starlette's HTTPException (FastAPI's is a subclass): also the 400 for a body that cannot be read (FastAPI's
+    # "There was an error parsing the body"), the 404 of an unknown route and the 405 of an unknown method, so that
+    # every error has the one documented shape {detail, errors}.
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
         return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     def principal(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
@@ -249,9 +283,12 @@ def create_app(
             raise JobNotFound(job_id)  # another user's job does not exist for this caller
         return job
 
-    errors_doc = {401: {"model": ErrorOut}, 404: {"model": ErrorOut}, 409: {"model": ErrorOut}}
+    # Every route's error answers, as they are: {detail, errors}. A 422 given here replaces FastAPI's default
+    # (HTTPValidationError), which is not what _invalid_request answers.
+    invalid_doc = {422: {"model": ErrorOut, "description": "an invalid parameter or body; `errors` names each field"}}
+    errors_doc = {401: {"model": ErrorOut}, 404: {"model": ErrorOut}, 409: {"model": ErrorOut}, **invalid_doc}
 
-    @app.get("/healthz", tags=["service"])
+    @app.get("/healthz", tags=["service"], responses={503: {"model": ErrorOut}})
     def healthz():
         """The service is up and its database answers (no token needed)."""
         try:
@@ -264,16 +301,29 @@ def create_app(
     @app.post("/jobs", status_code=201, response_model=JobOut, tags=["jobs"],
               responses={200: {"model": JobOut, "description": "the job an earlier submission with this "
                                                                "idempotency key made"},
-                         413: {"model": ErrorOut}, 422: {"model": ErrorOut}, **errors_doc})
+                         400: {"model": ErrorOut, "description": "a body that cannot be read (not JSON, nested too "
+                                                                "deeply)"},
+                         413: {"model": ErrorOut}, **errors_doc})
     def submit_job(body: SubmitRequest, response: Response, who: Principal = Depends(principal),
                    idempotency_key: str | None = Header(None, alias="Idempotency-Key", max_length=200)):
         """Validate a spec and queue it; 422 with every field error if it cannot run."""
         key = body.idempotency_key
         if idempotency_key is not None:
+            problem = text_problem(idempotency_key)
+            if problem:
+                return _error(422, f"invalid request: header.Idempotency-Key: {problem}",
+                              [{"loc": "header.Idempotency-Key", "msg": problem}])
             if key is not None and key != idempotency_key:
                 return _error(422, "the Idempotency-Key header and the body's idempotency_key differ")
             key = idempotency_key
-        spec_text = body.spec if isinstance(body.spec, str) else json.dumps(body.spec)
+        if isinstance(body.spec, str):
+            spec_text = body.spec
+        else:
+            try:
+                spec_text = json.dumps(body.spec)
+            except (RecursionError, ValueError) as exc:
+                msg = "nested too deeply to be a job spec" if isinstance(exc, RecursionError) else str(exc)
+                return _error(422, f"invalid job spec:\n  <spec>: {msg}", [{"loc": "<spec>", "msg": msg}])
         try:
             spec = validate(spec_text, "<request>")
         except (AeforgeError, ValueError) as exc:  # a SpecError, or a plain ValueError from another validator
@@ -281,6 +331,7 @@ def create_app(
             if errors is None:
                 errors = [{"loc": "<spec>", "msg": str(exc)}]
             return _error(422, "invalid job spec:\n" + "\n".join(f"  {e['loc']}: {e['msg']}" for e in errors), errors)
+        max_attempts = body.max_attempts or settings.max_attempts
         job, created = store.submit(
             name=spec.name,
             owner=who.owner,
@@ -289,25 +340,30 @@ def create_app(
             spec_json=json.dumps(spec.model_dump(mode="json"), sort_keys=True),
             resources=spec.resource_request(),
             priority=body.priority,
-            max_attempts=body.max_attempts or settings.max_attempts,
+            max_attempts=max_attempts,
             idempotency_key=key,
         )
         if not created:
-            if job.spec_text != spec_text or job.priority != body.priority:
+            if job.spec_text != spec_text or job.priority != body.priority or job.max_attempts != max_attempts:
                 return _error(409, f"idempotency key {key!r} was used for a different submission (job {job.id})")
             response.status_code = 200
         return job_out(job)
 
-    @app.get("/jobs", response_model=JobPage, tags=["jobs"], responses=errors_doc)
+    @app.get("/jobs", response_model=JobPage, tags=["jobs"],
+             responses={403: {"model": ErrorOut, "description": "a user asked for another owner's jobs"}, **errors_doc})
     def list_jobs(
         who: Principal = Depends(principal),
         state: list[str] | None = Query(None, description=f"one or more of {', '.join(STATES)} (repeat, or comma-separated)"),
         owner: str | None = Query(None, max_length=100),
         name: str | None = Query(None, max_length=100),
         limit: int = Query(50, ge=1, le=500),
-        offset: int = Query(0, ge=0),
+        offset: int = Query(0, ge=0, le=MAX_OFFSET),
     ):
         """Jobs, newest first, one page at a time; a user's listing holds only their own jobs."""
+        bad = [{"loc": f"query.{field}", "msg": problem} for field, value in (("owner", owner), ("name", name))
+               if value is not None and (problem := text_problem(value))]
+        if bad:
+            return _error(422, "invalid request: " + "; ".join(f"{e['loc']}: {e['msg']}" for e in bad), bad)
         states = [s.strip() for item in (state or []) for s in item.split(",") if s.strip()]
         unknown = sorted(set(states) - set(STATES))
         if unknown:
@@ -460,7 +516,8 @@ def run_service(settings: ServiceSettings, host: str = "127.0.0.1", port: int = 
     dispatcher = None
     if dispatch:
         dispatcher = Dispatcher(store, RayClusterView(launcher), launcher,
-                                max_concurrent_jobs=settings.max_concurrent_jobs, job_module=settings.job_module)
+                                max_concurrent_jobs=settings.max_concurrent_jobs, job_module=settings.job_module,
+                                retry_backoff_s=settings.retry_backoff_s)
     app = create_app(store, settings, launcher=launcher, dispatcher=dispatcher)
     if on_ready is not None:
         on_ready(f"http://{host}:{port}")

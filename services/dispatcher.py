@@ -17,18 +17,24 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
+import re
 import shlex
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Iterable, Mapping, Protocol
+from typing import AsyncIterator, Callable, Mapping, Protocol
 
 from jobs import ray_train
+from jobs.ray_train import describe_resources, fits, never_fits  # noqa: F401 (re-exported)
 from services.store import Decision, Holdings, Job, Store, add_resources
 from workers.protocol import PROGRESS_MARK, RESULT_MARK, parse_progress, parse_result  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
+MAX_RETRY_DELAY_S = 600.0
+# How Ray reports an entrypoint that exited with code 2 (python -m jobs.run: a spec or data error).
+USER_ERROR_EXIT = re.compile(r"\bexit code 2\b")
 # Ray job statuses: PENDING, RUNNING, STOPPED, SUCCEEDED, FAILED.
 RAY_TERMINAL = ("STOPPED", "SUCCEEDED", "FAILED")
 LOG_TAIL_LINES = 20
@@ -112,25 +118,17 @@ def job_environment(job: Job, environ: Mapping[str, str] | None = None) -> dict[
     return env
 
 
+def max_hours_of(job: Job) -> float | None:
+    """The job's wall-clock limit in hours (``train.max_hours`` of the spec JSON stored at submission), or None."""
+    try:
+        value = json.loads(job.spec_json).get("train", {}).get("max_hours")
+    except (ValueError, AttributeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
+
+
 def entrypoint_for(job_id: str, module: str = "jobs.run") -> str:
     return f"python -m {module} {shlex.quote(job_id)}"
-
-
-def describe_resources(resources: Mapping[str, float], also: Iterable[str] = ()) -> str:
-    """"CPU 4, GPU 1": the schedulable resources (node markers and memory left out), with ``also`` shown at 0."""
-    keys = set(resources) | set(also)
-    parts = []
-    for key in sorted(keys):
-        value = float(resources.get(key, 0.0))
-        if key in ("memory", "object_store_memory") or key.startswith(("node:", "accelerator_type:")):
-            continue
-        if key in ("CPU", "GPU") or value or key in also:
-            parts.append(f"{key} {value:g}")
-    return ", ".join(parts) or "nothing"
-
-
-def fits(request: Mapping[str, float], available: Mapping[str, float]) -> bool:
-    return all(amount <= available.get(name, 0.0) + 1e-9 for name, amount in request.items() if amount > 0)
 
 
 def subtract(total: Mapping[str, float], held: Mapping[str, float]) -> dict[str, float]:
@@ -160,6 +158,7 @@ class Dispatcher:
         job_module: str = "jobs.run",
         environ: Mapping[str, str] | None = None,
         resubmit_after_s: float = 15.0,
+        retry_backoff_s: float = 0.0,
         clock: Callable[[], float] = time.time,
     ):
         self.store = store
@@ -171,6 +170,9 @@ class Dispatcher:
         # A job claimed (starting) that Ray does not know yet is submitted again only after this long, so that a
         # dispatcher does not race another one that is between its claim and its submission.
         self.resubmit_after_s = resubmit_after_s
+        # A failed attempt is tried again after retry_backoff_s x 2^(attempts - 1), plus up to a quarter of that as
+        # jitter, not at once: an outage (storage, MLflow, a restarting Ray) then passes before the retries run out.
+        self.retry_backoff_s = retry_backoff_s
         self.clock = clock
         self._unreachable_logged = False
         # Texts from Ray (messages, log tails) may echo what the job was given; they are masked before storing.
@@ -224,9 +226,12 @@ class Dispatcher:
 
         def decide(job: Job, holdings: Holdings) -> Decision:
             asked = job.resources
-            if not fits(asked, total):
-                return Decision.reject(f"can never run here: it asks for {describe_resources(asked)} but the whole "
-                                       f"Ray cluster has {describe_resources(total, also=asked)}")
+            wait_s = self.retry_due(job) - self.clock()
+            if wait_s > 0:  # a failed attempt backing off: the jobs behind it may go first
+                return Decision.skip(f"attempt {job.attempts + 1} starts in {wait_s:.0f} s (back-off after a failure)")
+            why_never = never_fits(asked, total)
+            if why_never:
+                return Decision.reject(f"can never run here: {why_never}")
             if cap is not None and holdings.active_jobs >= cap:
                 return Decision.wait(f"{holdings.active_jobs} jobs running, the cap is {cap}")
             free = subtract(total, holdings.resources)
@@ -288,6 +293,13 @@ class Dispatcher:
         if info.status == "RUNNING":
             if job.state == "starting":
                 return self._set(job, "running", f"Ray job {sid} is running")
+            max_hours = max_hours_of(job)
+            if max_hours is not None and job.started_at is not None and \
+                    self.clock() - job.started_at.timestamp() > max_hours * 3600:
+                # The spec's wall-clock limit: stopped, and failed for good (another attempt would run as long).
+                self.launcher.stop(sid)
+                why = f"ran longer than train.max_hours = {max_hours:g} h"
+                return self._set(job, "failed", why, error=why)
             return False
         if info.status == "SUCCEEDED":
             return self._succeeded(job)
@@ -296,7 +308,9 @@ class Dispatcher:
         if info.status == "STOPPED":
             return self._set(job, "cancelled", f"Ray job {sid} was stopped outside aeforge")
         message = self._redact(info.message or "no message from Ray")
-        return self._attempt_failed(job, f"Ray job {sid} failed: {message}{self._log_tail(sid)}")
+        # Exit code 2 is the entry point's "the spec or its data is wrong": running it again changes nothing.
+        retry = not USER_ERROR_EXIT.search(message)
+        return self._attempt_failed(job, f"Ray job {sid} failed: {message}{self._log_tail(sid)}", retry=retry)
 
     def _succeeded(self, job: Job) -> bool:
         try:
@@ -320,10 +334,26 @@ class Dispatcher:
             reason += f"; it finished before the cancel by {job.cancel_requested_by} took effect"
         return self._set(job, "succeeded", reason, **fields)
 
-    def _attempt_failed(self, job: Job, why: str) -> bool:
-        if job.attempts < job.max_attempts:
+    def retry_delay_s(self, job: Job) -> float:
+        """How long after its failed attempt ``job`` waits before the next one: exponential, with a jitter that is
+        fixed per job and attempt (so every dispatcher computes the same time)."""
+        if self.retry_backoff_s <= 0 or job.attempts < 1:
+            return 0.0
+        jitter = random.Random(f"{job.id}:{job.attempts}").random()
+        return min(self.retry_backoff_s * 2 ** (job.attempts - 1) * (1 + 0.25 * jitter), MAX_RETRY_DELAY_S)
+
+    def retry_due(self, job: Job) -> float:
+        """When a queued job may start again (its re-queue time plus the back-off; 0 for a new job)."""
+        if job.attempts < 1:
+            return 0.0
+        return job.updated_at.timestamp() + self.retry_delay_s(job)
+
+    def _attempt_failed(self, job: Job, why: str, retry: bool = True) -> bool:
+        if retry and job.attempts < job.max_attempts:
+            delay = self.retry_delay_s(job)
+            when = f"in {delay:.0f} s " if delay > 0 else ""
             return self._set(job, "queued", f"attempt {job.attempts} of {job.max_attempts} failed: {why}; "
-                                            f"re-queued to resume from its last checkpoint", error=why)
+                                            f"re-queued to resume from its last checkpoint {when}".rstrip(), error=why)
         return self._set(job, "failed", f"attempt {job.attempts} of {job.max_attempts} failed: {why}", error=why)
 
     def _set(self, job: Job, state: str, reason: str, **fields) -> bool:
@@ -391,6 +421,9 @@ class RayJobLauncher:
         except RuntimeError as exc:
             if "already exists" in str(exc):
                 raise SubmissionExists(submission_id) from None
+            if "No available agent" in str(exc):
+                # A Ray head that has just started answers this for tens of seconds: not a failed attempt.
+                raise LauncherUnavailable(f"Ray's Jobs API is not ready yet: {exc}") from None
             raise
 
     def info(self, submission_id: str) -> RayJobInfo | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import getpass
 import hmac
+import math
 import os
 import re
 import secrets
@@ -39,6 +40,7 @@ KNOWN_VARIABLES = (
     "AEFORGE_MAX_REQUEST_BYTES",
     "AEFORGE_MAX_ATTEMPTS",
     "AEFORGE_DISPATCH_INTERVAL",
+    "AEFORGE_RETRY_BACKOFF_S",
     "AEFORGE_JOB_MODULE",
     "RAY_ADDRESS",
     *STORAGE_ENV_VARS,
@@ -47,6 +49,8 @@ KNOWN_VARIABLES = (
 DEFAULT_API_URL = "http://127.0.0.1:8000"
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
 DEFAULT_MAX_ATTEMPTS = 3
+# The first retry of a failed attempt waits this long, the second twice as long, and so on (plus jitter).
+DEFAULT_RETRY_BACKOFF_S = 10.0
 MIN_TOKEN_LENGTH = 8
 MODULE_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
@@ -80,6 +84,7 @@ class ServiceSettings:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     dispatch_interval_s: float = 1.0
+    retry_backoff_s: float = DEFAULT_RETRY_BACKOFF_S
     job_module: str = "jobs.run"
 
     @classmethod
@@ -106,6 +111,7 @@ class ServiceSettings:
             max_request_bytes=_positive_int(values, "AEFORGE_MAX_REQUEST_BYTES", DEFAULT_MAX_REQUEST_BYTES),
             max_attempts=_positive_int(values, "AEFORGE_MAX_ATTEMPTS", DEFAULT_MAX_ATTEMPTS),
             dispatch_interval_s=_positive_float(values, "AEFORGE_DISPATCH_INTERVAL", 1.0),
+            retry_backoff_s=_positive_float(values, "AEFORGE_RETRY_BACKOFF_S", DEFAULT_RETRY_BACKOFF_S),
             job_module=job_module,
         )
 
@@ -186,7 +192,7 @@ def _positive_float(values: Mapping[str, str], name: str, default: float) -> flo
         number = float(raw)
     except ValueError:
         raise SettingsError(f"{name} must be a positive number, got {raw!r}") from None
-    if not number > 0:
+    if not (number > 0 and math.isfinite(number)):
         raise SettingsError(f"{name} must be a positive number, got {raw!r}")
     return number
 

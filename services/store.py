@@ -66,6 +66,8 @@ TRANSITIONS: dict[str | None, frozenset[str]] = {
 }
 
 SCHEMA_VERSION = 1
+# The largest LIMIT/OFFSET both backends take (a signed 64-bit integer: SQLite's and PostgreSQL's bigint).
+MAX_SQL_INT = 2**63 - 1
 # Transaction-level advisory lock keys (PostgreSQL): admission decisions, schema migrations.
 ADMISSION_LOCK_KEY = 0x6165_0001
 MIGRATION_LOCK_KEY = 0x6165_0002
@@ -87,6 +89,23 @@ class InvalidTransition(StoreError):
 
 class SchemaTooNew(StoreError):
     pass
+
+
+class InvalidValue(StoreError, ValueError):
+    """A value no backend can store as text (a NUL, which PostgreSQL refuses; a lone surrogate, which is not UTF-8);
+    the message names the field."""
+
+
+def storable(value: str) -> bool:
+    """Whether every backend stores (and so can look up) this text: no NUL, and encodable as UTF-8. A key or id that
+    is not storable matches no row, on SQLite and on PostgreSQL alike."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class UTCDateTime(TypeDecorator):
@@ -256,7 +275,7 @@ class Holdings:
 class Decision:
     """What the dispatcher's policy says about the head of the queue: start it, wait, or fail it for good."""
 
-    action: str  # "start" | "wait" | "reject"
+    action: str  # "start" | "wait" | "reject" | "skip" (not yet: let the jobs behind it be considered)
     reason: str
 
     @classmethod
@@ -270,6 +289,10 @@ class Decision:
     @classmethod
     def reject(cls, reason: str) -> "Decision":
         return cls("reject", reason)
+
+    @classmethod
+    def skip(cls, reason: str) -> "Decision":
+        return cls("skip", reason)
 
 
 @dataclass(frozen=True)
@@ -329,6 +352,8 @@ class Store:
                 yield conn
 
     def _lock_job(self, conn: Connection, job_id: str):
+        if not storable(job_id):
+            raise JobNotFound(job_id)
         query = select(jobs_table).where(jobs_table.c.id == job_id)
         if self.dialect == "postgresql":
             query = query.with_for_update()
@@ -359,6 +384,10 @@ class Store:
         made then (and False)."""
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        for field, value in (("name", name), ("owner", owner), ("kind", kind), ("spec_text", spec_text),
+                             ("spec_json", spec_json), ("idempotency_key", idempotency_key)):
+            if value is not None and not storable(value):
+                raise InvalidValue(f"{field}: cannot be stored: it holds a NUL (\\x00) or a lone surrogate")
         if idempotency_key is not None:
             existing = self._by_idempotency_key(owner, idempotency_key)
             if existing is not None:
@@ -384,6 +413,8 @@ class Store:
         return self.get(job_id), True
 
     def _by_idempotency_key(self, owner: str, key: str) -> Job | None:
+        if not (storable(owner) and storable(key)):
+            return None
         with self.engine.connect() as conn:
             row = conn.execute(select(jobs_table).where(
                 jobs_table.c.owner == owner, jobs_table.c.idempotency_key == key)).first()
@@ -391,6 +422,8 @@ class Store:
 
     # --- reading -------------------------------------------------------------------------------------------
     def get(self, job_id: str) -> Job:
+        if not storable(job_id):  # an id that cannot exist (PostgreSQL would refuse the query itself)
+            raise JobNotFound(job_id)
         with self.engine.connect() as conn:
             row = conn.execute(select(jobs_table).where(jobs_table.c.id == job_id)).first()
         if row is None:
@@ -398,6 +431,8 @@ class Store:
         return Job.from_row(row)
 
     def events(self, job_id: str) -> list[Event]:
+        if not storable(job_id):
+            return []
         with self.engine.connect() as conn:
             rows = conn.execute(select(events_table).where(events_table.c.job_id == job_id)
                                 .order_by(events_table.c.id)).all()
@@ -413,6 +448,11 @@ class Store:
         offset: int = 0,
     ) -> tuple[list[Job], int]:
         """Newest first; returns one page and the number of jobs that match."""
+        for field, value in (("limit", limit), ("offset", offset)):
+            if not 0 <= value <= MAX_SQL_INT:
+                raise InvalidValue(f"{field}: must be between 0 and {MAX_SQL_INT}, got {value}")
+        if any(v is not None and not storable(v) for v in (owner, name)):
+            return [], 0  # no stored job has such an owner or name
         conditions = []
         if states:
             states = list(states)
@@ -517,11 +557,14 @@ class Store:
         """Walk the queue (priority, higher first, then submission order) and let ``decide`` start, reject or
         wait on each head in turn; at most one job is started per call. Atomic across dispatchers."""
         rejected: list[Job] = []
+        skipped: list[int] = []
         with self._tx(lock_key=ADMISSION_LOCK_KEY) as conn:
             holdings = self._holdings(conn)
             while True:
                 query = (select(jobs_table).where(jobs_table.c.state == "queued")
                          .order_by(jobs_table.c.priority.desc(), jobs_table.c.seq).limit(batch))
+                if skipped:
+                    query = query.where(jobs_table.c.seq.not_in(skipped))
                 if self.dialect == "postgresql":
                     query = query.with_for_update(skip_locked=True)
                 rows = conn.execute(query).all()
@@ -533,6 +576,9 @@ class Store:
                     if decision.action == "reject":
                         self._apply(conn, row, "failed", decision.reason, {"error": decision.reason})
                         rejected.append(job)
+                        continue
+                    if decision.action == "skip":
+                        skipped.append(row.seq)
                         continue
                     if decision.action == "wait":
                         return Admission(started=None, rejected=tuple(rejected), waiting=job, wait_reason=decision.reason)

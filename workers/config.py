@@ -2,7 +2,8 @@
 
 These pydantic models are the worker-side half of the job spec. ``jobs/spec.py`` composes them with the
 job-level sections (resources, sweep, register), so a field is declared once and validated once.
-Unknown keys are errors everywhere (``extra="forbid"``).
+Unknown keys are errors everywhere (``extra="forbid"``), and every number is finite (``allow_inf_nan=False``: an
+``.inf`` or ``NaN`` is an error naming its field).
 """
 
 from __future__ import annotations
@@ -20,8 +21,14 @@ STOCHASTIC_VARIANTS = ("vae", "beta_vae", "beta_tcvae")
 BETA_VARIANTS = ("beta_vae", "beta_tcvae")
 
 
+# Upper bounds on a run's length: a typo such as `steps: 10**30` is an error, not a job that runs until cancelled.
+MAX_STEPS = 10**9
+MAX_EPOCHS = 10**6
+
+
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Subclasses that set their own model_config keep these (pydantic merges a parent's config into a child's).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class CorruptionConfig(StrictModel):
@@ -93,8 +100,8 @@ class OptimizerConfig(StrictModel):
 
 
 class TrainConfig(StrictModel):
-    steps: int | None = Field(None, ge=1)
-    epochs: int | None = Field(None, ge=1)
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    epochs: int | None = Field(None, ge=1, le=MAX_EPOCHS)
     batch_size: int = Field(64, ge=1, description="per worker; global batch = batch_size x workers")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -105,6 +112,8 @@ class TrainConfig(StrictModel):
     seed: int = 0
     num_to_keep: int = Field(2, ge=1, description="checkpoints kept")
     max_failures: int = Field(2, ge=0, description="worker failures survived by resuming")
+    max_hours: float | None = Field(None, gt=0.0, description="wall-clock limit: a job (attempt) running longer is "
+                                    "stopped and failed by the queue, not retried (default: no limit)")
 
     @model_validator(mode="after")
     def _budget(self) -> "TrainConfig":

@@ -71,6 +71,9 @@ class RayTrainContext(RunContext):
         self._mlflow = mlflow_run
         self._restored: tempfile.TemporaryDirectory | None = None
         self.resumed_from_step: int | None = None
+        # On a resume, the last step the earlier attempt already logged to MLflow: the steps between the
+        # checkpoint and it are trained again (to the same values) but not logged twice.
+        self._logged_through = -1
 
     def latest_checkpoint(self) -> Path | None:
         """The run's last checkpoint (Ray Train's, from this attempt or an earlier fit under the same run name),
@@ -92,6 +95,8 @@ class RayTrainContext(RunContext):
                 if self._mlflow is not None:
                     # A trace on the MLflow run of every resumption: value and step are the step resumed from.
                     self._mlflow.log_metrics({"resume/from_step": self.resumed_from_step}, self.resumed_from_step)
+                    history = self._mlflow.client.get_metric_history(self._mlflow.run_id, "train/loss")
+                    self._logged_through = max((m.step for m in history), default=-1)
         return Path(self._restored.name)
 
     def save_checkpoint(self, directory: Path, metrics: dict[str, float], step: int, keep: int) -> None:
@@ -126,7 +131,7 @@ class RayTrainContext(RunContext):
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         super().log_metrics(metrics, step)
-        if self.is_chief and self._mlflow is not None:
+        if self.is_chief and self._mlflow is not None and step > self._logged_through:
             with_retries(lambda: self._mlflow.log_metrics(metrics, step), "MLflow metrics", attempts=3)
 
 

@@ -293,6 +293,7 @@ def test_a_worker_killed_mid_run_resumes_from_the_last_checkpoint(env, tmp_path,
     assert history(mlflow_client, run_id, "resume/from_step") == [(CHECKPOINT_EVERY, float(CHECKPOINT_EVERY))]
     steps = [s for s, _ in history(mlflow_client, run_id, "train/loss")]
     assert max(steps) == STEPS and set(steps) == {10, 20, 30, 40}
+    assert sorted(steps) == [10, 20, 30, 40]  # step 30, trained again after the resume, is not logged twice
     assert "eval/elbo" in mlflow_client.get_run(run_id).data.metrics
     assert mlflow_client.get_run(run_id).info.status == "FINISHED"
     assert outcome["model"]["name"] == "raytest-fault"
@@ -320,8 +321,13 @@ def test_aeforge_run_trains_and_registers_a_spec_with_emoji_and_cjk_text(env, tm
     path = tmp_path / "unicode.yaml"
     path.write_text(yaml.safe_dump(spec, allow_unicode=True), encoding="utf-8")
     job_id = new_job_id("unicode")
-    result = CliRunner().invoke(app, ["run", str(path), "--job-id", job_id], env={"COLUMNS": "400"})
+    scratch = tmp_path / "scratch"  # the driver's working directory: nothing may be written there
+    scratch.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(scratch)
+        result = CliRunner().invoke(app, ["run", str(path), "--job-id", job_id], env={"COLUMNS": "400"})
     assert result.exit_code == 0, result.output
+    assert list(scratch.iterdir()) == []  # no ./mlruns: the model went to the server's artifact store
     mlflow_client = client(env["mlflow"])
     version = mlflow_client.get_model_version_by_alias("raytest-unicode", "candidate")
     assert version.description == UNICODE_MODEL_DESCRIPTION
@@ -329,3 +335,29 @@ def test_aeforge_run_trains_and_registers_a_spec_with_emoji_and_cjk_text(env, tm
     assert run.info.status == "FINISHED" and run.data.tags["aeforge.job_id"] == job_id
     assert run.data.params["description"] == UNICODE_DESCRIPTION
     assert run.data.params["register.description"] == UNICODE_MODEL_DESCRIPTION
+    logged = mlflow_client.get_logged_model(version.source.removeprefix("models:/"))
+    assert logged.experiment_id == run.info.experiment_id and logged.source_run_id == run.info.run_id
+    assert logged.artifact_location.startswith("mlflow-artifacts:")
+
+
+def test_aeforge_run_refuses_a_job_the_cluster_can_never_fit_instead_of_waiting(env, tmp_path):
+    """An unmodified GPU spec on a CPU-only cluster: the same check as the queue's admission, in seconds, before
+    any MLflow run exists."""
+    import yaml
+
+    from services.cli import app
+    from workers.tracking import client
+
+    spec = parse_spec(SPEC, "test spec").model_dump(mode="json", by_alias=True)
+    spec["name"] = f"raytest-gpu-{uuid.uuid4().hex[:6]}"
+    spec["resources"] = {"workers": 1, "gpus_per_worker": 1, "cpus_per_worker": 4}
+    path = tmp_path / "gpu.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    started = time.perf_counter()
+    result = CliRunner().invoke(app, ["run", str(path)], env={"COLUMNS": "400"})
+    assert time.perf_counter() - started < 30
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "resources" in text and "asks for CPU 4, GPU 1" in text and "cluster has CPU 2, GPU 0" in text, text
+    assert "Traceback" not in result.output
+    assert client(env["mlflow"]).get_experiment_by_name(spec["name"]) is None

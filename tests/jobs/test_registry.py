@@ -217,3 +217,37 @@ def test_registering_works_when_only_aeforge_knows_the_tracking_uri(mlflow_sqlit
     again = registered_version_of_run("embedded-default", run_id, alias="candidate")
     assert again["version"] == "1" and again["alias"] == "candidate"
     assert isinstance(load_model("embedded-default@candidate"), TinyBetaVAE)
+
+
+def test_the_logged_model_lands_in_the_runs_experiment_under_aeforge_home(tmp_path, monkeypatch):
+    """With the embedded default (sqlite under AEFORGE_HOME), registering from a scratch working directory writes
+    nothing outside AEFORGE_HOME and the temp folder; the logged model belongs to the job's experiment and run, and
+    the model loads from another working directory."""
+    from workers.tracking import client
+
+    home = tmp_path / "home"
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setenv("AEFORGE_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(scratch)
+    spec = make_spec(name="placed-model")
+    _, run_id, registered = register_one(spec, job_id="placed-1")
+
+    assert list(scratch.iterdir()) == []  # no ./mlruns, no stray model files
+    outside = [p for p in tmp_path.iterdir() if p not in (home, scratch)]
+    assert outside == [], outside
+    mlflow_client = client()
+    run = mlflow_client.get_run(run_id)
+    logged = mlflow_client.get_logged_model(registered["logged_model_uri"].removeprefix("models:/"))
+    assert logged.experiment_id == run.info.experiment_id != "0"
+    assert logged.source_run_id == run_id
+    assert logged.artifact_location.startswith((home / "mlartifacts").as_uri())
+    version = mlflow_client.get_model_version("placed-model", registered["version"])
+    assert version.run_id == run_id and version.source == f"models:/{logged.model_id}"
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    loaded = load_model("placed-model@candidate")
+    assert loaded.encode(torch.rand(2, *IMAGE_SHAPE)).mean.shape == (2, 3)

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from jobs.spec import JobSpec, SpecError, load_spec, parse_spec
 from services.cli import app
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "jobs" / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "jobs" / "examples"
 runner = CliRunner()
 
 

@@ -30,7 +30,7 @@ from typer.testing import CliRunner
 from jobs.spec import JobSpec, SpecError, check_cluster, check_data, parse_spec, trials_that_fit
 from workers.plots.sweep import _curves, sweep_summary_pictures
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 GRID = {(1.0, 2), (1.0, 3), (4.0, 2), (4.0, 3)}
 PICTURES = {"metric_vs_beta.png", "recon_vs_beta.png", "mig_vs_beta.png", "traversals.png"}
 runner = CliRunner()

@@ -8,7 +8,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from services.cli_models import register
-from tests.test_registry import IMAGE_SHAPE, METRICS, make_model, make_spec
+from tests.jobs.test_registry import IMAGE_SHAPE, METRICS, make_model, make_spec
 from workers.tracking import MlflowRun, ensure_experiment, start_or_resume_run
 from jobs.registry import log_and_register
 

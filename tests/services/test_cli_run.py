@@ -9,7 +9,7 @@ import yaml
 from typer.testing import CliRunner
 
 from services.cli import app
-from tests.data.test_readers import write_idx
+from tests.workers.data.test_readers import write_idx
 from workers.data.idx import IMAGES_MAGIC, LABELS_MAGIC
 from workers.loop import load_model_from_checkpoint
 

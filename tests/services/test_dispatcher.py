@@ -328,3 +328,65 @@ def test_log_line_parsing_and_redaction():
     assert redact("key=abcdef and abcdef", ["abcdef"]) == "key=*** and ***"
     assert describe_resources({"CPU": 4.0, "memory": 1e9, "node:x": 1.0}, also={"GPU": 1}) == "CPU 4, GPU 0"
     assert entrypoint_for("a-b", "jobs.run") == "python -m jobs.run a-b"
+
+
+# --- retries that know what failed ----------------------------------------------------------------------------------
+
+
+def test_a_spec_or_data_error_fails_once_and_is_not_retried(store, launcher, make_dispatcher):
+    dispatcher = make_dispatcher()
+    job = submit(store, "bad-data", max_attempts=3)
+    dispatcher.tick()
+    launcher.set(job.id, "FAILED", message="Job entrypoint command failed with exit code 2, last available logs: "
+                                           "job bad-data: 1 error\n  data.source: no such file: /x.npz")
+    dispatcher.tick()
+    failed = store.get(job.id)
+    assert failed.state == "failed" and failed.attempts == 1
+    assert "data.source: no such file" in failed.error
+    assert len(launcher.submissions) == 1
+
+
+def test_a_failed_attempt_backs_off_exponentially_and_others_go_first(store, launcher, make_dispatcher):
+    now = [1_000_000_000.0]
+    dispatcher = make_dispatcher(cpus=2, retry_backoff_s=30.0, clock=lambda: now[0])
+    flaky = submit(store, "flaky", priority=5, max_attempts=3)
+    dispatcher.tick()
+    failed_at = store.get(flaky.id).updated_at.timestamp()
+    now[0] = failed_at
+    launcher.set(flaky.id, "FAILED", message="Job entrypoint command failed with exit code 1")
+    dispatcher.tick()
+    requeued = store.get(flaky.id)
+    assert requeued.state == "queued" and requeued.attempts == 1
+    events = store.events(flaky.id)
+    assert "re-queued to resume from its last checkpoint in " in events[-1].reason
+    first_delay = dispatcher.retry_delay_s(requeued)
+    assert 30.0 <= first_delay <= 37.5
+
+    other = submit(store, "other", priority=0)
+    now[0] = requeued.updated_at.timestamp() + first_delay - 1
+    report = dispatcher.tick()
+    assert report.started == [other.id]  # the backing-off head does not hold the queue up
+    assert store.get(flaky.id).state == "queued"
+
+    now[0] = requeued.updated_at.timestamp() + first_delay + 0.1
+    assert dispatcher.tick().started == [flaky.id]
+    second = store.get(flaky.id)
+    launcher.set(second.ray_submission_id, "FAILED", message="Job entrypoint command failed with exit code 1")
+    now[0] = second.updated_at.timestamp() + 1
+    dispatcher.tick()
+    again = store.get(flaky.id)
+    assert again.state == "queued" and again.attempts == 2
+    assert 60.0 <= dispatcher.retry_delay_s(again) <= 75.0  # twice the first
+
+
+def test_a_ray_head_that_is_not_ready_yet_is_not_a_failed_attempt(store, make_dispatcher):
+    from services.dispatcher import LauncherUnavailable, RayJobLauncher
+
+    class NotReady(RayJobLauncher):
+        def _call(self, fn, *args, **kwargs):
+            raise RuntimeError("Request failed with status code 500: No available agent to submit job, please try "
+                               "again later.")
+
+    launcher = NotReady("http://127.0.0.1:1")
+    with pytest.raises(LauncherUnavailable, match="not ready yet"):
+        launcher.submit("sid", "python -m jobs.run x", {})

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from tests.models.common import blobs
+from tests.workers.models.common import blobs
 from workers.config import EvalConfig, ModelConfig, TrainConfig
 from workers.data.base import ImageDataset
 from workers.loop import CHECKPOINT_FILE, RunContext, TrainingDiverged, load_model_from_checkpoint, total_steps, train

@@ -2,7 +2,7 @@
 
 import pytest
 
-from workers.ray_worker import with_retries
+from workers.outputs import with_retries
 
 
 def test_a_failing_call_is_retried_with_growing_delays_then_succeeds():

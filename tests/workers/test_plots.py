@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.models.common import blobs, make
+from tests.workers.models.common import blobs, make
 from workers.data.base import ImageDataset
 from workers.plots import (
     PAD_VALUE,

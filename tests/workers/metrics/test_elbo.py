@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from tests.metrics.standins import StandInModel
+from tests.workers.metrics.standins import StandInModel
 from workers.data.base import ImageDataset
 from workers.losses import kl_standard_normal, reconstruction_distance
 from workers.metrics.elbo import elbo

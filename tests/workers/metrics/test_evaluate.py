@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from tests.metrics.standins import OracleVAE, StandInModel, factor_grid
-from tests.metrics.test_probe import labelled
+from tests.workers.metrics.standins import OracleVAE, StandInModel, factor_grid
+from tests.workers.metrics.test_probe import labelled
 from workers.config import EvalConfig
 from workers.data.base import ImageDataset
 from workers.metrics import evaluate

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tests.metrics.standins import (
+from tests.workers.metrics.standins import (
     RenderedFactorGrid,
     aligned_representation,
     factor_grid,

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from tests.metrics.standins import StandInModel
-from tests.metrics.test_elbo import binary_images
+from tests.workers.metrics.standins import StandInModel
+from tests.workers.metrics.test_elbo import binary_images
 from workers.metrics.elbo import elbo
 from workers.metrics.iwae import iwae_log_likelihood
 

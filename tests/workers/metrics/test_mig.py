@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.metrics.standins import (
+from tests.workers.metrics.standins import (
     OracleVAE,
     RenderedFactorGrid,
     StandInModel,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tests.metrics.standins import StandInModel
+from tests.workers.metrics.standins import StandInModel
 from workers.data.base import DataError, ImageDataset
 from workers.metrics.probe import fine_tune, linear_probe
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tests.metrics.standins import RenderedFactorGrid, factor_grid, read_factors
+from tests.workers.metrics.standins import RenderedFactorGrid, factor_grid, read_factors
 from workers.data.base import DataError, ImageDataset
 from workers.metrics.sampling import FactorSampler, factor_columns
 

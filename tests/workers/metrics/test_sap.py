@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.metrics.standins import RenderedFactorGrid, aligned_representation, factor_grid, random_representation
-from tests.metrics.test_mig import random_factors
+from tests.workers.metrics.standins import RenderedFactorGrid, aligned_representation, factor_grid, random_representation
+from tests.workers.metrics.test_mig import random_factors
 from workers.metrics.sap import sap, sap_from_codes, sap_score_matrix
 
 # Two-valued factors: disentanglement_lib's one-axis linear classifier separates them perfectly, so an aligned

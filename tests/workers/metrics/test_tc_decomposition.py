@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from tests.metrics.standins import OracleVAE, StandInModel, factor_grid, read_factors
-from tests.metrics.test_elbo import binary_images
+from tests.workers.metrics.standins import OracleVAE, StandInModel, factor_grid, read_factors
+from tests.workers.metrics.test_elbo import binary_images
 from workers.metrics.tc_decomposition import tc_decomposition
 from workers.models.base import Posterior
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tests.models.common import blobs, fit, make
+from tests.workers.models.common import blobs, fit, make
 from workers.losses import reconstruction_distance
 
 

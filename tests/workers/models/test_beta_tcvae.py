@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tests.models.common import blobs, make
+from tests.workers.models.common import blobs, make
 from workers.losses import log_normal_density, tc_terms
 
 

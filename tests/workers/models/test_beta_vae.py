@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tests.models.common import blobs, make
+from tests.workers.models.common import blobs, make
 
 
 def test_beta_weighs_the_kl_term():
