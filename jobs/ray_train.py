@@ -8,6 +8,7 @@ never as YAML or JSON text to be parsed again.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -35,6 +36,9 @@ def connect_ray() -> None:
 
     if ray.is_initialized():
         return
+    address = settings.ray_address()
+    if address and re.fullmatch(r"[\w.-]+:\d+", address):
+        check_ray_auth(address)
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
         # A Ray Job's driver (the queue launched us): the job's runtime env, with these settings, is already in
         # force, and Ray refuses a second one that sets the same variables.
@@ -45,6 +49,43 @@ def connect_ray() -> None:
         ray.init(address=settings.ray_address() or "local", runtime_env={"env_vars": job_environment()},
                  log_to_driver=True)
     _stop_on_sigterm()
+
+
+class RayAuthError(AeforgeError):
+    """The Ray cluster asks for an authentication token this process does not have."""
+
+
+def check_ray_auth(address: str) -> None:
+    """One quick look at the cluster's GCS before ray.init, which would retry a refused token for 20 s, a line a
+    second, and end in a traceback: a cluster with token auth is named with the setting and the token's place."""
+    from ray.exceptions import AuthenticationError
+
+    try:
+        from ray._raylet import GcsClient
+    except ImportError:  # a Ray without it: ray.init says what it says
+        return
+    saved = os.dup(2)  # the GCS client's own warning line goes to the C++ log, not to the user's terminal
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            try:
+                GcsClient(address=address)
+            finally:
+                os.dup2(saved, 2)
+    except AuthenticationError:
+        mode = os.environ.get("RAY_AUTH_MODE", "disabled")
+        where = (os.environ.get("RAY_AUTH_TOKEN_PATH") or ("RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN") else "")
+                 or str(Path.home() / ".ray" / "auth_token"))
+        if mode != "token":
+            raise RayAuthError(f"the Ray cluster at {address} (RAY_ADDRESS) uses token authentication: set "
+                               f"RAY_AUTH_MODE=token and put the cluster's token in {where} (or name its file in "
+                               f"RAY_AUTH_TOKEN_PATH)") from None
+        raise RayAuthError(f"the Ray cluster at {address} (RAY_ADDRESS) refused the token in {where}: it is not "
+                           f"this cluster's token") from None
+    except Exception:  # unreachable, or another problem: ray.init reports it in its own words
+        return
+    finally:
+        os.close(saved)
 
 
 def _stop_on_sigterm() -> None:

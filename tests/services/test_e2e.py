@@ -2,7 +2,10 @@
 services.api), jobs submitted over HTTP.
 
 The queue tests run a stand-in job module (tests/services/fake_job.py, through AEFORGE_JOB_MODULE) so they test the
-queue's Ray path without paying a TorchTrainer start per job; the last test runs the real `python -m jobs.run`.
+queue's Ray path without paying a TorchTrainer start per job; the last tests run the real `python -m jobs.run`.
+
+Credentials are the Ray node's: the head is started with the S3 keys in its own environment (as `ray start` is on a
+cluster's machines), and the service forwards none to the jobs it submits.
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ RAY_ENV = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
 }
+# The Ray node's own credentials (moto's plain server accepts any key), set where `ray start` runs.
+NODE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "e2e-access-key", "AWS_SECRET_ACCESS_KEY": SECRET}
+# The machine's own AWS settings reach neither the head nor the service.
+MACHINE_AWS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+               "AWS_SHARED_CREDENTIALS_FILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AEFORGE_S3_CREDENTIALS_FILE")
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
@@ -55,11 +63,13 @@ def tail(path: Path, lines: int = 40) -> str:
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """A Ray head with 2 CPUs and its dashboard, in a process of its own, stopped by its pid at the end."""
+    """A Ray head with 2 CPUs and its dashboard, in a process of its own, stopped by its pid at the end; the S3 keys
+    are in its environment (NODE_CREDENTIALS), where the jobs it runs find them."""
     gcs, dashboard, *component_ports = free_ports(9)
     temp_dir = tempfile.mkdtemp(prefix="aeray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     log_path = Path(temp_dir) / "ray-start.log"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | RAY_ENV
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and k not in MACHINE_AWS} | RAY_ENV
+    env |= NODE_CREDENTIALS | {"AWS_DEFAULT_REGION": "us-east-1"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `python` for job entrypoints
     ports = dict(zip(("--dashboard-agent-listen-port", "--metrics-export-port", "--runtime-env-agent-port",
                       "--dashboard-agent-grpc-port", "--node-manager-port", "--object-manager-port",
@@ -70,7 +80,8 @@ def ray_head():
                *(f"{k}={v}" for k, v in ports.items())]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=temp_dir)
-    head = SimpleNamespace(address=f"127.0.0.1:{gcs}", dashboard=f"http://127.0.0.1:{dashboard}", env=env)
+    head = SimpleNamespace(address=f"127.0.0.1:{gcs}", dashboard=f"http://127.0.0.1:{dashboard}", env=env,
+                           temp_dir=Path(temp_dir))
     try:
         os.environ.update(RAY_ENV)
 
@@ -97,25 +108,26 @@ def ray_head():
 
 
 class Service:
-    """`python -m services.api` in a subprocess over one AEFORGE_HOME; start it again after a kill."""
+    """`python -m services.api` in a subprocess over one AEFORGE_HOME; start it again after a kill. It has no AWS
+    keys of its own unless ``extra_env`` gives it some: the jobs get theirs from the Ray node."""
 
-    def __init__(self, home: Path, ray_head, job_module: str | None = "tests.services.fake_job"):
+    def __init__(self, home: Path, ray_head, job_module: str | None = "tests.services.fake_job",
+                 extra_env: dict[str, str] | None = None):
         self.home = home
         home.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.db_path = home / "aeforge.db"
         self.log_path = home / "service.log"
-        self.env = {k: v for k, v in ray_head.env.items() if not k.startswith("AEFORGE_")} | {
+        self.env = {k: v for k, v in ray_head.env.items()
+                    if not k.startswith("AEFORGE_") and k not in MACHINE_AWS} | {
             "AEFORGE_HOME": str(home),
             "AEFORGE_DB_URL": f"sqlite:///{self.db_path}",
             "AEFORGE_TOKENS": f"{TOKEN}:tester:admin",
             "AEFORGE_DISPATCH_INTERVAL": "0.3",
             "RAY_ADDRESS": ray_head.address,
-            "AWS_ACCESS_KEY_ID": "e2e-access-key",
-            "AWS_SECRET_ACCESS_KEY": SECRET,
             "PYTHONPATH": str(REPO),
-        }
+        } | (extra_env or {})
         if job_module:
             self.env["AEFORGE_JOB_MODULE"] = job_module
         self.proc: subprocess.Popen | None = None
@@ -225,7 +237,8 @@ def test_jobs_that_take_the_whole_cluster_run_one_after_another_in_priority_orde
     assert "credentials: present" in logs and "AEFORGE_RESULT" in logs
     followed = svc.http.get(f"/jobs/{high}/logs", params={"follow": "true"}).text
     assert "AEFORGE_RESULT" in followed
-    # The credential reached the job, and nothing aeforge wrote.
+    # The node's credential reached the job (the service had none to forward), and nothing aeforge wrote.
+    assert "AWS_SECRET_ACCESS_KEY" not in svc.env
     for path in svc.home.glob("aeforge.db*"):
         assert SECRET.encode() not in path.read_bytes(), path
     assert SECRET not in svc.log_path.read_text() and SECRET not in logs
@@ -306,6 +319,59 @@ def run_of_job(svc: Service, job_id: str):
     return runs[0] if runs else None
 
 
+def places_holding(secret: str, svc: Service, ray_head, job_id: str, bucket_client, bucket: str) -> dict[str, list[str]]:
+    """Every place a secret given to the service could end up, and where in each it was found (empty: nowhere)."""
+    needle = secret.encode()
+    hits: dict[str, list[str]] = {}
+    # Ray's job records: the `ray` CLI, the dashboard's job API, and every file of the head's session folder (its
+    # logs, runtime_env_agent.log included).
+    listing = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "list", "--address", ray_head.dashboard],
+                             env=ray_head.env, capture_output=True, text=True, timeout=120)
+    assert listing.returncode == 0 and job_id in listing.stdout, listing.stdout + listing.stderr
+    hits["ray job list"] = ["stdout"] if secret in listing.stdout + listing.stderr else []
+    api_jobs = httpx.get(f"{ray_head.dashboard}/api/jobs/", timeout=30)
+    assert api_jobs.status_code == 200 and job_id in api_jobs.text
+    hits["dashboard /api/jobs/"] = ["body"] if secret in api_jobs.text else []
+    session_files = [Path(root) / name for root, _, names in os.walk(ray_head.temp_dir) for name in names]
+    hits["Ray session folder"] = [str(f.relative_to(ray_head.temp_dir)) for f in session_files
+                                  if f.is_file() and not f.is_symlink() and needle in f.read_bytes()]
+    # What aeforge writes: the job table, its log, the job's log as the API serves it, MLflow, the bucket.
+    hits["job table"] = [p.name for p in svc.home.glob("aeforge.db*") if needle in p.read_bytes()]
+    hits["service log"] = ["service.log"] if needle in svc.log_path.read_bytes() else []
+    hits["job log (API)"] = ["logs"] if secret in svc.http.get(f"/jobs/{job_id}/logs").text else []
+    run = run_of_job(svc, job_id)
+    hits["MLflow params/tags"] = [f"{kind} {k}" for kind, values in (("param", run.data.params), ("tag", run.data.tags))
+                                  for k, v in values.items() if secret in f"{k}={v}"]
+    hits["MLflow params/tags"] += [p.name for p in svc.home.glob("mlflow.db*") if needle in p.read_bytes()]
+    keys = [o["Key"] for page in bucket_client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+            for o in page.get("Contents", [])]
+    assert keys, "the job wrote nothing to the bucket"
+    hits["bucket objects"] = []
+    for key in keys:
+        obj = bucket_client.get_object(Bucket=bucket, Key=key)
+        if needle in obj["Body"].read() or secret in json.dumps(obj.get("Metadata", {})):
+            hits["bucket objects"].append(key)
+    return hits
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in REAL_JOB_MODULES), reason="no real job path")
+def test_s3_credentials_reach_jobs_from_the_node_never_through_ray_job_records(service, ray_head, s3_bucket):
+    """A real job on S3 through the queue: the keys are in the Ray node's environment; the service has them too
+    (its operator's shell), and forwards none: the secret is in none of Ray's job records nor anything aeforge
+    wrote."""
+    from tests.fixtures.s3 import s3_client
+
+    endpoint, bucket = s3_bucket
+    svc = service(job_module=None, extra_env={"AEFORGE_STORAGE": f"s3://{bucket}/aeforge",
+                                              "AEFORGE_S3_ENDPOINT_URL": endpoint, **NODE_CREDENTIALS})
+    job_id = svc.submit(real_spec("e2e-s3", 2))
+    job = svc.wait_state(job_id, "succeeded", timeout=240)
+    assert job["mlflow_run_id"] and job["model_version"]
+    hits = places_holding(SECRET, svc, ray_head, job_id, s3_client(endpoint), bucket)
+    print(f"places checked for the secret: {len(hits)}; with it: {sum(bool(h) for h in hits.values())}")
+    assert len(hits) == 8 and not any(hits.values()), {place: found for place, found in hits.items() if found}
+
+
 UNICODE_DESCRIPTION = "🚀 VAE auf dSprites — 形状の分離 ✓"
 UNICODE_MODEL_DESCRIPTION = "模型说明 🧪 (registered through the queue)"
 
@@ -341,3 +407,12 @@ def test_cancelling_a_real_job_ends_its_mlflow_run_killed(service, ray_head):
     run = wait_for(lambda: (r := run_of_job(svc, job_id)) and r.info.status != "RUNNING" and r, 30,
                    "the MLflow run to end")
     assert run.info.status == "KILLED"
+    # Nothing of the job stays on Ray: its controller, workers and Ray Train's detached PlacementGroupCleaner end.
+    wait_for(lambda: not job_actors_alive(ray_head), 60, "the job's Ray actors to end")
+
+
+def job_actors_alive(ray_head) -> list[str]:
+    from ray.util.state import list_actors
+
+    alive = list_actors(address=ray_head.dashboard, filters=[("state", "=", "ALIVE")], timeout=10)
+    return [a.class_name for a in alive if a.class_name in ("TrainController", "RayTrainWorker", "PlacementGroupCleaner")]
