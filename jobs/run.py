@@ -17,9 +17,10 @@ from typing import Callable
 import yaml
 
 from jobs.ray_train import build_trainer, check_fits_cluster, cluster_resources, connect_ray, fit
-from jobs.spec import JobSpec, SpecError, check_data, parse_spec_json
+from jobs.spec import JobSpec, check_data, parse_spec_json
 from workers import settings
 from workers.data import prepare
+from workers.errors import AeforgeError
 from workers.loop import TrainResult, train
 from workers.outputs import publish_outputs
 from workers.protocol import new_job_id, result_line  # noqa: F401 (new_job_id: the CLI's, from here)
@@ -63,7 +64,7 @@ def run_train_on_ray(spec: JobSpec, job_id: str) -> dict:
     from workers.tracking import MlflowRun, ensure_experiment, start_or_resume_run
 
     storage = Storage.from_settings()
-    storage.preflight()
+    storage.preflight(wait_s=settings.storage_wait_s())
     check_data(spec, resolve=storage.resolve)
     connect_ray()
     check_fits_cluster(spec, cluster_resources())  # a job that can never be placed would wait forever
@@ -116,6 +117,8 @@ def run_job(spec: JobSpec, job_id: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """`python -m jobs.run <job id>`: the queue's fixed entry point. The spec comes in AEFORGE_JOB_SPEC as the JSON
     the queue stored when the job was submitted."""
+    from workers.storage import StorageUnreachable
+
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: python -m jobs.run <job id>", file=sys.stderr)
@@ -128,8 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = parse_spec_json(text, f"job {job_id}")
         outcome = run_job(spec, job_id)
-    except SpecError as exc:
-        print(str(exc), file=sys.stderr)
+    except StorageUnreachable:
+        raise  # an outage: exit 1, and the queue tries the job again after a back-off
+    except AeforgeError as exc:
+        # The spec, its data, a setting or the registry says no: running it again changes nothing. Exit code 2
+        # tells the queue not to retry.
+        message = str(exc)
+        print(message if message.startswith(f"job {job_id}") else f"job {job_id}: {message}", file=sys.stderr)
         return 2
     print(result_line({"mlflow_run_id": outcome.get("mlflow_run_id"), "model": outcome.get("model")}), flush=True)
     return 0

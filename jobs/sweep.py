@@ -125,7 +125,7 @@ def run_sweep(spec: JobSpec, job_id: str) -> dict[str, Any]:
 
     assert spec.sweep is not None
     storage = Storage.from_settings()
-    storage.preflight()
+    storage.preflight(wait_s=settings.storage_wait_s())
     info = check_data(spec, resolve=storage.resolve)
     connect_ray()
     cluster = cluster_resources()

@@ -266,6 +266,10 @@ def create_app(
     # every error has the one documented shape {detail, errors}.
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
+        cause = exc.__cause__
+        if exc.status_code == 400 and isinstance(cause, Exception):  # FastAPI could not parse the body; say why
+            why = "it is nested too deeply" if isinstance(cause, RecursionError) else str(cause) or type(cause).__name__
+            return _error(400, f"the request body cannot be read: {why}", [{"loc": "body", "msg": why}])
         return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     def principal(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:

@@ -59,9 +59,30 @@ STORAGE_ENV_VARS = (
 # Variables a job needs wherever it runs (the queue passes them in the Ray job's runtime environment).
 JOB_ENV_VARS = (
     "AEFORGE_HOME",
+    "AEFORGE_STORAGE_WAIT_S",
     *STORAGE_ENV_VARS,
     "MLFLOW_TRACKING_USERNAME",
     "MLFLOW_TRACKING_PASSWORD",
     "MLFLOW_TRACKING_TOKEN",
 )
 SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
+DEFAULT_STORAGE_WAIT_S = 300.0
+
+
+def storage_wait_s() -> float:
+    """AEFORGE_STORAGE_WAIT_S: how long a job starting while its storage endpoint does not answer keeps trying
+    before it fails (default 300 s; 0: fail at once)."""
+    raw = os.environ.get("AEFORGE_STORAGE_WAIT_S")
+    if not raw:
+        return DEFAULT_STORAGE_WAIT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not (0 <= value < float("inf")):
+        from workers.errors import AeforgeError
+
+        raise AeforgeError(f"AEFORGE_STORAGE_WAIT_S must be a number of seconds >= 0, got {raw!r}")
+    return value

@@ -138,3 +138,91 @@ def test_schema_cli_prints_json_schema():
     assert result.exit_code == 0
     schema = json.loads(result.output)
     assert "model" in schema["properties"] and "register" in schema["properties"]
+
+
+# --- bad input: finite numbers, bounded runs and sweeps, unreadable text (issue 9) --------------------------------
+
+
+@pytest.mark.parametrize("text, loc", [
+    ("model: {variant: beta_vae, beta: .inf}", "model.beta"),
+    ("model: {variant: dae, corruption: {level: .nan}}", "model.corruption.level"),
+    ("resources: {cpus_per_worker: .inf}", "resources.cpus_per_worker"),
+    ("resources: {gpus_per_worker: .inf}", "resources.gpus_per_worker"),
+    ("train: {optimizer: {lr: .inf}}", "train.optimizer.lr"),
+    ("train: {optimizer: {betas: [.nan, 0.9]}}", "train.optimizer.betas[0]"),
+    ("train: {grad_clip: .inf}", "train.grad_clip"),
+    ("train: {max_hours: .inf}", "train.max_hours"),
+    ("data: {val_fraction: .nan}", "data.val_fraction"),
+    ("eval: {probe_finetune_lr: .inf}", "eval.probe_finetune_lr"),
+    ("kind: sweep\nmodel: {variant: beta_vae}\nsweep: {beta: [1, .inf]}", "sweep.beta[1]"),
+    ("kind: sweep\nmodel: {variant: beta_vae}\nsweep: {beta: {start: 1, stop: .inf, num: 3}}", "sweep.beta.stop"),
+])
+def test_every_number_in_a_spec_is_finite(text, loc):
+    assert errors_of(f"name: x\n{text}\n")[loc] == "Input should be a finite number"
+
+
+def test_steps_epochs_and_resources_are_bounded():
+    assert "less than or equal to 1000000000" in errors_of("name: x\ntrain: {steps: 1000000000000000000000000000000}\n")["train.steps"]
+    assert "less than or equal to 1000000" in errors_of("name: x\ntrain: {epochs: 1000001}\n")["train.epochs"]
+    assert parse_spec("name: x\ntrain: {steps: 1000000000}\n").train.steps == 10**9
+    errs = errors_of("name: x\nresources: {workers: 1000000, cpus_per_worker: 1.0e+308}\n")
+    assert {"resources.workers", "resources.cpus_per_worker"} <= set(errs)
+
+
+def test_max_hours_is_an_optional_positive_limit():
+    assert parse_spec("name: x\n").train.max_hours is None
+    spec = parse_spec("name: x\ntrain: {max_hours: 0.25}\n")
+    assert spec.train.max_hours == 0.25 and spec.model_dump(mode="json")["train"]["max_hours"] == 0.25
+    assert "greater than 0" in errors_of("name: x\ntrain: {max_hours: 0}\n")["train.max_hours"]
+    assert "train.max_hours" in errors_of("name: x\ntrain: {max_hours: -1}\n")
+
+
+def test_a_sweep_is_counted_without_building_its_grid_and_bounded(monkeypatch):
+    import time
+
+    from jobs.spec import MAX_TRIALS
+
+    def no_grid(self):
+        raise AssertionError("the grid was built")
+
+    monkeypatch.setattr(JobSpec, "trial_configs", no_grid)
+    values = ", ".join(str(i) for i in range(1, 201))
+    started = time.perf_counter()
+    errs = errors_of(f"name: s\nkind: sweep\nmodel: {{variant: beta_vae}}\n"
+                     f"sweep: {{beta: [{values}], latent_dim: [{values}], seed: [{values}]}}\n")
+    assert time.perf_counter() - started < 1.0
+    assert "8,000,000 trials" in errs["sweep"] and f"at most {MAX_TRIALS:,}" in errs["sweep"]
+    exactly = parse_spec("name: s\nkind: sweep\nmodel: {variant: beta_vae}\n"
+                         "sweep: {beta: {start: 1, stop: 2, num: 100}, seed: [0, 1, 2, 3, 4], num_samples: 20}\n")
+    assert exactly.num_trials() == MAX_TRIALS
+    assert exactly.resource_request() == {"CPU": 1.0, "GPU": 0.0}
+    one_more = errors_of("name: s\nkind: sweep\nmodel: {variant: beta_vae}\n"
+                         "sweep: {beta: {start: 1, stop: 2, num: 91}, seed: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10], num_samples: 10}\n")
+    assert "10,010 trials (91 beta x 11 seed x 10 num_samples)" in one_more["sweep"]
+    assert "sweep.beta.num" in errors_of("name: s\nkind: sweep\nmodel: {variant: beta_vae}\n"
+                                         "sweep: {beta: {start: 0, stop: 1, num: 100000000}}\n")
+    assert "sweep.num_samples" in errors_of("name: s\nkind: sweep\nmodel: {variant: beta_vae}\n"
+                                            "sweep: {beta: [1], search: random, num_samples: 10001}\n")
+
+
+def test_trial_configs_still_builds_the_grid():
+    spec = parse_spec("name: s\nkind: sweep\nmodel: {variant: beta_vae}\nsweep: {beta: [1, 2], seed: [0, 1, 2]}\n")
+    assert spec.num_trials() == len(spec.trial_configs()) == 6
+
+
+def test_deep_or_unbuildable_yaml_is_a_spec_error_not_a_crash():
+    from jobs.spec import spec_from_data
+
+    assert "nested too deeply" in errors_of("[" * 5000 + "]" * 5000)["<file>"]
+    assert "nested too deeply" in errors_of("name: x\ndescription: " + "[" * 5000 + "]" * 5000 + "\n")["<file>"]
+    assert "month must be in 1..12" in errors_of("name: 2020-13-45\n")["<file>"]
+    assert "4300 digits" in errors_of("name: x\ntrain: {steps: " + "9" * 5000 + "}\n")["<file>"]
+    assert "not a valid YAML/JSON value" in errors_of("name: x\nseed: !!int abc\n")["<file>"]
+    deep: list = []
+    inner = deep
+    for _ in range(100_000):  # deeper than any recursion limit: pydantic must not recurse into it
+        inner.append([])
+        inner = inner[0]
+    for data in ({"name": "x", "description": deep}, {"name": "x", "model": {"hidden_dims": deep}}, {"name": "x", "x": deep}):
+        with pytest.raises(SpecError):
+            spec_from_data(data)

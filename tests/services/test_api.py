@@ -1,8 +1,11 @@
 """The HTTP contract: status codes, authentication and ownership, pagination, idempotency, oversize and malformed
-bodies, logs. FastAPI's TestClient over a SQLite store; no Ray (a fake launcher serves logs)."""
+bodies, logs. FastAPI's TestClient over a SQLite store (and, for bad input that must never be a 5xx, over SQLite and
+PostgreSQL); no Ray (a fake launcher serves logs)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -301,3 +304,169 @@ def test_logs_without_ray_are_503(store, settings):
         job_id = post_job(c).json()["id"]
         response = c.get(f"/jobs/{job_id}/logs", headers=auth("alice"))
         assert response.status_code == 503 and "Ray" in response.json()["detail"]
+
+
+# --- bad input is a 4xx naming its field, never a 5xx, on SQLite and PostgreSQL (issue 9) --------------------------
+
+
+@pytest.fixture
+def roomy_settings(settings):
+    """Room for bodies past the parsers' limits (the size limit is tested above)."""
+    return dataclasses.replace(settings, max_request_bytes=4 * 1024 * 1024)
+
+
+@pytest.fixture
+def roomy_client(store, roomy_settings, launcher):
+    with TestClient(create_app(store, roomy_settings, launcher=launcher)) as c:
+        yield c
+
+
+@pytest.fixture
+def any_client(store_url, roomy_settings, launcher):
+    """The API over a store on each backend (the conftest's store_url: SQLite, then PostgreSQL)."""
+    s = Store(store_url)
+    with TestClient(create_app(s, roomy_settings, launcher=launcher)) as c:
+        yield c, s
+    s.close()
+
+
+def fields_of(response) -> dict[str, str]:
+    return {e["loc"]: e["msg"] for e in response.json()["errors"]}
+
+
+def test_deeply_nested_specs_and_bodies_are_4xx_with_the_documented_body(roomy_client, store):
+    client = roomy_client
+    deep_yaml = post_job(client, spec="[" * 5000 + "]" * 5000)
+    assert deep_yaml.status_code == 422 and "nested too deeply" in fields_of(deep_yaml)["<file>"]
+    # As a JSON object: nested past what the JSON parser takes, then just under it (where the spec is parsed again).
+    deep_json = client.post("/jobs", content='{"spec": {"name": "x", "description": ' + "[" * 100_000 + "]" * 100_000
+                            + "}}", headers=auth("alice") | {"Content-Type": "application/json"})
+    assert deep_json.status_code == 400 and fields_of(deep_json) == {"body": "it is nested too deeply"}
+    assert deep_json.json()["detail"].startswith("the request body cannot be read")
+    for depth in (300, 600, 900, 990):
+        nested = "[" * depth + "]" * depth
+        for body in ('{"spec": {"name": "x", "description": %s}}', '{"spec": %s}', '{"spec": "name: x\\nd: %s"}'):
+            response = client.post("/jobs", content=body % nested,
+                                   headers=auth("alice") | {"Content-Type": "application/json"})
+            assert response.status_code in (400, 422) and response.json()["errors"], (depth, body, response.text)
+    huge_int = client.post("/jobs", content='{"spec": "name: x", "priority": ' + "9" * 5000 + "}",
+                           headers=auth("alice") | {"Content-Type": "application/json"})
+    assert huge_int.status_code == 400 and "4300 digits" in fields_of(huge_int)["body"]
+    assert store.list_jobs()[1] == 0
+
+
+def test_listing_offsets_beyond_the_bound_are_422_on_both_stores(any_client):
+    from services.api import MAX_OFFSET
+
+    client, _ = any_client
+    for offset in (2**63, 2**63 - 1, 2**62, MAX_OFFSET + 1):
+        response = client.get(f"/jobs?offset={offset}", headers=auth("root"))
+        assert response.status_code == 422 and "query.offset" in fields_of(response), offset
+    last = client.get(f"/jobs?offset={MAX_OFFSET}", headers=auth("root"))
+    assert last.status_code == 200 and last.json()["items"] == [] and last.json()["next_offset"] is None
+
+
+def test_nul_in_a_job_id_key_or_filter_is_a_4xx_on_both_stores(any_client):
+    client, store = any_client
+    job_id = post_job(client).json()["id"]
+    for method, path in [("get", "/jobs/%00"), ("get", f"/jobs/{job_id}%00"), ("post", "/jobs/a%00b/cancel"),
+                         ("post", "/jobs/%00/retry"), ("get", "/jobs/%00/logs")]:
+        response = getattr(client, method)(path, headers=auth("root"))
+        assert response.status_code == 404 and response.json()["detail"].startswith("no job"), path
+    in_body = post_job(client, idempotency_key="key\x00")
+    assert in_body.status_code == 422 and "control characters" in fields_of(in_body)["body.idempotency_key"]
+    in_header = client.post("/jobs", json={"spec": SPEC}, headers=auth("alice") | {"Idempotency-Key": "k\x00"})
+    assert in_header.status_code == 422 and "control characters" in fields_of(in_header)["header.Idempotency-Key"]
+    for query in ("name=a%00", "owner=%00", "name=n&owner=%01"):
+        response = client.get(f"/jobs?{query}", headers=auth("root"))
+        assert response.status_code == 422 and "control characters" in response.json()["detail"], query
+    assert client.get("/jobs?state=queued%00", headers=auth("root")).status_code == 422
+    assert store.list_jobs()[1] == 1
+
+
+def test_numbers_in_a_spec_are_finite_and_the_response_keeps_its_schema(any_client):
+    client, store = any_client
+    cases = {
+        "model.beta": "name: b\nmodel: {variant: beta_vae, beta: .inf, architecture: mlp}\n",
+        "resources.cpus_per_worker": "name: c\nresources: {cpus_per_worker: .inf}\n",
+        "resources.gpus_per_worker": "name: g\nresources: {gpus_per_worker: .nan}\n",
+        "train.optimizer.betas[1]": "name: o\ntrain: {optimizer: {betas: [0.9, .inf]}}\n",
+        "sweep.beta[0]": "name: s\nkind: sweep\nmodel: {variant: beta_vae}\nsweep: {beta: [-.inf]}\n",
+        "train.max_hours": "name: h\ntrain: {max_hours: .inf}\n",
+    }
+    for loc, spec in cases.items():
+        response = post_job(client, spec=spec)
+        assert response.status_code == 422, (loc, response.text)
+        assert fields_of(response).get(loc) == "Input should be a finite number", (loc, response.json())
+    as_object = client.post("/jobs", content='{"spec": {"name": "x", "model": {"variant": "beta_vae", "beta": Infinity}}}',
+                            headers=auth("alice") | {"Content-Type": "application/json"})
+    assert as_object.status_code == 422 and "model.beta" in fields_of(as_object)
+    # A product of finite numbers that overflows (workers x CPUs) is refused by the bounds on each.
+    overflow = post_job(client, spec={"name": "x", "resources": {"workers": 10**6, "cpus_per_worker": 1e308}})
+    assert overflow.status_code == 422 and {"resources.workers", "resources.cpus_per_worker"} <= set(fields_of(overflow))
+    assert store.list_jobs()[1] == 0
+
+
+def test_a_huge_sweep_is_refused_at_once_naming_sweep(roomy_client, store):
+    client = roomy_client
+    import time
+
+    values = ", ".join(str(i) for i in range(1, 201))
+    spec = (f"name: big\nkind: sweep\nmodel: {{variant: beta_vae}}\n"
+            f"sweep: {{beta: [{values}], latent_dim: [{values}], seed: [{values}]}}\n")
+    started = time.perf_counter()
+    response = post_job(client, spec=spec)
+    assert time.perf_counter() - started < 2.0
+    assert response.status_code == 422
+    msg = fields_of(response)["sweep"]
+    assert "8,000,000 trials" in msg and "200 beta x 200 latent_dim x 200 seed" in msg and "10,000" in msg
+    ranged = post_job(client, spec="name: r\nkind: sweep\nmodel: {variant: beta_vae}\n"
+                                    "sweep: {beta: {start: 0, stop: 1, num: 100000000}}\n")
+    assert ranged.status_code == 422 and "sweep.beta.num" in fields_of(ranged)
+    assert store.list_jobs()[1] == 0
+
+
+def test_steps_and_epochs_are_bounded_and_max_hours_is_stored(client, store):
+    too_long = post_job(client, spec={"name": "x", "train": {"steps": 10**30}})
+    assert too_long.status_code == 422 and "less than or equal to 1000000000" in fields_of(too_long)["train.steps"]
+    epochs = post_job(client, spec={"name": "x", "train": {"epochs": 10**7}})
+    assert epochs.status_code == 422 and "train.epochs" in fields_of(epochs)
+    for bad in (0, -1, "soon"):
+        assert "train.max_hours" in fields_of(post_job(client, spec={"name": "x", "train": {"max_hours": bad}}))
+    ok = post_job(client, spec={"name": "x", "train": {"steps": 10**9, "max_hours": 1.5}})
+    assert ok.status_code == 201
+    assert json.loads(store.get(ok.json()["id"]).spec_json)["train"]["max_hours"] == 1.5
+
+
+def test_the_same_idempotency_key_with_other_max_attempts_is_409(client, store):
+    first = post_job(client, idempotency_key="attempts", max_attempts=3)
+    assert post_job(client, idempotency_key="attempts", max_attempts=3).status_code == 200
+    other = post_job(client, idempotency_key="attempts", max_attempts=4)
+    assert other.status_code == 409 and first.json()["id"] in other.json()["detail"]
+    defaulted = post_job(client, idempotency_key="attempts")  # the service's default is 2, not 3
+    assert defaulted.status_code == 409
+    assert store.list_jobs()[1] == 1
+
+
+def test_the_openapi_document_shows_the_real_error_bodies(roomy_client):
+    client = roomy_client
+    doc = client.get("/openapi.json").json()
+    error_ref = "#/components/schemas/ErrorOut"
+    assert "HTTPValidationError" not in doc["components"]["schemas"]
+    for path, operations in doc["paths"].items():
+        for method, operation in operations.items():
+            for status, answer in operation["responses"].items():
+                if status.startswith(("4", "5")):
+                    assert answer["content"]["application/json"]["schema"]["$ref"] == error_ref, (method, path, status)
+            if operation.get("parameters") or operation.get("requestBody"):
+                assert "422" in operation["responses"], (method, path)
+    submit = doc["paths"]["/jobs"]["post"]["responses"]
+    assert {"400", "401", "409", "413", "422"} <= set(submit)
+    assert "403" in doc["paths"]["/jobs"]["get"]["responses"] and "503" in doc["paths"]["/healthz"]["get"]["responses"]
+    [offset] = [p for p in doc["paths"]["/jobs"]["get"]["parameters"] if p["name"] == "offset"]
+    assert offset["schema"]["maximum"] < 2**63  # within both databases' integers
+    unreadable = client.post("/jobs", content='{"spec": ' + "[" * 100_000 + "]" * 100_000 + "}",
+                             headers=auth("alice") | {"Content-Type": "application/json"})
+    assert unreadable.status_code == 400 and set(unreadable.json()) == {"detail", "errors"}
+    wrong_method = client.delete("/jobs", headers=auth("alice"))
+    assert wrong_method.status_code == 405 and set(wrong_method.json()) == {"detail", "errors"}

@@ -366,7 +366,7 @@ def test_s3_credentials_reach_jobs_from_the_node_never_through_ray_job_records(s
                                               "AEFORGE_S3_ENDPOINT_URL": endpoint, **NODE_CREDENTIALS})
     job_id = svc.submit(real_spec("e2e-s3", 2))
     job = svc.wait_state(job_id, "succeeded", timeout=240)
-    assert job["mlflow_run_id"] and job["model_version"]
+    assert job["mlflow_run_id"]
     hits = places_holding(SECRET, svc, ray_head, job_id, s3_client(endpoint), bucket)
     print(f"places checked for the secret: {len(hits)}; with it: {sum(bool(h) for h in hits.values())}")
     assert len(hits) == 8 and not any(hits.values()), {place: found for place, found in hits.items() if found}

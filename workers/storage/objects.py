@@ -10,6 +10,7 @@ import hashlib
 import io
 import os
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,10 @@ _SESSION_LOCK, _session = threading.Lock(), None  # one boto3 session keeps boto
 
 class StorageError(AeforgeError, ValueError):
     """Storage that cannot be used, or an object or dataset that is not there. The message says which and why."""
+
+
+class StorageUnreachable(StorageError):
+    """The endpoint did not answer (refused, timed out, or a 5xx): an outage that may pass, unlike a wrong bucket."""
 
 
 class ObjectNotFound(StorageError):
@@ -148,6 +153,15 @@ def s3_errors() -> tuple[type[Exception], ...]:
     from boto3.exceptions import Boto3Error
     from botocore.exceptions import BotoCoreError, ClientError
     return ClientError, BotoCoreError, Boto3Error  # Boto3Error: a failed upload
+
+
+def is_outage(exc: Exception) -> bool:
+    """An endpoint that did not answer, or answered that it cannot now (5xx, SlowDown): worth asking again."""
+    from botocore.exceptions import ConnectionError as BotoConnectionError, ReadTimeoutError
+
+    code = client_error_code(exc)
+    return isinstance(exc, (BotoConnectionError, ReadTimeoutError)) or code.startswith("5") or code in (
+        "SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout")
 
 
 def explain_s3_error(exc: Exception, conn: S3Connection, bucket: str) -> str:
@@ -296,8 +310,25 @@ class ObjectStore:
         with self._errors(f"look-up of {self.uri(path)}"):
             return self.fs.get_file_info(path).type == pafs.FileType.File
 
-    def preflight(self) -> None:
-        """Check that this storage can be reached and written; StorageError saying what is wrong if not."""
+    def preflight(self, wait_s: float = 0.0, sleep=time.sleep) -> None:
+        """Check that this storage can be reached and written; StorageError saying what is wrong if not. An
+        endpoint that does not answer is asked again for up to ``wait_s`` seconds (with back-off) first."""
+        deadline, delay = time.monotonic() + wait_s, 1.0
+        while True:
+            try:
+                return self._preflight_once()
+            except StorageUnreachable as exc:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    if wait_s > 0:
+                        raise StorageUnreachable(f"{exc} (still unreachable after {wait_s:g} s of retries; "
+                                                 f"AEFORGE_STORAGE_WAIT_S sets how long)") from None
+                    raise
+                delay = min(delay * 2, 30.0, left)
+                print(f"aeforge: {exc}; trying again in {delay:.0f} s ({left:.0f} s left)", flush=True)
+                sleep(delay)
+
+    def _preflight_once(self) -> None:
         probe = f"{PREFLIGHT_PREFIX}/{uuid.uuid4().hex}"
         if self.bucket is None:
             try:
@@ -313,4 +344,5 @@ class ObjectStore:
             client.put_object(Bucket=self.bucket, Key=self._key(probe), Body=b"aeforge preflight")
             client.delete_object(Bucket=self.bucket, Key=self._key(probe))
         except s3_errors() as exc:
-            raise StorageError(f"{what}: {explain_s3_error(exc, self.s3, self.bucket)}") from None
+            kind = StorageUnreachable if is_outage(exc) else StorageError
+            raise kind(f"{what}: {explain_s3_error(exc, self.s3, self.bucket)}") from None

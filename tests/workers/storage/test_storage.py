@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -526,3 +528,58 @@ def test_s3_source_keys_are_taken_literally(s3_env):
     s3_env.client().put_object(Bucket=s3_env.bucket, Key="raw/a%20b#1.npz", Body=b"literal")
     path = Path(Storage.from_settings().resolve(f"s3://{s3_env.bucket}/raw/a%20b#1.npz"))
     assert path.name == "a%20b#1.npz" and path.read_bytes() == b"literal"
+
+
+# --- an endpoint that is down for a while when a job starts ---------------------------------------------------------
+
+
+def test_the_preflight_waits_out_an_outage_of_the_endpoint(s3_bucket, tmp_path, monkeypatch):
+    """The endpoint refuses connections for ~4 s, then answers: a job's preflight keeps trying with back-off and
+    succeeds; with no window it fails at once, naming the endpoint."""
+    import threading
+
+    from tests.fixtures.proxy import OutageProxy
+    from tests.fixtures.s3 import point_aeforge_at_s3
+    from workers.storage import StorageUnreachable
+
+    endpoint, bucket = s3_bucket
+    proxy = OutageProxy(endpoint)
+    point_aeforge_at_s3(monkeypatch, proxy.url, bucket, tmp_path / "home")
+    storage = Storage.from_settings()
+    with pytest.raises(StorageUnreachable, match=f"cannot connect to S3 endpoint {proxy.url}"):
+        storage.preflight()
+
+    recovery = threading.Timer(4.0, proxy.up)
+    recovery.start()
+    try:
+        started = time.monotonic()
+        storage.preflight(wait_s=60)
+        assert 3.5 < time.monotonic() - started < 30
+    finally:
+        recovery.cancel()
+        proxy.down()
+
+
+def test_the_preflight_gives_up_after_its_window_and_says_so(s3_bucket, tmp_path, monkeypatch):
+    from tests.fixtures.proxy import OutageProxy
+    from tests.fixtures.s3 import point_aeforge_at_s3
+    from workers.storage import StorageUnreachable
+
+    endpoint, bucket = s3_bucket
+    proxy = OutageProxy(endpoint)  # never up
+    point_aeforge_at_s3(monkeypatch, proxy.url, bucket, tmp_path / "home")
+    started = time.monotonic()
+    with pytest.raises(StorageUnreachable, match=r"still unreachable after 3 s of retries; AEFORGE_STORAGE_WAIT_S"):
+        Storage.from_settings().preflight(wait_s=3)
+    assert time.monotonic() - started < 15
+
+
+def test_a_missing_bucket_is_not_waited_for(s3_server, tmp_path, monkeypatch):
+    from tests.fixtures.s3 import point_aeforge_at_s3
+    from workers.storage import StorageUnreachable
+
+    point_aeforge_at_s3(monkeypatch, s3_server, f"missing-{uuid.uuid4().hex[:8]}", tmp_path / "home")
+    started = time.monotonic()
+    with pytest.raises(StorageError, match="does not exist") as caught:
+        Storage.from_settings().preflight(wait_s=60)
+    assert not isinstance(caught.value, StorageUnreachable) and time.monotonic() - started < 5
