@@ -20,11 +20,17 @@ SOURCE_ROOT = Path(__file__).resolve().parent.parent
 
 
 def job_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The settings a job's processes need, taken from ``environ`` (default: this process's environment): storage,
-    MLflow, AEFORGE_HOME as an absolute path, and this source tree on PYTHONPATH so that Ray's processes import the
-    same packages as this one."""
+    """The settings a job's processes need, taken from ``environ`` (default: this process's environment): where
+    storage and MLflow are, AEFORGE_HOME as an absolute path, and this source tree on PYTHONPATH so that Ray's
+    processes import the same packages as this one.
+
+    No credential (settings.CREDENTIAL_ENV_VARS), ever: this goes into runtime environments, which Ray shows in
+    `ray job list`, its dashboard and its logs. Ray's processes take the credentials of the node they run on (the
+    environment `ray start` ran in, which a local Ray started by this process inherits; a mounted secret file; an
+    instance role)."""
     env_in = os.environ if environ is None else environ
-    env = {name: env_in[name] for name in settings.JOB_ENV_VARS if env_in.get(name)}
+    env = {name: env_in[name] for name in settings.JOB_ENV_VARS
+           if env_in.get(name) and name not in settings.CREDENTIAL_ENV_VARS}
     env["AEFORGE_HOME"] = str(Path(env_in.get("AEFORGE_HOME", ".aeforge")).expanduser().resolve())
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SOURCE_ROOT), env_in.get("PYTHONPATH", "")) if p)
     return env
@@ -136,6 +142,24 @@ def check_fits_cluster(spec: JobSpec, cluster: Mapping[str, float]) -> None:
     if why:
         raise SpecError([{"loc": "resources", "msg": f"can never run here: {why}; lower resources.workers / "
                                                      f"cpus_per_worker / gpus_per_worker or use a larger cluster"}])
+
+
+def sweep_concurrency(spec: JobSpec, cluster: Mapping[str, float]) -> tuple[int, dict[str, float], str | None]:
+    """How many trials of a sweep run at once on ``cluster`` (the spec's max_concurrent_trials, capped to what fits),
+    what they hold together, and a line saying so when the cap cut the spec's number (None otherwise). SpecError
+    naming ``resources`` when not even one trial fits. The queue's admission and the sweep's driver both use it."""
+    from jobs.spec import check_cluster, trial_cpus
+
+    n = check_cluster(spec, dict(cluster))
+    r = spec.resources
+    per_trial = {"CPU": trial_cpus(r), "GPU": float(r.workers * r.gpus_per_worker)}
+    wanted = min(spec.num_trials(), spec.sweep.max_concurrent_trials or spec.num_trials())
+    note = None
+    if n < wanted:
+        need = f"{per_trial['CPU']:g} CPU" + (f" and {per_trial['GPU']:g} GPU" if per_trial["GPU"] else "")
+        note = (f"{wanted} trials at once asked, {n} at a time run: each trial needs {need}, the cluster has "
+                f"{describe_resources(cluster, also=('CPU', 'GPU'))}")
+    return n, {k: v * n for k, v in per_trial.items()}, note
 
 
 def cluster_resources() -> dict[str, float]:

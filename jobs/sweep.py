@@ -19,8 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from jobs.ray_train import build_trainer, cluster_resources, connect_ray, fit, job_environment
-from jobs.spec import TRIAL_DRIVER_CPU, BetaRange, JobSpec, check_cluster, check_data
+from jobs.ray_train import build_trainer, cluster_resources, connect_ray, fit, job_environment, sweep_concurrency
+from jobs.spec import TRIAL_DRIVER_CPU, BetaRange, JobSpec, check_data
 from workers import settings
 from workers.errors import AeforgeError
 from workers.outputs import publish_outputs
@@ -128,8 +128,9 @@ def run_sweep(spec: JobSpec, job_id: str) -> dict[str, Any]:
     storage.preflight(wait_s=settings.storage_wait_s())
     info = check_data(spec, resolve=storage.resolve)
     connect_ray()
-    cluster = cluster_resources()
-    max_concurrent = check_cluster(spec, cluster)
+    max_concurrent, _, capped = sweep_concurrency(spec, cluster_resources())
+    if capped:
+        print(f"aeforge: sweep {job_id}: {capped}", flush=True)
 
     tracking_uri = settings.mlflow_tracking_uri()
     experiment_id = ensure_experiment(spec.name, tracking_uri)

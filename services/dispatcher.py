@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Mapping, Protocol
 
 from jobs import ray_train
-from jobs.ray_train import describe_resources, fits, never_fits  # noqa: F401 (re-exported)
+from jobs.ray_train import describe_resources, fits, never_fits, sweep_concurrency  # noqa: F401 (re-exported)
+from jobs.spec import parse_spec_json
+from workers.errors import AeforgeError
 from services.store import Decision, Holdings, Job, Store, add_resources
 from workers.protocol import PROGRESS_MARK, RESULT_MARK, parse_progress, parse_result  # noqa: F401 (re-exported)
 
@@ -110,7 +112,8 @@ def model_version_of(result: dict) -> str | None:
 
 def job_environment(job: Job, environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The variables a job runs with: the settings every job gets (jobs.ray_train.job_environment), and its id,
-    spec (the JSON stored at submission) and attempt."""
+    spec (the JSON stored at submission) and attempt. No credential: Ray keeps a submission's runtime environment in
+    its job records (`ray job list`, the dashboard, runtime_env_agent.log); the job takes the Ray node's own."""
     env = ray_train.job_environment(environ)
     env["AEFORGE_JOB_ID"] = job.id
     env["AEFORGE_JOB_SPEC"] = job.spec_json
@@ -225,7 +228,14 @@ class Dispatcher:
         cap = self.max_concurrent_jobs
 
         def decide(job: Job, holdings: Holdings) -> Decision:
-            asked = job.resources
+            asked, note = job.resources, ""
+            if job.kind == "sweep":
+                # A sweep runs as many trials at once as fit, up to its max_concurrent_trials (as its driver does).
+                try:
+                    _, asked, capped = sweep_concurrency(parse_spec_json(job.spec_json, f"job {job.id}"), total)
+                except AeforgeError as exc:
+                    return Decision.reject(f"can never run here: {exc}")
+                note = f" ({capped})" if capped else ""
             wait_s = self.retry_due(job) - self.clock()
             if wait_s > 0:  # a failed attempt backing off: the jobs behind it may go first
                 return Decision.skip(f"attempt {job.attempts + 1} starts in {wait_s:.0f} s (back-off after a failure)")
@@ -237,7 +247,8 @@ class Dispatcher:
             free = subtract(total, holdings.resources)
             if not fits(asked, free):
                 return Decision.wait(f"asks for {describe_resources(asked)}; free now: {describe_resources(free, also=asked)}")
-            return Decision.start(f"admitted: asks for {describe_resources(asked)}; free: {describe_resources(free, also=asked)}")
+            return Decision.start(f"admitted: asks for {describe_resources(asked)}; free: "
+                                  f"{describe_resources(free, also=asked)}{note}")
 
         return decide
 

@@ -390,3 +390,53 @@ def test_a_ray_head_that_is_not_ready_yet_is_not_a_failed_attempt(store, make_di
     launcher = NotReady("http://127.0.0.1:1")
     with pytest.raises(LauncherUnavailable, match="not ready yet"):
         launcher.submit("sid", "python -m jobs.run x", {})
+
+
+def test_a_job_running_longer_than_its_max_hours_is_stopped_and_failed_not_retried(store, launcher, make_dispatcher):
+    import time
+
+    now = [time.time()]
+    dispatcher = make_dispatcher(cpus=4, clock=lambda: now[0])
+    spec = {"name": "slow", "train": {"steps": 10, "max_hours": 0.5}}
+    limited, _ = store.submit(name="slow", owner="alice", kind="train", spec_text="name: slow\n",
+                              spec_json=json.dumps(spec), resources={"CPU": 1.0, "GPU": 0.0}, max_attempts=3)
+    unlimited = submit(store, "free")
+    dispatcher.tick()
+    for job in (limited, unlimited):
+        launcher.set(job.id, "RUNNING")
+    dispatcher.tick()
+    assert store.get(limited.id).state == "running" and store.get(unlimited.id).state == "running"
+
+    now[0] += 0.49 * 3600  # within the limit: nothing happens
+    dispatcher.tick()
+    assert store.get(limited.id).state == "running" and launcher.stops == []
+
+    now[0] += 0.02 * 3600  # past it
+    dispatcher.tick()
+    failed = store.get(limited.id)
+    assert failed.state == "failed" and failed.attempts == 1 < failed.max_attempts
+    assert failed.error == "ran longer than train.max_hours = 0.5 h"
+    assert store.events(limited.id)[-1].reason == "ran longer than train.max_hours = 0.5 h"
+    assert launcher.stops == [limited.id] and launcher.jobs[limited.id]["status"] == "STOPPED"
+
+    now[0] += 1000 * 3600  # not retried; the job without a limit runs on
+    dispatcher.tick()
+    dispatcher.tick()
+    assert store.get(limited.id).state == "failed" and [s[0] for s in launcher.submissions].count(limited.id) == 1
+    assert store.get(unlimited.id).state == "running" and launcher.stops == [limited.id]
+
+
+def test_a_sweep_asking_more_trials_at_once_than_fit_is_capped_not_refused(store, launcher, make_dispatcher):
+    """max_concurrent_trials 4 of 1-CPU trials on a 2-CPU cluster: admitted with as many trials as fit (each trial's
+    driver takes 0.01 CPU too, so one), and the admission says so with the numbers."""
+    from jobs.spec import parse_spec
+
+    spec = parse_spec("name: wide\nkind: sweep\nmodel: {variant: beta_vae, architecture: mlp}\n"
+                      "sweep: {beta: [1, 2, 4, 8], max_concurrent_trials: 4}\nresources: {workers: 1, cpus_per_worker: 1}\n")
+    job, _ = store.submit(name="wide", owner="alice", kind="sweep", spec_text="", resources=spec.resource_request(),
+                          spec_json=json.dumps(spec.model_dump(mode="json")), priority=0, max_attempts=1)
+    assert job.resources["CPU"] == 4.0
+    report = make_dispatcher(cpus=2).tick()
+    assert report.started == [job.id] and report.rejected == []
+    reason = store.events(job.id)[-1].reason
+    assert "4 trials at once asked, 1 at a time run: each trial needs 1.01 CPU, the cluster has CPU 2" in reason
