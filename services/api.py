@@ -26,9 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.access import Identity, check_submission
 from services.dispatcher import Dispatcher, JobLauncher, LauncherUnavailable, parse_progress, redact
 from services.settings import Principal, ServiceSettings
-from services.store import STATES, InvalidTransition, Job, JobNotFound, Store, submission_id_for
+from services.store import STATES, InvalidTransition, InvalidValue, Job, JobNotFound, Store, submission_id_for
 from workers.errors import AeforgeError
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,9 @@ class SubmitRequest(BaseModel):
     spec: str | dict[str, Any] = Field(..., description="the job spec: YAML/JSON text as written, or a JSON object")
     priority: int = Field(0, ge=-1000, le=1000, description="higher runs first")
     idempotency_key: str | None = Field(None, min_length=1, max_length=200,
-                                        description="a retried submission with the same key returns the same job")
+                                        description="a retried submission with the same key (and the same spec, "
+                                                    "priority and max_attempts) returns the same job; no control "
+                                                    "characters")
     max_attempts: int | None = Field(None, ge=1, le=20, description="attempts before the job fails (default: the service's)")
 
     @field_validator("idempotency_key")
@@ -257,6 +260,10 @@ def create_app(
     async def _not_found(request: Request, exc: JobNotFound):
         return _error(404, f"no job {exc.job_id}")
 
+    @app.exception_handler(InvalidValue)
+    async def _unstorable(request: Request, exc: InvalidValue):  # the checks above come first; this is the backstop
+        return _error(422, f"invalid request: {exc}", [{"loc": exc.field, "msg": exc.problem}])
+
     @app.exception_handler(InvalidTransition)
     async def _conflict(request: Request, exc: InvalidTransition):
         return _error(409, str(exc))
@@ -302,11 +309,18 @@ def create_app(
             return _error(503, "database unreachable")
         return {"status": "ok", "database": store.dialect, "schema_version": store.schema_version}
 
+    @app.get("/whoami", response_model=Identity, tags=["service"], responses={401: {"model": ErrorOut}})
+    def whoami(who: Principal = Depends(principal)):
+        """Who the token belongs to: its owner and role."""
+        return {"owner": who.owner, "role": who.role}
+
     @app.post("/jobs", status_code=201, response_model=JobOut, tags=["jobs"],
               responses={200: {"model": JobOut, "description": "the job an earlier submission with this "
                                                                "idempotency key made"},
                          400: {"model": ErrorOut, "description": "a body that cannot be read (not JSON, nested too "
                                                                 "deeply)"},
+                         403: {"model": ErrorOut, "description": "a data.source this user may not read"},
+                         503: {"model": ErrorOut, "description": "data.source cannot be checked: storage is down"},
                          413: {"model": ErrorOut}, **errors_doc})
     def submit_job(body: SubmitRequest, response: Response, who: Principal = Depends(principal),
                    idempotency_key: str | None = Header(None, alias="Idempotency-Key", max_length=200)):
@@ -335,6 +349,9 @@ def create_app(
             if errors is None:
                 errors = [{"loc": "<spec>", "msg": str(exc)}]
             return _error(422, "invalid job spec:\n" + "\n".join(f"  {e['loc']}: {e['msg']}" for e in errors), errors)
+        refused = check_submission(spec, who, settings)  # data.source and register.model_name: services.access
+        if refused is not None:
+            return _error(refused.status, refused.detail, refused.errors)
         max_attempts = body.max_attempts or settings.max_attempts
         job, created = store.submit(
             name=spec.name,

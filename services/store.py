@@ -92,8 +92,13 @@ class SchemaTooNew(StoreError):
 
 
 class InvalidValue(StoreError, ValueError):
-    """A value no backend can store as text (a NUL, which PostgreSQL refuses; a lone surrogate, which is not UTF-8);
-    the message names the field."""
+    """A value the store cannot take: text no backend stores (a NUL, which PostgreSQL refuses; a lone surrogate,
+    which is not UTF-8), a LIMIT/OFFSET past 64 bits. ``field`` names it, and so does the message."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
 
 
 def storable(value: str) -> bool:
@@ -387,7 +392,7 @@ class Store:
         for field, value in (("name", name), ("owner", owner), ("kind", kind), ("spec_text", spec_text),
                              ("spec_json", spec_json), ("idempotency_key", idempotency_key)):
             if value is not None and not storable(value):
-                raise InvalidValue(f"{field}: cannot be stored: it holds a NUL (\\x00) or a lone surrogate")
+                raise InvalidValue(field, "cannot be stored: it holds a NUL (\\x00) or a lone surrogate")
         if idempotency_key is not None:
             existing = self._by_idempotency_key(owner, idempotency_key)
             if existing is not None:
@@ -450,7 +455,7 @@ class Store:
         """Newest first; returns one page and the number of jobs that match."""
         for field, value in (("limit", limit), ("offset", offset)):
             if not 0 <= value <= MAX_SQL_INT:
-                raise InvalidValue(f"{field}: must be between 0 and {MAX_SQL_INT}, got {value}")
+                raise InvalidValue(field, f"must be between 0 and {MAX_SQL_INT}, got {value}")
         if any(v is not None and not storable(v) for v in (owner, name)):
             return [], 0  # no stored job has such an owner or name
         conditions = []

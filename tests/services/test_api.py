@@ -470,3 +470,21 @@ def test_the_openapi_document_shows_the_real_error_bodies(roomy_client):
     assert unreadable.status_code == 400 and set(unreadable.json()) == {"detail", "errors"}
     wrong_method = client.delete("/jobs", headers=auth("alice"))
     assert wrong_method.status_code == 405 and set(wrong_method.json()) == {"detail", "errors"}
+
+
+def test_text_the_store_cannot_keep_is_a_422_even_past_the_api_checks(store_url, settings):
+    class Unstorable:  # what a looser injected validator might let through
+        name, kind = "bad\x00name", "train"
+
+        def resource_request(self):
+            return {"CPU": 1.0}
+
+        def model_dump(self, mode="json"):
+            return {"name": self.name}
+
+    s = Store(store_url)
+    with TestClient(create_app(s, settings, validate=lambda text, source: Unstorable())) as c:
+        response = post_job(c)
+        assert response.status_code == 422 and "cannot be stored" in fields_of(response)["name"]
+        assert s.list_jobs()[1] == 0
+    s.close()

@@ -78,7 +78,10 @@ def test_the_job_gets_a_fixed_entrypoint_and_its_settings_but_the_table_no_secre
     assert sid == job.id and entrypoint == f"python -m jobs.run {job.id}"
     assert env["AEFORGE_JOB_ID"] == job.id and env["AEFORGE_ATTEMPT"] == "1"
     assert json.loads(env["AEFORGE_JOB_SPEC"]) == {"name": "envjob"}
-    assert env["AWS_SECRET_ACCESS_KEY"] == SECRET and env["AEFORGE_STORAGE"] == "s3://bucket/prefix"
+    # Where storage is, but no credential: Ray shows a submission's env in `ray job list`, its dashboard and logs;
+    # the job takes the Ray node's own keys.
+    assert env["AEFORGE_STORAGE"] == "s3://bucket/prefix" and env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert "AWS_SECRET_ACCESS_KEY" not in env and "AWS_ACCESS_KEY_ID" not in env and SECRET not in json.dumps(env)
     assert env["AEFORGE_HOME"] == "/srv/aeforge" and "UNRELATED" not in env
     assert "PYTHONPATH" in env
     launcher.set(sid, "FAILED", message=f"crashed with key {SECRET}", logs=f"Traceback\nKeyError: {SECRET}\n")

@@ -293,3 +293,42 @@ def test_racing_admissions_start_each_job_once_and_never_overcommit(store_url):
     for job_id in ids:
         assert [e.to_state for e in setup.events(job_id)] == ["queued", "starting"]
     setup.close()
+
+
+def test_text_no_backend_stores_is_refused_or_matches_nothing_alike(store):
+    """PostgreSQL refuses NUL in text and every backend refuses lone surrogates: the store answers for both, the
+    same way on SQLite and PostgreSQL, instead of letting a driver error through."""
+    from services.store import InvalidValue
+
+    job = submit(store, key="good")
+    for bad in ("\x00", f"{job.id}\x00", "a\ud800"):
+        with pytest.raises(JobNotFound):
+            store.get(bad)
+        with pytest.raises(JobNotFound):
+            store.request_cancel(bad, by="alice")
+        with pytest.raises(JobNotFound):
+            store.retry(bad, by="alice")
+        with pytest.raises(JobNotFound):
+            store.transition(bad, "starting", "x", expect=("queued",))
+        assert store.events(bad) == []
+        assert store.list_jobs(owner=bad) == ([], 0) and store.list_jobs(name=bad) == ([], 0)
+    for field in ("name", "spec_text", "spec_json", "idempotency_key"):
+        kwargs = dict(name="n", owner="alice", kind="train", spec_text="name: n\n", spec_json="{}",
+                      resources={"CPU": 1.0}, idempotency_key="k")
+        kwargs[field] = "x\x00y"
+        with pytest.raises(InvalidValue, match=field):
+            store.submit(**kwargs)
+    with pytest.raises(InvalidValue, match="owner"):
+        store.submit(name="n", owner="a\ud800", kind="train", spec_text="x", spec_json="{}", resources={"CPU": 1.0})
+    assert store.list_jobs() == ([store.get(job.id)], 1)
+
+
+def test_listing_refuses_a_limit_or_offset_beyond_64_bits(store):
+    from services.store import MAX_SQL_INT, InvalidValue
+
+    job = submit(store)
+    for kwargs in ({"offset": 2**63}, {"limit": 2**64}, {"offset": -1}, {"limit": -1}):
+        with pytest.raises(InvalidValue, match=next(iter(kwargs))):
+            store.list_jobs(**kwargs)
+    assert store.list_jobs(offset=MAX_SQL_INT) == ([], 1)
+    assert store.list_jobs(limit=MAX_SQL_INT) == ([job], 1)
