@@ -4,11 +4,18 @@ A registered version carries what `aeforge models list/show` prints without open
 variant, beta, latent size, data and job, and the key metrics as ``metric.<name>`` tags. Models are logged in
 MLflow's pickle format, so loading one gives back the :class:`~workers.models.base.Autoencoder` with its methods
 (encode, decode, sample); loading needs aeforge's ``workers`` package importable.
+
+A registered model belongs to the owner who created it (its ``aeforge.owner`` tag): a job of another owner cannot add
+versions to it or move its aliases. A job's owner is AEFORGE_JOB_OWNER, which the queue sets to the job's owner;
+``aeforge run`` (no queue) registers as this machine's user. A model registered before owners were recorded has no
+tag: the first job to register to it claims it.
 """
 
 from __future__ import annotations
 
 import copy
+import getpass
+import os
 import re
 from datetime import datetime, timezone
 from typing import Any, Mapping
@@ -32,6 +39,7 @@ KEY_METRICS = (
     "eval/sap", "eval/factor_vae",
 )
 INPUT_EXAMPLE_BATCH = 2
+OWNER_TAG = "aeforge.owner"
 
 
 class ModelLookupError(AeforgeError):
@@ -49,6 +57,40 @@ def _check_alias(alias: str) -> None:
     # MLflow reserves "latest" and "v<number>" (they already mean a version).
     if alias.lower() == "latest" or re.fullmatch(r"v\d+", alias.lower()):
         raise RegistrationError(f"register.alias: '{alias}' is reserved by MLflow (it names a version); choose another alias")
+
+
+def job_owner() -> str:
+    """Whose name a job registers under: AEFORGE_JOB_OWNER (the queue's job owner), else this machine's user."""
+    owner = os.environ.get("AEFORGE_JOB_OWNER")
+    if owner:
+        return owner
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        raise RegistrationError("cannot tell whose model this is: set AEFORGE_JOB_OWNER to your user name") from None
+
+
+def _check_owner(name: str, found: str | None, owner: str) -> None:
+    if found is not None and found != owner:
+        raise RegistrationError(f"register.model_name: the registered model '{name}' belongs to {found}; a job of "
+                                f"{owner} cannot add versions to it or move its aliases: choose another model_name")
+
+
+def _claim_model(mlflow_client, name: str, owner: str) -> None:
+    """Make registered model ``name`` one ``owner`` may add to: create it with its owner tag, or check the tag of
+    the one that exists (an untagged one, registered before owners were recorded, is claimed)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow_client.create_registered_model(name, tags={OWNER_TAG: owner})
+        return
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    found = (mlflow_client.get_registered_model(name).tags or {}).get(OWNER_TAG)
+    _check_owner(name, found, owner)
+    if found is None:
+        mlflow_client.set_registered_model_tag(name, OWNER_TAG, owner)
 
 
 def version_tags(spec: JobSpec, job_id: str, metrics: Mapping[str, Any], extra_tags: Mapping[str, Any] | None) -> dict[str, str]:
@@ -110,16 +152,18 @@ def log_and_register(
     extra_tags: Mapping[str, Any] | None = None,
     alias: str | None = None,
     tracking_uri: str | None = None,
+    owner: str | None = None,
 ) -> dict[str, Any]:
     """Log ``model`` on MLflow run ``run_id``, register it as a new version of ``spec.registration.model_name``,
     point the alias at it (the spec's alias unless ``alias`` is given), and tag and describe the version.
+    The model must be ``owner``'s (default :func:`job_owner`) or new: another owner's is a RegistrationError before
+    anything is logged.
 
     Returns {"model_uri": "models:/NAME/VERSION", "name", "version", "alias", "logged_model_uri", "run_id"}.
     """
     import mlflow
     import mlflow.pytorch
     import torch
-    from mlflow.exceptions import MlflowException
     from mlflow.models import infer_signature
 
     if spec.registration is None:
@@ -129,6 +173,7 @@ def log_and_register(
     _check_alias(alias)
     uri = tracking_uri or settings.mlflow_tracking_uri()
     mlflow_client = tracking_client(uri)
+    _claim_model(mlflow_client, name, owner or job_owner())
 
     cpu_model = copy.deepcopy(model).cpu().eval()  # the caller's model keeps its device and mode
     example = input_example(cpu_model)
@@ -154,11 +199,6 @@ def log_and_register(
             model_id=logged.model_id,
         )
 
-        try:
-            mlflow_client.create_registered_model(name)
-        except MlflowException as exc:
-            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
-                raise
         description = spec.registration.description or generated_description(spec, job_id, metrics)
         version = mlflow_client.create_model_version(
             name,
@@ -199,9 +239,11 @@ def registered_version_of_run(name: str, run_id: str, *, alias: str | None = Non
     if not found:
         return None
     version = max(found, key=lambda v: int(v.version))
-    aliases = dict(mlflow_client.get_registered_model(name).aliases or {})
+    registered = mlflow_client.get_registered_model(name)
+    aliases = dict(registered.aliases or {})
     if alias is not None and alias not in aliases:
         _check_alias(alias)
+        _check_owner(name, (registered.tags or {}).get(OWNER_TAG), job_owner())
         mlflow_client.set_registered_model_alias(name, alias, version.version)
         aliases[alias] = version.version
     shown_alias = alias if alias is not None and str(aliases.get(alias)) == str(version.version) else None

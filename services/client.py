@@ -60,6 +60,10 @@ class AeforgeClient:
     def health(self) -> dict[str, Any]:
         return self._request("GET", "/healthz").json()
 
+    def whoami(self) -> dict[str, Any]:
+        """{owner, role} of this client's token."""
+        return self._request("GET", "/whoami").json()
+
     def submit(self, spec_text: str, *, priority: int = 0, idempotency_key: str | None = None,
                max_attempts: int | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"spec": spec_text, "priority": priority}

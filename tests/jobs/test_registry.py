@@ -251,3 +251,66 @@ def test_the_logged_model_lands_in_the_runs_experiment_under_aeforge_home(tmp_pa
     monkeypatch.chdir(elsewhere)
     loaded = load_model("placed-model@candidate")
     assert loaded.encode(torch.rand(2, *IMAGE_SHAPE)).mean.shape == (2, 3)
+
+
+# --- owners -------------------------------------------------------------------------------------------------------
+
+
+def registered_state(client, name: str):
+    model = client.get_registered_model(name)
+    versions = sorted(str(v.version) for v in client.search_model_versions(f"name='{name}'"))
+    return versions, {a: str(v) for a, v in (model.aliases or {}).items()}, dict(model.tags or {})
+
+
+def test_a_model_belongs_to_its_creator_and_another_owner_is_refused_before_logging(mlflow_sqlite, monkeypatch):
+    from jobs.registry import OWNER_TAG, RegistrationError
+
+    spec = make_spec(name="owned-faces")
+    register_one(spec, "alice-job", owner="alice")
+    client = mlflow.MlflowClient(mlflow_sqlite)
+    before = registered_state(client, "owned-faces")
+    assert before == (["1"], {"candidate": "1"}, {OWNER_TAG: "alice"})
+
+    experiment_id = ensure_experiment(spec.name)
+    run_id = start_or_resume_run(experiment_id, "bob-job")
+    logged_before = len(client.search_logged_models(experiment_ids=[experiment_id]))
+    with pytest.raises(RegistrationError, match=r"'owned-faces' belongs to alice; a job of bob cannot"):
+        log_and_register(make_model(spec), spec, "bob-job", run_id, METRICS, owner="bob")
+    monkeypatch.setenv("AEFORGE_JOB_OWNER", "bob")  # what the queue sets for bob's job
+    with pytest.raises(RegistrationError, match="belongs to alice"):
+        log_and_register(make_model(spec), spec, "bob-job", run_id, METRICS, alias="best")
+    assert registered_state(client, "owned-faces") == before  # no version, no alias moved
+    assert len(client.search_logged_models(experiment_ids=[experiment_id])) == logged_before  # nothing logged
+    assert client.list_artifacts(run_id) == []
+
+    monkeypatch.setenv("AEFORGE_JOB_OWNER", "alice")
+    register_one(spec, "alice-job-2")
+    assert registered_state(client, "owned-faces")[:2] == (["1", "2"], {"candidate": "2"})
+
+
+def test_an_unowned_model_is_claimed_and_a_resumed_job_checks_before_moving_an_alias(mlflow_sqlite, monkeypatch):
+    from jobs.registry import OWNER_TAG, RegistrationError, registered_version_of_run
+
+    client = mlflow.MlflowClient(mlflow_sqlite)
+    client.create_registered_model("legacy-faces")  # registered before owners were recorded
+    spec = make_spec(name="legacy-faces")
+    _, run_id, _ = register_one(spec, "carol-job", owner="carol")
+    assert registered_state(client, "legacy-faces")[2] == {OWNER_TAG: "carol"}
+
+    monkeypatch.setenv("AEFORGE_JOB_OWNER", "dave")
+    with pytest.raises(RegistrationError, match="'legacy-faces' belongs to carol"):
+        registered_version_of_run("legacy-faces", run_id, alias="prod")
+    assert "prod" not in registered_state(client, "legacy-faces")[1]
+    monkeypatch.setenv("AEFORGE_JOB_OWNER", "carol")
+    assert registered_version_of_run("legacy-faces", run_id, alias="prod")["alias"] == "prod"
+
+
+def test_the_job_owner_is_the_queues_else_the_local_user(monkeypatch):
+    import getpass
+
+    from jobs.registry import job_owner
+
+    monkeypatch.setenv("AEFORGE_JOB_OWNER", "alice")
+    assert job_owner() == "alice"
+    monkeypatch.delenv("AEFORGE_JOB_OWNER")
+    assert job_owner() == getpass.getuser()

@@ -1,6 +1,8 @@
 """Datasets in storage: ``datasets/<name>/files/<relative path>`` and ``datasets/<name>/manifest.json`` (each file's
 size and sha256), the manifest written last. A dataset without a manifest is incomplete: it is never listed or
-resolved, and the next push of that name clears it."""
+resolved, and the next push of that name clears it. The manifest also names the dataset's ``owner`` (who pushed it;
+only they or an admin replace, share or remove it; None for one pushed before owners were recorded: admins only)
+and whether it is ``shared`` (readable by every user's jobs; services.access)."""
 
 from __future__ import annotations
 
@@ -73,10 +75,18 @@ class DatasetStore(ObjectStore):
             raise self._no_dataset(name)
         return found[0]
 
+    @staticmethod
+    def _check_owner(name: str, manifest: dict[str, Any], owner: str | None, admin: bool, what: str) -> None:
+        if not admin and manifest.get("owner") != owner:
+            held = manifest.get("owner") or "no one (pushed before owners were recorded)"
+            raise StorageError(f"dataset '{name}' belongs to {held}: only its owner or an admin may {what} it")
+
     def push(self, paths: list[Path | str], name: str, *, overwrite: bool = False, format: str | None = None,
-             progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-        """Upload files (or one folder's files, by relative path) as dataset ``name``; returns the manifest, written
-        last (an interrupted push leaves an incomplete dataset). ``format``: idx | npz | folder, inferred if None."""
+             progress: Callable[[str], None] | None = None, owner: str | None = None,
+             admin: bool = False) -> dict[str, Any]:
+        """Upload files (or one folder's files, by relative path) as dataset ``name`` owned by ``owner``; returns the
+        manifest, written last (an interrupted push leaves an incomplete dataset). ``format``: idx | npz | folder,
+        inferred if None. Replacing another owner's dataset takes ``admin``; it keeps its owner and sharing."""
         validate_dataset_name(name)
         paths = [Path(p) for p in paths]
         if not paths:
@@ -108,6 +118,10 @@ class DatasetStore(ObjectStore):
         if existing is not None and not overwrite:
             raise StorageError(f"dataset '{name}' already exists (pushed {existing[0].get('created', '?')}); "
                                f"use --overwrite to replace it")
+        if existing is not None:
+            self._check_owner(name, existing[0], owner, admin, "replace")
+        owner = (existing[0].get("owner") if existing else None) or owner  # a replaced dataset keeps its owner
+        shared = bool(existing) and existing[0].get("shared") is True  # and its sharing
         prefix, files = self._clear(name), []  # from here on the name reads as incomplete until the manifest lands
         for local, relpath in entries:
             if progress is not None:
@@ -115,7 +129,7 @@ class DatasetStore(ObjectStore):
             files.append({"path": relpath, "size": local.stat().st_size, "sha256": sha256_file(local)})
             self.put_file(local, f"{prefix}/files/{relpath}")
         manifest = {"aeforge_manifest": MANIFEST_VERSION, "name": name, "layout": layout, "format": format,
-                    "files": files, "size": sum(f["size"] for f in files),
+                    "files": files, "size": sum(f["size"] for f in files), "owner": owner, "shared": shared,
                     "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         self.put_bytes(json.dumps(manifest, indent=2).encode(), f"{prefix}/{MANIFEST}")
         return manifest
@@ -134,10 +148,22 @@ class DatasetStore(ObjectStore):
         found = [self._read_manifest(n) for n in names if DATASET_NAME.fullmatch(n)]
         return [f[0] for f in found if f is not None]
 
-    def rm(self, name: str) -> int:
-        """Delete a dataset; returns the files deleted. An incomplete dataset (no manifest) is cleared too."""
+    def share(self, name: str, shared: bool = True, *, owner: str | None = None, admin: bool = False) -> dict:
+        """Mark dataset ``name`` shared (or not): only its owner or an admin may. Returns the new manifest."""
+        manifest = self.manifest(name)
+        self._check_owner(name, manifest, owner, admin, "share or unshare")
+        manifest["shared"] = bool(shared)
+        self.put_bytes(json.dumps(manifest, indent=2).encode(), f"{self._dataset_prefix(name)}/{MANIFEST}")
+        return manifest
+
+    def rm(self, name: str, *, owner: str | None = None, admin: bool = False) -> int:
+        """Delete a dataset (its owner or an admin); returns the files deleted. An incomplete dataset (no manifest)
+        is cleared too."""
         present = self.list_prefix(self._dataset_prefix(name))
         if not present:
             raise self._no_dataset(name)
+        found = self._read_manifest(name)
+        if found is not None:
+            self._check_owner(name, found[0], owner, admin, "remove")
         self._clear(name)
         return len(present)

@@ -1,0 +1,202 @@
+"""What a user may ask a job to read and register, checked when the job is submitted (``check_submission``).
+
+A job reads ``data.source`` with the workers' own storage keys and file system, and registers its model in the
+service's MLflow, so the queue decides for the user:
+
+- ``builtin:`` data is everyone's. A pushed dataset (a source that is a dataset name) is readable by its owner and,
+  once it is shared (``aeforge data share``), by everyone; the owner is in the dataset's manifest. Local paths and
+  ``s3://`` URLs are readable only under the prefixes an admin lists in AEFORGE_ALLOWED_DATA_PREFIXES, compared
+  segment by segment after normalising (a path with a ``..`` part is refused outright, so none escapes); relative
+  paths never are. A refusal says nothing about the files: its text depends on the source string alone, never on
+  whether a file, object or dataset is there. Admins read anything.
+- A registered model belongs to the owner who created it (its ``aeforge.owner`` tag): another owner's job may not
+  add versions to it or move its aliases, admins included. The name is looked up in MLflow here; when MLflow cannot
+  be reached, the job goes through and its registration checks again (jobs.registry).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from pydantic import BaseModel
+
+from services.settings import Principal, Role, ServiceSettings
+from workers import settings as worker_settings
+
+log = logging.getLogger(__name__)
+
+# The tag jobs.registry writes on a registered model it creates (jobs.registry.OWNER_TAG; a test keeps them equal).
+OWNER_TAG = "aeforge.owner"
+MLFLOW_TIMEOUT_S = 5.0
+
+
+class Identity(BaseModel):
+    """``GET /whoami``: who a token belongs to."""
+
+    owner: str
+    role: Role
+
+
+@dataclass
+class Refusal:
+    """An answer instead of a job: the HTTP status, its detail, and the field errors ({loc, msg})."""
+
+    status: int
+    detail: str
+    errors: list[dict[str, str]] = field(default_factory=list)
+
+
+def check_submission(spec: Any, who: Principal, settings: ServiceSettings) -> Refusal | None:
+    """None when ``who`` may run ``spec`` (a parsed JobSpec) as far as its data and model name go, else why not."""
+    data = getattr(spec, "data", None)
+    source = getattr(data, "source", None)
+    if isinstance(source, str) and not who.is_admin:
+        refused = check_data_source(source, who, settings.allowed_data_prefixes)
+        if refused is not None:
+            return refused
+    registration = getattr(spec, "registration", None)
+    name = getattr(registration, "model_name", None)
+    if isinstance(name, str):
+        return check_model_name(name, who)
+    return None
+
+
+# --- data ---------------------------------------------------------------------------------------------------------
+
+
+def _refuse_data(source: str, message: str, status: int = 403) -> Refusal:
+    return Refusal(status, f"data.source: {message}", [{"loc": "data.source", "msg": message}])
+
+
+def check_data_source(source: str, who: Principal, allowed: tuple[str, ...] | list[str]) -> Refusal | None:
+    """None when the user ``who`` may read ``source``; the source kinds are told apart as the workers' resolver
+    (workers.storage.resolver.Storage.resolve) tells them, by the text alone."""
+    from workers.storage import DATASET_NAME, StorageError, StorageUnreachable
+
+    if source.startswith("builtin:"):
+        return None
+    if source.startswith("s3://") or source.startswith("file://") or not DATASET_NAME.fullmatch(source):
+        if _under_allowed_prefix(source, allowed):
+            return None
+        shown = ", ".join(allowed) if allowed else "none are set"
+        return _refuse_data(source, f"'{source}' is not under a location you may read: a user reads their own "
+                                    f"pushed datasets, shared ones, and paths or s3:// URLs under the prefixes in "
+                                    f"AEFORGE_ALLOWED_DATA_PREFIXES ({shown})")
+    try:
+        from workers.storage import Storage
+
+        manifest = Storage.from_settings().manifest(source)
+    except StorageUnreachable:
+        return _refuse_data(source, "the storage does not answer, so whether you may read this dataset cannot be "
+                                    "checked; submit again later", status=503)
+    except StorageError:  # no such dataset, an incomplete one, or a manifest that cannot be read: all the same
+        manifest = None
+    if manifest is not None and (manifest.get("owner") == who.owner or manifest.get("shared") is True):
+        return None
+    return _refuse_data(source, f"no dataset '{source}' that you may read: a user reads the datasets they pushed "
+                                f"and the ones shared with `aeforge data share` (`aeforge data ls` lists them)")
+
+
+def _split(location: str) -> tuple[str, str, list[str], bool] | None:
+    """(scheme, bucket, path segments, whether it may name a folder) of a local path, a file:// URL or an s3:// URL,
+    the path normalised; None for what cannot be compared (a relative path, a path with a '..' part). An S3 key
+    names a folder only when it ends with '/': s3://b/public is an object beside the folder s3://b/public/."""
+    if location.startswith("s3://"):
+        bucket, _, key = location[len("s3://"):].partition("/")
+        scheme, path = "s3", key  # keys are taken literally, as the resolver does
+    elif location.startswith("file://"):
+        scheme, bucket, path = "file", "", unquote(urlparse(location).path)
+        if not path.startswith("/"):
+            return None
+    elif location.startswith("/"):
+        scheme, bucket, path = "file", "", location
+    else:
+        return None
+    parts = path.split("/")
+    if ".." in parts or "\x00" in path:
+        return None
+    if scheme == "s3":  # a key is literal: no '.' or empty parts to normalise away (the resolver refuses them too)
+        parts, folder = (path.removesuffix("/").split("/") if path else []), path == "" or path.endswith("/")
+        return None if not bucket or any(p in ("", ".") for p in parts) else (scheme, bucket, parts, folder)
+    return scheme, bucket, [p for p in posixpath.normpath(path).split("/") if p], True
+
+
+def _under_allowed_prefix(source: str, allowed) -> bool:
+    target = _split(source)
+    if target is None:
+        return False
+    scheme, bucket, parts, folder = target
+    for prefix in allowed:
+        allowed_split = _split(prefix)
+        if allowed_split is None or allowed_split[:2] != (scheme, bucket):
+            continue
+        under = allowed_split[2]  # a prefix is a folder: whole segments, the folder itself or what is in it
+        if parts[:len(under)] == under and (len(parts) > len(under) or folder):
+            return True
+    return False
+
+
+# --- model names --------------------------------------------------------------------------------------------------
+
+
+def check_model_name(name: str, who: Principal, tracking_uri: str | None = None) -> Refusal | None:
+    """None unless the registered model ``name`` exists with another owner (then a 409 naming it and its owner).
+    MLflow not answering lets the job through: its registration checks again."""
+    uri = tracking_uri or worker_settings.mlflow_tracking_uri()
+    try:
+        owner = registered_model_owner(name, uri)
+    except Exception as exc:  # noqa: BLE001 - any failure to look it up: the job checks again when it registers
+        log.warning("cannot look registered model %r up in MLflow (%s); the job will check its owner", name,
+                    type(exc).__name__)
+        return None
+    if owner is None or owner == who.owner:
+        return None
+    message = (f"the registered model '{name}' belongs to {owner}: a job of {who.owner} cannot add versions to it "
+               f"or move its aliases; choose another register.model_name")
+    return Refusal(409, f"register.model_name: {message}", [{"loc": "register.model_name", "msg": message}])
+
+
+def registered_model_owner(name: str, tracking_uri: str, timeout_s: float = MLFLOW_TIMEOUT_S) -> str | None:
+    """The owner tag of registered model ``name``; None when there is no such model or it has no owner yet. An
+    MLflow server is asked over its REST API with a short timeout (MLflow's client retries for minutes); a sqlite
+    store that does not exist yet holds no models and is not created."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return _owner_over_rest(name, tracking_uri, timeout_s)
+    if tracking_uri.startswith("sqlite:///"):
+        path = tracking_uri[len("sqlite:///"):].split("?", 1)[0]
+        if path != ":memory:" and not Path(path).exists():
+            return None
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri).get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return (model.tags or {}).get(OWNER_TAG) or None
+
+
+def _owner_over_rest(name: str, tracking_uri: str, timeout_s: float) -> str | None:
+    import httpx
+
+    env = os.environ.get
+    headers, auth = {}, None
+    if env("MLFLOW_TRACKING_TOKEN"):
+        headers["Authorization"] = f"Bearer {env('MLFLOW_TRACKING_TOKEN')}"
+    elif env("MLFLOW_TRACKING_USERNAME"):
+        auth = (env("MLFLOW_TRACKING_USERNAME"), env("MLFLOW_TRACKING_PASSWORD") or "")
+    response = httpx.get(f"{tracking_uri.rstrip('/')}/api/2.0/mlflow/registered-models/get", params={"name": name},
+                         headers=headers, auth=auth, timeout=timeout_s)
+    if response.status_code == 404 and "RESOURCE_DOES_NOT_EXIST" in response.text:
+        return None
+    response.raise_for_status()
+    tags = response.json().get("registered_model", {}).get("tags") or []
+    return next((t.get("value") for t in tags if t.get("key") == OWNER_TAG), None) or None
