@@ -85,7 +85,8 @@ class ModelConfig(StrictModel):
 class DataConfig(StrictModel):
     # builtin:NAME | a dataset name pushed with `aeforge data push` | s3://bucket/key | a local path
     source: str = "builtin:dsprites"
-    format: Literal["idx", "npz", "folder"] | None = Field(None, description="inferred from the source if left out")
+    format: Literal["idx", "npz", "folder", "hdf5"] | None = Field(
+        None, description="inferred from the source if left out")
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     image_size: int | None = Field(None, ge=8, description="image folders: resize and centre-crop to this size")
     grayscale: bool = Field(True, description="image folders: convert to one channel")

@@ -18,6 +18,7 @@ from workers.data.base import DataError, ImageDataset
 from workers.data.folder import read_folder, read_folder_header
 from workers.data.idx import IMAGES_MAGIC, read_idx, read_idx_header
 from workers.data.npz import read_npz, read_npz_header
+from workers.data.shapes3d import read_shapes3d, read_shapes3d_header
 
 __all__ = [
     "BUILTINS", "DataError", "ImageDataset", "builtin_names", "check_source", "infer_format", "open_dataset",
@@ -25,7 +26,7 @@ __all__ = [
 ]
 
 BUILTIN_PREFIX = "builtin:"
-FORMATS = ("idx", "npz", "folder")
+FORMATS = ("idx", "npz", "folder", "hdf5")
 
 # name -> factory(limit=None) -> ImageDataset
 BUILTINS: dict[str, Callable[..., ImageDataset]] = {"dsprites": dsprites.load_dsprites}
@@ -42,19 +43,23 @@ def builtin_names() -> list[str]:
 
 
 def infer_format(path: str | Path) -> str:
-    """"folder" for a directory, "npz" for ``*.npz``, "idx" for a name containing "idx" or "ubyte" (``.gz`` or
-    not); anything else is a DataError."""
+    """"folder" for a directory, "npz" for ``*.npz``, "hdf5" for ``*.h5``/``*.hdf5`` (3D Shapes), "idx" for a name
+    containing "idx" or "ubyte" (``.gz`` or not); anything else is a DataError. Within "npz", dSprites and MPI3D
+    archives are told by their keys (see ``workers.data.npz``)."""
     path = Path(path)
     if path.is_dir():
         return "folder"
     name = path.name.lower()
     if name.endswith(".npz"):
         return "npz"
+    if name.endswith((".h5", ".hdf5")):
+        return "hdf5"
     if "idx" in name or "ubyte" in name:
         return "idx"
     raise DataError(
         f"{path}: cannot tell the data format from the name; accepted: a folder of PNG/JPEG images, a .npz "
-        f"archive, or an IDX file (name containing 'idx' or 'ubyte', optionally .gz); or set data.format"
+        f"archive, an HDF5 file of 3D Shapes (.h5, .hdf5), or an IDX file (name containing 'idx' or 'ubyte', "
+        f"optionally .gz); or set data.format"
     )
 
 
@@ -77,6 +82,8 @@ def read_local(path: str | Path, config: DataConfig, name: str | None = None) ->
         return read_idx(path, name=name)
     if fmt == "npz":
         return read_npz(path, name=name)
+    if fmt == "hdf5":
+        return read_shapes3d(path, name=name)
     return read_folder(path, config.image_size, config.grayscale, name=name)
 
 
@@ -125,7 +132,7 @@ def open_dataset(config: DataConfig, resolve: Resolver | None = None) -> ImageDa
 
 def check_source(config: DataConfig, resolve: Resolver | None = None) -> tuple[int, tuple[int, int, int], bool]:
     """(example count before ``limit``, image shape (C, H, W), has ground-truth factors), reading headers only
-    (IDX and npz) or one image (folders): cheap enough to run when a spec is validated."""
+    (IDX, npz, HDF5) or one image (folders): cheap enough to run when a spec is validated."""
     if config.source.startswith(BUILTIN_PREFIX):
         return _BUILTIN_HEADERS[_builtin(config)]
     path = _local_path(config, resolve)
@@ -137,6 +144,8 @@ def check_source(config: DataConfig, resolve: Resolver | None = None) -> tuple[i
         return dims[0], (1, dims[1], dims[2]), False
     if fmt == "npz":
         return read_npz_header(path)
+    if fmt == "hdf5":
+        return read_shapes3d_header(path)
     count, shape = read_folder_header(path, config.image_size, config.grayscale)
     return count, shape, False
 

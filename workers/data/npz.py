@@ -3,6 +3,10 @@
 Keys: images as ``images``, ``x`` or ``imgs`` with shape (N, H, W), (N, H, W, C) or (N, C, H, W) and values
 uint8 0..255, bool, or float in [0, 1]; labels as ``labels`` or ``y`` (N,); factors as ``factors`` (N, K)
 integer grid indices, with optional ``factor_names`` (K,) and ``factor_sizes`` (K,) (max + 1 when missing).
+
+Two well-known archives are recognised by their keys and read by their own modules: DeepMind's dSprites
+(``imgs`` + ``latents_classes``: :mod:`workers.data.dsprites_npz`) and MPI3D (a name starting with ``mpi3d`` and
+only ``images``: :mod:`workers.data.mpi3d`).
 """
 
 from __future__ import annotations
@@ -14,31 +18,14 @@ import numpy as np
 import torch
 
 from workers.data.base import DataError, ImageDataset
+from workers.data.lazy import channels_first_shape
 
 IMAGE_KEYS = ("images", "x", "imgs")
 LABEL_KEYS = ("labels", "y")
-MAX_CHANNELS = 4
 
 
 def _first_key(keys, wanted: tuple[str, ...]) -> str | None:
     return next((k for k in wanted if k in keys), None)
-
-
-def _channels_first_shape(path: Path, shape: tuple[int, ...]) -> tuple[tuple[int, int, int], bool]:
-    """(C, H, W) of an images array of the given shape, and whether it is stored channels-last."""
-    if len(shape) == 3:
-        return (1, shape[1], shape[2]), False
-    if len(shape) == 4:
-        first, last = shape[1] <= MAX_CHANNELS, shape[3] <= MAX_CHANNELS
-        if first and not last:
-            return (shape[1], shape[2], shape[3]), False
-        if last and not first:
-            return (shape[3], shape[1], shape[2]), True
-        raise DataError(
-            f"{path}: cannot tell the channel axis of images of shape {shape}: "
-            f"expected (N, H, W, C) or (N, C, H, W) with C <= {MAX_CHANNELS} and larger H, W"
-        )
-    raise DataError(f"{path}: images must have shape (N, H, W), (N, H, W, C) or (N, C, H, W), not {shape}")
 
 
 def _member_shape(path: Path, archive: zipfile.ZipFile, key: str) -> tuple[int, ...]:
@@ -51,11 +38,29 @@ def _member_shape(path: Path, archive: zipfile.ZipFile, key: str) -> tuple[int, 
     return tuple(shape)
 
 
+def _known_archive(path: Path):
+    """(reader, header reader) of a known data set's archive (told by its keys and name), else None."""
+    if not zipfile.is_zipfile(path):
+        return None
+    from workers.data import dsprites_npz, mpi3d  # they build on this module
+    from workers.data.lazy import npz_keys
+
+    keys = npz_keys(path)
+    if dsprites_npz.is_dsprites(keys):
+        return dsprites_npz.read_dsprites_npz, dsprites_npz.read_dsprites_npz_header
+    if mpi3d.is_mpi3d(path, keys):
+        return mpi3d.read_mpi3d, mpi3d.read_mpi3d_header
+    return None
+
+
 def read_npz_header(path: str | Path) -> tuple[int, tuple[int, int, int], bool]:
     """(example count, (C, H, W), has factors) from the array headers only, without reading the data."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
+    known = _known_archive(path)
+    if known is not None:
+        return known[1](path)
     try:
         with zipfile.ZipFile(path) as archive:
             keys = {n[: -len(".npy")] for n in archive.namelist() if n.endswith(".npy")}
@@ -67,12 +72,12 @@ def read_npz_header(path: str | Path) -> tuple[int, tuple[int, int, int], bool]:
         if isinstance(exc, DataError):
             raise
         raise DataError(f"{path}: cannot read the .npz archive: {exc}") from None
-    image_shape, _ = _channels_first_shape(path, shape)
+    image_shape, _ = channels_first_shape(path, shape)
     return shape[0], image_shape, "factors" in keys
 
 
 def _images_u8(path: Path, key: str, array: np.ndarray) -> torch.Tensor:
-    _, channels_last = _channels_first_shape(path, array.shape)
+    _, channels_last = channels_first_shape(path, array.shape)
     if array.ndim == 3:
         array = array[:, None]
     elif channels_last:
@@ -112,6 +117,9 @@ def read_npz(path: str | Path, name: str | None = None) -> ImageDataset:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
+    known = _known_archive(path)
+    if known is not None:
+        return known[0](path, name=name)
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
