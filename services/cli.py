@@ -205,10 +205,10 @@ def bench(spec_path: Path = typer.Argument(..., metavar="SPEC"),
 
 
 def _mount_subcommands() -> None:
-    """The data, models and queue commands live next to the code they drive."""
-    from services import cli_data, cli_jobs, cli_models
+    """The data, models, queue and token commands live next to the code they drive."""
+    from services import cli_data, cli_jobs, cli_models, cli_tokens
 
-    for module in (cli_data, cli_models, cli_jobs):
+    for module in (cli_data, cli_models, cli_jobs, cli_tokens):
         module.register(app)
 
 

@@ -112,12 +112,14 @@ def model_version_of(result: dict) -> str | None:
 
 def job_environment(job: Job, environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The variables a job runs with: the settings every job gets (jobs.ray_train.job_environment), and its id,
-    spec (the JSON stored at submission) and attempt. No credential: Ray keeps a submission's runtime environment in
-    its job records (`ray job list`, the dashboard, runtime_env_agent.log); the job takes the Ray node's own."""
+    spec (the JSON stored at submission), attempt and owner. No credential: Ray keeps a submission's runtime
+    environment in its job records (`ray job list`, the dashboard, runtime_env_agent.log); the job takes the Ray
+    node's own."""
     env = ray_train.job_environment(environ)
     env["AEFORGE_JOB_ID"] = job.id
     env["AEFORGE_JOB_SPEC"] = job.spec_json
     env["AEFORGE_ATTEMPT"] = str(job.attempts)
+    env["AEFORGE_JOB_OWNER"] = job.owner  # whose name the job registers its model under (jobs.registry)
     return env
 
 

@@ -1,20 +1,30 @@
 """Settings of the queue service and its client, from the environment or a settings file.
 
 A settings file (YAML mapping of the same variable names) is read from AEFORGE_SETTINGS_FILE, else from
-AEFORGE_HOME/settings.yaml when that exists; a variable set in the environment wins over the file. API tokens
-come from AEFORGE_TOKENS_FILE (a YAML/JSON list of {token, owner, role}), from AEFORGE_TOKENS (the same list
-inline, or ``token:owner:role`` entries separated by commas), or from AEFORGE_HOME/tokens.yaml, the file
-``aeforge serve`` writes on first start. Tokens never appear in reprs, logs or the job table.
+AEFORGE_HOME/settings.yaml when that exists; a variable set in the environment wins over the file.
+
+API tokens come from AEFORGE_TOKENS_FILE (a YAML/JSON list of {token_hash, owner, role}), from AEFORGE_TOKENS (the
+same list inline, or ``token:owner:role`` entries separated by commas), or from AEFORGE_HOME/tokens.yaml, the file
+``aeforge serve`` writes on first start. A token file holds hashes, ``sha256:<hex>`` of each token (the tokens are
+32 random bytes, so a fast hash is enough), compared in constant time against every entry; a plain ``token`` entry
+is still read (older files, AEFORGE_TOKENS), but every file aeforge writes (``aeforge serve``, ``aeforge tokens
+add``) holds hashes only. A token file is read again when it changes, so a token added to it works at once. The CLI
+on the machine of an ``aeforge serve`` finds its admin token in AEFORGE_HOME/client-token (mode 0600), written next
+to the hash. Tokens never appear in reprs, logs or the job table.
 """
 
 from __future__ import annotations
 
+import contextlib
 import getpass
+import hashlib
 import hmac
+import logging
 import math
 import os
 import re
 import secrets
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Mapping
@@ -23,7 +33,9 @@ from urllib.parse import urlparse
 import yaml
 
 from workers.errors import AeforgeError
-from workers.settings import STORAGE_ENV_VARS
+from workers.settings import CREDENTIAL_ENV_VARS, STORAGE_ENV_VARS
+
+log = logging.getLogger(__name__)
 
 Role = Literal["user", "admin"]
 ROLES = ("user", "admin")
@@ -42,8 +54,10 @@ KNOWN_VARIABLES = (
     "AEFORGE_DISPATCH_INTERVAL",
     "AEFORGE_RETRY_BACKOFF_S",
     "AEFORGE_JOB_MODULE",
+    "AEFORGE_ALLOWED_DATA_PREFIXES",
     "RAY_ADDRESS",
     *STORAGE_ENV_VARS,
+    *CREDENTIAL_ENV_VARS,
 )
 
 DEFAULT_API_URL = "http://127.0.0.1:8000"
@@ -52,6 +66,8 @@ DEFAULT_MAX_ATTEMPTS = 3
 # The first retry of a failed attempt waits this long, the second twice as long, and so on (plus jitter).
 DEFAULT_RETRY_BACKOFF_S = 10.0
 MIN_TOKEN_LENGTH = 8
+HASH_PREFIX = "sha256:"
+HASH_PATTERN = re.compile(r"^sha256:[0-9a-f]{64}$")
 MODULE_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
@@ -59,17 +75,34 @@ class SettingsError(AeforgeError):
     """A setting with a value that cannot be used; the message names the variable or file."""
 
 
+def hash_token(token: str) -> str:
+    """``sha256:<hex>`` of an API token: what a token file keeps."""
+    return HASH_PREFIX + hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 @dataclass(frozen=True)
 class Principal:
-    """Who an API token belongs to."""
+    """Who an API token belongs to: its hash, and the token itself only where it was given in plain (AEFORGE_TOKENS,
+    an older token file, a token just made)."""
 
     owner: str
     role: Role
-    token: str = field(repr=False)
+    token: str | None = field(default=None, repr=False, compare=False)
+    token_hash: str = field(default="", repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.token_hash:
+            if not self.token:
+                raise ValueError("a Principal needs its token or its token_hash")
+            object.__setattr__(self, "token_hash", hash_token(self.token))
 
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
+
+    def entry(self) -> dict[str, str]:
+        """Its entry in a token file: the hash, never the token."""
+        return {"token_hash": self.token_hash, "owner": self.owner, "role": self.role}
 
 
 @dataclass(frozen=True)
@@ -86,6 +119,9 @@ class ServiceSettings:
     dispatch_interval_s: float = 1.0
     retry_backoff_s: float = DEFAULT_RETRY_BACKOFF_S
     job_module: str = "jobs.run"
+    tokens_file: Path | None = None  # where ``tokens`` were read from: read again when it changes
+    # Local paths and s3:// URLs a user's job may read (services.access); admins read anything.
+    allowed_data_prefixes: tuple[str, ...] = ()
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None) -> "ServiceSettings":
@@ -106,6 +142,7 @@ class ServiceSettings:
             api_url=api_url,
             api_token=values.get("AEFORGE_API_TOKEN"),
             tokens=_load_tokens(values, home),
+            tokens_file=_tokens_file(values, home),
             ray_address=values.get("RAY_ADDRESS"),
             max_concurrent_jobs=_positive_int(values, "AEFORGE_MAX_CONCURRENT_JOBS", None),
             max_request_bytes=_positive_int(values, "AEFORGE_MAX_REQUEST_BYTES", DEFAULT_MAX_REQUEST_BYTES),
@@ -113,23 +150,34 @@ class ServiceSettings:
             dispatch_interval_s=_positive_float(values, "AEFORGE_DISPATCH_INTERVAL", 1.0),
             retry_backoff_s=_positive_float(values, "AEFORGE_RETRY_BACKOFF_S", DEFAULT_RETRY_BACKOFF_S),
             job_module=job_module,
+            allowed_data_prefixes=_data_prefixes(values.get("AEFORGE_ALLOWED_DATA_PREFIXES", "")),
         )
 
+    def current_tokens(self) -> tuple[Principal, ...]:
+        """The tokens: those of ``tokens_file`` as it is now (read again when it changed; if it cannot be read,
+        the last ones that could, with a warning), else those given."""
+        return _TOKEN_FILES.current(self.tokens_file, self.tokens) if self.tokens_file else self.tokens
+
     def principal_for(self, token: str) -> Principal | None:
-        """The token's owner, compared in constant time against every configured token."""
-        found = None
-        for principal in self.tokens:
-            if hmac.compare_digest(principal.token.encode(), token.encode()):
+        """The token's owner: its hash compared in constant time against every configured token's."""
+        presented, found = hash_token(token).encode(), None
+        for principal in self.current_tokens():
+            if hmac.compare_digest(principal.token_hash.encode(), presented):
                 found = principal
         return found
 
     def client_token(self) -> str | None:
-        """AEFORGE_API_TOKEN, else (for a service on this machine) the admin token ``aeforge serve`` wrote."""
+        """AEFORGE_API_TOKEN, else (for a service on this machine) the admin token ``aeforge serve`` wrote for this
+        user (AEFORGE_HOME/client-token), else an admin token given in plain."""
         if self.api_token:
             return self.api_token
         if urlparse(self.api_url).hostname in ("127.0.0.1", "localhost", "::1"):
+            with contextlib.suppress(OSError, UnicodeDecodeError):
+                token = local_client_token_path(self.home).read_text().strip()
+                if token:
+                    return token
             for principal in self.tokens:
-                if principal.is_admin:
+                if principal.is_admin and principal.token:
                     return principal.token
         return None
 
@@ -138,15 +186,104 @@ def local_tokens_path(home: Path) -> Path:
     return home / "tokens.yaml"
 
 
+def local_client_token_path(home: Path) -> Path:
+    """The local CLI's copy of the admin token of an ``aeforge serve`` on this machine (mode 0600)."""
+    return home / "client-token"
+
+
 def write_local_admin_token(home: Path) -> Principal:
-    """First start of an embedded service without tokens: one admin token for this machine's user (mode 0600)."""
+    """First start of an embedded service without tokens: one admin token for this machine's user, its hash in
+    AEFORGE_HOME/tokens.yaml and the token itself in AEFORGE_HOME/client-token for the CLI (both mode 0600)."""
     home.mkdir(parents=True, exist_ok=True)
     path = local_tokens_path(home)
     principal = Principal(owner=getpass.getuser(), role="admin", token=secrets.token_urlsafe(32))
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
-        yaml.safe_dump([{"token": principal.token, "owner": principal.owner, "role": principal.role}], fh)
+        write_private(local_client_token_path(home), principal.token + "\n")
+        yaml.safe_dump([principal.entry()], fh, sort_keys=False)
     return principal
+
+
+def write_private(path: Path, text: str) -> None:
+    """``text`` to ``path`` (mode 0600), all or nothing: written beside it, then renamed into place."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def tokens_file_for(environ: Mapping[str, str] | None = None) -> Path:
+    """The token file that ``aeforge tokens add`` writes, the one the service reads: AEFORGE_TOKENS_FILE, else
+    AEFORGE_HOME/tokens.yaml (SettingsError when AEFORGE_TOKENS is set, which the service reads instead)."""
+    env = dict(os.environ if environ is None else environ)
+    values = _file_values(env) | {k: v for k, v in env.items() if k in KNOWN_VARIABLES and v != ""}
+    home = Path(values.get("AEFORGE_HOME", ".aeforge")).expanduser().resolve()
+    if not values.get("AEFORGE_TOKENS_FILE") and values.get("AEFORGE_TOKENS"):
+        raise SettingsError("AEFORGE_TOKENS is set, so the service reads its tokens from that variable, not from a "
+                            "file: set AEFORGE_TOKENS_FILE (and unset AEFORGE_TOKENS) to manage tokens with aeforge")
+    return _tokens_file(values, home, existing_only=False)
+
+
+def add_token(path: Path, owner: str, role: Role = "user") -> Principal:
+    """A new random token for ``owner`` with ``role``, its hash appended to the token file ``path`` (made, mode
+    0600, if missing); the returned Principal carries the token, which is nowhere else. Plain entries already in
+    the file are rewritten as hashes (for the local AEFORGE_HOME/tokens.yaml of an older aeforge, its admin token
+    is kept for the local CLI in client-token first)."""
+    if not owner or len(owner) > 100:
+        raise SettingsError("owner must be 1 to 100 characters")
+    if role not in ROLES:
+        raise SettingsError(f"role must be 'user' or 'admin', got {role!r}")
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    import fcntl
+
+    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two adds at once: both entries land
+        existing = parse_tokens(_read(path), str(path)) if path.exists() else ()
+        client = local_client_token_path(path.parent)
+        if path.name == "tokens.yaml" and not client.exists():
+            plain_admin = next((p.token for p in existing if p.is_admin and p.token), None)
+            if plain_admin:
+                write_private(client, plain_admin + "\n")
+        principal = Principal(owner=owner, role=role, token=secrets.token_urlsafe(32))
+        write_private(path, yaml.safe_dump([p.entry() for p in (*existing, principal)], sort_keys=False))
+    return principal
+
+
+class _TokenFiles:
+    """The tokens of each token file, read again when the file changes (by stat), for every request's check."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seen: dict[Path, tuple[tuple, tuple[Principal, ...]]] = {}
+
+    def current(self, path: Path, fallback: tuple[Principal, ...]) -> tuple[Principal, ...]:
+        try:
+            st = path.stat()
+            stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            stamp = None
+        with self._lock:
+            seen = self._seen.get(path)
+            if seen is not None and seen[0] == stamp:
+                return seen[1]
+            try:
+                tokens = parse_tokens(_read(path), str(path))
+            except SettingsError as exc:
+                tokens = seen[1] if seen is not None else fallback
+                log.warning("%s; still using the %d token(s) read before", exc, len(tokens))
+            self._seen[path] = (stamp, tokens)
+            return tokens
+
+
+_TOKEN_FILES = _TokenFiles()
 
 
 def _file_values(env: Mapping[str, str]) -> dict[str, str]:
@@ -197,6 +334,29 @@ def _positive_float(values: Mapping[str, str], name: str, default: float) -> flo
     return number
 
 
+def _tokens_file(values: Mapping[str, str], home: Path, existing_only: bool = True) -> Path | None:
+    """The token file the service reads: AEFORGE_TOKENS_FILE, else AEFORGE_HOME/tokens.yaml unless AEFORGE_TOKENS
+    is set (``existing_only``: if it is there); None when the tokens come from AEFORGE_TOKENS or nowhere."""
+    if values.get("AEFORGE_TOKENS_FILE"):
+        return Path(values["AEFORGE_TOKENS_FILE"]).expanduser()
+    if values.get("AEFORGE_TOKENS"):
+        return None
+    local = local_tokens_path(home)
+    return local if local.is_file() or not existing_only else None
+
+
+def _data_prefixes(raw: str) -> tuple[str, ...]:
+    """AEFORGE_ALLOWED_DATA_PREFIXES: comma-separated ``file:///path`` and ``s3://bucket/prefix`` entries."""
+    prefixes = tuple(p.strip() for p in raw.split(",") if p.strip())
+    for p in prefixes:
+        parsed = urlparse(p)
+        local = parsed.scheme == "file" and parsed.netloc in ("", "localhost") and parsed.path.startswith("/")
+        if not (local or (parsed.scheme == "s3" and parsed.netloc)):
+            raise SettingsError(f"AEFORGE_ALLOWED_DATA_PREFIXES: {p!r} is neither file:///absolute/path nor "
+                                f"s3://bucket/prefix")
+    return prefixes
+
+
 def _load_tokens(values: Mapping[str, str], home: Path) -> tuple[Principal, ...]:
     if values.get("AEFORGE_TOKENS_FILE"):
         path = Path(values["AEFORGE_TOKENS_FILE"]).expanduser()
@@ -219,7 +379,8 @@ def _read(path: Path) -> str:
 
 
 def parse_tokens(text: str, source: str) -> tuple[Principal, ...]:
-    """A YAML/JSON list of {token, owner, role}, or ``token:owner:role`` entries separated by commas."""
+    """A YAML/JSON list of {token_hash, owner, role} (or {token, owner, role}: a plain token, still read), or
+    ``token:owner:role`` entries separated by commas. Errors name the entry, never a token."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError:
@@ -233,20 +394,31 @@ def parse_tokens(text: str, source: str) -> tuple[Principal, ...]:
     for i, entry in enumerate(data):
         if not isinstance(entry, dict):
             raise SettingsError(f"{source}: entry {i}: expected a mapping with token, owner and role")
-        unknown = sorted(set(entry) - {"token", "owner", "role"})
+        unknown = sorted(set(entry) - {"token", "token_hash", "owner", "role"})
         if unknown:
             raise SettingsError(f"{source}: entry {i}: unknown key(s) {', '.join(map(str, unknown))}")
-        token, owner, role = str(entry.get("token") or ""), str(entry.get("owner") or ""), entry.get("role", "user")
-        if len(token) < MIN_TOKEN_LENGTH:
-            raise SettingsError(f"{source}: entry {i}: token must be at least {MIN_TOKEN_LENGTH} characters")
+        owner, role = str(entry.get("owner") or ""), entry.get("role", "user")
+        if ("token" in entry) == ("token_hash" in entry):
+            raise SettingsError(f"{source}: entry {i}: give token_hash (sha256:<hex> of the token) or token, "
+                                f"not {'both' if 'token' in entry else 'neither'}")
+        if "token_hash" in entry:
+            token, token_hash = None, str(entry["token_hash"] or "").strip().lower()
+            if not HASH_PATTERN.match(token_hash):
+                raise SettingsError(f"{source}: entry {i}: token_hash must be 'sha256:' and 64 hex digits "
+                                    f"(`aeforge tokens add` writes it)")
+        else:
+            token = str(entry.get("token") or "")
+            if len(token) < MIN_TOKEN_LENGTH:
+                raise SettingsError(f"{source}: entry {i}: token must be at least {MIN_TOKEN_LENGTH} characters")
+            token_hash = hash_token(token)
         if not owner or len(owner) > 100:
             raise SettingsError(f"{source}: entry {i}: owner must be 1 to 100 characters")
         if role not in ROLES:
             raise SettingsError(f"{source}: entry {i}: role must be 'user' or 'admin', got {role!r}")
-        if token in seen:
+        if token_hash in seen:
             raise SettingsError(f"{source}: entry {i}: the same token is listed twice")
-        seen.add(token)
-        principals.append(Principal(owner=owner, role=role, token=token))
+        seen.add(token_hash)
+        principals.append(Principal(owner=owner, role=role, token=token, token_hash=token_hash))
     return tuple(principals)
 
 

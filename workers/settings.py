@@ -45,26 +45,39 @@ def ray_address() -> str | None:
     return os.environ.get("RAY_ADDRESS") or None
 
 
-# Where data, runs and MLflow are, and the AWS credentials that reach them: set for the service and its jobs alike
-# (the queue service's settings file may set them too; see services.settings).
+def s3_credentials_file() -> Path | None:
+    """AEFORGE_S3_CREDENTIALS_FILE: a file holding the S3 keys (a mounted secret), read when AWS_SECRET_ACCESS_KEY
+    is not set; see workers.storage.objects.read_credentials_file for its format."""
+    path = os.environ.get("AEFORGE_S3_CREDENTIALS_FILE")
+    return Path(path).expanduser() if path else None
+
+
+# Where data, runs and MLflow are: set for the service and its jobs alike, and passed to each job (the queue puts
+# them in the Ray job's runtime environment). Locations only, never a credential.
 STORAGE_ENV_VARS = (
     "AEFORGE_STORAGE",
     "AEFORGE_S3_ENDPOINT_URL",
     "MLFLOW_TRACKING_URI",
+    "AWS_DEFAULT_REGION",
+)
+# Credentials: read from the environment of the process that uses them, and never passed on to a job. A Ray job
+# takes the credentials of the node it runs on: the variables set where `ray start` ran, a mounted secret file
+# (AEFORGE_S3_CREDENTIALS_FILE, itself node configuration) or an instance profile / IRSA role (the default credential
+# chains of boto3 and pyarrow). Values in a job submission's runtime environment would be in clear in `ray job list`,
+# the dashboard's job API and Ray's runtime_env_agent.log. The key id and user name travel with their secrets: a
+# service's key id over a node's own secret key would be a mismatched pair.
+CREDENTIAL_ENV_VARS = (
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
-    "AWS_DEFAULT_REGION",
-)
-# Variables a job needs wherever it runs (the queue passes them in the Ray job's runtime environment).
-JOB_ENV_VARS = (
-    "AEFORGE_HOME",
-    "AEFORGE_STORAGE_WAIT_S",
-    *STORAGE_ENV_VARS,
+    "AEFORGE_S3_CREDENTIALS_FILE",
     "MLFLOW_TRACKING_USERNAME",
     "MLFLOW_TRACKING_PASSWORD",
     "MLFLOW_TRACKING_TOKEN",
 )
+# Variables a job needs wherever it runs (the queue passes them in the Ray job's runtime environment).
+JOB_ENV_VARS = ("AEFORGE_HOME", "AEFORGE_STORAGE_WAIT_S", *STORAGE_ENV_VARS)
+# Values masked in whatever the service stores or shows (job errors, logs).
 SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 
 

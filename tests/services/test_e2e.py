@@ -10,6 +10,7 @@ cluster's machines), and the service forwards none to the jobs it submits.
 
 from __future__ import annotations
 
+import getpass
 import importlib.util
 import json
 import os
@@ -112,7 +113,7 @@ class Service:
     keys of its own unless ``extra_env`` gives it some: the jobs get theirs from the Ray node."""
 
     def __init__(self, home: Path, ray_head, job_module: str | None = "tests.services.fake_job",
-                 extra_env: dict[str, str] | None = None):
+                 extra_env: dict[str, str] | None = None, tokens: str | None = f"{TOKEN}:tester:admin"):
         self.home = home
         home.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -123,11 +124,12 @@ class Service:
                     if not k.startswith("AEFORGE_") and k not in MACHINE_AWS} | {
             "AEFORGE_HOME": str(home),
             "AEFORGE_DB_URL": f"sqlite:///{self.db_path}",
-            "AEFORGE_TOKENS": f"{TOKEN}:tester:admin",
             "AEFORGE_DISPATCH_INTERVAL": "0.3",
             "RAY_ADDRESS": ray_head.address,
             "PYTHONPATH": str(REPO),
         } | (extra_env or {})
+        if tokens:
+            self.env["AEFORGE_TOKENS"] = tokens
         if job_module:
             self.env["AEFORGE_JOB_MODULE"] = job_module
         self.proc: subprocess.Popen | None = None
@@ -242,6 +244,27 @@ def test_jobs_that_take_the_whole_cluster_run_one_after_another_in_priority_orde
     for path in svc.home.glob("aeforge.db*"):
         assert SECRET.encode() not in path.read_bytes(), path
     assert SECRET not in svc.log_path.read_text() and SECRET not in logs
+
+
+def test_a_first_start_without_tokens_stores_a_hash_and_the_local_cli_submits_without_a_token_set(service, ray_head):
+    """`aeforge serve`'s first start (here `python -m services.api`, the same run_service) with no tokens: the token
+    file holds a hash, and `aeforge submit` on this machine, with nothing exported but the URL, finds the token."""
+    svc = service(tokens=None)
+    token_file, client_file = svc.home / "tokens.yaml", svc.home / "client-token"
+    token = client_file.read_text().strip()
+    assert len(token) >= 40 and client_file.stat().st_mode & 0o777 == 0o600
+    assert token not in token_file.read_text() and "token_hash: sha256:" in token_file.read_text()
+    spec = svc.home / "spec.yaml"
+    spec.write_text(fake_spec("local-cli", steps=2, cpus=1))
+    cli_env = {k: v for k, v in svc.env.items() if not k.startswith("AEFORGE_")} | {
+        "AEFORGE_HOME": str(svc.home), "AEFORGE_API_URL": svc.url}
+    submitted = subprocess.run([str(Path(sys.executable).parent / "aeforge"), "submit", str(spec)], env=cli_env,
+                               cwd=svc.home, capture_output=True, text=True, timeout=120)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    svc.http.headers["Authorization"] = f"Bearer {token}"
+    job = svc.wait_state(submitted.stdout.strip(), "succeeded")
+    assert job["owner"] == getpass.getuser()
+    assert svc.http.get("/jobs", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 401
 
 
 def test_cancelling_a_running_job_stops_its_ray_job(service, ray_head):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.settings import ServiceSettings, SettingsError, parse_tokens, write_local_admin_token
+from services.settings import ServiceSettings, SettingsError, hash_token, parse_tokens, write_local_admin_token
 
 
 def test_defaults_live_under_aeforge_home(tmp_path):
@@ -63,17 +63,48 @@ def test_tokens_from_a_file_a_variable_or_the_compact_form(tmp_path):
     ('[{"token": "long-enough", "owner": "a", "colour": 1}]', "entry 0: unknown key"),
     ("{token: x}", "expected a list"),
     ("tok:a:b:c:d", "entry 0: expected token:owner"),
+    ('[{"token_hash": "sha256:abc", "owner": "a"}]', "entry 0: token_hash must be 'sha256:' and 64 hex digits"),
+    ('[{"token_hash": "md5:0", "token": "long-enough", "owner": "a"}]', "entry 0: give token_hash .* not both"),
+    ('[{"owner": "a"}]', "entry 0: give token_hash .* not neither"),
+    (f'[{{"token": "long-enough", "owner": "a"}}, {{"token_hash": "{hash_token("long-enough")}", "owner": "b"}}]',
+     "entry 1: the same token"),
 ])
 def test_bad_token_lists_name_the_entry(text, message):
     with pytest.raises(SettingsError, match=message):
         parse_tokens(text, "tokens.yaml")
 
 
+def test_token_files_hold_hashes_and_plain_tokens_are_still_read(tmp_path):
+    path = tmp_path / "tokens.yaml"
+    path.write_text(f"- {{token_hash: '{hash_token('tok-carol-1')}', owner: carol, role: admin}}\n"
+                    f"- {{token: tok-dave-12, owner: dave}}\n")
+    s = ServiceSettings.load({"AEFORGE_HOME": str(tmp_path)})
+    assert s.principal_for("tok-carol-1").owner == "carol" and s.principal_for("tok-dave-12").owner == "dave"
+    assert s.principal_for("tok-carol-") is None and s.principal_for(hash_token("tok-carol-1")) is None
+    assert s.tokens[0].token is None and "sha256" not in repr(s)
+
+
+def test_a_token_file_is_read_again_when_it_changes_and_a_broken_one_keeps_the_last_tokens(tmp_path):
+    path = tmp_path / "tokens.yaml"
+    path.write_text(f"- {{token_hash: '{hash_token('tok-first-1')}', owner: first}}\n")
+    s = ServiceSettings.load({"AEFORGE_HOME": str(tmp_path)})
+    assert s.principal_for("tok-first-1").owner == "first"
+    path.write_text(f"- {{token_hash: '{hash_token('tok-second-1')}', owner: second, role: admin}}\n")
+    assert s.principal_for("tok-second-1").owner == "second" and s.principal_for("tok-first-1") is None
+    path.write_text("- {token_hash: broken, owner: x}\n# an edit in progress\n")
+    assert s.principal_for("tok-second-1").owner == "second"
+
+
 def test_the_local_admin_token_is_private_and_used_by_a_local_client(tmp_path):
     principal = write_local_admin_token(tmp_path)
-    assert (tmp_path / "tokens.yaml").stat().st_mode & 0o777 == 0o600
+    tokens_file, client_file = tmp_path / "tokens.yaml", tmp_path / "client-token"
+    assert tokens_file.stat().st_mode & 0o777 == 0o600 and client_file.stat().st_mode & 0o777 == 0o600
+    # The service's file has the hash only; the CLI's own file has the token.
+    assert principal.token not in tokens_file.read_text() and principal.token_hash in tokens_file.read_text()
+    assert client_file.read_text().strip() == principal.token
     s = ServiceSettings.load({"AEFORGE_HOME": str(tmp_path)})
     assert s.principal_for(principal.token) == principal and s.client_token() == principal.token
+    assert s.principal_for(principal.token).is_admin and s.principal_for("not-the-token") is None
     remote = ServiceSettings.load({"AEFORGE_HOME": str(tmp_path), "AEFORGE_API_URL": "https://queue.example.org"})
     assert remote.client_token() is None
     assert ServiceSettings.load({"AEFORGE_HOME": str(tmp_path), "AEFORGE_API_TOKEN": "mine-123"}).client_token() == "mine-123"

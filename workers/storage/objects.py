@@ -84,21 +84,95 @@ def write_file(stream: IO[bytes], target: Path, staging: Path | None = None, siz
     return target
 
 
+CREDENTIAL_KEYS = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
+ENV_KEYS_SOURCE = "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+
+
+def read_credentials_file(path: Path) -> dict[str, str]:
+    """The S3 keys in ``path`` (AEFORGE_S3_CREDENTIALS_FILE, typically a mounted secret): ``aws_access_key_id``,
+    ``aws_secret_access_key`` and optionally ``aws_session_token``, either as a YAML/JSON mapping or in the AWS
+    shared-credentials INI format (the ``[default]`` profile, or AWS_PROFILE's). Every error is a StorageError that
+    names the file and never quotes its content."""
+    what = f"AEFORGE_S3_CREDENTIALS_FILE={str(path)!r}"
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise StorageError(f"{what}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise StorageError(f"{what}: cannot read the file: {reason}") from None
+    first = next((line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith(("#", ";"))), "")
+    values = _ini_credentials(text, what) if first.startswith("[") else _mapping_credentials(text, what)
+    missing = [k for k in CREDENTIAL_KEYS[:2] if not values.get(k)]
+    if missing:
+        raise StorageError(f"{what}: no {' and no '.join(missing)} in the file")
+    return {k: values[k] for k in CREDENTIAL_KEYS if values.get(k)}
+
+
+def _mapping_credentials(text: str, what: str) -> dict[str, str]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:  # its message quotes the line: only say where
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise StorageError(f"{what}: not a YAML/JSON mapping nor an AWS credentials file{where}") from None
+    if not isinstance(data, dict):
+        raise StorageError(f"{what}: expected a mapping with {', '.join(CREDENTIAL_KEYS)} (the last is optional), "
+                           f"or an AWS credentials file with a [default] profile")
+    values = {str(k).lower(): v for k, v in data.items()}
+    unknown = sorted(set(values) - set(CREDENTIAL_KEYS))
+    if unknown:
+        raise StorageError(f"{what}: unknown key(s) {', '.join(unknown)}; expected {', '.join(CREDENTIAL_KEYS)}")
+    for key, value in values.items():
+        if value is not None and not isinstance(value, str):
+            raise StorageError(f"{what}: {key} must be a string (quote it)")
+    return {k: v.strip() for k, v in values.items() if v}
+
+
+def _ini_credentials(text: str, what: str) -> dict[str, str]:
+    import configparser
+
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read_string(text)
+    except configparser.Error as exc:  # its message quotes the lines: only say where
+        lines = sorted({n for n, _ in getattr(exc, "errors", [])} | ({exc.lineno} if getattr(exc, "lineno", None) else set()))
+        where = f" (line {', '.join(map(str, lines))})" if lines else ""
+        raise StorageError(f"{what}: not a valid AWS credentials (INI) file{where}") from None
+    profile = os.environ.get("AWS_PROFILE") or "default"
+    if not parser.has_section(profile):
+        raise StorageError(f"{what}: no [{profile}] profile in the AWS credentials file")
+    return {k: parser.get(profile, k).strip() for k in CREDENTIAL_KEYS if parser.has_option(profile, k)}
+
+
 @dataclass(frozen=True)
 class S3Connection:
-    """Where S3 is and how to sign for it. Secrets are kept out of repr and out of every message."""
+    """Where S3 is and how to sign for it. Secrets are kept out of repr and out of every message.
+
+    No keys (both None): boto3's and pyarrow's default credential chains apply (an instance profile, IRSA, the AWS
+    shared credentials file)."""
 
     endpoint_url: str | None
     region: str
     access_key_id: str | None
     secret_access_key: str | None = field(default=None, repr=False)
     session_token: str | None = field(default=None, repr=False)
+    keys_source: str = field(default=ENV_KEYS_SOURCE, compare=False)  # where the keys came from, for messages
 
     @classmethod
     def from_settings(cls) -> "S3Connection":
+        """Keys from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (/ AWS_SESSION_TOKEN); when the secret key is not
+        set, from AEFORGE_S3_CREDENTIALS_FILE (read each time: a rotated secret is picked up); else none."""
         env = os.environ.get
-        return cls(settings.s3_endpoint_url(), env("AWS_DEFAULT_REGION") or env("AWS_REGION") or "us-east-1",
-                   env("AWS_ACCESS_KEY_ID") or None, env("AWS_SECRET_ACCESS_KEY") or None,
+        endpoint, region = settings.s3_endpoint_url(), env("AWS_DEFAULT_REGION") or env("AWS_REGION") or "us-east-1"
+        path = settings.s3_credentials_file()
+        if not env("AWS_SECRET_ACCESS_KEY") and path is not None:
+            keys = read_credentials_file(path)
+            return cls(endpoint, region, keys["aws_access_key_id"], keys["aws_secret_access_key"],
+                       keys.get("aws_session_token"), keys_source=f"the keys in {path}")
+        return cls(endpoint, region, env("AWS_ACCESS_KEY_ID") or None, env("AWS_SECRET_ACCESS_KEY") or None,
                    env("AWS_SESSION_TOKEN") or None)
 
     @property
@@ -173,10 +247,12 @@ def explain_s3_error(exc: Exception, conn: S3Connection, bucket: str) -> str:
     if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError)):
         text = f"cannot connect to {where}: is the endpoint URL (AEFORGE_S3_ENDPOINT_URL) right and the server up?"
     elif isinstance(exc, NoCredentialsError):
-        text = f"{where}: no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        text = (f"{where}: no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or "
+                f"AEFORGE_S3_CREDENTIALS_FILE where this runs (on a Ray cluster: in the nodes' environment), "
+                f"or give the machine an instance role")
     elif isinstance(exc, ClientError) and code in _ACCESS_DENIED:
         text = (f"access denied at {where} for access key id '{conn.access_key_id}' ({code}: {detail}): check "
-                f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket's policy")
+                f"{conn.keys_source} and the bucket's policy")
     elif code == "NoSuchBucket":
         text = f"bucket '{bucket}' does not exist at S3 endpoint {conn.endpoint_name}"
     return conn.redact(text)

@@ -226,6 +226,33 @@ def test_failed_overwrite_leaves_no_complete_dataset(storage, tmp_path, monkeypa
         storage.resolve("ds")
 
 
+def test_a_dataset_has_an_owner_who_alone_replaces_shares_or_removes_it(storage, tmp_path):
+    a = write(tmp_path / "a.npz", b"a" * 10)
+    pushed = storage.push([a], "faces", format="npz", owner="alice")
+    assert pushed["owner"] == "alice" and pushed["shared"] is False
+    assert [(m["owner"], m["shared"]) for m in storage.ls()] == [("alice", False)]
+    for refused in (lambda: storage.push([a], "faces", format="npz", overwrite=True, owner="bob"),
+                    lambda: storage.share("faces", owner="bob"),
+                    lambda: storage.rm("faces", owner="bob")):
+        with pytest.raises(StorageError, match="dataset 'faces' belongs to alice: only its owner or an admin"):
+            refused()
+    assert storage.manifest("faces") == pushed  # untouched
+
+    assert storage.share("faces", owner="alice")["shared"] is True
+    assert storage.manifest("faces")["shared"] is True
+    replaced = storage.push([a], "faces", format="npz", overwrite=True, owner="root", admin=True)
+    assert (replaced["owner"], replaced["shared"]) == ("alice", True)  # an admin's push keeps owner and sharing
+    assert storage.share("faces", False, owner="root", admin=True)["shared"] is False
+    with pytest.raises(StorageError, match="no dataset named 'nope'"):
+        storage.share("nope", owner="alice")
+
+    storage.push([a], "legacy", format="npz")  # no owner: pushed before owners were recorded
+    with pytest.raises(StorageError, match="belongs to no one .*only its owner or an admin may share"):
+        storage.share("legacy", owner="alice")
+    assert storage.rm("legacy", owner="root", admin=True) == 2
+    assert storage.rm("faces", owner="alice") == 2
+
+
 # --- the resolver: datasets ------------------------------------------------------------------------------------
 def test_resolve_downloads_verifies_and_caches(storage, tmp_path, monkeypatch):
     images = write(tmp_path / "src" / "train-images.idx3-ubyte", b"I" * 1000)
@@ -470,6 +497,96 @@ def test_preflight_wrong_keys(s3_auth_server, s3_env, monkeypatch):
     wrong_secret = _preflight_error(monkeypatch, s3_auth_server.endpoint_url, "auth-bucket",
                                     s3_auth_server.access_key_id, SECRET)
     assert "access denied" in wrong_secret and s3_auth_server.access_key_id in wrong_secret
+
+
+# --- S3 keys from a mounted secret file (AEFORGE_S3_CREDENTIALS_FILE) -------------------------------------------
+def _keys_in_a_file(monkeypatch, path: Path, text: str) -> Path:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    monkeypatch.setenv("AEFORGE_S3_CREDENTIALS_FILE", str(path))
+    return path
+
+
+@pytest.mark.parametrize("name,text", [
+    ("keys.yaml", f"aws_access_key_id: AKIAFROMFILE\naws_secret_access_key: '{SECRET}'\naws_session_token: tok-1\n"),
+    ("keys.json", json.dumps({"AWS_ACCESS_KEY_ID": "AKIAFROMFILE", "AWS_SECRET_ACCESS_KEY": SECRET,
+                              "aws_session_token": "tok-1"})),
+    ("credentials", f"# mounted\n[default]\naws_access_key_id = AKIAFROMFILE\naws_secret_access_key = {SECRET}\n"
+                    f"aws_session_token = tok-1\nregion = eu-west-1\n"),
+])
+def test_keys_come_from_the_credentials_file_when_the_variables_are_not_set(local_env, tmp_path, monkeypatch, name, text):
+    from workers.storage import S3Connection
+
+    _keys_in_a_file(monkeypatch, tmp_path / "secret" / name, text)
+    conn = S3Connection.from_settings()
+    assert (conn.access_key_id, conn.secret_access_key, conn.session_token) == ("AKIAFROMFILE", SECRET, "tok-1")
+    assert conn.pyarrow_keys() == {"access_key": "AKIAFROMFILE", "secret_key": SECRET, "session_token": "tok-1"}
+    assert SECRET not in repr(conn)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAFROMENV")  # the variables win when set
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-from-env")
+    conn = S3Connection.from_settings()
+    assert (conn.access_key_id, conn.secret_access_key, conn.session_token) == ("AKIAFROMENV", "secret-from-env", None)
+
+
+def test_no_keys_anywhere_leaves_the_default_credential_chain(local_env, monkeypatch):
+    from workers.storage import S3Connection
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AEFORGE_S3_CREDENTIALS_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    conn = S3Connection.from_settings()
+    assert conn.access_key_id is None and conn.secret_access_key is None and conn.pyarrow_keys() == {}
+
+
+@pytest.mark.parametrize("name,text,message", [
+    ("missing.yaml", None, "no such file"),
+    ("a-folder", "", "cannot read the file"),
+    ("bad.yaml", f"aws_access_key_id: AKIA\naws_secret_access_key: [{SECRET}\n", "not a YAML/JSON mapping nor an AWS "
+                                                                              "credentials file (line 3"),
+    ("list.yaml", f"- {SECRET}\n", "expected a mapping with aws_access_key_id"),
+    ("typo.yaml", f"aws_access_key_id: AKIA\nsecret_key: {SECRET}\n", "unknown key(s) secret_key"),
+    ("half.yaml", "aws_access_key_id: AKIA\n", "no aws_secret_access_key in the file"),
+    ("number.yaml", "aws_access_key_id: AKIA\naws_secret_access_key: 12345678\n", "aws_secret_access_key must be a "
+                                                                                 "string"),
+    ("bad.ini", f"[default]\naws_access_key_id = AKIA\n{SECRET}\n", "not a valid AWS credentials (INI) file (line 3)"),
+    ("profile.ini", f"[other]\naws_access_key_id = AKIA\naws_secret_access_key = {SECRET}\n", "no [default] profile"),
+])
+def test_an_unusable_credentials_file_names_the_file_never_the_secret(local_env, tmp_path, monkeypatch, name, text,
+                                                                     message):
+    from workers.storage import S3Connection
+
+    path = tmp_path / "secret" / name
+    _keys_in_a_file(monkeypatch, tmp_path / "secret" / "placeholder", "")
+    monkeypatch.setenv("AEFORGE_S3_CREDENTIALS_FILE", str(path))
+    if name == "a-folder":
+        path.mkdir(parents=True)
+    elif text is not None:
+        path.write_text(text)
+    with pytest.raises(StorageError) as info:
+        S3Connection.from_settings()
+    shown = str(info.value)
+    assert f"AEFORGE_S3_CREDENTIALS_FILE='{path}'" in shown and message in shown, shown
+    assert SECRET not in shown and "12345678" not in shown
+
+
+def test_preflight_signs_with_the_keys_of_the_credentials_file(s3_auth_server, s3_env, tmp_path, monkeypatch):
+    s3_auth_server.client().create_bucket(Bucket="file-keys-bucket")
+    monkeypatch.setenv("AEFORGE_STORAGE", "s3://file-keys-bucket/aeforge")
+    monkeypatch.setenv("AEFORGE_S3_ENDPOINT_URL", s3_auth_server.endpoint_url)
+    path = _keys_in_a_file(monkeypatch, tmp_path / "secret" / "credentials",
+                           f"[default]\naws_access_key_id = {s3_auth_server.access_key_id}\n"
+                           f"aws_secret_access_key = {s3_auth_server.secret_access_key}\n")
+    store = Storage.from_settings()
+    store.preflight()
+    store.put_bytes(b"signed with the file's keys", "probe/a.bin")
+    assert store.get_bytes("probe/a.bin") == b"signed with the file's keys"
+
+    path.write_text(f"aws_access_key_id: {s3_auth_server.access_key_id}\naws_secret_access_key: {SECRET}\n")
+    with pytest.raises(StorageError) as info:
+        Storage.from_settings().preflight()  # read again: a rotated (here: wrong) secret is picked up
+    message = str(info.value)
+    assert "access denied" in message and f"the keys in {path}" in message and SECRET not in message
 
 
 # --- the filesystem Ray Train writes checkpoints through -------------------------------------------------------
