@@ -96,8 +96,11 @@ def check_ray_auth(address: str) -> None:
 
 def _stop_on_sigterm() -> None:
     """Ray stops a job (`ray job stop`, a cancel in the queue) with SIGTERM to its driver, and ray.init has just
-    put its own SIGTERM handler in place (it logs and dies). Take it back: the job ends as on Ctrl-C, through the
-    `with` blocks that mark its MLflow runs KILLED, well inside the seconds Ray waits before SIGKILL."""
+    put its own SIGTERM handler in place (it logs and dies). Take it back and stop as on Ctrl-C: inside a fit, Ray
+    Train's own Ctrl-C handler aborts the run gracefully (workers stopped, placement group and its detached
+    cleaner removed), and :func:`fit` then raises KeyboardInterrupt; elsewhere KeyboardInterrupt is raised at once.
+    Either way the `with` blocks mark the job's MLflow runs KILLED. The queue gives a job RAY_JOB_STOP_WAIT_TIME_S
+    for this before Ray sends SIGKILL."""
     import signal
     import threading
 
@@ -105,6 +108,10 @@ def _stop_on_sigterm() -> None:
 
     def stop(signum, frame):
         STOP_REQUESTED.set()
+        on_ctrl_c = signal.getsignal(signal.SIGINT)
+        if callable(on_ctrl_c) and on_ctrl_c is not signal.default_int_handler:
+            on_ctrl_c(signal.SIGINT, frame)  # a fit's (or a Tune run's) graceful abort
+            return
         raise KeyboardInterrupt(f"job stopped (signal {signum})")
 
     if threading.current_thread() is threading.main_thread():
@@ -216,11 +223,19 @@ def user_error(exc: BaseException) -> BaseException:
 
 
 def fit(trainer):
-    """``trainer.fit()`` (which raises on a failed run on Ray 2.60), showing a worker's own error (user_error)."""
+    """``trainer.fit()`` (which raises on a failed run on Ray 2.60), showing a worker's own error (user_error); a
+    fit aborted because the job was asked to stop raises KeyboardInterrupt, whatever Ray made of the abort."""
+    from workers.tracking import STOP_REQUESTED
+
     try:
-        return trainer.fit()
+        result = trainer.fit()
     except Exception as exc:
+        if STOP_REQUESTED.is_set():
+            raise KeyboardInterrupt("job stopped") from exc
         shown = user_error(exc)
         if shown is exc:
             raise
         raise shown from exc
+    if STOP_REQUESTED.is_set():
+        raise KeyboardInterrupt("job stopped")
+    return result

@@ -35,6 +35,7 @@ from workers.protocol import PROGRESS_MARK, RESULT_MARK, parse_progress, parse_r
 log = logging.getLogger(__name__)
 
 MAX_RETRY_DELAY_S = 600.0
+JOB_STOP_WAIT_S = 30
 # How Ray reports an entrypoint that exited with code 2 (python -m jobs.run: a spec or data error).
 USER_ERROR_EXIT = re.compile(r"\bexit code 2\b")
 # Ray job statuses: PENDING, RUNNING, STOPPED, SUCCEEDED, FAILED.
@@ -119,6 +120,8 @@ def job_environment(job: Job, environ: Mapping[str, str] | None = None) -> dict[
     env["AEFORGE_JOB_ID"] = job.id
     env["AEFORGE_JOB_SPEC"] = job.spec_json
     env["AEFORGE_ATTEMPT"] = str(job.attempts)
+    # Seconds Ray waits after its SIGTERM before SIGKILL when the job is stopped: room for a fit's graceful abort.
+    env["RAY_JOB_STOP_WAIT_TIME_S"] = str(JOB_STOP_WAIT_S)
     env["AEFORGE_JOB_OWNER"] = job.owner  # whose name the job registers its model under (jobs.registry)
     return env
 
