@@ -21,8 +21,8 @@ SOURCE_ROOT = Path(__file__).resolve().parent.parent
 
 def job_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The settings a job's processes need, taken from ``environ`` (default: this process's environment): where
-    storage and MLflow are, AEFORGE_HOME as an absolute path, and this source tree on PYTHONPATH so that Ray's
-    processes import the same packages as this one.
+    storage and MLflow are (resolved here), and this source tree on PYTHONPATH so that Ray's processes import the
+    same packages as this one.
 
     No credential (settings.CREDENTIAL_ENV_VARS), ever: this goes into runtime environments, which Ray shows in
     `ray job list`, its dashboard and its logs. Ray's processes take the credentials of the node they run on (the
@@ -30,8 +30,14 @@ def job_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     instance role)."""
     env_in = os.environ if environ is None else environ
     env = {name: env_in[name] for name in settings.JOB_ENV_VARS
-           if env_in.get(name) and name not in settings.CREDENTIAL_ENV_VARS}
-    env["AEFORGE_HOME"] = str(Path(env_in.get("AEFORGE_HOME", ".aeforge")).expanduser().resolve())
+           if env_in.get(name) and name not in settings.CREDENTIAL_ENV_VARS and name != "AEFORGE_HOME"}
+    # Locations, never this process's AEFORGE_HOME: a job's processes may run on other hosts, each with a home (and
+    # a node cache in it) of its own. The embedded defaults under this AEFORGE_HOME are named explicitly instead.
+    home = Path(env_in.get("AEFORGE_HOME", ".aeforge")).expanduser().resolve()
+    env.setdefault("AEFORGE_STORAGE", (home / "storage").as_uri())
+    if "MLFLOW_TRACKING_URI" not in env:
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{home / 'mlflow.db'}"
+        env["AEFORGE_MLFLOW_ARTIFACT_ROOT"] = (home / "mlartifacts").as_uri()
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SOURCE_ROOT), env_in.get("PYTHONPATH", "")) if p)
     return env
 
@@ -52,8 +58,9 @@ def connect_ray() -> None:
     else:
         # "local": a new Ray on this machine even if another one runs here (ray.init(None) would join the last
         # cluster `ray start` recorded in /tmp/ray, which is not what "no RAY_ADDRESS" means).
-        ray.init(address=settings.ray_address() or "local", runtime_env={"env_vars": job_environment()},
-                 log_to_driver=True)
+        # A Ray on this machine: its processes share this host, and so this AEFORGE_HOME (the node cache).
+        env = {**job_environment(), "AEFORGE_HOME": str(settings.home())}
+        ray.init(address=settings.ray_address() or "local", runtime_env={"env_vars": env}, log_to_driver=True)
     _stop_on_sigterm()
 
 

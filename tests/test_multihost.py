@@ -1,15 +1,15 @@
 """Hosts that share nothing: the deployment shape of aeforge, proved with real processes.
 
 Five hosts on this machine (tests/fixtures/hosts.py: a network namespace each, with its own address, hostname,
-working directory, AEFORGE_HOME and a private /tmp and /dev/shm), talking only over the network:
+process table, working directory, AEFORGE_HOME and a private /tmp and /dev/shm), talking only over the network
+(addresses: 198.51.100.11 to .15 unless another run holds that block of TEST-NET-2):
 
-- storage   198.51.100.11  moto's S3 server: datasets, Ray Train checkpoints, MLflow's artifacts
-- tracking  198.51.100.12  `mlflow server`, sqlite in its own folder, artifacts proxied to S3 (it alone holds keys
-                           for them)
-- head      198.51.100.13  `ray start --head` (1 CPU) and the queue service `python -m services.api` (SQLite store)
-- worker    198.51.100.14  `ray start --address <head>` (1 CPU)
-- client    198.51.100.15  the CLI only: the API's URL and a token, MLflow's URL; S3 settings for `data push` alone
-                           (services/cli_data.py writes to storage itself, not through the service)
+- storage   .11  moto's S3 server: datasets, Ray Train checkpoints, MLflow's artifacts
+- tracking  .12  `mlflow server`, sqlite in its own folder, artifacts proxied to S3 (it alone holds keys for them)
+- head      .13  `ray start --head` (1 CPU) and the queue service `python -m services.api` (SQLite store)
+- worker    .14  `ray start --address <head>` (1 CPU)
+- client    .15  the CLI only: the API's URL and a token, MLflow's URL; S3 settings for `data push` alone
+                 (services/cli_data.py writes to storage itself, not through the service)
 
 The Ray nodes have the S3 keys in their own environment, as cluster nodes do; the service has none. The client
 pushes a dataset and submits a 2-worker job (one Ray Train worker on each Ray host); once Ray Train has registered
@@ -47,13 +47,15 @@ KEYS = {"AWS_ACCESS_KEY_ID": "multihost-access-key", "AWS_SECRET_ACCESS_KEY": "m
 BUCKET = "aeforge"
 S3_PORT, MLFLOW_PORT, GCS_PORT, DASHBOARD_PORT, API_PORT = 5000, 5001, 6379, 8265, 8000
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+           # `ray start --block` drains its node for up to 30 s on SIGTERM (Ray 2.60); a test cluster stops at once.
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
 DATASET = "blobs16"
 MODEL = "multihost-vae"
 # Enough steps that the kill lands mid-run: here a step takes some 0.05 s, the first checkpoint is registered 0.5 s
 # (Ray Train's poll) or so after it is made, and a kill that came after the last step would prove nothing.
 STEPS, CHECKPOINT_EVERY = 100, 10
-HOST_NAMES = ("storage", "tracking", "head", "worker", "client")
+HOSTS = {"storage": 11, "tracking": 12, "head": 13, "worker": 14, "client": 15}  # name: address offset
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.25, detail=lambda: ""):
@@ -131,8 +133,7 @@ def run_deployment(network: hosts.Network) -> SimpleNamespace:
     def phase(what: str) -> None:
         print(f"[{time.monotonic() - started:6.1f} s] {what}", flush=True)
 
-    storage, tracking, head, worker, client = (network.host(name, octet)
-                                               for name, octet in zip(HOST_NAMES, (11, 12, 13, 14, 15)))
+    storage, tracking, head, worker, client = (network.host(name, offset) for name, offset in HOSTS.items())
     s3_url = f"http://{storage.ip}:{S3_PORT}"
     mlflow_url = f"http://{tracking.ip}:{MLFLOW_PORT}"
     api_url = f"http://{head.ip}:{API_PORT}"
@@ -146,8 +147,9 @@ def run_deployment(network: hosts.Network) -> SimpleNamespace:
     node_env = {**RAY_ENV, **KEYS, **storage_env}
     ray_common = ["--block", "--num-cpus=1", "--num-gpus=0", "--disable-usage-stats", "--object-store-memory=100000000"]
     ray_head = head.popen(["ray", "start", "--head", f"--node-ip-address={head.ip}", f"--port={GCS_PORT}",
-                           "--include-dashboard=true", f"--dashboard-host={head.ip}", f"--dashboard-port={DASHBOARD_PORT}",
-                           *ray_common], network.log("head-ray"), env={**node_env, "AEFORGE_HOME": head.home})
+                           "--include-dashboard=true", f"--dashboard-host={head.ip}",
+                           f"--dashboard-port={DASHBOARD_PORT}", *ray_common],
+                          network.log("head-ray"), env={**node_env, "AEFORGE_HOME": head.home})
     wait_for(lambda: http_ok(f"{s3_url}/moto-api/data.json", moto), 60, "moto's S3 server on the storage host")
     s3 = s3_client(s3_url, KEYS["AWS_ACCESS_KEY_ID"], KEYS["AWS_SECRET_ACCESS_KEY"])
     s3.create_bucket(Bucket=BUCKET)  # the operator makes the bucket, as on any object store
@@ -187,7 +189,7 @@ def run_deployment(network: hosts.Network) -> SimpleNamespace:
     wait_for(lambda: live_nodes() >= 2, 120, "the worker host's Ray node to join", interval=0.5,
              detail=lambda: tail(ray_worker.log_path))
     setup_s = time.monotonic() - started
-    phase("five hosts up")
+    phase("five hosts up: " + ", ".join(f"{h.name} {h.ip}" for h in (storage, tracking, head, worker, client)))
 
     # --- the client pushes the data and submits ----------------------------------------------------------------------
     client_env = {"AEFORGE_HOME": client.home, "AEFORGE_API_URL": api_url, "AEFORGE_API_TOKEN": TOKEN,
@@ -308,18 +310,14 @@ def _foreign_paths(deployment) -> dict[str, list[str]]:
     it used a path that belongs to another host."""
     found = {}
     for name, host in deployment.hosts.items():
-        foreign = sorted(p.name for p in host.path("/tmp").iterdir() if p.name.startswith("aef-") and p.name != f"aef-{name}")
+        foreign = sorted(p.name for p in host.path("/tmp").iterdir()
+                         if p.name.startswith("aef-") and p.name != f"aef-{name}")
         if foreign:
             found[name] = [str(p.relative_to(host.path("/"))) for f in foreign
                            for p in sorted(host.path(f"/tmp/{f}").rglob("*"))[:12]]
     return found
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: jobs/ray_train.py job_environment() puts the submitting host's AEFORGE_HOME (the service's) into "
-    "every job's runtime env (the Ray job's, through services/dispatcher.py job_environment, and the Train workers', "
-    "through build_trainer's worker_runtime_env), overriding the AEFORGE_HOME of the node a worker runs on; the worker "
-    "host's Ray Train worker keeps its dataset cache (workers/storage: AEFORGE_HOME/cache) under the head's path"))
 def test_no_host_uses_a_path_of_another_host(deployment):
     foreign = _foreign_paths(deployment)
     assert not foreign, (f"hosts wrote under another host's folders (their AEFORGE_HOME, working directory): "

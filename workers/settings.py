@@ -37,8 +37,9 @@ def mlflow_tracking_uri() -> str:
 
 
 def mlflow_artifact_root() -> str:
-    """Where the embedded MLflow store keeps artifacts (only used when aeforge creates the experiment)."""
-    return (home() / "mlartifacts").as_uri()
+    """Where the embedded MLflow store keeps artifacts (only used when aeforge creates the experiment):
+    AEFORGE_MLFLOW_ARTIFACT_ROOT (set for a job by whoever started it), else AEFORGE_HOME/mlartifacts."""
+    return os.environ.get("AEFORGE_MLFLOW_ARTIFACT_ROOT") or (home() / "mlartifacts").as_uri()
 
 
 def ray_address() -> str | None:
@@ -76,7 +77,7 @@ CREDENTIAL_ENV_VARS = (
     "MLFLOW_TRACKING_TOKEN",
 )
 # Variables a job needs wherever it runs (the queue passes them in the Ray job's runtime environment).
-JOB_ENV_VARS = ("AEFORGE_HOME", "AEFORGE_STORAGE_WAIT_S", *STORAGE_ENV_VARS)
+JOB_ENV_VARS = ("AEFORGE_HOME", "AEFORGE_STORAGE_WAIT_S", "AEFORGE_MLFLOW_ARTIFACT_ROOT", *STORAGE_ENV_VARS)
 # Values masked in whatever the service stores or shows (job errors, logs).
 SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 

@@ -2,7 +2,7 @@
 
 It reads what the dispatcher passes (AEFORGE_JOB_ID, AEFORGE_JOB_SPEC, AEFORGE_ATTEMPT), "trains" for
 ``train.steps`` steps of ``0.1 s`` printing AEFORGE_PROGRESS lines, records when it started and ended under
-AEFORGE_HOME/fake-jobs/, and prints an AEFORGE_RESULT line like the real entry point.
+the service's AEFORGE_HOME/fake-jobs/, and prints an AEFORGE_RESULT line like the real entry point.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 STEP_SECONDS = 0.1
 
@@ -23,7 +24,8 @@ def main(argv: list[str]) -> int:
         return 2
     spec = json.loads(os.environ["AEFORGE_JOB_SPEC"])
     attempt = int(os.environ["AEFORGE_ATTEMPT"])
-    record = Path(os.environ["AEFORGE_HOME"]) / "fake-jobs" / f"{job_id}.attempt-{attempt}.json"
+    # The queue names locations, not its AEFORGE_HOME: the service's embedded storage is <its home>/storage.
+    record = Path(urlparse(os.environ["AEFORGE_STORAGE"]).path).parent / "fake-jobs" / f"{job_id}.attempt-{attempt}.json"
     record.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
     record.write_text(json.dumps({"started": started}))
