@@ -29,8 +29,7 @@ def job_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     environment `ray start` ran in, which a local Ray started by this process inherits; a mounted secret file; an
     instance role)."""
     env_in = os.environ if environ is None else environ
-    env = {name: env_in[name] for name in settings.JOB_ENV_VARS
-           if env_in.get(name) and name not in settings.CREDENTIAL_ENV_VARS and name != "AEFORGE_HOME"}
+    env = {name: env_in[name] for name in settings.JOB_ENV_VARS if env_in.get(name)}
     # Locations, never this process's AEFORGE_HOME: a job's processes may run on other hosts, each with a home (and
     # a node cache in it) of its own. The embedded defaults under this AEFORGE_HOME are named explicitly instead.
     home = Path(env_in.get("AEFORGE_HOME", ".aeforge")).expanduser().resolve()

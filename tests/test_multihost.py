@@ -35,6 +35,7 @@ import numpy as np
 import pytest
 
 from tests.fixtures import hosts
+from tests.fixtures.processes import wait_for
 from tests.fixtures.s3 import s3_client
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -56,18 +57,6 @@ MODEL = "multihost-vae"
 # (Ray Train's poll) or so after it is made, and a kill that came after the last step would prove nothing.
 STEPS, CHECKPOINT_EVERY = 100, 10
 HOSTS = {"storage": 11, "tracking": 12, "head": 13, "worker": 14, "client": 15}  # name: address offset
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.25, detail=lambda: ""):
-    """Poll until ``predicate()`` is truthy and return it; fail naming ``what`` (and ``detail()``) after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{detail()}")
-        time.sleep(interval)
 
 
 def tail(path: Path, lines: int = 30) -> str:

@@ -76,8 +76,9 @@ CREDENTIAL_ENV_VARS = (
     "MLFLOW_TRACKING_PASSWORD",
     "MLFLOW_TRACKING_TOKEN",
 )
-# Variables a job needs wherever it runs (the queue passes them in the Ray job's runtime environment).
-JOB_ENV_VARS = ("AEFORGE_HOME", "AEFORGE_STORAGE_WAIT_S", "AEFORGE_MLFLOW_ARTIFACT_ROOT", *STORAGE_ENV_VARS)
+# Variables a job needs wherever it runs (the queue passes them in the Ray job's runtime environment). Not
+# AEFORGE_HOME: each node keeps its own (jobs.ray_train.job_environment names the embedded locations instead).
+JOB_ENV_VARS = ("AEFORGE_STORAGE_WAIT_S", "AEFORGE_MLFLOW_ARTIFACT_ROOT", *STORAGE_ENV_VARS)
 # Values masked in whatever the service stores or shows (job errors, logs).
 SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.processes import stop
 from tests.fixtures.s3 import free_ports
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
@@ -56,12 +56,7 @@ def token_auth_head():
                 time.sleep(0.5)
         yield f"127.0.0.1:{gcs}", token_file
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop(proc)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 

@@ -19,13 +19,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
 import pytest
 
+from tests.fixtures.processes import stop, wait_for
 from tests.fixtures.s3 import free_port, free_ports
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -44,18 +44,6 @@ NODE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "e2e-access-key", "AWS_SECRET_ACCESS_KE
 # The machine's own AWS settings reach neither the head nor the service.
 MACHINE_AWS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
                "AWS_SHARED_CREDENTIALS_FILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AEFORGE_S3_CREDENTIALS_FILE")
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
-    """Poll until ``predicate()`` returns something truthy; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 def tail(path: Path, lines: int = 40) -> str:
@@ -99,12 +87,7 @@ def ray_head():
         wait_for(alive, 120, "the Ray head to have a live node", interval=0.5)
         yield head
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop(proc)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
