@@ -29,6 +29,7 @@ from workers.config import EvalConfig, ModelConfig, TrainConfig
 from workers.data.base import ImageDataset
 from workers.errors import AeforgeError
 from workers.models import build_model
+from workers.protocol import progress_line
 from workers.models.base import Autoencoder, GatherFn, LossModule
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -97,7 +98,7 @@ class RunContext:
     def log_progress(self, step: int, total: int) -> None:
         """A line the queue service reads to show a progress bar."""
         if self.is_chief:
-            print(f"AEFORGE_PROGRESS {json.dumps({'step': step, 'total': total})}", flush=True)
+            print(progress_line(step, total), flush=True)
 
 
 @dataclass

@@ -26,8 +26,24 @@ def new_job_id(name: str) -> str:
     return f"{slug}-{stamp}-{secrets.token_hex(3)}"
 
 
-def progress_line(step: int, total: int) -> str:
-    return f"{PROGRESS_MARK}{json.dumps({'step': step, 'total': total})}"
+def progress_line(step: int, total: int, *, metrics: dict[str, float] | None = None,
+                  images_per_second: float | None = None, trial: str | None = None) -> str:
+    """``AEFORGE_PROGRESS {"step": s, "total": t, ...}``: where a run is, and (optional) its latest loss parts, its
+    speed, and for a sweep the trial's run name. Readers need only ``step`` and ``total``; the rest may be absent."""
+    payload: dict[str, Any] = {"step": step, "total": total}
+    if metrics:
+        payload["metrics"] = {k: float(v) for k, v in metrics.items()}
+    if images_per_second is not None:
+        payload["images_per_second"] = round(float(images_per_second), 1)
+    if trial is not None:
+        payload["trial"] = trial
+    return f"{PROGRESS_MARK}{json.dumps(payload)}"
+
+
+def is_protocol_line(line: str) -> bool:
+    """A line that is for the service, not for a person (progress and result marks, wherever Ray's prefix puts
+    them)."""
+    return PROGRESS_MARK in line or RESULT_MARK in line
 
 
 def result_line(summary: dict[str, Any]) -> str:
