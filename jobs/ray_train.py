@@ -181,9 +181,11 @@ def cluster_resources() -> dict[str, float]:
     return {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
 
 
-def build_trainer(spec: JobSpec, run_name: str, storage, mlflow_run_id: str | None, callbacks=()):
+def build_trainer(spec: JobSpec, run_name: str, storage, mlflow_run_id: str | None, callbacks=(),
+                  trial: str | None = None):
     """One TorchTrainer for a `train` spec (or one sweep trial); the Train run is named after the job/trial id,
-    so running the same id again resumes from its last checkpoint."""
+    so running the same id again resumes from its last checkpoint. ``trial``: a sweep trial's run name, which its
+    progress lines carry."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -192,7 +194,7 @@ def build_trainer(spec: JobSpec, run_name: str, storage, mlflow_run_id: str | No
     fs, base = storage.pyarrow_filesystem()
     r = spec.resources
     job = WorkerJob(spec=spec, run_name=run_name, mlflow_run_id=mlflow_run_id,
-                    mlflow_tracking_uri=settings.mlflow_tracking_uri())
+                    mlflow_tracking_uri=settings.mlflow_tracking_uri(), trial=trial)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job},

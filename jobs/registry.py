@@ -1,9 +1,11 @@
 """The model registry: trained autoencoders logged to their MLflow run and registered under the spec's name.
 
 A registered version carries what `aeforge models list/show` prints without opening the run: tags for the
-variant, beta, latent size, data and job, and the key metrics as ``metric.<name>`` tags. Models are logged in
-MLflow's pickle format, so loading one gives back the :class:`~workers.models.base.Autoencoder` with its methods
-(encode, decode, sample); loading needs aeforge's ``workers`` package importable.
+variant, beta, latent size, data and job, and the key metrics as ``metric.<name>`` tags. Its description (the
+version page in MLflow's UI) lists the final metrics and shows the run's pictures; the registered model has a
+description and tags saying what its latest version is. Models are logged in MLflow's pickle format, so loading
+one gives back the :class:`~workers.models.base.Autoencoder` with its methods (encode, decode, sample); loading
+needs aeforge's ``workers`` package importable.
 
 A registered model belongs to the owner who created it (its ``aeforge.owner`` tag): a job of another owner cannot add
 versions to it or move its aliases. A job's owner is AEFORGE_JOB_OWNER, which the queue sets to the job's owner;
@@ -19,6 +21,7 @@ import os
 import re
 from datetime import datetime, timezone
 from typing import Any, Mapping
+from urllib.parse import quote
 
 import numpy as np
 
@@ -40,6 +43,11 @@ KEY_METRICS = (
 )
 INPUT_EXAMPLE_BATCH = 2
 OWNER_TAG = "aeforge.owner"
+# The pictures a version's page shows inline, in this order (what the model does to and makes of images); the
+# others (curves, embeddings, templates) are linked by name, since a page of every picture is too long to read.
+INLINE_PICTURES = ("reconstructions", "traversal", "samples")
+# The version tags the registered model also carries, describing its latest version.
+MODEL_TAG_KEYS = ("variant", "architecture", "latent_dim", "beta", "dataset", "job_id")
 
 
 class ModelLookupError(AeforgeError):
@@ -76,21 +84,42 @@ def _check_owner(name: str, found: str | None, owner: str) -> None:
                                 f"{owner} cannot add versions to it or move its aliases: choose another model_name")
 
 
-def _claim_model(mlflow_client, name: str, owner: str) -> None:
-    """Make registered model ``name`` one ``owner`` may add to: create it with its owner tag, or check the tag of
-    the one that exists (an untagged one, registered before owners were recorded, is claimed)."""
+def _claim_model(mlflow_client, name: str, owner: str, description: str) -> None:
+    """Make registered model ``name`` one ``owner`` may add to: create it with its owner tag and ``description``,
+    or check the tag of the one that exists (an untagged one, registered before owners were recorded, is claimed;
+    one without a description gets ``description``, one written in the UI is kept)."""
     from mlflow.exceptions import MlflowException
 
     try:
-        mlflow_client.create_registered_model(name, tags={OWNER_TAG: owner})
+        mlflow_client.create_registered_model(name, tags={OWNER_TAG: owner}, description=description)
         return
     except MlflowException as exc:
         if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
-    found = (mlflow_client.get_registered_model(name).tags or {}).get(OWNER_TAG)
+    registered = mlflow_client.get_registered_model(name)
+    found = (registered.tags or {}).get(OWNER_TAG)
     _check_owner(name, found, owner)
     if found is None:
         mlflow_client.set_registered_model_tag(name, OWNER_TAG, owner)
+    if not registered.description:
+        mlflow_client.update_registered_model(name, description=description)
+
+
+def model_description(spec: JobSpec, alias: str) -> str:
+    """The registered model page's description (Markdown): what its versions are, where their details are, and how
+    to load the one ``alias`` points at."""
+    from jobs.lineage import model_summary
+
+    assert spec.registration is not None
+    name = spec.registration.model_name
+    lines = [spec.registration.description, ""] if spec.registration.description else []
+    lines += [f"Autoencoders trained by **aeforge** from the spec `{spec.name}`: {model_summary(spec)} on "
+              f"`{spec.data.source}`.", "",
+              "Each version's description lists its final metrics and shows its run's pictures; its tags hold the "
+              "variant, beta, latent size, data set, job and metrics. The model's tags describe its latest version.",
+              "", f"Load one with `aeforge models show {name}@{alias}` or "
+              f"`mlflow.pytorch.load_model(\"models:/{name}@{alias}\")` (aeforge installed)."]
+    return "\n".join(lines)
 
 
 def version_tags(spec: JobSpec, job_id: str, metrics: Mapping[str, Any], extra_tags: Mapping[str, Any] | None) -> dict[str, str]:
@@ -123,6 +152,65 @@ def generated_description(spec: JobSpec, job_id: str, metrics: Mapping[str, Any]
     what += f") trained on {spec.data.source} by job {job_id}"
     shown = [f"{name}={float(metrics[name]):.4g}" for name in KEY_METRICS if isinstance(metrics.get(name), (int, float))]
     return what + (f"; {', '.join(shown)}" if shown else "")
+
+
+def _metrics_table(metrics: Mapping[str, Any]) -> list[str]:
+    """A Markdown table of the final evaluation metrics (and the last training loss)."""
+    numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    shown = sorted(k for k in numbers if k.startswith("eval/")) + [k for k in ("train/loss",) if k in numbers]
+    if not shown:
+        return []
+    return ["| metric | final value |", "| --- | ---: |"] + [f"| {k} | {numbers[k]:.6g} |" for k in shown]
+
+
+def _pictures_section(mlflow_client, run) -> list[str]:
+    """Markdown that links the run's picture folder and each picture, and shows the INLINE_PICTURES (served by the
+    tracking server's get-artifact endpoint, relative to the UI's address); nothing when the run has no pictures."""
+    from mlflow.exceptions import MlflowException
+
+    run_id, experiment_id = run.info.run_id, run.info.experiment_id
+    try:
+        files = [f.path for f in mlflow_client.list_artifacts(run_id, PICTURES_PATH) if not f.is_dir]
+    except MlflowException:
+        return []
+    pictures = sorted(f for f in files if f.lower().endswith((".png", ".jpg", ".jpeg", ".gif", ".svg")))
+    if not pictures:
+        return []
+    folder = f"#/experiments/{experiment_id}/runs/{run_id}/artifacts/{PICTURES_PATH}"
+    link = {path: f"get-artifact?path={quote(path, safe='')}&run_uuid={run_id}" for path in pictures}
+    named = {path.rsplit("/", 1)[-1].rsplit(".", 1)[0]: path for path in pictures}
+    listed = " · ".join(f"[{path.rsplit('/', 1)[-1]}]({link[path]})" for path in pictures)
+    lines = [f"**Pictures** of run [{run_id}]({folder}) (`{run.info.artifact_uri}/{PICTURES_PATH}`): {listed}"]
+    for name in INLINE_PICTURES:
+        if name in named:
+            lines += ["", f"![{name}]({link[named[name]]})"]
+    return lines
+
+
+def version_description(spec: JobSpec, job_id: str, metrics: Mapping[str, Any], mlflow_client=None, run=None) -> str:
+    """A version's description (Markdown): the spec's register.description if any, the generated summary line,
+    the final metrics as a table and, given the run, its pictures."""
+    parts = [spec.registration.description] if spec.registration is not None and spec.registration.description else []
+    parts.append(generated_description(spec, job_id, metrics))
+    table = _metrics_table(metrics)
+    if table:
+        parts.append("\n".join(table))
+    if run is not None and mlflow_client is not None:
+        pictures = _pictures_section(mlflow_client, run)
+        if pictures:
+            parts.append("\n".join(pictures))
+    return "\n\n".join(parts)
+
+
+def _final_step(mlflow_client, run_id: str, metrics: Mapping[str, Any]) -> int:
+    """The step of the run's final evaluation (where its last metrics were logged), so that the logged model
+    carries those metrics; 0 when the run logged none."""
+    for key in (*KEY_METRICS, *sorted(metrics)):
+        if key in metrics:
+            history = mlflow_client.get_metric_history(run_id, key)
+            if history:
+                return max(m.step for m in history)
+    return 0
 
 
 def input_example(model: Autoencoder, batch: int = INPUT_EXAMPLE_BATCH) -> np.ndarray:
@@ -173,7 +261,7 @@ def log_and_register(
     _check_alias(alias)
     uri = tracking_uri or settings.mlflow_tracking_uri()
     mlflow_client = tracking_client(uri)
-    _claim_model(mlflow_client, name, owner or job_owner())
+    _claim_model(mlflow_client, name, owner or job_owner(), model_description(spec, alias))
 
     cpu_model = copy.deepcopy(model).cpu().eval()  # the caller's model keeps its device and mode
     example = input_example(cpu_model)
@@ -188,6 +276,8 @@ def log_and_register(
         run = mlflow_client.get_run(run_id)
         logged = mlflow_client.create_logged_model(run.info.experiment_id, name="model", source_run_id=run_id,
                                                    params=dict(run.data.params))
+        # run_id and step: the run lists the model among its outputs (the run page's "Logged models"), and the
+        # model carries the metrics of the run's final evaluation.
         info = mlflow.pytorch.log_model(
             pytorch_model=cpu_model,
             name="model",
@@ -197,18 +287,25 @@ def log_and_register(
             pip_requirements=_pip_requirements(),
             run_id=run_id,
             model_id=logged.model_id,
+            step=_final_step(mlflow_client, run_id, metrics),
         )
 
-        description = spec.registration.description or generated_description(spec, job_id, metrics)
+        tags = version_tags(spec, job_id, metrics, extra_tags)
         version = mlflow_client.create_model_version(
             name,
             source=info.model_uri,
             run_id=run_id,
-            tags=version_tags(spec, job_id, metrics, extra_tags),
-            description=description,
+            tags=tags,
+            description=version_description(spec, job_id, metrics, mlflow_client, run),
             model_id=info.model_id,
         )
         mlflow_client.set_registered_model_alias(name, alias, version.version)
+        model_tags = mlflow_client.get_registered_model(name).tags or {}
+        for key in MODEL_TAG_KEYS:
+            if key in tags:
+                mlflow_client.set_registered_model_tag(name, key, tags[key])
+            elif key in model_tags:  # e.g. no beta on an autoencoder registered after a beta-VAE
+                mlflow_client.delete_registered_model_tag(name, key)
     return {
         "model_uri": f"models:/{name}/{version.version}",
         "name": name,

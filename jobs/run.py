@@ -50,26 +50,31 @@ def run_in_process(spec: JobSpec, job_id: str, resolve: Callable[[str], str] | N
     return result
 
 
-def run_train_on_ray(spec: JobSpec, job_id: str) -> dict:
+def run_train_on_ray(spec: JobSpec, job_id: str, spec_file: str | Path | None = None) -> dict:
     """A `train` job end to end: preflight, data check, Ray Train (DDP), MLflow run, registered model.
+
+    ``spec_file``: the file `aeforge run` read the spec from, the MLflow run's source (None: a queue job, whose
+    source is "aeforge job ID"). The run's page also gets a description and the data set as an input.
 
     The preflight (storage reachable and writable, data there and fitting the model) runs before Ray or MLflow is
     touched, so a wrong endpoint, bucket or data set fails in seconds and leaves nothing behind. Running the same
     job id again resumes: the Train run (named after the job id) restarts from its last checkpoint, the MLflow run
     is the same one, and a model already registered from that run is not registered twice.
     """
-    from jobs.registry import log_and_register, registered_version_of_run
+    from jobs.lineage import experiment_description, experiment_tags, run_description, source_tags, training_dataset
+    from jobs.registry import job_owner, log_and_register, registered_version_of_run
     from workers.loop import load_model_from_checkpoint
     from workers.storage import Storage
     from workers.tracking import MlflowRun, ensure_experiment, start_or_resume_run
 
     storage = Storage.from_settings()
     storage.preflight(wait_s=settings.storage_wait_s())
-    check_data(spec, resolve=storage.resolve)
+    data_info = check_data(spec, resolve=storage.resolve)
+    dataset = training_dataset(spec, storage, data_info)
     connect_ray()
     check_fits_cluster(spec, cluster_resources())  # a job that can never be placed would wait forever
 
-    experiment_id = ensure_experiment(spec.name)
+    experiment_id = ensure_experiment(spec.name, description=experiment_description(spec), tags=experiment_tags(spec))
     run_id = start_or_resume_run(experiment_id, job_id, run_name=job_id)
     with MlflowRun(run_id, settings.mlflow_tracking_uri()) as tracking:
         # A changed spec under a finished job's id is refused here (params cannot change) and leaves that run as
@@ -77,7 +82,9 @@ def run_train_on_ray(spec: JobSpec, job_id: str) -> dict:
         tracking.log_spec(spec.model_dump(mode="json"))
         tracking.mark_running()
         tracking.set_tags({"aeforge.kind": spec.kind, "aeforge.variant": spec.model.variant,
-                           "aeforge.storage": storage.uri(f"ray/{job_id}")})
+                           "aeforge.storage": storage.uri(f"ray/{job_id}"), **source_tags(job_id, spec_file, job_owner())})
+        tracking.describe(run_description(spec, job_id))
+        tracking.log_dataset(dataset)
         started = time.perf_counter()
         result = fit(build_trainer(spec, job_id, storage, run_id))
         fit_seconds = time.perf_counter() - started
@@ -106,12 +113,13 @@ def run_train_on_ray(spec: JobSpec, job_id: str) -> dict:
     }
 
 
-def run_job(spec: JobSpec, job_id: str) -> dict:
+def run_job(spec: JobSpec, job_id: str, spec_file: str | Path | None = None) -> dict:
+    """Run a train or sweep job; ``spec_file`` is where `aeforge run` read the spec (None for a queue job)."""
     if spec.kind == "sweep":
         from jobs.sweep import run_sweep
 
-        return run_sweep(spec, job_id)
-    return run_train_on_ray(spec, job_id)
+        return run_sweep(spec, job_id, spec_file=spec_file)
+    return run_train_on_ray(spec, job_id, spec_file=spec_file)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,7 +147,13 @@ def main(argv: list[str] | None = None) -> int:
         message = str(exc)
         print(message if message.startswith(f"job {job_id}") else f"job {job_id}: {message}", file=sys.stderr)
         return 2
-    print(result_line({"mlflow_run_id": outcome.get("mlflow_run_id"), "model": outcome.get("model")}), flush=True)
+    # The queue stores this line as the job's result: `aeforge status` and `submit --follow` show it. A sweep's
+    # metrics are its best trial's.
+    best = outcome.get("best") or {}
+    metrics = outcome.get("metrics") or {k: v for k, v in best.items() if "/" in k and isinstance(v, (int, float))}
+    print(result_line({"mlflow_run_id": outcome.get("mlflow_run_id"), "model": outcome.get("model"),
+                       "metrics": metrics, "pictures": outcome.get("pictures"),
+                       "best_trial": best.get("run_name")}), flush=True)
     return 0
 
 

@@ -9,12 +9,13 @@ checks that the architecture fits its images.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
-
+import re
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import yaml
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -365,8 +366,13 @@ def _errors_from_validation(exc: ValidationError) -> list[dict[str, str]]:
 
 def parse_spec(text: str, source: str = "<spec>") -> JobSpec:
     """YAML or JSON text to a validated JobSpec, or SpecError listing every problem by field path."""
+    return spec_from_data(_parse_text(text, source), source)
+
+
+def _parse_text(text: str, source: str) -> Any:
+    """YAML or JSON text to its data, or SpecError saying where the text is not YAML."""
     try:
-        data = yaml.safe_load(text)  # JSON is YAML
+        return yaml.safe_load(text)  # JSON is YAML
     except RecursionError:
         raise SpecError([{"loc": "<file>", "msg": "the spec is nested too deeply to be a job spec"}], source) from None
     except yaml.YAMLError as exc:
@@ -378,7 +384,6 @@ def parse_spec(text: str, source: str = "<spec>") -> JobSpec:
         # A scalar YAML recognises but cannot build: a date like 2020-13-45, an int of more than 4300 digits, a
         # `!!int abc`.
         raise SpecError([{"loc": "<file>", "msg": f"not a valid YAML/JSON value: {exc}"}], source) from None
-    return spec_from_data(data, source)
 
 
 def spec_from_data(data: Any, source: str = "<spec>") -> JobSpec:
@@ -403,7 +408,10 @@ def parse_spec_json(text: str, source: str = "<spec>") -> JobSpec:
     return spec_from_data(data, source)
 
 
-def load_spec(path: str | Path) -> JobSpec:
+def load_spec(path: str | Path, settings: Sequence[str] = ()) -> JobSpec:
+    """The spec in a file, with ``settings`` (``section.key=value``, `aeforge run --set`) applied to it before it
+    is validated: a bad value or an unknown key is named by its field path as it would be in the file, with the
+    setting it came from."""
     path = Path(path)
     if not path.is_file():
         raise SpecError([{"loc": "<file>", "msg": f"no such spec file: {path}"}], str(path))
@@ -411,7 +419,65 @@ def load_spec(path: str | Path) -> JobSpec:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError([{"loc": "<file>", "msg": f"cannot read {path}: {exc}"}], str(path)) from None
-    return parse_spec(text, str(path))
+    if not settings:
+        return parse_spec(text, str(path))
+    data = apply_settings(_parse_text(text, str(path)), settings, str(path))
+    try:
+        return spec_from_data(data, str(path))
+    except SpecError as exc:
+        raise SpecError([_naming_setting(e, settings) for e in exc.errors], exc.source) from None
+
+
+def parse_setting(setting: str, source: str = "<spec>") -> tuple[list[str], Any]:
+    """``train.optimizer.lr=1e-3`` -> (["train", "optimizer", "lr"], 0.001): the value read as YAML (a number,
+    true/false, null, a [list], or else a string), as it would be in the file."""
+    path, sep, text = setting.partition("=")
+    keys = path.strip().split(".")
+    if not sep or not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k) for k in keys):
+        raise SpecError([{"loc": "--set", "msg": f"{setting!r} is not PATH=VALUE with a dotted path of spec keys "
+                                                 f"(e.g. train.steps=100)"}], source)
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError) as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError([{"loc": ".".join(keys), "msg": f"not a valid YAML value in --set {setting}: {problem}"}],
+                        source) from None
+    return keys, value
+
+
+def apply_settings(data: Any, settings: Sequence[str], source: str = "<spec>") -> dict[str, Any]:
+    """A spec's parsed data with each ``section.key=value`` setting put in, sections made where missing. Only the
+    path's shape is checked here (a value cannot hold a key); whether the key exists and the value fits is the
+    validation's to say, as for a file."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SpecError([{"loc": "<file>", "msg": f"the spec must be a mapping of sections, not a {type(data).__name__}"}], source)
+    data = copy.deepcopy(data)
+    for setting in settings:
+        keys, value = parse_setting(setting, source)
+        node = data
+        for depth, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                where = ".".join(keys[:depth + 1])
+                raise SpecError([{"loc": where, "msg": f"is a value ({child!r}), not a section: --set {setting} "
+                                                       f"cannot put a key in it"}], source)
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def _naming_setting(error: dict[str, str], settings: Sequence[str]) -> dict[str, str]:
+    """A validation error about a field a setting wrote, with that setting named."""
+    for setting in reversed(settings):  # the last setting of a path is the one in force
+        path = setting.partition("=")[0].strip()
+        loc = error["loc"]
+        if loc == path or loc.startswith((path + ".", path + "[")) or path.startswith(loc + "."):
+            return {**error, "msg": f"{error['msg']} (from --set {setting})"}
+    return error
 
 
 def json_schema() -> dict:

@@ -1,8 +1,10 @@
 """A sweep: Ray Tune over a function trainable that runs one TorchTrainer per trial (the Train V2 pattern).
 
-- Each trial's Train run is named ``<job id>-<trial id>``; a sweep's Tune experiment is named after the job id, so
-  running the same job id again restores the experiment: finished trials are kept, unfinished ones continue from
-  their last Train checkpoint.
+- Each trial is a job of its own, ``<job id>-<trial id>`` (its Train run, its folder on storage, its MLflow run's
+  aeforge.job_id); a sweep's Tune experiment is named after the job id, so running the same job id again restores
+  the experiment: finished trials are kept, unfinished ones continue from their last Train checkpoint.
+- A trial's MLflow run is named ``<spec name>-t<index>-<swept values>`` (``faces-t03-beta4-z10``): names that
+  differ early in the UI's runs list, unique within the sweep (Tune's trial index) and the same on a resume.
 - Trials end by their own step budget. Nothing here stops a trial from Tune: on Ray 2.60 stopping a Train V2 trial
   can leak its placement group and hang the next trial (ray#54305).
 - MLflow: one parent run per sweep (tagged with the job id), one nested run per trial with the trial's values as
@@ -24,6 +26,7 @@ from jobs.spec import TRIAL_DRIVER_CPU, BetaRange, JobSpec, check_data
 from workers import settings
 from workers.errors import AeforgeError
 from workers.outputs import publish_outputs
+from workers.protocol import emit, trial_line
 
 TRIAL_KEYS = ("variant", "beta", "latent_dim", "seed")
 SWEEP_ID_TAG = "aeforge.sweep_id"
@@ -36,23 +39,56 @@ class SweepNotFound(AeforgeError):
     """No sweep with that job id or MLflow run id."""
 
 
-def trial_run_name(job_id: str, trial_id: str) -> str:
+# How a swept value is written in a trial's run name: "beta4", "z10", "seed1"; a variant by its name.
+TRIAL_NAME_LABELS = {"variant": "", "beta": "beta", "latent_dim": "z", "seed": "seed"}
+
+
+def trial_job_id(job_id: str, trial_id: str) -> str:
+    """A trial's own job id, ``<sweep job id>-<Tune trial id>``: unique across sweeps, it names the trial's Train
+    run and folders on storage (ray/<id>, runs/<id>/) and is its MLflow run's aeforge.job_id."""
     return f"{job_id}-{trial_id}"
 
 
-def trial_result_relpath(run_name: str) -> str:
-    return f"runs/{run_name}/{TRIAL_RESULT_FILE}"
+def trial_index(trial_id: str) -> int | None:
+    """Tune numbers a sweep's trials from 0 as it creates them, in the trial id ``<5 hex>_<5-digit index>``; a
+    restored sweep keeps its trials' ids. None for an id of another form."""
+    found = re.fullmatch(r"[0-9a-f]+_(\d+)", trial_id)
+    return int(found.group(1)) if found else None
 
 
-def _finished_trial(storage, run_name: str) -> dict[str, Any] | None:
-    relpath = trial_result_relpath(run_name)
+def _name_value(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def trial_run_name(sweep_name: str, trial_id: str, values: dict[str, Any], num_trials: int) -> str:
+    """A trial's MLflow run name: ``<sweep name>-t<index>-<swept values>``, e.g. ``faces-t03-beta4-z10``.
+
+    The index (zero-padded to the sweep's size, at least 2 digits) makes it unique within the sweep; the values
+    say what the trial tried. Computed from the trial's id and values, both of which a resumed sweep restores,
+    so a trial keeps its name."""
+    index = trial_index(trial_id)
+    width = max(2, len(str(max(num_trials - 1, 0))))
+    parts = [sweep_name, f"t{index:0{width}d}" if index is not None else trial_id]
+    for key, label in TRIAL_NAME_LABELS.items():
+        if values.get(key) is not None:
+            parts.append(f"{label}{_name_value(values[key])}")
+    return "-".join(parts)
+
+
+def trial_result_relpath(trial_job: str) -> str:
+    return f"runs/{trial_job}/{TRIAL_RESULT_FILE}"
+
+
+def _finished_trial(storage, trial_job: str) -> dict[str, Any] | None:
+    relpath = trial_result_relpath(trial_job)
     if not storage.exists(relpath):
         return None
     return json.loads(storage.get_bytes(relpath))
 
 
-def _trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
+def _trial(config: dict[str, Any], sweep: dict[str, Any]) -> dict[str, float]:
     """One trial, inside a Tune trial actor: a nested MLflow run and a TorchTrainer with TuneReportCallback.
+    Returns the trial's final metrics.
 
     A trial whose Train run already finished (its driver wrote trial.json, then the sweep's driver died before
     Tune recorded the trial as done) trains nothing: it reports its stored results again.
@@ -62,6 +98,7 @@ def _trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from jobs.lineage import trial_description
     from workers.storage import Storage
     from workers.tracking import MlflowRun, numeric_metrics, start_or_resume_run
 
@@ -73,22 +110,26 @@ def _trial(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     values = {k: config[k] for k in TRIAL_KEYS if k in config}
     spec = base.with_trial(values)
     trial_id = tune.get_context().get_trial_id()
-    run_name = trial_run_name(sweep["job_id"], trial_id)
+    trial_job = trial_job_id(sweep["job_id"], trial_id)
+    run_name = _trial_name(config, sweep)
     storage = Storage.from_settings()
-    run_id = start_or_resume_run(sweep["experiment_id"], run_name, run_name=run_name,
+    run_id = start_or_resume_run(sweep["experiment_id"], trial_job, run_name=run_name,
                                  parent_run_id=sweep["parent_run_id"], tracking_uri=tracking_uri)
     with MlflowRun(run_id, tracking_uri) as tracking:
-        done = _finished_trial(storage, run_name)
+        done = _finished_trial(storage, trial_job)
         if done is not None:
             tune.report({**done["metrics"], "checkpoint_path": done["checkpoint_path"]})
-            return
+            return done["metrics"]
         tracking.log_spec(spec.model_dump(mode="json"))
         tracking.log_params({f"trial.{k}": v for k, v in values.items()})
-        tracking.set_tags({SWEEP_ID_TAG: sweep["job_id"], TRIAL_ID_TAG: trial_id})
-        result = fit(build_trainer(spec, run_name, storage, run_id, callbacks=[TuneReportCallback()]))
+        tracking.set_tags({SWEEP_ID_TAG: sweep["job_id"], TRIAL_ID_TAG: trial_id, **sweep["source_tags"]})
+        tracking.describe(trial_description(spec, sweep["job_id"], values))
+        tracking.log_dataset(sweep["dataset"])
+        result = fit(build_trainer(spec, trial_job, storage, run_id, callbacks=[TuneReportCallback()], trial=run_name))
         metrics = numeric_metrics(result.metrics or {})
         record = {"metrics": metrics, "checkpoint_path": result.checkpoint.path if result.checkpoint else None}
-        storage.put_bytes(json.dumps(record, sort_keys=True).encode(), trial_result_relpath(run_name))
+        storage.put_bytes(json.dumps(record, sort_keys=True).encode(), trial_result_relpath(trial_job))
+    return metrics
 
 
 def param_space(spec: JobSpec) -> dict[str, Any]:
@@ -113,13 +154,35 @@ def _flatten_trial(config: dict[str, Any]) -> dict[str, Any]:
     return dict(config["trial"]) if "trial" in config else dict(config)
 
 
+def _trial_name(values: dict[str, Any], sweep: dict[str, Any]) -> str:
+    """The run name of the trial running here (inside its Tune trial actor)."""
+    from ray import tune
+
+    base: JobSpec = sweep["spec"]
+    return trial_run_name(base.name, tune.get_context().get_trial_id(),
+                          {k: values[k] for k in TRIAL_KEYS if k in values}, base.num_trials())
+
+
 def _trial_entry(config: dict[str, Any], sweep: dict[str, Any]) -> None:
-    _trial(_flatten_trial(config), sweep)
+    """A trial, with its state in the log as it starts and ends (`aeforge run`'s table of trials reads it)."""
+    values = _flatten_trial(config)
+    name = _trial_name(values, sweep)
+    emit(trial_line(name, "running", values={k: values[k] for k in TRIAL_KEYS if k in values}))
+    try:
+        metrics = _trial(values, sweep)
+    except Exception as exc:
+        last = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+        emit(trial_line(name, "error", error=last[:300]))
+        raise
+    emit(trial_line(name, "finished", metrics=metrics))
 
 
-def run_sweep(spec: JobSpec, job_id: str) -> dict[str, Any]:
+def run_sweep(spec: JobSpec, job_id: str, spec_file: str | Path | None = None) -> dict[str, Any]:
     """A `sweep` job end to end. Running the same job id again restores the Tune experiment: finished trials are
-    kept as they are, unfinished and failed ones run again (each resuming its Train run's last checkpoint)."""
+    kept as they are, unfinished and failed ones run again (each resuming its Train run's last checkpoint).
+    ``spec_file``: the file `aeforge run` read the spec from, the MLflow runs' source (None: a queue job)."""
+    from jobs.lineage import experiment_description, experiment_tags, run_description, source_tags, training_dataset
+    from jobs.registry import job_owner
     from workers.storage import Storage
     from workers.tracking import MlflowRun, ensure_experiment, start_or_resume_run
 
@@ -127,32 +190,40 @@ def run_sweep(spec: JobSpec, job_id: str) -> dict[str, Any]:
     storage = Storage.from_settings()
     storage.preflight(wait_s=settings.storage_wait_s())
     info = check_data(spec, resolve=storage.resolve)
+    # What every run of the sweep records about where it came from: its source, user and data set.
+    lineage = {"source_tags": source_tags(job_id, spec_file, job_owner()),
+               "dataset": training_dataset(spec, storage, info)}
     connect_ray()
     max_concurrent, _, capped = sweep_concurrency(spec, cluster_resources())
     if capped:
         print(f"aeforge: sweep {job_id}: {capped}", flush=True)
 
     tracking_uri = settings.mlflow_tracking_uri()
-    experiment_id = ensure_experiment(spec.name, tracking_uri)
+    experiment_id = ensure_experiment(spec.name, tracking_uri, description=experiment_description(spec, BEST_ALIAS),
+                                      tags=experiment_tags(spec))
     parent_id = start_or_resume_run(experiment_id, job_id, run_name=job_id, tracking_uri=tracking_uri)
     parent = MlflowRun(parent_id, tracking_uri)
     parent.mark_running()  # a finished sweep run again runs again
     with parent:
         parent.log_spec(spec.model_dump(mode="json"))
-        parent.set_tags({"aeforge.kind": "sweep", SWEEP_ID_TAG: job_id})
-        outcome = _tune(spec, job_id, storage, parent, experiment_id, max_concurrent)
+        parent.set_tags({"aeforge.kind": "sweep", SWEEP_ID_TAG: job_id, **lineage["source_tags"]})
+        parent.describe(run_description(spec, job_id))
+        parent.log_dataset(lineage["dataset"])
+        outcome = _tune(spec, job_id, storage, parent, experiment_id, max_concurrent, lineage)
     outcome["data"] = info
     return outcome
 
 
-def _tune(spec: JobSpec, job_id: str, storage, parent, experiment_id: str, max_concurrent: int) -> dict[str, Any]:
-    """Run (or restore) the Tune experiment and summarise it on the parent run."""
+def _tune(spec: JobSpec, job_id: str, storage, parent, experiment_id: str, max_concurrent: int,
+          lineage: dict[str, Any]) -> dict[str, Any]:
+    """Run (or restore) the Tune experiment and summarise it on the parent run; each trial's run records
+    ``lineage`` (source tags, data set) as the parent's does."""
     from ray import tune
 
     from workers.storage.ray_fs import share_s3_keys, tune_filesystem
 
     sweep_ctx = {"spec": spec, "job_id": job_id, "experiment_id": experiment_id, "parent_run_id": parent.run_id,
-                 "tracking_uri": parent.tracking_uri, "env": job_environment()}
+                 "tracking_uri": parent.tracking_uri, "env": job_environment(), **lineage}
     trainable = tune.with_resources(tune.with_parameters(_trial_entry, sweep=sweep_ctx), {"cpu": TRIAL_DRIVER_CPU})
     kv_key = f"s3-keys/{job_id}"
     fs, base = tune_filesystem(storage, kv_key)
@@ -176,7 +247,7 @@ def _tune(spec: JobSpec, job_id: str, storage, parent, experiment_id: str, max_c
                 run_config=tune.RunConfig(name=job_id, storage_path=tune_path, storage_filesystem=fs, verbose=0),
             )
         grid = tuner.fit()
-        rows = results_rows(grid, job_id)
+        rows = results_rows(grid, job_id, spec)
         if not any(r["status"] == "finished" for r in rows):
             errors = "; ".join(f"{r['run_name']}: {r.get('error')}" for r in rows if r.get("error"))
             raise RuntimeError(f"sweep {job_id}: no trial finished ({errors or 'see the trial errors in the Ray logs'})")
@@ -196,7 +267,8 @@ def _summarise(spec: JobSpec, job_id: str, rows: list[dict[str, Any]], parent, s
         outputs = Path(tmp)
         write_results_csv(rows, outputs / "results" / RESULTS_CSV)
         sweep_summary_pictures(rows, metric.name, outputs / "pictures",
-                               traversal_for=lambda row: _fetch_traversal(storage, row, Path(traversals)))
+                               traversal_for=lambda row: _fetch_traversal(storage, row, Path(traversals)),
+                               mode=metric.mode)
         publish_outputs(outputs, storage=storage, run_name=job_id, mlflow_run=parent)
     outcome["pictures"] = storage.uri(f"runs/{job_id}/pictures")
 
@@ -222,8 +294,9 @@ def rank_rows(rows: list[dict[str, Any]], metric: str, mode: str) -> list[dict[s
     return sorted(rows, key=key)
 
 
-def results_rows(grid, job_id: str) -> list[dict[str, Any]]:
-    """One row per trial: its values, status, and last reported metrics (the final evaluation)."""
+def results_rows(grid, job_id: str, spec: JobSpec) -> list[dict[str, Any]]:
+    """One row per trial: its values, run name, own job id, status, and last reported metrics (the final
+    evaluation)."""
     rows = []
     for result in grid:
         config = _flatten_trial(result.config or {})
@@ -231,7 +304,8 @@ def results_rows(grid, job_id: str) -> list[dict[str, Any]]:
         trial_id = metrics.get("trial_id") or _trial_id_from_path(result.path)
         row: dict[str, Any] = {k: config.get(k) for k in TRIAL_KEYS if k in config}
         row["trial_id"] = trial_id
-        row["run_name"] = trial_run_name(job_id, trial_id)
+        row["run_name"] = trial_run_name(spec.name, trial_id, config, spec.num_trials())
+        row["trial_job_id"] = trial_job_id(job_id, trial_id)
         row["status"] = "error" if result.error else "finished"
         if result.error:
             row["error"] = str(result.error).strip().splitlines()[-1][:300] if str(result.error).strip() else repr(result.error)
@@ -266,10 +340,10 @@ def write_results_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def _fetch_traversal(storage, row: dict[str, Any], tmp: Path) -> Path | None:
-    target = tmp / "traversals" / f"{row['run_name']}.png"
+    target = tmp / "traversals" / f"{row['trial_job_id']}.png"
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        storage.get_file(f"runs/{row['run_name']}/pictures/traversal.png", target)
+        storage.get_file(f"runs/{row['trial_job_id']}/pictures/traversal.png", target)
     except Exception:  # a trial without pictures (failed before the end) is left out of the grid
         return None
     return target
@@ -313,9 +387,9 @@ def _register_trials(spec: JobSpec, job_id: str, finished: list[dict], metric, s
     for rank, row in enumerate(to_register):
         trial_spec = spec.with_trial({k: row[k] for k in TRIAL_KEYS if k in row and row[k] is not None})
         model = _load_trial_model(storage, row["checkpoint_path"])
-        run_id = start_or_resume_run(experiment_id, row["run_name"], run_name=row["run_name"])
+        run_id = start_or_resume_run(experiment_id, row["trial_job_id"], run_name=row["run_name"])
         registered = log_and_register(
-            model, trial_spec, row["run_name"], run_id, {k: v for k, v in row.items() if "/" in k},
+            model, trial_spec, row["trial_job_id"], run_id, {k: v for k, v in row.items() if "/" in k},
             extra_tags={"sweep_id": job_id, "trial_id": row["trial_id"], "sweep_rank": str(rank + 1)},
             alias=BEST_ALIAS if rank == 0 else None,
         )
@@ -374,6 +448,7 @@ def load_sweep(ref: str, tracking_uri: str | None = None) -> dict[str, Any]:
                 row[key[len("trial."):]] = _parse_param(value)
         row["trial_id"] = child.data.tags.get(TRIAL_ID_TAG, "")
         row["run_name"] = child.info.run_name
+        row["trial_job_id"] = child.data.tags.get(JOB_ID_TAG, "")
         row["status"] = child.info.status.lower()
         row.update(sorted(child.data.metrics.items()))
         rows.append(row)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
+import sys
 import threading
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -28,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.access import Identity, check_submission
 from services.dispatcher import Dispatcher, JobLauncher, LauncherUnavailable, parse_progress, redact
-from services.settings import Principal, ServiceSettings
+from services.settings import Principal, ServiceSettings, SettingsError
 from services.store import STATES, InvalidTransition, InvalidValue, Job, JobNotFound, Store, submission_id_for
 from workers.errors import AeforgeError
 
@@ -113,10 +115,23 @@ def _job_out_fields() -> dict[str, Any]:
 JobOut = create_model("JobOut", **_job_out_fields())
 
 
+class QueueOut(BaseModel):
+    """Where a queued job stands. ``reason``: why the dispatcher's last pass did not start it (None when that pass
+    stopped before it: it is behind ``blocked_by``, whose reason is ``blocked_by_reason``)."""
+
+    jobs_ahead: int = Field(..., description="queued jobs that go before this one (priority, then submission order)")
+    reason: str | None = None
+    blocked_by: str | None = Field(None, description="the job ahead that the dispatcher waits on")
+    blocked_by_reason: str | None = None
+
+
 class JobDetailOut(JobOut):
     spec: str
     events: list[EventOut]
-    progress: dict[str, Any] | None = None
+    progress: dict[str, Any] | None = Field(
+        None, description="a running job's last progress line: step, total, and (when the job reports them) its "
+                          "latest metrics, images_per_second and trial")
+    queue: QueueOut | None = Field(None, description="a queued job's place in the queue and why it waits")
 
 
 class JobPage(BaseModel):
@@ -136,6 +151,14 @@ def job_out(job: Job) -> dict[str, Any]:
     out = job.to_dict()
     out["cancel_requested"] = job.cancel_requested_by is not None
     return out
+
+
+def queue_out(store: Store, job: Job) -> dict[str, Any]:
+    place = store.queue_place(job)
+    # The walk stops at the job it waits for; a job with its own reason was judged itself, so nothing blocks it.
+    blocker = place.blocked_by if job.wait_reason is None else None
+    return {"jobs_ahead": place.jobs_ahead, "reason": job.wait_reason,
+            "blocked_by": blocker.id if blocker else None, "blocked_by_reason": blocker.wait_reason if blocker else None}
 
 
 def _error(status: int, detail: str, errors: list[dict[str, str]] | None = None, headers=None) -> JSONResponse:
@@ -405,6 +428,8 @@ def create_app(
         """A job with its spec, every state change and its results (MLflow run, registered model version)."""
         job = visible_job(job_id, who)
         out = job_out(job) | {"spec": job.spec_text, "events": [e.to_dict() for e in store.events(job.id)]}
+        if job.state == "queued":
+            out["queue"] = queue_out(store, job)
         if progress and job.state == "running" and launcher is not None and job.ray_submission_id:
             try:
                 out["progress"] = parse_progress(launcher.logs(job.ray_submission_id))
@@ -514,35 +539,79 @@ def start_embedded_ray() -> str:
     return url if "://" in url else f"http://{url}"
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host``:``port`` (port 0: a free one), before anything else starts: a port in use is a
+    one-line error, not a Ray head started for nothing and a traceback from the server."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart reuses the port at once
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise SettingsError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (choose another --port)") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def run_service(settings: ServiceSettings, host: str = "127.0.0.1", port: int = 8000, dispatch: bool = True,
                 on_ready: Callable[[str], None] | None = None) -> None:
-    """The API and (unless ``dispatch`` is False) the dispatcher in this process, until interrupted."""
+    """The API and (unless ``dispatch`` is False) the dispatcher in this process, until interrupted. While it
+    listens, AEFORGE_HOME/service.json records its address for the CLI (services.settings.api_url_for)."""
     import uvicorn
 
     from services.dispatcher import RayClusterView, RayJobLauncher
-    from services.settings import local_tokens_path, write_local_admin_token
+    from services.settings import local_tokens_path, remove_service_record, url_for_listener, \
+        write_local_admin_token, write_service_record
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not settings.tokens:
-        principal = write_local_admin_token(settings.home)
-        log.warning("no API tokens were configured; wrote an admin token for %s to %s", principal.owner,
-                    local_tokens_path(settings.home))
-        settings = ServiceSettings.load()
-    store = Store(settings.db_url)
-    address = settings.ray_address
-    if address is None:
-        address = start_embedded_ray()
-        log.info("started a local Ray head; its dashboard and Jobs API are at %s", address)
-    launcher = RayJobLauncher(address)
-    dispatcher = None
-    if dispatch:
-        dispatcher = Dispatcher(store, RayClusterView(launcher), launcher,
-                                max_concurrent_jobs=settings.max_concurrent_jobs, job_module=settings.job_module,
-                                retry_backoff_s=settings.retry_backoff_s)
-    app = create_app(store, settings, launcher=launcher, dispatcher=dispatcher)
-    if on_ready is not None:
-        on_ready(f"http://{host}:{port}")
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    sock = listen(host, port)
+    url = url_for_listener(host, sock.getsockname()[1])
+    try:
+        if not settings.tokens:
+            principal = write_local_admin_token(settings.home)
+            log.warning("no API tokens were configured; wrote an admin token for %s to %s", principal.owner,
+                        local_tokens_path(settings.home))
+            settings = ServiceSettings.load()
+        store = Store(settings.db_url)
+        address = settings.ray_address
+        if address is None:
+            address = start_embedded_ray()
+            log.info("started a local Ray head; its dashboard and Jobs API are at %s", address)
+        launcher = RayJobLauncher(address)
+        dispatcher = None
+        if dispatch:
+            dispatcher = Dispatcher(store, RayClusterView(launcher), launcher,
+                                    max_concurrent_jobs=settings.max_concurrent_jobs, job_module=settings.job_module,
+                                    retry_backoff_s=settings.retry_backoff_s)
+        app = create_app(store, settings, launcher=launcher, dispatcher=dispatcher)
+        home = settings.home
+
+        class RecordingServer(uvicorn.Server):
+            """Records the address once it listens and removes the record when it shuts down: in ``shutdown``,
+            because after a SIGINT or SIGTERM uvicorn raises the signal again once it has stopped, and code after
+            ``run`` never runs."""
+
+            async def startup(self, sockets=None):
+                await super().startup(sockets=sockets)
+                if not self.should_exit:
+                    record = write_service_record(home, url)
+                    log.info("serving the aeforge API at %s (recorded in %s for the CLI)", url, record)
+                    if on_ready is not None:
+                        on_ready(url)
+
+            async def shutdown(self, sockets=None):
+                try:
+                    await super().shutdown(sockets=sockets)
+                finally:
+                    remove_service_record(home)
+
+        try:
+            RecordingServer(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+        finally:
+            remove_service_record(home)  # also when it stopped without a shutdown (it failed to start)
+    finally:
+        sock.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -553,7 +622,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--no-dispatch", action="store_true", help="API only (another process dispatches)")
     args = parser.parse_args(argv)
-    run_service(ServiceSettings.load(), host=args.host, port=args.port, dispatch=not args.no_dispatch)
+    try:
+        run_service(ServiceSettings.load(), host=args.host, port=args.port, dispatch=not args.no_dispatch)
+    except AeforgeError as exc:  # a setting or the port: one line, as the CLI says it
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -8,20 +8,50 @@ and a line saying so (exit code 1). See services.cli_errors.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from services.cli_errors import ErrorHandlingGroup, fail
+from services.cli_output import OutputFormat, make_console, new_table, number_column, output_option, print_json, text_column
 
-app = typer.Typer(cls=ErrorHandlingGroup, add_completion=False, no_args_is_help=True,
+# Typer's --install-completion / --show-completion: shell completion of commands, options and their choices.
+app = typer.Typer(cls=ErrorHandlingGroup, add_completion=True, no_args_is_help=True,
                   help="aeforge: train the autoencoder family on Ray, tracked in MLflow.")
-console = Console()
+console = make_console()
+
+
+def versions() -> dict[str, str]:
+    """aeforge's version and those of the packages it runs on, from the installed packages' metadata (nothing is
+    imported, so this is quick)."""
+    import platform
+    from importlib import metadata
+
+    found = {"Python": platform.python_version()}
+    for label, package in (("aeforge", "aeforge"), ("torch", "torch"), ("Ray", "ray"), ("MLflow", "mlflow")):
+        try:
+            found[label] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[label] = "not installed"
+    return found
+
+
+def _print_version(value: bool) -> None:
+    if not value:
+        return
+    found = versions()
+    typer.echo(f"aeforge {found.pop('aeforge')} (" + ", ".join(f"{k} {v}" for k, v in found.items()) + ")")
+    raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                          help="print aeforge's version (and torch's, Ray's, MLflow's) and exit")) -> None:
+    pass
 
 
 @contextmanager
@@ -37,13 +67,20 @@ def _spec_named(path: Path) -> Iterator[None]:
         raise SpecError(exc.errors, str(path)) from exc
 
 
+def _settings_option():
+    return typer.Option([], "--set", metavar="PATH=VALUE",
+                        help="change the spec: a dotted path and a YAML value, e.g. --set train.steps=100 "
+                             "--set model.latent_dim=8 (repeatable; checked like the file)")
+
+
 @app.command()
 def validate(spec_path: Path = typer.Argument(..., metavar="SPEC", help="job spec (YAML or JSON)"),
-             data: bool = typer.Option(True, "--data/--no-data", help="also open the data source and check the model fits it")) -> None:
+             data: bool = typer.Option(True, "--data/--no-data", help="also open the data source and check the model fits it"),
+             settings: list[str] = _settings_option()) -> None:
     """Check a job spec: prints OK, or every error with its field path (exit code 2)."""
     from jobs.spec import check_data, load_spec
 
-    spec = load_spec(spec_path)
+    spec = load_spec(spec_path, settings)
     if data:
         with _spec_named(spec_path):
             info = check_data(spec, resolve=_resolver())
@@ -51,6 +88,39 @@ def validate(spec_path: Path = typer.Argument(..., metavar="SPEC", help="job spe
                       f"{info['num_examples']} examples of {'x'.join(map(str, info['image_shape']))}", highlight=False)
     else:
         console.print(f"OK  {spec.name} ({spec.kind}, {spec.model.variant}/{spec.model.architecture})", highlight=False)
+    _warn_without_gpus(spec)
+
+
+def _warn_without_gpus(spec) -> None:
+    """A spec that asks for GPUs where there are none (RAY_ADDRESS's cluster; without it, this machine, where runs
+    start their Ray) is valid, but would never start there: say so, as a warning."""
+    from services.cli_errors import warn
+    from workers.settings import ray_address
+
+    r = spec.resources
+    asked = r.workers * r.gpus_per_worker  # one run, or one sweep trial: what must fit before anything starts
+    if not asked:
+        return
+    need = (f"the spec asks for {asked:g} GPU{'s' if asked != 1 else ''} (resources: {r.workers} worker"
+            f"{'s' if r.workers != 1 else ''} x {r.gpus_per_worker:g} GPU)")
+    address = ray_address()
+    if address:
+        from services.cli_doctor import DEFAULT_TIMEOUT_S, call_with_deadline, describe_error, ray_cluster_resources
+
+        where = f"the Ray cluster at {address} (RAY_ADDRESS)"
+        try:
+            total, _ = call_with_deadline(lambda: ray_cluster_resources(address, DEFAULT_TIMEOUT_S), DEFAULT_TIMEOUT_S)
+        except Exception as exc:  # a cluster that is down makes the spec no less valid: the warning says so
+            warn(f"{need}, and {where} could not be asked how many it has: {describe_error(exc)}")
+            return
+        have = total.get("GPU", 0.0)
+    else:
+        import torch
+
+        where = "this machine (no RAY_ADDRESS: `aeforge run` starts its Ray here)"
+        have = float(torch.cuda.device_count()) if torch.cuda.is_available() else 0.0
+    if have < asked:
+        warn(f"{need}, but {where} has {f'{have:g}' if have else 'none'}: the job could not start there")
 
 
 @app.command()
@@ -71,26 +141,37 @@ def _resolver():
 @app.command()
 def run(spec_path: Path = typer.Argument(..., metavar="SPEC"),
         job_id: Optional[str] = typer.Option(None, "--job-id", help="resume this job id (default: a new id)"),
-        local: bool = typer.Option(False, "--local", help="one process, no Ray, no MLflow (debugging)")) -> None:
-    """Run a job here: on a local Ray (or RAY_ADDRESS's cluster), tracked in MLflow; prints where the results are."""
+        local: bool = typer.Option(False, "--local", help="one process, no Ray, no MLflow (debugging)"),
+        settings: list[str] = _settings_option(),
+        verbose: bool = typer.Option(False, "--verbose", "-v", help="show the run's log (Ray's and MLflow's output) "
+                                                                    "here as it is written, instead of the progress bar")) -> None:
+    """Run a job here: on a local Ray (or RAY_ADDRESS's cluster), tracked in MLflow. Shows its progress (Ray's and
+    MLflow's output goes to the run's log file), then the final metrics and where the model and pictures are."""
     from jobs.run import new_job_id, run_dir_for, run_in_process, run_job
     from jobs.spec import load_spec
+    from services.run_display import LOG_FILE, showing_progress
 
-    spec = load_spec(spec_path)
+    spec = load_spec(spec_path, settings)
+    if local and spec.kind != "train":
+        fail("--local runs train jobs only; a sweep needs Ray")
     job_id = job_id or new_job_id(spec.name)
+    log_path = run_dir_for(job_id) / LOG_FILE
     console.print(f"job [bold]{job_id}[/bold]  ({spec.kind}, {spec.model.variant}/{spec.model.architecture}, latent {spec.model.latent_dim})", highlight=False)
-    with _spec_named(spec_path):
+    console.print(f"log: {log_path}" + ("" if verbose else "  (-v shows it here)"), highlight=False, soft_wrap=True)
+    is_sweep = spec.kind == "sweep"
+    with _spec_named(spec_path), showing_progress(log_path, verbose=verbose,
+                                                  sweep_trials=spec.num_trials() if is_sweep else None,
+                                                  metric=spec.sweep.metric.name if is_sweep else None):
         if local:
-            if spec.kind != "train":
-                fail("--local runs train jobs only; a sweep needs Ray")
             result = run_in_process(spec, job_id, resolve=_resolver())
-            _print_metrics(result.final_metrics, f"final metrics ({result.steps} steps, {result.images_per_second:,.0f} images/s)")
-            run_dir = run_dir_for(job_id)
-            console.print(f"run folder: {run_dir}", highlight=False, soft_wrap=True)
-            for name, path in sorted(result.pictures.items()):
-                console.print(f"  picture {name}: {path}", highlight=False, soft_wrap=True)
-            return
-        outcome = run_job(spec, job_id)
+        else:
+            outcome = run_job(spec, job_id, spec_file=spec_path)
+    if local:
+        _print_metrics(result.final_metrics, f"final metrics ({result.steps} steps, {result.images_per_second:,.0f} images/s)")
+        console.print(f"run folder: {run_dir_for(job_id)}", highlight=False, soft_wrap=True)
+        for name, path in sorted(result.pictures.items()):
+            console.print(f"  picture {name}: {path}", highlight=False, soft_wrap=True)
+        return
     if spec.kind == "sweep":
         _print_sweep_rows(outcome["trials"], spec.sweep.metric.name, spec.sweep.metric.mode)
     else:
@@ -110,9 +191,9 @@ def _tracking_uri() -> str:
 
 
 def _print_metrics(metrics: dict, title: str) -> None:
-    table = Table(title=title)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
+    table = new_table(title)
+    text_column(table, "metric")
+    number_column(table, "value")
     for key in sorted(metrics):
         value = metrics[key]
         table.add_row(key, f"{value:.4f}" if isinstance(value, (int, float)) else str(value))
@@ -126,14 +207,18 @@ def _print_sweep_rows(rows: list[dict], metric: str, mode: str = "max", title: s
     rows = rank_rows(rows, metric, mode)
     keys = [k for k in ("variant", "beta", "latent_dim", "seed") if any(r.get(k) is not None for r in rows)]
     shown = [metric] + [m for m in ("eval/recon", "eval/elbo", "eval/mig", "eval/tc") if m != metric and any(m in r for r in rows)]
-    table = Table(title=title or f"sweep results ({len(rows)} trials, ranked by {metric}, {mode})")
+    table = new_table(title or f"sweep results ({len(rows)} trials, ranked by {metric}, {mode})")
     for k in ["run_name", *keys, "status", *shown]:
-        table.add_column(k, justify="right" if k in shown else "left")
+        (number_column if k in shown else text_column)(table, k)
     for row in rows:
         cells = [str(row.get("run_name", ""))] + [_cell(row.get(k)) for k in keys] + [str(row.get("status", ""))]
         cells += [f"{row[m]:.4f}" if isinstance(row.get(m), (int, float)) else "" for m in shown]
         table.add_row(*cells)
     console.print(table)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _cell(value) -> str:
@@ -152,9 +237,10 @@ app.add_typer(sweep_app, name="sweep")
 def sweep_results_command(ref: str = typer.Argument(..., metavar="JOB_OR_RUN", help="the sweep's job id or parent MLflow run id"),
                           metric: Optional[str] = typer.Option(None, help="metric to rank by (default: the sweep's)"),
                           mode: Optional[str] = typer.Option(None, help="max or min (default: the sweep's mode for its metric, else max)"),
-                          csv_path: Optional[Path] = typer.Option(None, "--csv", help="also write the table as CSV")) -> None:
+                          csv_path: Optional[Path] = typer.Option(None, "--csv", help="also write the table as CSV"),
+                          output: OutputFormat = output_option()) -> None:
     """The results table of a finished or running sweep, best trial first."""
-    from jobs.sweep import load_sweep, write_results_csv
+    from jobs.sweep import load_sweep, rank_rows, write_results_csv
 
     sweep = load_sweep(ref)
     rows = sweep["rows"]
@@ -164,12 +250,21 @@ def sweep_results_command(ref: str = typer.Argument(..., metavar="JOB_OR_RUN", h
     if mode not in (None, "max", "min"):
         fail(f"--mode must be max or min, not {mode!r}")
     mode = mode or (sweep["mode"] if metric_name == sweep["metric"] else "max")
+    if csv_path is not None:
+        write_results_csv(rows, csv_path)
+    if output is OutputFormat.json:
+        # Every trial with all its values and metrics, best first; "rank" is 1 for the best, null for a trial
+        # without a value of the metric (listed last).
+        ranked = rank_rows(rows, metric_name, mode)
+        trials = [{**row, "rank": i if _is_number(row.get(metric_name)) else None} for i, row in enumerate(ranked, 1)]
+        print_json({"job_id": sweep["job_id"], "mlflow_run_id": sweep["mlflow_run_id"], "status": sweep["status"],
+                    "tracking_uri": _tracking_uri(), "metric": metric_name, "mode": mode, "trials": trials})
+        return
     title = (f"sweep {sweep['job_id']} ({sweep['status']}): {len(rows)} trials, ranked by {metric_name} ({mode})")
     _print_sweep_rows(rows, metric_name, mode, title=title)
     console.print(f"MLflow run: {sweep['mlflow_run_id']}  (tracking URI {_tracking_uri()})", highlight=False, soft_wrap=True)
     if csv_path is not None:
-        write_results_csv(rows, csv_path)
-        console.print(f"wrote {csv_path}", highlight=False)
+        console.print(f"wrote {csv_path}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -190,10 +285,10 @@ def bench(spec_path: Path = typer.Argument(..., metavar="SPEC"),
 
         connect_ray()
     report = run_benchmark(spec, steps=steps, warmup=warmup, resolve=_resolver(), ray_workers=ray_workers)
-    table = Table(title=f"throughput on {report['device']} ({spec.model.variant}/{spec.model.architecture}, batch {spec.train.batch_size})")
-    table.add_column("loop")
-    table.add_column("images/s", justify="right")
-    table.add_column("ms/step", justify="right")
+    table = new_table(f"throughput on {report['device']} ({spec.model.variant}/{spec.model.architecture}, batch {spec.train.batch_size})")
+    text_column(table, "loop")
+    number_column(table, "images/s")
+    number_column(table, "ms/step")
     for row in report["rows"]:
         table.add_row(row["loop"], f"{row['images_per_second']:,.0f}", f"{row['ms_per_step']:.2f}")
     console.print(table)
@@ -205,10 +300,10 @@ def bench(spec_path: Path = typer.Argument(..., metavar="SPEC"),
 
 
 def _mount_subcommands() -> None:
-    """The data, models, queue and token commands live next to the code they drive."""
-    from services import cli_data, cli_jobs, cli_models, cli_tokens
+    """The data, models, queue, token and doctor commands live next to the code they drive."""
+    from services import cli_data, cli_doctor, cli_jobs, cli_models, cli_tokens
 
-    for module in (cli_data, cli_models, cli_jobs, cli_tokens):
+    for module in (cli_data, cli_models, cli_jobs, cli_tokens, cli_doctor):
         module.register(app)
 
 

@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from services.cli_errors import ErrorHandlingGroup
+from services.cli_output import (OutputFormat, make_console, new_table, number_column, output_option, print_json,
+                                 text_column)
 
-console = Console()
+console = make_console()
 
 
 def _storage():
@@ -55,43 +55,103 @@ def push(
     paths: list[Path] = typer.Argument(..., metavar="FILE...", help="files (e.g. MNIST images + labels), or one folder"),
     name: str = typer.Option(..., "--name", "-n", help="dataset name; a job's data.source names it"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a dataset of the same name"),
-    format: Optional[str] = typer.Option(None, "--format", help="idx | npz | folder (default: inferred from the first file)"),
+    format: Optional[str] = typer.Option(None, "--format",
+                                         help="idx | npz | hdf5 | folder (default: inferred from the first file)"),
 ) -> None:
-    """Upload files to storage as dataset NAME (the manifest is written last)."""
+    """Check the data with the reader a job will use, then upload it to storage as dataset NAME (the manifest,
+    which records what the reader found, is written last). Data the reader refuses is not uploaded."""
     from workers.storage import human_size
 
     owner, admin = identity()
     storage = _storage()
     storage.preflight()
-    with console.status("uploading") as status:
+    with console.status("reading") as status:
+        def describe(files: list[Path], data_format: str) -> dict:
+            from workers.data.summary import summarize  # imports torch: only when pushing
+
+            status.update(f"reading {files[0]} as {data_format}")
+            return summarize(files, data_format).manifest_fields()
+
         manifest = storage.push(paths, name, overwrite=overwrite, format=format, owner=owner, admin=admin,
-                                progress=lambda relpath: status.update(f"uploading {relpath}"))
-    console.print(f"pushed [bold]{escape(manifest['name'])}[/bold]: {len(manifest['files'])} file(s), "
-                  f"{human_size(manifest['size'])}, format {manifest['format']} -> "
+                                describe=describe, progress=lambda relpath: status.update(f"uploading {relpath}"))
+    console.print(f"pushed [bold]{escape(manifest['name'])}[/bold]: {contents_text(manifest)}; "
+                  f"{len(manifest['files'])} file(s), {human_size(manifest['size'])}, format {manifest['format']} -> "
                   f"{storage.uri('datasets/' + manifest['name'])}", highlight=False, soft_wrap=True)
 
 
-def ls() -> None:
-    """List the datasets in storage."""
+# --- what a manifest says the data holds (absent from manifests written before pushes were read: "-") ------------
+
+
+def examples_text(manifest: dict) -> str:
+    return f"{manifest['examples']:,}" if "examples" in manifest else "-"
+
+
+def image_text(manifest: dict) -> str:
+    if "image_shape" not in manifest:
+        return "-"
+    shape = manifest["image_shape"]
+    return "mixed sizes" if shape is None else "x".join(map(str, shape))
+
+
+def labels_text(manifest: dict) -> str:
+    if "classes" not in manifest:
+        return "-"
+    return "none" if manifest["classes"] is None else f"{manifest['classes']} classes"
+
+
+def factors_text(manifest: dict) -> str:
+    if "factors" not in manifest:
+        return "-"
+    factors = manifest["factors"]
+    return "none" if not factors else ", ".join(f"{f['name']} {f['size']}" for f in factors)
+
+
+def owner_text(manifest: dict) -> str:
+    """Who pushed it ("-" before owners were recorded), and ", shared" when every user's jobs may read it."""
+    return str(manifest.get("owner") or "-") + (", shared" if manifest.get("shared") is True else "")
+
+
+def contents_text(manifest: dict) -> str:
+    """One line for `push`: "480,000 examples of 3x64x64, labels none, factors floor_hue 10, ..."."""
+    return (f"{examples_text(manifest)} examples of {image_text(manifest)}, labels {labels_text(manifest)}, "
+            f"factors {factors_text(manifest)}")
+
+
+def ls(output: OutputFormat = output_option()) -> None:
+    """List the datasets in storage: what each holds (examples, image shape CxHxW, labels, factors), its size and
+    owner; -o json prints every manifest whole (format, files with their sha256, creation time)."""
     from workers.storage import human_size
+    from workers.storage.datasets import CONTENT_FIELDS
 
     storage = _storage()
     manifests = storage.ls()
+    if output is OutputFormat.json:
+        # Every manifest whole, with the same keys: one pushed before pushes were read has the content fields
+        # null and contents_known false (in the table: "-").
+        print_json([{**dict.fromkeys(CONTENT_FIELDS), **m, "contents_known": all(k in m for k in CONTENT_FIELDS)}
+                    for m in manifests])
+        return
     if not manifests:
         console.print(f"no datasets in {storage.uri('datasets')}", highlight=False, soft_wrap=True)
         return
-    table = Table(title=f"datasets in {storage.uri('datasets')}")
-    table.add_column("name", style="bold")
-    table.add_column("files", justify="right")
-    table.add_column("size", justify="right")
-    table.add_column("format")
-    table.add_column("owner")
-    table.add_column("shared")
-    table.add_column("created (UTC)")
-    for m in manifests:
-        table.add_row(escape(m["name"]), str(len(m["files"])), human_size(m["size"]), str(m.get("format")),
-                      escape(str(m.get("owner") or "-")), "yes" if m.get("shared") is True else "no",
-                      str(m.get("created", "")).replace("T", " ")[:19])
+    table = new_table(f"datasets in {escape(storage.uri('datasets'))}")
+    rows = [[escape(m["name"]), examples_text(m), image_text(m), labels_text(m), escape(factors_text(m)),
+             human_size(m["size"]), escape(owner_text(m))] for m in manifests]
+
+    def fitted(index: int, header: str) -> int:
+        # Short values (numbers, shapes, sizes) keep their width, so a narrow terminal folds the names and the
+        # factor lists instead of breaking "737,280" or "1x64x64" in two.
+        return max(len(header), *(len(row[index]) for row in rows))
+
+    text_column(table, "name", style="bold")
+    number_column(table, "examples", width=fitted(1, "examples"))
+    text_column(table, "image", width=fitted(2, "image"))
+    text_column(table, "labels")
+    text_column(table, "factors")
+    number_column(table, "size", width=fitted(5, "size"))
+    text_column(table, "owner")
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
 
 

@@ -21,10 +21,10 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, NoReturn, TypeVar
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
+from services.cli_output import CliConsole, make_console
 from workers.errors import AeforgeError
 
 USER_ERROR_EXIT_CODE = 2
@@ -45,15 +45,20 @@ except ImportError:  # pragma: no cover
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _stderr() -> Console:
+def _stderr() -> CliConsole:
     # Made per call, so the terminal width (COLUMNS) and a test runner's stderr are the ones of this command.
-    return Console(stderr=True)
+    return make_console(stderr=True)
 
 
 def fail(message: str, code: int = USER_ERROR_EXIT_CODE) -> NoReturn:
     """Print ``error: message`` on stderr and exit with ``code``."""
     _stderr().print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def warn(message: str) -> None:
+    """Print ``warning: message`` on stderr; the command goes on (and its exit code is not changed)."""
+    _stderr().print(f"[bold yellow]warning:[/bold yellow] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def print_user_error(exc: AeforgeError) -> None:

@@ -1,35 +1,55 @@
 """The queue commands of the `aeforge` CLI: serve, submit, jobs, status, logs, cancel, retry.
 
-``register(app)`` mounts them on the main Typer app. Every command but ``serve`` talks to the service over HTTP
-(AEFORGE_API_URL, AEFORGE_API_TOKEN). Errors from the service and in the settings print as one plain message (exit
-code 2; see services.cli_errors); a job followed to its end exits 0 if it succeeded, 1 otherwise.
+``register(app)`` mounts them on the main Typer app. Every command but ``serve`` talks to the service over HTTP:
+AEFORGE_API_URL, else the address a running ``aeforge serve`` recorded in AEFORGE_HOME/service.json (see
+services.settings), with AEFORGE_API_TOKEN. Errors from the service and in the settings print as one plain message
+(exit code 2; see services.cli_errors); a job followed to its end exits 0 if it succeeded, 1 otherwise.
+
+What is printed is for people: the lines a job prints for the service (workers.protocol: AEFORGE_PROGRESS,
+AEFORGE_RESULT) drive the progress bar and the final summary instead of being shown, and colour codes from the
+job's log are removed. ``--output json`` on ``jobs`` and ``status`` prints the API's own JSON instead of tables.
+Tables never cut a value: on a terminal long cells fold onto more lines, and piped output is as wide as the table.
 """
 
 from __future__ import annotations
 
+import json
 import queue
+import sys
 import threading
 import time
 from datetime import datetime, timezone
+from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Any, Iterable, Optional
 
 import typer
 from rich import box
-from rich.console import Console
+from rich.console import Console, RenderableType
+from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from services.cli_errors import fail, handle_errors
 from services.client import AeforgeClient, ApiError
-from services.dispatcher import PROGRESS_MARK, parse_progress
 from services.settings import ServiceSettings
 from services.store import STATES, TERMINAL_STATES
+from workers.protocol import PROGRESS_MARK, TRIAL_MARK, is_protocol_line, parse_progress, read_mark
 
 console = Console()
 
 STATE_STYLES = {"queued": "cyan", "starting": "yellow", "running": "bold yellow", "succeeded": "green",
                 "failed": "bold red", "cancelled": "magenta"}
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    json = "json"
+
+
+OUTPUT_OPTION = typer.Option(OutputFormat.table, "--output", "-o", case_sensitive=False,
+                             help="table (for people) or json (for scripts: the API's fields, full values)")
 
 
 def make_client() -> AeforgeClient:
@@ -58,20 +78,203 @@ def _resources(resources: dict) -> str:
     return ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items()) if v) or "-"
 
 
+def _number(value: Any) -> str:
+    """A metric as a person reads it: 4 decimals, or scientific notation for tiny and huge values."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if value != 0 and not 1e-3 <= abs(value) < 1e6:
+        return f"{value:.3e}"
+    return f"{value:.4f}"
+
+
+def print_json(value: Any) -> None:
+    """Machine-readable output: plain JSON on stdout, no markup, no wrapping."""
+    sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def print_table(renderable: RenderableType, out: Console | None = None) -> None:
+    """On a terminal, as wide as the terminal (cells fold); piped, as wide as the table needs, so that nothing is
+    cut at rich's default of 80 columns."""
+    out = out or console
+    if out.is_terminal:
+        out.print(renderable)
+        return
+    natural = Measurement.get(out, out.options.update(max_width=1 << 16), renderable).maximum
+    if natural <= out.width:
+        out.print(renderable)
+        return
+    # Console.print's width can only narrow: a console as wide as the table writes it to the same file.
+    wide = Console(file=out.file, width=natural, no_color=out.no_color, color_system=None, highlight=False)
+    wide.print(renderable)
+
+
+# --- the log, as a person reads it ---------------------------------------------------------------------------
+
+
+def clean_line(line: str) -> str:
+    """A log line without its colour and cursor codes (rich's ANSI decoder; a carriage return overwrites, as on a
+    terminal)."""
+    return Text.from_ansi(line.rstrip("\r")).plain if "\x1b" in line or "\r" in line else line
+
+
+class LogLines:
+    """Log text in chunks -> whole lines for people: protocol lines dropped (``on_protocol`` sees them), colour
+    codes removed. A line cut between chunks is held until its end arrives (or :meth:`flush`)."""
+
+    def __init__(self, on_protocol=None):
+        self.partial = ""
+        self.on_protocol = on_protocol
+
+    def feed(self, chunk: str) -> list[str]:
+        lines = (self.partial + chunk).split("\n")
+        self.partial = lines.pop()
+        return self._keep(lines)
+
+    def flush(self) -> list[str]:
+        rest, self.partial = self.partial, ""
+        return self._keep([rest]) if rest else []
+
+    def _keep(self, lines: Iterable[str]) -> list[str]:
+        kept = []
+        for line in lines:
+            if is_protocol_line(line):
+                if self.on_protocol is not None:
+                    self.on_protocol(line)
+            else:
+                kept.append(clean_line(line))
+        return kept
+
+
+def readable_log(text: str) -> list[str]:
+    reader = LogLines()
+    return reader.feed(text) + reader.flush()
+
+
+# --- a job's outcome and progress, shared by status and submit --follow ---------------------------------------
+
+
+def progress_text(progress: dict[str, Any]) -> str:
+    """``step 50 of 100 (50%) · 1,234 images/s`` from a progress line."""
+    step, total = progress.get("step"), progress.get("total")
+    text = f"step {step}"
+    if isinstance(total, int) and total > 0:
+        text += f" of {total} ({100 * step / total:.0f}%)"
+    if isinstance(progress.get("images_per_second"), (int, float)):
+        text += f" · {progress['images_per_second']:,.0f} images/s"
+    if progress.get("trial"):
+        text += f" · trial {progress['trial']}"
+    return text
+
+
+def trial_text(trial: dict[str, Any]) -> str:
+    """``trial t03 finished: eval/mig 0.4100`` from a sweep's trial line."""
+    text = f"trial {trial.get('trial')} {trial.get('state')}"
+    values = trial.get("values")
+    if isinstance(values, dict) and values:
+        text += " (" + ", ".join(f"{k} {v}" for k, v in values.items()) + ")"
+    if trial.get("metrics"):
+        text += ": " + metrics_brief(trial["metrics"])
+    if trial.get("error"):
+        text += f": {trial['error']}"
+    return text
+
+
+def metrics_brief(metrics: dict[str, Any] | None, most: int = 4) -> str:
+    """The first few metrics on one line, for the progress bar: ``loss 0.1234  recon 0.1000``."""
+    items = sorted((k, v) for k, v in (metrics or {}).items() if isinstance(v, (int, float)))
+    return "  ".join(f"{k} {_number(v)}" for k, v in items[:most])
+
+
+def metrics_table(metrics: dict[str, Any], title: str) -> Table:
+    table = Table(title=title, box=box.SIMPLE_HEAD, min_width=len(title) + 2)  # a title on one line
+    table.add_column("metric", overflow="fold")
+    table.add_column("value", justify="right", no_wrap=True)
+    for key in sorted(metrics):
+        table.add_row(key, _number(metrics[key]))
+    return table
+
+
+def model_rows(job: dict[str, Any]) -> list[tuple[str, str]]:
+    """Where a finished job's results are: its MLflow run, the registered model (name, version, alias, the
+    models:/ URIs a notebook loads) and the pictures."""
+    result = job.get("result") or {}
+    rows = []
+    if job.get("mlflow_run_id"):
+        rows.append(("MLflow run", job["mlflow_run_id"]))
+    model = result.get("model") if isinstance(result.get("model"), dict) else None
+    if model and model.get("name"):
+        alias = f" @{model['alias']}" if model.get("alias") else ""
+        rows.append(("model", f"{model['name']} version {model.get('version', '?')}{alias}"))
+        uris = [model["model_uri"]] if model.get("model_uri") else []
+        if model.get("alias"):
+            uris.append(f"models:/{model['name']}@{model['alias']}")
+        if uris:
+            rows.append(("model URI", "  ".join(uris)))
+    elif job.get("model_version"):
+        rows.append(("model version", job["model_version"]))
+    if result.get("best_trial"):
+        rows.append(("best trial", str(result["best_trial"])))
+    if result.get("pictures"):
+        rows.append(("pictures", str(result["pictures"])))
+    return rows
+
+
+def key_value_table(rows: list[tuple[str, str]]) -> Table:
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+def print_outcome(job: dict[str, Any], out: Console | None = None) -> None:
+    """The final metrics table and where the model and pictures are."""
+    out = out or console
+    result = job.get("result") or {}
+    metrics = result.get("metrics") if isinstance(result.get("metrics"), dict) else {}
+    if metrics:
+        title = f"best trial {result['best_trial']}: final metrics" if result.get("best_trial") else "final metrics"
+        print_table(metrics_table(metrics, title), out)
+    rows = model_rows(job)
+    if rows:
+        print_table(key_value_table(rows), out)
+
+
+def queue_text(place: dict[str, Any]) -> str:
+    """Why a queued job waits, with numbers: ``needs CPU 4, GPU 0; free CPU 2, GPU 0; 3 jobs ahead``."""
+    ahead = place["jobs_ahead"]
+    ahead_text = f"{ahead} job{'s' if ahead != 1 else ''} ahead"
+    if place.get("reason"):
+        return f"{place['reason']}; {ahead_text}"
+    if place.get("blocked_by"):
+        return f"{ahead_text}; the dispatcher waits on {place['blocked_by']}: {place['blocked_by_reason']}"
+    if ahead:
+        return ahead_text
+    return "next in line; the dispatcher has not looked at it yet (is it running? `aeforge serve` runs one)"
+
+
 # --- commands -----------------------------------------------------------------------------------------------------
 
 
 def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
-          port: int = typer.Option(8000, help="port to listen on"),
+          port: int = typer.Option(8000, min=0, max=65535, help="port to listen on (0: any free port)"),
           dispatch: bool = typer.Option(True, "--dispatch/--no-dispatch",
                                         help="also run the dispatcher in this process (off: API only)")) -> None:
-    """Run the queue service: the API, the dispatcher, and a local Ray head when RAY_ADDRESS is not set."""
+    """Run the queue service: the API, the dispatcher, and a local Ray head when RAY_ADDRESS is not set. The CLI
+    on this machine finds it without AEFORGE_API_URL (its address is recorded in AEFORGE_HOME/service.json)."""
     from services.api import run_service
+    from services.settings import service_record_path
 
     settings = ServiceSettings.load()
-    console.print(f"aeforge service on http://{host}:{port}  (database {settings.db_url.split('://')[0]}, "
-                  f"Ray {settings.ray_address or 'local head'}; API docs at /docs)", highlight=False, soft_wrap=True)
-    run_service(settings, host=host, port=port, dispatch=dispatch)
+
+    def ready(url: str) -> None:
+        console.print(f"aeforge service on {url}  (database {settings.db_url.split('://')[0]}, "
+                      f"Ray {settings.ray_address or 'local head'}; API docs at {url}/docs; address recorded in "
+                      f"{service_record_path(settings.home)})", highlight=False, soft_wrap=True)
+
+    run_service(settings, host=host, port=port, dispatch=dispatch, on_ready=ready)
 
 
 def submit(spec_path: Path = typer.Argument(..., metavar="SPEC", help="job spec (YAML or JSON)"),
@@ -97,77 +300,106 @@ def jobs(state: Optional[list[str]] = typer.Option(None, "--state", "-s", help=f
          owner: Optional[str] = typer.Option(None, help="only this owner's jobs (admins)"),
          name: Optional[str] = typer.Option(None, help="only jobs with this name"),
          limit: int = typer.Option(50, min=1, max=500),
-         offset: int = typer.Option(0, min=0)) -> None:
+         offset: int = typer.Option(0, min=0),
+         output: OutputFormat = OUTPUT_OPTION) -> None:
     """List jobs, newest first."""
     page = make_client().list_jobs(states=state, owner=owner, name=name, limit=limit, offset=offset)
+    if output == OutputFormat.json:
+        print_json(page)
+        return
     items = page["items"]
     table = Table(title=f"jobs {offset + 1 if items else 0}-{offset + len(items)} of {page['total']}",
                   box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    # The id is what a user copies into the next command: it is never cut short. Columns that would say the same
-    # on every row (one owner, no models yet) are left out to keep the table within a terminal.
-    table.add_column("id", no_wrap=True, min_width=max([len(j["id"]) for j in items] + [2]))
+    # Long cells (ids, names, models) fold onto more lines rather than being cut; on a terminal wide enough for
+    # them (and always when piped) each is on one line, ready to copy. Columns that would say the same on every row
+    # (one owner, no models yet) are left out to keep the table within a terminal.
+    table.add_column("id", overflow="fold")
     columns = ["name"] + (["owner"] if len({j["owner"] for j in items}) > 1 else [])
     columns += ["state", "prio", "tries", "resources", "age"] + (["model"] if any(j["model_version"] for j in items) else [])
     for column in columns:
         table.add_column(column, justify="right" if column in ("prio", "tries", "age") else "left",
-                         no_wrap=column in ("state", "age", "prio", "tries"))
+                         no_wrap=column in ("state", "age", "prio", "tries"), overflow="fold")
     for job in items:
+        model = (job.get("result") or {}).get("model")
+        model_name = model.get("name") if isinstance(model, dict) else None
         cells = {
             "name": job["name"], "owner": job["owner"],
             "state": styled(job["state"]) + (" (cancelling)" if job["cancel_requested"] and not job["finished_at"] else ""),
             "prio": str(job["priority"]), "tries": f"{job['attempts']}/{job['max_attempts']}",
             "resources": _resources(job["resources"]), "age": _age(job["created_at"]),
-            "model": job["model_version"] or "",
+            "model": (f"{model_name} v{job['model_version']}" if model_name else job["model_version"] or ""),
         }
         table.add_row(job["id"], *(cells[c] for c in columns))
-    console.print(table)
+    print_table(table)
     if page["next_offset"] is not None:
         console.print(f"more: --offset {page['next_offset']}", highlight=False)
 
 
-def status(job_id: str = typer.Argument(..., metavar="ID")) -> None:
-    """A job's state, results and every state change."""
+def status(job_id: str = typer.Argument(..., metavar="ID"), output: OutputFormat = OUTPUT_OPTION) -> None:
+    """A job's state, progress or why it waits, its results (metrics, model, pictures) and every state change."""
     job = make_client().get(job_id, progress=True)
-    summary = Table(show_header=False, box=None)
-    summary.add_column(style="bold")
-    summary.add_column()
+    if output == OutputFormat.json:
+        print_json(job)
+        return
+    state = styled(job["state"]) + (f" (cancel asked by {job['cancel_requested_by']})"
+                                    if job["cancel_requested_by"] and not job["finished_at"] else "")
     rows = [("id", job["id"]), ("name", job["name"]), ("owner", job["owner"]), ("kind", job["kind"]),
-            ("state", styled(job["state"]) + (f" (cancel asked by {job['cancel_requested_by']})"
-                                              if job["cancel_requested_by"] and not job["finished_at"] else "")),
-            ("priority", str(job["priority"])), ("attempts", f"{job['attempts']} of {job['max_attempts']}"),
-            ("resources", _resources(job["resources"])), ("Ray job", job["ray_submission_id"] or "-"),
-            ("created", _short_time(job["created_at"])), ("started", _short_time(job["started_at"])),
-            ("finished", _short_time(job["finished_at"]))]
-    if job.get("progress"):
-        p = job["progress"]
-        rows.append(("progress", f"step {p['step']} of {p.get('total', '?')}"))
-    if job["mlflow_run_id"]:
-        rows.append(("MLflow run", job["mlflow_run_id"]))
-    if job["model_version"]:
-        rows.append(("model version", job["model_version"]))
+            ("state", state)]
+    if job.get("queue"):
+        rows.append(("waiting", queue_text(job["queue"])))
+    progress = job.get("progress")
+    if progress:
+        rows.append(("progress", progress_text(progress)))
+    rows += [("priority", str(job["priority"])), ("attempts", f"{job['attempts']} of {job['max_attempts']}"),
+             ("resources", _resources(job["resources"])), ("Ray job", job["ray_submission_id"] or "-"),
+             ("created", _short_time(job["created_at"])), ("started", _short_time(job["started_at"])),
+             ("finished", _short_time(job["finished_at"]))]
+    rows += model_rows(job)
     if job["error"]:
         rows.append(("error", f"[red]{job['error']}[/red]"))
-    for key, value in rows:
-        summary.add_row(key, value)
-    console.print(summary)
-    events = Table(title="events")
-    for column in ("time", "attempt", "from", "to", "reason"):
-        events.add_column(column)
+    print_table(key_value_table(rows))
+    if progress and isinstance(progress.get("metrics"), dict) and progress["metrics"]:
+        print_table(metrics_table(progress["metrics"], f"latest metrics (step {progress.get('step')})"))
+    final = (job.get("result") or {}).get("metrics")
+    if isinstance(final, dict) and final:
+        best = (job.get("result") or {}).get("best_trial")
+        print_table(metrics_table(final, f"best trial {best}: final metrics" if best else "final metrics"))
+    events = Table(title="events", box=box.SIMPLE_HEAD)
+    for column in ("time", "attempt", "from", "to"):
+        events.add_column(column, no_wrap=True)
+    events.add_column("reason", overflow="fold")
     for e in job["events"]:
         events.add_row(_short_time(e["at"]), str(e["attempt"]), e["from_state"] or "", styled(e["to_state"]), e["reason"])
-    console.print(events)
+    print_table(events)
 
 
 def logs(job_id: str = typer.Argument(..., metavar="ID"),
          follow: bool = typer.Option(False, "--follow", "-f", help="keep printing until the job ends"),
+         tail: Optional[int] = typer.Option(None, "--tail", "-n", min=0, help="only the last N lines (then follow)"),
          attempt: Optional[int] = typer.Option(None, "--attempt", min=1, help="default: the latest")) -> None:
-    """A job's log (from its Ray job)."""
+    """A job's log (from its Ray job), as a person reads it: no colour codes, no lines meant for the service."""
     client = make_client()
-    if not follow:
-        console.out(client.logs(job_id, attempt=attempt), end="", highlight=False)
-        return
+    skip = 0
+    if not follow or tail is not None:
+        text = client.logs(job_id, attempt=attempt)
+        lines = readable_log(text)
+        if tail is not None:
+            lines = lines[len(lines) - tail:] if tail else []
+        _write_lines(lines)
+        if not follow:
+            return
+        skip = len(text)  # the stream starts from the beginning of the log: what was shown is passed over
+    reader = LogLines()
     for chunk in client.follow_logs(job_id, attempt=attempt):
-        console.out(chunk, end="", highlight=False)
+        if skip:
+            chunk, skip = chunk[skip:], max(0, skip - len(chunk))
+        _write_lines(reader.feed(chunk))
+    _write_lines(reader.flush())
+
+
+def _write_lines(lines: list[str]) -> None:
+    if lines:
+        console.out("\n".join(lines), highlight=False)
 
 
 def cancel(job_id: str = typer.Argument(..., metavar="ID")) -> None:
@@ -191,8 +423,9 @@ def retry(job_id: str = typer.Argument(..., metavar="ID")) -> None:
 
 
 def follow_job(client: AeforgeClient, job_id: str, poll_s: float = 1.0, out: Console | None = None) -> str:
-    """Print a job's state changes and log lines, with a progress bar of its training steps, until it ends;
-    returns its final state."""
+    """Print a job's state changes and log lines, with a progress bar of its training steps (its speed and latest
+    loss parts beside it), until it ends; then its final metrics and where its model and pictures are. Returns its
+    final state."""
     out = out or console
     chunks: queue.Queue = queue.Queue()
 
@@ -206,10 +439,25 @@ def follow_job(client: AeforgeClient, job_id: str, poll_s: float = 1.0, out: Con
             chunks.put(None)
 
     threading.Thread(target=read_logs, name=f"logs-{job_id}", daemon=True).start()
-    shown_events, partial, logs_done, ended_at = 0, "", False, None
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    shown_events, logs_done, ended_at = 0, False, None
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("{task.fields[detail]}"))
     with Progress(*columns, console=out, transient=False) as progress:
-        task = progress.add_task(f"{job_id}: submitted", total=None)
+        task = progress.add_task(f"{job_id}: submitted", total=None, detail="")
+
+        def on_protocol(line: str) -> None:
+            trial = read_mark(line, TRIAL_MARK)
+            if trial is not None:  # a sweep's trial started or ended: one readable line
+                progress.console.print(trial_text(trial), highlight=False, soft_wrap=True)
+                return
+            step = parse_progress(line) if PROGRESS_MARK in line else None
+            if step is not None:
+                detail = "  ".join(part for part in (
+                    f"{step['images_per_second']:,.0f} images/s" if isinstance(step.get("images_per_second"), (int, float)) else "",
+                    metrics_brief(step.get("metrics"))) if part)
+                progress.update(task, completed=step["step"], total=step.get("total"), detail=detail)
+
+        reader = LogLines(on_protocol=on_protocol)
         while True:
             job = client.get(job_id)
             for e in job["events"][shown_events:]:
@@ -228,26 +476,22 @@ def follow_job(client: AeforgeClient, job_id: str, poll_s: float = 1.0, out: Con
                 elif isinstance(chunk, ApiError):
                     progress.console.print(f"[yellow]logs unavailable: {chunk}[/yellow]", highlight=False)
                 else:
-                    lines = (partial + chunk).split("\n")
-                    partial = lines.pop()
-                    for line in lines:
-                        step = parse_progress(line) if PROGRESS_MARK in line else None
-                        if step is not None:
-                            progress.update(task, completed=step["step"], total=step.get("total"))
-                        else:
-                            progress.console.out(line, highlight=False)
+                    for line in reader.feed(chunk):
+                        progress.console.out(line, highlight=False)
             if logs_done and job["state"] not in TERMINAL_STATES:
                 time.sleep(poll_s)
             if job["state"] in TERMINAL_STATES:
                 ended_at = ended_at or time.monotonic()
                 # The log stream ends with the job; wait a little for its last lines.
                 if logs_done or time.monotonic() - ended_at > 10:
-                    if partial:
-                        progress.console.out(partial, highlight=False)
+                    for line in reader.flush():
+                        progress.console.out(line, highlight=False)
                     break
     final = job["state"]
     out.print(f"{job_id}: {styled(final)}" + (f" — {job['error']}" if final == "failed" and job["error"] else ""),
               highlight=False, soft_wrap=True)
+    if final == "succeeded":
+        print_outcome(job, out)
     return final
 
 

@@ -7,24 +7,22 @@ refuses, print a plain message and exit 2 (see services.cli_errors).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from services.cli_errors import ErrorHandlingGroup, fail
+from services.cli_output import CliConsole, OutputFormat, make_console, new_table, number_column, output_option, print_json, text_column
 
 models_app = typer.Typer(cls=ErrorHandlingGroup, no_args_is_help=True,
                          help="Registered models: list, show, sample, traverse.")
 
 
-def _console() -> Console:
+def _console() -> CliConsole:
     # Made per call, so the terminal width (COLUMNS) is read when a command runs, not at import.
-    return Console()
+    return make_console()
 
 
 def register(app: typer.Typer) -> None:
@@ -57,19 +55,24 @@ def _output_path(path: Path) -> Path:
 
 
 @models_app.command("list")
-def list_command() -> None:
+def list_command(output: OutputFormat = output_option()) -> None:
     """Every registered model: versions, aliases and its latest version's variant, beta, latent size and data."""
     console = _console()
     from jobs.registry import list_models
     from workers.settings import mlflow_tracking_uri
 
     models = _registry(list_models)
+    if output is OutputFormat.json:
+        # {"tracking_uri", "models": [{"name", "versions", "latest_version", "aliases", "description",
+        # "latest_tags", "latest_metrics"}]}: an empty registry is an empty list.
+        print_json({"tracking_uri": mlflow_tracking_uri(), "models": models})
+        return
     if not models:
         console.print(f"no registered models in {mlflow_tracking_uri()}", highlight=False, soft_wrap=True)
         return
-    table = Table(title=f"registered models ({mlflow_tracking_uri()})")
+    table = new_table(f"registered models ({mlflow_tracking_uri()})")
     for column in ("name", "versions", "aliases", "latest", "variant", "beta", "latent", "data"):
-        table.add_column(column, justify="right" if column in ("versions", "latest", "beta", "latent") else "left")
+        (number_column if column in ("versions", "latest", "beta", "latent") else text_column)(table, column)
     for m in models:
         tags = m["latest_tags"]
         aliases = ", ".join(f"@{a}→{v}" for a, v in m["aliases"].items()) or "-"
@@ -81,15 +84,18 @@ def list_command() -> None:
 @models_app.command("show")
 def show_command(
     ref: str = typer.Argument(..., metavar="NAME[@ALIAS|/VERSION]"),
-    as_json: bool = typer.Option(False, "--json", help="print the description as JSON"),
+    output: OutputFormat = output_option(),
+    as_json: bool = typer.Option(False, "--json", hidden=True, help="the same as --output json"),
 ) -> None:
     """One version: aliases, description, run, tags, metrics and where its run's pictures are."""
     console = _console()
     from jobs.registry import describe
 
     info = _registry(describe, ref)
-    if as_json:
-        typer.echo(json.dumps(info, indent=2, sort_keys=True))
+    if as_json or output is OutputFormat.json:
+        # {"name", "version", "aliases", "description", "status", "created", "run_id", "source", "model_uri",
+        # "tags", "metrics", "run_artifact_uri", "pictures"}
+        print_json(info)
         return
     aliases = " ".join(f"@{a}" for a in info["aliases"]) or "(no aliases)"
     console.print(f"[bold]{info['name']}[/bold] version {info['version']}  {aliases}", highlight=False)
@@ -100,16 +106,16 @@ def show_command(
                   highlight=False, soft_wrap=True)
     console.print(f"source: {info['source']}", highlight=False, soft_wrap=True)
 
-    tags = Table(title="tags")
-    tags.add_column("tag")
-    tags.add_column("value")
+    tags = new_table("tags")
+    text_column(tags, "tag")
+    text_column(tags, "value")
     for key in sorted(info["tags"]):
         tags.add_row(key, info["tags"][key])
     console.print(tags)
     if info["metrics"]:
-        metrics = Table(title="metrics")
-        metrics.add_column("metric")
-        metrics.add_column("value", justify="right")
+        metrics = new_table("metrics")
+        text_column(metrics, "metric")
+        number_column(metrics, "value")
         for key in sorted(info["metrics"]):
             metrics.add_row(key, f"{info['metrics'][key]:.4f}")
         console.print(metrics)
@@ -129,17 +135,19 @@ def sample_command(
     seed: int = typer.Option(0, "--seed", help="seed of the prior draws"),
     nrow: Optional[int] = typer.Option(None, "--nrow", min=1, help="images per row (default: a square grid)"),
 ) -> None:
-    """Decode n draws from the prior N(0, I) into a grid picture (VAE family only)."""
+    """Decode n draws from the prior N(0, I) into a titled grid picture (VAE family only), enlarged to at least
+    256 px a side."""
     console = _console()
     import torch
 
-    from workers.plots import save_grid
+    from workers.plots import describe_model, save_labelled_grid
 
     output = _output_path(output)
     model = _load(ref)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     images = model.sample(n, generator=generator)  # NoPrior (a plain error) for an autoencoder without a prior
-    save_grid(images, output, nrow=nrow or math.ceil(math.sqrt(n)))
+    save_labelled_grid(images.float().cpu(), output, nrow=nrow or math.ceil(math.sqrt(n)),
+                       title=f"{ref} ({describe_model(model)}): {n} decodings of z ~ N(0, I), seed {seed}")
     console.print(f"wrote {n} samples from {ref} to {output}", highlight=False, soft_wrap=True)
 
 
@@ -147,25 +155,51 @@ def sample_command(
 def traverse_command(
     ref: str = typer.Argument(..., metavar="NAME[@ALIAS|/VERSION]"),
     output: Path = typer.Option(Path("traversal.png"), "-o", "--output", help="PNG file to write"),
-    dim_limit: float = typer.Option(2.0, "--dim-limit", min=0.0, help="each latent goes from -limit to +limit around the start"),
+    dim_limit: float = typer.Option(
+        2.0, "--dim-limit", min=0.0,
+        help="how far each latent goes, in standard deviations: -limit..+limit of the prior for the VAE family, "
+             "the training codes' mean +- limit sd for autoencoders"),
     steps: int = typer.Option(9, "--steps", min=2, help="images per latent dimension"),
-    seed: int = typer.Option(0, "--seed", help="seed of the prior draw the traversal starts from"),
+    seed: int = typer.Option(0, "--seed", help="seed of the prior draw the traversal starts from (VAE family)"),
 ) -> None:
-    """One row per latent dimension, varied around the posterior mean of a decoded prior sample (around z = 0 for
-    autoencoders without a prior)."""
+    """One row per latent dimension, rows ordered by the KL the training data puts on each (largest first;
+    autoencoders: by the spread of their codes). VAE family: each latent from -limit to +limit, the others at
+    the posterior mean of a decoded prior sample. Autoencoders: each latent over its training codes' mean +-
+    limit standard deviations, the others at the mean code (both recorded with the model when training ended).
+    """
     console = _console()
     import torch
 
-    from workers.plots import latent_traversal
+    from workers.plots import describe_model, latent_traversal
 
     output = _output_path(output)
     model = _load(ref)
     device = next(model.parameters()).device
+    stats = model.code_statistics()
+    ranges = start = image = None
+    order_by = None
+    if stats is not None:
+        order_by = ("KL", stats.kl) if model.stochastic and stats.kl is not None else ("sd", stats.std)
     with torch.no_grad():
         if model.stochastic:
             image = model.sample(1, generator=torch.Generator(device=device).manual_seed(seed))[0]
+            sweep = f"from -{dim_limit:g} to +{dim_limit:g} (prior sd)"
+        elif stats is not None:
+            start = stats.mean
+            ranges = torch.stack([stats.mean - dim_limit * stats.std, stats.mean + dim_limit * stats.std], dim=1)
+            sweep = f"over its training codes' mean +- {dim_limit:g} sd [range shown]"
         else:
-            image = model.decode(torch.zeros(1, model.latent_dim, device=device))[0]
-    latent_traversal(model, image, output, limit=dim_limit, steps=steps)
+            start = torch.zeros(model.latent_dim)
+            sweep = f"from -{dim_limit:g} to +{dim_limit:g} around z = 0"
+    if stats is None:
+        console.print(f"note: {ref} was saved without the statistics of its training codes (trained before aeforge "
+                      f"recorded them), so the rows are in index order"
+                      + ("" if model.stochastic else f" and each latent goes {sweep}, which may miss where its codes "
+                         f"lie; train it again to record them"), highlight=False, soft_wrap=True)
+    rows = f"; rows by {order_by[0]}, largest first" if order_by else ""
+    latent_traversal(model, image, output, limit=dim_limit, steps=steps, ranges=ranges, start=start,
+                     order_by=order_by,
+                     title=f"latent traversal of {ref} ({describe_model(model)}): each row varies one latent "
+                           f"{sweep}{rows}")
     console.print(f"wrote a traversal of {model.latent_dim} latent dimensions of {ref} to {output}",
                   highlight=False, soft_wrap=True)

@@ -1,8 +1,10 @@
-"""A small client of the queue's HTTP API (httpx), used by the CLI: AEFORGE_API_URL and AEFORGE_API_TOKEN."""
+"""A small client of the queue's HTTP API (httpx), used by the CLI and by notebooks: the service at AEFORGE_API_URL
+(else the one ``aeforge serve`` recorded in AEFORGE_HOME/service.json), with AEFORGE_API_TOKEN."""
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+import time
+from typing import Any, Callable, Iterator
 
 import httpx
 
@@ -19,10 +21,21 @@ class ApiError(AeforgeError):
         self.errors = errors or []
 
 
+class WaitTimeout(ApiError):
+    """A job did not end within the time :meth:`AeforgeClient.wait` was given; ``job`` is how it was then."""
+
+    def __init__(self, message: str, job: dict[str, Any]):
+        super().__init__(message)
+        self.job = job
+
+
 class AeforgeClient:
-    def __init__(self, url: str, token: str | None, *, timeout: float = 30.0, http: httpx.Client | None = None):
-        """``http``: an httpx client to send through (tests pass FastAPI's TestClient); default a new one."""
+    def __init__(self, url: str, token: str | None, *, timeout: float = 30.0, http: httpx.Client | None = None,
+                 url_source: str = "AEFORGE_API_URL"):
+        """``http``: an httpx client to send through (tests pass FastAPI's TestClient); default a new one.
+        ``url_source``: where ``url`` came from, named when the service cannot be reached."""
         self.url = url.rstrip("/")
+        self.url_source = url_source
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = http if http is not None else httpx.Client(base_url=self.url, timeout=timeout)
         self.headers = headers
@@ -30,7 +43,7 @@ class AeforgeClient:
     @classmethod
     def from_settings(cls, settings: ServiceSettings | None = None) -> "AeforgeClient":
         settings = settings or ServiceSettings.load()
-        return cls(settings.api_url, settings.client_token())
+        return cls(settings.api_url, settings.client_token(), url_source=settings.api_url_source)
 
     def close(self) -> None:
         self.http.close()
@@ -40,8 +53,8 @@ class AeforgeClient:
         try:
             response = self.http.request(method, path, headers=self.headers, **kwargs)
         except httpx.TransportError as exc:
-            raise ApiError(f"cannot reach the aeforge service at {self.url} ({exc}); is `aeforge serve` running, "
-                           f"and is AEFORGE_API_URL right?") from None
+            raise ApiError(f"cannot reach the aeforge service at {self.url} ({exc}); the address is from "
+                           f"{self.url_source}. Is `aeforge serve` running? Otherwise set AEFORGE_API_URL") from None
         self._raise_for(response)
         return response
 
@@ -86,6 +99,24 @@ class AeforgeClient:
 
     def get(self, job_id: str, *, progress: bool = False) -> dict[str, Any]:
         return self._request("GET", f"/jobs/{job_id}", params={"progress": str(progress).lower()}).json()
+
+    def wait(self, job_id: str, *, timeout_s: float | None = None, poll_s: float = 1.0,
+             on_poll: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Poll the job until it has ended (succeeded, failed or cancelled) and return it as the API shows it
+        (its ``result`` holds the metrics, the model and where the pictures are). ``on_poll`` sees the job at each
+        poll; past ``timeout_s`` a :class:`WaitTimeout` names the job and its state then."""
+        from services.store import TERMINAL_STATES
+
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            job = self.get(job_id)
+            if on_poll is not None:
+                on_poll(job)
+            if job["state"] in TERMINAL_STATES:
+                return job
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WaitTimeout(f"job {job_id} is still {job['state']} after {timeout_s:g} s", job)
+            time.sleep(poll_s if deadline is None else max(0.0, min(poll_s, deadline - time.monotonic())))
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._request("POST", f"/jobs/{job_id}/cancel").json()

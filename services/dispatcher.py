@@ -212,10 +212,10 @@ class Dispatcher:
             total = {k: float(v) for k, v in self.cluster.total_resources().items()}
         except LauncherUnavailable as exc:
             self._log_unreachable(exc)
-            return report
+            return self._hold_queue(report, f"Ray is not reachable ({self._redact(str(exc))})")
         if not total:
             # No live node (the cluster is starting or gone): nothing can be judged to fit or not.
-            return report
+            return self._hold_queue(report, "the Ray cluster has no live node yet")
         decide = self._policy(total)
         while True:
             admission = self.store.admit(decide)
@@ -229,6 +229,13 @@ class Dispatcher:
             report.started.append(admission.started.id)
             self._submit(admission.started)
 
+    def _hold_queue(self, report: TickReport, why: str) -> TickReport:
+        """Nothing can be admitted now: the head of the queue waits, and says why (its stored wait reason)."""
+        admission = self.store.admit(lambda job, holdings: Decision.wait(why))
+        report.waiting = admission.waiting.id if admission.waiting else None
+        report.wait_reason = admission.wait_reason
+        return report
+
     def _policy(self, total: dict[str, float]) -> Callable[[Job, Holdings], Decision]:
         cap = self.max_concurrent_jobs
 
@@ -241,17 +248,20 @@ class Dispatcher:
                 except AeforgeError as exc:
                     return Decision.reject(f"can never run here: {exc}")
                 note = f" ({capped})" if capped else ""
-            wait_s = self.retry_due(job) - self.clock()
-            if wait_s > 0:  # a failed attempt backing off: the jobs behind it may go first
-                return Decision.skip(f"attempt {job.attempts + 1} starts in {wait_s:.0f} s (back-off after a failure)")
+            due = self.retry_due(job)
+            if due > self.clock():  # a failed attempt backing off: the jobs behind it may go first
+                # A time, not a countdown: the reason is stored, and a fixed text is written once.
+                at = time.strftime("%H:%M:%S UTC", time.gmtime(due))
+                return Decision.skip(f"attempt {job.attempts + 1} waits until {at} (back-off after a failed attempt)")
             why_never = never_fits(asked, total)
             if why_never:
                 return Decision.reject(f"can never run here: {why_never}")
             if cap is not None and holdings.active_jobs >= cap:
-                return Decision.wait(f"{holdings.active_jobs} jobs running, the cap is {cap}")
+                return Decision.wait(f"{holdings.active_jobs} jobs running, the cap is {cap} (AEFORGE_MAX_CONCURRENT_JOBS)")
             free = subtract(total, holdings.resources)
             if not fits(asked, free):
-                return Decision.wait(f"asks for {describe_resources(asked)}; free now: {describe_resources(free, also=asked)}")
+                return Decision.wait(f"needs {describe_resources(asked)}; free {describe_resources(free, also=asked)}"
+                                     f"{note}")
             return Decision.start(f"admitted: asks for {describe_resources(asked)}; free: "
                                   f"{describe_resources(free, also=asked)}{note}")
 

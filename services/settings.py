@@ -11,6 +11,11 @@ is still read (older files, AEFORGE_TOKENS), but every file aeforge writes (``ae
 add``) holds hashes only. A token file is read again when it changes, so a token added to it works at once. The CLI
 on the machine of an ``aeforge serve`` finds its admin token in AEFORGE_HOME/client-token (mode 0600), written next
 to the hash. Tokens never appear in reprs, logs or the job table.
+
+The CLI finds the service at AEFORGE_API_URL; without it, at the address a running ``aeforge serve`` recorded in
+AEFORGE_HOME/service.json (its URL, process id and host, written when it starts listening and removed when it
+stops); without either, at http://127.0.0.1:8000. A record whose process has exited is ignored, and the client's
+"cannot reach" message says so.
 """
 
 from __future__ import annotations
@@ -19,11 +24,13 @@ import contextlib
 import getpass
 import hashlib
 import hmac
+import json
 import logging
 import math
 import os
 import re
 import secrets
+import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +129,8 @@ class ServiceSettings:
     tokens_file: Path | None = None  # where ``tokens`` were read from: read again when it changes
     # Local paths and s3:// URLs a user's job may read (services.access); admins read anything.
     allowed_data_prefixes: tuple[str, ...] = ()
+    # Where api_url came from, for the client's "cannot reach" message (see api_url_for).
+    api_url_source: str = "the default"
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None) -> "ServiceSettings":
@@ -130,7 +139,7 @@ class ServiceSettings:
         values = _file_values(env) | {k: v for k, v in env.items() if k in KNOWN_VARIABLES and v != ""}
         home = Path(values.get("AEFORGE_HOME", ".aeforge")).expanduser().resolve()
         db_url = values.get("AEFORGE_DB_URL") or f"sqlite:///{home / 'aeforge.db'}"
-        api_url = values.get("AEFORGE_API_URL", DEFAULT_API_URL).rstrip("/")
+        api_url, api_url_source = api_url_for(values.get("AEFORGE_API_URL"), home)
         if urlparse(api_url).scheme not in ("http", "https"):
             raise SettingsError(f"AEFORGE_API_URL must be an http:// or https:// URL, got {api_url!r}")
         job_module = values.get("AEFORGE_JOB_MODULE", "jobs.run")
@@ -140,6 +149,7 @@ class ServiceSettings:
             home=home,
             db_url=db_url,
             api_url=api_url,
+            api_url_source=api_url_source,
             api_token=values.get("AEFORGE_API_TOKEN"),
             tokens=_load_tokens(values, home),
             tokens_file=_tokens_file(values, home),
@@ -180,6 +190,82 @@ class ServiceSettings:
                 if principal.is_admin and principal.token:
                     return principal.token
         return None
+
+
+def service_record_path(home: Path) -> Path:
+    """Where a running ``aeforge serve`` records its address for the CLI: AEFORGE_HOME/service.json."""
+    return home / "service.json"
+
+
+def url_for_listener(host: str, port: int) -> str:
+    """The URL a client on this machine uses for a server listening on ``host``:``port`` (a wildcard address is
+    reached on loopback)."""
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def write_service_record(home: Path, url: str, pid: int | None = None) -> Path:
+    """Record that this process serves the API at ``url`` (all or nothing: a reader never sees half a file)."""
+    home.mkdir(parents=True, exist_ok=True)
+    path = service_record_path(home)
+    record = {"url": url, "pid": os.getpid() if pid is None else pid, "host": socket.gethostname()}
+    write_private(path, json.dumps(record) + "\n")
+    return path
+
+
+def remove_service_record(home: Path, pid: int | None = None) -> None:
+    """Remove the record at a clean stop, if it is still this process's (a newer service may have replaced it)."""
+    path = service_record_path(home)
+    record = read_service_record(home)
+    if record is not None and record.get("pid") == (os.getpid() if pid is None else pid):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def read_service_record(home: Path) -> dict | None:
+    """The record in AEFORGE_HOME/service.json, or None when there is none or it is not one (then it is ignored)."""
+    try:
+        record = json.loads(service_record_path(home).read_text())
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(record, dict) and isinstance(record.get("url"), str) and isinstance(record.get("pid"), int)):
+        return None
+    return record
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    except (OSError, OverflowError, ValueError):
+        return False
+    return True
+
+
+def api_url_for(explicit: str | None, home: Path) -> tuple[str, str]:
+    """The service URL and where it came from: AEFORGE_API_URL when set; else the address in AEFORGE_HOME/
+    service.json when that service's process is alive on this host; else the default, saying why a record there
+    was passed over."""
+    if explicit:
+        return explicit.rstrip("/"), "AEFORGE_API_URL"
+    record = read_service_record(home)
+    path = service_record_path(home)
+    if record is None:
+        return DEFAULT_API_URL, f"the default (no AEFORGE_API_URL, and no running `aeforge serve` recorded in {path})"
+    url, pid, host = record["url"].rstrip("/"), record["pid"], record.get("host")
+    if host not in (None, socket.gethostname()):
+        return DEFAULT_API_URL, (f"the default ({path} is the record of a service on host {host}, not this one; "
+                                 f"set AEFORGE_API_URL)")
+    if not process_alive(pid):
+        return DEFAULT_API_URL, (f"the default ({path} names {url}, but its process {pid} has exited: a stale "
+                                 f"record of an `aeforge serve` that did not stop cleanly)")
+    return url, f"{path} (written by `aeforge serve`, process {pid})"
 
 
 def local_tokens_path(home: Path) -> Path:

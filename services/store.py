@@ -65,7 +65,8 @@ TRANSITIONS: dict[str | None, frozenset[str]] = {
     "cancelled": frozenset({"queued"}),
 }
 
-SCHEMA_VERSION = 1
+# The version the table definitions below are at; a database made by an older aeforge is brought to it by MIGRATIONS.
+SCHEMA_VERSION = 2
 # The largest LIMIT/OFFSET both backends take (a signed 64-bit integer: SQLite's and PostgreSQL's bigint).
 MAX_SQL_INT = 2**63 - 1
 # Transaction-level advisory lock keys (PostgreSQL): admission decisions, schema migrations.
@@ -155,6 +156,10 @@ jobs_table = Table(
     Column("result", JSON),
     # The last failed attempt's error: kept while the job is retried, cleared when it succeeds or a user retries it.
     Column("error", Text),
+    # Why a queued job has not started, as the dispatcher's last admission pass judged it ("needs CPU 4, GPU 0;
+    # free CPU 2, GPU 0"); set only on the jobs that pass looked at (the waiting head, jobs backing off), cleared
+    # by every state change. Stored so that any API process, and one started after a restart, can say why.
+    Column("wait_reason", Text),
     Column("idempotency_key", String(200)),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
@@ -194,9 +199,16 @@ class Migration:
     apply: Callable[[Connection], None]
 
 
+def _add_wait_reason(conn: Connection) -> None:
+    column_type = Text().compile(dialect=conn.dialect)
+    conn.execute(text(f"ALTER TABLE {jobs_table.name} ADD COLUMN wait_reason {column_type}"))
+
+
 # Schema steps after version 1, in order. A fresh database is created at SCHEMA_VERSION directly from the table
 # definitions above; an existing one is brought up to date by the steps it has not had.
-MIGRATIONS: tuple[Migration, ...] = ()
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(2, "aeforge_jobs.wait_reason: why a queued job waits", _add_wait_reason),
+)
 
 
 @dataclass(frozen=True)
@@ -219,6 +231,7 @@ class Job:
     model_version: str | None
     result: dict | None
     error: str | None
+    wait_reason: str | None
     idempotency_key: str | None
     created_at: datetime
     updated_at: datetime
@@ -306,6 +319,15 @@ class Admission:
     rejected: tuple[Job, ...] = ()
     waiting: Job | None = None
     wait_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class QueuePlace:
+    """Where a queued job stands: how many queued jobs go before it (priority, then submission order), and the
+    job among them that the dispatcher's last pass stopped at (the waiting head), if that is not the job itself."""
+
+    jobs_ahead: int
+    blocked_by: Job | None
 
 
 def utcnow() -> datetime:
@@ -510,7 +532,7 @@ class Store:
         if to_state not in TRANSITIONS[row.state]:
             raise InvalidTransition(f"job {row.id} cannot go from {row.state} to {to_state}")
         now = utcnow()
-        values: dict[str, Any] = {"state": to_state, "updated_at": now}
+        values: dict[str, Any] = {"state": to_state, "updated_at": now, "wait_reason": None}
         if to_state == "running":
             values["started_at"] = now
         if to_state in TERMINAL_STATES:
@@ -560,7 +582,11 @@ class Store:
     # --- admission -----------------------------------------------------------------------------------------
     def admit(self, decide: Callable[[Job, Holdings], Decision], batch: int = 8) -> Admission:
         """Walk the queue (priority, higher first, then submission order) and let ``decide`` start, reject or
-        wait on each head in turn; at most one job is started per call. Atomic across dispatchers."""
+        wait on each head in turn; at most one job is started per call. Atomic across dispatchers.
+
+        The reason of each "wait" or "skip" is stored on its job (``wait_reason``, written only when it changed);
+        a walk that ends without starting a job clears the reasons left on jobs it did not reach, so that only the
+        jobs this walk judged carry one."""
         rejected: list[Job] = []
         skipped: list[int] = []
         with self._tx(lock_key=ADMISSION_LOCK_KEY) as conn:
@@ -574,6 +600,7 @@ class Store:
                     query = query.with_for_update(skip_locked=True)
                 rows = conn.execute(query).all()
                 if not rows:
+                    self._clear_wait_reasons(conn, keep=skipped)
                     return Admission(started=None, rejected=tuple(rejected))
                 for row in rows:
                     job = Job.from_row(row)
@@ -583,9 +610,12 @@ class Store:
                         rejected.append(job)
                         continue
                     if decision.action == "skip":
+                        self._note_wait(conn, job, decision.reason)
                         skipped.append(row.seq)
                         continue
                     if decision.action == "wait":
+                        self._note_wait(conn, job, decision.reason)
+                        self._clear_wait_reasons(conn, keep=[*skipped, row.seq])
                         return Admission(started=None, rejected=tuple(rejected), waiting=job, wait_reason=decision.reason)
                     if decision.action != "start":
                         raise ValueError(f"unknown admission decision {decision.action!r}")
@@ -596,6 +626,30 @@ class Store:
                     })
                     started = Job.from_row(conn.execute(select(jobs_table).where(jobs_table.c.id == row.id)).one())
                     return Admission(started=started, rejected=tuple(rejected))
+
+    def _note_wait(self, conn: Connection, job: Job, reason: str) -> None:
+        """Store why ``job`` waits (no event: it is not a state change), unless it says that already."""
+        if job.wait_reason != reason:
+            conn.execute(update(jobs_table).where(jobs_table.c.seq == job.seq, jobs_table.c.state == "queued")
+                         .values(wait_reason=reason))
+
+    def _clear_wait_reasons(self, conn: Connection, keep: Sequence[int]) -> None:
+        query = update(jobs_table).where(jobs_table.c.state == "queued", jobs_table.c.wait_reason.is_not(None))
+        if keep:
+            query = query.where(jobs_table.c.seq.not_in(list(keep)))
+        conn.execute(query.values(wait_reason=None))
+
+    def queue_place(self, job: Job) -> QueuePlace:
+        """How many queued jobs go before ``job`` and, when the dispatcher is waiting on one of them, which (the
+        last one ahead that carries a wait reason: the walk stops at the job it waits for)."""
+        ahead = (jobs_table.c.state == "queued") & (
+            (jobs_table.c.priority > job.priority)
+            | ((jobs_table.c.priority == job.priority) & (jobs_table.c.seq < job.seq)))
+        with self.engine.connect() as conn:
+            count = conn.execute(select(func.count()).select_from(jobs_table).where(ahead)).scalar_one()
+            row = conn.execute(select(jobs_table).where(ahead, jobs_table.c.wait_reason.is_not(None))
+                               .order_by(jobs_table.c.priority, jobs_table.c.seq.desc()).limit(1)).first()
+        return QueuePlace(jobs_ahead=int(count), blocked_by=None if row is None else Job.from_row(row))
 
     def _holdings(self, conn: Connection) -> Holdings:
         rows = conn.execute(_per_active_state(select(jobs_table.c.resources))).all()

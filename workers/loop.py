@@ -29,7 +29,7 @@ from workers.config import EvalConfig, ModelConfig, TrainConfig
 from workers.data.base import ImageDataset
 from workers.errors import AeforgeError
 from workers.models import build_model
-from workers.protocol import progress_line
+from workers.protocol import emit, progress_line
 from workers.models.base import Autoencoder, GatherFn, LossModule
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -54,6 +54,8 @@ class RunContext:
     gather: GatherFn | None = None
     # Local folder of this run (rank 0 writes pictures and metrics there).
     run_dir: Path | None = None
+    # The sweep trial this process trains (its run name, which its progress lines carry); None for a job's own run.
+    trial: str | None = None
 
     @property
     def is_chief(self) -> bool:
@@ -95,10 +97,12 @@ class RunContext:
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps({"step": step, **metrics}) + "\n")
 
-    def log_progress(self, step: int, total: int) -> None:
-        """A line the queue service reads to show a progress bar."""
+    def log_progress(self, step: int, total: int, *, metrics: dict[str, float] | None = None,
+                     images_per_second: float | None = None) -> None:
+        """The line `aeforge run` and the queue service read to show progress: the step, the latest loss parts
+        (means over the last log window) and the speed over it."""
         if self.is_chief:
-            print(progress_line(step, total), flush=True)
+            emit(progress_line(step, total, metrics=metrics, images_per_second=images_per_second, trial=self.trial))
 
 
 @dataclass
@@ -196,6 +200,22 @@ def load_model_from_checkpoint(path: Path | str, map_location="cpu") -> Autoenco
     return model
 
 
+# How many training images the recorded code statistics (Autoencoder.record_code_statistics) come from: enough for
+# a mean and a standard deviation per latent, a fraction of a second of encoding.
+CODE_STATISTICS_IMAGES = 5000
+CODE_STATISTICS_BATCH = 500
+
+
+def record_code_statistics(model: Autoencoder, data: ImageDataset, seed: int) -> None:
+    """Record in ``model`` where the codes of (up to CODE_STATISTICS_IMAGES of) ``data`` lie, so that a saved or
+    registered model can be traversed over its own code range without the data. The images are chosen with a
+    generator of its own, so the training's random stream is left as it was."""
+    chooser = torch.Generator().manual_seed(seed)
+    index = torch.randperm(len(data), generator=chooser)[:CODE_STATISTICS_IMAGES]
+    model.record_code_statistics(data.images(index[i : i + CODE_STATISTICS_BATCH])
+                                 for i in range(0, len(index), CODE_STATISTICS_BATCH))
+
+
 # --- the loop ----------------------------------------------------------------------------------------------
 
 
@@ -266,6 +286,7 @@ def train(
     final_metrics: dict[str, float] = {}
     perm_epoch, perm = -1, None
     t0 = time.perf_counter()
+    window_started = t0  # the speed in a progress line is over its log window
     seconds = 0.0
     model.train()
 
@@ -314,12 +335,15 @@ def train(
                     f"training diverged at step {int(bad_step.item())}: the '{name}' part of the loss is not finite "
                     f"(NaN or inf); lower train.optimizer.lr, set train.grad_clip, or check the data"
                 )
-            means = (part_sums / steps_in_window).tolist()
+            means = (part_sums / steps_in_window).tolist()  # the host sync: the window's steps are done
+            now = time.perf_counter()
+            window_speed = _throughput(steps_in_window, cfg.batch_size * ctx.world_size, now - window_started)
+            window_started = now
             step_metrics = {f"train/{k}": v for k, v in zip(part_names, means)}
             for k, v in step_metrics.items():
                 history.setdefault(k, []).append((done, v))
             ctx.log_metrics(step_metrics, done)
-            ctx.log_progress(done, n_steps)
+            ctx.log_progress(done, n_steps, metrics=step_metrics, images_per_second=window_speed)
             part_sums.zero_()
             steps_in_window = 0
             final_metrics.update(step_metrics)
@@ -337,6 +361,13 @@ def train(
             model.train()
             ctx.log_metrics(eval_metrics, done)
             final_metrics.update(eval_metrics)
+            # In the history too: the loss-curve picture puts validation points next to the training curve.
+            for k, v in eval_metrics.items():
+                history.setdefault(k, []).append((done, v))
+
+        if done == n_steps and ctx.is_chief:
+            # Before the final checkpoint, which saves them with the weights (only the chief's is saved).
+            record_code_statistics(model, train_data, cfg.seed)
 
         if at_ckpt:
             with tempfile.TemporaryDirectory(prefix="aeforge-ckpt-") as tmp:

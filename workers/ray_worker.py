@@ -27,12 +27,13 @@ CHECKPOINT_DIR = re.compile(r"checkpoint_step_(\d+)$")
 class WorkerJob:
     """What a worker is given: the job's spec as the typed object the driver parsed (anything with ``model``,
     ``data``, ``train`` and ``eval`` sections: a ``jobs.spec.JobSpec``), the run's name (job or trial id), and
-    where its MLflow run is."""
+    where its MLflow run is; for a sweep's trial, its run name (``trial``), which its progress lines carry."""
 
     spec: Any
     run_name: str
     mlflow_run_id: str | None
     mlflow_tracking_uri: str
+    trial: str | None = None
 
 
 def _all_gather_cat(t: torch.Tensor) -> torch.Tensor:
@@ -45,7 +46,7 @@ def _all_gather_cat(t: torch.Tensor) -> torch.Tensor:
 class RayTrainContext(RunContext):
     """RunContext on a Ray Train worker: checkpoints through ray.train.report, metrics to MLflow from rank 0."""
 
-    def __init__(self, *, mlflow_run=None, run_dir: Path, gather_tc: bool):
+    def __init__(self, *, mlflow_run=None, run_dir: Path, gather_tc: bool, trial: str | None = None):
         import ray.train
         import ray.train.torch
 
@@ -67,6 +68,7 @@ class RayTrainContext(RunContext):
             wrap=wrap,
             gather=_all_gather_cat if (distributed and gather_tc) else None,
             run_dir=run_dir,
+            trial=trial,
         )
         self._mlflow = mlflow_run
         self._restored: tempfile.TemporaryDirectory | None = None
@@ -151,7 +153,8 @@ def train_loop_per_worker(config: dict[str, WorkerJob]) -> dict[str, Any] | None
     mlflow_run = MlflowRun(job.mlflow_run_id, job.mlflow_tracking_uri) if job.mlflow_run_id else None
     run_dir = Path(tempfile.mkdtemp(prefix=f"aeforge-{job.run_name}-"))
     try:
-        ctx = RayTrainContext(mlflow_run=mlflow_run, run_dir=run_dir, gather_tc=spec.model.gather_global_batch)
+        ctx = RayTrainContext(mlflow_run=mlflow_run, run_dir=run_dir, gather_tc=spec.model.gather_global_batch,
+                              trial=job.trial)
         data = prepare(spec.data, spec.train.seed, resolve=storage.resolve)
         local_shard = shard(data.train, ctx.rank, ctx.world_size, spec.train.seed)
         result = train(spec.model, spec.train, spec.eval, local_shard, data.val, ctx, dataset_size=len(data.train),

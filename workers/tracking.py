@@ -34,6 +34,19 @@ STOP_REQUESTED = threading.Event()
 
 JOB_ID_TAG = "aeforge.job_id"
 PARENT_RUN_TAG = "mlflow.parentRunId"
+# MLflow's own tags: the description an experiment's or a run's page shows, and where a run came from (the run page's
+# "Source" and "User").
+NOTE_TAG = "mlflow.note.content"
+SOURCE_NAME_TAG = "mlflow.source.name"
+SOURCE_TYPE_TAG = "mlflow.source.type"
+USER_TAG = "mlflow.user"
+# What kind of work an experiment holds: where MLflow's UI has no GenAI / Model training selector switched on, it
+# opens a model-training experiment on its training runs rather than on the GenAI overview of traces.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+# The context a dataset input is logged with (the run page lists it beside the dataset's name).
+DATASET_CONTEXT_TAG = "mlflow.data.context"
+# Experiment tags whose value lists every value the experiment's jobs had ("ae, beta_vae"), not only the last one.
+LISTED_SEPARATOR = ", "
 # Parameter names that look like credentials: refused outright, so a secret can never be stored as a param.
 SECRET_WORDS = ("secret", "password", "token", "access_key")
 # Tracking URI schemes that talk to a server, which chooses where artifacts go.
@@ -43,6 +56,10 @@ try:  # MLflow's own limits, so they follow the installed version
     from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 except ImportError:  # pragma: no cover - older layouts
     MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH = 1000, 500, 100
+try:
+    from mlflow.utils.validation import MAX_EXPERIMENT_TAG_VAL_LENGTH
+except ImportError:  # pragma: no cover - older layouts
+    MAX_EXPERIMENT_TAG_VAL_LENGTH = 5000
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
@@ -119,11 +136,27 @@ def _artifact_folder_name(experiment_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", experiment_name).strip("_") or "experiment"
 
 
-def ensure_experiment(name: str, tracking_uri: str | None = None) -> str:
+def listed_value(existing: str | None, value: str) -> str:
+    """An experiment tag that lists every value its jobs had: the values listed in ``value`` added to the listed
+    ``existing`` ones, sorted and without repeats ("ae" + "beta_vae, vae" -> "ae, beta_vae, vae")."""
+    values = {v for text in (existing or "", value) for v in text.split(LISTED_SEPARATOR) if v}
+    text = LISTED_SEPARATOR.join(sorted(values))
+    if len(text) > MAX_EXPERIMENT_TAG_VAL_LENGTH:
+        text = text[: MAX_EXPERIMENT_TAG_VAL_LENGTH - 3] + "..."
+    return text
+
+
+def ensure_experiment(name: str, tracking_uri: str | None = None, *, description: str | None = None,
+                      tags: Mapping[str, str] | None = None) -> str:
     """The id of the MLflow experiment called ``name``, created if missing.
 
     A local store (sqlite, a database, a folder) keeps its artifacts under AEFORGE_HOME/mlartifacts/<name>;
     a tracking server chooses the artifact location itself (e.g. its S3 destination).
+
+    ``description`` becomes the experiment's description (the page's "Description", MLflow's mlflow.note.content
+    tag) when it has none: one written by hand in the UI is kept. Each of ``tags`` lists every value the
+    experiment's jobs had (a second job of another variant makes ``aeforge.variant`` read "ae, beta_vae"). The
+    experiment is marked as model training (mlflow.experimentKind) unless it says otherwise.
     """
     from mlflow.exceptions import MlflowException
 
@@ -132,8 +165,12 @@ def ensure_experiment(name: str, tracking_uri: str | None = None) -> str:
     experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is None:
         location = None if is_server_uri(uri) else f"{settings.mlflow_artifact_root()}/{_artifact_folder_name(name)}"
+        first_tags = {key: listed_value(None, value) for key, value in (tags or {}).items()}
+        first_tags[EXPERIMENT_KIND_TAG] = MODEL_TRAINING_KIND
+        if description:
+            first_tags[NOTE_TAG] = description
         try:
-            return mlflow_client.create_experiment(name, artifact_location=location)
+            return mlflow_client.create_experiment(name, artifact_location=location, tags=first_tags)
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -146,6 +183,15 @@ def ensure_experiment(name: str, tracking_uri: str | None = None) -> str:
             f"(mlflow experiments restore --experiment-id {experiment.experiment_id}) or remove it for good "
             f"(mlflow gc) before running a job named '{name}'"
         )
+    existing = dict(experiment.tags or {})
+    if not existing.get(EXPERIMENT_KIND_TAG):
+        mlflow_client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    if description and not existing.get(NOTE_TAG):
+        mlflow_client.set_experiment_tag(experiment.experiment_id, NOTE_TAG, description)
+    for key, value in (tags or {}).items():
+        listed = listed_value(existing.get(key), value)
+        if listed != existing.get(key):
+            mlflow_client.set_experiment_tag(experiment.experiment_id, key, listed)
     return experiment.experiment_id
 
 
@@ -253,6 +299,18 @@ class MlflowRun:
         entries = [RunTag(k, v if isinstance(v, str) else json.dumps(v)) for k, v in tags.items()]
         for start in range(0, len(entries), MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(self.run_id, tags=entries[start : start + MAX_PARAMS_TAGS_PER_BATCH])
+
+    def describe(self, text: str) -> None:
+        """The run page's description (MLflow's mlflow.note.content tag)."""
+        self.set_tags({NOTE_TAG: text})
+
+    def log_dataset(self, dataset, context: str = "train") -> None:
+        """Record ``dataset`` (an ``mlflow.entities.Dataset``: name, digest, source, schema, profile) as an input of
+        the run, used as ``context``: the run page's "Datasets". Logging the same dataset again (a resumed job) adds
+        nothing: MLflow keeps one input per dataset name and digest."""
+        from mlflow.entities import DatasetInput, InputTag
+
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags=[InputTag(DATASET_CONTEXT_TAG, context)])])
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
         """Upload a folder's files under ``artifact_path`` of the run (e.g. "pictures")."""

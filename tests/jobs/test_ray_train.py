@@ -330,7 +330,7 @@ def test_aeforge_run_trains_and_registers_a_spec_with_emoji_and_cjk_text(env, tm
     assert list(scratch.iterdir()) == []  # no ./mlruns: the model went to the server's artifact store
     mlflow_client = client(env["mlflow"])
     version = mlflow_client.get_model_version_by_alias("raytest-unicode", "candidate")
-    assert version.description == UNICODE_MODEL_DESCRIPTION
+    assert version.description.startswith(UNICODE_MODEL_DESCRIPTION + "\n\n")  # then the metrics, pictures
     run = mlflow_client.get_run(version.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["aeforge.job_id"] == job_id
     assert run.data.params["description"] == UNICODE_DESCRIPTION

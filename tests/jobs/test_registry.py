@@ -119,6 +119,61 @@ def test_register_tags_describe_and_load(mlflow_sqlite, tmp_path):
     assert [p.rsplit("/", 2)[-2:] for p in info["pictures"]] == [["pictures", "samples.png"]]
 
 
+def test_the_model_and_version_pages_say_what_the_model_is(mlflow_sqlite, tmp_path):
+    """The registered model gets a description and tags naming its latest version; the version's description holds
+    the final metrics as a table and shows the run's pictures; the logged model is an output of the run, carrying
+    the metrics of the final evaluation step."""
+    from jobs.registry import OWNER_TAG
+
+    spec = make_spec(name="paged-faces")
+    experiment_id = ensure_experiment(spec.name)
+    run_id = start_or_resume_run(experiment_id, "paged-1")
+    run = MlflowRun(run_id)
+    run.log_metrics({"train/loss": 44.0}, 10)
+    run.log_metrics({"eval/elbo": -41.5, "eval/mig": 0.125, "train/loss": 40.0}, 20)
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    for name in ("samples.png", "traversal.png", "loss_curves.png"):
+        (pictures / name).write_bytes(b"png")
+    run.log_artifacts(pictures, "pictures")
+    registered = log_and_register(make_model(spec), spec, "paged-1", run_id, run.final_metrics())
+
+    client = mlflow.MlflowClient(mlflow_sqlite)
+    model = client.get_registered_model("paged-faces")
+    assert "Autoencoders trained by **aeforge** from the spec `paged-faces`" in model.description
+    assert "beta_vae (mlp, latent size 3, beta 4)" in model.description
+    assert {k: model.tags[k] for k in ("variant", "latent_dim", "beta", "dataset", "job_id", OWNER_TAG)} == {
+        "variant": "beta_vae", "latent_dim": "3", "beta": "4.0", "dataset": "file:///data/faces.npz",
+        "job_id": "paged-1", OWNER_TAG: model.tags[OWNER_TAG]}
+
+    version = client.get_model_version("paged-faces", registered["version"])
+    lines = version.description.splitlines()
+    assert lines[0].startswith("beta_vae (mlp, latent_dim=3, beta=4) trained on file:///data/faces.npz by job paged-1")
+    assert "| metric | final value |" in lines
+    assert "| eval/elbo | -41.5 |" in lines and "| eval/mig | 0.125 |" in lines and "| train/loss | 40 |" in lines
+    # Every picture linked, the traversal and samples shown (in that order), the curves not.
+    link = "get-artifact?path=pictures%2F{}.png&run_uuid=" + run_id
+    shown = [line for line in lines if line.startswith("![")]
+    assert shown == [f"![traversal]({link.format('traversal')})", f"![samples]({link.format('samples')})"]
+    [listed] = [line for line in lines if line.startswith("**Pictures** of run")]
+    assert f"[{run_id}](#/experiments/{experiment_id}/runs/{run_id}/artifacts/pictures)" in listed
+    assert listed.endswith(" · ".join(f"[{n}.png]({link.format(n)})" for n in ("loss_curves", "samples", "traversal")))
+
+    model_id = version.source.removeprefix("models:/")
+    outputs = client.get_run(run_id).outputs.model_outputs
+    assert [o.model_id for o in outputs] == [model_id] and outputs[0].step == 20
+    logged = client.get_logged_model(model_id)
+    assert {m.key: m.value for m in logged.metrics} == {"eval/elbo": -41.5, "eval/mig": 0.125, "train/loss": 40.0}
+
+    # A later autoencoder version (no beta) moves the model's tags to it; a description set by hand is kept.
+    client.update_registered_model("paged-faces", description="hand-written")
+    ae_spec = make_spec(variant="ae", name="paged-faces")
+    register_one(ae_spec, "paged-2")
+    model = client.get_registered_model("paged-faces")
+    assert model.description == "hand-written"
+    assert model.tags["variant"] == "ae" and model.tags["job_id"] == "paged-2" and "beta" not in model.tags
+
+
 def test_a_new_version_takes_the_alias_and_is_the_latest(mlflow_sqlite):
     spec = make_spec(description="first try")
     register_one(spec, "job-1")
@@ -127,7 +182,10 @@ def test_a_new_version_takes_the_alias_and_is_the_latest(mlflow_sqlite):
     client = mlflow.MlflowClient(mlflow_sqlite)
     assert str(client.get_model_version_by_alias("tiny-faces", "candidate").version) == "3"
     best = client.get_model_version_by_alias("tiny-faces", "best")
-    assert str(best.version) == "2" and best.tags["sweep_id"] == "sw-1" and best.description == "first try"
+    assert str(best.version) == "2" and best.tags["sweep_id"] == "sw-1"
+    # The spec's description comes first; the generated summary and the final metrics follow it.
+    assert best.description.startswith("first try\n\nbeta_vae (mlp, latent_dim=3, beta=4) trained on")
+    assert "| eval/mig | 0.125 |" in best.description
     assert describe("tiny-faces")["version"] == "3"
     assert describe("tiny-faces/2")["aliases"] == ["best"]
 
@@ -180,7 +238,7 @@ def test_register_on_the_server_keeps_artifacts_in_s3(mlflow_server, monkeypatch
     client = mlflow.MlflowClient(str(mlflow_server))
     version = client.get_model_version_by_alias("server-faces", "staging")
     assert str(version.version) == registered["version"] and version.run_id == run_id
-    assert version.description == "tiny model for the server test"
+    assert version.description.startswith("tiny model for the server test\n\n")
     assert version.tags["variant"] == "beta_vae" and version.tags["metric.eval/mig"] == "0.125"
 
     model_id = registered["logged_model_uri"].removeprefix("models:/")
@@ -269,7 +327,7 @@ def test_a_model_belongs_to_its_creator_and_another_owner_is_refused_before_logg
     register_one(spec, "alice-job", owner="alice")
     client = mlflow.MlflowClient(mlflow_sqlite)
     before = registered_state(client, "owned-faces")
-    assert before == (["1"], {"candidate": "1"}, {OWNER_TAG: "alice"})
+    assert before[:2] == (["1"], {"candidate": "1"}) and before[2][OWNER_TAG] == "alice"
 
     experiment_id = ensure_experiment(spec.name)
     run_id = start_or_resume_run(experiment_id, "bob-job")
@@ -295,7 +353,7 @@ def test_an_unowned_model_is_claimed_and_a_resumed_job_checks_before_moving_an_a
     client.create_registered_model("legacy-faces")  # registered before owners were recorded
     spec = make_spec(name="legacy-faces")
     _, run_id, _ = register_one(spec, "carol-job", owner="carol")
-    assert registered_state(client, "legacy-faces")[2] == {OWNER_TAG: "carol"}
+    assert registered_state(client, "legacy-faces")[2][OWNER_TAG] == "carol"
 
     monkeypatch.setenv("AEFORGE_JOB_OWNER", "dave")
     with pytest.raises(RegistrationError, match="'legacy-faces' belongs to carol"):

@@ -32,7 +32,8 @@ from workers.plots.sweep import _curves, sweep_summary_pictures
 
 ROOT = Path(__file__).resolve().parents[2]
 GRID = {(1.0, 2), (1.0, 3), (4.0, 2), (4.0, 3)}
-PICTURES = {"metric_vs_beta.png", "recon_vs_beta.png", "mig_vs_beta.png", "traversals.png"}
+# The summary of a sweep ranked by eval/mig: MIG is drawn once (no metric_vs_beta repeating mig_vs_beta).
+PICTURES = {"mig_vs_beta.png", "recon_vs_beta.png", "mig_heatmap.png", "recon_vs_mig.png", "traversals.png"}
 runner = CliRunner()
 
 
@@ -106,8 +107,10 @@ def parent_and_children(client, job_id: str):
 
 
 def fits_per_trial(client, children) -> dict[str, int]:
-    """Train fits per nested run: the chief logs perf/images_per_second once at the end of every fit."""
-    return {c.info.run_name: len(client.get_metric_history(c.info.run_id, "perf/images_per_second")) for c in children}
+    """Train fits per trial (by the trial's job id): the chief logs perf/images_per_second once at the end of every
+    fit."""
+    return {c.data.tags["aeforge.job_id"]: len(client.get_metric_history(c.info.run_id, "perf/images_per_second"))
+            for c in children}
 
 
 # --- fixtures --------------------------------------------------------------------------------------------------
@@ -159,6 +162,8 @@ def finished_sweep(sweep_env):
 @pytest.mark.ray
 @pytest.mark.timeout(240)
 def test_a_grid_sweep_tracks_every_trial_and_registers_the_best(finished_sweep, sweep_env):
+    from jobs.sweep import trial_run_name
+
     spec, job_id, outcome, seconds = finished_sweep
     client = mlflow.MlflowClient(sweep_env["tracking_uri"])
 
@@ -180,7 +185,13 @@ def test_a_grid_sweep_tracks_every_trial_and_registers_the_best(finished_sweep, 
         beta, latent = float(params["trial.beta"]), int(params["trial.latent_dim"])
         assert (float(params["model.beta"]), int(params["model.latent_dim"])) == (beta, latent)
         assert params["kind"] == "train" and child.data.tags["aeforge.sweep_id"] == job_id
-        assert child.info.run_name == f"{job_id}-{child.data.tags['aeforge.trial_id']}"
+        # Named <spec>-t<index>-<values> for the runs list; the trial's own job id keys its files and MLflow run.
+        trial_id = child.data.tags["aeforge.trial_id"]
+        assert child.info.run_name == trial_run_name(spec.name, trial_id, {"beta": beta, "latent_dim": latent}, 4)
+        assert child.data.tags["aeforge.job_id"] == f"{job_id}-{trial_id}"
+        # Each trial's page names its source and its data set, as the sweep's does.
+        assert child.data.tags["mlflow.source.type"] == "JOB" and child.data.tags["mlflow.source.name"] == f"aeforge job {job_id}"
+        assert [i.dataset.name for i in client.get_run(child.info.run_id).inputs.dataset_inputs] == ["squares.npz"]
         assert "eval/mig" in child.data.metrics
         seen.add((beta, latent))
     assert seen == GRID
@@ -252,13 +263,13 @@ def test_running_a_finished_sweep_again_trains_nothing(finished_sweep, sweep_env
 def test_sweep_results_cli_prints_the_table(finished_sweep, sweep_env, tmp_path, monkeypatch):
     from services import cli
 
-    _, job_id, outcome, _ = finished_sweep
+    spec, job_id, outcome, _ = finished_sweep
     monkeypatch.setattr(cli.console, "width", 250)
     out_csv = tmp_path / "table.csv"
     result = runner.invoke(cli.app, ["sweep", "results", job_id, "--csv", str(out_csv)])
     assert result.exit_code == 0, result.output
     assert "ranked by eval/mig (max)" in result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("│") and f"{job_id}-" in line]
+    lines = [line for line in result.output.splitlines() if line.startswith("│") and f"{spec.name}-t0" in line]
     assert len(lines) == 4, result.output
     best = outcome["best"]["run_name"]
     assert best in lines[0]  # best first
@@ -284,7 +295,7 @@ def test_aeforge_run_prints_the_sweep_table(finished_sweep, sweep_env, tmp_path,
     path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
     result = runner.invoke(cli.app, ["run", str(path), "--job-id", job_id])
     assert result.exit_code == 0, result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("│") and f"{job_id}-" in line]
+    lines = [line for line in result.output.splitlines() if line.startswith("│") and f"{spec.name}-t0" in line]
     assert len(lines) == 4 and outcome["best"]["run_name"] in lines[0]
     assert "@best" in result.output and outcome["mlflow_run_id"] in result.output
 
@@ -377,7 +388,7 @@ def test_a_sweep_whose_driver_was_killed_continues_without_retraining_finished_t
         run_name = f"{job_id}-{trial_id}"
         assert fits_after[run_name] == fits_before[run_name] == 1, (fits_before, fits_after)
     assert all(n >= 1 for n in fits_after.values())
-    assert all(storage.list_prefix(f"ray/{r['run_name']}") for r in rows)  # the Train runs' checkpoints, on S3
+    assert all(storage.list_prefix(f"ray/{r['trial_job_id']}") for r in rows)  # the Train runs' checkpoints, on S3
     # Tune pickles its storage filesystem into its experiment files: the S3 keys must not travel with it.
     secret = sweep_env["secret"].encode()
     objects = storage.list_prefix("")
@@ -507,12 +518,13 @@ def test_summary_pictures_draw_one_curve_per_latent_size(tmp_path):
     tile = tmp_path / "tile.png"
     Image.new("L", (40, 90), 128).save(tile)
     made = sweep_summary_pictures(rows, "eval/elbo", tmp_path / "pics", traversal_for=lambda row: tile)
-    assert {p.name for p in made.values()} == PICTURES
+    assert {p.name for p in made.values()} == {"elbo_vs_beta.png", "recon_vs_beta.png", "mig_vs_beta.png",
+                                               "elbo_heatmap.png", "recon_vs_mig.png", "traversals.png"}
     # Without factors there is no MIG picture; trials without a traversal are left out of the grid.
     for row in rows:
         row.pop("eval/mig", None)
     made = sweep_summary_pictures(rows, "eval/elbo", tmp_path / "pics2", traversal_for=lambda row: None)
-    assert set(made) == {"metric_vs_beta", "recon_vs_beta"}
+    assert set(made) == {"elbo_vs_beta", "recon_vs_beta", "elbo_heatmap"}
 
 
 class mlflow_uri:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -16,6 +17,7 @@ from services.dispatcher import Dispatcher
 from services.settings import Principal, ServiceSettings
 from services.store import Store
 from tests.services.fakes import FakeCluster, FakeLauncher
+from workers.protocol import trial_line
 
 SPEC = "name: cli-test\nmodel: {variant: ae, architecture: mlp, latent_dim: 2}\ntrain: {steps: 3, batch_size: 4}\n"
 
@@ -77,21 +79,28 @@ def test_an_unreachable_service_is_a_plain_error(setup, monkeypatch):
     assert result.exit_code == 2 and "cannot reach the aeforge service" in result.output
 
 
+RESULT = {"mlflow_run_id": "r1", "metrics": {"eval/recon": 0.1234, "eval/mig": 0.25},
+          "pictures": "s3://bucket/aeforge/runs/the-job/pictures",
+          "model": {"name": "carol-ae", "version": 3, "alias": "latest", "model_uri": "models:/carol-ae/3",
+                    "logged_model_uri": "models:/m-123", "run_id": "r1"}}
+
+
 @pytest.mark.timeout(60)
-def test_submit_follow_shows_state_changes_and_logs_until_the_end(setup):
+def test_submit_follow_shows_progress_logs_and_the_outcome_not_protocol_lines(setup):
     app, store, launcher, spec_path = setup
     dispatcher = Dispatcher(store, FakeCluster({"CPU": 2}), launcher, environ={})
     stop = threading.Event()
+    progress = 'AEFORGE_PROGRESS {"step": %d, "total": 3, "metrics": {"loss": 0.5}, "images_per_second": 1234.5}\n'
 
     def cluster():  # the dispatcher and a Ray that runs each job through PENDING, RUNNING, SUCCEEDED
         while not stop.wait(0.1):
             dispatcher.tick()
             for sid, job in list(launcher.jobs.items()):
                 if job["status"] == "PENDING":
-                    launcher.set(sid, "RUNNING", logs='hello from the job\nAEFORGE_PROGRESS {"step": 1, "total": 3}\n')
+                    launcher.set(sid, "RUNNING", logs="\x1b[32mhello\x1b[0m from the job\n" + progress % 1 +
+                                 trial_line("t03", "finished", metrics={"eval/mig": 0.41}) + "\n")
                 elif job["status"] == "RUNNING":
-                    launcher.set(sid, "SUCCEEDED", logs=job["logs"] + 'AEFORGE_PROGRESS {"step": 3, "total": 3}\n'
-                                                                     'AEFORGE_RESULT {"mlflow_run_id": "r1"}\n')
+                    launcher.set(sid, "SUCCEEDED", logs=job["logs"] + progress % 3 + f"AEFORGE_RESULT {json.dumps(RESULT)}\n")
 
     thread = threading.Thread(target=cluster, daemon=True)
     thread.start()
@@ -102,8 +111,16 @@ def test_submit_follow_shows_state_changes_and_logs_until_the_end(setup):
         thread.join()
     assert result.exit_code == 0, result.output
     out = result.output
-    assert "hello from the job" in out and "AEFORGE_RESULT" in out
-    assert "AEFORGE_PROGRESS" not in out  # progress lines drive the bar instead
+    assert "hello from the job" in out and "\x1b[32m" not in out
+    assert "AEFORGE_PROGRESS" not in out and "AEFORGE_RESULT" not in out  # they drive the bar and the summary
     for state in ("queued", "starting", "running", "succeeded"):
         assert state in out
     assert out.index("starting") < out.index("running") < out.rindex("succeeded")
+    assert "3/3" in out and "1,234 images/s" in out and "loss 0.5000" in out
+    assert "trial t03 finished: eval/mig 0.4100" in out and "AEFORGE_TRIAL" not in out
+    # The outcome comes after the end: the metrics table, then where the model and the pictures are.
+    outcome = out[out.rindex("succeeded"):]
+    assert "final metrics" in outcome and "eval/recon" in outcome and "0.1234" in outcome and "0.2500" in outcome
+    assert "carol-ae version 3 @latest" in outcome
+    assert "models:/carol-ae/3" in outcome and "models:/carol-ae@latest" in outcome
+    assert "s3://bucket/aeforge/runs/the-job/pictures" in outcome and "MLflow run" in outcome

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 
@@ -99,10 +100,16 @@ def test_a_head_that_does_not_fit_yet_is_waited_for_not_overtaken(store, launche
     small = submit(store, "small", cpus=1, priority=0)
     report = dispatcher.tick()
     assert report.started == [first.id] and report.waiting == big.id
-    assert "CPU 2" in report.wait_reason and "free now: CPU 1" in report.wait_reason
+    assert report.wait_reason == "needs CPU 2, GPU 0; free CPU 1, GPU 0"
     assert store.get(small.id).state == "queued"  # 1 CPU is free, but the big job is ahead of it
+    # The reason is stored on the waiting job (the API and `aeforge status` show it); the job behind it has none:
+    # it waits for the one ahead.
+    assert store.get(big.id).wait_reason == report.wait_reason and store.get(small.id).wait_reason is None
+    place = store.queue_place(store.get(small.id))
+    assert place.jobs_ahead == 1 and place.blocked_by.id == big.id
     launcher.set(first.id, "SUCCEEDED")
     assert dispatcher.tick().started == [big.id]
+    assert store.get(big.id).wait_reason is None  # started: the reason is gone with the state change
 
 
 def test_a_job_that_can_never_fit_fails_with_what_it_asked_and_what_exists(store, launcher, make_dispatcher):
@@ -371,6 +378,9 @@ def test_a_failed_attempt_backs_off_exponentially_and_others_go_first(store, lau
     report = dispatcher.tick()
     assert report.started == [other.id]  # the backing-off head does not hold the queue up
     assert store.get(flaky.id).state == "queued"
+    # Why it waits is stored with the time it may start (a fixed text: the next pass writes nothing new).
+    due = time.strftime("%H:%M:%S UTC", time.gmtime(requeued.updated_at.timestamp() + first_delay))
+    assert store.get(flaky.id).wait_reason == f"attempt 2 waits until {due} (back-off after a failed attempt)"
 
     now[0] = requeued.updated_at.timestamp() + first_delay + 0.1
     assert dispatcher.tick().started == [flaky.id]
@@ -444,3 +454,20 @@ def test_a_sweep_asking_more_trials_at_once_than_fit_is_capped_not_refused(store
     assert report.started == [job.id] and report.rejected == []
     reason = store.events(job.id)[-1].reason
     assert "4 trials at once asked, 1 at a time run: each trial needs 1.01 CPU, the cluster has CPU 2" in reason
+
+
+def test_with_ray_down_or_no_live_node_the_head_of_the_queue_says_so(store, launcher, make_dispatcher):
+    dispatcher = make_dispatcher(cpus=2)
+    head, behind = submit(store, "head"), submit(store, "behind")
+    dispatcher.cluster.down = True
+    report = dispatcher.tick()
+    assert report.started == [] and report.waiting == head.id
+    assert store.get(head.id).wait_reason == "Ray is not reachable (cluster down)"
+    assert store.get(behind.id).wait_reason is None and store.queue_place(store.get(behind.id)).blocked_by.id == head.id
+    dispatcher.cluster.down = False
+    dispatcher.cluster.resources = {}
+    dispatcher.tick()
+    assert store.get(head.id).wait_reason == "the Ray cluster has no live node yet"
+    dispatcher.cluster.resources = {"CPU": 2.0, "GPU": 0.0}
+    assert dispatcher.tick().started == [head.id, behind.id]
+    assert store.get(head.id).wait_reason is None and store.get(behind.id).wait_reason is None

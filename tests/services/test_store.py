@@ -9,6 +9,8 @@ import pytest
 from sqlalchemy import inspect, text
 
 from services.store import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
     Decision,
     InvalidTransition,
     JobNotFound,
@@ -212,18 +214,82 @@ def test_reopening_keeps_the_data_and_a_migration_runs_once(store_url):
         calls.append(1)
         conn.execute(text("ALTER TABLE aeforge_jobs ADD COLUMN note VARCHAR(20)"))
 
-    step = Migration(version=2, description="a note per job", apply=add_column)
-    migrated = Store(store_url, migrations=[step])
-    assert migrated.schema_version == 2 and calls == [1]
+    step = Migration(version=SCHEMA_VERSION + 1, description="a note per job", apply=add_column)
+    migrated = Store(store_url, migrations=[*MIGRATIONS, step])
+    assert migrated.schema_version == SCHEMA_VERSION + 1 and calls == [1]
     with migrated.engine.connect() as conn:
         assert "note" in {c["name"] for c in inspect(conn).get_columns("aeforge_jobs")}
     assert migrated.get(job.id).id == job.id
     migrated.close()
-    again = Store(store_url, migrations=[step])
-    assert again.schema_version == 2 and calls == [1]
+    again = Store(store_url, migrations=[*MIGRATIONS, step])
+    assert again.schema_version == SCHEMA_VERSION + 1 and calls == [1]
     again.close()
-    with pytest.raises(SchemaTooNew, match="schema version 2"):
+    with pytest.raises(SchemaTooNew, match=f"schema version {SCHEMA_VERSION + 1}"):
         Store(store_url)
+
+
+def _make_version_1_database(store_url: str) -> str:
+    """A job store as aeforge made it at schema version 1 (no wait_reason column), with one queued job in it."""
+    store = Store(store_url)
+    job = submit(store, name="old")
+    with store.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE aeforge_jobs DROP COLUMN wait_reason"))
+        conn.execute(text("UPDATE aeforge_schema SET version = 1"))
+    store.close()
+    return job.id
+
+
+def test_a_version_1_store_gains_the_wait_reason_and_keeps_its_jobs(store_url):
+    old_id = _make_version_1_database(store_url)
+    probe = Store(store_url, migrations=())  # no steps to apply: it reports the version the database is at
+    assert probe.schema_version == 1
+    probe.close()
+    store = Store(store_url)
+    try:
+        assert store.schema_version == SCHEMA_VERSION == 2
+        with store.engine.connect() as conn:
+            assert "wait_reason" in {c["name"] for c in inspect(conn).get_columns("aeforge_jobs")}
+        old = store.get(old_id)
+        assert old.state == "queued" and old.wait_reason is None and old.name == "old"
+        admission = store.admit(lambda job, holdings: Decision.wait("needs CPU 4, GPU 0; free CPU 2, GPU 0"))
+        assert admission.waiting.id == old_id
+        assert store.get(old_id).wait_reason == "needs CPU 4, GPU 0; free CPU 2, GPU 0"
+    finally:
+        store.close()
+    reopened = Store(store_url)  # a restarted service reads the reason the last pass stored
+    assert reopened.get(old_id).wait_reason == "needs CPU 4, GPU 0; free CPU 2, GPU 0"
+    reopened.close()
+
+
+def test_wait_reasons_are_written_once_kept_for_judged_jobs_and_cleared_otherwise(store):
+    head = submit(store, name="head", priority=5)
+    backing_off = submit(store, name="backing-off", priority=9)
+    behind = submit(store, name="behind", priority=0)
+
+    def decide(job, holdings):
+        if job.id == backing_off.id:
+            return Decision.skip("attempt 2 waits until 12:00:00 UTC (back-off after a failed attempt)")
+        return Decision.wait("no room")
+
+    store.admit(decide)
+    assert store.get(backing_off.id).wait_reason.startswith("attempt 2 waits")
+    assert store.get(head.id).wait_reason == "no room" and store.get(behind.id).wait_reason is None
+    updated = store.get(head.id).updated_at
+    store.admit(decide)  # the same reason again: nothing is written (no event, no new updated_at)
+    assert store.get(head.id).updated_at == updated and len(store.events(head.id)) == 1
+    # Where each one stands: the head has its own reason; the job behind it waits on the head.
+    assert store.queue_place(store.get(backing_off.id)).jobs_ahead == 0
+    assert store.queue_place(store.get(head.id)).jobs_ahead == 1
+    place = store.queue_place(store.get(behind.id))
+    assert place.jobs_ahead == 2 and place.blocked_by.id == head.id
+
+    # A job submitted ahead of the head becomes the head: the old head's reason is cleared by the next pass.
+    urgent = submit(store, name="urgent", priority=7)
+    store.admit(lambda job, holdings: decide(job, holdings) if job.id != urgent.id else Decision.wait("urgent waits"))
+    assert store.get(urgent.id).wait_reason == "urgent waits" and store.get(head.id).wait_reason is None
+    assert store.queue_place(store.get(head.id)).blocked_by.id == urgent.id
+    # Cancelling is a state change: the reason goes with it.
+    assert store.request_cancel(urgent.id, by="alice").wait_reason is None
 
 
 def test_a_postgres_url_without_the_psycopg_driver_is_refused():

@@ -7,8 +7,9 @@ talks to this interface only.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -38,6 +39,25 @@ class Posterior:
         eps = torch.randn(self.mean.shape, device=self.mean.device, dtype=self.mean.dtype, generator=generator)
         return self.mean + eps * torch.exp(0.5 * self.logvar)  # reparameterisation trick
 
+    def kl_per_dimension(self) -> torch.Tensor | None:
+        """(B, D) KL(q(z_d|x) || N(0, 1)) of each latent dimension in closed form; None for deterministic codes.
+        Averaged over data it says how much information each dimension carries (the beta-TCVAE paper orders
+        its traversal rows by it)."""
+        if self.logvar is None:
+            return None
+        mean, logvar = self.mean.float(), self.logvar.float()
+        return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)
+
+
+@dataclass
+class CodeStatistics:
+    """Where the training data's codes lie, per latent dimension: the mean and standard deviation of the codes
+    (posterior means for the VAE family) and, for the VAE family, the mean KL(q(z_d|x) || N(0, 1))."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    kl: torch.Tensor | None
+
 
 @dataclass
 class LossOutput:
@@ -49,6 +69,11 @@ class LossOutput:
 
     loss: torch.Tensor
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+# Buffers (saved with the weights, so in checkpoints and in the pickled MLflow model) recording where the training
+# data's codes lie; NaN until :meth:`Autoencoder.record_code_statistics` has run at the end of training.
+CODE_STATISTICS_BUFFERS = ("code_mean", "code_std", "code_kl")
 
 
 class Autoencoder(nn.Module):
@@ -68,6 +93,11 @@ class Autoencoder(nn.Module):
         encoder_out = 2 * config.latent_dim if self.stochastic else config.latent_dim
         self.encoder = build_encoder(config, self.image_shape, encoder_out)
         self.decoder = build_decoder(config, self.image_shape, config.latent_dim)
+        # A deterministic code has no prior to say its scale: a traversal of a loaded model needs these to know
+        # which values its codes take. Buffers rather than metadata: they travel with the state dict and the
+        # pickled model alike, so every way of loading a model finds them.
+        for name in CODE_STATISTICS_BUFFERS:
+            self.register_buffer(name, torch.full((config.latent_dim,), math.nan))
 
     # --- the two networks -------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> Posterior:
@@ -103,6 +133,98 @@ class Autoencoder(nn.Module):
         device = next(self.parameters()).device
         z = torch.randn(n, self.latent_dim, device=device, generator=generator)
         return self.decode(z)
+
+    @torch.no_grad()
+    def traverse(self, x: torch.Tensor | None = None, steps: int = 9, sds: float = 2.0,
+                 ranges: torch.Tensor | None = None) -> torch.Tensor:
+        """Latent traversals as images, (D, steps, C, H, W): row d decodes the starting code with z_d set to
+        ``steps`` evenly spaced values, the other dimensions held. The start is the posterior mean of image ``x``
+        (C, H, W), else the centre of the codes. The values span ``ranges`` (D, 2) of (low, high) when given, else
+        ``sds`` standard deviations either side of that centre: of the prior N(0, 1) for the VAE family (the
+        papers' -2..2), of the training data's codes (recorded at the end of training) for autoencoders, whose
+        codes have no prior to fix their scale."""
+        if steps < 2:
+            raise ValueError(f"steps must be at least 2, not {steps}")
+        device = next(self.parameters()).device
+        d = self.latent_dim
+        stats = None if self.stochastic else self.code_statistics()
+        if stats is None and not self.stochastic and (ranges is None or x is None):
+            raise NoPrior(f"variant '{self.variant}' has no prior, and this model has no recorded code statistics "
+                          f"to say where its codes lie (it was saved before training recorded them): pass an image "
+                          f"x and ranges, a (latent_dim, 2) tensor of (low, high) per dimension")
+        centre = torch.zeros(d, device=device) if stats is None else stats.mean.to(device)
+        if ranges is not None:
+            ranges = torch.as_tensor(ranges, dtype=torch.float32, device=device).reshape(d, 2)
+        else:
+            spread = torch.ones(d, device=device) if stats is None else stats.std.to(device)
+            ranges = torch.stack([centre - sds * spread, centre + sds * spread], dim=1)
+        start = centre if x is None else self.encode(x.reshape(1, *self.image_shape).to(device).float()).mean[0]
+        t = torch.linspace(0.0, 1.0, steps, device=device)
+        values = ranges[:, :1] + (ranges[:, 1:] - ranges[:, :1]) * t  # (D, steps)
+        codes = start.float().expand(d, steps, d).clone()  # codes[row, step] = start with z_row replaced
+        rows = torch.arange(d, device=device)
+        codes[rows, :, rows] = values
+        return self.decode(codes.reshape(d * steps, d)).reshape(d, steps, *self.image_shape)
+
+    # --- where the codes lie -----------------------------------------------------------------------
+    @torch.no_grad()
+    def record_code_statistics(self, batches: Iterable[torch.Tensor]) -> CodeStatistics:
+        """Encode ``batches`` of images (the training data) and keep per latent dimension the codes' mean and
+        standard deviation and (VAE family) the mean KL to the prior, in the model's buffers. Runs in eval mode
+        and gives the caller's mode back. Returns what it recorded."""
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        count = 0
+        total = torch.zeros(self.latent_dim, dtype=torch.float64)
+        squares = torch.zeros(self.latent_dim, dtype=torch.float64)
+        kl_total = torch.zeros(self.latent_dim, dtype=torch.float64)
+        try:
+            for x in batches:
+                posterior = self.encode(x.to(device).float())
+                codes = posterior.mean.double().cpu()
+                count += len(codes)
+                total += codes.sum(0)
+                squares += codes.pow(2).sum(0)
+                kl = posterior.kl_per_dimension()
+                if kl is not None:
+                    kl_total += kl.double().sum(0).cpu()
+        finally:
+            self.train(was_training)
+        if count == 0:
+            raise ValueError("no images to record the code statistics from")
+        mean = total / count
+        # The population variance, floored at 0 against rounding; one image gives 0.
+        std = (squares / count - mean.pow(2)).clamp_min(0.0).sqrt()
+        self.code_mean.copy_(mean.float())
+        self.code_std.copy_(std.float())
+        if self.stochastic:
+            self.code_kl.copy_((kl_total / count).float())
+        else:
+            self.code_kl.fill_(math.nan)
+        return self.code_statistics()
+
+    def code_statistics(self) -> CodeStatistics | None:
+        """The recorded statistics, or None for a model that has none: one not trained to the end yet, or saved
+        before aeforge recorded them (its checkpoint or pickle has no such buffers)."""
+        buffers = self.__dict__.get("_buffers", {})
+        mean, std, kl = (buffers.get(name) for name in CODE_STATISTICS_BUFFERS)
+        if mean is None or std is None or not bool(torch.isfinite(mean).all() and torch.isfinite(std).all()):
+            return None
+        has_kl = kl is not None and bool(torch.isfinite(kl).all())
+        return CodeStatistics(mean=mean.detach().float().cpu(), std=std.detach().float().cpu(),
+                              kl=kl.detach().float().cpu() if has_kl else None)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Checkpoints written before the code statistics existed lack these buffers: load them as "not recorded"
+        # (NaN) instead of refusing the whole checkpoint. load_state_dict hands this method its own copy.
+        for name in CODE_STATISTICS_BUFFERS:
+            buffer = self._buffers.get(name)
+            if buffer is not None:
+                state_dict.setdefault(prefix + name, buffer.detach().clone())
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     # --- training ---------------------------------------------------------------------------------
     def loss(self, x: torch.Tensor, gather: GatherFn | None = None) -> LossOutput:  # pragma: no cover

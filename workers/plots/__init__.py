@@ -13,15 +13,21 @@ What each picture is for:
 - ``templates``: the first layer's weight rows of an ``mlp`` encoder shown as images, the lecture's
   "rows are templates" picture; :func:`templates_comparison` puts several models' templates side by side
   (Vincent et al.: "0% vs 50% input pixels destroyed");
-- ``loss_curves``: the logged ``train/*`` curves.
+- ``loss_curves``: one panel per distinct logged ``train/*`` quantity, validation points on the same panel.
 
 Grids are drawn here with Pillow (no torchvision: it is not a dependency of the workers), in the layout
-torchvision's ``make_grid`` uses, so the pictures look like the papers' and the tests can compute where each
-image lands. Plots with axes use matplotlib's Agg backend (no display on Ray workers).
+torchvision's ``make_grid`` uses, so the pictures look like the papers'. A picture for people
+(:func:`save_labelled_grid`) is that grid enlarged with nearest-neighbour sampling until it is at least
+``MIN_SIDE`` pixels on its shorter side (a 28 px MNIST digit stays crisp pixels, not a blur), with a title strip
+above it and a strip of row labels on its left, drawn with Pillow's default font. Where the grid sits in the
+picture is written into the PNG as a text chunk (``GRID_INFO_KEY``), so tools and tests can find each cell.
+Plots with axes use matplotlib's Agg backend (no display on Ray workers).
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import math
 import re
@@ -34,7 +40,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+from PIL.PngImagePlugin import PngInfo  # noqa: E402
 from torch import nn  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -47,6 +54,18 @@ _MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 RECONSTRUCTIONS = 8
 EMBEDDING_POINTS = 2000
 ENCODE_BATCH = 500
+# Pictures for people: small grids are enlarged (by a whole factor) until their shorter side has MIN_SIDE pixels,
+# but never past MAX_SIDE on the longer side.
+MIN_SIDE = 256
+MAX_SIDE = 2400
+LABEL_FONT_SIZE = 14
+TITLE_FONT_SIZE = 16
+MARGIN = 6
+# PNG text chunk holding where the grid lies in a labelled picture: {"x", "y", "scale", "padding", "cell": [h, w],
+# "rows", "cols"}; cell (row, col) of the unscaled grid starts at x + scale * (padding + col * (w + padding)).
+GRID_INFO_KEY = "aeforge-grid"
+# How far (in standard deviations) a traversal goes on each side of the mean: the papers' +-2 for a N(0, 1) prior.
+TRAVERSAL_SDS = 2.0
 
 
 # --- grids ------------------------------------------------------------------------------------------------
@@ -109,6 +128,122 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int, padding: int = 
     return path
 
 
+def upscale_factor(width: int, height: int, min_side: int = MIN_SIDE, max_side: int = MAX_SIDE) -> int:
+    """The whole factor that brings a width x height picture's shorter side to at least ``min_side`` pixels,
+    held back so that its longer side stays within ``max_side``; 1 for pictures already that large."""
+    wanted = math.ceil(min_side / max(1, min(width, height)))
+    allowed = max(1, max_side // max(1, width, height))
+    return max(1, min(wanted, allowed))
+
+
+@functools.lru_cache(maxsize=8)
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    # Pillow's own font: the same on every machine, nothing to install (it has no Greek: write "beta", "sd").
+    return ImageFont.load_default(size)
+
+
+def _line_height(font) -> int:
+    ascent, descent = font.getmetrics()
+    return ascent + descent + 2
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    """Lines of ``text`` no wider than ``width`` pixels in ``font``, broken between words (a word longer than
+    the width gets a line of its own)."""
+    lines: list[str] = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split():
+            candidate = f"{line} {word}" if line else word
+            if line and font.getlength(candidate) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = candidate
+        lines.append(line)
+    return lines
+
+
+def _flatten_alpha(picture: Image.Image) -> Image.Image:
+    """Alpha (LA, RGBA grids) composed over white, so the strips and the grid share one opaque mode."""
+    if picture.mode not in ("LA", "RGBA"):
+        return picture
+    white = Image.new("RGBA", picture.size, (255, 255, 255, 255))
+    flat = Image.alpha_composite(white, picture.convert("RGBA"))
+    return flat.convert("L" if picture.mode == "LA" else "RGB")
+
+
+def save_labelled_grid(images: torch.Tensor, path: str | Path, nrow: int, *, title: str | None = None,
+                       row_labels: Sequence[str] | None = None, padding: int = 2,
+                       min_side: int = MIN_SIDE) -> Path:
+    """Write images (N, C, H, W) in [0, 1] as a grid a person can read: enlarged by :func:`upscale_factor`
+    (nearest neighbour), a title strip above it, and ``row_labels`` (one per grid row) right-aligned in a strip
+    on its left, level with their rows. Black text on white strips; the grid keeps its grey padding.
+    The grid's place in the picture is saved in the PNG text chunk ``GRID_INFO_KEY``. Returns the path."""
+    n, _, h, w = images.shape if images.dim() == 4 else (0, 0, 0, 0)
+    grid = _flatten_alpha(_to_pil(make_grid(images, nrow, padding)))
+    cols = min(nrow, n)
+    rows = math.ceil(n / cols)
+    if row_labels is not None and len(row_labels) != rows:
+        raise ValueError(f"{len(row_labels)} row labels for a grid of {rows} rows")
+    scale = upscale_factor(grid.width, grid.height, min_side=min_side)
+    grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+
+    # Labels no taller than their rows, so that neighbouring labels never overlap.
+    label_font = _font(max(8, min(LABEL_FONT_SIZE, (h + padding) * scale - 2)))
+    left = 0
+    if row_labels:
+        left = math.ceil(max(label_font.getlength(label) for label in row_labels)) + 2 * MARGIN
+    width = left + grid.width
+    title_font = _font(TITLE_FONT_SIZE)
+    title_lines = _wrap(title, title_font, width - 2 * MARGIN) if title else []
+    top = len(title_lines) * _line_height(title_font) + 2 * MARGIN if title_lines else 0
+
+    white = 255 if grid.mode == "L" else (255, 255, 255)
+    black = 0 if grid.mode == "L" else (0, 0, 0)
+    picture = Image.new(grid.mode, (width, top + grid.height), white)
+    picture.paste(grid, (left, top))
+    draw = ImageDraw.Draw(picture)
+    for k, line in enumerate(title_lines):
+        draw.text((MARGIN, MARGIN + k * _line_height(title_font)), line, font=title_font, fill=black)
+    for r, label in enumerate(row_labels or []):
+        centre = top + scale * (padding + r * (h + padding) + h / 2)
+        draw.text((left - MARGIN, centre), label, font=label_font, fill=black, anchor="rm")
+
+    info = PngInfo()
+    info.add_text(GRID_INFO_KEY, json.dumps({"x": left, "y": top, "scale": scale, "padding": padding,
+                                             "cell": [h, w], "rows": rows, "cols": cols}))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(path, format="PNG", pnginfo=info)
+    return path
+
+
+def describe_model(model: nn.Module) -> str:
+    """A few words naming the model for titles: "dae, mask noise 50% of pixels", "beta_vae, beta 4", "ae"."""
+    config = getattr(model, "config", None)
+    variant = getattr(model, "variant", "") or getattr(config, "variant", "model")
+    if config is None:
+        return variant
+    if variant == "dae":
+        return f"{variant}, {corruption_level(model)}"
+    if variant in ("beta_vae", "beta_tcvae"):
+        return f"{variant}, beta {config.effective_beta:g}"
+    return variant
+
+
+def corruption_level(model: nn.Module) -> str:
+    """The input corruption a model trained with, in words: "mask noise 50% of pixels", "gaussian noise sd
+    0.3", or "no corruption (0% destroyed)" for every model that is not a denoiser."""
+    config = getattr(model, "config", None)
+    if getattr(model, "variant", None) != "dae" or config is None:
+        return "no corruption (0% destroyed)"
+    c = config.effective_corruption
+    if c.kind == "gaussian":
+        return f"gaussian noise sd {c.level:g}"
+    return f"{c.kind.replace('_', ' ')} noise {c.level:.0%} of pixels"
+
+
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -119,39 +254,78 @@ def _blank_like(images: torch.Tensor) -> torch.Tensor:
 
 
 # --- what the model does to images ------------------------------------------------------------------------
-@torch.no_grad()
-def latent_traversal(model: nn.Module, image: torch.Tensor, path: str | Path, limit: float = 2.0, steps: int = 9,
-                     *, ranges: torch.Tensor | None = None) -> Path:
-    """One row per latent dimension d: the image's posterior mean with z_d set to each of ``steps`` values.
+def traversal_order(scores: torch.Tensor) -> torch.Tensor:
+    """Latent indices by score, largest first; equal scores keep index order (a stable sort)."""
+    scores = torch.nan_to_num(torch.as_tensor(scores, dtype=torch.float32).cpu(), nan=-math.inf)
+    return torch.sort(scores, descending=True, stable=True).indices
 
-    The values are ``linspace(-limit, limit, steps)``, the convention of the beta-VAE / beta-TCVAE papers and
+
+@torch.no_grad()
+def latent_traversal(model: nn.Module, image: torch.Tensor | None, path: str | Path, limit: float = TRAVERSAL_SDS,
+                     steps: int = 9, *, ranges: torch.Tensor | None = None, start: torch.Tensor | None = None,
+                     order_by: tuple[str, torch.Tensor] | None = None, title: str | None = None) -> Path:
+    """One row per latent dimension d: a starting code with z_d set to each of ``steps`` values, decoded.
+
+    The starting code is ``image``'s posterior mean, or ``start`` (D,) when no image is given. The values are
+    ``linspace(-limit, limit, steps)``, the convention of the beta-VAE / beta-TCVAE papers and
     disentanglement_lib: for the VAE family the prior N(0, 1) gives every dimension that scale, and a
     dimension that holds a factor shows that factor changing along its row while the rest of the image stays.
     Deterministic autoencoders have no prior, so their codes may live at any scale: ``ranges`` (D, 2) gives
-    each dimension its own (low, high) instead, e.g. the spread of encoded validation images.
+    each dimension its own (low, high) instead, e.g. the encoded data's mean +- 2 standard deviations.
+
+    ``order_by`` = (name, scores (D,)) puts the rows in order of score, largest first, and labels each row with
+    it ("z3  KL 2.31"), as the beta-TCVAE paper orders its rows by KL; without it the rows are z1, z2, ... in
+    order. Latents are numbered from 1, as on the embedding and manifold axes.
     """
     if steps < 2:
         raise ValueError(f"steps must be at least 2, not {steps}")
+    if (image is None) == (start is None):
+        raise ValueError("give either the image whose code the traversal starts from or the code, not both")
     device = _device(model)
-    z = model.encode(image.reshape(1, *image.shape[-3:]).to(device).float()).mean[0]
+    if start is None:
+        z = model.encode(image.reshape(1, *image.shape[-3:]).to(device).float()).mean[0].float()
+    else:
+        z = torch.as_tensor(start, dtype=torch.float32, device=device).reshape(-1)
     d = z.shape[0]
     if ranges is None:
         values = torch.linspace(-limit, limit, steps, device=device).expand(d, steps)
+        spans = None
     else:
         ranges = torch.as_tensor(ranges, dtype=torch.float32, device=device).reshape(d, 2)
         t = torch.linspace(0.0, 1.0, steps, device=device)
         values = ranges[:, :1] + (ranges[:, 1:] - ranges[:, :1]) * t
+        spans = ranges.cpu()
     codes = z.expand(d, steps, d).clone()  # codes[row, step] = z with z_row replaced
     rows = torch.arange(d, device=device)
     codes[rows, :, rows] = values
-    decoded = model.decode(codes.reshape(d * steps, d))
-    return save_grid(decoded.float().cpu(), path, nrow=steps)
+    if order_by is not None:
+        score_name, scores = order_by[0], torch.as_tensor(order_by[1], dtype=torch.float32).cpu().reshape(d)
+        order = traversal_order(scores)
+    else:
+        score_name, scores, order = None, None, torch.arange(d)
+    decoded = model.decode(codes[order.to(device)].reshape(d * steps, d))
+
+    labels = []
+    for k in order.tolist():
+        label = f"z{k + 1}"
+        if scores is not None:
+            label += f"  {score_name} {float(scores[k]):.2f}"
+        if spans is not None:
+            label += f"  [{float(spans[k, 0]):.2g}, {float(spans[k, 1]):.2g}]"
+        labels.append(label)
+    if title is None:
+        sweep = (f"from -{limit:g} to +{limit:g}" if spans is None
+                 else "over its own range [low, high]")
+        title = f"latent traversal: each row varies one latent {sweep}, left to right"
+        if score_name is not None:
+            title += f"; rows by {score_name}, largest first"
+    return save_labelled_grid(decoded.float().cpu(), path, nrow=steps, title=title, row_labels=labels)
 
 
 @torch.no_grad()
 def reconstructions(model: nn.Module, images: torch.Tensor, path: str | Path, per_row: int = 8,
-                    generator: torch.Generator | None = None) -> Path:
-    """Inputs with their reconstructions below them, in blocks of ``per_row`` columns.
+                    generator: torch.Generator | None = None, title: str | None = None) -> Path:
+    """Inputs with their reconstructions below them, in blocks of ``per_row`` columns, each row labelled.
 
     Each block is the row of inputs x, then (denoising autoencoders, which have ``corrupt``) the corrupted
     inputs x~ the model would train on, then the reconstructions: g(f(x)) from the posterior mean, or
@@ -161,20 +335,29 @@ def reconstructions(model: nn.Module, images: torch.Tensor, path: str | Path, pe
     device = _device(model)
     x = images.to(device).float()
     shown = [x]
+    names = ["input x"]
     if hasattr(model, "corrupt"):
         x_in = _corrupt(model, x, generator)
         shown.append(x_in)
+        names += ["corrupted x~", "reconstruction g(f(x~))"]
     else:
         x_in = x
+        names += ["reconstruction g(f(x))"]
     shown.append(model.decode(model.encode(x_in).mean).float())
     shown = [s.cpu() for s in shown]
     cells = []
+    labels = []
     for start in range(0, len(x), per_row):
-        for row in shown:
+        for name, row in zip(names, shown):
             block = row[start : start + per_row]
             missing = min(per_row, len(x)) - len(block)
             cells += [block, *([_blank_like(block)] * missing)]
-    return save_grid(torch.cat(cells), path, nrow=min(per_row, len(x)))
+            labels.append(name)
+    if title is None:
+        title = f"reconstructions ({describe_model(model)})"
+        if hasattr(model, "corrupt"):
+            title += f": the input corrupted with {corruption_level(model)}, then denoised"
+    return save_labelled_grid(torch.cat(cells), path, nrow=min(per_row, len(x)), title=title, row_labels=labels)
 
 
 def _corrupt(model: nn.Module, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -193,26 +376,30 @@ def _corrupt(model: nn.Module, x: torch.Tensor, generator: torch.Generator | Non
 
 
 @torch.no_grad()
-def prior_samples(model: nn.Module, path: str | Path, n: int = 64, seed: int = 0) -> Path | None:
-    """A square-ish grid of n decodings of z ~ N(0, I) drawn with ``seed``; None for deterministic autoencoders,
-    which have no prior (their decoder fed N(0, I) draws shows nothing meaningful)."""
+def prior_samples(model: nn.Module, path: str | Path, n: int = 64, seed: int = 0, title: str | None = None,
+                  nrow: int | None = None) -> Path | None:
+    """A square-ish grid (or ``nrow`` per row) of n decodings of z ~ N(0, I) drawn with ``seed``; None for
+    deterministic autoencoders, which have no prior (their decoder fed N(0, I) draws shows nothing meaningful)."""
     if not model.stochastic:
         return None
     device = _device(model)
     generator = torch.Generator(device=device).manual_seed(seed)
     images = model.sample(n, generator=generator)
-    return save_grid(images.float().cpu(), path, nrow=math.ceil(math.sqrt(n)))
+    if title is None:
+        title = f"samples ({describe_model(model)}): decodings of z ~ N(0, I), seed {seed}"
+    return save_labelled_grid(images.float().cpu(), path, nrow=nrow or math.ceil(math.sqrt(n)), title=title)
 
 
 @torch.no_grad()
-def latent_manifold(model: nn.Module, path: str | Path, n: int = 15, codes: torch.Tensor | None = None) -> Path | None:
+def latent_manifold(model: nn.Module, path: str | Path, n: int = 15, codes: torch.Tensor | None = None,
+                    title: str | None = None) -> Path | None:
     """For a 2-D latent space, an n x n grid of decoded codes; None for other latent sizes.
 
     VAE family: as Kingma & Welling (2014, fig. 4), the grid is mapped through the inverse CDF of N(0, 1)
     (quantiles 0.05 ... 0.95), so equal areas of the picture hold equal prior mass. Deterministic autoencoders
     have no prior, so the grid spans where the encoded ``codes`` (N, 2) lie (their 1st to 99th percentile,
     so that one outlier does not leave the picture mostly empty); they must be given.
-    z_1 grows to the right and z_2 upwards, as on a plot.
+    z1 grows to the right and z2 upwards, as on a plot; each row is labelled with its z2.
     """
     if model.latent_dim != 2:
         return None
@@ -231,7 +418,11 @@ def latent_manifold(model: nn.Module, path: str | Path, n: int = 15, codes: torc
     z1, z2 = axes[0], axes[1].flip(0)  # top row = largest z_2
     grid = torch.stack(torch.meshgrid(z2, z1, indexing="ij"), dim=-1)[..., [1, 0]].reshape(n * n, 2)
     images = model.decode(grid.to(device))
-    return save_grid(images.float().cpu(), path, nrow=n)
+    if title is None:
+        title = (f"latent manifold ({describe_model(model)}): z1 from {float(z1[0]):.2g} (left) "
+                 f"to {float(z1[-1]):.2g} (right), z2 labelled per row")
+    labels = [f"z2 {float(v):.2g}" for v in z2]
+    return save_labelled_grid(images.float().cpu(), path, nrow=n, title=title, row_labels=labels)
 
 
 # --- what the model learned -------------------------------------------------------------------------------
@@ -257,13 +448,17 @@ def _templates(model: nn.Module, n: int) -> torch.Tensor | None:
     return (0.5 + 0.5 * w / scale).reshape(len(w), *model.image_shape)
 
 
-def first_layer_templates(model: nn.Module, path: str | Path, n: int = 64) -> Path | None:
-    """The first-layer "templates" of an ``mlp`` encoder (the lecture's picture); None for convolutional ones,
+def first_layer_templates(model: nn.Module, path: str | Path, n: int = 64, title: str | None = None) -> Path | None:
+    """The first-layer "templates" of an ``mlp`` encoder (the lecture's picture), titled with the corruption
+    the model was trained with (Vincent et al. compare 0% and 50% destroyed); None for convolutional encoders,
     whose first layer is a set of small kernels, not image-sized rows."""
     templates = _templates(model, n)
     if templates is None:
         return None
-    return save_grid(templates, path, nrow=math.ceil(math.sqrt(len(templates))))
+    if title is None:
+        title = (f"first-layer templates ({getattr(model, 'variant', '') or 'model'}, trained with "
+                 f"{corruption_level(model)}): weight rows, mid-grey 0, light positive, dark negative")
+    return save_labelled_grid(templates, path, nrow=math.ceil(math.sqrt(len(templates))), title=title)
 
 
 def templates_comparison(models_by_label: Mapping[str, nn.Module], path: str | Path, n: int = 64) -> Path:
@@ -352,26 +547,77 @@ def embedding_scatter(codes: Any, colours: Any, path: str | Path, title: str, co
     return _save_figure(fig, path)
 
 
-def loss_curves(history: Mapping[str, Sequence[tuple[int, float]]], path: str | Path) -> Path | None:
-    """One panel per ``train/*`` curve (loss, recon, kl, tc, ...) against the step; None when there are none.
+# What each logged loss part is, for panel titles.
+LOSS_PARTS = {
+    "loss": "objective (total loss)",
+    "recon": "reconstruction error",
+    "kl": "KL(q(z|x) || p(z))",
+    "mi": "index-code mutual information",
+    "tc": "total correlation",
+    "dwkl": "dimension-wise KL",
+}
+
+
+def _same_curve(a: Sequence[tuple[int, float]], b: Sequence[tuple[int, float]]) -> bool:
+    if len(a) != len(b):
+        return False
+    steps_a, values_a = zip(*a)
+    steps_b, values_b = zip(*b)
+    return steps_a == steps_b and bool(np.allclose(values_a, values_b, rtol=1e-6, atol=1e-9, equal_nan=True))
+
+
+def loss_panels(history: Mapping[str, Sequence[tuple[int, float]]]) -> list[list[str]]:
+    """The ``train/*`` curves grouped into panels: curves with the same points share one panel (a plain or
+    denoising autoencoder's objective *is* its reconstruction error, so ``train/loss`` and ``train/recon`` are
+    the same numbers and would be two identical panels), every distinct quantity gets its own."""
+    panels: list[list[str]] = []
+    for name, points in history.items():
+        if not name.startswith("train/") or not len(points):
+            continue
+        twin = next((panel for panel in panels if _same_curve(history[panel[0]], points)), None)
+        if twin is None:
+            panels.append([name])
+        else:
+            twin.append(name)
+    return panels
+
+
+def loss_curves(history: Mapping[str, Sequence[tuple[int, float]]], path: str | Path,
+                title: str | None = None) -> Path | None:
+    """One panel per distinct ``train/*`` quantity (loss, recon, kl, tc, ...) against the step; None when there
+    are none. Identical curves share a panel titled with both names ("loss = recon", see :func:`loss_panels`).
+    A validation curve ``eval/<part>`` in the history is drawn on its training part's panel as markers.
 
     Separate panels rather than one axes: the total is often hundreds of nats while TC or KL are a few, and on
     a shared axis the small parts would be flat lines.
     """
-    curves = {k: v for k, v in history.items() if k.startswith("train/") and len(v)}
-    if not curves:
+    panels = loss_panels(history)
+    if not panels:
         return None
-    cols = min(3, len(curves))
-    rows = math.ceil(len(curves) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 3.0 * rows), dpi=100, squeeze=False)
-    for ax in axes.flat[len(curves):]:
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.4 * rows + (0.4 if title else 0.0)), dpi=100,
+                             squeeze=False)
+    for ax in axes.flat[len(panels):]:
         ax.axis("off")
-    for ax, (name, points) in zip(axes.flat, curves.items()):
+    for ax, names in zip(axes.flat, panels):
+        parts = [name.split("/", 1)[1] for name in names]
+        points = history[names[0]]
         steps, values = zip(*points)
-        ax.plot(steps, values, marker="." if len(points) < 30 else None)
-        ax.set_title(name, fontsize=10)
-        ax.set_xlabel("step")
+        ax.plot(steps, values, marker="." if len(points) < 30 else None, label="training (mean per log window)")
+        validation = [f"eval/{part}" for part in parts if len(history.get(f"eval/{part}", ()))]
+        for name in validation[:1]:
+            v_steps, v_values = zip(*history[name])
+            ax.plot(v_steps, v_values, "o", color="tab:orange", label=f"validation ({name})")
+        if validation:
+            ax.legend(fontsize=7)
+        meanings = " = ".join(LOSS_PARTS.get(part, part) for part in parts)
+        ax.set_title(" = ".join(parts) + f": {meanings}", fontsize=9)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(" = ".join(names) + " (per image)", fontsize=8)
         ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save_figure(fig, path)
 
@@ -382,11 +628,31 @@ def _safe_name(name: str) -> str:
 
 
 @torch.no_grad()
-def _encode_means(model: nn.Module, data: Any, index: torch.Tensor) -> torch.Tensor:
+def _encode(model: nn.Module, data: Any, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The codes (posterior means) of ``data`` rows ``index``, (N, D), and for the VAE family the mean KL of
+    each latent dimension to the prior over those rows, (D,); None for deterministic codes."""
     device = _device(model)
-    out = [model.encode(data.images(index[i : i + ENCODE_BATCH]).to(device).float()).mean.float().cpu()
-           for i in range(0, len(index), ENCODE_BATCH)]
-    return torch.cat(out)
+    means, kl_sum = [], None
+    for i in range(0, len(index), ENCODE_BATCH):
+        posterior = model.encode(data.images(index[i : i + ENCODE_BATCH]).to(device).float())
+        means.append(posterior.mean.float().cpu())
+        kl = posterior.kl_per_dimension()
+        if kl is not None:
+            kl_sum = kl.sum(0).cpu() if kl_sum is None else kl_sum + kl.sum(0).cpu()
+    return torch.cat(means), None if kl_sum is None else kl_sum / len(index)
+
+
+def traversal_settings(model: nn.Module, codes: torch.Tensor, kl: torch.Tensor | None,
+                       sds: float = TRAVERSAL_SDS) -> dict[str, Any]:
+    """How to traverse ``model`` given its data's ``codes`` (N, D) and per-latent ``kl`` (D,): keyword arguments
+    for :func:`latent_traversal`. VAE family: the prior's -2..+2, rows by KL. Deterministic autoencoders: each
+    latent over the codes' mean +- ``sds`` standard deviations, rows by standard deviation (a latent the data
+    does not move has nothing to show)."""
+    if model.stochastic and kl is not None:
+        return {"limit": sds, "order_by": ("KL", kl)}
+    mean = codes.mean(0)
+    std = codes.std(0, unbiased=False)
+    return {"ranges": torch.stack([mean - sds * std, mean + sds * std], dim=1), "order_by": ("sd", std)}
 
 
 def _first_varying_factor(data: Any, index: torch.Tensor) -> tuple[str, torch.Tensor] | None:
@@ -407,7 +673,9 @@ def make_run_pictures(model: nn.Module, train_data: Any, val_data: Any, out_dir:
     Names (file = name + ".png"): ``reconstructions``, ``traversal`` (the sweep summary collects this file
     from every trial), ``samples`` (VAE family), ``manifold`` (latent_dim 2), ``embedding_label`` (data with
     labels) and ``embedding_<factor>`` (data with factors: the first factor that varies), ``templates``
-    (architecture mlp) and ``loss_curves`` (a history with train/* curves).
+    (architecture mlp) and ``loss_curves`` (a history with train/* curves). Grids are enlarged to at least
+    ``MIN_SIDE`` pixels a side, titled with the model and data, and their rows labelled; the traversal's rows
+    go by KL (VAE family) or by the codes' spread (autoencoders, swept over their mean +- 2 sd).
 
     Validation images are used (training images when there are none): they show what the model does on data
     it did not fit. Everything runs in eval mode without gradients on the model's device, and the images are
@@ -433,18 +701,26 @@ def make_run_pictures(model: nn.Module, train_data: Any, val_data: Any, out_dir:
             order = torch.randperm(len(data), generator=chooser)
             shown = order[:RECONSTRUCTIONS]
             points = order[:EMBEDDING_POINTS]
-            codes = _encode_means(model, data, points)
+            codes, kl = _encode(model, data, points)
             x = data.images(shown).float()
+            about = f"{describe_model(model)}, data {data.name}"
 
             noise = torch.Generator(device=device).manual_seed(seed)
-            attempt("reconstructions", lambda: reconstructions(model, x, out_dir / "reconstructions.png",
-                                                               generator=noise))
-            attempt("samples", lambda: prior_samples(model, out_dir / "samples.png", n=64, seed=seed))
-            # Deterministic codes have no prior scale: sweep each dimension over where validation codes lie.
-            ranges = None
-            if not model.stochastic and len(codes) > 1:
-                ranges = torch.stack([torch.quantile(codes, 0.01, dim=0), torch.quantile(codes, 0.99, dim=0)], 1)
-            attempt("traversal", lambda: latent_traversal(model, x[0], out_dir / "traversal.png", ranges=ranges))
+            attempt("reconstructions", lambda: reconstructions(
+                model, x, out_dir / "reconstructions.png", generator=noise,
+                title=f"reconstructions of validation images ({about})"))
+            attempt("samples", lambda: prior_samples(
+                model, out_dir / "samples.png", n=64, seed=seed,
+                title=f"samples ({about}): decodings of z ~ N(0, I)"))
+            # Rows by KL (VAE family) or by spread; deterministic codes have no prior scale, so each latent is
+            # swept over where the validation codes lie.
+            settings = traversal_settings(model, codes, kl)
+            what = ("from -2 to +2 (the prior's sd)" if "ranges" not in settings
+                    else "over the validation codes' mean +- 2 sd [range shown]")
+            attempt("traversal", lambda: latent_traversal(
+                model, x[0], out_dir / "traversal.png", **settings,
+                title=f"latent traversal ({about}): each row varies one latent {what}, the others stay at one "
+                      f"image's code; rows by {settings['order_by'][0]}, largest first"))
             attempt("manifold", lambda: latent_manifold(model, out_dir / "manifold.png", codes=codes))
 
             if data.labels is not None:
@@ -462,7 +738,8 @@ def make_run_pictures(model: nn.Module, train_data: Any, val_data: Any, out_dir:
 
             attempt("templates", lambda: first_layer_templates(model, out_dir / "templates.png"))
             if history:
-                attempt("loss_curves", lambda: loss_curves(history, out_dir / "loss_curves.png"))
+                attempt("loss_curves", lambda: loss_curves(history, out_dir / "loss_curves.png",
+                                                           title=f"training curves ({about})"))
     finally:
         model.train(was_training)
         plt.close("all")

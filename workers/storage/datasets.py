@@ -2,7 +2,10 @@
 size and sha256), the manifest written last. A dataset without a manifest is incomplete: it is never listed or
 resolved, and the next push of that name clears it. The manifest also names the dataset's ``owner`` (who pushed it;
 only they or an admin replace, share or remove it; None for one pushed before owners were recorded: admins only)
-and whether it is ``shared`` (readable by every user's jobs; services.access)."""
+and whether it is ``shared`` (readable by every user's jobs; services.access). A dataset pushed by the CLI also
+records what its reader found: ``examples``, ``image_shape`` [C, H, W] (null: images of mixed sizes), ``classes``
+(the number of label classes; null: no labels) and ``factors`` ([{name, size}]; null: none); older manifests lack
+these fields."""
 
 from __future__ import annotations
 
@@ -11,14 +14,17 @@ import json
 import re
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, get_args
+from typing import Any, Callable, Mapping, get_args
 
 from pyarrow.fs import FileType
 
+from workers.errors import AeforgeError
 from workers.storage.objects import ObjectNotFound, ObjectStore, StorageError, clean_relpath, sha256_file
 
 DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 DATASETS, MANIFEST, MANIFEST_VERSION = "datasets", "manifest.json", 1
+# What a push's ``describe`` may record: what the data's reader found (workers.data.summary.DataSummary).
+CONTENT_FIELDS = ("examples", "image_shape", "classes", "factors")
 
 
 def validate_dataset_name(name: str) -> str:
@@ -83,10 +89,14 @@ class DatasetStore(ObjectStore):
 
     def push(self, paths: list[Path | str], name: str, *, overwrite: bool = False, format: str | None = None,
              progress: Callable[[str], None] | None = None, owner: str | None = None,
-             admin: bool = False) -> dict[str, Any]:
+             admin: bool = False, describe: Callable[[list[Path], str], Mapping[str, Any]] | None = None
+             ) -> dict[str, Any]:
         """Upload files (or one folder's files, by relative path) as dataset ``name`` owned by ``owner``; returns the
-        manifest, written last (an interrupted push leaves an incomplete dataset). ``format``: idx | npz | folder,
-        inferred if None. Replacing another owner's dataset takes ``admin``; it keeps its owner and sharing."""
+        manifest, written last (an interrupted push leaves an incomplete dataset). ``format``: one of
+        :func:`data_formats`, inferred if None. Replacing another owner's dataset takes ``admin``; it keeps its owner
+        and sharing. ``describe(paths, format)`` (the CLI passes ``workers.data.summary``'s reader check) runs before
+        anything is uploaded or cleared; its fields (examples, image_shape, classes, factors) go into the manifest,
+        and an AeforgeError it raises refuses the push, leaving a dataset of that name as it was."""
         validate_dataset_name(name)
         paths = [Path(p) for p in paths]
         if not paths:
@@ -120,6 +130,13 @@ class DatasetStore(ObjectStore):
                                f"use --overwrite to replace it")
         if existing is not None:
             self._check_owner(name, existing[0], owner, admin, "replace")
+        contents = {}
+        if describe is not None:
+            try:
+                found = describe(paths, format)
+            except AeforgeError as exc:  # a DataError naming the file and what is wrong with it
+                raise StorageError(f"cannot push dataset '{name}': {exc}") from None
+            contents = {key: found[key] for key in CONTENT_FIELDS if key in found}
         owner = (existing[0].get("owner") if existing else None) or owner  # a replaced dataset keeps its owner
         shared = bool(existing) and existing[0].get("shared") is True  # and its sharing
         prefix, files = self._clear(name), []  # from here on the name reads as incomplete until the manifest lands
@@ -130,7 +147,7 @@ class DatasetStore(ObjectStore):
             self.put_file(local, f"{prefix}/files/{relpath}")
         manifest = {"aeforge_manifest": MANIFEST_VERSION, "name": name, "layout": layout, "format": format,
                     "files": files, "size": sum(f["size"] for f in files), "owner": owner, "shared": shared,
-                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **contents}
         self.put_bytes(json.dumps(manifest, indent=2).encode(), f"{prefix}/{MANIFEST}")
         return manifest
 
