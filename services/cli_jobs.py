@@ -13,13 +13,10 @@ Tables never cut a value: on a terminal long cells fold onto more lines, and pip
 
 from __future__ import annotations
 
-import json
 import queue
-import sys
 import threading
 import time
 from datetime import datetime, timezone
-from enum import Enum
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -31,6 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 from rich.text import Text
 
+from services.cli_output import OutputFormat, output_option, print_json
 from services.cli_errors import fail, handle_errors
 from services.client import AeforgeClient, ApiError
 from services.settings import ServiceSettings
@@ -41,15 +39,6 @@ console = Console()
 
 STATE_STYLES = {"queued": "cyan", "starting": "yellow", "running": "bold yellow", "succeeded": "green",
                 "failed": "bold red", "cancelled": "magenta"}
-
-
-class OutputFormat(str, Enum):
-    table = "table"
-    json = "json"
-
-
-OUTPUT_OPTION = typer.Option(OutputFormat.table, "--output", "-o", case_sensitive=False,
-                             help="table (for people) or json (for scripts: the API's fields, full values)")
 
 
 def make_client() -> AeforgeClient:
@@ -85,12 +74,6 @@ def _number(value: Any) -> str:
     if value != 0 and not 1e-3 <= abs(value) < 1e6:
         return f"{value:.3e}"
     return f"{value:.4f}"
-
-
-def print_json(value: Any) -> None:
-    """Machine-readable output: plain JSON on stdout, no markup, no wrapping."""
-    sys.stdout.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
-    sys.stdout.flush()
 
 
 def print_table(renderable: RenderableType, out: Console | None = None) -> None:
@@ -301,7 +284,7 @@ def jobs(state: Optional[list[str]] = typer.Option(None, "--state", "-s", help=f
          name: Optional[str] = typer.Option(None, help="only jobs with this name"),
          limit: int = typer.Option(50, min=1, max=500),
          offset: int = typer.Option(0, min=0),
-         output: OutputFormat = OUTPUT_OPTION) -> None:
+         output: OutputFormat = output_option()) -> None:
     """List jobs, newest first."""
     page = make_client().list_jobs(states=state, owner=owner, name=name, limit=limit, offset=offset)
     if output == OutputFormat.json:
@@ -335,7 +318,7 @@ def jobs(state: Optional[list[str]] = typer.Option(None, "--state", "-s", help=f
         console.print(f"more: --offset {page['next_offset']}", highlight=False)
 
 
-def status(job_id: str = typer.Argument(..., metavar="ID"), output: OutputFormat = OUTPUT_OPTION) -> None:
+def status(job_id: str = typer.Argument(..., metavar="ID"), output: OutputFormat = output_option()) -> None:
     """A job's state, progress or why it waits, its results (metrics, model, pictures) and every state change."""
     job = make_client().get(job_id, progress=True)
     if output == OutputFormat.json:

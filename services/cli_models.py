@@ -20,6 +20,14 @@ models_app = typer.Typer(cls=ErrorHandlingGroup, no_args_is_help=True,
                          help="Registered models: list, show, sample, traverse.")
 
 
+def description_prose(description: str | None) -> str:
+    """A version description's written paragraphs. The metrics table and picture links aeforge appends (for the
+    MLflow page) are left out: `show` prints both in its own tables below."""
+    kept = [paragraph.strip() for paragraph in (description or "").split("\n\n")
+            if not paragraph.startswith(("| ", "**Pictures**", "!["))]
+    return "\n\n".join(p for p in kept if p)
+
+
 def _console() -> CliConsole:
     # Made per call, so the terminal width (COLUMNS) is read when a command runs, not at import.
     return make_console()
@@ -99,8 +107,9 @@ def show_command(
         return
     aliases = " ".join(f"@{a}" for a in info["aliases"]) or "(no aliases)"
     console.print(f"[bold]{info['name']}[/bold] version {info['version']}  {aliases}", highlight=False)
-    if info["description"]:
-        console.print(info["description"], highlight=False, soft_wrap=True)
+    prose = description_prose(info["description"])
+    if prose:
+        console.print(prose, highlight=False, soft_wrap=True)
     console.print(f"model URI: {info['model_uri']}", highlight=False, soft_wrap=True)
     console.print(f"run: {info['run_id'] or '-'}   created: {info['created'] or '-'}   status: {info['status']}",
                   highlight=False, soft_wrap=True)

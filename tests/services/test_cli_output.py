@@ -334,3 +334,13 @@ def test_validate_warns_when_the_cluster_cannot_be_asked(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "warning:" in result.output and "could not be asked how many it has" in result.output
     assert "nothing answers" in result.output
+
+
+def test_models_show_prints_the_description_prose_not_the_page_table_and_picture_links():
+    from services.cli_models import description_prose
+
+    description = ("Squares model.\n\nbeta_tcvae (mlp, latent_dim=3) trained on shapes16.\n\n"
+                   "| metric | final value |\n| --- | ---: |\n| eval/mig | 0.1 |\n\n"
+                   "**Pictures** of run [abc](http://x): a.png\n\n![a](http://x/a.png)")
+    assert description_prose(description) == "Squares model.\n\nbeta_tcvae (mlp, latent_dim=3) trained on shapes16."
+    assert description_prose(None) == ""
