@@ -264,7 +264,6 @@ def test_sweep_results_cli_prints_the_table(finished_sweep, sweep_env, tmp_path,
     from services import cli
 
     spec, job_id, outcome, _ = finished_sweep
-    monkeypatch.setattr(cli.console, "width", 250)
     out_csv = tmp_path / "table.csv"
     result = runner.invoke(cli.app, ["sweep", "results", job_id, "--csv", str(out_csv)])
     assert result.exit_code == 0, result.output
@@ -290,7 +289,6 @@ def test_aeforge_run_prints_the_sweep_table(finished_sweep, sweep_env, tmp_path,
     from services import cli
 
     spec, job_id, outcome, _ = finished_sweep
-    monkeypatch.setattr(cli.console, "width", 250)
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
     result = runner.invoke(cli.app, ["run", str(path), "--job-id", job_id])
