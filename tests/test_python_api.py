@@ -165,13 +165,11 @@ def served_queue(tmp_path, monkeypatch):
     """The queue's API over HTTP (uvicorn on a free port) with its dispatcher, in front of a fake Ray whose jobs
     succeed and print an AEFORGE_RESULT line as jobs.run does (unless ``ray_paused`` is set); AEFORGE_API_URL and
     AEFORGE_API_TOKEN point at it. Yields (store, ray_paused)."""
-    import uvicorn
-
     from services.api import create_app
     from services.dispatcher import Dispatcher
     from services.settings import Principal, ServiceSettings
     from services.store import Store
-    from tests.fixtures.s3 import free_port
+    from tests.fixtures.processes import serving_in_thread
     from tests.services.fakes import FakeCluster, FakeLauncher
     from workers.protocol import result_line
 
@@ -180,9 +178,6 @@ def served_queue(tmp_path, monkeypatch):
     settings = ServiceSettings(home=tmp_path, db_url="unused", dispatch_interval_s=0.05,
                                tokens=(Principal("nora", "user", "nora-token-123"),))
     dispatcher = Dispatcher(store, FakeCluster({"CPU": 2}), launcher, environ={})
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(store, settings, launcher=launcher, dispatcher=dispatcher),
-                                           host="127.0.0.1", port=port, log_level="warning"))
     stop, ray_paused = threading.Event(), threading.Event()
 
     def ray():
@@ -198,23 +193,17 @@ def served_queue(tmp_path, monkeypatch):
                                         "version": "1", "alias": "candidate"}}
                     launcher.set(sid, "SUCCEEDED", logs=job["logs"] + result_line(result) + "\n")
 
-    threads = [threading.Thread(target=server.run, daemon=True), threading.Thread(target=ray, daemon=True)]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    monkeypatch.setenv("AEFORGE_API_URL", f"http://127.0.0.1:{port}")
-    monkeypatch.setenv("AEFORGE_API_TOKEN", "nora-token-123")
-    monkeypatch.setenv("AEFORGE_HOME", str(tmp_path / "home"))
+    fake_ray = threading.Thread(target=ray, daemon=True)
+    fake_ray.start()
     try:
-        yield SimpleNamespace(store=store, ray_paused=ray_paused)
+        with serving_in_thread(create_app(store, settings, launcher=launcher, dispatcher=dispatcher)) as url:
+            monkeypatch.setenv("AEFORGE_API_URL", url)
+            monkeypatch.setenv("AEFORGE_API_TOKEN", "nora-token-123")
+            monkeypatch.setenv("AEFORGE_HOME", str(tmp_path / "home"))
+            yield SimpleNamespace(store=store, ray_paused=ray_paused)
     finally:
         stop.set()
-        server.should_exit = True
-        for thread in threads:
-            thread.join(timeout=30)
+        fake_ray.join(timeout=30)
         store.close()
 
 

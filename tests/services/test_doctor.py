@@ -67,27 +67,16 @@ def home(tmp_path, monkeypatch):
 def api_server(tmp_path):
     """The queue's API (its real FastAPI app over a sqlite store, a stand-in launcher) served by uvicorn on a free
     port in a thread; yields its URL."""
-    import uvicorn
-
     from services.api import create_app
+    from tests.fixtures.processes import serving_in_thread
     from tests.services.fakes import FakeLauncher
 
     store = Store(f"sqlite:///{tmp_path / 'api.db'}")
     settings = ServiceSettings(home=tmp_path, db_url="unused", tokens=(Principal("doc", "admin", TOKEN),))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(store, settings, launcher=FakeLauncher()), host="127.0.0.1",
-                                           port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
     try:
-        yield f"http://127.0.0.1:{port}"
+        with serving_in_thread(create_app(store, settings, launcher=FakeLauncher())) as url:
+            yield url
     finally:
-        server.should_exit = True
-        thread.join(10)
         store.close()
 
 
