@@ -7,6 +7,7 @@ and a line saying so (exit code 1). See services.cli_errors.
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 import sys
@@ -267,16 +268,38 @@ def sweep_results_command(ref: str = typer.Argument(..., metavar="JOB_OR_RUN", h
         console.print(f"wrote {csv_path}", highlight=False, soft_wrap=True)
 
 
+class BenchData(str, enum.Enum):
+    spec = "spec"
+    npz = "npz"
+
+
 @app.command()
 def bench(spec_path: Path = typer.Argument(..., metavar="SPEC"),
-          steps: int = typer.Option(200, help="timed steps per loop"),
-          warmup: int = typer.Option(20, help="untimed steps first"),
+          steps: int = typer.Option(200, min=1, help="timed steps per row"),
+          warmup: int = typer.Option(20, min=1, help="untimed steps first (a compiled row compiles in them)"),
+          data: BenchData = typer.Option(BenchData.spec, case_sensitive=False,
+                                         help="what both loops read: the spec's data set (for dSprites, rendered "
+                                              "per batch), or an .npz file the bench writes from it"),
+          compiled: bool = typer.Option(True, "--compiled/--no-compiled",
+                                        help="also the compiled rows (train.compile: true; tens of seconds to "
+                                             "compile on a CPU, before the timed steps)"),
+          large_batch: int = typer.Option(0, "--large-batch", min=0,
+                                          help="also every row at this batch size (e.g. 2048); 0: off"),
+          large_steps: int = typer.Option(20, "--large-steps", min=1, help="timed steps at the large batch"),
+          large_warmup: int = typer.Option(3, "--large-warmup", min=1, help="untimed steps at the large batch"),
+          repeats: int = typer.Option(1, min=1, help="measure every row this many times, interleaved, and report "
+                                                     "the median (steadier on a busy machine)"),
+          threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads for every row (default: "
+                                                                  "torch's); 1 is steadier on a shared machine"),
           ray_workers: int = typer.Option(0, "--ray-workers", min=0,
-                                          help="also time the loop on Ray Train as DDP over this many workers "
-                                               "(local Ray, or RAY_ADDRESS's cluster; resources per worker from the spec)")) -> None:
-    """Training throughput (images/s) of aeforge's loop next to a plain PyTorch loop, same model, same device;
-    with --ray-workers N, also on Ray Train (N DDP workers), so Ray's overhead per step shows."""
-    from benchmarks.bench_train import run_benchmark
+                                          help="also time the eager loop on Ray Train as DDP over this many workers "
+                                               "(local Ray, or RAY_ADDRESS's cluster; resources per worker from the spec)"),
+          output: OutputFormat = output_option()) -> None:
+    """Training throughput (images/s) of aeforge's loop next to a plain PyTorch loop: same model, same data,
+    same device. Rows: eager and compiled, fp32 and bf16 (bf16 on CUDA only), at the spec's batch size and with
+    --large-batch at a large one, each with its ratio to the plain loop at the same batch; with --ray-workers N,
+    also on Ray Train (N DDP workers), so Ray's overhead per step shows."""
+    from benchmarks.bench_train import PRECISIONS, run_benchmark
     from jobs.spec import load_spec
 
     spec = load_spec(spec_path)
@@ -284,19 +307,46 @@ def bench(spec_path: Path = typer.Argument(..., metavar="SPEC"),
         from jobs.ray_train import connect_ray
 
         connect_ray()
-    report = run_benchmark(spec, steps=steps, warmup=warmup, resolve=_resolver(), ray_workers=ray_workers)
-    table = new_table(f"throughput on {report['device']} ({spec.model.variant}/{spec.model.architecture}, batch {spec.train.batch_size})")
+    report = run_benchmark(spec, steps=steps, warmup=warmup, resolve=_resolver(), ray_workers=ray_workers,
+                           data=data.value, compile_options=(False, True) if compiled else (False,),
+                           precisions=PRECISIONS, large_batch=large_batch, large_steps=large_steps,
+                           large_warmup=large_warmup, repeats=repeats, threads=threads)
+    if output is OutputFormat.json:
+        print_json(report)
+        return
+    table = new_table(f"training throughput on {report['device']} ({spec.model.variant}/{spec.model.architecture})")
     text_column(table, "loop")
+    number_column(table, "batch")
     number_column(table, "images/s")
     number_column(table, "ms/step")
-    for row in report["rows"]:
-        table.add_row(row["loop"], f"{row['images_per_second']:,.0f}", f"{row['ms_per_step']:.2f}")
-    console.print(table)
-    console.print(f"ratio aeforge / plain: {report['ratio']:.2f}x", highlight=False)
-    for row in report["rows"]:
+    number_column(table, "× plain")
+    text_column(table, "note")
+    # Grouped by batch size (skipped rows next to their batch's), the Ray Train row last.
+    in_process = [row for row in report["rows"] if "fit_seconds" not in row] + report["skipped"]
+    ordered = sorted(in_process, key=lambda row: row["batch_size"]) + [row for row in report["rows"] if "fit_seconds" in row]
+    for row in ordered:
+        if "reason" in row:
+            table.add_row(row["loop"], f"{row['batch_size']:,}", "–", "–", "–", f"skipped: {row['reason']}")
+            continue
+        note = ""
+        if row.get("compile_seconds"):
+            note = f"compiled in {row['compile_seconds']:.0f} s (untimed)"
         if "fit_seconds" in row:
-            console.print(f"Ray Train fit, worker start-up included: {row['fit_seconds']:.1f} s for {warmup + steps} "
-                          f"steps (images/s above: timed steps only)", highlight=False)
+            note = f"global batch; fit {row['fit_seconds']:.1f} s with worker start-up"
+        if "images_per_second_runs" in row:
+            runs = ", ".join(f"{v:,.0f}" for v in row["images_per_second_runs"])
+            note = f"median of {runs}" + (f"; {note}" if note else "")
+        table.add_row(row["loop"], f"{row['batch_size']:,}", f"{row['images_per_second']:,.0f}",
+                      f"{row['ms_per_step']:.2f}", f"{row['ratio']:.2f}", note)
+    console.print(table)
+    load = report["load"]
+    console.print(f"data: {report['data_description']}", highlight=False, soft_wrap=True)
+    large = f" (batch {large_batch:,}: {large_steps} after {large_warmup})" if large_batch else ""
+    console.print(f"{report['steps']} timed steps after {report['warmup']}{large}, {report['repeats']} run(s) per row; "
+                  f"torch threads {report['torch_threads']}; load average {load['before']:.2f} before, "
+                  f"{load['after']:.2f} after, on {load['cpus']} CPUs", highlight=False, soft_wrap=True)
+    if report["ratio"] is not None:
+        console.print(f"ratio aeforge / plain at batch {spec.train.batch_size}: {report['ratio']:.2f}x", highlight=False)
 
 
 def _mount_subcommands() -> None:

@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Variant = Literal["ae", "dae", "vae", "beta_vae", "beta_tcvae"]
 Architecture = Literal["mlp", "conv28", "conv64"]
+# torch.compile's modes: 'reduce-overhead' replays CUDA graphs (fewer kernel launches, for small models);
+# 'max-autotune*' also benchmarks kernel choices while compiling (minutes up front).
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 # Variants whose encoder is a Gaussian posterior q(z|x) with a N(0, I) prior.
 STOCHASTIC_VARIANTS = ("vae", "beta_vae", "beta_tcvae")
@@ -31,13 +34,19 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+# A denoising autoencoder's corruption when the spec gives none. Plain constants as well as the field defaults: the
+# compiled training step reads them without building a CorruptionConfig (pydantic's validation is not traceable).
+DEFAULT_CORRUPTION_KIND = "mask"
+DEFAULT_CORRUPTION_LEVEL = 0.5
+
+
 class CorruptionConfig(StrictModel):
     """How a denoising autoencoder corrupts its input (Vincent et al. 2008/2010)."""
 
-    kind: Literal["mask", "gaussian", "salt_pepper"] = "mask"
+    kind: Literal["mask", "gaussian", "salt_pepper"] = DEFAULT_CORRUPTION_KIND
     # mask: fraction of pixels set to 0; gaussian: noise standard deviation; salt_pepper: fraction of pixels
     # set to 0 or 1 with equal probability.
-    level: float = Field(0.5, ge=0.0, le=1.0)
+    level: float = Field(DEFAULT_CORRUPTION_LEVEL, ge=0.0, le=1.0)
 
 
 class ModelConfig(StrictModel):
@@ -106,6 +115,13 @@ class TrainConfig(StrictModel):
     batch_size: int = Field(64, ge=1, description="per worker; global batch = batch_size x workers")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool | None = Field(
+        None, description="torch.compile the training step's forward pass and loss (TorchInductor); null: on for "
+        "CUDA, off on CPU (where compiling needs a C++ compiler and costs tens of seconds up front). Checkpoints and "
+        "registered models are the same either way")
+    compile_mode: CompileMode | None = Field(
+        None, description="torch.compile mode when compiling; null: 'reduce-overhead' (CUDA graphs) on one CUDA "
+        "process, 'default' under DDP and on CPU")
     grad_clip: float | None = Field(None, gt=0.0)
     checkpoint_every: int = Field(5000, ge=1)
     eval_every: int | None = Field(None, ge=1)
@@ -115,6 +131,13 @@ class TrainConfig(StrictModel):
     max_failures: int = Field(2, ge=0, description="worker failures survived by resuming")
     max_hours: float | None = Field(None, gt=0.0, description="wall-clock limit: a job (attempt) running longer is "
                                     "stopped and failed by the queue, not retried (default: no limit)")
+
+    @model_validator(mode="after")
+    def _compile_mode_needs_compile(self) -> "TrainConfig":
+        if self.compile is False and self.compile_mode is not None:
+            raise ValueError(f"'compile_mode' ({self.compile_mode}) is set but 'compile' is false; "
+                             f"drop compile_mode or set compile: true")
+        return self
 
     @model_validator(mode="after")
     def _budget(self) -> "TrainConfig":

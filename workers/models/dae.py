@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from workers.config import DEFAULT_CORRUPTION_KIND, DEFAULT_CORRUPTION_LEVEL
 from workers.models.ae import PlainAutoencoder
 from workers.models.base import GatherFn, LossOutput
 from workers.models.registry import register
@@ -53,7 +54,11 @@ class DenoisingAutoencoder(PlainAutoencoder):
     stochastic = False
 
     def corrupt(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        c = self.config.effective_corruption
+        # The fields, not config.effective_corruption: that builds a default CorruptionConfig, and pydantic's
+        # validation would break the compiled training step's graph in two at every step.
+        c = self.config.corruption
+        if c is None:
+            return corrupt(x, DEFAULT_CORRUPTION_KIND, DEFAULT_CORRUPTION_LEVEL, generator)
         return corrupt(x, c.kind, c.level, generator)
 
     def loss(self, x: torch.Tensor, gather: GatherFn | None = None) -> LossOutput:
