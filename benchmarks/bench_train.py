@@ -282,15 +282,19 @@ def _run_rows(spec, steps, warmup, resolve, device, ray_workers, data, compile_o
 
     load_before = os.getloadavg()[0]
 
-    # (batch size, timed steps, warm-up steps) of each group of rows.
-    groups = [(spec.train.batch_size, steps, warmup)]
+    # (batch size, timed steps, warm-up steps, aeforge rows' compile options) of each group of rows.
+    groups = [(spec.train.batch_size, steps, warmup, compile_options)]
     if large_batch:
-        groups.append((large_batch, large_steps, large_warmup))
+        groups.append((large_batch, large_steps, large_warmup, compile_options))
+    ray_batch = spec.train.batch_size * ray_workers
+    if ray_workers > 1 and ray_batch not in (g[0] for g in groups):
+        # The Ray row's global batch in one process, eager like the Ray row: what the workers' DDP is set against.
+        groups.append((ray_batch, steps, warmup, (False,)))
     full = open_dataset(spec.data, resolve=resolve)
     train_part, val_part = train_val_split(full, spec.data.val_fraction, spec.train.seed)
     # Enough rows for the timed steps of the biggest group, one epoch: without materialising a huge data set.
-    n_max = min(len(train_part), max(b * (s + w) for b, s, w in groups))
-    for b, _, _ in groups:
+    n_max = min(len(train_part), max(b * (s + w) for b, s, w, _ in groups))
+    for b, *_ in groups:
         if b > n_max:
             raise BenchError(f"batch size {b} is larger than the {n_max} training examples of {spec.data.source}")
 
@@ -304,7 +308,7 @@ def _run_rows(spec, steps, warmup, resolve, device, ray_workers, data, compile_o
 
         planned: list[tuple[tuple, Callable[[], dict[str, Any]]]] = []
         skipped: list[dict[str, Any]] = []
-        for batch, group_steps, group_warmup in groups:
+        for batch, group_steps, group_warmup, group_compile_options in groups:
             n = min(n_max, batch * (group_steps + group_warmup))
             subset = source.subset(torch.arange(n))
 
@@ -318,7 +322,7 @@ def _run_rows(spec, steps, warmup, resolve, device, ray_workers, data, compile_o
                         "compiled": False, "images_per_second": group_steps * batch / seconds}
 
             planned.append(((batch, "plain"), plain))
-            for compile_option in compile_options:
+            for compile_option in group_compile_options:
                 for precision in precisions:
                     cfg = _bench_train_config(spec, group_steps, group_warmup, batch_size=batch, precision=precision,
                                               compile=compile_option,
@@ -363,6 +367,11 @@ def _run_rows(spec, steps, warmup, resolve, device, ray_workers, data, compile_o
         ray_row = run_ray_benchmark(spec, ray_workers, steps=steps, warmup=warmup)
         # Global images/s over the plain loop's at the per-worker batch: what the workers together buy.
         ray_row["ratio"] = ray_row["images_per_second"] / plain_by_batch[spec.train.batch_size]
+        # And over aeforge's own eager loop in one process at the same global batch: DDP's cost per image.
+        alone = next((row for row in rows if row["loop"] == _aeforge_label(False, spec.train.precision)
+                      and row["batch_size"] == ray_row["batch_size"]), None)
+        if alone is not None:
+            ray_row["vs_in_process"] = ray_row["images_per_second"] / alone["images_per_second"]
         rows.append(ray_row)
     first_ours = next((row for row in rows if row["loop"].startswith("aeforge (")
                        and row["batch_size"] == spec.train.batch_size), None)

@@ -24,6 +24,7 @@ from workers.errors import AeforgeError
 from workers.loop import TrainResult, train
 from workers.outputs import publish_outputs
 from workers.protocol import new_job_id, result_line  # noqa: F401 (new_job_id: the CLI's, from here)
+from workers.timeline import fit_parts, parts_line
 
 
 def run_dir_for(job_id: str) -> Path:
@@ -85,12 +86,14 @@ def run_train_on_ray(spec: JobSpec, job_id: str, spec_file: str | Path | None = 
                            "aeforge.storage": storage.uri(f"ray/{job_id}"), **source_tags(job_id, spec_file, job_owner())})
         tracking.describe(run_description(spec, job_id))
         tracking.log_dataset(dataset)
-        started = time.perf_counter()
+        started = time.time()
         result = fit(build_trainer(spec, job_id, storage, run_id))
-        fit_seconds = time.perf_counter() - started
+        ended = time.time()
         if result.checkpoint is None:
             raise RuntimeError(f"job {job_id}: training ended without a checkpoint in {storage.uri(f'ray/{job_id}')}")
         summary = result.return_value or {}
+        timeline = fit_parts(started, ended, summary.get("timeline"))
+        print(f"aeforge: fit {parts_line(timeline)}", flush=True)  # to the run's log: where the time went
         metrics = tracking.final_metrics()
         registered = None
         if spec.registration is not None:
@@ -106,7 +109,8 @@ def run_train_on_ray(spec: JobSpec, job_id: str, spec_file: str | Path | None = 
         "checkpoint": result.checkpoint.path,
         "steps": summary.get("steps"),
         "resumed_from_step": summary.get("resumed_from_step"),
-        "fit_seconds": fit_seconds,
+        "fit_seconds": ended - started,
+        "timeline": timeline,
         "metrics": metrics,
         "model": registered,
         "pictures": storage.uri(f"runs/{job_id}/pictures"),

@@ -100,7 +100,8 @@ def _trial(config: dict[str, Any], sweep: dict[str, Any]) -> dict[str, float]:
 
     from jobs.lineage import trial_description
     from workers.storage import Storage
-    from workers.tracking import MlflowRun, numeric_metrics, start_or_resume_run
+    from workers.outputs import numeric_metrics
+    from workers.tracking import MlflowRun, start_or_resume_run
 
     # Tune's trial actors live in worker processes started with the cluster, whose environment may predate this
     # sweep's settings (storage, MLflow, keys): take the driver's.

@@ -11,7 +11,8 @@ import enum
 import json
 import math
 import sys
-from contextlib import contextmanager
+import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -303,14 +304,23 @@ def bench(spec_path: Path = typer.Argument(..., metavar="SPEC"),
     from jobs.spec import load_spec
 
     spec = load_spec(spec_path)
-    if ray_workers:
-        from jobs.ray_train import connect_ray
+    ray_log = None
+    with ExitStack() as stack:
+        if ray_workers:
+            from jobs.ray_train import connect_ray
+            from services.run_display import output_to_log
+            from workers import settings
 
-        connect_ray()
-    report = run_benchmark(spec, steps=steps, warmup=warmup, resolve=_resolver(), ray_workers=ray_workers,
-                           data=data.value, compile_options=(False, True) if compiled else (False,),
-                           precisions=PRECISIONS, large_batch=large_batch, large_steps=large_steps,
-                           large_warmup=large_warmup, repeats=repeats, threads=threads)
+            # Ray's lines and its workers' go to a log; the screen gets the table.
+            ray_log = settings.home() / "bench" / f"ray-{time.strftime('%Y%m%d-%H%M%S')}.log"
+            stack.enter_context(output_to_log(ray_log))
+            connect_ray()
+        report = run_benchmark(spec, steps=steps, warmup=warmup, resolve=_resolver(), ray_workers=ray_workers,
+                               data=data.value, compile_options=(False, True) if compiled else (False,),
+                               precisions=PRECISIONS, large_batch=large_batch, large_steps=large_steps,
+                               large_warmup=large_warmup, repeats=repeats, threads=threads)
+    if ray_log is not None:
+        report["ray_log"] = str(ray_log)
     if output is OutputFormat.json:
         print_json(report)
         return
@@ -333,6 +343,8 @@ def bench(spec_path: Path = typer.Argument(..., metavar="SPEC"),
             note = f"compiled in {row['compile_seconds']:.0f} s (untimed)"
         if "fit_seconds" in row:
             note = f"global batch; fit {row['fit_seconds']:.1f} s with worker start-up"
+            if row.get("vs_in_process"):
+                note += f"; {row['vs_in_process']:.2f}x one process at this batch"
         if "images_per_second_runs" in row:
             runs = ", ".join(f"{v:,.0f}" for v in row["images_per_second_runs"])
             note = f"median of {runs}" + (f"; {note}" if note else "")
@@ -347,6 +359,8 @@ def bench(spec_path: Path = typer.Argument(..., metavar="SPEC"),
                   f"{load['after']:.2f} after, on {load['cpus']} CPUs", highlight=False, soft_wrap=True)
     if report["ratio"] is not None:
         console.print(f"ratio aeforge / plain at batch {spec.train.batch_size}: {report['ratio']:.2f}x", highlight=False)
+    if ray_log is not None:
+        console.print(f"Ray's output: {ray_log}", highlight=False, soft_wrap=True)
 
 
 def _mount_subcommands() -> None:

@@ -18,6 +18,11 @@ T = TypeVar("T")
 METRICS_FILE = "metrics.json"
 
 
+def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The entries that are numbers (bools are not metrics), as Ray Train reports and MLflow logs them."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def with_retries(fn: Callable[[], T], what: str, attempts: int = 4, base_delay_s: float = 1.0,
                  sleep: Callable[[float], None] = time.sleep) -> T:
     """Call fn, retrying with exponential back-off and jitter; the last failure is raised with ``what`` named."""

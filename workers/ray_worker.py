@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 
 from workers.loop import CHECKPOINT_FILE, RunContext, train
-from workers.outputs import publish_outputs, with_retries
+from workers.outputs import numeric_metrics, publish_outputs, with_retries
+from workers.timeline import Timeline
 
 CHECKPOINT_DIR = re.compile(r"checkpoint_step_(\d+)$")
 
@@ -46,7 +47,8 @@ def _all_gather_cat(t: torch.Tensor) -> torch.Tensor:
 class RayTrainContext(RunContext):
     """RunContext on a Ray Train worker: checkpoints through ray.train.report, metrics to MLflow from rank 0."""
 
-    def __init__(self, *, mlflow_run=None, run_dir: Path, gather_tc: bool, trial: str | None = None):
+    def __init__(self, *, mlflow_run=None, run_dir: Path, gather_tc: bool, trial: str | None = None,
+                 timeline: Timeline | None = None):
         import ray.train
         import ray.train.torch
 
@@ -69,6 +71,7 @@ class RayTrainContext(RunContext):
             gather=_all_gather_cat if (distributed and gather_tc) else None,
             run_dir=run_dir,
             trial=trial,
+            timeline=timeline or Timeline(),
         )
         self._mlflow = mlflow_run
         self._restored: tempfile.TemporaryDirectory | None = None
@@ -107,8 +110,6 @@ class RayTrainContext(RunContext):
         import pyarrow.fs
         import ray.train
 
-        from workers.tracking import numeric_metrics  # imports MLflow: only where a worker needs it
-
         def upload(checkpoint: "ray.train.Checkpoint", dir_name: str) -> "ray.train.Checkpoint":
             storage = ray.train.get_context().get_storage()
             fs = storage.storage_filesystem
@@ -141,34 +142,48 @@ def train_loop_per_worker(config: dict[str, WorkerJob]) -> dict[str, Any] | None
     """The Ray Train entry; ``config["job"]`` is the :class:`WorkerJob`.
 
     Returns (rank 0; Ray Train hands it to the driver as ``Result.return_value``) the steps trained, the step this
-    attempt resumed from (0 on a fresh start) and the final metrics.
+    attempt resumed from (0 on a fresh start), the final metrics, and the chief's timeline (where its time went).
     """
+    import ray.train
+
     from workers.data import prepare, shard
     from workers.storage import Storage
-    from workers.tracking import MlflowRun, numeric_metrics
 
+    timeline = Timeline()
     job = config["job"]
     spec = job.spec
     storage = Storage.from_settings()
-    mlflow_run = MlflowRun(job.mlflow_run_id, job.mlflow_tracking_uri) if job.mlflow_run_id else None
+    chief = ray.train.get_context().get_world_rank() == 0
+    mlflow_run = None
+    if chief and job.mlflow_run_id:
+        # MLflow (2.3 s to import and make a client on a 2-core worker) only where metrics are sent from: the other
+        # ranks never import it. (Connecting on a thread meanwhile saved nothing: the import holds the GIL that the
+        # data and model set-up need, and they took as much longer.)
+        from workers.tracking import MlflowRun
+
+        mlflow_run = MlflowRun(job.mlflow_run_id, job.mlflow_tracking_uri)
+        timeline.mark("mlflow client")
     run_dir = Path(tempfile.mkdtemp(prefix=f"aeforge-{job.run_name}-"))
     try:
         ctx = RayTrainContext(mlflow_run=mlflow_run, run_dir=run_dir, gather_tc=spec.model.gather_global_batch,
-                              trial=job.trial)
+                              trial=job.trial, timeline=timeline)
         data = prepare(spec.data, spec.train.seed, resolve=storage.resolve)
         local_shard = shard(data.train, ctx.rank, ctx.world_size, spec.train.seed)
+        timeline.mark("data")
         result = train(spec.model, spec.train, spec.eval, local_shard, data.val, ctx, dataset_size=len(data.train),
                        full_data=data.full if data.full.has_factors else None, spec_json=spec.model_dump_json())
         if not ctx.is_chief:
             return None
         final = numeric_metrics(result.final_metrics)
         publish_outputs(run_dir, metrics=final, storage=storage, run_name=job.run_name, mlflow_run=mlflow_run)
+        timeline.mark("outputs")
         return {
             "steps": result.steps,
             "resumed_from_step": result.resumed_from_step,
             "images_per_second": result.images_per_second,
             "final_metrics": final,
             "pictures": sorted(result.pictures),
+            "timeline": timeline.to_dict(),
         }
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -74,11 +74,6 @@ def flatten(d: Mapping[str, Any], prefix: str = "", sep: str = ".") -> dict[str,
     return out
 
 
-def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """The entries that are numbers (bools are not metrics), as Ray Train reports and MLflow logs them."""
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
 def param_value(value: Any) -> str:
     """How a value is written as an MLflow param: strings as they are, everything else as JSON (6.0, true,
     null, [512, 256]), so a reader can json.loads it back."""

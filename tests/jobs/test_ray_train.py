@@ -191,6 +191,13 @@ def test_end_to_end_two_worker_run_on_s3_and_the_mlflow_server(env, e2e_run, tmp
 
     spec, job_id, outcome = e2e_run
     assert outcome["steps"] == STEPS and outcome["resumed_from_step"] == 0
+    # Where the fit's time went, from the chief's timeline and the driver's clock: every part, in order, adding up
+    # to the fit's wall time.
+    timeline = outcome["timeline"]
+    assert list(timeline) == ["ray start-up", "mlflow client", "data", "model", "first step", "steps", "evaluation",
+                              "code statistics", "final checkpoint", "pictures", "outputs", "ray tail"]
+    assert all(seconds >= 0 for seconds in timeline.values())
+    assert sum(timeline.values()) == pytest.approx(outcome["fit_seconds"], abs=0.05)
 
     # Ray Train checkpoints went to the bucket, one folder per checkpoint, each with the model file.
     folders = checkpoint_dirs(env, job_id)
