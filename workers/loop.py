@@ -281,12 +281,14 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def save_checkpoint_file(path: Path, model: Autoencoder, optimizer, step: int, history, spec_json: str | None) -> None:
+def save_checkpoint_file(path: Path, model: Autoencoder, optimizer, step: int, history, spec_json: str | None,
+                         noise_generator: torch.Generator | None = None) -> None:
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "step": step,
         "history": history,
+        "noise_rng": None if noise_generator is None else noise_generator.get_state(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "model_config": model.config.model_dump(mode="json"),
@@ -371,6 +373,9 @@ def train(
     history: dict[str, list[tuple[int, float]]] = {}
     start_step = 0
 
+    # The steps' noise (reparameterisation, corruption: Autoencoder.draw_noise) comes from a generator of the
+    # loop's own, seeded per rank (ranks draw different noise), and is saved with each checkpoint.
+    noise_generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + ctx.rank + 1)
     resume = ctx.latest_checkpoint()
     if resume is not None:
         state = torch.load(Path(resume) / CHECKPOINT_FILE, map_location=device, weights_only=False)
@@ -381,9 +386,8 @@ def train(
         torch.set_rng_state(state["torch_rng"].cpu())
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
-    else:
-        # Different ranks draw different noise (corruption, reparameterisation) from here on.
-        torch.manual_seed(cfg.seed * 1000 + ctx.rank + 1)
+        if state.get("noise_rng") is not None:  # checkpoints from before the noise generator start it afresh
+            noise_generator.set_state(state["noise_rng"].cpu())
     ctx.timeline.mark("model")
 
     autocast = (
@@ -417,8 +421,9 @@ def train(
             torch.compiler.cudagraph_mark_step_begin()  # a new step: the last one's graph outputs may be reused
         # Before the forward pass: no gradient of the last step is alive while the next one's graphs replay.
         optimizer.zero_grad(set_to_none=True)
+        noise = model.draw_noise(x, noise_generator)
         with autocast:
-            out = step_loss(x)
+            out = step_loss(x, noise)
         out.loss.backward()
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -487,7 +492,8 @@ def train(
         if at_ckpt:
             with tempfile.TemporaryDirectory(prefix="aeforge-ckpt-") as tmp:
                 if ctx.is_chief:
-                    save_checkpoint_file(Path(tmp) / CHECKPOINT_FILE, model, optimizer, done, history, spec_json)
+                    save_checkpoint_file(Path(tmp) / CHECKPOINT_FILE, model, optimizer, done, history, spec_json,
+                                         noise_generator)
                 ctx.save_checkpoint(Path(tmp), dict(final_metrics), done, cfg.num_to_keep)
             if done == n_steps:
                 ctx.timeline.mark("final checkpoint")

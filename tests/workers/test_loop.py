@@ -102,3 +102,18 @@ def test_the_run_folder_has_curves_and_final_evaluation(tmp_path):
     assert result.final_metrics["eval/iwae_ll"] >= result.final_metrics["eval/elbo"] - 1.0
     progress_total = result.steps
     assert progress_total == 12
+
+
+def test_a_checkpoint_keeps_the_noise_generator_and_one_from_before_it_still_resumes(tmp_path):
+    data = dataset()
+    run_dir = tmp_path / "run"
+    train(model_config(), train_config(steps=6), EVAL, data, data, RunContext(run_dir=run_dir), evaluate_at_end=False)
+    path = run_dir / "checkpoints" / "step_000000006" / CHECKPOINT_FILE
+    state = torch.load(path, weights_only=False)
+    assert isinstance(state["noise_rng"], torch.Tensor)
+    del state["noise_rng"]  # as checkpoints were written before the loop had its own noise generator
+    torch.save(state, path)
+    resumed = train(model_config(), train_config(), EVAL, data, data, RunContext(run_dir=run_dir),
+                    evaluate_at_end=False)
+    assert resumed.resumed_from_step == 6 and resumed.steps == 12
+    assert torch.isfinite(weights(resumed.model)).all()

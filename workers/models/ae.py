@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from workers.losses import reconstruction_distance
-from workers.models.base import Autoencoder, GatherFn, LossOutput
+from workers.models.base import Autoencoder, GatherFn, LossOutput, Noise
 from workers.models.registry import register
 
 
@@ -22,6 +22,6 @@ class PlainAutoencoder(Autoencoder):
         logits = self.decode_logits(self.encode(x_in).mean)
         return reconstruction_distance(logits, x_target, self.config.likelihood)
 
-    def loss(self, x: torch.Tensor, gather: GatherFn | None = None) -> LossOutput:
+    def loss(self, x: torch.Tensor, noise: Noise | None = None, gather: GatherFn | None = None) -> LossOutput:
         recon = self.reconstruction_loss(x, x).mean()
         return LossOutput(loss=recon, parts={"recon": recon})

@@ -20,6 +20,8 @@ from workers.errors import AeforgeError
 # Collects a tensor from every DDP rank along dim 0, keeping gradients for the local part
 # (torch.distributed.nn.functional.all_gather). None when running in one process.
 GatherFn = Callable[[torch.Tensor], torch.Tensor]
+# One training step's random draws, by name (Autoencoder.draw_noise).
+Noise = dict[str, torch.Tensor]
 
 
 class NoPrior(AeforgeError, ValueError):
@@ -37,7 +39,11 @@ class Posterior:
         if self.logvar is None:
             return self.mean
         eps = torch.randn(self.mean.shape, device=self.mean.device, dtype=self.mean.dtype, generator=generator)
-        return self.mean + eps * torch.exp(0.5 * self.logvar)  # reparameterisation trick
+        return self.reparameterise(eps)
+
+    def reparameterise(self, eps: torch.Tensor) -> torch.Tensor:
+        """z = mean + eps * std for standard normal ``eps`` (the reparameterisation trick), in the mean's dtype."""
+        return self.mean + eps.to(self.mean.dtype) * torch.exp(0.5 * self.logvar)
 
     def kl_per_dimension(self) -> torch.Tensor | None:
         """(B, D) KL(q(z_d|x) || N(0, 1)) of each latent dimension in closed form; None for deterministic codes.
@@ -227,8 +233,17 @@ class Autoencoder(nn.Module):
                                       error_msgs)
 
     # --- training ---------------------------------------------------------------------------------
-    def loss(self, x: torch.Tensor, gather: GatherFn | None = None) -> LossOutput:  # pragma: no cover
-        raise NotImplementedError
+    def draw_noise(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Noise:
+        """All the randomness one training step on batch ``x`` uses (the reparameterisation's normal draws, a
+        denoiser's corruption), drawn from ``generator`` (the global one when None). :meth:`loss` takes it as an
+        input: a step's randomness then comes from one generator per model wherever the step runs (one process,
+        DDP, compiled, or one model among several trained together), and the loss itself draws nothing."""
+        return {}
+
+    def loss(self, x: torch.Tensor, noise: Noise | None = None, gather: GatherFn | None = None) -> LossOutput:
+        """The training loss on batch ``x`` with the step's ``noise`` (:meth:`draw_noise`; drawn here from the
+        global generator when None)."""
+        raise NotImplementedError  # pragma: no cover
 
 
 class LossModule(nn.Module):
@@ -239,5 +254,5 @@ class LossModule(nn.Module):
         self.model = model
         self.gather = gather
 
-    def forward(self, x: torch.Tensor) -> LossOutput:
-        return self.model.loss(x, gather=self.gather)
+    def forward(self, x: torch.Tensor, noise: Noise | None = None) -> LossOutput:
+        return self.model.loss(x, noise, gather=self.gather)

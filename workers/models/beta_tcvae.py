@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from workers.losses import kl_standard_normal, reconstruction_nll, tc_terms
-from workers.models.base import GatherFn, LossOutput
+from workers.models.base import GatherFn, LossOutput, Noise
 from workers.models.registry import register
 from workers.models.vae import VAE
 
@@ -26,10 +26,11 @@ from workers.models.vae import VAE
 class BetaTCVAE(VAE):
     stochastic = True
 
-    def loss(self, x: torch.Tensor, gather: GatherFn | None = None) -> LossOutput:
+    def loss(self, x: torch.Tensor, noise: Noise | None = None, gather: GatherFn | None = None) -> LossOutput:
+        noise = self.draw_noise(x) if noise is None else noise
         posterior = self.encode(x)
         mean, logvar = posterior.mean.float(), posterior.logvar.float()
-        z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
+        z = mean + noise["eps"].float() * torch.exp(0.5 * logvar)
         recon = reconstruction_nll(self.decode_logits(z.to(posterior.mean.dtype)), x, self.config.likelihood).mean()
 
         batch = z.shape[0]

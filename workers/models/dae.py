@@ -15,12 +15,27 @@ import torch
 
 from workers.config import DEFAULT_CORRUPTION_KIND, DEFAULT_CORRUPTION_LEVEL
 from workers.models.ae import PlainAutoencoder
-from workers.models.base import GatherFn, LossOutput
+from workers.models.base import GatherFn, LossOutput, Noise
 from workers.models.registry import register
 
 
-def _exact_fraction_mask(x: torch.Tensor, fraction: float, generator: torch.Generator | None) -> torch.Tensor:
-    """(B, 1, H, W) boolean mask with exactly round(fraction * H * W) True pixels in each image."""
+def corruption_noise(x: torch.Tensor, kind: str, generator: torch.Generator | None = None) -> Noise:
+    """The random draws a corruption of ``kind`` uses on batch ``x``: a uniform draw per pixel (which pixels a
+    mask or salt-and-pepper picks), a uniform draw per pixel for salt or pepper, or a normal draw per value."""
+    b, _, h, w = x.shape
+    if kind == "mask":
+        return {"pick": torch.rand(b, h * w, device=x.device, generator=generator)}
+    if kind == "gaussian":
+        return {"gauss": torch.randn(x.shape, device=x.device, generator=generator)}
+    if kind == "salt_pepper":
+        return {"pick": torch.rand(b, h * w, device=x.device, generator=generator),
+                "salt": torch.rand(b, 1, h, w, device=x.device, generator=generator)}
+    raise ValueError(f"corruption kind must be 'mask', 'gaussian' or 'salt_pepper', not {kind!r}")
+
+
+def _exact_fraction_mask(x: torch.Tensor, fraction: float, pick: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) boolean mask with exactly round(fraction * H * W) True pixels in each image: the pixels of the
+    k smallest draws in ``pick`` (B, H * W)."""
     b, _, h, w = x.shape
     pixels = h * w
     k = int(round(fraction * pixels))
@@ -28,39 +43,47 @@ def _exact_fraction_mask(x: torch.Tensor, fraction: float, generator: torch.Gene
         return torch.zeros(b, 1, h, w, dtype=torch.bool, device=x.device)
     if k >= pixels:
         return torch.ones(b, 1, h, w, dtype=torch.bool, device=x.device)
-    noise = torch.rand(b, pixels, device=x.device, generator=generator)
-    # The k smallest draws of each row are the chosen pixels; kthvalue is one pass, no full sort.
-    threshold = noise.kthvalue(k, dim=1, keepdim=True).values
-    return (noise <= threshold).view(b, 1, h, w)
+    # kthvalue is one pass, no full sort.
+    threshold = pick.kthvalue(k, dim=1, keepdim=True).values
+    return (pick <= threshold).view(b, 1, h, w)
+
+
+def apply_corruption(x: torch.Tensor, kind: str, level: float, noise: Noise) -> torch.Tensor:
+    """The corrupted copy x~ of a batch of images in [0, 1], from the draws of :func:`corruption_noise`."""
+    if kind == "mask":
+        return x.masked_fill(_exact_fraction_mask(x, level, noise["pick"]), 0.0)
+    if kind == "gaussian":
+        return (x + level * noise["gauss"].to(x.dtype)).clamp_(0.0, 1.0)
+    if kind == "salt_pepper":
+        chosen = _exact_fraction_mask(x, level, noise["pick"])
+        salt = noise["salt"] < 0.5
+        x = x.masked_fill(chosen & salt, 1.0)
+        return x.masked_fill(chosen & ~salt, 0.0)
+    raise ValueError(f"corruption kind must be 'mask', 'gaussian' or 'salt_pepper', not {kind!r}")
 
 
 def corrupt(x: torch.Tensor, kind: str, level: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """The corrupted copy x~ of a batch of images in [0, 1]."""
-    if kind == "mask":
-        return x.masked_fill(_exact_fraction_mask(x, level, generator), 0.0)
-    if kind == "gaussian":
-        noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-        return (x + level * noise).clamp_(0.0, 1.0)
-    if kind == "salt_pepper":
-        chosen = _exact_fraction_mask(x, level, generator)
-        salt = torch.rand(chosen.shape, device=x.device, generator=generator) < 0.5
-        x = x.masked_fill(chosen & salt, 1.0)
-        return x.masked_fill(chosen & ~salt, 0.0)
-    raise ValueError(f"corruption kind must be 'mask', 'gaussian' or 'salt_pepper', not {kind!r}")
+    return apply_corruption(x, kind, level, corruption_noise(x, kind, generator))
 
 
 @register("dae")
 class DenoisingAutoencoder(PlainAutoencoder):
     stochastic = False
 
-    def corrupt(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def _corruption(self) -> tuple[str, float]:
         # The fields, not config.effective_corruption: that builds a default CorruptionConfig, and pydantic's
         # validation would break the compiled training step's graph in two at every step.
         c = self.config.corruption
-        if c is None:
-            return corrupt(x, DEFAULT_CORRUPTION_KIND, DEFAULT_CORRUPTION_LEVEL, generator)
-        return corrupt(x, c.kind, c.level, generator)
+        return (DEFAULT_CORRUPTION_KIND, DEFAULT_CORRUPTION_LEVEL) if c is None else (c.kind, c.level)
 
-    def loss(self, x: torch.Tensor, gather: GatherFn | None = None) -> LossOutput:
-        recon = self.reconstruction_loss(self.corrupt(x), x).mean()
+    def corrupt(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return corrupt(x, *self._corruption(), generator)
+
+    def draw_noise(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Noise:
+        return corruption_noise(x, self._corruption()[0], generator)
+
+    def loss(self, x: torch.Tensor, noise: Noise | None = None, gather: GatherFn | None = None) -> LossOutput:
+        noise = self.draw_noise(x) if noise is None else noise
+        recon = self.reconstruction_loss(apply_corruption(x, *self._corruption(), noise), x).mean()
         return LossOutput(loss=recon, parts={"recon": recon})

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from workers.losses import kl_standard_normal, reconstruction_nll
-from workers.models.base import Autoencoder, GatherFn, LossOutput
+from workers.models.base import Autoencoder, GatherFn, LossOutput, Noise
 from workers.models.registry import register
 
 
@@ -22,9 +22,14 @@ class VAE(Autoencoder):
     def beta(self) -> float:
         return self.config.effective_beta
 
-    def loss(self, x: torch.Tensor, gather: GatherFn | None = None) -> LossOutput:
+    def draw_noise(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Noise:
+        # One standard normal draw per example and latent, for the reparameterised sample z ~ q(z|x).
+        return {"eps": torch.randn((x.shape[0], self.latent_dim), device=x.device, generator=generator)}
+
+    def loss(self, x: torch.Tensor, noise: Noise | None = None, gather: GatherFn | None = None) -> LossOutput:
+        noise = self.draw_noise(x) if noise is None else noise
         posterior = self.encode(x)
-        z = posterior.sample()
+        z = posterior.reparameterise(noise["eps"])
         recon = reconstruction_nll(self.decode_logits(z), x, self.config.likelihood).mean()
         kl = kl_standard_normal(posterior.mean.float(), posterior.logvar.float()).mean()
         return LossOutput(loss=recon + self.beta * kl, parts={"recon": recon, "kl": kl})
