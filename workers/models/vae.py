@@ -18,9 +18,17 @@ from workers.models.registry import register
 class VAE(Autoencoder):
     stochastic = True
 
-    @property
-    def beta(self) -> float:
-        return self.config.effective_beta
+    def __init__(self, config, image_shape, dataset_size):
+        super().__init__(config, image_shape, dataset_size)
+        # beta as a buffer, not a float read from the config: models trained as one (workers/pack.py) share one
+        # module's code, and their betas stack with their weights. Not persistent: state dicts are unchanged.
+        self.register_buffer("beta", torch.tensor(float(config.effective_beta)), persistent=False)
+
+    def __setstate__(self, state):
+        # A model pickled before beta was a buffer (a registered model logged by an older aeforge) gets it back.
+        super().__setstate__(state)
+        if "beta" not in self._buffers:
+            self.register_buffer("beta", torch.tensor(float(self.config.effective_beta)), persistent=False)
 
     def draw_noise(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Noise:
         # One standard normal draw per example and latent, for the reparameterised sample z ~ q(z|x).
