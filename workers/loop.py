@@ -128,14 +128,15 @@ class TrainResult:
 # --- helpers -----------------------------------------------------------------------------------------------
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
+    """The spec's optimizer over ``params`` (a model's parameters, or a pack's stacked ones)."""
     opt = config.optimizer
     cls = torch.optim.AdamW if opt.name == "adamw" else torch.optim.Adam
     kwargs: dict[str, Any] = {"lr": opt.lr, "betas": tuple(opt.betas), "weight_decay": opt.weight_decay}
     # One kernel for the whole update, on CUDA and on CPU alike (on 2 CPU cores the fused step takes ~0.9 ms for
     # conv64's 0.76 M parameters against ~2.4 ms for PyTorch's default per-parameter loop).
     kwargs["fused"] = True
-    return cls(model.parameters(), **kwargs)
+    return cls(params, **kwargs)
 
 
 class CompilerMissing(AeforgeError):
@@ -359,7 +360,7 @@ def train(
     dataset_size = dataset_size or len(train_data) * ctx.world_size
 
     model = build_model(model_config, train_data.image_shape, dataset_size).to(device)
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model.parameters(), cfg)
     loss_module = ctx.wrap(LossModule(model, gather=ctx.gather))
     compiled = compiles(cfg, device)
     mode = compile_mode(cfg, device, ctx.world_size) if compiled else None

@@ -12,11 +12,17 @@ models.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from workers.config import EvalConfig, ModelConfig, TrainConfig
+from workers.data.base import ImageDataset
+from workers.loop import (LossWindow, RunContext, build_optimizer, epoch_permutation, place_data, seed_everything,
+                          steps_per_epoch, total_steps)
+from workers.models import build_model
 from workers.models.base import Autoencoder, Noise
 
 
@@ -84,3 +90,109 @@ class Pack:
             for name, tensor in model.named_buffers():
                 tensor.copy_(self.buffers[f"model.{name}"][k])
         return self.models
+
+
+# --- the loop of a pack --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PackMember:
+    """One model of a pack: its model settings (beta may differ between members) and its seed (its initial
+    weights, data order and noise, as the same seed gives a run of its own)."""
+
+    model_config: ModelConfig
+    seed: int
+
+
+@dataclass
+class MemberResult:
+    """What one member's training came to: its model (trained weights, or as it stood when it failed), its curves
+    and final metrics, and, when it diverged, the step and the loss part that first was not finite."""
+
+    model: Autoencoder
+    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    failed: tuple[int, str] | None = None
+
+
+def clip_each_model(params: list[torch.Tensor], max_norm: float) -> None:
+    """``train.grad_clip`` for each model of a pack apart: slice k of every stacked gradient is scaled by model k's
+    own norm, as clip_grad_norm_ would in a run of its own (a norm over the whole pack would mix the models)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norms = torch.stack([g.flatten(1).pow(2).sum(dim=1) for g in grads]).sum(dim=0).sqrt()  # (K,)
+    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale.view(-1, *([1] * (g.dim() - 1))))
+
+
+def train_pack(members: list[PackMember], train_config: TrainConfig, eval_config: EvalConfig,
+               train_data: ImageDataset, val_data: ImageDataset, ctx: RunContext | None = None, *,
+               dataset_size: int | None = None, full_data: ImageDataset | None = None,
+               evaluate_at_end: bool = True) -> list[MemberResult]:
+    """Train ``members`` as one pack in this process: each as :func:`workers.loop.train` would train it alone with
+    its seed (same initial weights, data order and noise), to float rounding. A member whose loss stops being
+    finite is marked failed at that step and part, and is no longer trained; the others go on."""
+    ctx = ctx or RunContext()
+    device, cfg, k_models = ctx.device, train_config, len(members)
+    dataset_size = dataset_size or len(train_data) * ctx.world_size
+    models = []
+    for member in members:
+        seed_everything(member.seed)
+        models.append(build_model(member.model_config, train_data.image_shape, dataset_size).to(device))
+    pack = Pack(models)
+    optimizer = build_optimizer(pack.parameters(), cfg)
+    generators = [torch.Generator(device=device).manual_seed(m.seed * 1000 + ctx.rank + 1) for m in members]
+    train_data = place_data(train_data, device)
+    n_steps = total_steps(cfg, len(train_data))
+    per_epoch = steps_per_epoch(len(train_data), cfg.batch_size)
+    results = [MemberResult(model=m) for m in models]
+    training = torch.ones(k_models, dtype=torch.bool, device=device)  # False once a member failed
+    windows: list[LossWindow | None] = [None] * k_models
+    orders: list[tuple[int, torch.Tensor | None]] = [(-1, None)] * k_models
+
+    for step in range(n_steps):
+        epoch, pos = divmod(step, per_epoch)
+        batches = []
+        for k, member in enumerate(members):
+            if orders[k][0] != epoch:
+                orders[k] = (epoch, epoch_permutation(len(train_data), member.seed, epoch, ctx.rank, train_data.device))
+            index = orders[k][1][pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
+            batches.append(train_data.images(index).to(device, non_blocking=True))
+        x = torch.stack(batches)
+        noise = pack.draw_noise(x, generators)
+        optimizer.zero_grad(set_to_none=True)
+        losses, parts = pack.losses(x, noise)
+        # A failed member's loss no longer counts: no gradient reaches its weights.
+        torch.where(training, losses, torch.zeros_like(losses)).sum().backward()
+        if cfg.grad_clip is not None:
+            clip_each_model(pack.parameters(), cfg.grad_clip)
+        optimizer.step()
+        for k in range(k_models):
+            if windows[k] is None:
+                windows[k] = LossWindow(["loss", *parts], device, first_step=step)
+            windows[k].add(losses[k], {name: value[k] for name, value in parts.items()})
+
+        done = step + 1
+        if done % cfg.log_every == 0 or done == n_steps:
+            for k, result in enumerate(results):
+                if result.failed is not None:
+                    continue
+                means, diverged = windows[k].read()
+                if diverged is not None:
+                    result.failed = diverged
+                    training[k] = False
+                    continue
+                for name, value in means.items():
+                    result.history.setdefault(f"train/{name}", []).append((done, value))
+                    result.final_metrics[f"train/{name}"] = value
+
+    pack.unpack()
+    if evaluate_at_end and ctx.is_chief:
+        from workers.metrics import evaluate
+
+        for member, result in zip(members, results):
+            if result.failed is None:
+                result.model.eval()
+                result.final_metrics.update(evaluate(result.model, val_data, eval_config, seed=member.seed,
+                                                     full=full_data, train=train_data))
+    return results

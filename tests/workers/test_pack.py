@@ -16,6 +16,7 @@ SHAPE = (1, 28, 28)
 # (an element whose gradient is near 0 moves by up to lr per step either way). Measured: loss curves within 4e-7
 # relative, each weight tensor within 1.8e-5 in relative norm (max element difference 4e-4 after 30 steps at lr 1e-3).
 CURVE_RTOL = 1e-5
+CURVE_ATOL = 1e-6  # loss parts near 0 (beta-TCVAE's mi, tc): measured differences up to 4e-8
 WEIGHTS_RTOL = 1e-4
 
 
@@ -100,3 +101,96 @@ def test_one_adam_over_stacked_tensors_is_one_adam_per_slice(optimizer):
             opt.step()
     for k in range(K):
         torch.testing.assert_close(stacked.detach()[k], slices[k].detach(), atol=0, rtol=0)
+
+
+# --- the loop of a pack --------------------------------------------------------------------------------------
+
+from workers.config import EvalConfig, ModelConfig, TrainConfig  # noqa: E402
+from workers.data.base import ImageDataset  # noqa: E402
+from workers.loop import RunContext, TrainingDiverged, train  # noqa: E402
+from workers.models.beta_vae import BetaVAE  # noqa: E402
+from workers.pack import PackMember, train_pack  # noqa: E402
+
+LOOP_STEPS = 30
+SEEDS = [1, 2, 3, 4]
+NO_EVAL = EvalConfig(iwae_samples=2, max_examples=32, disentanglement=False, pictures=False)
+
+
+def loop_data(n=128) -> ImageDataset:
+    return ImageDataset("blobs", (blobs(n) * 255).to(torch.uint8), labels=torch.arange(n) % 3)
+
+
+def member_config(variant, beta) -> ModelConfig:
+    return ModelConfig(variant=variant, architecture="mlp", hidden_dims=[32], latent_dim=3, beta=beta)
+
+
+def loop_config(seed=0) -> TrainConfig:
+    return TrainConfig(steps=LOOP_STEPS, batch_size=16, log_every=5, checkpoint_every=LOOP_STEPS, seed=seed,
+                       optimizer={"lr": 1e-3})
+
+
+def weights(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("variant", ["beta_vae", "beta_tcvae"])
+def test_train_pack_trains_each_member_as_the_loop_trains_it_alone(variant):
+    data = loop_data()
+    betas = [1.0, 2.0, 4.0, 8.0]
+    members = [PackMember(member_config(variant, b), s) for b, s in zip(betas, SEEDS)]
+    packed = train_pack(members, loop_config(), NO_EVAL, data, data, evaluate_at_end=False)
+    for member, result in zip(members, packed):
+        alone = train(member.model_config, loop_config(member.seed), NO_EVAL, data, data, RunContext(),
+                      evaluate_at_end=False)
+        assert result.failed is None
+        steps = [s for s, _ in alone.history["train/loss"]]
+        assert [s for s, _ in result.history["train/loss"]] == steps == [5, 10, 15, 20, 25, 30]
+        for name, curve in alone.history.items():
+            assert [v for _, v in result.history[name]] == pytest.approx([v for _, v in curve], rel=CURVE_RTOL, abs=CURVE_ATOL)
+        a, b = weights(alone.model), weights(result.model)
+        assert ((b - a).norm() / a.norm()).item() < WEIGHTS_RTOL
+
+
+class RunawayBetaVAE(BetaVAE):
+    """A beta-VAE that, for beta above 100, diverges after a few steps: a linear term pushes its last decoder bias
+    up at Adam's steady pace (lr per step), and the loss also carries exp(200 x the bias's rise), a value without a
+    gradient, which overflows to inf within about seven steps. The others train as beta-VAEs."""
+
+    def __init__(self, config, image_shape, dataset_size):
+        super().__init__(config, image_shape, dataset_size)
+        self.register_buffer("anchor", self._last_bias().detach().sum().clone(), persistent=False)
+
+    def _last_bias(self):
+        return [m for m in self.decoder if isinstance(m, torch.nn.Linear)][-1].bias
+
+    def loss(self, x, noise=None, gather=None):
+        out = super().loss(x, noise, gather)
+        runaway = self.beta > 100
+        rise = self._last_bias().sum() - self.anchor
+        blow_up = torch.exp(torch.where(runaway, 200.0 * rise, torch.zeros(()))).detach()
+        out.loss = out.loss - runaway * 200.0 * rise + runaway * blow_up
+        return out
+
+
+def test_a_member_that_diverges_fails_at_its_step_and_the_others_finish_as_alone(monkeypatch):
+    from workers.models import registry
+
+    monkeypatch.setitem(registry.VARIANTS, "beta_vae", RunawayBetaVAE)
+    data = loop_data()
+    betas = [1.0, 2.0, 1000.0, 8.0]
+    members = [PackMember(member_config("beta_vae", b), s) for b, s in zip(betas, SEEDS)]
+    with pytest.raises(TrainingDiverged) as alone_error:
+        train(members[2].model_config, loop_config(members[2].seed), NO_EVAL, data, data, RunContext(),
+              evaluate_at_end=False)
+    packed = train_pack(members, loop_config(), NO_EVAL, data, data, evaluate_at_end=False)
+    step, part = packed[2].failed
+    assert f"training diverged at step {step}: the '{part}' part" in str(alone_error.value)
+    assert 1 < step < LOOP_STEPS and part == "loss"
+    for k in (0, 1, 3):
+        alone = train(members[k].model_config, loop_config(members[k].seed), NO_EVAL, data, data, RunContext(),
+                      evaluate_at_end=False)
+        assert packed[k].failed is None
+        assert [v for _, v in packed[k].history["train/loss"]] == pytest.approx(
+            [v for _, v in alone.history["train/loss"]], rel=CURVE_RTOL, abs=CURVE_ATOL)
+        a, b = weights(alone.model), weights(packed[k].model)
+        assert ((b - a).norm() / a.norm()).item() < WEIGHTS_RTOL
