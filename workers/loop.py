@@ -37,6 +37,14 @@ from workers.models.base import Autoencoder, GatherFn, LossModule
 from workers.timeline import Timeline
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# A pack's checkpoint (workers/pack.py) is a folder of its members' ordinary checkpoints and this file.
+PACK_FILE = "pack.json"
+
+
+def is_checkpoint(folder: Path) -> bool:
+    """A checkpoint folder: one model's (checkpoint.pt) or a pack's (pack.json beside its members' folders)."""
+    return (folder / CHECKPOINT_FILE).exists() or (folder / PACK_FILE).exists()
+
 # Keep a data set on the GPU when it takes less than this fraction of the free memory.
 DEVICE_DATA_FRACTION = 0.4
 
@@ -72,7 +80,7 @@ class RunContext:
         ckpt_root = self._checkpoint_root()
         if ckpt_root is None or not ckpt_root.exists():
             return None
-        done = sorted(p for p in ckpt_root.iterdir() if (p / CHECKPOINT_FILE).exists() and not p.name.startswith("."))
+        done = sorted(p for p in ckpt_root.iterdir() if is_checkpoint(p) and not p.name.startswith("."))
         return done[-1] if done else None
 
     def save_checkpoint(self, directory: Path, metrics: dict[str, float], step: int, keep: int) -> None:
@@ -282,11 +290,13 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def save_checkpoint_file(path: Path, model: Autoencoder, optimizer, step: int, history, spec_json: str | None,
-                         noise_generator: torch.Generator | None = None) -> None:
+def save_checkpoint_file(path: Path, model: Autoencoder, optimizer_state: dict, step: int, history,
+                         spec_json: str | None, noise_generator: torch.Generator | None = None) -> None:
+    """One model's checkpoint: weights, optimizer state (``optimizer.state_dict()``), step, curves, random
+    states, and what rebuilds the model (load_model_from_checkpoint)."""
     state = {
         "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "step": step,
         "history": history,
         "noise_rng": None if noise_generator is None else noise_generator.get_state(),
@@ -493,8 +503,8 @@ def train(
         if at_ckpt:
             with tempfile.TemporaryDirectory(prefix="aeforge-ckpt-") as tmp:
                 if ctx.is_chief:
-                    save_checkpoint_file(Path(tmp) / CHECKPOINT_FILE, model, optimizer, done, history, spec_json,
-                                         noise_generator)
+                    save_checkpoint_file(Path(tmp) / CHECKPOINT_FILE, model, optimizer.state_dict(), done, history,
+                                         spec_json, noise_generator)
                 ctx.save_checkpoint(Path(tmp), dict(final_metrics), done, cfg.num_to_keep)
             if done == n_steps:
                 ctx.timeline.mark("final checkpoint")

@@ -12,7 +12,10 @@ models.
 from __future__ import annotations
 
 import copy
+import json
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -20,8 +23,8 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from workers.config import EvalConfig, ModelConfig, TrainConfig
 from workers.data.base import ImageDataset
-from workers.loop import (LossWindow, RunContext, build_optimizer, epoch_permutation, place_data, seed_everything,
-                          steps_per_epoch, total_steps)
+from workers.loop import (CHECKPOINT_FILE, PACK_FILE, LossWindow, RunContext, build_optimizer, epoch_permutation,
+                          place_data, save_checkpoint_file, seed_everything, steps_per_epoch, total_steps)
 from workers.models import build_model
 from workers.models.base import Autoencoder, Noise
 
@@ -92,6 +95,36 @@ class Pack:
         return self.models
 
 
+# --- checkpoints: a folder of the members' own ---------------------------------------------------------------
+
+
+def member_folder(k: int) -> str:
+    return f"member_{k:03d}"
+
+
+def split_optimizer_state(state: dict, k: int) -> dict:
+    """Member k's slice of a pack optimizer's state_dict: the state_dict the same optimizer would have over that
+    member's own parameters (Adam's moments are element-wise; its step count is the pack's, the same for all)."""
+    def take(value):
+        return value[k].clone() if torch.is_tensor(value) and value.dim() > 0 else value
+
+    return {"state": {i: {name: take(v) for name, v in values.items()} for i, values in state["state"].items()},
+            "param_groups": copy.deepcopy(state["param_groups"])}
+
+
+def stack_optimizer_states(states: list[dict]) -> dict:
+    """The pack optimizer's state_dict from its members' (the inverse of :func:`split_optimizer_state`)."""
+    first = states[0]
+
+    def stack(i, name, value):
+        if torch.is_tensor(value) and value.dim() > 0:
+            return torch.stack([s["state"][i][name] for s in states])
+        return value
+
+    return {"state": {i: {name: stack(i, name, v) for name, v in values.items()} for i, values in first["state"].items()},
+            "param_groups": copy.deepcopy(first["param_groups"])}
+
+
 # --- the loop of a pack --------------------------------------------------------------------------------------
 
 
@@ -113,6 +146,7 @@ class MemberResult:
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     final_metrics: dict[str, float] = field(default_factory=dict)
     failed: tuple[int, str] | None = None
+    resumed_from_step: int = 0
 
 
 def clip_each_model(params: list[torch.Tensor], max_norm: float) -> None:
@@ -128,10 +162,16 @@ def clip_each_model(params: list[torch.Tensor], max_norm: float) -> None:
 def train_pack(members: list[PackMember], train_config: TrainConfig, eval_config: EvalConfig,
                train_data: ImageDataset, val_data: ImageDataset, ctx: RunContext | None = None, *,
                dataset_size: int | None = None, full_data: ImageDataset | None = None,
-               evaluate_at_end: bool = True) -> list[MemberResult]:
+               spec_jsons: list[str] | None = None, evaluate_at_end: bool = True) -> list[MemberResult]:
     """Train ``members`` as one pack in this process: each as :func:`workers.loop.train` would train it alone with
     its seed (same initial weights, data order and noise), to float rounding. A member whose loss stops being
-    finite is marked failed at that step and part, and is no longer trained; the others go on."""
+    finite is marked failed at that step and part, and is no longer trained; the others go on.
+
+    Checkpoints (every ``checkpoint_every`` steps and at the end, through ``ctx``) are a folder holding each
+    member's ordinary checkpoint (``member_000/checkpoint.pt``, ...: load_model_from_checkpoint reads it, and a run
+    of that member alone resumes from it) and pack.json (the members and which failed where). Running the pack
+    again with the same ``ctx`` resumes from its last one. ``spec_jsons``: each member's job spec, kept in its
+    checkpoint."""
     ctx = ctx or RunContext()
     device, cfg, k_models = ctx.device, train_config, len(members)
     dataset_size = dataset_size or len(train_data) * ctx.world_size
@@ -139,18 +179,25 @@ def train_pack(members: list[PackMember], train_config: TrainConfig, eval_config
     for member in members:
         seed_everything(member.seed)
         models.append(build_model(member.model_config, train_data.image_shape, dataset_size).to(device))
+    generators = [torch.Generator(device=device).manual_seed(m.seed * 1000 + ctx.rank + 1) for m in members]
+    results = [MemberResult(model=m) for m in models]
+    start_step, optimizer_state = 0, None
+    resume = ctx.latest_checkpoint()
+    if resume is not None:
+        start_step, optimizer_state = _restore(Path(resume), members, results, generators, device)
     pack = Pack(models)
     optimizer = build_optimizer(pack.parameters(), cfg)
-    generators = [torch.Generator(device=device).manual_seed(m.seed * 1000 + ctx.rank + 1) for m in members]
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
     train_data = place_data(train_data, device)
     n_steps = total_steps(cfg, len(train_data))
     per_epoch = steps_per_epoch(len(train_data), cfg.batch_size)
-    results = [MemberResult(model=m) for m in models]
-    training = torch.ones(k_models, dtype=torch.bool, device=device)  # False once a member failed
+    # False once a member failed: its loss no longer counts.
+    training = torch.tensor([r.failed is None for r in results], dtype=torch.bool, device=device)
     windows: list[LossWindow | None] = [None] * k_models
     orders: list[tuple[int, torch.Tensor | None]] = [(-1, None)] * k_models
 
-    for step in range(n_steps):
+    for step in range(start_step, n_steps):
         epoch, pos = divmod(step, per_epoch)
         batches = []
         for k, member in enumerate(members):
@@ -185,6 +232,8 @@ def train_pack(members: list[PackMember], train_config: TrainConfig, eval_config
                 for name, value in means.items():
                     result.history.setdefault(f"train/{name}", []).append((done, value))
                     result.final_metrics[f"train/{name}"] = value
+        if done % cfg.checkpoint_every == 0 or done == n_steps:
+            _save(pack, optimizer, members, results, generators, done, ctx, cfg, spec_jsons)
 
     pack.unpack()
     if evaluate_at_end and ctx.is_chief:
@@ -196,3 +245,44 @@ def train_pack(members: list[PackMember], train_config: TrainConfig, eval_config
                 result.final_metrics.update(evaluate(result.model, val_data, eval_config, seed=member.seed,
                                                      full=full_data, train=train_data))
     return results
+
+
+def _save(pack: Pack, optimizer, members: list[PackMember], results: list[MemberResult],
+          generators: list[torch.Generator], step: int, ctx: RunContext, cfg: TrainConfig,
+          spec_jsons: list[str] | None) -> None:
+    """One checkpoint of the pack through ``ctx``: every member's own checkpoint, and pack.json."""
+    models = pack.unpack()  # the members' modules hold the pack's weights as of this step
+    state = optimizer.state_dict()
+    with tempfile.TemporaryDirectory(prefix="aeforge-ckpt-") as tmp:
+        if ctx.is_chief:
+            for k, model in enumerate(models):
+                folder = Path(tmp) / member_folder(k)
+                folder.mkdir()
+                save_checkpoint_file(folder / CHECKPOINT_FILE, model, split_optimizer_state(state, k), step,
+                                     results[k].history, spec_jsons[k] if spec_jsons else None, generators[k])
+            record = {"step": step, "members": [{"seed": m.seed, "folder": member_folder(k),
+                                                 "failed": list(results[k].failed) if results[k].failed else None}
+                                                for k, m in enumerate(members)]}
+            (Path(tmp) / PACK_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
+        ctx.save_checkpoint(Path(tmp), {}, step, cfg.num_to_keep)
+
+
+def _restore(folder: Path, members: list[PackMember], results: list[MemberResult],
+             generators: list[torch.Generator], device: torch.device) -> tuple[int, dict]:
+    """Load a pack checkpoint into the members' models, curves, failures and noise generators; returns the step
+    and the pack optimizer's state."""
+    record = json.loads((folder / PACK_FILE).read_text(encoding="utf-8"))
+    if [m["seed"] for m in record["members"]] != [m.seed for m in members]:
+        raise ValueError(f"the pack checkpoint in {folder} holds members with seeds "
+                         f"{[m['seed'] for m in record['members']]}, not {[m.seed for m in members]}")
+    states = []
+    for k, entry in enumerate(record["members"]):
+        state = torch.load(folder / entry["folder"] / CHECKPOINT_FILE, map_location=device, weights_only=False)
+        results[k].model.load_state_dict(state["model"])
+        results[k].history = {name: [tuple(p) for p in curve] for name, curve in state["history"].items()}
+        results[k].failed = tuple(entry["failed"]) if entry["failed"] else None
+        results[k].resumed_from_step = int(state["step"])
+        if state.get("noise_rng") is not None:
+            generators[k].set_state(state["noise_rng"].cpu())
+        states.append(state)
+    return int(record["step"]), stack_optimizer_states([s["optimizer"] for s in states])

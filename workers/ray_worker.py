@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from workers.loop import CHECKPOINT_FILE, RunContext, train
+from workers.loop import RunContext, is_checkpoint, train
 from workers.outputs import numeric_metrics, publish_outputs, with_retries
 from workers.timeline import Timeline
 
@@ -90,7 +90,7 @@ class RayTrainContext(RunContext):
             return None
         self._restored = tempfile.TemporaryDirectory(prefix="aeforge-restore-")
         with_retries(lambda: checkpoint.to_directory(self._restored.name), f"download of checkpoint {checkpoint.path}")
-        if not (Path(self._restored.name) / CHECKPOINT_FILE).exists():
+        if not is_checkpoint(Path(self._restored.name)):
             return None
         found = CHECKPOINT_DIR.search(checkpoint.path.rstrip("/"))
         if found is not None:

@@ -194,3 +194,44 @@ def test_a_member_that_diverges_fails_at_its_step_and_the_others_finish_as_alone
             [v for _, v in alone.history["train/loss"]], rel=CURVE_RTOL, abs=CURVE_ATOL)
         a, b = weights(alone.model), weights(packed[k].model)
         assert ((b - a).norm() / a.norm()).item() < WEIGHTS_RTOL
+
+
+def test_a_pack_resumes_from_its_checkpoint_as_if_never_stopped(tmp_path):
+    data = loop_data()
+    members = [PackMember(member_config("beta_tcvae", b), s) for b, s in zip([1.0, 6.0], SEEDS)]
+    straight = train_pack(members, loop_config(), NO_EVAL, data, data, RunContext(run_dir=tmp_path / "a"),
+                          evaluate_at_end=False)
+    half = loop_config().model_copy(update={"steps": 15, "checkpoint_every": 15})
+    first = train_pack(members, half, NO_EVAL, data, data, RunContext(run_dir=tmp_path / "b"), evaluate_at_end=False)
+    assert (tmp_path / "b" / "checkpoints" / "step_000000015" / "pack.json").exists()
+    resumed = train_pack(members, loop_config(), NO_EVAL, data, data, RunContext(run_dir=tmp_path / "b"),
+                         evaluate_at_end=False)
+    for a, b, c in zip(straight, resumed, first):
+        assert b.resumed_from_step == 15 and c.resumed_from_step == 0
+        assert torch.equal(weights(a.model), weights(b.model))
+        assert a.history == b.history
+
+
+def test_a_member_s_checkpoint_is_an_ordinary_one_that_its_own_run_resumes(tmp_path):
+    import shutil
+
+    from workers.loop import load_model_from_checkpoint
+
+    data = loop_data()
+    members = [PackMember(member_config("beta_vae", b), s) for b, s in zip([2.0, 8.0], SEEDS)]
+    half = loop_config().model_copy(update={"steps": 15, "checkpoint_every": 15})
+    packed = train_pack(members, half, NO_EVAL, data, data, RunContext(run_dir=tmp_path / "pack"),
+                        evaluate_at_end=False)
+    member = tmp_path / "pack" / "checkpoints" / "step_000000015" / "member_001"
+    assert torch.equal(weights(load_model_from_checkpoint(member)), weights(packed[1].model))
+
+    # The member's own run picks its checkpoint up and trains on as if it had run alone from the start.
+    own = tmp_path / "own"
+    shutil.copytree(member, own / "checkpoints" / "step_000000015")
+    resumed = train(members[1].model_config, loop_config(members[1].seed), NO_EVAL, data, data,
+                    RunContext(run_dir=own), evaluate_at_end=False)
+    alone = train(members[1].model_config, loop_config(members[1].seed), NO_EVAL, data, data, RunContext(),
+                  evaluate_at_end=False)
+    assert resumed.resumed_from_step == 15
+    a, b = weights(alone.model), weights(resumed.model)
+    assert ((b - a).norm() / a.norm()).item() < WEIGHTS_RTOL
