@@ -6,10 +6,12 @@ Each row trains K conv64 models (each its own weights, batch and Adam state) for
 ``--warmup``, on images made up front (no data pipeline in the timing), and reports the aggregate images/s (K x batch
 x steps / seconds) and its ratio to one model's rate:
 
-- **loop**: K models and K optimizers stepped one after the other, as K separate runs in one process would be.
-- **vmap**: workers.pack.Pack: the K models' parameters stacked, the loss of all K computed by one ``torch.func.vmap``
-  of ``functional_call`` over the stack (each model's noise from its own generator), one fused Adam over the
-  stacked tensors (Adam is element-wise: one optimizer over a stack is K optimizers).
+- **vmap**: workers.pack.Pack(how="vmap"): the K models' parameters stacked, the loss of all K computed by one
+  ``torch.func.vmap`` of ``functional_call`` over the stack, one fused Adam over the stacked tensors;
+- **loop**: Pack(how="loop"): the K models' losses one after the other, one fused Adam over all their parameters.
+
+Either way each model draws its noise from its own generator (Adam is element-wise: one optimizer over the K
+models' tensors is K optimizers).
 
 Prints a Markdown table, or JSON with ``--output json``.
 """
@@ -26,7 +28,7 @@ import torch
 
 from workers.config import ModelConfig
 from workers.models import build_model
-from workers.pack import Pack
+from workers.pack import PACK_WAYS, Pack
 
 IMAGE_SHAPE = (1, 64, 64)
 DATASET_SIZE = 737_280  # dSprites' N, for the beta-TCVAE estimators
@@ -51,27 +53,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_loop(variant: str, k: int, batch: int, steps: int, warmup: int, device: torch.device) -> float:
-    models = _models(variant, k, device)
-    optimizers = [torch.optim.Adam(m.parameters(), lr=1e-4, fused=True) for m in models]
-    generators = [torch.Generator(device=device).manual_seed(i) for i in range(k)]
-    pool = _images(batch * 8, device)
-    started = 0.0
-    for step in range(warmup + steps):
-        if step == warmup:
-            _sync(device)
-            started = time.perf_counter()
-        for i, (model, optimizer) in enumerate(zip(models, optimizers)):
-            x = pool[((step + i) % 8) * batch : ((step + i) % 8 + 1) * batch]
-            optimizer.zero_grad(set_to_none=True)
-            model.loss(x, model.draw_noise(x, generators[i])).loss.backward()
-            optimizer.step()
-    _sync(device)
-    return k * batch * steps / (time.perf_counter() - started)
-
-
-def time_vmap(variant: str, k: int, batch: int, steps: int, warmup: int, device: torch.device) -> float:
-    pack = Pack(_models(variant, k, device))
+def time_pack(how: str, variant: str, k: int, batch: int, steps: int, warmup: int, device: torch.device) -> float:
+    """Aggregate images/s of a pack of ``k`` models computed ``how`` (workers.pack.PACK_WAYS)."""
+    pack = Pack(_models(variant, k, device), how)
     optimizer = torch.optim.Adam(pack.parameters(), lr=1e-4, fused=True)
     generators = [torch.Generator(device=device).manual_seed(i) for i in range(k)]
     pool = _images(batch * 8, device)
@@ -89,15 +73,14 @@ def time_vmap(variant: str, k: int, batch: int, steps: int, warmup: int, device:
     return k * batch * steps / (time.perf_counter() - started)
 
 
-WAYS = {"loop": time_loop, "vmap": time_vmap}
 
 
 def run(variant: str, packs: list[int], batch: int, steps: int, warmup: int, device: torch.device) -> dict[str, Any]:
     rows = []
     single: dict[str, float] = {}
     for k in packs:
-        for way, measure in WAYS.items():
-            ips = measure(variant, k, batch, steps, warmup, device)
+        for way in PACK_WAYS:
+            ips = time_pack(way, variant, k, batch, steps, warmup, device)
             if k == 1:
                 single[way] = ips
             rows.append({"way": way, "k": k, "images_per_second": ips})

@@ -48,21 +48,38 @@ def pack_key(model: Autoencoder) -> tuple:
     return (type(model).__name__, repr(sorted(config.items())), tuple(model.image_shape), model.dataset_size)
 
 
-class Pack:
-    """K models trained as one. ``models`` are left as they are until :meth:`unpack`."""
+# How a pack computes its K losses. "vmap": stacked weights, one vmap'd pass (the kernels of K models as one:
+# what a GPU, bound by kernel launches for a model this small, gains from). "loop": the K models one after the
+# other in this process (no stacking; on 2 CPU cores it ran at 1.0x one model's images/s, vmap at 0.70-0.84x:
+# benchmarks/bench_pack.py). Either way the members train as they would alone.
+PACK_WAYS = ("vmap", "loop")
 
-    def __init__(self, models: list[Autoencoder]):
+
+def pack_way(device: torch.device) -> str:
+    """The faster way on ``device``: vmap on a GPU, one after another on a CPU (measured: PACK_WAYS)."""
+    return "vmap" if device.type == "cuda" else "loop"
+
+
+class Pack:
+    """K models trained as one, computed ``how`` (PACK_WAYS). With "vmap" the models' modules are left as they are
+    until :meth:`unpack` writes the trained tensors back; with "loop" they train in place."""
+
+    def __init__(self, models: list[Autoencoder], how: str = "vmap"):
         if not models:
             raise ValueError("a pack needs at least one model")
-        keys = {pack_key(m) for m in models}
-        if len(keys) > 1:
+        if how not in PACK_WAYS:
+            raise ValueError(f"a pack is computed by {' or '.join(PACK_WAYS)}, not {how!r}")
+        if len({pack_key(m) for m in models}) > 1:
             raise ValueError("models in one pack must share variant, architecture, latent size, image shape and "
                              "every other model setting but beta")
         self.models = models
-        wrapped = [_LossOf(m) for m in models]
-        self.params, self.buffers = stack_module_state(wrapped)  # params are new leaves that require grad
-        self._base = copy.deepcopy(wrapped[0]).to("meta")  # the code; its tensors are swapped for each model's
-        self._losses = vmap(self._one_loss, in_dims=(0, 0, 0, 0))
+        self.how = how
+        self._per_model = len(list(models[0].parameters()))
+        if how == "vmap":
+            wrapped = [_LossOf(m) for m in models]
+            self.params, self.buffers = stack_module_state(wrapped)  # params are new leaves that require grad
+            self._base = copy.deepcopy(wrapped[0]).to("meta")  # the code; its tensors are swapped for each model's
+            self._losses = vmap(self._one_loss, in_dims=(0, 0, 0, 0))
 
     def __len__(self) -> int:
         return len(self.models)
@@ -71,7 +88,11 @@ class Pack:
         return functional_call(self._base, (params, buffers), (x, noise))
 
     def parameters(self) -> list[torch.Tensor]:
-        return list(self.params.values())
+        """What the optimizer steps: the stacked tensors (vmap), or every model's parameters in model order (loop).
+        Adam is element-wise, so one optimizer over them is one per model."""
+        if self.how == "vmap":
+            return list(self.params.values())
+        return [p for model in self.models for p in model.parameters()]
 
     def draw_noise(self, x: torch.Tensor, generators: list[torch.Generator]) -> Noise:
         """Each model's noise for its batch ``x[k]`` from its own generator, stacked: (K, ...) per name."""
@@ -82,17 +103,70 @@ class Pack:
         """The K models' losses (K,) and loss parts (each (K,)) on their batches ``x`` (K, B, C, H, W)."""
         if x.shape[0] != len(self):
             raise ValueError(f"a pack of {len(self)} models takes {len(self)} batches, not {x.shape[0]}")
-        return self._losses(self.params, self.buffers, x, noise)
+        if self.how == "vmap":
+            return self._losses(self.params, self.buffers, x, noise)
+        outs = [model.loss(x[k], {name: value[k] for name, value in noise.items()})
+                for k, model in enumerate(self.models)]
+        return (torch.stack([o.loss for o in outs]),
+                {name: torch.stack([o.parts[name] for o in outs]) for name in outs[0].parts})
+
+    def clip_gradients(self, max_norm: float) -> None:
+        """``train.grad_clip`` for each model apart, as clip_grad_norm_ in a run of its own (one norm over the
+        whole pack would mix the models)."""
+        if self.how == "loop":
+            for model in self.models:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            return
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        norms = torch.stack([g.flatten(1).pow(2).sum(dim=1) for g in grads]).sum(dim=0).sqrt()  # (K,)
+        scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(scale.view(-1, *([1] * (g.dim() - 1))))
 
     @torch.no_grad()
     def unpack(self) -> list[Autoencoder]:
-        """The K models with the pack's trained parameters and buffers written back into them."""
-        for k, model in enumerate(self.models):
-            for name, tensor in model.named_parameters():
-                tensor.copy_(self.params[f"model.{name}"][k])
-            for name, tensor in model.named_buffers():
-                tensor.copy_(self.buffers[f"model.{name}"][k])
+        """The K models, holding the pack's trained parameters and buffers."""
+        if self.how == "vmap":
+            for k, model in enumerate(self.models):
+                for name, tensor in model.named_parameters():
+                    tensor.copy_(self.params[f"model.{name}"][k])
+                for name, tensor in model.named_buffers():
+                    tensor.copy_(self.buffers[f"model.{name}"][k])
         return self.models
+
+    def split_optimizer_state(self, state: dict, k: int) -> dict:
+        """Model k's part of the pack optimizer's state_dict: the state_dict the same optimizer would have over that
+        model's own parameters (Adam's moments are element-wise; its step count is the same for all)."""
+        n = self._per_model
+        if self.how == "vmap":
+            def take(value):
+                return value[k].clone() if torch.is_tensor(value) and value.dim() > 0 else value
+
+            own = {i: {name: take(v) for name, v in values.items()} for i, values in state["state"].items()}
+        else:
+            own = {i - k * n: copy.deepcopy(values) for i, values in state["state"].items() if k * n <= i < (k + 1) * n}
+        groups = copy.deepcopy(state["param_groups"])
+        for group in groups:
+            group["params"] = list(range(n))
+        return {"state": own, "param_groups": groups}
+
+    def stack_optimizer_states(self, states: list[dict]) -> dict:
+        """The pack optimizer's state_dict from its models' (the inverse of :meth:`split_optimizer_state`)."""
+        n = self._per_model
+        groups = copy.deepcopy(states[0]["param_groups"])
+        for group in groups:
+            group["params"] = list(range(n if self.how == "vmap" else n * len(states)))
+        if self.how == "vmap":
+            def stack(i, name, value):
+                if torch.is_tensor(value) and value.dim() > 0:
+                    return torch.stack([s["state"][i][name] for s in states])
+                return value
+
+            merged = {i: {name: stack(i, name, v) for name, v in values.items()}
+                      for i, values in states[0]["state"].items()}
+        else:
+            merged = {k * n + i: values for k, s in enumerate(states) for i, values in s["state"].items()}
+        return {"state": merged, "param_groups": groups}
 
 
 # --- checkpoints: a folder of the members' own ---------------------------------------------------------------
@@ -100,29 +174,6 @@ class Pack:
 
 def member_folder(k: int) -> str:
     return f"member_{k:03d}"
-
-
-def split_optimizer_state(state: dict, k: int) -> dict:
-    """Member k's slice of a pack optimizer's state_dict: the state_dict the same optimizer would have over that
-    member's own parameters (Adam's moments are element-wise; its step count is the pack's, the same for all)."""
-    def take(value):
-        return value[k].clone() if torch.is_tensor(value) and value.dim() > 0 else value
-
-    return {"state": {i: {name: take(v) for name, v in values.items()} for i, values in state["state"].items()},
-            "param_groups": copy.deepcopy(state["param_groups"])}
-
-
-def stack_optimizer_states(states: list[dict]) -> dict:
-    """The pack optimizer's state_dict from its members' (the inverse of :func:`split_optimizer_state`)."""
-    first = states[0]
-
-    def stack(i, name, value):
-        if torch.is_tensor(value) and value.dim() > 0:
-            return torch.stack([s["state"][i][name] for s in states])
-        return value
-
-    return {"state": {i: {name: stack(i, name, v) for name, v in values.items()} for i, values in first["state"].items()},
-            "param_groups": copy.deepcopy(first["param_groups"])}
 
 
 # --- the loop of a pack --------------------------------------------------------------------------------------
@@ -149,20 +200,11 @@ class MemberResult:
     resumed_from_step: int = 0
 
 
-def clip_each_model(params: list[torch.Tensor], max_norm: float) -> None:
-    """``train.grad_clip`` for each model of a pack apart: slice k of every stacked gradient is scaled by model k's
-    own norm, as clip_grad_norm_ would in a run of its own (a norm over the whole pack would mix the models)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    norms = torch.stack([g.flatten(1).pow(2).sum(dim=1) for g in grads]).sum(dim=0).sqrt()  # (K,)
-    scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(scale.view(-1, *([1] * (g.dim() - 1))))
-
-
 def train_pack(members: list[PackMember], train_config: TrainConfig, eval_config: EvalConfig,
                train_data: ImageDataset, val_data: ImageDataset, ctx: RunContext | None = None, *,
                dataset_size: int | None = None, full_data: ImageDataset | None = None,
-               spec_jsons: list[str] | None = None, evaluate_at_end: bool = True) -> list[MemberResult]:
+               spec_jsons: list[str] | None = None, evaluate_at_end: bool = True,
+               how: str | None = None) -> list[MemberResult]:
     """Train ``members`` as one pack in this process: each as :func:`workers.loop.train` would train it alone with
     its seed (same initial weights, data order and noise), to float rounding. A member whose loss stops being
     finite is marked failed at that step and part, and is no longer trained; the others go on.
@@ -171,7 +213,7 @@ def train_pack(members: list[PackMember], train_config: TrainConfig, eval_config
     member's ordinary checkpoint (``member_000/checkpoint.pt``, ...: load_model_from_checkpoint reads it, and a run
     of that member alone resumes from it) and pack.json (the members and which failed where). Running the pack
     again with the same ``ctx`` resumes from its last one. ``spec_jsons``: each member's job spec, kept in its
-    checkpoint."""
+    checkpoint. ``how``: PACK_WAYS (default: the faster on the device, pack_way)."""
     ctx = ctx or RunContext()
     device, cfg, k_models = ctx.device, train_config, len(members)
     dataset_size = dataset_size or len(train_data) * ctx.world_size
@@ -181,14 +223,14 @@ def train_pack(members: list[PackMember], train_config: TrainConfig, eval_config
         models.append(build_model(member.model_config, train_data.image_shape, dataset_size).to(device))
     generators = [torch.Generator(device=device).manual_seed(m.seed * 1000 + ctx.rank + 1) for m in members]
     results = [MemberResult(model=m) for m in models]
-    start_step, optimizer_state = 0, None
+    start_step, optimizer_states = 0, None
     resume = ctx.latest_checkpoint()
     if resume is not None:
-        start_step, optimizer_state = _restore(Path(resume), members, results, generators, device)
-    pack = Pack(models)
+        start_step, optimizer_states = _restore(Path(resume), members, results, generators, device)
+    pack = Pack(models, how or pack_way(device))
     optimizer = build_optimizer(pack.parameters(), cfg)
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
+    if optimizer_states is not None:
+        optimizer.load_state_dict(pack.stack_optimizer_states(optimizer_states))
     train_data = place_data(train_data, device)
     n_steps = total_steps(cfg, len(train_data))
     per_epoch = steps_per_epoch(len(train_data), cfg.batch_size)
@@ -212,7 +254,7 @@ def train_pack(members: list[PackMember], train_config: TrainConfig, eval_config
         # A failed member's loss no longer counts: no gradient reaches its weights.
         torch.where(training, losses, torch.zeros_like(losses)).sum().backward()
         if cfg.grad_clip is not None:
-            clip_each_model(pack.parameters(), cfg.grad_clip)
+            pack.clip_gradients(cfg.grad_clip)
         optimizer.step()
         for k in range(k_models):
             if windows[k] is None:
@@ -258,7 +300,7 @@ def _save(pack: Pack, optimizer, members: list[PackMember], results: list[Member
             for k, model in enumerate(models):
                 folder = Path(tmp) / member_folder(k)
                 folder.mkdir()
-                save_checkpoint_file(folder / CHECKPOINT_FILE, model, split_optimizer_state(state, k), step,
+                save_checkpoint_file(folder / CHECKPOINT_FILE, model, pack.split_optimizer_state(state, k), step,
                                      results[k].history, spec_jsons[k] if spec_jsons else None, generators[k])
             record = {"step": step, "members": [{"seed": m.seed, "folder": member_folder(k),
                                                  "failed": list(results[k].failed) if results[k].failed else None}
@@ -268,9 +310,9 @@ def _save(pack: Pack, optimizer, members: list[PackMember], results: list[Member
 
 
 def _restore(folder: Path, members: list[PackMember], results: list[MemberResult],
-             generators: list[torch.Generator], device: torch.device) -> tuple[int, dict]:
+             generators: list[torch.Generator], device: torch.device) -> tuple[int, list[dict]]:
     """Load a pack checkpoint into the members' models, curves, failures and noise generators; returns the step
-    and the pack optimizer's state."""
+    and the members' optimizer states."""
     record = json.loads((folder / PACK_FILE).read_text(encoding="utf-8"))
     if [m["seed"] for m in record["members"]] != [m.seed for m in members]:
         raise ValueError(f"the pack checkpoint in {folder} holds members with seeds "
@@ -285,4 +327,4 @@ def _restore(folder: Path, members: list[PackMember], results: list[MemberResult
         if state.get("noise_rng") is not None:
             generators[k].set_state(state["noise_rng"].cpu())
         states.append(state)
-    return int(record["step"]), stack_optimizer_states([s["optimizer"] for s in states])
+    return int(record["step"]), [s["optimizer"] for s in states]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tests.workers.models.common import blobs, make
-from workers.pack import Pack
+from workers.pack import PACK_WAYS, Pack
 
 STEPS = 30
 K = 4
@@ -49,8 +49,8 @@ def train_separately(variant, betas):
     return separate, curves
 
 
-def train_packed(variant, betas):
-    pack = Pack(models(variant, betas))
+def train_packed(variant, betas, how):
+    pack = Pack(models(variant, betas), how)
     optimizer = torch.optim.Adam(pack.parameters(), lr=1e-3)
     generators = [torch.Generator().manual_seed(1000 + k) for k in range(K)]
     curves = [[] for _ in range(K)]
@@ -64,11 +64,12 @@ def train_packed(variant, betas):
     return pack.unpack(), curves
 
 
+@pytest.mark.parametrize("how", PACK_WAYS)
 @pytest.mark.parametrize("variant", ["beta_vae", "beta_tcvae"])
-def test_a_pack_of_four_trains_as_four_separate_runs(variant):
+def test_a_pack_of_four_trains_as_four_separate_runs(variant, how):
     betas = [1.0, 2.0, 4.0, 8.0]
     separate, separate_curves = train_separately(variant, betas)
-    packed, packed_curves = train_packed(variant, betas)
+    packed, packed_curves = train_packed(variant, betas, how)
     for k in range(K):
         assert packed_curves[k] == pytest.approx(separate_curves[k], rel=CURVE_RTOL)
         for (name, a), (_, b) in zip(separate[k].named_parameters(), packed[k].named_parameters()):
@@ -133,12 +134,13 @@ def weights(model):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
+@pytest.mark.parametrize("how", PACK_WAYS)
 @pytest.mark.parametrize("variant", ["beta_vae", "beta_tcvae"])
-def test_train_pack_trains_each_member_as_the_loop_trains_it_alone(variant):
+def test_train_pack_trains_each_member_as_the_loop_trains_it_alone(variant, how):
     data = loop_data()
     betas = [1.0, 2.0, 4.0, 8.0]
     members = [PackMember(member_config(variant, b), s) for b, s in zip(betas, SEEDS)]
-    packed = train_pack(members, loop_config(), NO_EVAL, data, data, evaluate_at_end=False)
+    packed = train_pack(members, loop_config(), NO_EVAL, data, data, evaluate_at_end=False, how=how)
     for member, result in zip(members, packed):
         alone = train(member.model_config, loop_config(member.seed), NO_EVAL, data, data, RunContext(),
                       evaluate_at_end=False)
@@ -172,7 +174,8 @@ class RunawayBetaVAE(BetaVAE):
         return out
 
 
-def test_a_member_that_diverges_fails_at_its_step_and_the_others_finish_as_alone(monkeypatch):
+@pytest.mark.parametrize("how", PACK_WAYS)
+def test_a_member_that_diverges_fails_at_its_step_and_the_others_finish_as_alone(monkeypatch, how):
     from workers.models import registry
 
     monkeypatch.setitem(registry.VARIANTS, "beta_vae", RunawayBetaVAE)
@@ -182,7 +185,7 @@ def test_a_member_that_diverges_fails_at_its_step_and_the_others_finish_as_alone
     with pytest.raises(TrainingDiverged) as alone_error:
         train(members[2].model_config, loop_config(members[2].seed), NO_EVAL, data, data, RunContext(),
               evaluate_at_end=False)
-    packed = train_pack(members, loop_config(), NO_EVAL, data, data, evaluate_at_end=False)
+    packed = train_pack(members, loop_config(), NO_EVAL, data, data, evaluate_at_end=False, how=how)
     step, part = packed[2].failed
     assert f"training diverged at step {step}: the '{part}' part" in str(alone_error.value)
     assert 1 < step < LOOP_STEPS and part == "loss"
@@ -196,23 +199,26 @@ def test_a_member_that_diverges_fails_at_its_step_and_the_others_finish_as_alone
         assert ((b - a).norm() / a.norm()).item() < WEIGHTS_RTOL
 
 
-def test_a_pack_resumes_from_its_checkpoint_as_if_never_stopped(tmp_path):
+@pytest.mark.parametrize("how", PACK_WAYS)
+def test_a_pack_resumes_from_its_checkpoint_as_if_never_stopped(tmp_path, how):
     data = loop_data()
     members = [PackMember(member_config("beta_tcvae", b), s) for b, s in zip([1.0, 6.0], SEEDS)]
     straight = train_pack(members, loop_config(), NO_EVAL, data, data, RunContext(run_dir=tmp_path / "a"),
-                          evaluate_at_end=False)
+                          evaluate_at_end=False, how=how)
     half = loop_config().model_copy(update={"steps": 15, "checkpoint_every": 15})
-    first = train_pack(members, half, NO_EVAL, data, data, RunContext(run_dir=tmp_path / "b"), evaluate_at_end=False)
+    first = train_pack(members, half, NO_EVAL, data, data, RunContext(run_dir=tmp_path / "b"), evaluate_at_end=False,
+                       how=how)
     assert (tmp_path / "b" / "checkpoints" / "step_000000015" / "pack.json").exists()
     resumed = train_pack(members, loop_config(), NO_EVAL, data, data, RunContext(run_dir=tmp_path / "b"),
-                         evaluate_at_end=False)
+                         evaluate_at_end=False, how=how)
     for a, b, c in zip(straight, resumed, first):
         assert b.resumed_from_step == 15 and c.resumed_from_step == 0
         assert torch.equal(weights(a.model), weights(b.model))
         assert a.history == b.history
 
 
-def test_a_member_s_checkpoint_is_an_ordinary_one_that_its_own_run_resumes(tmp_path):
+@pytest.mark.parametrize("how", PACK_WAYS)
+def test_a_member_s_checkpoint_is_an_ordinary_one_that_its_own_run_resumes(tmp_path, how):
     import shutil
 
     from workers.loop import load_model_from_checkpoint
@@ -221,7 +227,7 @@ def test_a_member_s_checkpoint_is_an_ordinary_one_that_its_own_run_resumes(tmp_p
     members = [PackMember(member_config("beta_vae", b), s) for b, s in zip([2.0, 8.0], SEEDS)]
     half = loop_config().model_copy(update={"steps": 15, "checkpoint_every": 15})
     packed = train_pack(members, half, NO_EVAL, data, data, RunContext(run_dir=tmp_path / "pack"),
-                        evaluate_at_end=False)
+                        evaluate_at_end=False, how=how)
     member = tmp_path / "pack" / "checkpoints" / "step_000000015" / "member_001"
     assert torch.equal(weights(load_model_from_checkpoint(member)), weights(packed[1].model))
 
