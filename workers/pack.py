@@ -16,6 +16,7 @@ import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -24,7 +25,9 @@ from torch.func import functional_call, stack_module_state, vmap
 from workers.config import EvalConfig, ModelConfig, TrainConfig
 from workers.data.base import ImageDataset
 from workers.loop import (CHECKPOINT_FILE, PACK_FILE, LossWindow, RunContext, build_optimizer, epoch_permutation,
-                          place_data, save_checkpoint_file, seed_everything, steps_per_epoch, total_steps)
+                          place_data, record_code_statistics, save_checkpoint_file, seed_everything, steps_per_epoch,
+                          total_steps)
+from workers.protocol import emit, progress_line
 from workers.models import build_model
 from workers.models.base import Autoencoder, Noise
 
@@ -125,13 +128,12 @@ class Pack:
 
     @torch.no_grad()
     def unpack(self) -> list[Autoencoder]:
-        """The K models, holding the pack's trained parameters and buffers."""
+        """The K models, holding the pack's trained parameters. (Buffers are not trained: beta stays, and code
+        statistics recorded into a model stay.)"""
         if self.how == "vmap":
             for k, model in enumerate(self.models):
                 for name, tensor in model.named_parameters():
                     tensor.copy_(self.params[f"model.{name}"][k])
-                for name, tensor in model.named_buffers():
-                    tensor.copy_(self.buffers[f"model.{name}"][k])
         return self.models
 
     def split_optimizer_state(self, state: dict, k: int) -> dict:
@@ -181,11 +183,18 @@ def member_folder(k: int) -> str:
 
 @dataclass(frozen=True)
 class PackMember:
-    """One model of a pack: its model settings (beta may differ between members) and its seed (its initial
-    weights, data order and noise, as the same seed gives a run of its own)."""
+    """One model of a pack: its model settings (beta may differ between members), its seed (its initial weights,
+    data order and noise, as the same seed gives a run of its own), and its name (a sweep trial's run name, which
+    its progress lines carry)."""
 
     model_config: ModelConfig
     seed: int
+    name: str | None = None
+
+
+# Called at each log point and after the final evaluation with (member index, metrics, step): where a member's
+# curves go (its own MLflow run, in a sweep).
+MemberLog = Callable[[int, dict[str, float], int], None]
 
 
 @dataclass
@@ -203,8 +212,8 @@ class MemberResult:
 def train_pack(members: list[PackMember], train_config: TrainConfig, eval_config: EvalConfig,
                train_data: ImageDataset, val_data: ImageDataset, ctx: RunContext | None = None, *,
                dataset_size: int | None = None, full_data: ImageDataset | None = None,
-               spec_jsons: list[str] | None = None, evaluate_at_end: bool = True,
-               how: str | None = None) -> list[MemberResult]:
+               spec_jsons: list[str] | None = None, evaluate_at_end: bool = True, pictures: bool = True,
+               how: str | None = None, log: MemberLog | None = None) -> list[MemberResult]:
     """Train ``members`` as one pack in this process: each as :func:`workers.loop.train` would train it alone with
     its seed (same initial weights, data order and noise), to float rounding. A member whose loss stops being
     finite is marked failed at that step and part, and is no longer trained; the others go on.
@@ -213,7 +222,9 @@ def train_pack(members: list[PackMember], train_config: TrainConfig, eval_config
     member's ordinary checkpoint (``member_000/checkpoint.pt``, ...: load_model_from_checkpoint reads it, and a run
     of that member alone resumes from it) and pack.json (the members and which failed where). Running the pack
     again with the same ``ctx`` resumes from its last one. ``spec_jsons``: each member's job spec, kept in its
-    checkpoint. ``how``: PACK_WAYS (default: the faster on the device, pack_way)."""
+    checkpoint. ``how``: PACK_WAYS (default: the faster on the device, pack_way). ``log``: where each member's
+    curves and evaluation go (:data:`MemberLog`). With ``ctx.run_dir``, each finished member's pictures go to
+    ``<run_dir>/member_<k>/pictures``."""
     ctx = ctx or RunContext()
     device, cfg, k_models = ctx.device, train_config, len(members)
     dataset_size = dataset_size or len(train_data) * ctx.world_size
@@ -271,21 +282,41 @@ def train_pack(members: list[PackMember], train_config: TrainConfig, eval_config
                     result.failed = diverged
                     training[k] = False
                     continue
-                for name, value in means.items():
-                    result.history.setdefault(f"train/{name}", []).append((done, value))
-                    result.final_metrics[f"train/{name}"] = value
+                metrics = {f"train/{name}": value for name, value in means.items()}
+                for name, value in metrics.items():
+                    result.history.setdefault(name, []).append((done, value))
+                result.final_metrics.update(metrics)
+                if ctx.is_chief:
+                    if log is not None:
+                        log(k, metrics, done)
+                    emit(progress_line(done, n_steps, metrics=metrics, trial=members[k].name))
+        if done == n_steps and ctx.is_chief:
+            # Before the final checkpoint, which saves them with the weights (models/base.py's traversals).
+            for model, member, result in zip(pack.unpack(), members, results):
+                if result.failed is None:
+                    record_code_statistics(model, train_data, member.seed)
         if done % cfg.checkpoint_every == 0 or done == n_steps:
             _save(pack, optimizer, members, results, generators, done, ctx, cfg, spec_jsons)
 
     pack.unpack()
     if evaluate_at_end and ctx.is_chief:
         from workers.metrics import evaluate
+        from workers.plots import make_run_pictures
 
-        for member, result in zip(members, results):
-            if result.failed is None:
-                result.model.eval()
-                result.final_metrics.update(evaluate(result.model, val_data, eval_config, seed=member.seed,
-                                                     full=full_data, train=train_data))
+        for k, (member, result) in enumerate(zip(members, results)):
+            if result.failed is not None:
+                continue
+            result.model.eval()
+            evaluated = evaluate(result.model, val_data, eval_config, seed=member.seed, full=full_data,
+                                 train=train_data)
+            result.final_metrics.update(evaluated)
+            for name, value in evaluated.items():
+                result.history.setdefault(name, []).append((n_steps, value))
+            if log is not None:
+                log(k, evaluated, n_steps)
+            if pictures and eval_config.pictures and ctx.run_dir is not None:
+                make_run_pictures(result.model, train_data, val_data, ctx.run_dir / member_folder(k) / "pictures",
+                                  seed=member.seed, history=result.history)
     return results
 
 

@@ -241,3 +241,25 @@ def test_a_member_s_checkpoint_is_an_ordinary_one_that_its_own_run_resumes(tmp_p
     assert resumed.resumed_from_step == 15
     a, b = weights(alone.model), weights(resumed.model)
     assert ((b - a).norm() / a.norm()).item() < WEIGHTS_RTOL
+
+
+def test_each_finished_member_gets_its_evaluation_curves_code_statistics_and_pictures(tmp_path):
+    from workers.loop import load_model_from_checkpoint
+
+    data = loop_data()
+    members = [PackMember(member_config("beta_vae", b), s, name=f"sweep-t0{k}-beta{b:g}")
+               for k, (b, s) in enumerate(zip([2.0, 8.0], SEEDS))]
+    logged: list[tuple[int, set, int]] = []
+    evaluation = EvalConfig(iwae_samples=2, max_examples=32, disentanglement=False, probe=False, pictures=True)
+    results = train_pack(members, loop_config(), evaluation, data, data, RunContext(run_dir=tmp_path),
+                         log=lambda k, metrics, step: logged.append((k, set(metrics), step)))
+    # Curves at every log point, then the evaluation, each member to its own log.
+    for k in (0, 1):
+        steps = [step for member, names, step in logged if member == k and "train/loss" in names]
+        assert steps == [5, 10, 15, 20, 25, 30]
+        assert [(member, step) for member, names, step in logged if "eval/elbo" in names].count((k, LOOP_STEPS)) == 1
+        assert "eval/elbo" in results[k].final_metrics
+        assert (tmp_path / f"member_{k:03d}" / "pictures" / "traversal.png").exists()
+        saved = load_model_from_checkpoint(tmp_path / "checkpoints" / f"step_{LOOP_STEPS:09d}" / f"member_{k:03d}")
+        assert torch.isfinite(saved.code_mean).all() and torch.isfinite(saved.code_std).all()
+        assert torch.equal(saved.code_mean, results[k].model.code_mean)
