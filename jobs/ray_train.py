@@ -194,17 +194,32 @@ def build_trainer(spec: JobSpec, run_name: str, storage, mlflow_run_id: str | No
     """One TorchTrainer for a `train` spec (or one sweep trial); the Train run is named after the job/trial id,
     so running the same id again resumes from its last checkpoint. ``trial``: a sweep trial's run name, which its
     progress lines carry."""
+    from workers.ray_worker import WorkerJob, train_loop_per_worker
+
+    job = WorkerJob(spec=spec, run_name=run_name, mlflow_run_id=mlflow_run_id,
+                    mlflow_tracking_uri=settings.mlflow_tracking_uri(), trial=trial)
+    return _torch_trainer(spec, run_name, storage, train_loop_per_worker, job, callbacks)
+
+
+def build_pack_trainer(spec: JobSpec, run_name: str, storage, members: list[dict], callbacks=()):
+    """One TorchTrainer for a pack of sweep trials (workers/pack.py), named ``run_name`` (the pack's own id: the
+    same id again resumes its last checkpoint). ``members``: each trial's spec, run name, job id and MLflow run id
+    (workers.ray_worker.PackWorkerJob)."""
+    from workers.ray_worker import PackWorkerJob, pack_loop_per_worker
+
+    job = PackWorkerJob(spec=spec, run_name=run_name, members=members,
+                        mlflow_tracking_uri=settings.mlflow_tracking_uri())
+    return _torch_trainer(spec, run_name, storage, pack_loop_per_worker, job, callbacks)
+
+
+def _torch_trainer(spec: JobSpec, run_name: str, storage, loop, job, callbacks):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from workers.ray_worker import WorkerJob, train_loop_per_worker
-
     fs, base = storage.pyarrow_filesystem()
     r = spec.resources
-    job = WorkerJob(spec=spec, run_name=run_name, mlflow_run_id=mlflow_run_id,
-                    mlflow_tracking_uri=settings.mlflow_tracking_uri(), trial=trial)
     return TorchTrainer(
-        train_loop_per_worker,
+        loop,
         train_loop_config={"job": job},
         scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=r.gpus_per_worker > 0,
                                      resources_per_worker=r.per_worker()),

@@ -99,6 +99,16 @@ class SweepConfig(StrictModel):
     metric: SweepMetric = Field(default_factory=SweepMetric)
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: as many as the cluster fits")
     register_all: bool = Field(False, description="also register every non-best trial's model")
+    pack: int | Literal["auto"] = Field(1, description="trials trained together as one pack, in one Ray Train run: "
+                                         "1 (each trial its own run), a pack size, or auto (enough packs to fill "
+                                         "the trials that run at once)")
+
+    @field_validator("pack")
+    @classmethod
+    def _pack_positive(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError("a pack holds at least 1 trial (1: every trial trains on its own)")
+        return v
 
     @field_validator("beta")
     @classmethod
@@ -185,6 +195,12 @@ class JobSpec(StrictModel):
                 errors.append(("model.tc_estimator", "is only for beta_tcvae; drop it when sweeping other variants"))
             if "variant" in space and self.model.corruption is not None and any(v != "dae" for v in variants):
                 errors.append(("model.corruption", "is only for dae; drop it when sweeping other variants"))
+            if self.sweep.pack != 1 and self.sweep.search != "grid":
+                errors.append(("sweep.pack", "packs need search: grid (a random search draws its trials one at a "
+                                             "time); use pack: 1"))
+            if self.sweep.pack != 1 and self.resources.workers != 1:
+                errors.append(("sweep.pack", "a pack trains on one worker (resources.workers: 1); use pack: 1 for "
+                                             "trials on several workers"))
             metric = self.sweep.metric.name
             known = reported_metrics(self, variants)
             if metric not in known and not _metric_needs_factors(metric):
@@ -219,6 +235,28 @@ class JobSpec(StrictModel):
         space = self.sweep.space()
         keys = list(space)
         return [dict(zip(keys, combo)) for combo in itertools.product(*(space[k] for k in keys))]
+
+    def trial_packs(self, size: int) -> list[list[dict[str, Any]]]:
+        """The grid's trials (with its repeats), each with its ``index`` in the grid, in packs of at most ``size``:
+        trials of one variant and latent size together (they differ in beta and seed), in grid order."""
+        assert self.sweep is not None
+        rows = [{**row, "index": i} for i, row in enumerate(self.trial_configs() * self.sweep.num_samples)]
+        groups: dict[tuple, list[dict[str, Any]]] = {}
+        for row in rows:
+            key = (row.get("variant", self.model.variant), row.get("latent_dim", self.model.latent_dim))
+            groups.setdefault(key, []).append(row)
+        return [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
+
+    def pack_size(self, concurrent: int) -> tuple[int, str]:
+        """The pack size of this sweep and a line saying why: ``sweep.pack``, or for auto enough packs of each
+        group (variant x latent size) to keep ``concurrent`` trials running (on a CPU a pack trains its models one
+        after another, so more packs than slots only queue; fewer leave slots idle)."""
+        assert self.sweep is not None
+        if self.sweep.pack != "auto":
+            return int(self.sweep.pack), f"sweep.pack: {self.sweep.pack}"
+        largest = max(len(group) for group in self.trial_packs(self.num_trials()))
+        size = max(1, math.ceil(largest / max(1, concurrent)))
+        return size, f"sweep.pack auto: {size} (the largest group of {largest} trials over {concurrent} at once)"
 
     def num_trials(self) -> int:
         """How many trials a sweep runs: the grid times its repeats, or the random draws (the grid is not built)."""

@@ -49,6 +49,11 @@ def trial_job_id(job_id: str, trial_id: str) -> str:
     return f"{job_id}-{trial_id}"
 
 
+def member_trial_id(trial_id: str, k: int) -> str:
+    """The trial id of a pack's k-th member: the pack's Tune trial id and the member's place in it."""
+    return f"{trial_id}-m{k}"
+
+
 def trial_index(trial_id: str) -> int | None:
     """Tune numbers a sweep's trials from 0 as it creates them, in the trial id ``<5 hex>_<5-digit index>``; a
     restored sweep keeps its trials' ids. None for an id of another form."""
@@ -60,13 +65,14 @@ def _name_value(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def trial_run_name(sweep_name: str, trial_id: str, values: dict[str, Any], num_trials: int) -> str:
+def trial_run_name(sweep_name: str, trial_id: str, values: dict[str, Any], num_trials: int,
+                   index: int | None = None) -> str:
     """A trial's MLflow run name: ``<sweep name>-t<index>-<swept values>``, e.g. ``faces-t03-beta4-z10``.
 
     The index (zero-padded to the sweep's size, at least 2 digits) makes it unique within the sweep; the values
     say what the trial tried. Computed from the trial's id and values, both of which a resumed sweep restores,
-    so a trial keeps its name."""
-    index = trial_index(trial_id)
+    so a trial keeps its name. A packed trial's ``index`` is its place in the grid."""
+    index = trial_index(trial_id) if index is None else index
     width = max(2, len(str(max(num_trials - 1, 0))))
     parts = [sweep_name, f"t{index:0{width}d}" if index is not None else trial_id]
     for key, label in TRIAL_NAME_LABELS.items():
@@ -133,11 +139,14 @@ def _trial(config: dict[str, Any], sweep: dict[str, Any]) -> dict[str, float]:
     return metrics
 
 
-def param_space(spec: JobSpec) -> dict[str, Any]:
-    """grid: every combination (tune.grid_search over the grid's rows); random: each key sampled on its own."""
+def param_space(spec: JobSpec, packs: list[list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """grid: every combination (tune.grid_search over the grid's rows); random: each key sampled on its own;
+    ``packs``: one Tune trial per pack of grid rows."""
     from ray import tune
 
     assert spec.sweep is not None
+    if packs is not None:
+        return {"pack": tune.grid_search(packs)}
     if spec.sweep.search == "grid":
         return {"trial": tune.grid_search(spec.trial_configs())}
     space: dict[str, Any] = {}
@@ -166,6 +175,9 @@ def _trial_name(values: dict[str, Any], sweep: dict[str, Any]) -> str:
 
 def _trial_entry(config: dict[str, Any], sweep: dict[str, Any]) -> None:
     """A trial, with its state in the log as it starts and ends (`aeforge run`'s table of trials reads it)."""
+    if "pack" in config:
+        _pack_trial(config["pack"], sweep)
+        return
     values = _flatten_trial(config)
     name = _trial_name(values, sweep)
     emit(trial_line(name, "running", values={k: values[k] for k in TRIAL_KEYS if k in values}))
@@ -176,6 +188,84 @@ def _trial_entry(config: dict[str, Any], sweep: dict[str, Any]) -> None:
         emit(trial_line(name, "error", error=last[:300]))
         raise
     emit(trial_line(name, "finished", metrics=metrics))
+
+
+def _pack_trial(rows: list[dict[str, Any]], sweep: dict[str, Any]) -> None:
+    """A pack of trials (workers/pack.py) inside one Tune trial actor: a nested MLflow run per member, one
+    TorchTrainer for the pack, and per member its trial.json on storage (its metrics and its own checkpoint, the
+    member folder of the pack's last one). A member that diverged ends FAILED with its step and loss part; the
+    others FINISHED. A pack whose members all finished before (the driver died after) trains nothing."""
+    import contextlib
+    import os
+
+    from ray import tune
+
+    from jobs.lineage import trial_description
+    from jobs.ray_train import build_pack_trainer
+    from workers.pack import member_folder
+    from workers.storage import Storage
+    from workers.tracking import MlflowRun, start_or_resume_run
+
+    os.environ.update(sweep["env"])  # as in _trial: the driver's settings, not the trial actor's
+    tracking_uri = sweep["tracking_uri"]
+    base: JobSpec = sweep["spec"]
+    trial_id = tune.get_context().get_trial_id()
+    storage = Storage.from_settings()
+    members = []
+    for k, row in enumerate(rows):
+        values = {key: row[key] for key in TRIAL_KEYS if key in row}
+        member_id = member_trial_id(trial_id, k)
+        members.append({"spec": base.with_trial(values), "values": values, "trial_id": member_id,
+                        "job": trial_job_id(sweep["job_id"], member_id),
+                        "name": trial_run_name(base.name, member_id, values, base.num_trials(), index=row["index"])})
+    if all(_finished_trial(storage, m["job"]) is not None for m in members):
+        tune.report({"members": len(members)})
+        return
+    for m in members:
+        emit(trial_line(m["name"], "running", values=m["values"]))
+    with contextlib.ExitStack() as stack:
+        runs = []
+        for m in members:
+            run_id = start_or_resume_run(sweep["experiment_id"], m["job"], run_name=m["name"],
+                                         parent_run_id=sweep["parent_run_id"], tracking_uri=tracking_uri)
+            run = MlflowRun(run_id, tracking_uri)
+            run.mark_running()
+            run.log_spec(m["spec"].model_dump(mode="json"))
+            run.log_params({f"trial.{key}": v for key, v in m["values"].items()})
+            run.set_tags({SWEEP_ID_TAG: sweep["job_id"], TRIAL_ID_TAG: m["trial_id"], **sweep["source_tags"]})
+            run.describe(trial_description(m["spec"], sweep["job_id"], m["values"]))
+            run.log_dataset(sweep["dataset"])
+            m["mlflow_run_id"] = run_id
+            runs.append(run)
+            # A failing pack ends every member's run FAILED (KILLED when stopped), as a failing trial ends its own.
+            stack.push(run.__exit__)
+        pack_job = trial_job_id(sweep["job_id"], trial_id)
+        worker_members = [{key: m[key] for key in ("spec", "name", "job", "mlflow_run_id")} for m in members]
+        try:
+            result = fit(build_pack_trainer(base, pack_job, storage, worker_members))
+        except Exception as exc:
+            last = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+            for m in members:
+                emit(trial_line(m["name"], "error", error=last[:300]))
+            raise
+        summaries = (result.return_value or {}).get("members") or [{} for _ in members]
+        for k, (m, run, summary) in enumerate(zip(members, runs, summaries)):
+            metrics = summary.get("final_metrics") or {}
+            failed = summary.get("failed")
+            record = {"metrics": metrics, "failed": failed,
+                      "checkpoint_path": f"{result.checkpoint.path}/{member_folder(k)}" if result.checkpoint else None}
+            storage.put_bytes(json.dumps(record, sort_keys=True).encode(), trial_result_relpath(m["job"]))
+            if failed:
+                why = f"diverged at step {failed[0]}: the '{failed[1]}' part of the loss is not finite"
+                run.set_tags({"aeforge.failed": why})
+                emit(trial_line(m["name"], "error", error=why))
+            else:
+                emit(trial_line(m["name"], "finished", metrics=metrics))
+        # The members' runs end as the pack did, a diverged member's FAILED.
+        stack.pop_all()
+        for summary, run in zip(summaries, runs):
+            run.terminate("FAILED" if summary.get("failed") else "FINISHED")
+    tune.report({"members": len(members)})
 
 
 def run_sweep(spec: JobSpec, job_id: str, spec_file: str | Path | None = None) -> dict[str, Any]:
@@ -225,6 +315,12 @@ def _tune(spec: JobSpec, job_id: str, storage, parent, experiment_id: str, max_c
 
     sweep_ctx = {"spec": spec, "job_id": job_id, "experiment_id": experiment_id, "parent_run_id": parent.run_id,
                  "tracking_uri": parent.tracking_uri, "env": job_environment(), **lineage}
+    packs = None
+    if spec.sweep.pack != 1:
+        size, why = spec.pack_size(max_concurrent)
+        packs = spec.trial_packs(size)
+        listing = "; ".join(", ".join(f"t{row['index']:02d}" for row in pack) for pack in packs)
+        print(f"aeforge: sweep {job_id}: {why}: {len(packs)} packs ({listing})", flush=True)
     trainable = tune.with_resources(tune.with_parameters(_trial_entry, sweep=sweep_ctx), {"cpu": TRIAL_DRIVER_CPU})
     kv_key = f"s3-keys/{job_id}"
     fs, base = tune_filesystem(storage, kv_key)
@@ -238,17 +334,17 @@ def _tune(spec: JobSpec, job_id: str, storage, parent, experiment_id: str, max_c
         else:
             tuner = tune.Tuner(
                 trainable,
-                param_space=param_space(spec),
+                param_space=param_space(spec, packs),
                 # No metric/mode here: Tune would require it in every report, and a trial reports its ranking
                 # metric (an evaluation result) only at the end. The ranking is done on the final rows.
                 tune_config=tune.TuneConfig(
-                    num_samples=spec.sweep.num_samples,
+                    num_samples=1 if packs is not None else spec.sweep.num_samples,  # packs hold the repeats
                     max_concurrent_trials=max_concurrent,
                 ),
                 run_config=tune.RunConfig(name=job_id, storage_path=tune_path, storage_filesystem=fs, verbose=0),
             )
         grid = tuner.fit()
-        rows = results_rows(grid, job_id, spec)
+        rows = results_rows(grid, job_id, spec, storage)
         if not any(r["status"] == "finished" for r in rows):
             errors = "; ".join(f"{r['run_name']}: {r.get('error')}" for r in rows if r.get("error"))
             raise RuntimeError(f"sweep {job_id}: no trial finished ({errors or 'see the trial errors in the Ray logs'})")
@@ -295,11 +391,14 @@ def rank_rows(rows: list[dict[str, Any]], metric: str, mode: str) -> list[dict[s
     return sorted(rows, key=key)
 
 
-def results_rows(grid, job_id: str, spec: JobSpec) -> list[dict[str, Any]]:
+def results_rows(grid, job_id: str, spec: JobSpec, storage=None) -> list[dict[str, Any]]:
     """One row per trial: its values, run name, own job id, status, and last reported metrics (the final
-    evaluation)."""
+    evaluation). A pack's trials come from their trial.json on ``storage``."""
     rows = []
     for result in grid:
+        if "pack" in (result.config or {}):
+            rows += _pack_rows(result, job_id, spec, storage)
+            continue
         config = _flatten_trial(result.config or {})
         metrics = dict(result.metrics or {})
         trial_id = metrics.get("trial_id") or _trial_id_from_path(result.path)
@@ -315,6 +414,35 @@ def results_rows(grid, job_id: str, spec: JobSpec) -> list[dict[str, Any]]:
             if "/" in key and isinstance(value, (int, float)):
                 row[key] = value
         row["step"] = metrics.get("step")
+        rows.append(row)
+    return rows
+
+
+def _pack_rows(result, job_id: str, spec: JobSpec, storage) -> list[dict[str, Any]]:
+    """The rows of a pack's trials: each member's values, names, and its trial.json (finished or failed), or the
+    pack's error when it never wrote one."""
+    trial_id = (result.metrics or {}).get("trial_id") or _trial_id_from_path(result.path)
+    rows = []
+    for k, config in enumerate(result.config["pack"]):
+        member_id = member_trial_id(trial_id, k)
+        values = {key: config[key] for key in TRIAL_KEYS if key in config}
+        row: dict[str, Any] = {**values, "trial_id": member_id,
+                               "run_name": trial_run_name(spec.name, member_id, values, spec.num_trials(),
+                                                          index=config["index"]),
+                               "trial_job_id": trial_job_id(job_id, member_id)}
+        record = _finished_trial(storage, row["trial_job_id"]) if storage is not None else None
+        if record is None:
+            row["status"] = "error"
+            row["error"] = (str(result.error).strip().splitlines() or ["the pack ended without this trial"])[-1][:300]
+        elif record.get("failed"):
+            step, part = record["failed"]
+            row["status"] = "failed"
+            row["error"] = f"diverged at step {step}: the '{part}' part of the loss is not finite"
+        else:
+            row["status"] = "finished"
+            row["checkpoint_path"] = record.get("checkpoint_path")
+            row.update({key: v for key, v in record["metrics"].items() if "/" in key and isinstance(v, (int, float))})
+            row["step"] = spec.train.steps
         rows.append(row)
     return rows
 

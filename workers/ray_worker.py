@@ -187,3 +187,71 @@ def train_loop_per_worker(config: dict[str, WorkerJob]) -> dict[str, Any] | None
         }
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class PackWorkerJob:
+    """What a worker is given for a pack of sweep trials (workers/pack.py): the sweep's spec (its data, train and
+    eval sections are every member's), the pack's Train run name, the tracking URI, and per member (``members``,
+    in pack order) its trial spec (``spec``: model settings and seed), run name (``name``), own job id (``job``:
+    its folder on storage) and MLflow run id (``mlflow_run_id``)."""
+
+    spec: Any
+    run_name: str
+    members: list[dict[str, Any]]
+    mlflow_tracking_uri: str
+
+
+def pack_loop_per_worker(config: dict[str, PackWorkerJob]) -> dict[str, Any] | None:
+    """The Ray Train entry of a pack: train_pack on this worker, each member's curves to its own MLflow run, and
+    each finished member's outputs (metrics.json, pictures) to storage under runs/<member job>/ and to its run.
+
+    The members share the sweep's train/validation split (drawn with the sweep's train.seed); each member's seed
+    sets its initial weights, data order and noise. Returns (rank 0) per member whether it failed (step, part) and
+    its final metrics, and the chief's timeline."""
+    import ray.train
+
+    from workers.data import prepare, shard
+    from workers.pack import PackMember, member_folder, train_pack
+    from workers.storage import Storage
+
+    timeline = Timeline()
+    job = config["job"]
+    spec = job.spec
+    storage = Storage.from_settings()
+    chief = ray.train.get_context().get_world_rank() == 0
+    runs = None
+    if chief:
+        from workers.tracking import MlflowRun
+
+        runs = [MlflowRun(m["mlflow_run_id"], job.mlflow_tracking_uri) for m in job.members]
+        timeline.mark("mlflow client")
+    run_dir = Path(tempfile.mkdtemp(prefix=f"aeforge-{job.run_name}-"))
+    try:
+        ctx = RayTrainContext(mlflow_run=None, run_dir=run_dir, gather_tc=False, timeline=timeline)
+        data = prepare(spec.data, spec.train.seed, resolve=storage.resolve)
+        local_shard = shard(data.train, ctx.rank, ctx.world_size, spec.train.seed)
+        timeline.mark("data")
+        members = [PackMember(m["spec"].model, m["spec"].train.seed, m["name"]) for m in job.members]
+
+        def log(k: int, metrics: dict[str, float], step: int) -> None:
+            with_retries(lambda: runs[k].log_metrics(metrics, step), "MLflow metrics", attempts=3)
+
+        results = train_pack(members, spec.train, spec.eval, local_shard, data.val, ctx,
+                             dataset_size=len(data.train), full_data=data.full if data.full.has_factors else None,
+                             spec_jsons=[m["spec"].model_dump_json() for m in job.members],
+                             log=log if chief else None)
+        if not chief:
+            return None
+        summaries = []
+        for k, (member, result) in enumerate(zip(job.members, results)):
+            final = numeric_metrics(result.final_metrics)
+            if result.failed is None:
+                folder = run_dir / member_folder(k)
+                folder.mkdir(parents=True, exist_ok=True)
+                publish_outputs(folder, metrics=final, storage=storage, run_name=member["job"], mlflow_run=runs[k])
+            summaries.append({"failed": list(result.failed) if result.failed else None, "final_metrics": final})
+        timeline.mark("outputs")
+        return {"members": summaries, "timeline": timeline.to_dict()}
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)

@@ -259,6 +259,56 @@ def test_running_a_finished_sweep_again_trains_nothing(finished_sweep, sweep_env
 
 
 @pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_packed_sweep_trains_its_trials_in_packs_each_a_first_class_result(sweep_env):
+    """2 beta x 2 seeds in packs of 2 (issue 12): two Train runs, four nested MLflow runs with their own curves and
+    metrics, the results table and pictures, and the best trial's model registered from its member checkpoint."""
+    from jobs.sweep import load_sweep, run_sweep
+
+    name = f"sweep-pack-{uuid.uuid4().hex[:6]}"
+    spec = make_spec(sweep_env["data"], name, sweep={"beta": [1, 4], "latent_dim": None, "seed": [0, 1], "pack": 2})
+    job_id = f"{name}-job"
+    t0 = time.perf_counter()
+    outcome = run_sweep(spec, job_id)
+    print(f"\npacked 4-trial sweep: {time.perf_counter() - t0:.1f} s")
+    client = mlflow.MlflowClient(sweep_env["tracking_uri"])
+
+    rows = outcome["trials"]
+    assert len(rows) == 4 and all(r["status"] == "finished" for r in rows), rows
+    assert {(r["beta"], r["seed"]) for r in rows} == {(1.0, 0), (1.0, 1), (4.0, 0), (4.0, 1)}
+    assert all(isinstance(r.get("eval/mig"), float) for r in rows)
+    # Two packs: two Train runs on storage, each with its members' ordinary checkpoints.
+    train_runs = {p.name for p in (sweep_env["home"] / "storage" / "ray").iterdir() if p.name.startswith(job_id)}
+    assert len(train_runs) == 2
+    for row in rows:
+        assert row["checkpoint_path"].rsplit("/", 1)[-1].startswith("member_")
+        assert row["run_name"].startswith(f"{name}-t0")
+
+    parent, children = parent_and_children(client, job_id)
+    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+    for child in children:
+        history = client.get_metric_history(child.info.run_id, "train/loss")
+        assert [m.step for m in history] == [10, 20, 30]
+        assert "eval/mig" in child.data.metrics and child.data.params["trial.seed"] in ("0", "1")
+        assert {f.path for f in client.list_artifacts(child.info.run_id, "pictures")} >= {"pictures/traversal.png"}
+    artifacts = {f.path for f in client.list_artifacts(parent.info.run_id, "pictures")}
+    assert "pictures/traversals.png" in artifacts
+    table = Path(client.download_artifacts(parent.info.run_id, "results/results.csv", str(sweep_env["home"])))
+    with open(table) as fh:
+        assert len(list(csv.DictReader(fh))) == 4
+    # `aeforge sweep results` reads the same four rows from MLflow.
+    assert {r["run_name"] for r in load_sweep(job_id)["rows"]} == {r["run_name"] for r in rows}
+
+    best = max(rows, key=lambda r: r["eval/mig"])
+    version = client.get_model_version_by_alias(spec.registration.model_name, "best")
+    assert version.tags["trial_id"] == best["trial_id"]
+    with mlflow_uri(sweep_env["tracking_uri"]):
+        model = mlflow.pytorch.load_model(f"models:/{spec.registration.model_name}@best", map_location="cpu")
+    assert torch.isfinite(model.code_mean).all()
+    assert tuple(model(torch.rand(2, 1, 16, 16)).shape) == (2, 1, 16, 16)
+
+
+@pytest.mark.ray
 @pytest.mark.timeout(120)
 def test_sweep_results_cli_prints_the_table(finished_sweep, sweep_env, tmp_path, monkeypatch):
     from services import cli
