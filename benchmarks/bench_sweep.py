@@ -33,7 +33,8 @@ def sweep_spec(name: str, betas: list[float], seeds: list[int], steps: int, pack
         "data": {"source": "builtin:dsprites", "val_fraction": 0.01},
         "train": {"steps": steps, "batch_size": 64, "log_every": steps, "checkpoint_every": steps},
         "eval": {"iwae_samples": 1, "max_examples": 64, "disentanglement": False, "probe": False, "pictures": False},
-        "resources": {"workers": 1, "cpus_per_worker": 1},
+        # 0.95 CPU a worker: with its driver's 0.01, two trials (or two packs) run at once on 2 CPUs.
+        "resources": {"workers": 1, "cpus_per_worker": 0.95},
         "sweep": {"beta": betas, "seed": seeds, "metric": {"name": "eval/elbo", "mode": "max"}, "pack": pack},
     }
 
