@@ -66,6 +66,10 @@ class Sizes:
     protocol_log_every: int  # how often the protocol run's loss is read back (and the budget checked)
     bench: tuple["BenchCase", ...]
     tiny_eval: bool
+    packs: tuple[int, ...] = (1, 4, 16, 32)  # pack sizes K of the packs section (workers/pack.py)
+    pack_steps: int = 20
+    pack_warmup: int = 5
+    pack_needs_s: float = 60.0  # skipped with less than this left before the protocol's share
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,13 @@ TINY_SIZES = Sizes(
            BenchCase("large batch", 256, steps=3, warmup=1, compile_options=(False, True), gpu_only=True,
                      needs_s=10.0)),
     tiny_eval=True,
+    packs=(1, 2),
+    pack_steps=2,
+    pack_warmup=1,
+    pack_needs_s=5.0,
 )
+# disentanglement_lib's study: about 12,800 models of 300,000 steps at batch 64 (quoted at 2.5 P100 GPU-years).
+STUDY_MODELS = 12_800
 
 # Issue 11's goals on one H200: (key, what, target, better, unit) -- measured against, not asserted.
 GOALS = (
@@ -120,6 +130,8 @@ GOALS = (
     ("ratio_batch_64", "aeforge / plain loop at batch 64", 10.0, "higher", "×"),
     ("large_batch_bf16_images_per_s", "images/s at large batch, bf16", 500_000.0, "higher", "images/s"),
     ("eval_fraction", "evaluation's share of the protocol run", 0.10, "lower", "%"),
+    # Issue 12's: a pack of 32 conv64 models at batch 64 against one model's images/s.
+    ("pack_32_x_one", "pack of 32: aggregate images/s over one model's", 16.0, "higher", "×"),
 )
 
 
@@ -247,6 +259,33 @@ def run_bench(sizes: Sizes, device, budget_s: float) -> list[dict[str, Any]]:
         cases.append(entry)
         _free_device_memory(device)
     return cases
+
+
+def run_packs(sizes: Sizes, device, budget_s: float) -> dict[str, Any]:
+    """benchmarks/bench_pack.py on the protocol's model (beta-TCVAE, conv64, z = 10) at batch 64: aggregate images/s
+    of packs of K models, both ways (vmap, loop), and the GPU-hours disentanglement_lib's 12,800-model study would
+    take at the best rate measured."""
+    from benchmarks.bench_pack import run as run_pack_bench
+
+    if seconds_left(budget_s) < sizes.pack_needs_s + sizes.protocol_min_s + sizes.eval_reserve_s:
+        return {"status": "skipped", "reason": f"time budget ({seconds_left(budget_s):.0f} s left)"}
+    say(f"packs: K = {', '.join(map(str, sizes.packs))}")
+    started = time.perf_counter()
+    try:
+        report = run_pack_bench("beta_tcvae", list(sizes.packs), 64, sizes.pack_steps, sizes.pack_warmup, device)
+    except Exception as exc:  # a row of the report, not the end of the suite
+        return {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
+    finally:
+        _free_device_memory(device)
+    rows = report["rows"]
+    best = max(rows, key=lambda r: r["images_per_second"])
+    one = next(r for r in rows if r["k"] == 1 and r["way"] == "loop")["images_per_second"]
+    at_32 = [r for r in rows if r["k"] == 32]
+    study_images = STUDY_MODELS * PROTOCOL_STEPS * 64
+    return {"status": "ran", "seconds": time.perf_counter() - started, "rows": rows,
+            "one_model_images_per_second": one, "best": best,
+            "pack_32_x_one": max(r["images_per_second"] for r in at_32) / one if at_32 else None,
+            "study_gpu_hours": study_images / best["images_per_second"] / 3600}
 
 
 def summarise_bench(report: dict[str, Any]) -> dict[str, Any]:
@@ -424,6 +463,7 @@ def goal_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         "ratio_batch_64": small.get("ratio"),
         "large_batch_bf16_images_per_s": large.get("best_bf16_images_per_second"),
         "eval_fraction": protocol.get("eval_fraction"),
+        "pack_32_x_one": (report.get("packs") or {}).get("pack_32_x_one"),
     }
     # Where each figure comes from: the row it is read off, or whether it is projected.
     steps_done = protocol.get("steps_done")
@@ -433,6 +473,7 @@ def goal_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         "ratio_batch_64": small.get("best_aeforge"),
         "large_batch_bf16_images_per_s": large.get("best_bf16"),
         "eval_fraction": None if finished or not steps_done else "of the projected run",
+        "pack_32_x_one": "packs section" if (report.get("packs") or {}).get("pack_32_x_one") else None,
     }
     rows = []
     for key, what, target, better, unit in GOALS:
@@ -501,6 +542,18 @@ def markdown(report: dict[str, Any]) -> str:
                                None, f"skipped: {row['reason']}"])
     lines += _table(["case", "batch", "loop", "images/s", "ms/step", "× plain", "note"], bench_rows)
 
+    packs = report.get("packs")
+    if packs is not None:
+        lines += ["## Packs (benchmarks/bench_pack.py: beta-TCVAE/conv64 models at batch 64 trained as one)", ""]
+        if packs["status"] != "ran":
+            lines += [f"{packs['status']}: {packs.get('reason', '')}", ""]
+        else:
+            lines += _table(["way", "K", "images/s (all K)", "× one model"],
+                            [[r["way"], r["k"], r["images_per_second"], r["x_one_model"]] for r in packs["rows"]])
+            lines += [f"disentanglement_lib's study ({STUDY_MODELS:,} models x {PROTOCOL_STEPS:,} steps x 64 images) "
+                      f"at the best rate ({packs['best']['way']}, K = {packs['best']['k']}): "
+                      f"{packs['study_gpu_hours']:,.1f} hours of training on this device", ""]
+
     protocol = report.get("protocol") or {}
     lines += ["## Protocol run (beta-TCVAE, dSprites, disentanglement_lib's protocol)", ""]
     if protocol.get("error"):
@@ -541,7 +594,7 @@ def environment(pydantic_source: str, device) -> dict[str, Any]:
 
 # --- main --------------------------------------------------------------------------------------------------------
 
-SECTIONS = ("gpu_tests", "bench", "protocol")
+SECTIONS = ("gpu_tests", "bench", "packs", "protocol")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -596,6 +649,9 @@ def main(argv: list[str] | None = None) -> int:
     if "bench" in sections:
         report["bench"] = run_bench(sizes, device, budget_s)
         failed |= any(case["status"] == "error" for case in report["bench"])
+    if "packs" in sections:
+        report["packs"] = run_packs(sizes, device, budget_s)
+        failed |= report["packs"]["status"] == "error"
     if "protocol" in sections:
         steps = args.protocol_steps or sizes.protocol_steps
         try:

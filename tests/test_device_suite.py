@@ -143,14 +143,21 @@ def test_the_tiny_suite_writes_json_and_markdown_with_every_row(tmp_path):
         assert isinstance(protocol[key], float) and math.isfinite(protocol[key]), key
     assert protocol["end_to_end_s"] >= protocol["train_s"] + protocol["eval_s"]
 
-    # The goals, each with a figure except the bf16 one (no GPU here).
+    # 4. The packs: K = 1 and 2, both ways, and the study's projected hours at the best rate.
+    packs = report["packs"]
+    assert packs["status"] == "ran"
+    assert {(r["way"], r["k"]) for r in packs["rows"]} == {("vmap", 1), ("loop", 1), ("vmap", 2), ("loop", 2)}
+    assert all(r["images_per_second"] > 0 for r in packs["rows"]) and packs["study_gpu_hours"] > 0
+
+    # The goals, each with a figure except the bf16 one and the pack of 32 (no GPU here, packs of 2 in --tiny).
     goals = {g["goal"]: g for g in report["goals"]}
     assert list(goals) == [key for key, *_ in GOALS]
     assert goals["large_batch_bf16_images_per_s"]["measured"] is None
+    assert goals["pack_32_x_one"]["measured"] is None
     assert all(goals[k]["met"] in (True, False) for k in ("protocol_train_s", "ratio_batch_64", "eval_fraction"))
 
     text = (out / MARKDOWN_NAME).read_text()
-    for heading in ("## GPU tests", "## Training bench", "## Protocol run", "## Goals"):
+    for heading in ("## GPU tests", "## Training bench", "## Packs", "## Protocol run", "## Goals"):
         assert heading in text
     assert all(name in text for name in GPU_TESTS)
     assert f"| large batch | 256 | skipped | – | – | – | {NO_CUDA} |" in text
@@ -195,12 +202,14 @@ def test_the_projection_leaves_the_start_up_out_of_the_pace():
 def test_goals_compare_each_figure_with_its_target_in_its_direction():
     report = {"protocol": {"steps_done": 1000, "projected_train_s_300k": 59.0, "eval_fraction": 0.2},
               "bench": [{"case": "batch 64", "batch_size": 64, "status": "ran", "ratio": 12.0},
-                        {"case": "large batch", "batch_size": 2048, "status": "skipped"}]}
+                        {"case": "large batch", "batch_size": 2048, "status": "skipped"}],
+              "packs": {"status": "ran", "pack_32_x_one": 9.5}}
     goals = {g["goal"]: (g["measured"], g["met"], g["from"]) for g in goal_rows(report)}
     assert goals == {"protocol_train_s": (59.0, True, "projected from 1,000 steps"),
                      "ratio_batch_64": (12.0, True, None),
                      "large_batch_bf16_images_per_s": (None, None, None),
-                     "eval_fraction": (0.2, False, "of the projected run")}
+                     "eval_fraction": (0.2, False, "of the projected run"),
+                     "pack_32_x_one": (9.5, False, "packs section")}
 
 
 def test_junit_rows_carry_the_status_and_the_skip_reason(tmp_path):
