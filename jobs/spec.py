@@ -198,9 +198,6 @@ class JobSpec(StrictModel):
             if self.sweep.pack != 1 and self.sweep.search != "grid":
                 errors.append(("sweep.pack", "packs need search: grid (a random search draws its trials one at a "
                                              "time); use pack: 1"))
-            if self.sweep.pack != 1 and self.resources.workers != 1:
-                errors.append(("sweep.pack", "a pack trains on one worker (resources.workers: 1); use pack: 1 for "
-                                             "trials on several workers"))
             metric = self.sweep.metric.name
             known = reported_metrics(self, variants)
             if metric not in known and not _metric_needs_factors(metric):

@@ -29,7 +29,7 @@ from workers.loop import (CHECKPOINT_FILE, PACK_FILE, LossWindow, RunContext, bu
                           total_steps)
 from workers.protocol import emit, progress_line
 from workers.models import build_model
-from workers.models.base import Autoencoder, Noise
+from workers.models.base import Autoencoder, LossModule, Noise
 
 
 class _LossOf(nn.Module):
@@ -58,16 +58,20 @@ def pack_key(model: Autoencoder) -> tuple:
 PACK_WAYS = ("vmap", "loop")
 
 
-def pack_way(device: torch.device) -> str:
-    """The faster way on ``device``: vmap on a GPU, one after another on a CPU (measured: PACK_WAYS)."""
-    return "vmap" if device.type == "cuda" else "loop"
+def pack_way(device: torch.device, gathers: bool = False) -> str:
+    """The faster way on ``device``: vmap on a GPU, one after another on a CPU (measured: PACK_WAYS). ``gathers``:
+    the loss gathers across ranks (beta-TCVAE's global batch under DDP), which a collective inside vmap cannot:
+    one after another."""
+    return "vmap" if device.type == "cuda" and not gathers else "loop"
 
 
 class Pack:
     """K models trained as one, computed ``how`` (PACK_WAYS). With "vmap" the models' modules are left as they are
-    until :meth:`unpack` writes the trained tensors back; with "loop" they train in place."""
+    until :meth:`unpack` writes the trained tensors back; with "loop" they train in place, each through its entry
+    of ``loss_modules`` when given (a DDP-wrapped LossModule per model: its gradients are all-reduced as a model's
+    alone are)."""
 
-    def __init__(self, models: list[Autoencoder], how: str = "vmap"):
+    def __init__(self, models: list[Autoencoder], how: str = "vmap", loss_modules: list[nn.Module] | None = None):
         if not models:
             raise ValueError("a pack needs at least one model")
         if how not in PACK_WAYS:
@@ -75,8 +79,11 @@ class Pack:
         if len({pack_key(m) for m in models}) > 1:
             raise ValueError("models in one pack must share variant, architecture, latent size, image shape and "
                              "every other model setting but beta")
+        if loss_modules is not None and how != "loop":
+            raise ValueError("a pack's own loss modules (DDP) are for the loop way")
         self.models = models
         self.how = how
+        self._loss_modules = loss_modules
         self._per_model = len(list(models[0].parameters()))
         if how == "vmap":
             wrapped = [_LossOf(m) for m in models]
@@ -108,8 +115,8 @@ class Pack:
             raise ValueError(f"a pack of {len(self)} models takes {len(self)} batches, not {x.shape[0]}")
         if self.how == "vmap":
             return self._losses(self.params, self.buffers, x, noise)
-        outs = [model.loss(x[k], {name: value[k] for name, value in noise.items()})
-                for k, model in enumerate(self.models)]
+        modules = self._loss_modules or [LossModule(model) for model in self.models]
+        outs = [module(x[k], {name: value[k] for name, value in noise.items()}) for k, module in enumerate(modules)]
         return (torch.stack([o.loss for o in outs]),
                 {name: torch.stack([o.parts[name] for o in outs]) for name in outs[0].parts})
 
@@ -238,8 +245,18 @@ def train_pack(members: list[PackMember], train_config: TrainConfig, eval_config
     resume = ctx.latest_checkpoint()
     if resume is not None:
         start_step, optimizer_states = _restore(Path(resume), members, results, generators, device)
-    pack = Pack(models, how or pack_way(device))
+    how = how or pack_way(device, gathers=ctx.gather is not None)
+    if how == "loop":
+        # Each model through its own loss module, wrapped as the loop wraps one model (DDP under Ray Train), and
+        # gathering its own global batch.
+        pack = Pack(models, how, loss_modules=[ctx.wrap(LossModule(m, gather=ctx.gather)) for m in models])
+    elif ctx.gather is not None:
+        raise ValueError("a vmap'd pack cannot gather across ranks (beta-TCVAE's global batch): use the loop way")
+    else:
+        pack = Pack(models, how)
     optimizer = build_optimizer(pack.parameters(), cfg)
+    # DDP averages a model's gradients over the ranks; stacked tensors have no DDP module, so the same here.
+    average = how == "vmap" and ctx.world_size > 1
     if optimizer_states is not None:
         optimizer.load_state_dict(pack.stack_optimizer_states(optimizer_states))
     train_data = place_data(train_data, device)
@@ -264,6 +281,10 @@ def train_pack(members: list[PackMember], train_config: TrainConfig, eval_config
         losses, parts = pack.losses(x, noise)
         # A failed member's loss no longer counts: no gradient reaches its weights.
         torch.where(training, losses, torch.zeros_like(losses)).sum().backward()
+        if average:
+            for tensor in pack.parameters():
+                torch.distributed.all_reduce(tensor.grad)
+                tensor.grad /= ctx.world_size
         if cfg.grad_clip is not None:
             pack.clip_gradients(cfg.grad_clip)
         optimizer.step()

@@ -228,7 +228,8 @@ def pack_loop_per_worker(config: dict[str, PackWorkerJob]) -> dict[str, Any] | N
         timeline.mark("mlflow client")
     run_dir = Path(tempfile.mkdtemp(prefix=f"aeforge-{job.run_name}-"))
     try:
-        ctx = RayTrainContext(mlflow_run=None, run_dir=run_dir, gather_tc=False, timeline=timeline)
+        ctx = RayTrainContext(mlflow_run=None, run_dir=run_dir, gather_tc=spec.model.gather_global_batch,
+                              timeline=timeline)
         data = prepare(spec.data, spec.train.seed, resolve=storage.resolve)
         local_shard = shard(data.train, ctx.rank, ctx.world_size, spec.train.seed)
         timeline.mark("data")

@@ -261,12 +261,15 @@ def test_running_a_finished_sweep_again_trains_nothing(finished_sweep, sweep_env
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_a_packed_sweep_trains_its_trials_in_packs_each_a_first_class_result(sweep_env):
-    """2 beta x 2 seeds in packs of 2 (issue 12): two Train runs, four nested MLflow runs with their own curves and
-    metrics, the results table and pictures, and the best trial's model registered from its member checkpoint."""
+    """2 beta x 2 seeds of beta-TCVAE in packs of 2 (issue 12), each pack a 2-worker DDP run with the global-batch
+    estimator: two Train runs, four nested MLflow runs with their own curves and metrics, the results table and
+    pictures, and the best trial's model registered from its member checkpoint."""
     from jobs.sweep import load_sweep, run_sweep
 
     name = f"sweep-pack-{uuid.uuid4().hex[:6]}"
-    spec = make_spec(sweep_env["data"], name, sweep={"beta": [1, 4], "latent_dim": None, "seed": [0, 1], "pack": 2})
+    spec = make_spec(sweep_env["data"], name, model={"variant": "beta_tcvae"},
+                     resources={"workers": 2, "cpus_per_worker": 0.45},
+                     sweep={"beta": [1, 4], "latent_dim": None, "seed": [0, 1], "pack": 2})
     job_id = f"{name}-job"
     t0 = time.perf_counter()
     outcome = run_sweep(spec, job_id)
@@ -501,6 +504,9 @@ def test_a_metric_that_needs_factors_on_data_without_factors_is_an_error(tmp_pat
          "eval.disentanglement is off"),
         ({"beta": None, "variant": ["ae", "beta_vae"], "metric": {"name": "eval/mig_exact"}},
          {"model": {"variant": "beta_vae", "architecture": "mlp"}}, "sweep.metric.name", "needs a posterior"),
+        ({"pack": 2, "search": "random", "num_samples": 4}, {}, "sweep.pack", "packs need search: grid"),
+        ({"pack": 0}, {}, "sweep.pack", "at least 1 trial"),
+        ({"pack": "some"}, {}, "sweep.pack", "auto"),
     ],
 )
 def test_sweep_spec_errors_name_their_field(sweep, extra, loc, words):
@@ -589,3 +595,16 @@ class mlflow_uri:
 
     def __exit__(self, *exc):
         return self._cm.__exit__(*exc)
+
+
+def test_packs_group_trials_of_one_variant_and_latent_size_in_grid_order(tmp_path):
+    spec = make_spec(write_plain_npz(tmp_path / "p.npz"), "packs", model={"variant": "beta_vae"},
+                     sweep={"beta": [1, 4], "latent_dim": [2, 3], "seed": [0, 1, 2], "pack": 2,
+                            "metric": {"name": "eval/elbo", "mode": "max"}})
+    packs = spec.trial_packs(2)
+    assert [[row["index"] for row in pack] for pack in packs] == [[0, 1], [2, 6], [7, 8], [3, 4], [5, 9], [10, 11]]
+    for pack in packs:
+        assert len({row["latent_dim"] for row in pack}) == 1
+    assert spec.pack_size(4) == (2, "sweep.pack: 2")
+    auto = spec.model_copy(update={"sweep": spec.sweep.model_copy(update={"pack": "auto"})})
+    assert auto.pack_size(2) == (3, "sweep.pack auto: 3 (the largest group of 6 trials over 2 at once)")
