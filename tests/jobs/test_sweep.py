@@ -372,24 +372,32 @@ def _experiment_state_trials(storage, prefix: str) -> dict[str, str]:
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("pack", [1, 2])
 def test_a_sweep_whose_driver_was_killed_continues_without_retraining_finished_trials(sweep_env, s3_bucket, tmp_path,
-                                                                                      monkeypatch):
+                                                                                      monkeypatch, pack):
     """The sweep runs as the queue runs it (`python -m jobs.run JOB_ID` in its own process, joined to the same Ray
-    cluster), one trial at a time, with its storage (Tune's experiment, Train checkpoints) on S3 (moto); its driver
-    is killed once the first trial has finished (as Tune's saved experiment state and the trial's result file
-    show), then the same job id runs again here."""
+    cluster), one trial (or pack of two) at a time, with its storage (Tune's experiment, Train checkpoints) on S3
+    (moto); its driver is killed once the first trial (or pack) has finished (as Tune's saved experiment state and
+    the trials' result files show), then the same job id runs again here."""
     import ray
 
-    from jobs.sweep import run_sweep, trial_result_relpath
+    from jobs.sweep import member_trial_id, run_sweep, trial_result_relpath
     from workers.storage import Storage
 
     endpoint, bucket = s3_bucket
     monkeypatch.setenv("AEFORGE_STORAGE", f"s3://{bucket}/aeforge")
     monkeypatch.setenv("AEFORGE_S3_ENDPOINT_URL", endpoint)
     name = f"sweep-killed-{uuid.uuid4().hex[:6]}"
-    spec_text = yaml.safe_dump(spec_dict(sweep_env["data"], name, sweep={"beta": [1, 4], "latent_dim": [2],
-                                                                                "max_concurrent_trials": 1},
-                                         register=None))
+    sweep = {"beta": [1, 4], "latent_dim": [2], "max_concurrent_trials": 1}
+    if pack > 1:
+        sweep.update(seed=[0, 1], pack=pack)
+    spec_text = yaml.safe_dump(spec_dict(sweep_env["data"], name, sweep=sweep, register=None))
+
+    def trial_jobs(trial_id: str) -> list[str]:
+        if pack == 1:
+            return [f"{job_id}-{trial_id}"]
+        return [f"{job_id}-{member_trial_id(trial_id, k)}" for k in range(pack)]
+
     job_id = f"{name}-job"
     storage = Storage.from_settings()
     spec_json = json.dumps(parse_spec(spec_text).model_dump(mode="json"), sort_keys=True)  # as the queue stores it
@@ -404,7 +412,7 @@ def test_a_sweep_whose_driver_was_killed_continues_without_retraining_finished_t
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and driver.poll() is None:
             states = _experiment_state_trials(storage, f"tune/{job_id}")
-            done = {t for t in states if storage.exists(trial_result_relpath(f"{job_id}-{t}"))}
+            done = {j for t in states for j in trial_jobs(t) if storage.exists(trial_result_relpath(j))}
             if done:
                 finished_before_kill = done
                 break
@@ -431,15 +439,24 @@ def test_a_sweep_whose_driver_was_killed_continues_without_retraining_finished_t
     print(f"re-run after the kill: {time.perf_counter() - t1:.1f} s")
 
     rows = outcome["trials"]
-    assert len(rows) == 2 and all(r["status"] == "finished" for r in rows), rows
+    trials = 2 * pack
+    assert len(rows) == trials and all(r["status"] == "finished" for r in rows), rows
     parent, children = parent_and_children(client, job_id)
-    assert len(children) == 2 and parent.info.status == "FINISHED"
-    fits_after = fits_per_trial(client, children)
-    for trial_id in finished_before_kill:
-        run_name = f"{job_id}-{trial_id}"
-        assert fits_after[run_name] == fits_before[run_name] == 1, (fits_before, fits_after)
-    assert all(n >= 1 for n in fits_after.values())
-    assert all(storage.list_prefix(f"ray/{r['trial_job_id']}") for r in rows)  # the Train runs' checkpoints, on S3
+    assert len(children) == trials and parent.info.status == "FINISHED"
+    if pack == 1:
+        fits_after = fits_per_trial(client, children)
+        for trial_job in finished_before_kill:
+            assert fits_after[trial_job] == fits_before[trial_job] == 1, (fits_before, fits_after)
+        assert all(n >= 1 for n in fits_after.values())
+    else:
+        # A finished pack's members were not trained again: each logged its curve once.
+        by_job = {c.data.tags["aeforge.job_id"]: c for c in children}
+        for trial_job in finished_before_kill:
+            history = client.get_metric_history(by_job[trial_job].info.run_id, "train/loss")
+            assert [m.step for m in history] == [10, 20, 30], trial_job
+    # The Train runs' checkpoints, on S3 (a pack's run is named after the pack: its members' job id less "-m<k>").
+    train_runs = {r["trial_job_id"] if pack == 1 else r["trial_job_id"].rsplit("-m", 1)[0] for r in rows}
+    assert all(storage.list_prefix(f"ray/{run}") for run in train_runs)
     # Tune pickles its storage filesystem into its experiment files: the S3 keys must not travel with it.
     secret = sweep_env["secret"].encode()
     objects = storage.list_prefix("")
