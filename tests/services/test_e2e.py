@@ -399,6 +399,43 @@ def test_a_spec_with_emoji_and_cjk_text_trains_through_the_queue(service, ray_he
 
 
 @pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in REAL_JOB_MODULES), reason="no real job path")
+def test_a_packed_sweep_runs_through_the_queue(service, ray_head):
+    """2 beta x 2 seeds in packs of 2 (issue 12), submitted to the queue: four nested runs with their metrics, the
+    results table and summary pictures on the sweep's run, and the best trial's model, which loads."""
+    import mlflow.pytorch
+    import torch
+
+    svc = service(job_module=None)
+    spec = ("name: e2e-packed\nkind: sweep\nmodel: {variant: beta_vae, architecture: conv64, latent_dim: 2}\n"
+            "data: {source: 'builtin:dsprites', limit: 256, val_fraction: 0.25}\n"
+            "train: {steps: 4, batch_size: 16, checkpoint_every: 2, log_every: 2}\n"
+            "eval: {iwae_samples: 2, max_examples: 16, disentanglement: false, pictures: true}\n"
+            "resources: {workers: 1, cpus_per_worker: 0.9}\n"
+            "sweep: {beta: [1, 4], seed: [0, 1], pack: 2, metric: {name: eval/elbo, mode: max}}\n"
+            "register: {model_name: e2e-packed}\n")
+    job_id = svc.submit(spec)
+    job = svc.wait_state(job_id, "succeeded", timeout=280)
+    mlflow_client = mlflow_of(svc)
+    parent = run_of_job(svc, job_id)
+    children = mlflow_client.search_runs([parent.info.experiment_id],
+                                         filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+    assert {(c.data.params["trial.beta"], c.data.params["trial.seed"]) for c in children} == {
+        ("1.0", "0"), ("1.0", "1"), ("4.0", "0"), ("4.0", "1")}
+    assert all("eval/elbo" in c.data.metrics for c in children)
+    assert {f.path for f in mlflow_client.list_artifacts(parent.info.run_id, "results")} == {"results/results.csv"}
+    assert "pictures/traversals.png" in {f.path for f in mlflow_client.list_artifacts(parent.info.run_id, "pictures")}
+    version = mlflow_client.get_model_version_by_alias("e2e-packed", "best")
+    assert str(job["model_version"]) == str(version.version)
+    mlflow.set_tracking_uri(f"sqlite:///{svc.home / 'mlflow.db'}")
+    try:
+        model = mlflow.pytorch.load_model("models:/e2e-packed@best", map_location="cpu")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert tuple(model(torch.rand(1, 1, 64, 64)).shape) == (1, 1, 64, 64)
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in REAL_JOB_MODULES), reason="no real job path")
 def test_cancelling_a_real_job_ends_its_mlflow_run_killed(service, ray_head):
     svc = service(job_module=None)
     job_id = svc.submit(real_spec("e2e-cancel", 100_000))
