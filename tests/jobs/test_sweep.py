@@ -260,7 +260,7 @@ def test_running_a_finished_sweep_again_trains_nothing(finished_sweep, sweep_env
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
-def test_a_packed_sweep_trains_its_trials_in_packs_each_a_first_class_result(sweep_env):
+def test_a_packed_sweep_trains_its_trials_in_packs_each_a_first_class_result(sweep_env, tmp_path):
     """2 beta x 2 seeds of beta-TCVAE in packs of 2 (issue 12), each pack a 2-worker DDP run with the global-batch
     estimator: two Train runs, four nested MLflow runs with their own curves and metrics, the results table and
     pictures, and the best trial's model registered from its member checkpoint."""
@@ -309,6 +309,16 @@ def test_a_packed_sweep_trains_its_trials_in_packs_each_a_first_class_result(swe
         model = mlflow.pytorch.load_model(f"models:/{spec.registration.model_name}@best", map_location="cpu")
     assert torch.isfinite(model.code_mean).all()
     assert tuple(model(torch.rand(2, 1, 16, 16)).shape) == (2, 1, 16, 16)
+
+    # `aeforge run` on the same job id: the packed sweep restored, nothing trained, its four trials in the table.
+    from services import cli
+
+    path = tmp_path / "packed.yaml"
+    path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    result = runner.invoke(cli.app, ["run", str(path), "--job-id", job_id])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("│") and f"{spec.name}-t0" in line]
+    assert len(lines) == 4 and best["run_name"] in lines[0]
 
 
 @pytest.mark.ray
