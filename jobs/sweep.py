@@ -252,7 +252,7 @@ def _pack_trial(rows: list[dict[str, Any]], sweep: dict[str, Any]) -> None:
         for k, (m, run, summary) in enumerate(zip(members, runs, summaries)):
             metrics = summary.get("final_metrics") or {}
             failed = summary.get("failed")
-            record = {"metrics": metrics, "failed": failed,
+            record = {"metrics": metrics, "failed": failed, "resumed_from_step": summary.get("resumed_from_step"),
                       "checkpoint_path": f"{result.checkpoint.path}/{member_folder(k)}" if result.checkpoint else None}
             storage.put_bytes(json.dumps(record, sort_keys=True).encode(), trial_result_relpath(m["job"]))
             if failed:

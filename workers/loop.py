@@ -112,11 +112,13 @@ class RunContext:
             fh.write(json.dumps({"step": step, **metrics}) + "\n")
 
     def log_progress(self, step: int, total: int, *, metrics: dict[str, float] | None = None,
-                     images_per_second: float | None = None) -> None:
+                     images_per_second: float | None = None, trial: str | None = None) -> None:
         """The line `aeforge run` and the queue service read to show progress: the step, the latest loss parts
-        (means over the last log window) and the speed over it."""
+        (means over the last log window) and the speed over it; ``trial``: the sweep trial it is of, when not this
+        context's (a pack's members)."""
         if self.is_chief:
-            emit(progress_line(step, total, metrics=metrics, images_per_second=images_per_second, trial=self.trial))
+            emit(progress_line(step, total, metrics=metrics, images_per_second=images_per_second,
+                               trial=trial or self.trial))
 
 
 @dataclass

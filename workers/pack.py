@@ -27,7 +27,6 @@ from workers.data.base import ImageDataset
 from workers.loop import (CHECKPOINT_FILE, PACK_FILE, LossWindow, RunContext, build_optimizer, epoch_permutation,
                           place_data, record_code_statistics, save_checkpoint_file, seed_everything, steps_per_epoch,
                           total_steps)
-from workers.protocol import emit, progress_line
 from workers.models import build_model
 from workers.models.base import Autoencoder, LossModule, Noise
 
@@ -307,10 +306,9 @@ def train_pack(members: list[PackMember], train_config: TrainConfig, eval_config
                 for name, value in metrics.items():
                     result.history.setdefault(name, []).append((done, value))
                 result.final_metrics.update(metrics)
-                if ctx.is_chief:
-                    if log is not None:
-                        log(k, metrics, done)
-                    emit(progress_line(done, n_steps, metrics=metrics, trial=members[k].name))
+                if ctx.is_chief and log is not None:
+                    log(k, metrics, done)
+                ctx.log_progress(done, n_steps, metrics=metrics, trial=members[k].name)
         if done == n_steps and ctx.is_chief:
             # Before the final checkpoint, which saves them with the weights (models/base.py's traversals).
             for model, member, result in zip(pack.unpack(), members, results):

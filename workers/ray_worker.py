@@ -220,11 +220,15 @@ def pack_loop_per_worker(config: dict[str, PackWorkerJob]) -> dict[str, Any] | N
     spec = job.spec
     storage = Storage.from_settings()
     chief = ray.train.get_context().get_world_rank() == 0
-    runs = None
+    runs, logged_through = None, []
     if chief:
         from workers.tracking import MlflowRun
 
         runs = [MlflowRun(m["mlflow_run_id"], job.mlflow_tracking_uri) for m in job.members]
+        # After a restart (a worker died), the steps between the pack's checkpoint and what an earlier attempt
+        # logged are trained again to the same values but not logged twice.
+        logged_through = [max((m.step for m in run.client.get_metric_history(run.run_id, "train/loss")), default=-1)
+                          for run in runs]
         timeline.mark("mlflow client")
     run_dir = Path(tempfile.mkdtemp(prefix=f"aeforge-{job.run_name}-"))
     try:
@@ -236,7 +240,8 @@ def pack_loop_per_worker(config: dict[str, PackWorkerJob]) -> dict[str, Any] | N
         members = [PackMember(m["spec"].model, m["spec"].train.seed, m["name"]) for m in job.members]
 
         def log(k: int, metrics: dict[str, float], step: int) -> None:
-            with_retries(lambda: runs[k].log_metrics(metrics, step), "MLflow metrics", attempts=3)
+            if step > logged_through[k] or not any(name.startswith("train/") for name in metrics):
+                with_retries(lambda: runs[k].log_metrics(metrics, step), "MLflow metrics", attempts=3)
 
         results = train_pack(members, spec.train, spec.eval, local_shard, data.val, ctx,
                              dataset_size=len(data.train), full_data=data.full if data.full.has_factors else None,
@@ -251,7 +256,8 @@ def pack_loop_per_worker(config: dict[str, PackWorkerJob]) -> dict[str, Any] | N
                 folder = run_dir / member_folder(k)
                 folder.mkdir(parents=True, exist_ok=True)
                 publish_outputs(folder, metrics=final, storage=storage, run_name=member["job"], mlflow_run=runs[k])
-            summaries.append({"failed": list(result.failed) if result.failed else None, "final_metrics": final})
+            summaries.append({"failed": list(result.failed) if result.failed else None, "final_metrics": final,
+                              "resumed_from_step": result.resumed_from_step})
         timeline.mark("outputs")
         return {"members": summaries, "timeline": timeline.to_dict()}
     finally:

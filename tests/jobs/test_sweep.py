@@ -361,6 +361,40 @@ def test_aeforge_run_prints_the_sweep_table(finished_sweep, sweep_env, tmp_path,
     assert "@best" in result.output and outcome["mlflow_run_id"] in result.output
 
 
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_a_pack_whose_worker_died_resumes_the_whole_pack_from_its_checkpoint(sweep_env, tmp_path, monkeypatch):
+    """Rank 1 of a 2-worker pack exits abruptly at step 20; Ray Train restarts the pack's workers, which resume
+    every member from the pack's checkpoint of step 15 and finish; no member logs a step twice."""
+    from jobs.sweep import run_sweep, trial_result_relpath
+    from tests.fixtures import worker_exit
+    from workers.storage import Storage
+
+    marker = tmp_path / "rank1-exited"
+    worker_exit.install(monkeypatch, tmp_path / "fault", rank=1, step=20, marker=marker)
+    name = f"sweep-packfault-{uuid.uuid4().hex[:6]}"
+    spec = make_spec(sweep_env["data"], name, model={"variant": "beta_tcvae"},
+                     resources={"workers": 2, "cpus_per_worker": 0.45}, register=None,
+                     sweep={"beta": [1, 4], "latent_dim": None, "pack": 2, "metric": {"name": "eval/mig", "mode": "max"}})
+    job_id = f"{name}-job"
+    outcome = run_sweep(spec, job_id)
+
+    assert marker.read_text().startswith("rank 1 exited at step 20")  # the worker did die
+    rows = outcome["trials"]
+    assert len(rows) == 2 and all(r["status"] == "finished" for r in rows), rows
+    storage = Storage.from_settings()
+    for row in rows:  # every member resumed from the pack's checkpoint
+        assert json.loads(storage.get_bytes(trial_result_relpath(row["trial_job_id"])))["resumed_from_step"] == 15
+    client = mlflow.MlflowClient(sweep_env["tracking_uri"])
+    _, children = parent_and_children(client, job_id)
+    for child in children:
+        assert child.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")]
+        assert sorted(steps) == [10, 20, 30]  # step 20, trained again after the resume, is not logged twice
+    checkpoints = {p.name for p in (sweep_env["home"] / "storage" / "ray").glob(f"{job_id}-*/checkpoint_step_*")}
+    assert checkpoints == {"checkpoint_step_000000015", "checkpoint_step_000000030"}
+
+
 # --- a killed driver ----------------------------------------------------------------------------------------------
 
 
