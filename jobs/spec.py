@@ -244,6 +244,12 @@ class JobSpec(StrictModel):
             groups.setdefault(key, []).append(row)
         return [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
 
+    def packs_line(self, size: int) -> str:
+        """Which trials (by grid index) go together in packs of ``size``: "2 packs: t00, t01; t02, t03"."""
+        packs = self.trial_packs(size)
+        listing = "; ".join(", ".join(f"t{row['index']:02d}" for row in pack) for pack in packs)
+        return f"{len(packs)} pack{'s' if len(packs) != 1 else ''}: {listing}"
+
     def pack_size(self, concurrent: int) -> tuple[int, str]:
         """The pack size of this sweep and a line saying why: ``sweep.pack``, or for auto enough packs of each
         group (variant x latent size) to keep ``concurrent`` trials running (on a CPU a pack trains its models one

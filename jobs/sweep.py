@@ -319,8 +319,7 @@ def _tune(spec: JobSpec, job_id: str, storage, parent, experiment_id: str, max_c
     if spec.sweep.pack != 1:
         size, why = spec.pack_size(max_concurrent)
         packs = spec.trial_packs(size)
-        listing = "; ".join(", ".join(f"t{row['index']:02d}" for row in pack) for pack in packs)
-        print(f"aeforge: sweep {job_id}: {why}: {len(packs)} packs ({listing})", flush=True)
+        print(f"aeforge: sweep {job_id}: {why}: {spec.packs_line(size)}", flush=True)
     trainable = tune.with_resources(tune.with_parameters(_trial_entry, sweep=sweep_ctx), {"cpu": TRIAL_DRIVER_CPU})
     kv_key = f"s3-keys/{job_id}"
     fs, base = tune_filesystem(storage, kv_key)

@@ -90,6 +90,16 @@ def validate(spec_path: Path = typer.Argument(..., metavar="SPEC", help="job spe
                       f"{info['num_examples']} examples of {'x'.join(map(str, info['image_shape']))}", highlight=False)
     else:
         console.print(f"OK  {spec.name} ({spec.kind}, {spec.model.variant}/{spec.model.architecture})", highlight=False)
+    if spec.sweep is not None and spec.sweep.pack != 1:
+        # Which trials will train together: fixed by a pack size; with auto, the groups (sized at the start).
+        if spec.sweep.pack == "auto":
+            groups = spec.packs_line(spec.num_trials()).replace("pack", "group", 1)
+            console.print(f"    sweep.pack auto: sized when the sweep starts, to keep the trials that run at once "
+                          f"busy; trials of one variant and latent size go together ({groups})", highlight=False,
+                          soft_wrap=True)
+        else:
+            console.print(f"    sweep.pack {spec.sweep.pack}: {spec.packs_line(int(spec.sweep.pack))}",
+                          highlight=False, soft_wrap=True)
     _warn_without_gpus(spec)
 
 

@@ -669,3 +669,20 @@ def test_packs_group_trials_of_one_variant_and_latent_size_in_grid_order(tmp_pat
     assert spec.pack_size(4) == (2, "sweep.pack: 2")
     auto = spec.model_copy(update={"sweep": spec.sweep.model_copy(update={"pack": "auto"})})
     assert auto.pack_size(2) == (3, "sweep.pack auto: 3 (the largest group of 6 trials over 2 at once)")
+
+
+def test_validate_says_which_trials_go_together_in_packs(tmp_path):
+    from services.cli import app
+
+    spec = spec_dict(write_plain_npz(tmp_path / "p.npz"), "packs",
+                     sweep={"beta": [1, 4], "latent_dim": [2, 3], "seed": [0, 1], "pack": 2,
+                            "metric": {"name": "eval/elbo", "mode": "max"}})
+    path = tmp_path / "packs.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    result = runner.invoke(app, ["validate", str(path), "--no-data"])
+    assert result.exit_code == 0, result.output
+    assert "sweep.pack 2: 4 packs: t00, t01; t04, t05; t02, t03; t06, t07" in result.output
+    spec["sweep"]["pack"] = "auto"
+    path.write_text(yaml.safe_dump(spec))
+    result = runner.invoke(app, ["validate", str(path), "--no-data"])
+    assert result.exit_code == 0 and "(2 groups: t00, t01, t04, t05; t02, t03, t06, t07)" in result.output
