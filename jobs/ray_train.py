@@ -183,6 +183,28 @@ def sweep_concurrency(spec: JobSpec, cluster: Mapping[str, float]) -> tuple[int,
     return n, {k: v * n for k, v in per_trial.items()}, note
 
 
+def pack_device_free_bytes(spec: JobSpec, concurrent: int) -> float | None:
+    """Free memory of the device a sweep's pack trains on (sweep.pack auto): a GPU's, asked of one through a Ray
+    task that holds it, or a CPU trial's share of the memory Ray gives tasks on the cluster. None when a GPU does
+    not answer within a minute (all of them busy): the packs are then sized by concurrency alone."""
+    import ray
+
+    r = spec.resources
+    if r.gpus_per_worker <= 0:
+        return float(ray.cluster_resources().get("memory", 0.0)) / max(1, concurrent)
+
+    @ray.remote(num_gpus=r.gpus_per_worker, num_cpus=0)
+    def free_gpu_bytes() -> float:
+        import torch
+
+        return float(torch.cuda.mem_get_info()[0])
+
+    try:
+        return ray.get(free_gpu_bytes.remote(), timeout=60)
+    except Exception:  # GetTimeoutError, or a node without CUDA: no memory figure
+        return None
+
+
 def cluster_resources() -> dict[str, float]:
     import ray
 

@@ -250,16 +250,30 @@ class JobSpec(StrictModel):
         listing = "; ".join(", ".join(f"t{row['index']:02d}" for row in pack) for pack in packs)
         return f"{len(packs)} pack{'s' if len(packs) != 1 else ''}: {listing}"
 
-    def pack_size(self, concurrent: int) -> tuple[int, str]:
-        """The pack size of this sweep and a line saying why: ``sweep.pack``, or for auto enough packs of each
-        group (variant x latent size) to keep ``concurrent`` trials running (on a CPU a pack trains its models one
-        after another, so more packs than slots only queue; fewer leave slots idle)."""
+    def pack_size(self, concurrent: int, free_bytes: float | None = None,
+                  image_shape: tuple[int, int, int] | None = None, dataset_size: int = 1) -> tuple[int, str]:
+        """The pack size of this sweep and a line saying why: ``sweep.pack``, or for auto the smaller of two:
+        enough packs of each group (variant x latent size) to keep ``concurrent`` trials running (more packs than
+        slots only queue, fewer leave slots idle), and as many models as half of ``free_bytes`` (the memory of the
+        device a pack trains on) holds, each model's need counted from its size at the spec's batch
+        (workers.pack.training_bytes, for the largest model of the sweep on ``image_shape``)."""
         assert self.sweep is not None
         if self.sweep.pack != "auto":
             return int(self.sweep.pack), f"sweep.pack: {self.sweep.pack}"
         largest = max(len(group) for group in self.trial_packs(self.num_trials()))
         size = max(1, math.ceil(largest / max(1, concurrent)))
-        return size, f"sweep.pack auto: {size} (the largest group of {largest} trials over {concurrent} at once)"
+        why = f"the largest group of {largest} trials over {concurrent} at once"
+        if free_bytes is not None and image_shape is not None:
+            from workers.pack import training_bytes
+
+            biggest = max(self.trial_configs(), key=lambda t: t.get("latent_dim", self.model.latent_dim))
+            need = training_bytes(self.with_trial({k: v for k, v in biggest.items() if k != "seed"}).model,
+                                  image_shape, dataset_size, self.train.batch_size)
+            fits = max(1, int(PACK_MEMORY_FRACTION * free_bytes // need))
+            a_model = f"{need / 2**20:.0f} MiB" if need >= 2**20 else f"{need / 2**10:.0f} KiB"
+            why += f"; {fits} fit in half of {free_bytes / 2**30:.1f} GiB at {a_model} a model"
+            size = min(size, fits)
+        return size, f"sweep.pack auto: {size} ({why})"
 
     def num_trials(self) -> int:
         """How many trials a sweep runs: the grid times its repeats, or the random draws (the grid is not built)."""
@@ -298,6 +312,8 @@ class JobSpec(StrictModel):
 # sliver of a CPU, so that trials never hold whole CPUs their own workers need (two nested trials on 2 CPUs would
 # deadlock).
 TRIAL_DRIVER_CPU = 0.01
+# The share of a device's free memory packs may plan to fill (the rest: the framework, the data, fragmentation).
+PACK_MEMORY_FRACTION = 0.5
 
 
 def trial_cpus(resources: Resources) -> float:

@@ -21,7 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from jobs.ray_train import build_trainer, cluster_resources, connect_ray, fit, job_environment, sweep_concurrency
+from jobs.ray_train import (build_trainer, cluster_resources, connect_ray, fit, job_environment,
+                            pack_device_free_bytes, sweep_concurrency)
 from jobs.spec import TRIAL_DRIVER_CPU, BetaRange, JobSpec, check_data
 from workers import settings
 from workers.errors import AeforgeError
@@ -300,24 +301,28 @@ def run_sweep(spec: JobSpec, job_id: str, spec_file: str | Path | None = None) -
         parent.set_tags({"aeforge.kind": "sweep", SWEEP_ID_TAG: job_id, **lineage["source_tags"]})
         parent.describe(run_description(spec, job_id))
         parent.log_dataset(lineage["dataset"])
-        outcome = _tune(spec, job_id, storage, parent, experiment_id, max_concurrent, lineage)
+        outcome = _tune(spec, job_id, storage, parent, experiment_id, max_concurrent, lineage, info)
     outcome["data"] = info
     return outcome
 
 
 def _tune(spec: JobSpec, job_id: str, storage, parent, experiment_id: str, max_concurrent: int,
-          lineage: dict[str, Any]) -> dict[str, Any]:
+          lineage: dict[str, Any], data_info: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run (or restore) the Tune experiment and summarise it on the parent run; each trial's run records
-    ``lineage`` (source tags, data set) as the parent's does."""
+    ``lineage`` (source tags, data set) as the parent's does. ``data_info`` (check_data's): the image shape and
+    size a pack's memory need is counted for (sweep.pack auto)."""
     from ray import tune
 
     from workers.storage.ray_fs import share_s3_keys, tune_filesystem
 
+    data_info = data_info or {}
     sweep_ctx = {"spec": spec, "job_id": job_id, "experiment_id": experiment_id, "parent_run_id": parent.run_id,
                  "tracking_uri": parent.tracking_uri, "env": job_environment(), **lineage}
     packs = None
     if spec.sweep.pack != 1:
-        size, why = spec.pack_size(max_concurrent)
+        free = pack_device_free_bytes(spec, max_concurrent) if spec.sweep.pack == "auto" else None
+        shape = tuple(data_info["image_shape"]) if data_info.get("image_shape") else None
+        size, why = spec.pack_size(max_concurrent, free, shape, int(data_info.get("num_examples") or 1))
         packs = spec.trial_packs(size)
         print(f"aeforge: sweep {job_id}: {why}: {spec.packs_line(size)}", flush=True)
     trainable = tune.with_resources(tune.with_parameters(_trial_entry, sweep=sweep_ctx), {"cpu": TRIAL_DRIVER_CPU})

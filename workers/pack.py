@@ -378,3 +378,27 @@ def _restore(folder: Path, members: list[PackMember], results: list[MemberResult
             generators[k].set_state(state["noise_rng"].cpu())
         states.append(state)
     return int(record["step"]), [s["optimizer"] for s in states]
+
+
+# --- how many fit ------------------------------------------------------------------------------------------
+
+
+def training_bytes(model_config: ModelConfig, image_shape: tuple[int, int, int], dataset_size: int,
+                   batch_size: int) -> int:
+    """Memory one model of a pack needs to train at ``batch_size``: its weights, gradients and Adam's two moments
+    (4 x the parameters), and the activations its loss keeps for the backward pass, counted by running the loss on
+    the meta device (shapes only, no memory, no time)."""
+    saved = 0
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        saved += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.device("meta"):
+        model = build_model(model_config, image_shape, dataset_size)
+        x = torch.zeros((batch_size, *image_shape))
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            model.loss(x, model.draw_noise(x))
+    parameters = sum(p.numel() * p.element_size() for p in model.parameters())
+    return 4 * parameters + saved

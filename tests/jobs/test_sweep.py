@@ -269,7 +269,7 @@ def test_a_packed_sweep_trains_its_trials_in_packs_each_a_first_class_result(swe
     name = f"sweep-pack-{uuid.uuid4().hex[:6]}"
     spec = make_spec(sweep_env["data"], name, model={"variant": "beta_tcvae"},
                      resources={"workers": 2, "cpus_per_worker": 0.45},
-                     sweep={"beta": [1, 4], "latent_dim": None, "seed": [0, 1], "pack": 2})
+                     sweep={"beta": [1, 4], "latent_dim": None, "seed": [0, 1], "pack": "auto"})
     job_id = f"{name}-job"
     t0 = time.perf_counter()
     outcome = run_sweep(spec, job_id)
@@ -669,6 +669,25 @@ def test_packs_group_trials_of_one_variant_and_latent_size_in_grid_order(tmp_pat
     assert spec.pack_size(4) == (2, "sweep.pack: 2")
     auto = spec.model_copy(update={"sweep": spec.sweep.model_copy(update={"pack": "auto"})})
     assert auto.pack_size(2) == (3, "sweep.pack auto: 3 (the largest group of 6 trials over 2 at once)")
+    # With the device's free memory: as many models as half of it holds, counted for the largest model (z = 3).
+    from workers.pack import training_bytes
+
+    need = training_bytes(auto.with_trial({"beta": 1.0, "latent_dim": 3}).model, (1, 8, 8), 64, 16)
+    assert 0 < training_bytes(auto.with_trial({"beta": 1.0, "latent_dim": 2}).model, (1, 8, 8), 64, 16) < need
+    size, why = auto.pack_size(2, free_bytes=4 * need, image_shape=(1, 8, 8), dataset_size=64)
+    assert size == 2 and "2 fit in half of" in why
+    assert auto.pack_size(1, free_bytes=1e12, image_shape=(1, 8, 8), dataset_size=64)[0] == 6
+
+
+def test_a_model_s_training_memory_grows_with_its_batch_and_counts_its_adam_state():
+    from workers.config import ModelConfig
+    from workers.pack import training_bytes
+
+    config = ModelConfig(variant="beta_tcvae", architecture="conv64", latent_dim=10)
+    small, large = (training_bytes(config, (1, 64, 64), 737_280, b) for b in (64, 128))
+    parameters = 4 * sum(p.numel() for p in __import__("workers.models", fromlist=["build_model"]).build_model(
+        config, (1, 64, 64), 737_280).parameters())
+    assert 4 * parameters < small < large < 2 * small  # Adam's moments and the gradients, then activations
 
 
 def test_validate_says_which_trials_go_together_in_packs(tmp_path):
