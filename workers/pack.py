@@ -1,12 +1,12 @@
 """K models of one variant, architecture, latent size and image shape trained as one (issue 12's packs).
 
-Their parameters and buffers are stacked (``torch.func.stack_module_state``: each of shape (K, ...)), and one
-``torch.func.vmap`` of ``functional_call`` computes the K losses in one pass over a (K, B, C, H, W) batch, each model
-on its own images with its own noise (drawn with its own generator, Autoencoder.draw_noise) and its own beta (a
-buffer, stacked with the weights). Gradients of the summed losses are each model's own, since no parameter is
-shared; and Adam is element-wise, so one optimizer over the stacked tensors is K optimizers, one per model (bias
-correction counts steps, the same for all). :meth:`Pack.unpack` writes the trained tensors back into K ordinary
-models.
+Two ways to compute the K losses (PACK_WAYS): stacked, with the parameters and buffers stacked
+(``torch.func.stack_module_state``: each (K, ...)) and one ``torch.func.vmap`` of ``functional_call`` over a
+(K, B, C, H, W) batch; or one model after another in this process. Either way each model trains on its own images
+with its own noise (drawn with its own generator, Autoencoder.draw_noise) and its own beta (a buffer, stacked with
+the weights); gradients of the summed losses are each model's own, since no parameter is shared; and Adam is
+element-wise, so one optimizer over all the tensors is K optimizers, one per model (bias correction counts steps,
+the same for all). :meth:`Pack.unpack` gives back K ordinary models; a pack's checkpoint is K ordinary checkpoints.
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ def pack_key(model: Autoencoder) -> tuple:
 
 # How a pack computes its K losses. "vmap": stacked weights, one vmap'd pass (the kernels of K models as one:
 # what a GPU, bound by kernel launches for a model this small, gains from). "loop": the K models one after the
-# other in this process (no stacking; on 2 CPU cores it ran at 1.0x one model's images/s, vmap at 0.70-0.84x:
-# benchmarks/bench_pack.py). Either way the members train as they would alone.
+# other in this process (no stacking; on 2 CPU cores, K = 1 to 64 of conv64 beta-TCVAE at batch 64 ran at
+# 1.00-1.39x one model's images/s, vmap at 0.59-0.93x: benchmarks/bench_pack.py). Either way the members train as
+# they would alone.
 PACK_WAYS = ("vmap", "loop")
 
 
