@@ -81,12 +81,19 @@ def _median(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in rows) for k in keys}
 
 
-def run(workers: int, steps: int, repeats: int) -> dict[str, Any]:
-    home = Path(tempfile.mkdtemp(prefix="aeforge-bench-fit-"))
+def use_fresh_home(prefix: str) -> Path:
+    """Point this process at a new temporary AEFORGE_HOME with the embedded defaults (local storage, SQLite MLflow,
+    a local Ray started here), whatever the environment named: a benchmark measures the same setup everywhere."""
+    home = Path(tempfile.mkdtemp(prefix=prefix))
     os.environ["AEFORGE_HOME"] = str(home)
     for name in ("AEFORGE_STORAGE", "MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
         os.environ.pop(name, None)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    return home
+
+
+def run(workers: int, steps: int, repeats: int) -> dict[str, Any]:
+    home = use_fresh_home("aeforge-bench-fit-")
     import ray
 
     from jobs.ray_train import connect_ray

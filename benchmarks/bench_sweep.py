@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from benchmarks.bench_ray_fit import use_fresh_home
 from services.run_display import output_to_log
 
 
@@ -40,11 +41,7 @@ def sweep_spec(name: str, betas: list[float], seeds: list[int], steps: int, pack
 
 
 def run(betas: list[float], seeds: list[int], steps: int, pack: int | str) -> dict[str, Any]:
-    home = Path(tempfile.mkdtemp(prefix="aeforge-bench-sweep-"))
-    os.environ["AEFORGE_HOME"] = str(home)
-    for name in ("AEFORGE_STORAGE", "MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
-        os.environ.pop(name, None)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    use_fresh_home("aeforge-bench-sweep-")
     import ray
 
     from jobs.ray_train import connect_ray

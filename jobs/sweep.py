@@ -105,7 +105,6 @@ def _trial(config: dict[str, Any], sweep: dict[str, Any]) -> dict[str, float]:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from jobs.lineage import trial_description
     from workers.storage import Storage
     from workers.outputs import numeric_metrics
     from workers.tracking import MlflowRun, start_or_resume_run
@@ -128,16 +127,41 @@ def _trial(config: dict[str, Any], sweep: dict[str, Any]) -> dict[str, float]:
         if done is not None:
             tune.report({**done["metrics"], "checkpoint_path": done["checkpoint_path"]})
             return done["metrics"]
-        tracking.log_spec(spec.model_dump(mode="json"))
-        tracking.log_params({f"trial.{k}": v for k, v in values.items()})
-        tracking.set_tags({SWEEP_ID_TAG: sweep["job_id"], TRIAL_ID_TAG: trial_id, **sweep["source_tags"]})
-        tracking.describe(trial_description(spec, sweep["job_id"], values))
-        tracking.log_dataset(sweep["dataset"])
+        _describe_trial_run(tracking, sweep, spec, values, trial_id)
         result = fit(build_trainer(spec, trial_job, storage, run_id, callbacks=[TuneReportCallback()], trial=run_name))
         metrics = numeric_metrics(result.metrics or {})
         record = {"metrics": metrics, "checkpoint_path": result.checkpoint.path if result.checkpoint else None}
         storage.put_bytes(json.dumps(record, sort_keys=True).encode(), trial_result_relpath(trial_job))
     return metrics
+
+
+def _describe_trial_run(run, sweep: dict[str, Any], spec: JobSpec, values: dict[str, Any], trial_id: str) -> None:
+    """What a trial's MLflow run records, packed or not: its spec, its values as trial.* params, the sweep's tags
+    and lineage, and its description."""
+    from jobs.lineage import trial_description
+
+    run.log_spec(spec.model_dump(mode="json"))
+    run.log_params({f"trial.{k}": v for k, v in values.items()})
+    run.set_tags({SWEEP_ID_TAG: sweep["job_id"], TRIAL_ID_TAG: trial_id, **sweep["source_tags"]})
+    run.describe(trial_description(spec, sweep["job_id"], values))
+    run.log_dataset(sweep["dataset"])
+
+
+def _pack_members(rows: list[dict[str, Any]], trial_id: str, job_id: str, spec: JobSpec) -> list[dict[str, Any]]:
+    """Who is who in a pack (its Tune trial's grid ``rows``): each member's swept values, trial id, own job id and
+    run name (numbered by its place in the grid), as its driver and the results table both name it."""
+    members = []
+    for k, row in enumerate(rows):
+        values = {key: row[key] for key in TRIAL_KEYS if key in row}
+        member_id = member_trial_id(trial_id, k)
+        members.append({"values": values, "trial_id": member_id, "job": trial_job_id(job_id, member_id),
+                        "name": trial_run_name(spec.name, member_id, values, spec.num_trials(), index=row["index"])})
+    return members
+
+
+def diverged_message(failed: list | tuple) -> str:
+    """What a pack member that diverged (train_pack's (step, part)) reports: on its run, its line, its row."""
+    return f"diverged at step {failed[0]}: the '{failed[1]}' part of the loss is not finite"
 
 
 def param_space(spec: JobSpec, packs: list[list[dict[str, Any]]] | None = None) -> dict[str, Any]:
@@ -201,7 +225,6 @@ def _pack_trial(rows: list[dict[str, Any]], sweep: dict[str, Any]) -> None:
 
     from ray import tune
 
-    from jobs.lineage import trial_description
     from jobs.ray_train import build_pack_trainer
     from workers.pack import member_folder
     from workers.storage import Storage
@@ -212,13 +235,9 @@ def _pack_trial(rows: list[dict[str, Any]], sweep: dict[str, Any]) -> None:
     base: JobSpec = sweep["spec"]
     trial_id = tune.get_context().get_trial_id()
     storage = Storage.from_settings()
-    members = []
-    for k, row in enumerate(rows):
-        values = {key: row[key] for key in TRIAL_KEYS if key in row}
-        member_id = member_trial_id(trial_id, k)
-        members.append({"spec": base.with_trial(values), "values": values, "trial_id": member_id,
-                        "job": trial_job_id(sweep["job_id"], member_id),
-                        "name": trial_run_name(base.name, member_id, values, base.num_trials(), index=row["index"])})
+    members = _pack_members(rows, trial_id, sweep["job_id"], base)
+    for m in members:
+        m["spec"] = base.with_trial(m["values"])
     if all(_finished_trial(storage, m["job"]) is not None for m in members):
         tune.report({"members": len(members)})
         return
@@ -231,11 +250,7 @@ def _pack_trial(rows: list[dict[str, Any]], sweep: dict[str, Any]) -> None:
                                          parent_run_id=sweep["parent_run_id"], tracking_uri=tracking_uri)
             run = MlflowRun(run_id, tracking_uri)
             run.mark_running()
-            run.log_spec(m["spec"].model_dump(mode="json"))
-            run.log_params({f"trial.{key}": v for key, v in m["values"].items()})
-            run.set_tags({SWEEP_ID_TAG: sweep["job_id"], TRIAL_ID_TAG: m["trial_id"], **sweep["source_tags"]})
-            run.describe(trial_description(m["spec"], sweep["job_id"], m["values"]))
-            run.log_dataset(sweep["dataset"])
+            _describe_trial_run(run, sweep, m["spec"], m["values"], m["trial_id"])
             m["mlflow_run_id"] = run_id
             runs.append(run)
             # A failing pack ends every member's run FAILED (KILLED when stopped), as a failing trial ends its own.
@@ -257,7 +272,7 @@ def _pack_trial(rows: list[dict[str, Any]], sweep: dict[str, Any]) -> None:
                       "checkpoint_path": f"{result.checkpoint.path}/{member_folder(k)}" if result.checkpoint else None}
             storage.put_bytes(json.dumps(record, sort_keys=True).encode(), trial_result_relpath(m["job"]))
             if failed:
-                why = f"diverged at step {failed[0]}: the '{failed[1]}' part of the loss is not finite"
+                why = diverged_message(failed)
                 run.set_tags({"aeforge.failed": why})
                 emit(trial_line(m["name"], "error", error=why))
             else:
@@ -427,21 +442,16 @@ def _pack_rows(result, job_id: str, spec: JobSpec, storage) -> list[dict[str, An
     pack's error when it never wrote one."""
     trial_id = (result.metrics or {}).get("trial_id") or _trial_id_from_path(result.path)
     rows = []
-    for k, config in enumerate(result.config["pack"]):
-        member_id = member_trial_id(trial_id, k)
-        values = {key: config[key] for key in TRIAL_KEYS if key in config}
-        row: dict[str, Any] = {**values, "trial_id": member_id,
-                               "run_name": trial_run_name(spec.name, member_id, values, spec.num_trials(),
-                                                          index=config["index"]),
-                               "trial_job_id": trial_job_id(job_id, member_id)}
+    for member in _pack_members(result.config["pack"], trial_id, job_id, spec):
+        row: dict[str, Any] = {**member["values"], "trial_id": member["trial_id"], "run_name": member["name"],
+                               "trial_job_id": member["job"]}
         record = _finished_trial(storage, row["trial_job_id"]) if storage is not None else None
         if record is None:
             row["status"] = "error"
             row["error"] = (str(result.error).strip().splitlines() or ["the pack ended without this trial"])[-1][:300]
         elif record.get("failed"):
-            step, part = record["failed"]
             row["status"] = "failed"
-            row["error"] = f"diverged at step {step}: the '{part}' part of the loss is not finite"
+            row["error"] = diverged_message(record["failed"])
         else:
             row["status"] = "finished"
             row["checkpoint_path"] = record.get("checkpoint_path")
