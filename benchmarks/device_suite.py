@@ -1,4 +1,4 @@
-"""The device suite: what aeforge does on one NVIDIA GPU, in one run of at most 8 minutes.
+"""The device suite: what aeforge does on one NVIDIA GPU, in one run of at most 9 minutes.
 
     python3 benchmarks/device_suite.py --out DIR [--tiny] [--protocol-steps N] [--budget-s S]
 
@@ -15,7 +15,14 @@ tables), plus the GPU tests' own report (``gpu_tests.xml``, ``gpu_tests.log``):
    at the suite's time budget if it would run past it; the report then gives the steps done and the time the
    whole run would take, projected from the steady pace.
 
-The goals of issue 11 are printed next to the figures; they are measured against, never asserted.
+4. Chen et al. 2018's study (jobs/examples/study_chen2018.yaml: beta-VAE and beta-TCVAE x 6 betas x 3 seeds, their
+   dSprites MLP at batch 2048), each variant's 18 models trained as one pack (workers/pack.py). Its share of the
+   budget fixes the steps (the full 18,000 when they fit; else as many as fit, from the pace of a short probe),
+   then every model is scored by MIG in Chen et al.'s convention over all 737,280 rows (eval/mig_chen) and by its
+   ELBO. The report gives the variant x beta table (mean and spread over seeds), the wall time, and the time the
+   full-length study would take at the measured pace.
+
+The goals of issues 11 and 13 are printed next to the figures; they are measured against, never asserted.
 
 The device machine has PyTorch, numpy, scipy, scikit-learn, matplotlib, pyyaml and pytest, but no Ray, MLflow,
 boto3 or pydantic. Nothing here imports the first three; pydantic travels as wheels (benchmarks/fetch_device_wheels.sh
@@ -45,6 +52,7 @@ SUITE_STARTED = time.perf_counter()
 REPO = Path(__file__).resolve().parents[1]
 PROTOCOL_SPEC = REPO / "jobs" / "examples" / "beta_tcvae_dsprites.yaml"
 PROTOCOL_STEPS = 300_000  # disentanglement_lib's
+STUDY_SPEC = REPO / "jobs" / "examples" / "study_chen2018.yaml"
 DEFAULT_WHEELS = REPO / ".whl"
 NO_CUDA = "no CUDA"
 JSON_NAME, MARKDOWN_NAME = "device_suite.json", "device_suite.md"
@@ -70,6 +78,13 @@ class Sizes:
     pack_steps: int = 20
     pack_warmup: int = 5
     pack_needs_s: float = 60.0  # skipped with less than this left before the protocol's share
+    study_s: float = 150.0  # the study's share: probe, training and scoring
+    study_needs_s: float = 60.0  # skipped with less than this left before the protocol's share
+    study_probe_steps: int = 20  # steps timed to size the study's training to its share
+    study_grid: dict[str, list] | None = None  # None: the spec's sweep (--tiny: a smaller grid)
+    study_eval: dict[str, Any] | None = None  # overrides of the study's eval settings (--tiny: fewer rows)
+    study_data_limit: int | None = None
+    study_batch_size: int | None = None  # None: the spec's (2048)
 
 
 @dataclass(frozen=True)
@@ -88,7 +103,7 @@ class BenchCase:
 
 
 DEVICE_SIZES = Sizes(
-    budget_s=450.0,  # 30 s under the 8 minutes, for Python's start and writing the files
+    budget_s=540.0,  # 60 s under a device call's 10 minutes, for Python's start and writing the files
     pytest_cap_s=150.0,
     # The default evaluation (jobs/examples' eval: ELBO, IWAE k=50, the disentanglement scores on 2,000 + 1,000
     # codes) is GPU work but for DCI's boosting, which takes 10-25 s on one CPU core.
@@ -105,7 +120,7 @@ DEVICE_SIZES = Sizes(
     tiny_eval=False,
 )
 TINY_SIZES = Sizes(
-    budget_s=150.0,  # about 40 s on 2 idle cores; the rest is room for a busy machine
+    budget_s=200.0,  # about 60 s on 2 idle cores; the rest is room for a busy machine
     pytest_cap_s=60.0,
     eval_reserve_s=25.0,
     protocol_min_s=10.0,
@@ -120,6 +135,13 @@ TINY_SIZES = Sizes(
     pack_steps=2,
     pack_warmup=1,
     pack_needs_s=5.0,
+    study_s=40.0,
+    study_needs_s=10.0,
+    study_probe_steps=2,
+    study_grid={"variant": ["beta_vae", "beta_tcvae"], "beta": [1.0, 4.0], "seed": [0]},
+    study_eval={"mig_chen_rows": 400, "mig_chen_samples": 200, "max_examples": 100},
+    study_data_limit=4096,
+    study_batch_size=128,
 )
 # disentanglement_lib's study: about 12,800 models of 300,000 steps at batch 64 (quoted at 2.5 P100 GPU-years).
 STUDY_MODELS = 12_800
@@ -132,6 +154,10 @@ GOALS = (
     ("eval_fraction", "evaluation's share of the protocol run", 0.10, "lower", "%"),
     # Issue 12's: a pack of 32 conv64 models at batch 64 against one model's images/s.
     ("pack_32_x_one", "pack of 32: aggregate images/s over one model's", 16.0, "higher", "×"),
+    # Issue 13's: Chen et al.'s 36-model study at full length, and what it should find.
+    ("study_s", "Chen et al.'s 36-model study at full length: wall time", 3600.0, "lower", "s"),
+    ("study_best_tcvae_mig", "beta-TCVAE's best mean MIG (Chen et al.'s convention)", 0.35, "higher", ""),
+    ("study_tcvae_above", "beta-TCVAE above beta-VAE in mean MIG at every beta >= 2 (1: yes)", 1.0, "higher", ""),
 )
 
 
@@ -337,7 +363,7 @@ def timed_context_class():
             self.loss_module = module
             return module
 
-        def log_progress(self, step, total, *, metrics=None, images_per_second=None) -> None:
+        def log_progress(self, step, total, *, metrics=None, images_per_second=None, trial=None) -> None:
             now = time.perf_counter()  # the loop has just read the window's losses back: its steps are done
             self.marks.append((step, now))
             if now - self.last_said >= 15.0:
@@ -449,6 +475,133 @@ def _free_device_memory(device) -> None:
         torch.cuda.empty_cache()
 
 
+# --- 4. Chen et al.'s study ---------------------------------------------------------------------------------
+
+
+def study_spec(sizes: Sizes):
+    from jobs.spec import load_spec
+
+    spec = load_spec(STUDY_SPEC)
+    if sizes.study_grid is not None:
+        spec = spec.model_copy(update={"sweep": spec.sweep.model_copy(update=sizes.study_grid)})
+    if sizes.study_eval is not None:
+        spec = spec.model_copy(update={"eval": spec.eval.model_copy(update=sizes.study_eval)})
+    if sizes.study_batch_size is not None:
+        spec = spec.model_copy(update={"train": spec.train.model_copy(update={"batch_size": sizes.study_batch_size})})
+    if sizes.study_data_limit is not None:
+        spec = spec.model_copy(update={"data": spec.data.model_copy(update={"limit": sizes.study_data_limit})})
+    return spec
+
+
+def study_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (variant, beta): mean, standard deviation (over seeds), lowest and highest of MIG (Chen et al.'s
+    convention) and of the ELBO, and how many seeds."""
+    import numpy as np
+
+    cells: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for row in rows:
+        cells.setdefault((row["variant"], row["beta"]), []).append(row)
+    table = []
+    for (variant, beta), members in sorted(cells.items()):
+        entry: dict[str, Any] = {"variant": variant, "beta": beta, "seeds": len(members)}
+        for key in ("mig_chen", "elbo"):
+            values = np.array([m[key] for m in members], dtype=float)
+            entry.update({f"{key}_mean": float(values.mean()), f"{key}_sd": float(values.std(ddof=1)) if len(values) > 1
+                          else 0.0, f"{key}_min": float(values.min()), f"{key}_max": float(values.max())})
+        table.append(entry)
+    return table
+
+
+def study_findings(table: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the paper found, read off the table: beta-TCVAE's best mean MIG, and whether its mean is above
+    beta-VAE's at every beta >= 2 both ran (None when no such beta ran for both)."""
+    mean = {(r["variant"], r["beta"]): r["mig_chen_mean"] for r in table}
+    tcvae = [v for (variant, _), v in mean.items() if variant == "beta_tcvae"]
+    shared = [b for (variant, b) in mean if variant == "beta_tcvae" and b >= 2 and ("beta_vae", b) in mean]
+    above = all(mean[("beta_tcvae", b)] > mean[("beta_vae", b)] for b in shared) if shared else None
+    return {"best_tcvae_mig": max(tcvae) if tcvae else None, "tcvae_above_at_every_beta_2_up": above,
+            "compared_betas": sorted(shared)}
+
+
+def run_study(sizes: Sizes, device, budget_s: float, steps: int | None = None) -> dict[str, Any]:
+    """Chen et al.'s study on this device (see the module doc, part 4): each variant's models as one pack."""
+    import torch
+
+    from workers.data import prepare
+    from workers.metrics.elbo import elbo
+    from workers.metrics.mig import mig_chen
+    from workers.pack import PackMember, train_pack
+
+    share_end = time.perf_counter() + min(sizes.study_s, seconds_left(budget_s) - sizes.protocol_min_s
+                                          - sizes.eval_reserve_s)
+    if share_end - time.perf_counter() < sizes.study_needs_s:
+        return {"status": "skipped", "reason": f"time budget ({seconds_left(budget_s):.0f} s left)"}
+    started = time.perf_counter()
+    spec = study_spec(sizes)
+    data = prepare(spec.data, spec.train.seed)
+    full_steps = spec.train.steps if spec.train.steps is not None else (
+        spec.train.epochs * (len(data.train) // spec.train.batch_size))
+    packs = spec.trial_packs(spec.num_trials())  # one pack per variant: 18 models each
+    section: dict[str, Any] = {
+        "status": "ran", "spec": str(STUDY_SPEC.relative_to(REPO)), "models": spec.num_trials(), "packs": len(packs),
+        "pack_sizes": [len(p) for p in packs], "architecture": spec.model.architecture,
+        "batch_size": spec.train.batch_size, "lr": spec.train.optimizer.lr, "full_steps": full_steps,
+        "mig_chen_rows": spec.eval.mig_chen_rows if spec.eval.mig_chen_rows is not None else len(data.full),
+        "mig_chen_samples": spec.eval.mig_chen_samples, "setup_s": time.perf_counter() - started}
+
+    def members_of(pack):
+        return [PackMember(spec.with_trial({k: row[k] for k in ("variant", "beta", "seed") if k in row}).model,
+                           int(row.get("seed", spec.train.seed)), f"t{row['index']:02d}") for row in pack]
+
+    def train_for(pack, n):
+        cfg = spec.train.model_copy(update={"steps": n, "epochs": None, "log_every": max(1, min(500, n)),
+                                            "checkpoint_every": 10**9})
+        ctx = timed_context_class()(device=device)
+        t0 = time.perf_counter()
+        results = train_pack(members_of(pack), cfg, spec.eval, data.train, data.val, ctx,
+                             dataset_size=len(data.train), evaluate_at_end=False, pictures=False)
+        _synchronize(device)
+        return results, time.perf_counter() - t0
+
+    # The pace, from a short probe of the first pack (its first steps hold the start-up, so it overstates a step).
+    probe_steps = min(sizes.study_probe_steps, full_steps)
+    _, probe_s = train_for(packs[0], probe_steps)
+    step_s = probe_s / probe_steps
+    scoring_guess = 0.25 * (share_end - time.perf_counter())
+    fit = int((share_end - time.perf_counter() - scoring_guess) / (step_s * len(packs)))
+    n = steps or max(1, min(full_steps, fit))
+    section.update(probe_steps=probe_steps, probe_s=probe_s, steps=n, stopped_short=n < full_steps)
+    say(f"study: {spec.num_trials()} models in {len(packs)} packs, {n:,} of {full_steps:,} steps each "
+        f"(probe: {probe_s / probe_steps * 1000:.0f} ms a pack step)")
+
+    rows, train_s, score_s = [], 0.0, 0.0
+    for pack in packs:
+        results, seconds = train_for(pack, n)
+        train_s += seconds
+        t0 = time.perf_counter()
+        for row, result in zip(pack, results):
+            model = result.model.eval()
+            seed = int(row.get("seed", spec.train.seed))
+            generator = torch.Generator().manual_seed(seed)
+            rows.append({"variant": row.get("variant", spec.model.variant), "beta": float(row["beta"]),
+                         "seed": seed, "failed": result.failed,
+                         "mig_chen": mig_chen(model, data.full, spec.eval.factors, spec.eval.mig_chen_rows,
+                                              spec.eval.mig_chen_samples, generator=generator),
+                         "elbo": elbo(model, data.val, spec.eval.max_examples, 2048, generator)["elbo"]})
+        _synchronize(device)
+        score_s += time.perf_counter() - t0
+        del results
+        _free_device_memory(device)
+    section.update(train_s=train_s, score_s=score_s, wall_s=time.perf_counter() - started, rows=rows)
+    section["pack_step_s"] = train_s / (n * len(packs))
+    section["projected_full_s"] = section["setup_s"] + section["pack_step_s"] * full_steps * len(packs) + score_s
+    section["table"] = study_table(rows)
+    section.update(study_findings(section["table"]))
+    say(f"study: trained in {train_s:.0f} s, scored in {score_s:.0f} s; full length projected "
+        f"{section['projected_full_s']:.0f} s; beta-TCVAE's best mean MIG {section['best_tcvae_mig']}")
+    return section
+
+
 # --- the report ----------------------------------------------------------------------------------------------
 
 
@@ -458,12 +611,18 @@ def goal_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     small = next((c for c in cases if c["batch_size"] == 64), {})
     large = next((c for c in cases if c["batch_size"] > 64), {})
     finished = protocol.get("steps_done") == PROTOCOL_STEPS
+    study = report.get("study") or {}
+    study_full = study.get("status") == "ran" and not study.get("stopped_short")
     measured = {
         "protocol_train_s": protocol.get("train_s") if finished else protocol.get("projected_train_s_300k"),
         "ratio_batch_64": small.get("ratio"),
         "large_batch_bf16_images_per_s": large.get("best_bf16_images_per_second"),
         "eval_fraction": protocol.get("eval_fraction"),
         "pack_32_x_one": (report.get("packs") or {}).get("pack_32_x_one"),
+        "study_s": study.get("wall_s") if study_full else study.get("projected_full_s"),
+        "study_best_tcvae_mig": study.get("best_tcvae_mig") if study_full else None,
+        "study_tcvae_above": (None if not study_full or study.get("tcvae_above_at_every_beta_2_up") is None
+                              else float(study["tcvae_above_at_every_beta_2_up"])),
     }
     # Where each figure comes from: the row it is read off, or whether it is projected.
     steps_done = protocol.get("steps_done")
@@ -474,6 +633,10 @@ def goal_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         "large_batch_bf16_images_per_s": large.get("best_bf16"),
         "eval_fraction": None if finished or not steps_done else "of the projected run",
         "pack_32_x_one": "packs section" if (report.get("packs") or {}).get("pack_32_x_one") else None,
+        "study_s": (None if study.get("status") != "ran" else "measured" if study_full else
+                    f"projected from {study.get('steps'):,} steps"),
+        "study_best_tcvae_mig": "study section" if study_full else None,
+        "study_tcvae_above": "study section" if study_full else None,
     }
     rows = []
     for key, what, target, better, unit in GOALS:
@@ -554,8 +717,34 @@ def markdown(report: dict[str, Any]) -> str:
                       f"at the best rate ({packs['best']['way']}, K = {packs['best']['k']}): "
                       f"{packs['study_gpu_hours']:,.1f} hours of training on this device", ""]
 
-    protocol = report.get("protocol") or {}
-    lines += ["## Protocol run (beta-TCVAE, dSprites, disentanglement_lib's protocol)", ""]
+    study = report.get("study")
+    if study is not None:
+        lines += ["## Chen et al. 2018's study (jobs/examples/study_chen2018.yaml, one pack per variant)", ""]
+        if study["status"] != "ran":
+            lines += [f"{study['status']}: {study.get('reason', '')}", ""]
+        else:
+            lines += [f"{study['models']} models in {study['packs']} packs, {study['steps']:,} of {study['full_steps']:,} "
+                      f"steps each at batch {study['batch_size']}" + (" (stopped short: the suite's budget)"
+                                                                     if study["stopped_short"] else "")
+                      + f"; trained in {study['train_s']:.0f} s, scored in {study['score_s']:.0f} s "
+                      f"(MIG over {study['mig_chen_rows']:,} rows, {study['mig_chen_samples']:,} samples); "
+                      f"the full-length study: {study['projected_full_s']:,.0f} s at this pace", ""]
+            lines += _table(["variant", "beta", "seeds", "MIG (Chen) mean", "± sd", "ELBO mean", "± sd"],
+                            [[r["variant"], r["beta"], r["seeds"], r["mig_chen_mean"], r["mig_chen_sd"],
+                              r["elbo_mean"], r["elbo_sd"]] for r in study["table"]])
+
+    protocol = report.get("protocol")
+    lines += _protocol_lines(protocol) if protocol is not None else []
+
+    lines += ["## Goals (one H200; measured against, not asserted)", ""]
+    lines += _table(["goal", "target", "measured", "from", "met"],
+                    [[g["what"], ("≤ " if g["better"] == "lower" else "≥ ") + _with_unit(g["target"], g["unit"]),
+                      _with_unit(g["measured"], g["unit"]), g["from"] or "", g["met"]] for g in report["goals"]])
+    return "\n".join(lines)
+
+
+def _protocol_lines(protocol: dict[str, Any]) -> list[str]:
+    lines = ["## Protocol run (beta-TCVAE, dSprites, disentanglement_lib's protocol)", ""]
     if protocol.get("error"):
         lines += [f"**{protocol['error']}**", ""]
     shown = [("steps done / asked", f"{_number(protocol.get('steps_done'))} / {_number(protocol.get('steps_asked'))}"),
@@ -574,13 +763,7 @@ def markdown(report: dict[str, Any]) -> str:
              ("MIG (eval/mig, disentanglement_lib)", protocol.get("mig")),
              ("MIG (eval/mig_exact, Chen et al.)", protocol.get("mig_exact")),
              ("ELBO (eval/elbo)", protocol.get("elbo"))]
-    lines += _table(["figure", "value"], [[name, value] for name, value in shown])
-
-    lines += ["## Goals (one H200; measured against, not asserted)", ""]
-    lines += _table(["goal", "target", "measured", "from", "met"],
-                    [[g["what"], ("≤ " if g["better"] == "lower" else "≥ ") + _with_unit(g["target"], g["unit"]),
-                      _with_unit(g["measured"], g["unit"]), g["from"] or "", g["met"]] for g in report["goals"]])
-    return "\n".join(lines)
+    return lines + _table(["figure", "value"], [[name, value] for name, value in shown])
 
 
 def environment(pydantic_source: str, device) -> dict[str, Any]:
@@ -594,7 +777,7 @@ def environment(pydantic_source: str, device) -> dict[str, Any]:
 
 # --- main --------------------------------------------------------------------------------------------------------
 
-SECTIONS = ("gpu_tests", "bench", "packs", "protocol")
+SECTIONS = ("gpu_tests", "bench", "packs", "study", "protocol")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -604,6 +787,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="toy sizes: the whole suite in about a minute on a CPU")
     parser.add_argument("--protocol-steps", type=int, default=None,
                         help=f"steps of the protocol run (default {PROTOCOL_STEPS:,}; --tiny: {TINY_SIZES.protocol_steps})")
+    parser.add_argument("--study-steps", type=int, default=None,
+                        help="steps of each model of the study (default: the full length where the study's share "
+                             "of the budget fits it, else what fits)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help=f"seconds for the whole suite (default {DEVICE_SIZES.budget_s:.0f}; --tiny: "
                              f"{TINY_SIZES.budget_s:.0f}); the protocol's training stops where it would run past it")
@@ -617,6 +803,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--sections: unknown {', '.join(sorted(unknown))}; known: {', '.join(SECTIONS)}")
     if args.protocol_steps is not None and args.protocol_steps < 1:
         parser.error("--protocol-steps must be at least 1")
+    if args.study_steps is not None and args.study_steps < 1:
+        parser.error("--study-steps must be at least 1")
     if args.budget_s is not None and args.budget_s <= 0:
         parser.error("--budget-s must be positive")
     return args
@@ -652,6 +840,15 @@ def main(argv: list[str] | None = None) -> int:
     if "packs" in sections:
         report["packs"] = run_packs(sizes, device, budget_s)
         failed |= report["packs"]["status"] == "error"
+    if "study" in sections:
+        try:
+            report["study"] = run_study(sizes, device, budget_s, args.study_steps)
+        except Exception as exc:  # a section of the report, not the end of the suite
+            import traceback
+
+            traceback.print_exc()
+            report["study"] = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
+            failed = True
     if "protocol" in sections:
         steps = args.protocol_steps or sizes.protocol_steps
         try:

@@ -191,10 +191,11 @@ class JobSpec(StrictModel):
             if "beta" in space and not all(v in BETA_VARIANTS for v in variants):
                 bad = sorted({v for v in variants if v not in BETA_VARIANTS})
                 errors.append(("sweep.beta", f"sweeping beta needs variant beta_vae or beta_tcvae, not {', '.join(bad)}"))
-            if "variant" in space and self.model.tc_estimator is not None and any(v != "beta_tcvae" for v in variants):
-                errors.append(("model.tc_estimator", "is only for beta_tcvae; drop it when sweeping other variants"))
-            if "variant" in space and self.model.corruption is not None and any(v != "dae" for v in variants):
-                errors.append(("model.corruption", "is only for dae; drop it when sweeping other variants"))
+            # A variant's own settings apply to that variant's trials (with_trial drops them from the others).
+            if "variant" in space and self.model.tc_estimator is not None and "beta_tcvae" not in variants:
+                errors.append(("model.tc_estimator", "is only for beta_tcvae, and the sweep has no beta_tcvae trial"))
+            if "variant" in space and self.model.corruption is not None and "dae" not in variants:
+                errors.append(("model.corruption", "is only for dae, and the sweep has no dae trial"))
             if self.sweep.pack != 1 and self.sweep.search != "grid":
                 errors.append(("sweep.pack", "packs need search: grid (a random search draws its trials one at a "
                                              "time); use pack: 1"))
@@ -202,8 +203,8 @@ class JobSpec(StrictModel):
             known = reported_metrics(self, variants)
             if metric not in known and not _metric_needs_factors(metric):
                 errors.append(("sweep.metric.name", f"no trial reports '{metric}'; reported: {', '.join(sorted(known))}"))
-            elif metric == "eval/mig_exact" and not all(v in STOCHASTIC_VARIANTS for v in variants):
-                errors.append(("sweep.metric.name", "'eval/mig_exact' needs a posterior: only vae, beta_vae and "
+            elif metric in POSTERIOR_FACTOR_METRICS and not all(v in STOCHASTIC_VARIANTS for v in variants):
+                errors.append(("sweep.metric.name", f"'{metric}' needs a posterior: only vae, beta_vae and "
                                "beta_tcvae trials report it"))
             elif _metric_needs_factors(metric) and not self.eval.disentanglement:
                 errors.append(("sweep.metric.name", f"no trial reports '{metric}': eval.disentanglement is off"))
@@ -301,6 +302,8 @@ class JobSpec(StrictModel):
                 data["model"][key] = value
         if data["model"]["variant"] != "beta_tcvae":
             data["model"]["tc_estimator"] = None
+        if data["model"]["variant"] != "dae":
+            data["model"]["corruption"] = None
         if data["model"]["variant"] not in BETA_VARIANTS:
             data["model"]["beta"] = None
         data["kind"] = "train"
@@ -359,9 +362,13 @@ def reported_metrics(spec: JobSpec, variants: list[str] | None = None) -> set[st
 
 
 FACTOR_METRICS = {
-    "eval/mig", "eval/mig_exact", "eval/sap", "eval/dci_disentanglement", "eval/dci_completeness",
+    "eval/mig", "eval/mig_exact", "eval/mig_chen", "eval/sap", "eval/dci_disentanglement", "eval/dci_completeness",
     "eval/dci_informativeness", "eval/factor_vae", "eval/beta_vae",
 }
+
+
+# Factor metrics computed from the posterior q(z|x): the VAE family's only.
+POSTERIOR_FACTOR_METRICS = ("eval/mig_exact", "eval/mig_chen")
 
 
 def _metric_needs_factors(name: str) -> bool:
@@ -550,7 +557,7 @@ def check_data(spec: JobSpec, resolve: Callable[[str], str] | None = None) -> di
     Returns {"num_examples", "image_shape", "has_factors"}; raises SpecError naming ``data.source`` or
     ``model.architecture``.
     """
-    from workers.data import DataError, check_source
+    from workers.data import DataError, check_source, known_factor_names
     from workers.models.architectures import check_fits
 
     try:
@@ -568,6 +575,13 @@ def check_data(spec: JobSpec, resolve: Callable[[str], str] | None = None) -> di
     global_batch = spec.train.batch_size * spec.resources.workers
     if n_train < global_batch:
         errors.append({"loc": "train.batch_size", "msg": f"the global batch ({global_batch}) is larger than the training set ({n_train} examples)"})
+    if spec.eval.factors is not None and spec.eval.disentanglement:
+        names = known_factor_names(spec.data)
+        if not has_factors:
+            errors.append({"loc": "eval.factors", "msg": "the data has no ground-truth factors to score"})
+        elif names is not None and (unknown := [f for f in spec.eval.factors if f not in names]):
+            errors.append({"loc": "eval.factors", "msg": f"{', '.join(map(repr, unknown))}: not a factor of "
+                           f"{spec.data.source} (factors: {', '.join(names)})"})
     if spec.sweep is not None:
         metric = spec.sweep.metric.name
         if _metric_needs_factors(metric) and not (has_factors and spec.eval.disentanglement):

@@ -250,6 +250,9 @@ def sweep_results_command(ref: str = typer.Argument(..., metavar="JOB_OR_RUN", h
                           metric: Optional[str] = typer.Option(None, help="metric to rank by (default: the sweep's)"),
                           mode: Optional[str] = typer.Option(None, help="max or min (default: the sweep's mode for its metric, else max)"),
                           csv_path: Optional[Path] = typer.Option(None, "--csv", help="also write the table as CSV"),
+                          pictures: Optional[Path] = typer.Option(
+                              None, "--pictures", help="also draw the sweep's summary pictures into this folder "
+                              "(MIG against beta with the spread over seeds, MIG against the ELBO, ...)"),
                           output: OutputFormat = output_option()) -> None:
     """The results table of a finished or running sweep, best trial first."""
     from jobs.sweep import load_sweep, rank_rows, write_results_csv
@@ -264,19 +267,27 @@ def sweep_results_command(ref: str = typer.Argument(..., metavar="JOB_OR_RUN", h
     mode = mode or (sweep["mode"] if metric_name == sweep["metric"] else "max")
     if csv_path is not None:
         write_results_csv(rows, csv_path)
+    drawn = {}
+    if pictures is not None:
+        from workers.plots.sweep import sweep_summary_pictures
+
+        drawn = sweep_summary_pictures(rows, metric_name, pictures, mode=mode)
     if output is OutputFormat.json:
         # Every trial with all its values and metrics, best first; "rank" is 1 for the best, null for a trial
         # without a value of the metric (listed last).
         ranked = rank_rows(rows, metric_name, mode)
         trials = [{**row, "rank": i if _is_number(row.get(metric_name)) else None} for i, row in enumerate(ranked, 1)]
         print_json({"job_id": sweep["job_id"], "mlflow_run_id": sweep["mlflow_run_id"], "status": sweep["status"],
-                    "tracking_uri": _tracking_uri(), "metric": metric_name, "mode": mode, "trials": trials})
+                    "tracking_uri": _tracking_uri(), "metric": metric_name, "mode": mode, "trials": trials,
+                    **({"pictures": {name: str(path) for name, path in drawn.items()}} if pictures is not None else {})})
         return
     title = (f"sweep {sweep['job_id']} ({sweep['status']}): {len(rows)} trials, ranked by {metric_name} ({mode})")
     _print_sweep_rows(rows, metric_name, mode, title=title)
     console.print(f"MLflow run: {sweep['mlflow_run_id']}  (tracking URI {_tracking_uri()})", highlight=False, soft_wrap=True)
     if csv_path is not None:
         console.print(f"wrote {csv_path}", highlight=False, soft_wrap=True)
+    for path in drawn.values():
+        console.print(f"wrote {path}", highlight=False, soft_wrap=True)
 
 
 class BenchData(str, enum.Enum):

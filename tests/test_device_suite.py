@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from benchmarks.device_suite import (GOALS, JSON_NAME, JUNIT_NAME, MARKDOWN_NAME, NO_CUDA, PROTOCOL_STEPS,
-                                     goal_rows, read_junit, steady_projection)
+                                     goal_rows, read_junit, steady_projection, study_findings, study_table)
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE = REPO / "benchmarks" / "device_suite.py"
@@ -118,7 +118,7 @@ def test_the_tiny_suite_writes_json_and_markdown_with_every_row(tmp_path):
     assert {p.name for p in out.iterdir()} >= {JSON_NAME, MARKDOWN_NAME, JUNIT_NAME}
     report = json.loads((out / JSON_NAME).read_text())
     assert report["tiny"] is True and report["environment"]["device"] == "cpu"
-    assert report["seconds"] > 0 and report["budget_s"] == 150
+    assert report["seconds"] > 0 and report["budget_s"] == 200
 
     # 1. Every GPU test, collected and skipped for want of CUDA.
     tests = report["gpu_tests"]["tests"]
@@ -149,6 +149,16 @@ def test_the_tiny_suite_writes_json_and_markdown_with_every_row(tmp_path):
     assert {(r["way"], r["k"]) for r in packs["rows"]} == {("vmap", 1), ("loop", 1), ("vmap", 2), ("loop", 2)}
     assert all(r["images_per_second"] > 0 for r in packs["rows"]) and packs["study_gpu_hours"] > 0
 
+    # 5. Chen et al.'s study, cut to 2 variants x 2 betas x 1 seed on 4,096 rows: one pack per variant, every model
+    # scored, the variant x beta table, and the full-length time projected from the steps it had time for.
+    study = report["study"]
+    assert study["status"] == "ran" and (study["models"], study["packs"], study["pack_sizes"]) == (4, 2, [2, 2])
+    assert study["architecture"] == "chen2018_mlp" and 1 <= study["steps"] <= study["full_steps"]
+    assert {(r["variant"], r["beta"]) for r in study["table"]} == {(v, b) for v in ("beta_vae", "beta_tcvae")
+                                                                    for b in (1.0, 4.0)}
+    assert all(math.isfinite(r["mig_chen_mean"]) and math.isfinite(r["elbo_mean"]) for r in study["table"])
+    assert study["projected_full_s"] > 0 and study["compared_betas"] == [4.0]
+
     # The goals, each with a figure except the bf16 one and the pack of 32 (no GPU here, packs of 2 in --tiny).
     goals = {g["goal"]: g for g in report["goals"]}
     assert list(goals) == [key for key, *_ in GOALS]
@@ -157,7 +167,8 @@ def test_the_tiny_suite_writes_json_and_markdown_with_every_row(tmp_path):
     assert all(goals[k]["met"] in (True, False) for k in ("protocol_train_s", "ratio_batch_64", "eval_fraction"))
 
     text = (out / MARKDOWN_NAME).read_text()
-    for heading in ("## GPU tests", "## Training bench", "## Packs", "## Protocol run", "## Goals"):
+    for heading in ("## GPU tests", "## Training bench", "## Packs", "## Chen et al. 2018's study", "## Protocol run",
+                    "## Goals"):
         assert heading in text
     assert all(name in text for name in GPU_TESTS)
     assert f"| large batch | 256 | skipped | – | – | – | {NO_CUDA} |" in text
@@ -209,7 +220,27 @@ def test_goals_compare_each_figure_with_its_target_in_its_direction():
                      "ratio_batch_64": (12.0, True, None),
                      "large_batch_bf16_images_per_s": (None, None, None),
                      "eval_fraction": (0.2, False, "of the projected run"),
-                     "pack_32_x_one": (9.5, False, "packs section")}
+                     "pack_32_x_one": (9.5, False, "packs section"),
+                     "study_s": (None, None, None), "study_best_tcvae_mig": (None, None, None),
+                     "study_tcvae_above": (None, None, None)}
+    # A study run at full length is measured; one stopped short only projects its time (its MIG is not the paper's).
+    table = study_table([{"variant": v, "beta": b, "seed": seed, "mig_chen": m + 0.01 * seed, "elbo": -90.0 - seed}
+                         for v, b, m in (("beta_vae", 1.0, 0.1), ("beta_vae", 4.0, 0.2), ("beta_tcvae", 1.0, 0.12),
+                                         ("beta_tcvae", 4.0, 0.38)) for seed in (0, 1, 2)])
+    assert table[0] == {"variant": "beta_tcvae", "beta": 1.0, "seeds": 3, "mig_chen_mean": pytest.approx(0.13),
+                        "mig_chen_sd": pytest.approx(0.01), "mig_chen_min": 0.12, "mig_chen_max": pytest.approx(0.14),
+                        "elbo_mean": -91.0, "elbo_sd": 1.0, "elbo_min": -92.0, "elbo_max": -90.0}
+    findings = study_findings(table)
+    assert findings == {"best_tcvae_mig": pytest.approx(0.39), "tcvae_above_at_every_beta_2_up": True,
+                        "compared_betas": [4.0]}
+    full = {"status": "ran", "stopped_short": False, "wall_s": 3000.0, **findings}
+    goals = {g["goal"]: (g["measured"], g["met"]) for g in goal_rows({"study": full})}
+    assert (goals["study_s"], goals["study_best_tcvae_mig"], goals["study_tcvae_above"]) == (
+        (3000.0, True), (pytest.approx(0.39), True), (1.0, True))
+    short = {**full, "stopped_short": True, "steps": 500, "projected_full_s": 4000.0}
+    goals = {g["goal"]: (g["measured"], g["met"], g["from"]) for g in goal_rows({"study": short})}
+    assert goals["study_s"] == (4000.0, False, "projected from 500 steps")
+    assert goals["study_best_tcvae_mig"] == (None, None, None)
 
 
 def test_junit_rows_carry_the_status_and_the_skip_reason(tmp_path):

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Variant = Literal["ae", "dae", "vae", "beta_vae", "beta_tcvae"]
-Architecture = Literal["mlp", "conv28", "conv64"]
+# chen2018_mlp: Chen et al. 2018's dSprites MLP (encoder 1200-1200 ReLU, decoder 1200-1200-1200 tanh).
+Architecture = Literal["mlp", "chen2018_mlp", "conv28", "conv64"]
 # torch.compile's modes: 'reduce-overhead' replays CUDA graphs (fewer kernel launches, for small models);
 # 'max-autotune*' also benchmarks kernel choices while compiling (minutes up front).
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
@@ -161,3 +162,17 @@ class EvalConfig(StrictModel):
     probe_finetune_epochs: int = Field(0, ge=0, description="labelled data: also fine-tune a copy of the encoder "
                                        "with a linear head for this many epochs over num_train rows (0: off)")
     probe_finetune_lr: float = Field(1.0e-3, gt=0.0)
+    factors: list[str] | None = Field(
+        None, min_length=1, description="the ground-truth factors the disentanglement scores use, by name (default: "
+        "all; eval/mig_chen: on dSprites, Chen et al.'s four, shape left out); checked against the data's factors")
+    mig_chen_rows: int | None = Field(
+        10_000, ge=2, description="eval/mig_chen: rows whose posteriors form its mixtures; null: every row of the data "
+        "set, as Chen et al. (on dSprites 737,280: seconds on a GPU, many minutes on a CPU); N: a random N rows")
+    mig_chen_samples: int = Field(10_000, ge=1, description="eval/mig_chen: samples per entropy (Chen et al.'s 10,000)")
+
+    @field_validator("factors")
+    @classmethod
+    def _distinct_factors(cls, v):
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"each factor once: {v} names one twice")
+        return v

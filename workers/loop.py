@@ -368,6 +368,9 @@ def train(
     ctx = ctx or RunContext()
     device = ctx.device
     cfg = train_config
+    if eval_config.factors is not None:  # a misnamed factor fails now, not after the last step
+        from workers.metrics import check_scored_factors
+        check_scored_factors(eval_config, full_data if full_data is not None else val_data)
     seed_everything(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     dataset_size = dataset_size or len(train_data) * ctx.world_size
 

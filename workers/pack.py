@@ -234,6 +234,9 @@ def train_pack(members: list[PackMember], train_config: TrainConfig, eval_config
     ``<run_dir>/member_<k>/pictures``."""
     ctx = ctx or RunContext()
     device, cfg, k_models = ctx.device, train_config, len(members)
+    if eval_config.factors is not None:  # a misnamed factor fails now, not after the last step
+        from workers.metrics import check_scored_factors
+        check_scored_factors(eval_config, full_data if full_data is not None else val_data)
     dataset_size = dataset_size or len(train_data) * ctx.world_size
     models = []
     for member in members:

@@ -110,6 +110,36 @@ def test_sweep_over_variants_compares_beta_vae_and_beta_tcvae():
     assert variants == {"beta_vae", "beta_tcvae"}
 
 
+def test_a_variants_own_settings_apply_to_that_variants_trials_of_a_variant_sweep():
+    spec = parse_spec("name: s\nkind: sweep\nmodel: {variant: beta_tcvae, tc_estimator: mws}\n"
+                      "sweep: {variant: [beta_vae, beta_tcvae], beta: [2]}\n")
+    models = {m.variant: m for m in (spec.with_trial(t).model for t in spec.trial_configs())}
+    assert (models["beta_tcvae"].tc_estimator, models["beta_vae"].tc_estimator) == ("mws", None)
+    errs = errors_of("name: s\nkind: sweep\nmodel: {variant: beta_tcvae, tc_estimator: mws}\n"
+                     "sweep: {variant: [beta_vae, vae]}\n")
+    assert "no beta_tcvae trial" in errs["model.tc_estimator"]
+
+
+def test_eval_factors_are_checked_against_the_data_before_anything_runs(tmp_path):
+    import numpy as np
+
+    from jobs.spec import check_data
+
+    check_data(parse_spec("name: f\neval: {factors: [scale, pos_x]}\n"))
+    with pytest.raises(SpecError) as info:
+        check_data(parse_spec("name: f\neval: {factors: [scale, colour]}\n"))
+    assert {e["loc"]: e["msg"] for e in info.value.errors} == {
+        "eval.factors": "'colour': not a factor of builtin:dsprites (factors: shape, scale, orientation, pos_x, pos_y)"}
+    plain = tmp_path / "plain.npz"
+    np.savez(plain, images=np.zeros((8, 8, 8), dtype=np.uint8))
+    with pytest.raises(SpecError) as info:
+        check_data(parse_spec(f"name: f\nmodel: {{architecture: mlp}}\ndata: {{source: {plain}}}\n"
+                              f"train: {{batch_size: 2}}\neval: {{factors: [x]}}\n"))
+    assert "no ground-truth factors" in {e["loc"]: e["msg"] for e in info.value.errors}["eval.factors"]
+    assert "names one twice" in errors_of("name: f\neval: {factors: [scale, scale]}\n")["eval.factors"]
+    assert "greater than or equal to 2" in errors_of("name: f\neval: {mig_chen_rows: 1}\n")["eval.mig_chen_rows"]
+
+
 def test_register_section_uses_the_register_key():
     spec = parse_spec("name: r\nregister: {model_name: my-model, alias: best}\n")
     assert spec.registration.model_name == "my-model"

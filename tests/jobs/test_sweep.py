@@ -33,7 +33,8 @@ from workers.plots.sweep import _curves, sweep_summary_pictures
 ROOT = Path(__file__).resolve().parents[2]
 GRID = {(1.0, 2), (1.0, 3), (4.0, 2), (4.0, 3)}
 # The summary of a sweep ranked by eval/mig: MIG is drawn once (no metric_vs_beta repeating mig_vs_beta).
-PICTURES = {"mig_vs_beta.png", "recon_vs_beta.png", "mig_heatmap.png", "recon_vs_mig.png", "traversals.png"}
+PICTURES = {"mig_vs_beta.png", "recon_vs_beta.png", "mig_heatmap.png", "recon_vs_mig.png", "traversals.png",
+            "mig_chen_vs_beta.png", "mig_vs_elbo.png"}
 runner = CliRunner()
 
 
@@ -322,14 +323,59 @@ def test_a_packed_sweep_trains_its_trials_in_packs_each_a_first_class_result(swe
 
 
 @pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_chen2018_study_spec_runs_tiny_and_draws_the_papers_two_pictures(sweep_env, tmp_path):
+    """jobs/examples/study_chen2018_short.yaml as it is, cut to toy sizes with `--set`-style settings: beta-VAE and
+    beta-TCVAE x 2 betas x 2 seeds in packs on Chen et al.'s MLP, ranked by eval/mig_chen; the parent run and
+    `aeforge sweep results --pictures` carry MIG against beta (spread over seeds) and MIG against the ELBO."""
+    from jobs.spec import load_spec
+    from jobs.sweep import run_sweep
+    from services import cli
+
+    name = f"study-tiny-{uuid.uuid4().hex[:6]}"
+    spec = load_spec(ROOT / "jobs" / "examples" / "study_chen2018_short.yaml", [
+        f"name={name}", "data.limit=2048", "train.steps=4", "train.batch_size=32", "train.log_every=2",
+        "train.checkpoint_every=4", "eval.iwae_samples=2", "eval.max_examples=64", "eval.num_train=64",
+        "eval.num_test=32", "eval.mig_chen_rows=256", "eval.mig_chen_samples=256", "eval.pictures=false",
+        "sweep.beta=[1, 4]", "sweep.seed=[0, 1]", "resources.cpus_per_worker=0.45"])
+    assert (spec.model.architecture, spec.sweep.metric.name, spec.num_trials()) == ("chen2018_mlp", "eval/mig_chen", 8)
+    job_id = f"{name}-job"
+    t0 = time.perf_counter()
+    outcome = run_sweep(spec, job_id)
+    print(f"\ntiny Chen et al. study (8 models): {time.perf_counter() - t0:.1f} s")
+
+    rows = outcome["trials"]
+    assert len(rows) == 8 and all(r["status"] == "finished" for r in rows), rows
+    assert {(r["variant"], r["beta"], r["seed"]) for r in rows} == {
+        (v, b, s) for v in ("beta_vae", "beta_tcvae") for b in (1.0, 4.0) for s in (0, 1)}
+    assert all(isinstance(r["eval/mig_chen"], float) and 0.0 <= r["eval/mig_chen"] <= 1.0 for r in rows)
+    assert outcome["best"]["eval/mig_chen"] == max(r["eval/mig_chen"] for r in rows)
+
+    client = mlflow.MlflowClient(sweep_env["tracking_uri"])
+    parent, children = parent_and_children(client, job_id)
+    assert len(children) == 8
+    artifacts = {f.path for f in client.list_artifacts(parent.info.run_id, "pictures")}
+    assert {"pictures/mig_chen_vs_beta.png", "pictures/mig_chen_vs_elbo.png"} <= artifacts
+
+    result = runner.invoke(cli.app, ["sweep", "results", job_id, "--pictures", str(tmp_path / "pics")])
+    assert result.exit_code == 0, result.output
+    assert "ranked by eval/mig_chen (max)" in result.output
+    assert {"mig_chen_vs_beta.png", "mig_chen_vs_elbo.png"} <= {p.name for p in (tmp_path / "pics").iterdir()}
+
+
+@pytest.mark.ray
 @pytest.mark.timeout(120)
 def test_sweep_results_cli_prints_the_table(finished_sweep, sweep_env, tmp_path, monkeypatch):
     from services import cli
 
     spec, job_id, outcome, _ = finished_sweep
     out_csv = tmp_path / "table.csv"
-    result = runner.invoke(cli.app, ["sweep", "results", job_id, "--csv", str(out_csv)])
+    result = runner.invoke(cli.app, ["sweep", "results", job_id, "--csv", str(out_csv), "--pictures",
+                                     str(tmp_path / "pics")])
     assert result.exit_code == 0, result.output
+    # The summary pictures drawn again from MLflow's rows (all but the traversals, which live on storage).
+    assert {p.name for p in (tmp_path / "pics").iterdir()} == PICTURES - {"traversals.png"}
+    assert f"wrote {tmp_path / 'pics' / 'mig_vs_elbo.png'}" in result.output
     assert "ranked by eval/mig (max)" in result.output
     lines = [line for line in result.output.splitlines() if line.startswith("│") and f"{spec.name}-t0" in line]
     assert len(lines) == 4, result.output
@@ -629,12 +675,14 @@ def test_summary_pictures_draw_one_curve_per_latent_size(tmp_path):
     rows.append({"beta": 2.0, "latent_dim": 2, "status": "error", "run_name": "broken"})
     curves = _curves(rows, "eval/elbo")
     assert set(curves) == {"z=2", "z=3"} and [b for b, _ in curves["z=2"]] == [1.0, 4.0, 16.0]
+    assert curves["z=2"][0] == (1.0, [-3.0])  # each beta's values, one per seed
 
     tile = tmp_path / "tile.png"
     Image.new("L", (40, 90), 128).save(tile)
     made = sweep_summary_pictures(rows, "eval/elbo", tmp_path / "pics", traversal_for=lambda row: tile)
     assert {p.name for p in made.values()} == {"elbo_vs_beta.png", "recon_vs_beta.png", "mig_vs_beta.png",
-                                               "elbo_heatmap.png", "recon_vs_mig.png", "traversals.png"}
+                                               "elbo_heatmap.png", "recon_vs_mig.png", "traversals.png",
+                                               "mig_vs_elbo.png"}
     # Without factors there is no MIG picture; trials without a traversal are left out of the grid.
     for row in rows:
         row.pop("eval/mig", None)
@@ -705,3 +753,27 @@ def test_validate_says_which_trials_go_together_in_packs(tmp_path):
     path.write_text(yaml.safe_dump(spec))
     result = runner.invoke(app, ["validate", str(path), "--no-data"])
     assert result.exit_code == 0 and "(2 groups: t00, t01, t04, t05; t02, t03, t06, t07)" in result.output
+
+
+def test_the_papers_two_pictures_mig_against_beta_with_the_seeds_spread_and_mig_against_the_elbo(tmp_path):
+    """Chen et al. 2018's study pictures from a results table of 2 variants x 3 betas x 3 seeds ranked by
+    eval/mig_chen: the spread over seeds shows as a band and dots, and every model is a point against its ELBO."""
+    from PIL import Image
+
+    rows = []
+    for variant, lift in (("beta_vae", 0.0), ("beta_tcvae", 0.1)):
+        for beta in (1.0, 4.0, 8.0):
+            for seed in (0, 1, 2):
+                rows.append({"variant": variant, "beta": beta, "seed": seed, "status": "finished",
+                             "run_name": f"{variant}-{beta}-{seed}", "eval/elbo": -80 - 2 * beta - seed,
+                             "eval/recon": 70 + beta, "eval/mig": 0.1, "eval/mig_chen": 0.05 * seed + lift + beta / 80})
+    curves = _curves(rows, "eval/mig_chen")
+    assert set(curves) == {"beta_vae", "beta_tcvae"} and len(curves["beta_tcvae"][1][1]) == 3
+    made = sweep_summary_pictures(rows, "eval/mig_chen", tmp_path / "pics", mode="max")
+    assert {"mig_chen_vs_beta", "mig_chen_vs_elbo", "mig_chen_heatmap", "recon_vs_beta"} <= set(made)
+    assert "traversals" not in made  # no traversal source given
+    for name in ("mig_chen_vs_beta", "mig_chen_vs_elbo"):
+        with Image.open(made[name]) as image:
+            assert image.size[0] >= 600 and image.size[1] >= 400
+            # Both pictures are drawn in colour (the variants' and the band's), not left blank.
+            assert len(image.convert("RGB").getcolors(maxcolors=1 << 16) or []) > 50

@@ -21,7 +21,8 @@ from workers.data.npz import read_npz, read_npz_header
 from workers.data.shapes3d import read_shapes3d, read_shapes3d_header
 
 __all__ = [
-    "BUILTINS", "DataError", "ImageDataset", "builtin_names", "check_source", "infer_format", "open_dataset",
+    "BUILTINS", "DataError", "ImageDataset", "builtin_names", "check_source", "infer_format", "known_factor_names",
+    "open_dataset",
     "PreparedData", "prepare", "read_local", "shard", "take_first", "train_val_split",
 ]
 
@@ -34,6 +35,8 @@ BUILTINS: dict[str, Callable[..., ImageDataset]] = {"dsprites": dsprites.load_ds
 _BUILTIN_HEADERS: dict[str, tuple[int, tuple[int, int, int], bool]] = {
     "dsprites": (dsprites.NUM_IMAGES, (1, dsprites.FRAME, dsprites.FRAME), True),
 }
+
+_BUILTIN_FACTOR_NAMES: dict[str, tuple[str, ...]] = {"dsprites": dsprites.FACTOR_NAMES}
 
 Resolver = Callable[[str], "str | Path"]
 
@@ -128,6 +131,14 @@ def open_dataset(config: DataConfig, resolve: Resolver | None = None) -> ImageDa
         return BUILTINS[_builtin(config)](limit=config.limit)
     path = _local_path(config, resolve)
     return take_first(read_local(path, config, name=_display_name(config.source)), config.limit)
+
+
+def known_factor_names(config: DataConfig) -> tuple[str, ...] | None:
+    """The factor names of a builtin data set, known without opening it; None for files (their reader names their
+    factors, and the training loop checks ``eval.factors`` against them before its first step)."""
+    if config.source.startswith(BUILTIN_PREFIX):
+        return _BUILTIN_FACTOR_NAMES.get(_builtin(config))
+    return None
 
 
 def check_source(config: DataConfig, resolve: Resolver | None = None) -> tuple[int, tuple[int, int, int], bool]:

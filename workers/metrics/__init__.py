@@ -11,7 +11,10 @@ What :func:`evaluate` reports (keys prefixed ``eval/``), and on which examples:
 - data with ground-truth factors and ``disentanglement`` on, drawn from ``full`` (the whole ground-truth data set)
   when given, else from the validation set: ``mig`` (disentanglement_lib's: means, 20 bins, all factors),
   ``sap``, ``dci_*`` on one shared draw of ``num_train`` + ``num_test`` codes; ``factor_vae`` and ``beta_vae``
-  on their own votes (sizes below); ``mig_exact`` (Chen et al.'s, VAE family) on ``max_examples`` rows.
+  on their own votes (sizes below); ``mig_exact`` (Chen et al.'s estimator, VAE family) on ``max_examples`` rows;
+  ``mig_chen`` (Chen et al.'s published convention, VAE family: see mig.py) on ``mig_chen_rows`` rows (null: all)
+  with ``mig_chen_samples`` samples per entropy. ``factors`` (default: all) names the factors every score uses;
+  left unset, ``mig_chen`` scores Chen et al.'s choice (dSprites without shape).
 
 Sizes: disentanglement_lib votes with batches of 64 images, 10,000 training and 5,000 evaluation votes per
 score. Here each score gets ``num_train // VOTES_PER_POINT`` training and ``num_test // VOTES_PER_POINT``
@@ -28,31 +31,27 @@ import zlib
 import torch
 
 from workers.config import EvalConfig
-from workers.data.base import ImageDataset
+from workers.data.base import DataError, ImageDataset
 from workers.metrics.beta_vae_score import beta_vae_score
 from workers.metrics.dci import dci_from_codes
 from workers.metrics.elbo import elbo
 from workers.metrics.factor_vae import factor_vae_score
 from workers.metrics.iwae import iwae_log_likelihood
-from workers.metrics.mig import mig_exact, mig_from_codes
+from workers.metrics.mig import mig_chen, mig_exact, mig_from_codes
 from workers.metrics.probe import fine_tune, linear_probe
-from workers.metrics.sampling import FactorSampler, model_device
+from workers.metrics.sampling import FactorSampler, factor_columns, model_device
 from workers.metrics.sap import sap_from_codes
 from workers.metrics.tc_decomposition import tc_decomposition
 
 VOTE_BATCH = 64  # images per FactorVAE vote, pairs per beta-VAE point (disentanglement_lib's batch_size)
 VOTES_PER_POINT = 10  # FactorVAE votes / beta-VAE points = num_train // 10 and num_test // 10
 
-__all__ = ["evaluate"]
+__all__ = ["check_scored_factors", "evaluate"]
 
 
 def _generator(seed: int, stream: str) -> torch.Generator:
     # One random stream per metric: resizing or dropping one metric leaves the others' samples unchanged.
     return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(stream.encode())) % 2**63)
-
-
-def _varying_factor_count(dataset: ImageDataset) -> int:
-    return sum(1 for size in dataset.factor_sizes if size > 1)
 
 
 def evaluate(
@@ -95,6 +94,20 @@ def evaluate(
     return {f"eval/{name}": float(value) for name, value in out.items()}
 
 
+def check_scored_factors(config: EvalConfig, dataset: ImageDataset | None) -> None:
+    """DataError naming ``eval.factors`` unless every factor it names is one of the data's: checked before training
+    starts, so a typo does not surface only at the end of a long run."""
+    if config.factors is None or not config.disentanglement:
+        return
+    if dataset is None or not dataset.has_factors:
+        name = "the data" if dataset is None else f"data set '{dataset.name}'"
+        raise DataError(f"eval.factors: {name} has no ground-truth factors to score")
+    try:
+        factor_columns(dataset, config.factors)
+    except ValueError as exc:
+        raise DataError(f"eval.{exc}") from None
+
+
 def _has_classes(dataset: ImageDataset) -> bool:
     return dataset.labels is not None and len(dataset) > 0 and int(dataset.labels.unique().numel()) >= 2
 
@@ -120,21 +133,29 @@ def _disentanglement(model, truth: ImageDataset, config: EvalConfig, batch_size:
     train_codes, train_factors, test_codes, test_factors = sampler.train_test_codes(
         representation, config.num_train, config.num_test, batch_size)
 
+    columns = None if config.factors is None else factor_columns(truth, config.factors)
+    if columns is not None:
+        train_factors, test_factors = train_factors[:, columns], test_factors[:, columns]
     out["mig"] = mig_from_codes(train_codes, train_factors)
     out["sap"] = sap_from_codes(train_codes, train_factors, test_codes, test_factors)
     dci = dci_from_codes(train_codes, train_factors, test_codes, test_factors, seed=seed)
     out.update({f"dci_{k}": v for k, v in dci.items()})
 
-    if _varying_factor_count(truth) >= 2:
+    scored = [k for k, size in enumerate(truth.factor_sizes) if size > 1 and (columns is None or k in columns)]
+    if len(scored) >= 2:
         votes_train = max(2, config.num_train // VOTES_PER_POINT)
         votes_test = max(1, config.num_test // VOTES_PER_POINT)
         out["factor_vae"] = factor_vae_score(
             representation, truth, votes_train, votes_test, config.num_train, VOTE_BATCH, batch_size,
-            _generator(seed, "factor_vae"),
+            _generator(seed, "factor_vae"), factors=config.factors,
         )["eval_accuracy"]
         out["beta_vae"] = beta_vae_score(
             representation, truth, votes_train, votes_test, VOTE_BATCH, batch_size, _generator(seed, "beta_vae"),
+            factors=config.factors,
         )["eval_accuracy"]
     if model.stochastic:
-        out["mig_exact"] = mig_exact(model, truth, config.max_examples, batch_size, _generator(seed, "mig_exact"))
+        out["mig_exact"] = mig_exact(model, truth, config.max_examples, batch_size, _generator(seed, "mig_exact"),
+                                     factors=config.factors)
+        out["mig_chen"] = mig_chen(model, truth, config.factors, config.mig_chen_rows, config.mig_chen_samples,
+                                   batch_size, _generator(seed, "mig_chen"))
     return out

@@ -9,6 +9,7 @@ factors).
 from __future__ import annotations
 
 import warnings
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ from sklearn.linear_model import LogisticRegression
 
 from workers.data.base import ImageDataset
 from workers.metrics.factor_vae import varying_factors
-from workers.metrics.sampling import FactorSampler, Representation
+from workers.metrics.sampling import FactorSampler, Representation, factor_columns
 
 
 def _points(sampler, representation, factor_ids, num_points, pair_batch_size, batch_size):
@@ -39,12 +40,15 @@ def beta_vae_score(
     pair_batch_size: int = 64,
     batch_size: int = 256,
     generator: torch.Generator | None = None,
+    factors: Sequence[str | int] | None = None,
 ) -> dict[str, float]:
-    """``train_accuracy`` and ``eval_accuracy`` (the score) from ``num_train`` and ``num_eval`` points."""
+    """``train_accuracy`` and ``eval_accuracy`` (the score) from ``num_train`` and ``num_eval`` points; a point
+    holds one of the scored ``factors`` (default: all) fixed."""
     if pair_batch_size < 1:
         raise ValueError(f"pair_batch_size must be at least 1, not {pair_batch_size}")
     sampler = FactorSampler(dataset, generator, "the beta-VAE score")
-    factor_ids = varying_factors(sampler, "beta-VAE score")
+    factor_ids = varying_factors(sampler, "beta-VAE score",
+                                 None if factors is None else factor_columns(dataset, factors))
     train_x, train_y = _points(sampler, representation, factor_ids, num_train, pair_batch_size, batch_size)
     eval_x, eval_y = _points(sampler, representation, factor_ids, num_eval, pair_batch_size, batch_size)
     if np.unique(train_y).size < 2:

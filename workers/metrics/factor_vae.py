@@ -9,19 +9,24 @@ the score is its accuracy on held-out votes (chance: 1 / number of factors).
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from workers.data.base import ImageDataset
-from workers.metrics.sampling import FactorSampler, Representation
+from workers.metrics.sampling import FactorSampler, Representation, factor_columns
 
 
-def varying_factors(sampler: FactorSampler, what: str) -> torch.Tensor:
-    """Indices of the factors with more than one value; at least two are needed to tell factors apart."""
-    varying = torch.tensor([k for k, size in enumerate(sampler.factor_sizes) if size > 1], dtype=torch.long)
+def varying_factors(sampler: FactorSampler, what: str, columns: Sequence[int] | None = None) -> torch.Tensor:
+    """Indices of the factors with more than one value (among ``columns``, the scored factors, when given); at
+    least two are needed to tell factors apart."""
+    varying = torch.tensor([k for k, size in enumerate(sampler.factor_sizes)
+                            if size > 1 and (columns is None or k in columns)], dtype=torch.long)
     if len(varying) < 2:
+        scored = "" if columns is None else f" among the scored factors {list(columns)}"
         raise ValueError(
-            f"the {what} needs at least 2 factors with more than one value; data set '{sampler.dataset.name}' "
-            f"has factor sizes {list(sampler.factor_sizes)}"
+            f"the {what} needs at least 2 factors with more than one value{scored}; data set "
+            f"'{sampler.dataset.name}' has factor sizes {list(sampler.factor_sizes)}"
         )
     return varying
 
@@ -59,14 +64,16 @@ def factor_vae_score(
     batch_size: int = 256,
     generator: torch.Generator | None = None,
     prune_threshold: float = 0.05,
+    factors: Sequence[str | int] | None = None,
 ) -> dict[str, float]:
     """``train_accuracy``, ``eval_accuracy`` (the score) and ``num_active_dims``, from ``num_train`` and
     ``num_eval`` votes of ``vote_batch_size`` images each; the data's code scale from ``num_variance_estimate``
-    draws."""
+    draws. Votes hold one of the scored ``factors`` (default: all) fixed; the others vary as the data draws them."""
     if vote_batch_size < 2 or num_variance_estimate < 2:
         raise ValueError("the FactorVAE score needs vote_batch_size and num_variance_estimate of at least 2")
     sampler = FactorSampler(dataset, generator, "the FactorVAE score")
-    factor_ids = varying_factors(sampler, "FactorVAE score")
+    factor_ids = varying_factors(sampler, "FactorVAE score",
+                                 None if factors is None else factor_columns(dataset, factors))
     global_codes = sampler.codes(sampler.sample(num_variance_estimate), representation, batch_size)
     scale = global_codes.std(dim=0)
     active = scale >= prune_threshold

@@ -1,9 +1,12 @@
-"""Encoder and decoder networks: ``mlp`` (any image size), ``conv28`` (28 or 32 px), ``conv64`` (64 px).
+"""Encoder and decoder networks: ``mlp`` (any image size), ``chen2018_mlp`` (any size), ``conv28`` (28 or 32 px),
+``conv64`` (64 px).
 
 ``conv64`` is the encoder/decoder of Burgess et al. 2018 as disentanglement_lib builds it: four 4x4 stride-2
 convolutions with 32, 32, 64, 64 channels, a 256-unit fully connected layer, and the mirror image for the
 decoder. ``conv28`` is the same idea with two convolutions (32, 64), for MNIST-sized images. Decoders output
-logits; the variant decides the likelihood.
+logits; the variant decides the likelihood. ``chen2018_mlp`` is Chen et al. 2018's dSprites network
+(``vae_quant.py``'s MLPEncoder/MLPDecoder): encoder pixels-1200-1200-out with ReLU, decoder z-1200-1200-1200-pixels
+with tanh; ``hidden_dims`` does not apply to it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ CONV64_CHANNELS = (32, 32, 64, 64)
 CONV28_CHANNELS = (32, 64)
 FC_UNITS = 256
 CONV28_SIZES = (28, 32)
+CHEN2018_UNITS = 1200
+ARCHITECTURES = ("mlp", "chen2018_mlp", "conv28", "conv64")
 
 
 def check_fits(architecture: str, image_shape: tuple[int, ...]) -> None:
@@ -26,7 +31,7 @@ def check_fits(architecture: str, image_shape: tuple[int, ...]) -> None:
         raise ValueError(f"images must be (channels, height, width), not {tuple(image_shape)}")
     c, h, w = image_shape
     size = f"{c}x{h}x{w}"
-    if architecture == "mlp":
+    if architecture in ("mlp", "chen2018_mlp"):
         return
     if architecture == "conv64":
         if (h, w) != (64, 64):
@@ -38,15 +43,15 @@ def check_fits(architecture: str, image_shape: tuple[int, ...]) -> None:
             raise ValueError(f"architecture 'conv28' takes 28x28 or 32x32 images, and the data's are {size}; "
                              f"use 'mlp' (any size) or 'conv64' (64 px), or resize the images")
         return
-    raise ValueError(f"unknown architecture '{architecture}'; known: mlp, conv28, conv64")
+    raise ValueError(f"unknown architecture '{architecture}'; known: {', '.join(ARCHITECTURES)}")
 
 
-def _mlp(sizes: list[int]) -> list[nn.Module]:
+def _mlp(sizes: list[int], activation: type[nn.Module] = nn.ReLU) -> list[nn.Module]:
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
+            layers.append(activation())
     return layers
 
 
@@ -85,6 +90,9 @@ def build_encoder(config: ModelConfig, image_shape: tuple[int, int, int], out_di
     c, h, _ = image_shape
     if config.architecture == "mlp":
         return nn.Sequential(nn.Flatten(), *_mlp([math.prod(image_shape), *config.hidden_dims, out_dim]))
+    if config.architecture == "chen2018_mlp":
+        units = [CHEN2018_UNITS] * 2
+        return nn.Sequential(nn.Flatten(), *_mlp([math.prod(image_shape), *units, out_dim]))
     channels = CONV64_CHANNELS if config.architecture == "conv64" else CONV28_CHANNELS
     return _conv_encoder(c, channels, h, out_dim)
 
@@ -96,5 +104,8 @@ def build_decoder(config: ModelConfig, image_shape: tuple[int, int, int], latent
     if config.architecture == "mlp":
         sizes = [latent_dim, *reversed(config.hidden_dims), math.prod(image_shape)]
         return nn.Sequential(*_mlp(sizes), nn.Unflatten(1, tuple(image_shape)))
+    if config.architecture == "chen2018_mlp":
+        sizes = [latent_dim, *[CHEN2018_UNITS] * 3, math.prod(image_shape)]
+        return nn.Sequential(*_mlp(sizes, nn.Tanh), nn.Unflatten(1, tuple(image_shape)))
     channels = CONV64_CHANNELS if config.architecture == "conv64" else CONV28_CHANNELS
     return _conv_decoder(latent_dim, channels, h, c)

@@ -2,9 +2,13 @@
 
 One picture per distinct quantity, named after it (``eval/mig`` -> ``mig``):
 
-- ``<quantity>_vs_beta.png``: the quantity against beta, one curve per (variant, latent size), mean over seeds,
-  for the ranking metric, the reconstruction error ``eval/recon`` and, when the data has factors, ``eval/mig``
-  (a ranking metric that is one of these is drawn once, not twice);
+- ``<quantity>_vs_beta.png``: the quantity against beta, one curve per (variant, latent size), mean over seeds
+  with a band from the lowest to the highest seed and each seed a dot, for the ranking metric, the
+  reconstruction error ``eval/recon`` and, when the data has factors, ``eval/mig`` and ``eval/mig_chen`` (a
+  ranking metric that is one of these is drawn once, not twice): with ``eval/mig_chen``, Chen et al. 2018's
+  Figure "MIG against beta" for beta-VAE and beta-TCVAE;
+- ``<mig>_vs_elbo.png``: MIG (the ranking metric when it is a MIG, else ``eval/mig_chen``, else ``eval/mig``)
+  against the ELBO, one point per model coloured by variant: Chen et al.'s "MIG against ELBO" picture;
 - ``<metric>_heatmap.png``: the ranking metric over beta x latent size, one annotated cell per pair (mean over
   seeds), a colour bar, the best cell framed; one panel per variant;
 - ``recon_vs_mig.png``: reconstruction error against MIG, one labelled point per trial: the trade-off between
@@ -32,10 +36,13 @@ from workers.plots import MARGIN, TITLE_FONT_SIZE, _font, _line_height  # noqa: 
 
 RECON = "eval/recon"
 MIG = "eval/mig"
+MIG_CHEN = "eval/mig_chen"
+ELBO = "eval/elbo"
 # What the quantities are, for axis labels.
 MEANINGS = {
     RECON: "reconstruction error (lower is better)",
     MIG: "MIG (higher is more disentangled)",
+    MIG_CHEN: "MIG, Chen et al.'s convention",
     "eval/elbo": "ELBO (higher is better)",
     "eval/sap": "SAP score",
     "eval/iwae_ll": "IWAE log-likelihood",
@@ -64,21 +71,21 @@ def _finished_with(rows: list[dict[str, Any]], *quantities: str) -> list[dict[st
     return [r for r in rows if r.get("status") == "finished" and all(numeric(r.get(q)) for q in quantities)]
 
 
-def _curves(rows: list[dict[str, Any]], y: str) -> dict[str, list[tuple[float, float]]]:
-    """{curve label: [(beta, mean y)]} over finished trials that report y; one curve per (variant, latent_dim)."""
+def _curves(rows: list[dict[str, Any]], y: str) -> dict[str, list[tuple[float, list[float]]]]:
+    """{curve label: [(beta, [y of each seed])]} over finished trials that report y; one curve per (variant,
+    latent_dim)."""
     groups: dict[tuple, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     for row in _finished_with(rows, y):
         label = tuple(x for x in (row.get("variant"), f"z={row['latent_dim']}" if row.get("latent_dim") else None) if x)
         groups[label][_beta(row)].append(float(row[y]))
-    return {
-        " ".join(label) or "all trials": sorted((b, sum(v) / len(v)) for b, v in points.items())
-        for label, points in sorted(groups.items())
-    }
+    return {" ".join(label) or "all trials": sorted(points.items()) for label, points in sorted(groups.items())}
 
 
 def _log_beta_axis(ax, betas: list[float]) -> None:
     if betas and min(betas) > 0 and max(betas) / min(betas) >= 8:
         ax.set_xscale("log", base=2)
+        ax.set_xticks(betas, [f"{b:g}" for b in betas])  # the swept values, not powers of two
+        ax.minorticks_off()
 
 
 def _save(fig, path: Path) -> Path:
@@ -89,20 +96,54 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_against_beta(rows: list[dict[str, Any]], y: str, path: Path, title: str) -> Path | None:
-    """``y`` against beta, one curve per (variant, latent size), mean over seeds; None when no trial reports y."""
+    """``y`` against beta, one curve per (variant, latent size): the mean over seeds, a band from the lowest to the
+    highest seed and each seed a dot where there are several; None when no trial reports y."""
     curves = _curves(rows, y)
     if not curves:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=100)
+    several_seeds = False
     for label, points in curves.items():
-        xs, ys = zip(*points)
-        ax.plot(xs, ys, marker="o", label=label)
+        xs = [b for b, _ in points]
+        line, = ax.plot(xs, [float(np.mean(v)) for _, v in points], marker="o", label=label)
+        if any(len(v) > 1 for _, v in points):
+            several_seeds = True
+            ax.fill_between(xs, [min(v) for _, v in points], [max(v) for _, v in points], color=line.get_color(),
+                            alpha=0.15, linewidth=0)
+            seeds = [(b, value) for b, v in points for value in v]
+            ax.scatter([b for b, _ in seeds], [value for _, value in seeds], s=9, color=line.get_color(), alpha=0.6)
     _log_beta_axis(ax, sorted({b for pts in curves.values() for b, _ in pts}))
     ax.set_xlabel("beta")
     ax.set_ylabel(_label(y), fontsize=9)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title + (": mean, band from lowest to highest seed, dots the seeds" if several_seeds else ""),
+                 fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, title="variant, latent size", title_fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def mig_against_elbo(rows: list[dict[str, Any]], mig: str, path: Path) -> Path | None:
+    """``mig`` against the ELBO, one point per finished model, coloured by variant and labelled with its beta: the
+    reconstruction cost of disentanglement (Chen et al. 2018). None when no trial reports both."""
+    trials = _finished_with(rows, ELBO, mig)
+    if not trials:
+        return None
+    fig, ax = plt.subplots(figsize=(6.8, 4.8), dpi=100)
+    variants = sorted({str(r.get("variant") or "") for r in trials})
+    for colour, variant in zip(plt.get_cmap("tab10").colors, variants):
+        mine = [r for r in trials if str(r.get("variant") or "") == variant]
+        ax.scatter([r[ELBO] for r in mine], [r[mig] for r in mine], s=30, color=colour, edgecolors="black",
+                   linewidths=0.4, label=variant or "all trials", zorder=3)
+        for r in mine:
+            ax.annotate(f"b={_beta(r):g}", (r[ELBO], r[mig]), textcoords="offset points", xytext=(4, 2), fontsize=6,
+                        color=colour)
+    ax.set_xlabel(_label(ELBO), fontsize=9)
+    ax.set_ylabel(_label(mig), fontsize=9)
+    ax.set_title(f"{mig} against the ELBO, one point per model ({len(trials)})", fontsize=10)
+    ax.legend(fontsize=8, title="variant", title_fontsize=8)
+    ax.margins(x=0.12, y=0.08)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -234,19 +275,24 @@ def traversal_grid(rows: list[dict[str, Any]], traversal_for: Callable[[dict], P
 
 
 def sweep_summary_pictures(rows: list[dict[str, Any]], metric: str, out_dir: Path,
-                           traversal_for: Callable[[dict], Path | None], mode: str | None = None) -> dict[str, Path]:
+                           traversal_for: Callable[[dict], Path | None] | None = None,
+                           mode: str | None = None) -> dict[str, Path]:
     """Write the summary pictures of a sweep's result ``rows`` into ``out_dir``; returns {name: file}, name =
     file name without ``.png``. ``metric`` is the ranking metric (``mode`` "max" or "min" frames its best cell);
-    ``traversal_for(row)`` fetches a trial's traversal picture (None when it has none)."""
+    ``traversal_for(row)`` fetches a trial's traversal picture (None when it has none; no ``traversal_for``, no
+    traversals picture)."""
     out_dir = Path(out_dir)
     made: dict[str, Path | None] = {}
-    # One picture per distinct quantity: a ranking metric that is eval/recon or eval/mig is drawn once.
-    for quantity in dict.fromkeys([metric, RECON, MIG]):
+    # One picture per distinct quantity: a ranking metric that is eval/recon or a MIG is drawn once.
+    for quantity in dict.fromkeys([metric, RECON, MIG, MIG_CHEN]):
         name = f"{short_name(quantity)}_vs_beta"
-        made[name] = plot_against_beta(rows, quantity, out_dir / f"{name}.png",
-                                        f"{quantity} against beta (mean over seeds)")
+        made[name] = plot_against_beta(rows, quantity, out_dir / f"{name}.png", f"{quantity} against beta")
+    mig = metric if metric in (MIG, MIG_CHEN, "eval/mig_exact") else next(
+        (m for m in (MIG_CHEN, MIG) if _finished_with(rows, m)), MIG)
+    made[f"{short_name(mig)}_vs_elbo"] = mig_against_elbo(rows, mig, out_dir / f"{short_name(mig)}_vs_elbo.png")
     heatmap = f"{short_name(metric)}_heatmap"
     made[heatmap] = metric_heatmap(rows, metric, out_dir / f"{heatmap}.png", mode)
     made["recon_vs_mig"] = recon_vs_mig(rows, out_dir / "recon_vs_mig.png")
-    made["traversals"] = traversal_grid(rows, traversal_for, out_dir / "traversals.png", metric)
+    if traversal_for is not None:
+        made["traversals"] = traversal_grid(rows, traversal_for, out_dir / "traversals.png", metric)
     return {k: v for k, v in made.items() if v is not None}

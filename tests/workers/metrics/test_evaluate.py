@@ -21,7 +21,7 @@ def test_a_vae_on_ground_truth_data_gets_every_metric_and_keeps_its_mode():
     model = StandInModel(image_shape=(1, 1, 4), latent_dim=3)
     model.train()
     out = evaluate(model, factor_grid(SIZES), SMALL, batch_size=64)
-    assert set(out) == BASIC | VAE_ONLY | FACTOR | {"eval/mig_exact"}
+    assert set(out) == BASIC | VAE_ONLY | FACTOR | {"eval/mig_exact", "eval/mig_chen"}
     assert all(isinstance(v, float) and math.isfinite(v) for v in out.values())
     assert out["eval/iwae_ll"] >= out["eval/elbo"] - 0.5
     assert model.training
@@ -32,7 +32,7 @@ def test_a_vae_on_ground_truth_data_gets_every_metric_and_keeps_its_mode():
 
 def test_an_oracle_code_scores_high_on_every_disentanglement_metric():
     out = evaluate(OracleVAE(4), factor_grid(SIZES, repeats=2), SMALL, batch_size=64)
-    for name in ("eval/mig", "eval/mig_exact", "eval/dci_disentanglement", "eval/dci_completeness"):
+    for name in ("eval/mig", "eval/mig_exact", "eval/mig_chen", "eval/dci_disentanglement", "eval/dci_completeness"):
         assert out[name] > 0.9, name
     assert out["eval/factor_vae"] == 1.0
     assert out["eval/beta_vae"] > 0.9
@@ -51,7 +51,7 @@ def test_factors_come_from_the_full_data_set_when_given():
     model = StandInModel(image_shape=(1, 1, 4))
     assert set(evaluate(model, val_without_factors, SMALL)) == BASIC | VAE_ONLY
     with_full = evaluate(model, val_without_factors, SMALL, full=grid)
-    assert set(with_full) == BASIC | VAE_ONLY | FACTOR | {"eval/mig_exact"}
+    assert set(with_full) == BASIC | VAE_ONLY | FACTOR | {"eval/mig_exact", "eval/mig_chen"}
     off = SMALL.model_copy(update={"disentanglement": False})
     assert set(evaluate(model, val_without_factors, off, full=grid)) == BASIC | VAE_ONLY
 
@@ -88,3 +88,48 @@ def test_labelled_data_gets_the_encoder_as_a_classifier():
     assert torch.is_grad_enabled()  # the caller's grad mode is back
     off = SMALL.model_copy(update={"probe": False})
     assert "eval/probe_linear_accuracy" not in evaluate(OracleVAE(4), val, off, batch_size=64, train=train)
+
+
+def first_factor_only(x):
+    """A code that holds factor f0 and nothing else of the factors."""
+    from tests.workers.metrics.standins import read_factors
+
+    f = read_factors(x)
+    return torch.cat([f[:, :1], torch.zeros(len(f), 2)], 1)
+
+
+class FirstFactorOracle(OracleVAE):
+    def encode(self, x):
+        from workers.models.base import Posterior
+
+        mean = first_factor_only(x)
+        logvar = torch.cat([torch.full((len(x), 1), -6.0), torch.zeros(len(x), 2)], 1)
+        return Posterior(mean=mean, logvar=logvar)
+
+    def representation(self, x):
+        return first_factor_only(x)
+
+
+def test_eval_factors_choose_the_factors_every_score_uses():
+    grid = factor_grid((4, 4), repeats=4)
+    every = evaluate(FirstFactorOracle(2, extra_dims=1), grid, SMALL, batch_size=64)
+    only_f0 = evaluate(FirstFactorOracle(2, extra_dims=1), grid, SMALL.model_copy(update={"factors": ["f0"]}),
+                       batch_size=64)
+    for name in ("eval/mig", "eval/mig_exact", "eval/mig_chen"):
+        assert 0.4 < every[name] < 0.6, name  # f0 found, f1 not: half the factors
+        assert only_f0[name] > 0.9, name
+    assert "eval/factor_vae" not in only_f0  # one scored factor: nothing to tell apart
+
+
+def test_eval_factors_are_checked_against_the_data_before_training():
+    from workers.data.base import DataError
+    from workers.metrics import check_scored_factors
+
+    grid = factor_grid(SIZES)
+    check_scored_factors(SMALL.model_copy(update={"factors": ["f1", "f3"]}), grid)
+    with pytest.raises(DataError, match=r"eval.factors: 'shape' is not a factor of data set 'grid'"):
+        check_scored_factors(SMALL.model_copy(update={"factors": ["shape"]}), grid)
+    with pytest.raises(DataError, match="eval.factors: data set 'val' has no ground-truth factors"):
+        check_scored_factors(SMALL.model_copy(update={"factors": ["f1"]}), ImageDataset("val", grid._images))
+    with pytest.raises(ValueError, match="names one twice"):
+        EvalConfig(factors=["f1", "f1"])
