@@ -586,7 +586,7 @@ def run_study(sizes: Sizes, device, budget_s: float, steps: int | None = None) -
             rows.append({"variant": row.get("variant", spec.model.variant), "beta": float(row["beta"]),
                          "seed": seed, "failed": result.failed,
                          "mig_chen": mig_chen(model, data.full, spec.eval.factors, spec.eval.mig_chen_rows,
-                                              spec.eval.mig_chen_samples, generator=generator),
+                                              spec.eval.mig_chen_samples, batch_size=4096, generator=generator),
                          "elbo": elbo(model, data.val, spec.eval.max_examples, 2048, generator)["elbo"]})
         _synchronize(device)
         score_s += time.perf_counter() - t0

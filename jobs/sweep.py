@@ -40,6 +40,10 @@ class SweepNotFound(AeforgeError):
     """No sweep with that job id or MLflow run id."""
 
 
+class SweepFailed(AeforgeError):
+    """A sweep that ended with no finished trial: the message gives each trial's error, and how to continue."""
+
+
 # How a swept value is written in a trial's run name: "beta4", "z10", "seed1"; a variant by its name.
 TRIAL_NAME_LABELS = {"variant": "", "beta": "beta", "latent_dim": "z", "seed": "seed"}
 
@@ -366,7 +370,8 @@ def _tune(spec: JobSpec, job_id: str, storage, parent, experiment_id: str, max_c
         rows = results_rows(grid, job_id, spec, storage)
         if not any(r["status"] == "finished" for r in rows):
             errors = "; ".join(f"{r['run_name']}: {r.get('error')}" for r in rows if r.get("error"))
-            raise RuntimeError(f"sweep {job_id}: no trial finished ({errors or 'see the trial errors in the Ray logs'})")
+            raise SweepFailed(f"sweep {job_id}: no trial finished ({errors or 'see the trial errors in the Ray logs'}); "
+                              f"running the same job id again (aeforge run SPEC --job-id {job_id}) continues it")
         return _summarise(spec, job_id, rows, parent, storage)
     finally:
         share_s3_keys(kv_key, remove=True)
@@ -448,7 +453,8 @@ def _pack_rows(result, job_id: str, spec: JobSpec, storage) -> list[dict[str, An
         record = _finished_trial(storage, row["trial_job_id"]) if storage is not None else None
         if record is None:
             row["status"] = "error"
-            row["error"] = (str(result.error).strip().splitlines() or ["the pack ended without this trial"])[-1][:300]
+            row["error"] = ("the pack stopped before this trial finished" if result.error is None else
+                            (str(result.error).strip().splitlines() or ["the pack ended without this trial"])[-1][:300])
         elif record.get("failed"):
             row["status"] = "failed"
             row["error"] = diverged_message(record["failed"])

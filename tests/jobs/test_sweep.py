@@ -337,7 +337,7 @@ def test_chen2018_study_spec_runs_tiny_and_draws_the_papers_two_pictures(sweep_e
         f"name={name}", "data.limit=2048", "train.steps=4", "train.batch_size=32", "train.log_every=2",
         "train.checkpoint_every=4", "eval.iwae_samples=2", "eval.max_examples=64", "eval.num_train=64",
         "eval.num_test=32", "eval.mig_chen_rows=256", "eval.mig_chen_samples=256", "eval.pictures=false",
-        "sweep.beta=[1, 4]", "sweep.seed=[0, 1]", "resources.cpus_per_worker=0.45"])
+        "sweep.beta=[1, 4]", "sweep.seed=[0, 1]", "sweep.pack=4"])  # one pack per variant, both at once
     assert (spec.model.architecture, spec.sweep.metric.name, spec.num_trials()) == ("chen2018_mlp", "eval/mig_chen", 8)
     job_id = f"{name}-job"
     t0 = time.perf_counter()
