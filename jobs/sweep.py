@@ -273,6 +273,7 @@ def _pack_trial(rows: list[dict[str, Any]], sweep: dict[str, Any]) -> None:
             metrics = summary.get("final_metrics") or {}
             failed = summary.get("failed")
             record = {"metrics": metrics, "failed": failed, "resumed_from_step": summary.get("resumed_from_step"),
+                      "steps": summary.get("steps"),
                       "checkpoint_path": f"{result.checkpoint.path}/{member_folder(k)}" if result.checkpoint else None}
             storage.put_bytes(json.dumps(record, sort_keys=True).encode(), trial_result_relpath(m["job"]))
             if failed:
@@ -462,7 +463,7 @@ def _pack_rows(result, job_id: str, spec: JobSpec, storage) -> list[dict[str, An
             row["status"] = "finished"
             row["checkpoint_path"] = record.get("checkpoint_path")
             row.update({key: v for key, v in record["metrics"].items() if "/" in key and isinstance(v, (int, float))})
-            row["step"] = spec.train.steps
+            row["step"] = record.get("steps", spec.train.steps)  # the trial's steps (epochs: counted by its worker)
         rows.append(row)
     return rows
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from workers.loop import RunContext, is_checkpoint, train
+from workers.loop import RunContext, is_checkpoint, total_steps, train
 from workers.outputs import numeric_metrics, publish_outputs, with_retries
 from workers.timeline import Timeline
 
@@ -257,7 +257,8 @@ def pack_loop_per_worker(config: dict[str, PackWorkerJob]) -> dict[str, Any] | N
                 folder.mkdir(parents=True, exist_ok=True)
                 publish_outputs(folder, metrics=final, storage=storage, run_name=member["job"], mlflow_run=runs[k])
             summaries.append({"failed": list(result.failed) if result.failed else None, "final_metrics": final,
-                              "resumed_from_step": result.resumed_from_step})
+                              "resumed_from_step": result.resumed_from_step,
+                              "steps": total_steps(spec.train, len(local_shard))})
         timeline.mark("outputs")
         return {"members": summaries, "timeline": timeline.to_dict()}
     finally:

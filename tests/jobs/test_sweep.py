@@ -349,6 +349,7 @@ def test_chen2018_study_spec_runs_tiny_and_draws_the_papers_two_pictures(sweep_e
     assert {(r["variant"], r["beta"], r["seed"]) for r in rows} == {
         (v, b, s) for v in ("beta_vae", "beta_tcvae") for b in (1.0, 4.0) for s in (0, 1)}
     assert all(isinstance(r["eval/mig_chen"], float) and 0.0 <= r["eval/mig_chen"] <= 1.0 for r in rows)
+    assert all(r["step"] == 4 for r in rows)  # each member's own count, as its worker reported it
     assert outcome["best"]["eval/mig_chen"] == max(r["eval/mig_chen"] for r in rows)
 
     client = mlflow.MlflowClient(sweep_env["tracking_uri"])

@@ -517,7 +517,7 @@ def test_sweep_summary_pictures_one_file_per_distinct_quantity(tmp_path):
     made = sweep_summary_pictures(rows, "eval/mig", tmp_path / "pics", mode="max",
                                   traversal_for=lambda row: tmp_path / "tile.png" if row["seed"] == 0 else None)
     # MIG ranks the trials: it is drawn once, not as both metric_vs_beta and mig_vs_beta.
-    assert set(made) == {"mig_vs_beta", "recon_vs_beta", "mig_heatmap", "recon_vs_mig", "traversals"}
+    assert set(made) == {"mig_vs_beta", "recon_vs_beta", "mig_heatmap", "recon_vs_mig", "traversals", "mig_vs_elbo"}
     assert {p.name for p in made.values()} == {f"{name}.png" for name in made}
     contents = [p.read_bytes() for p in made.values()]
     assert len(set(contents)) == len(contents)
