@@ -528,6 +528,7 @@ def run_study(sizes: Sizes, device, budget_s: float, steps: int | None = None) -
     import torch
 
     from workers.data import prepare
+    from workers.loop import total_steps
     from workers.metrics.elbo import elbo
     from workers.metrics.mig import mig_chen
     from workers.pack import PackMember, train_pack
@@ -539,8 +540,7 @@ def run_study(sizes: Sizes, device, budget_s: float, steps: int | None = None) -
     started = time.perf_counter()
     spec = study_spec(sizes)
     data = prepare(spec.data, spec.train.seed)
-    full_steps = spec.train.steps if spec.train.steps is not None else (
-        spec.train.epochs * (len(data.train) // spec.train.batch_size))
+    full_steps = total_steps(spec.train, len(data.train))
     packs = spec.trial_packs(spec.num_trials())  # one pack per variant: 18 models each
     section: dict[str, Any] = {
         "status": "ran", "spec": str(STUDY_SPEC.relative_to(REPO)), "models": spec.num_trials(), "packs": len(packs),

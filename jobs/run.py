@@ -45,7 +45,7 @@ def run_in_process(spec: JobSpec, job_id: str, resolve: Callable[[str], str] | N
                                                       allow_unicode=True), encoding="utf-8")
     data = prepare(spec.data, spec.train.seed, resolve=resolve)
     result = train(spec.model, spec.train, spec.eval, data.train, data.val, RunContext(run_dir=run_dir),
-                   dataset_size=len(data.train), full_data=data.full if data.full.has_factors else None,
+                   dataset_size=len(data.train), full_data=data.ground_truth,
                    spec_json=spec.model_dump_json())
     publish_outputs(run_dir, metrics=result.final_metrics)
     return result

@@ -267,6 +267,28 @@ def epoch_permutation(n: int, seed: int, epoch: int, rank: int, device: torch.de
     return torch.randperm(n, generator=gen).to(device)
 
 
+class BatchOrder:
+    """Which rows each step's batch holds: epoch e is epoch_permutation(n, seed, e, rank) cut into full batches
+    (the permutation is drawn once per epoch). One order per model: a pack's members each keep their own."""
+
+    def __init__(self, n: int, seed: int, rank: int, batch_size: int, device: torch.device):
+        self.n, self.seed, self.rank, self.batch_size, self.device = n, seed, rank, batch_size, device
+        self.per_epoch = steps_per_epoch(n, batch_size)
+        self._epoch, self._perm = -1, None
+
+    def rows(self, step: int) -> torch.Tensor:
+        epoch, pos = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, epoch_permutation(self.n, self.seed, epoch, self.rank, self.device)
+        return self._perm[pos * self.batch_size : (pos + 1) * self.batch_size]
+
+
+def step_noise_generator(seed: int, rank: int, device: torch.device) -> torch.Generator:
+    """The generator a model's training steps draw their noise from (Autoencoder.draw_noise): seeded by the run's
+    seed and the rank (ranks draw different noise), the same for a model trained alone or in a pack."""
+    return torch.Generator(device=device).manual_seed(seed * 1000 + rank + 1)
+
+
 def place_data(data: ImageDataset, device: torch.device) -> ImageDataset:
     """Put the data set on the GPU when it fits comfortably; CPU data stays where it is."""
     if device.type != "cuda" or data.device == device:
@@ -385,13 +407,13 @@ def train(
     train_data = place_data(train_data, device)
 
     n_steps = total_steps(cfg, len(train_data))
-    per_epoch = steps_per_epoch(len(train_data), cfg.batch_size)
+    order = BatchOrder(len(train_data), cfg.seed, ctx.rank, cfg.batch_size, train_data.device)
     history: dict[str, list[tuple[int, float]]] = {}
     start_step = 0
 
     # The steps' noise (reparameterisation, corruption: Autoencoder.draw_noise) comes from a generator of the
     # loop's own, seeded per rank (ranks draw different noise), and is saved with each checkpoint.
-    noise_generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + ctx.rank + 1)
+    noise_generator = step_noise_generator(cfg.seed, ctx.rank, device)
     resume = ctx.latest_checkpoint()
     if resume is not None:
         state = torch.load(Path(resume) / CHECKPOINT_FILE, map_location=device, weights_only=False)
@@ -414,7 +436,6 @@ def train(
     losses: LossWindow | None = None  # made at the first step, when the loss's parts are known
     steps_in_window = 0
     final_metrics: dict[str, float] = {}
-    perm_epoch, perm = -1, None
     t0 = time.perf_counter()
     window_started = t0  # the speed in a progress line is over its log window
     seconds = 0.0
@@ -424,11 +445,7 @@ def train(
         if step == start_step + warmup_steps:
             _sync(device)
             t0 = time.perf_counter()
-        epoch, pos = divmod(step, per_epoch)
-        if epoch != perm_epoch:
-            perm, perm_epoch = epoch_permutation(len(train_data), cfg.seed, epoch, ctx.rank, train_data.device), epoch
-        index = perm[pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
-        x = train_data.images(index).to(device, non_blocking=True)
+        x = train_data.images(order.rows(step)).to(device, non_blocking=True)
 
         if compiled and step == start_step:
             _sync(device)

@@ -24,9 +24,9 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from workers.config import EvalConfig, ModelConfig, TrainConfig
 from workers.data.base import ImageDataset
-from workers.loop import (CHECKPOINT_FILE, PACK_FILE, LossWindow, RunContext, build_optimizer, epoch_permutation,
-                          place_data, record_code_statistics, save_checkpoint_file, seed_everything, steps_per_epoch,
-                          total_steps)
+from workers.loop import (CHECKPOINT_FILE, PACK_FILE, BatchOrder, LossWindow, RunContext, build_optimizer,
+                          place_data, record_code_statistics, save_checkpoint_file, seed_everything,
+                          step_noise_generator, total_steps)
 from workers.models import build_model
 from workers.models.base import Autoencoder, LossModule, Noise
 
@@ -242,7 +242,7 @@ def train_pack(members: list[PackMember], train_config: TrainConfig, eval_config
     for member in members:
         seed_everything(member.seed)
         models.append(build_model(member.model_config, train_data.image_shape, dataset_size).to(device))
-    generators = [torch.Generator(device=device).manual_seed(m.seed * 1000 + ctx.rank + 1) for m in members]
+    generators = [step_noise_generator(m.seed, ctx.rank, device) for m in members]
     results = [MemberResult(model=m) for m in models]
     start_step, optimizer_states = 0, None
     resume = ctx.latest_checkpoint()
@@ -264,21 +264,13 @@ def train_pack(members: list[PackMember], train_config: TrainConfig, eval_config
         optimizer.load_state_dict(pack.stack_optimizer_states(optimizer_states))
     train_data = place_data(train_data, device)
     n_steps = total_steps(cfg, len(train_data))
-    per_epoch = steps_per_epoch(len(train_data), cfg.batch_size)
     # False once a member failed: its loss no longer counts.
     training = torch.tensor([r.failed is None for r in results], dtype=torch.bool, device=device)
     windows: list[LossWindow | None] = [None] * k_models
-    orders: list[tuple[int, torch.Tensor | None]] = [(-1, None)] * k_models
+    orders = [BatchOrder(len(train_data), m.seed, ctx.rank, cfg.batch_size, train_data.device) for m in members]
 
     for step in range(start_step, n_steps):
-        epoch, pos = divmod(step, per_epoch)
-        batches = []
-        for k, member in enumerate(members):
-            if orders[k][0] != epoch:
-                orders[k] = (epoch, epoch_permutation(len(train_data), member.seed, epoch, ctx.rank, train_data.device))
-            index = orders[k][1][pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
-            batches.append(train_data.images(index).to(device, non_blocking=True))
-        x = torch.stack(batches)
+        x = torch.stack([train_data.images(order.rows(step)).to(device, non_blocking=True) for order in orders])
         noise = pack.draw_noise(x, generators)
         optimizer.zero_grad(set_to_none=True)
         losses, parts = pack.losses(x, noise)

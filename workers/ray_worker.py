@@ -171,7 +171,7 @@ def train_loop_per_worker(config: dict[str, WorkerJob]) -> dict[str, Any] | None
         local_shard = shard(data.train, ctx.rank, ctx.world_size, spec.train.seed)
         timeline.mark("data")
         result = train(spec.model, spec.train, spec.eval, local_shard, data.val, ctx, dataset_size=len(data.train),
-                       full_data=data.full if data.full.has_factors else None, spec_json=spec.model_dump_json())
+                       full_data=data.ground_truth, spec_json=spec.model_dump_json())
         if not ctx.is_chief:
             return None
         final = numeric_metrics(result.final_metrics)
@@ -244,7 +244,7 @@ def pack_loop_per_worker(config: dict[str, PackWorkerJob]) -> dict[str, Any] | N
                 with_retries(lambda: runs[k].log_metrics(metrics, step), "MLflow metrics", attempts=3)
 
         results = train_pack(members, spec.train, spec.eval, local_shard, data.val, ctx,
-                             dataset_size=len(data.train), full_data=data.full if data.full.has_factors else None,
+                             dataset_size=len(data.train), full_data=data.ground_truth,
                              spec_jsons=[m["spec"].model_dump_json() for m in job.members],
                              log=log if chief else None)
         if not chief:

@@ -199,6 +199,11 @@ class PreparedData:
     train: ImageDataset
     val: ImageDataset
 
+    @property
+    def ground_truth(self) -> ImageDataset | None:
+        """The whole data set when it has ground-truth factors (what the disentanglement scores draw from)."""
+        return self.full if self.full.has_factors else None
+
 
 def prepare(config: DataConfig, seed: int, resolve: Resolver | None = None) -> PreparedData:
     """Open the data and split it; the split depends on the seed only, so every worker gets the same one. With

@@ -30,6 +30,7 @@ from sklearn.metrics import mutual_info_score
 from workers.data.base import DataError, ImageDataset
 from workers.data.dsprites import FACTOR_NAMES as DSPRITES_FACTOR_NAMES
 from workers.losses import LOG_2PI
+from workers.models.base import Posterior
 from workers.metrics.sampling import (
     FactorSampler,
     Representation,
@@ -128,8 +129,30 @@ def _posterior_samples(model, dataset: ImageDataset, rows: torch.Tensor, batch_s
     """(mean, logvar, z) of the given rows: one z ~ q(z|x) per row, drawn on the model's device."""
     noise = noise_generator(model_device(model), generator)
     mean, logvar = encode_rows(model, dataset, rows, batch_size)
-    z = mean + torch.randn(mean.shape, device=mean.device, generator=noise) * torch.exp(0.5 * logvar)
-    return mean, logvar, z
+    return mean, logvar, Posterior(mean=mean, logvar=logvar).sample(noise)
+
+
+def _entropies(mean: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor, values: torch.Tensor,
+               samples: int | None = None, generator: torch.Generator | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """H(z_j) (D,) and H(z_j | v_k) (K, D) of N rows' posteriors (``mean``, ``logvar``: (N, D)), their samples ``z``
+    and factor values (N, K): H(z_j) is the entropy of the mixture of all N posteriors, H(z_j | v_k) = sum_v p(v)
+    H(z_j | v_k = v) with each term the mixture of the rows sharing v and p(v) their share. Each entropy is
+    estimated at its rows' own samples, at most ``samples`` of them drawn at random (None: all, in order)."""
+    n, d = mean.shape
+
+    def own(rows: torch.Tensor) -> torch.Tensor:  # disentanglement_metrics.py: randperm(S)[:n_samples]
+        if samples is None:
+            return rows
+        return rows[torch.randperm(len(rows), generator=generator)[:samples].to(rows.device)]
+
+    marginal = mixture_entropies(z[own(torch.arange(n, device=mean.device))], mean, logvar)
+    conditional = torch.zeros(values.shape[1], d, dtype=torch.float64, device=mean.device)
+    for f in range(values.shape[1]):
+        for value in torch.unique(values[:, f]):
+            members = torch.nonzero(values[:, f] == value).flatten()
+            conditional[f] += len(members) / n * mixture_entropies(z[own(members)], mean[members], logvar[members])
+    return marginal, conditional
 
 
 @torch.no_grad()
@@ -155,13 +178,7 @@ def mig_exact(
         raise ValueError(f"mig_exact needs at least 2 examples; data set '{dataset.name}' gave {s}")
     mean, logvar, z = _posterior_samples(model, dataset, rows, batch_size, generator)
     values = dataset.factors(rows).long().to(mean.device)[:, columns]  # (S, K)
-    entropy_z = mixture_entropies(z, mean, logvar)  # (D,)
-    # H(z_j | v_k) = sum_v p(v) H(z_j | v_k = v), each conditional a mixture over the rows with that value.
-    conditional_entropy = torch.zeros(values.shape[1], mean.shape[1], dtype=torch.float64, device=mean.device)
-    for f in range(values.shape[1]):
-        for value in torch.unique(values[:, f]):
-            members = torch.nonzero(values[:, f] == value).flatten()
-            conditional_entropy[f] += len(members) / s * mixture_entropies(z[members], mean[members], logvar[members])
+    entropy_z, conditional_entropy = _entropies(mean, logvar, z, values)
     mutual_info = (entropy_z.unsqueeze(0) - conditional_entropy).T.cpu().numpy()  # (D, K)
 
     factor_values = values.cpu().numpy()
@@ -178,11 +195,6 @@ def chen2018_factor_columns(dataset: ImageDataset, factors: Sequence[str | int] 
     if factors is None and tuple(dataset.factor_names or ()) == DSPRITES_FACTOR_NAMES:
         factors = CHEN2018_DSPRITES_FACTORS
     return factor_columns(dataset, factors)
-
-
-def _sample_index(n: int, samples: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    # disentanglement_metrics.py: qz_samples.index_select(1, randperm(S)[:n_samples]).
-    return torch.randperm(n, generator=generator)[:samples].to(device)
 
 
 def mig_chen_from_posteriors(mean: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor, values: torch.Tensor,
@@ -205,14 +217,7 @@ def mig_chen_from_posteriors(mean: torch.Tensor, logvar: torch.Tensor, z: torch.
     if values.shape != (n, len(factor_sizes)):
         raise ValueError(f"mig_chen: values must be (N, K) = ({n}, {len(factor_sizes)}), not {tuple(values.shape)}")
     device = mean.device
-    values = values.long().to(device)
-    marginal = mixture_entropies(z[_sample_index(n, samples, generator, device)], mean, logvar)
-    conditional = torch.zeros(len(factor_sizes), d, dtype=torch.float64, device=device)
-    for f in range(len(factor_sizes)):
-        for value in torch.unique(values[:, f]):
-            members = torch.nonzero(values[:, f] == value).flatten()
-            own = members[_sample_index(len(members), samples, generator, device)]
-            conditional[f] += len(members) / n * mixture_entropies(z[own], mean[members], logvar[members])
+    marginal, conditional = _entropies(mean, logvar, z, values.long().to(device), samples, generator)
     mutual_info = (marginal.unsqueeze(0) - conditional).sort(dim=1, descending=True).values.clamp(min=0)  # (K, D)
     sizes = torch.tensor([float(s) for s in factor_sizes], dtype=torch.float64, device=device)
     scored = sizes > 1

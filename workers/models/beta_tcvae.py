@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from workers.losses import kl_standard_normal, reconstruction_nll, tc_terms
-from workers.models.base import GatherFn, LossOutput, Noise
+from workers.models.base import GatherFn, LossOutput, Noise, Posterior
 from workers.models.registry import register
 from workers.models.vae import VAE
 
@@ -30,7 +30,7 @@ class BetaTCVAE(VAE):
         noise = self.draw_noise(x) if noise is None else noise
         posterior = self.encode(x)
         mean, logvar = posterior.mean.float(), posterior.logvar.float()
-        z = mean + noise["eps"].float() * torch.exp(0.5 * logvar)
+        z = Posterior(mean=mean, logvar=logvar).reparameterise(noise["eps"])  # in float32, as the TC terms are
         recon = reconstruction_nll(self.decode_logits(z.to(posterior.mean.dtype)), x, self.config.likelihood).mean()
 
         batch = z.shape[0]
