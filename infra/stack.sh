@@ -1,0 +1,326 @@
+#!/usr/bin/env bash
+# The aeforge compose stack (infra/compose.yaml), deployed the way infra/README.md and the README's deploy section
+# say, with podman + podman-compose or docker + docker compose. `make test-stack` runs these same commands.
+#
+#   infra/stack.sh deps                 install podman, podman-compose, runc, debootstrap from the distribution (root)
+#   infra/stack.sh build                the images: the base (a registry's, else built with debootstrap), aeforge's,
+#                                       and stand-ins for PostgreSQL and MinIO where no image registry answers
+#   infra/stack.sh init                 infra/.env and the secrets in infra/secrets/ (kept if there; never committed)
+#   infra/stack.sh up                   compose up, then wait until every service is healthy
+#   infra/stack.sh wait                 wait until every service is healthy (AEFORGE_WAIT_S, default 600)
+#   infra/stack.sh ps                   the stack's containers and their health
+#   infra/stack.sh exec SERVICE CMD...  run CMD in the service's (first) container
+#   infra/stack.sh client CMD...        run CMD in a one-off client container on the stack's network, with the
+#                                       admin token and the current folder mounted read-only at /work
+#   infra/stack.sh down [-v]            stop and remove the stack (-v: its volumes too); nothing is left running
+#   infra/stack.sh images               the images and their sizes
+#
+# Settings (environment): ENGINE (podman | docker), COMPOSE (the compose command), AEFORGE_BASE_IMAGE (a base image
+# to use as is, e.g. your registry mirror's python:3.11-slim-bookworm), AEFORGE_VARIANT (cpu | cuda),
+# TORCH_INDEX_URL (an index serving the variant's torch build), AEFORGE_WHEELS (a folder of wheels; default: pip's
+# configured find-links folder), AEFORGE_BUILD_CA (a CA bundle for HTTPS during builds; default: this machine's).
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(dirname "$HERE")
+PROJECT=aeforge
+NETWORK=${PROJECT}_default
+VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' "$REPO/pyproject.toml" | head -n 1)
+VARIANT=${AEFORGE_VARIANT:-cpu}
+export AEFORGE_IMAGE=${AEFORGE_IMAGE:-localhost/aeforge:$VERSION-$VARIANT}
+# The registry base image the Containerfile names by default, and the one debootstrap.sh builds where none answers.
+REGISTRY_BASE=$(sed -n 's/^ARG BASE_IMAGE=//p' "$HERE/Containerfile")
+LOCAL_BASE=localhost/aeforge-base:bookworm-py3.11
+# The third-party images compose.yaml pins (a stand-in is built under the same name where no registry answers).
+POSTGRES_IMAGE=$(sed -n 's#^ *image: \(.*/postgres:.*\)$#\1#p' "$HERE/compose.yaml")
+S3_IMAGE=$(sed -n 's#^ *image: \(.*/minio:.*\)$#\1#p' "$HERE/compose.yaml")
+SECRETS=$HERE/secrets
+
+log() { printf '[stack %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+if [ -z "${ENGINE:-}" ]; then
+    if command -v podman >/dev/null; then ENGINE=podman; elif command -v docker >/dev/null; then ENGINE=docker; else ENGINE=podman; fi
+fi
+if [ "$ENGINE" = podman ] && [ -z "${CONTAINERS_CONF:-}" ] && [ ! -e /etc/containers/containers.conf ]; then
+    # runc and ulimits this kind of host accepts (see podman/containers.conf); a site's own file is left alone.
+    export CONTAINERS_CONF=$HERE/podman/containers.conf
+fi
+
+compose() {
+    if [ -n "${COMPOSE:-}" ]; then
+        # shellcheck disable=SC2086
+        $COMPOSE -f "$HERE/compose.yaml" "$@"
+    elif [ "$ENGINE" = docker ]; then
+        docker compose -f "$HERE/compose.yaml" "$@"
+    else
+        podman-compose -f "$HERE/compose.yaml" -p "$PROJECT" "$@"
+    fi
+}
+
+have_image() { "$ENGINE" image exists "$1" 2>/dev/null || "$ENGINE" image inspect "$1" >/dev/null 2>&1; }
+
+# The image, from the local store or its registry; false if neither has it.
+find_image() {
+    have_image "$1" && return 0
+    log "pulling $1"
+    timeout 300 "$ENGINE" pull -q "$1" >/dev/null 2>&1
+}
+
+cmd_deps() {
+    local missing=()
+    command -v podman >/dev/null || missing+=(podman)
+    command -v buildah >/dev/null || missing+=(buildah)
+    command -v podman-compose >/dev/null || missing+=(podman-compose)
+    command -v runc >/dev/null || missing+=(runc)
+    command -v debootstrap >/dev/null || missing+=(debootstrap)
+    if [ ${#missing[@]} -eq 0 ]; then
+        log "podman $(podman --version | awk '{print $3}'), podman-compose, runc, debootstrap: installed"
+        return 0
+    fi
+    [ "$(id -u)" = 0 ] || die "missing ${missing[*]}: install them (as root: apt-get install ${missing[*]})"
+    log "installing ${missing[*]} from the distribution's packages"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" \
+        uidmap slirp4netns fuse-overlayfs catatonit containernetworking-plugins netavark aardvark-dns iptables >/dev/null
+}
+
+# Where this machine keeps wheels for pip (pip's find-links), for the build's /wheels.
+wheels_dir() {
+    if [ -n "${AEFORGE_WHEELS:-}" ]; then echo "$AEFORGE_WHEELS"; return; fi
+    local d
+    for d in ${PIP_FIND_LINKS:-} $(python3 -m pip config get global.find-links 2>/dev/null || true); do
+        if [ -d "$d" ]; then echo "$d"; return; fi
+    done
+}
+
+build_ca() {
+    if [ -n "${AEFORGE_BUILD_CA:-}" ]; then echo "$AEFORGE_BUILD_CA"; return; fi
+    local f
+    for f in "${PIP_CERT:-}" /etc/ssl/certs/ca-certificates.crt; do
+        if [ -n "$f" ] && [ -f "$f" ]; then echo "$f"; return; fi
+    done
+}
+
+build_image() {  # TAG CONTAINERFILE [podman build arguments...]
+    local tag=$1 file=$2; shift 2
+    local args=(-f "$file" -t "$tag")
+    [ "$ENGINE" = podman ] && args+=(--format docker)
+    local wheels ca
+    wheels=$(wheels_dir); ca=$(build_ca)
+    if [ "$ENGINE" = podman ]; then  # read-only during the build, never in a layer
+        [ -n "$wheels" ] && args+=(--volume "$wheels:/wheels:ro")
+        [ -n "$ca" ] && args+=(--volume "$ca:/run/build-ca.crt:ro")
+    fi
+    local start=$SECONDS
+    "$ENGINE" build "${args[@]}" "$@" "$REPO" >"$BUILD_LOG" 2>&1 || { tail -n 40 "$BUILD_LOG" >&2; die "building $tag failed (log: $BUILD_LOG)"; }
+    log "built $tag in $((SECONDS - start)) s ($(image_size "$tag"))"
+}
+
+image_size() { "$ENGINE" image inspect --format '{{.Size}}' "$1" | awk '{printf "%.0f MB", $1 / 1e6}'; }
+
+cmd_build() {
+    BUILD_LOG=$(mktemp "${TMPDIR:-/tmp}/aeforge-build.XXXXXX")
+    local base=${AEFORGE_BASE_IMAGE:-}
+    if [ -n "$base" ]; then
+        find_image "$base" || die "AEFORGE_BASE_IMAGE=$base: not found locally nor in its registry"
+    elif find_image "$REGISTRY_BASE"; then
+        base=$REGISTRY_BASE
+    else
+        base=$LOCAL_BASE
+        if have_image "$base"; then
+            log "no registry answers for $REGISTRY_BASE; using $base (built from Debian's packages earlier)"
+        else
+            log "no registry answers for $REGISTRY_BASE; building $base with debootstrap"
+            local start=$SECONDS
+            ENGINE=$ENGINE "$HERE/base/debootstrap.sh" "$base" >/dev/null
+            log "built $base in $((SECONDS - start)) s ($(image_size "$base"))"
+        fi
+    fi
+    build_image "$AEFORGE_IMAGE" "$HERE/Containerfile" --build-arg "BASE_IMAGE=$base" \
+        --build-arg "VARIANT=$VARIANT" --build-arg "TORCH_INDEX_URL=${TORCH_INDEX_URL:-}" \
+        --build-arg "AEFORGE_VERSION=$VERSION"
+    if ! find_image "$POSTGRES_IMAGE"; then
+        log "no registry answers for $POSTGRES_IMAGE; building a stand-in from Debian's PostgreSQL"
+        build_image "$POSTGRES_IMAGE" "$HERE/standins/postgres.Containerfile" --build-arg "BASE_IMAGE=$base" \
+            --label io.aeforge.standin=true
+    fi
+    if ! find_image "$S3_IMAGE"; then
+        log "no registry answers for $S3_IMAGE; building a stand-in from moto's S3 server"
+        build_image "$S3_IMAGE" "$HERE/standins/s3.Containerfile" --build-arg "APP_IMAGE=$AEFORGE_IMAGE" \
+            --label io.aeforge.standin=true
+    fi
+    rm -f "$BUILD_LOG"
+}
+
+cmd_images() {
+    local image
+    for image in "$AEFORGE_IMAGE" "$POSTGRES_IMAGE" "$S3_IMAGE" "$LOCAL_BASE"; do
+        have_image "$image" && printf '%s\t%s\n' "$image" "$(image_size "$image")"
+    done
+    return 0
+}
+
+random_hex() { python3 -c "import secrets; print(secrets.token_hex($1))"; }
+
+cmd_init() {
+    install -d -m 0700 "$SECRETS"
+    if [ ! -s "$HERE/.env" ]; then
+        umask 077
+        printf 'POSTGRES_PASSWORD=%s\n' "$(random_hex 16)" >"$HERE/.env"
+        log "wrote infra/.env"
+    fi
+    if [ ! -s "$SECRETS/s3-credentials.ini" ]; then
+        local key secret
+        key=$(random_hex 10); secret=$(random_hex 20)
+        # 0644 inside a 0700 folder: readable by the containers' unprivileged users, not by this host's other users.
+        printf '%s' "$key" >"$SECRETS/s3-access-key-id"
+        printf '%s' "$secret" >"$SECRETS/s3-secret-access-key"
+        printf '[default]\naws_access_key_id = %s\naws_secret_access_key = %s\n' "$key" "$secret" \
+            >"$SECRETS/s3-credentials.ini"
+        chmod 0644 "$SECRETS"/s3-*
+        log "wrote the S3 keys to infra/secrets/"
+    fi
+    if [ ! -s "$SECRETS/tokens.yaml" ]; then
+        have_image "$AEFORGE_IMAGE" || die "$AEFORGE_IMAGE is not built: run infra/stack.sh build first"
+        local tmp; tmp=$(mktemp -d); chmod 0777 "$tmp"
+        # `aeforge tokens add` keeps the hash in the file and prints the token once: kept for the CLI, root-only.
+        (umask 077; "$ENGINE" run --rm $([ "$ENGINE" = podman ] && echo --no-healthcheck) --network none -v "$tmp:/tokens" \
+            -e AEFORGE_TOKENS_FILE=/tokens/tokens.yaml "$AEFORGE_IMAGE" aeforge tokens add platform --role admin \
+            2>/dev/null | tr -d '\n' >"$SECRETS/admin-token")
+        install -m 0644 "$tmp/tokens.yaml" "$SECRETS/tokens.yaml"
+        rm -rf "$tmp"
+        [ -s "$SECRETS/admin-token" ] || die "aeforge tokens add printed no token"
+        log "wrote infra/secrets/tokens.yaml (hashes) and infra/secrets/admin-token (the admin's token, mode 0600)"
+    fi
+}
+
+# The stack's containers: NAME SERVICE STATE, one a line.
+containers() {
+    "$ENGINE" ps -a --filter "label=com.docker.compose.project=$PROJECT" \
+        --format '{{.Names}} {{index .Labels "com.docker.compose.service"}} {{.State}}'
+}
+
+container_of() {  # SERVICE [N]: the name of its Nth container (1 by default)
+    containers | awk -v s="$1" '$2 == s {print $1}' | sort | sed -n "${2:-1}p"
+}
+
+# 0 when the container is healthy (or, without a health check, running; or, a one-shot, exited 0).
+container_ready() {
+    local name=$1 state health test
+    state=$("$ENGINE" inspect --format '{{.State.Status}}' "$name" 2>/dev/null) || return 1
+    if [ "$state" = exited ]; then
+        [ "$("$ENGINE" inspect --format '{{.State.ExitCode}}' "$name")" = 0 ] && [ "$(restart_policy "$name")" != always ] \
+            && [ "$(restart_policy "$name")" != unless-stopped ]
+        return
+    fi
+    [ "$state" = running ] || return 1
+    test=$("$ENGINE" inspect --format '{{if .Config.Healthcheck}}{{len .Config.Healthcheck.Test}}{{else}}0{{end}}' "$name" 2>/dev/null || echo 0)
+    [ "$test" != 0 ] || return 0
+    if [ "$ENGINE" = podman ]; then
+        # podman runs health checks from systemd timers; without systemd, run the check here.
+        podman healthcheck run "$name" >/dev/null 2>&1
+    else
+        health=$(docker inspect --format '{{.State.Health.Status}}' "$name")
+        [ "$health" = healthy ]
+    fi
+}
+
+restart_policy() { "$ENGINE" inspect --format '{{.HostConfig.RestartPolicy.Name}}' "$1" 2>/dev/null || true; }
+
+cmd_wait() {
+    local limit=${AEFORGE_WAIT_S:-600} start=$SECONDS pending name service state
+    while :; do
+        pending=()
+        while read -r name service state; do
+            [ -n "$name" ] || continue
+            container_ready "$name" </dev/null || pending+=("$service")
+        done < <(containers)
+        if [ ${#pending[@]} -eq 0 ] && [ -n "$(containers)" ]; then
+            log "all services healthy after $((SECONDS - start)) s"
+            return 0
+        fi
+        if [ $((SECONDS - start)) -ge "$limit" ]; then
+            cmd_ps >&2
+            die "not healthy after ${limit} s: ${pending[*]:-no containers}"
+        fi
+        sleep 3
+    done
+}
+
+cmd_ps() {
+    local name service state health
+    while read -r name service state; do
+        [ -n "$name" ] || continue
+        if container_ready "$name" </dev/null; then health=ready; else health=not-ready; fi
+        printf '%-28s %-12s %-10s %s\n' "$name" "$service" "$state" "$health"
+    done < <(containers)
+}
+
+cmd_up() {
+    [ -s "$HERE/.env" ] && [ -s "$SECRETS/tokens.yaml" ] || die "run infra/stack.sh init first"
+    local start=$SECONDS
+    if [ "$ENGINE" = docker ] && [ -z "${COMPOSE:-}" ]; then
+        compose up -d --no-build --wait
+    else
+        # podman-compose echoes each podman command, environment included: its log is private (mktemp: 0600).
+        local out; out=$(mktemp "${TMPDIR:-/tmp}/aeforge-compose-up.XXXXXX")
+        compose up -d --no-build >"$out" 2>&1 || { tail -n 30 "$out" >&2; die "compose up failed (log: $out)"; }
+        rm -f "$out"
+    fi
+    cmd_wait
+    log "stack up in $((SECONDS - start)) s"
+}
+
+cmd_exec() {
+    [ $# -ge 2 ] || die "usage: stack.sh exec SERVICE CMD..."
+    local name; name=$(container_of "$1"); shift
+    [ -n "$name" ] || die "no container for that service"
+    "$ENGINE" exec -i "$name" "$@"
+}
+
+cmd_client() {
+    [ -r "$SECRETS/admin-token" ] || die "no infra/secrets/admin-token: run infra/stack.sh init"
+    AEFORGE_API_TOKEN=$(cat "$SECRETS/admin-token") "$ENGINE" run --rm -i $([ "$ENGINE" = podman ] && echo --no-healthcheck) --network "$NETWORK" \
+        -e AEFORGE_API_URL=http://aeforge:8765 -e AEFORGE_API_TOKEN -e MLFLOW_TRACKING_URI=http://mlflow:5000 \
+        -e COLUMNS=160 -v "$PWD:/work:ro" -w /work "$AEFORGE_IMAGE" "$@"
+}
+
+cmd_down() {
+    local volumes=()
+    [ "${1:-}" = -v ] && volumes=(-v)
+    local out; out=$(mktemp "${TMPDIR:-/tmp}/aeforge-compose-down.XXXXXX")
+    compose down "${volumes[@]}" >"$out" 2>&1 || { tail -n 30 "$out" >&2; die "compose down failed (log: $out)"; }
+    rm -f "$out"
+    # What compose leaves: one-off client containers, and (podman-compose 1.0) the project's network.
+    local name
+    for name in $(containers | awk '{print $1}'); do "$ENGINE" rm -f "$name" >/dev/null </dev/null; done
+    if "$ENGINE" network inspect "$NETWORK" >/dev/null 2>&1; then "$ENGINE" network rm "$NETWORK" >/dev/null; fi
+    if [ ${#volumes[@]} -gt 0 ]; then
+        for name in $("$ENGINE" volume ls -q --filter "label=com.docker.compose.project=$PROJECT"); do
+            "$ENGINE" volume rm -f "$name" >/dev/null
+        done
+    fi
+    [ -z "$(containers)" ] || die "containers left: $(containers | awk '{print $1}' | tr '\n' ' ')"
+    log "stack down${volumes:+ (volumes removed)}"
+}
+
+main() {
+    local cmd=${1:-}; shift || true
+    case "$cmd" in
+        deps) cmd_deps ;;
+        build) cmd_build ;;
+        init) cmd_init ;;
+        up) cmd_up ;;
+        wait) cmd_wait ;;
+        ps) cmd_ps ;;
+        exec) cmd_exec "$@" ;;
+        client) cmd_client "$@" ;;
+        down) cmd_down "$@" ;;
+        images) cmd_images ;;
+        compose) compose "$@" ;;
+        *) sed -n '2,22p' "$0" >&2; exit 2 ;;
+    esac
+}
+
+main "$@"
