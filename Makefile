@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean bench
+.PHONY: demo test test-stack lock install clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,16 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The container stack (infra/): builds the images with podman and runs the README's deploy section, then more
+# (tests/stack/test_stack.py). Installs podman from the distribution's packages when missing (root).
+test-stack: $(STAMP)
+	AEFORGE_STACK_TEST=1 $(PY) -m pytest -q -s -p no:cacheprovider tests/stack
+
+# The images' locks (infra/requirements/*.txt), generated from pyproject.toml.
+lock: $(STAMP)
+	$(PY) -m pip install --quiet uv==$$($(PY) -c "import runpy; print(runpy.run_path('infra/lock.py')['UV_VERSION'])")
+	$(PY) infra/lock.py --uv $(VENV)/bin/uv
 
 bench: $(STAMP)
 	$(VENV)/bin/aeforge bench jobs/examples/quickstart.yaml
