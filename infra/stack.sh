@@ -137,20 +137,24 @@ cmd_build() {
             log "built $base in $((SECONDS - start)) s ($(image_size "$base"))"
         fi
     fi
+    # The PostgreSQL stand-in (apt) builds beside aeforge's image (pip): they share only the base.
+    local pg_pid=
+    if ! find_image "$POSTGRES_IMAGE"; then
+        log "no registry answers for $POSTGRES_IMAGE; building a stand-in from Debian's PostgreSQL"
+        BUILD_LOG=$BUILD_LOG.postgres build_image "$POSTGRES_IMAGE" "$HERE/standins/postgres.Containerfile" \
+            --build-arg "BASE_IMAGE=$base" --label io.aeforge.standin=true &
+        pg_pid=$!
+    fi
     build_image "$AEFORGE_IMAGE" "$HERE/Containerfile" --build-arg "BASE_IMAGE=$base" \
         --build-arg "VARIANT=$VARIANT" --build-arg "TORCH_INDEX_URL=${TORCH_INDEX_URL:-}" \
         --build-arg "AEFORGE_VERSION=$VERSION"
-    if ! find_image "$POSTGRES_IMAGE"; then
-        log "no registry answers for $POSTGRES_IMAGE; building a stand-in from Debian's PostgreSQL"
-        build_image "$POSTGRES_IMAGE" "$HERE/standins/postgres.Containerfile" --build-arg "BASE_IMAGE=$base" \
-            --label io.aeforge.standin=true
-    fi
+    if [ -n "$pg_pid" ]; then wait "$pg_pid" || die "building the PostgreSQL stand-in failed"; fi
     if ! find_image "$S3_IMAGE"; then
         log "no registry answers for $S3_IMAGE; building a stand-in from moto's S3 server"
         build_image "$S3_IMAGE" "$HERE/standins/s3.Containerfile" --build-arg "APP_IMAGE=$AEFORGE_IMAGE" \
             --label io.aeforge.standin=true
     fi
-    rm -f "$BUILD_LOG"
+    rm -f "$BUILD_LOG" "$BUILD_LOG.postgres"
 }
 
 cmd_images() {

@@ -155,9 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     # metrics are its best trial's.
     best = outcome.get("best") or {}
     metrics = outcome.get("metrics") or {k: v for k, v in best.items() if "/" in k and isinstance(v, (int, float))}
+    # A train job's steps and the step it last resumed from (0: it never did) say whether a failure was survived.
+    progress = {k: outcome[k] for k in ("steps", "resumed_from_step") if outcome.get(k) is not None}
     print(result_line({"mlflow_run_id": outcome.get("mlflow_run_id"), "model": outcome.get("model"),
                        "metrics": metrics, "pictures": outcome.get("pictures"),
-                       "best_trial": best.get("run_name")}), flush=True)
+                       "best_trial": best.get("run_name"), **progress}), flush=True)
     return 0
 
 

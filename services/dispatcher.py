@@ -499,7 +499,10 @@ class RayClusterView:
 
         address = self.launcher.dashboard_url()
         try:
-            nodes = list_nodes(address=address, filters=[("state", "=", "ALIVE")], timeout=10)
+            # raise_on_missing_output=False: once a node has died, Ray 2.60's state API counts it among the nodes the
+            # ALIVE filter drops and raises "data truncation" on every call (found by the stack test).
+            nodes = list_nodes(address=address, filters=[("state", "=", "ALIVE")], timeout=10,
+                               raise_on_missing_output=False)
         except Exception as exc:  # the state API raises several kinds when the dashboard is down
             raise LauncherUnavailable(f"cannot list Ray's nodes at {address}: {exc}") from None
         total: dict[str, float] = {}

@@ -1,6 +1,7 @@
 """The queue's entry point (`python -m jobs.run <job id>`) ends with the result line the dispatcher stores as the
 job's result: the MLflow run, the model, the final metrics and where the pictures are (a sweep's: its best
-trial's metrics and name). `aeforge status` and `submit --follow` show them."""
+trial's metrics and name; a train job's steps and the step it resumed from). `aeforge status` and `submit --follow`
+show them."""
 
 from __future__ import annotations
 
@@ -23,12 +24,14 @@ def job_spec(monkeypatch):
 
 def test_a_train_job_result_carries_its_metrics_and_pictures(job_spec, monkeypatch, capsys):
     outcome = {"mlflow_run_id": "run-1", "model": MODEL, "metrics": {"eval/recon": 0.25, "train/loss": 3.5},
-               "pictures": "s3://bucket/aeforge/runs/j/pictures", "checkpoint": "/somewhere", "steps": 3}
+               "pictures": "s3://bucket/aeforge/runs/j/pictures", "checkpoint": "/somewhere", "steps": 3,
+               "resumed_from_step": 2}
     monkeypatch.setattr(job_run, "run_job", lambda spec, job_id, **kwargs: outcome)
     assert job_run.main(["j"]) == 0
     result = parse_result(capsys.readouterr().out)
     assert result == {"mlflow_run_id": "run-1", "model": MODEL, "metrics": {"eval/recon": 0.25, "train/loss": 3.5},
-                      "pictures": "s3://bucket/aeforge/runs/j/pictures", "best_trial": None}
+                      "pictures": "s3://bucket/aeforge/runs/j/pictures", "best_trial": None, "steps": 3,
+                      "resumed_from_step": 2}
 
 
 def test_a_sweep_result_carries_its_best_trials_metrics(job_spec, monkeypatch, capsys):

@@ -181,6 +181,7 @@ def test_stack_end_to_end():
         victim = workers[0]
         restarts = int(stack.engine("inspect", "--format", "{{.RestartCount}}", victim))
         killed_at = api.job(ddp_id, progress=True)["progress"]["step"]
+        kill_time = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         stack.run(f"kill -9 $(podman inspect --format '{{{{.State.Pid}}}}' {victim})")
         api.wait(ddp_id, lambda j: (j.get("progress") or {}).get("step", 0) >= killed_at + 60, 400,
                  f"training again past step {killed_at + 60} after the kill", progress=True)
@@ -194,9 +195,15 @@ def test_stack_end_to_end():
         stack.run(f"{STACK} compose restart aeforge")
         stack.run(f"{STACK} wait")
         after = api.wait(ddp_id, lambda j: j["state"] == "succeeded", 600, "succeeded")
-        assert after["attempts"] == before["attempts"] and after["ray_submission_id"] == before["ray_submission_id"]
-        assert after["result"]["resumed_from_step"] and after["result"]["resumed_from_step"] >= 100, after["result"]
-        assert after["result"]["steps"] == 1200 and after["model_version"]
+        assert after["attempts"] == before["attempts"] == 1, (before["attempts"], after["attempts"])
+        assert after["ray_submission_id"] == before["ray_submission_id"]
+        result = after["result"]
+        assert result.get("steps") == 700 and after["model_version"], result
+        assert 100 <= result.get("resumed_from_step", 0) <= killed_at, (killed_at, result)  # from a checkpoint
+        # The queue kept seeing Ray after the node died (Ray's state API once raised on a dead node, and the queue
+        # then took Ray for unreachable).
+        service_log = stack.run(f"podman logs --since {kill_time} {stack.containers('aeforge')[0]} 2>&1").stdout
+        assert "cannot list Ray's nodes" not in service_log, service_log[-3000:]
         stack.phase("service restarted; the job re-attached and succeeded", started)
 
         # 5. The registered model loads in a one-off client container.
