@@ -63,6 +63,9 @@ class Stack:
         took = time.monotonic() - started
         print(f"[{time.monotonic() - self.started:6.0f} s] {command}  ({took:.0f} s, exit {proc.returncode})",
               flush=True)
+        for line in proc.stderr.splitlines():  # infra/stack.sh's own account: what it built, in how long, how big
+            if line.startswith("[stack "):
+                print(f"          {line}", flush=True)
         if check and proc.returncode != 0:
             raise AssertionError(f"`{command}` exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}"
                                  f"\n--- stderr\n{proc.stderr[-6000:]}")
