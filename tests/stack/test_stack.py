@@ -8,8 +8,8 @@ service container and the smoke job runs from a client container. Then, beyond t
   after the first checkpoint (its restart policy brings it back) and the job resumes from that checkpoint; the
   service container is restarted while the job runs, and the queue re-attaches to it (same attempt, same Ray job);
 - the registered model loads in a one-off client container;
-- `down` leaves no container and no network; a second `up` after `down -v` starts as clean as the first (no job,
-  no model, all checks pass).
+- `down` leaves no container and no network; a second `up` after `down -v`, with Docker Compose v2 against podman's
+  Docker-compatible API this time, starts as clean as the first (no job, no model, all checks pass).
 Each phase's time, the image sizes and the whole run's time are printed at the end.
 """
 
@@ -226,23 +226,32 @@ def test_stack_end_to_end():
         assert volumes == "", volumes
         stack.phase("down, down -v", started)
 
-        # 7. A second up after down -v is as clean as the first.
+        # 7. A second up after down -v is as clean as the first, this time with Docker Compose v2 (docker-compose,
+        # against podman's Docker-compatible API): it follows depends_on's conditions and --wait.
         started = time.monotonic()
-        stack.run(f"{STACK} up")
-        stack.phase("second up (healthy)", started)
+        docker_compose = "COMPOSE=docker-compose"
+        out = stack.run(f"{docker_compose} docker-compose -f infra/compose.yaml config --quiet && "
+                        f"{docker_compose} {STACK} up")
+        stack.phase("second up, docker compose (healthy)", started)
         out = stack.run(f"{STACK} exec aeforge aeforge doctor")
         assert "all 9 checks passed" in out.stdout, out.stdout
         jobs = json.loads(stack.run(f"{STACK} client aeforge jobs -o json").stdout)
         assert jobs["total"] == 0, jobs
         models = stack.run(f"{STACK} client aeforge models list", check=False)
         assert "smoke" not in models.stdout and "stack-ddp" not in models.stdout, models.stdout
+        started = time.monotonic()
+        stack.run(f"{docker_compose} {STACK} down -v")
+        assert stack.containers() == [] and f"{PROJECT}_default" not in stack.engine("network", "ls", "--format",
+                                                                                      "{{.Name}}").split()
+        stack.phase("down -v, docker compose", started)
     except Exception:
         print(stack.diagnostics(), flush=True)
         raise
     finally:
         started = time.monotonic()
-        stack.run(f"{STACK} down -v", check=False)
-        stack.phase("final down -v", started)
+        if stack.containers():
+            stack.run(f"{STACK} down -v", check=False)
+        stack.phase("final cleanup", started)
         sizes = stack.run(f"{STACK} images", check=False).stdout
         print("\nphase times:", flush=True)
         for name, seconds in stack.timings:
