@@ -35,6 +35,7 @@ LOCAL_BASE=localhost/aeforge-base:bookworm-py3.11
 POSTGRES_IMAGE=$(sed -n 's#^ *image: \(.*/postgres:.*\)$#\1#p' "$HERE/compose.yaml")
 S3_IMAGE=$(sed -n 's#^ *image: \(.*/minio:.*\)$#\1#p' "$HERE/compose.yaml")
 SECRETS=$HERE/secrets
+API_PID_FILE=/run/aeforge-podman-api.pid  # podman's API service, when this script started it
 
 log() { printf '[stack %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -72,6 +73,7 @@ podman_api() {
         log "starting podman's API service on ${DOCKER_HOST}"
         mkdir -p "$(dirname "${DOCKER_HOST#unix://}")"
         nohup podman system service --time=0 "$DOCKER_HOST" >/dev/null 2>&1 &
+        echo $! >"$API_PID_FILE"  # stack.sh down stops it
         local i
         for i in $(seq 50); do
             curl -sf --unix-socket "${DOCKER_HOST#unix://}" http://d/_ping >/dev/null 2>&1 && return 0
@@ -344,6 +346,10 @@ cmd_down() {
         done
     fi
     [ -z "$(containers)" ] || die "containers left: $(containers | awk '{print $1}' | tr '\n' ' ')"
+    if [ -s "$API_PID_FILE" ]; then  # the API service this script started for Docker Compose: nothing left running
+        kill "$(cat "$API_PID_FILE")" 2>/dev/null || true
+        rm -f "$API_PID_FILE"
+    fi
     log "stack down${volumes:+ (volumes removed)}"
 }
 

@@ -244,6 +244,8 @@ def test_stack_end_to_end():
         assert stack.containers() == [] and f"{PROJECT}_default" not in stack.engine("network", "ls", "--format",
                                                                                       "{{.Name}}").split()
         stack.phase("down -v, docker compose", started)
+        leftover = stack.run("pgrep -af 'podman system service' || true").stdout
+        assert "podman system service" not in leftover or not Path("/run/aeforge-podman-api.pid").exists(), leftover
     except Exception:
         print(stack.diagnostics(), flush=True)
         raise
