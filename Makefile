@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-stack lock install clean bench
+.PHONY: demo lint test test-stack lock install clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/aeforge run jobs/examples/quickstart.yaml
 
-test: $(STAMP)
+# Lint and format first: they take seconds and catch what review misses.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	$(PY) -m pytest -q tests
 
 # The container stack (infra/): builds the images with podman and runs the README's deploy section, then more

@@ -5,7 +5,12 @@ import os
 
 pytest_plugins = [
     name
-    for name in ("tests.fixtures.s3", "tests.fixtures.mlflow_server", "tests.fixtures.ray_cluster", "tests.fixtures.postgres")
+    for name in (
+        "tests.fixtures.s3",
+        "tests.fixtures.mlflow_server",
+        "tests.fixtures.ray_cluster",
+        "tests.fixtures.postgres",
+    )
     if importlib.util.find_spec(name) is not None
 ]
 

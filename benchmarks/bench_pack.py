@@ -73,8 +73,6 @@ def time_pack(how: str, variant: str, k: int, batch: int, steps: int, warmup: in
     return k * batch * steps / (time.perf_counter() - started)
 
 
-
-
 def run(variant: str, packs: list[int], batch: int, steps: int, warmup: int, device: torch.device) -> dict[str, Any]:
     rows = []
     single: dict[str, float] = {}
@@ -87,15 +85,25 @@ def run(variant: str, packs: list[int], batch: int, steps: int, warmup: int, dev
     base = single.get("loop") or rows[0]["images_per_second"]
     for row in rows:
         row["x_one_model"] = row["images_per_second"] / base
-    return {"device": str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
-            "variant": variant, "batch": batch, "steps": steps, "warmup": warmup,
-            "torch_threads": torch.get_num_threads(), "rows": rows}
+    return {
+        "device": str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
+        "variant": variant,
+        "batch": batch,
+        "steps": steps,
+        "warmup": warmup,
+        "torch_threads": torch.get_num_threads(),
+        "rows": rows,
+    }
 
 
 def table(report: dict[str, Any]) -> str:
-    lines = [f"{report['variant']}/conv64, batch {report['batch']} per model, {report['steps']} timed steps after "
-             f"{report['warmup']}, on {report['device']} (torch threads {report['torch_threads']})", "",
-             "| way | K | images/s (all K) | × one model (loop, K = 1) |", "|---|---|---|---|"]
+    lines = [
+        f"{report['variant']}/conv64, batch {report['batch']} per model, {report['steps']} timed steps after "
+        f"{report['warmup']}, on {report['device']} (torch threads {report['torch_threads']})",
+        "",
+        "| way | K | images/s (all K) | × one model (loop, K = 1) |",
+        "|---|---|---|---|",
+    ]
     for row in report["rows"]:
         lines.append(f"| {row['way']} | {row['k']} | {row['images_per_second']:,.0f} | {row['x_one_model']:.2f} |")
     return "\n".join(lines)

@@ -78,7 +78,9 @@ def api_server(store: Store, home: Path):
 
     settings = ServiceSettings(home=home, db_url=store.url, tokens=(Principal("bench", "admin", TOKEN),))
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(store, settings), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(store, settings), host="127.0.0.1", port=port, log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -112,15 +114,26 @@ def fill_queue(store: Store, count: int, active: int) -> None:
     now = utcnow()
     rows = []
     for i in range(count + active):
-        rows.append({
-            "id": new_job_id(f"bench-{i}") + f"-{i}", "name": f"bench-{i % 50}", "owner": f"user{i % 20}",
-            "kind": "train", "spec_text": SPEC, "spec_json": json.dumps({"name": "bench"}), "priority": i % 10,
-            "resources": {"CPU": 4.0, "GPU": 0.0}, "state": "running" if i < active else "queued",
-            "attempts": 1 if i < active else 0, "max_attempts": 3, "created_at": now, "updated_at": now,
-        })
+        rows.append(
+            {
+                "id": new_job_id(f"bench-{i}") + f"-{i}",
+                "name": f"bench-{i % 50}",
+                "owner": f"user{i % 20}",
+                "kind": "train",
+                "spec_text": SPEC,
+                "spec_json": json.dumps({"name": "bench"}),
+                "priority": i % 10,
+                "resources": {"CPU": 4.0, "GPU": 0.0},
+                "state": "running" if i < active else "queued",
+                "attempts": 1 if i < active else 0,
+                "max_attempts": 3,
+                "created_at": now,
+                "updated_at": now,
+            }
+        )
     with store.engine.begin() as conn:
         for start in range(0, len(rows), 2000):
-            conn.execute(insert(jobs_table), rows[start:start + 2000])
+            conn.execute(insert(jobs_table), rows[start : start + 2000])
     # Planner statistics, as a live database has them (a bulk load leaves none until autovacuum comes by).
     with store.engine.connect() as conn:
         conn.execute(text("ANALYZE"))
@@ -141,8 +154,10 @@ def bench_admission(store: Store, repeats: int) -> dict[str, float]:
     wait = timed(lambda job, holdings: Decision.wait("the cluster is full"))
     start = timed(lambda job, holdings: Decision.start("fits"))
     return {
-        "wait_median_ms": statistics.median(wait), "wait_p95_ms": sorted(wait)[int(0.95 * (len(wait) - 1))],
-        "start_median_ms": statistics.median(start), "start_p95_ms": sorted(start)[int(0.95 * (len(start) - 1))],
+        "wait_median_ms": statistics.median(wait),
+        "wait_p95_ms": sorted(wait)[int(0.95 * (len(wait) - 1))],
+        "start_median_ms": statistics.median(start),
+        "start_p95_ms": sorted(start)[int(0.95 * (len(start) - 1))],
     }
 
 
@@ -176,10 +191,20 @@ def main(argv: list[str] | None = None) -> int:
             fill_queue(store, args.queued, args.active)
             timing = bench_admission(store, args.repeats)
             label = f"choose among {args.queued:,} queued ({args.active} running)"
-            results.append((backend, f"{label}: head waits, ms (median / p95)",
-                            f"{timing['wait_median_ms']:.2f} / {timing['wait_p95_ms']:.2f}"))
-            results.append((backend, f"{label}: head starts, ms (median / p95)",
-                            f"{timing['start_median_ms']:.2f} / {timing['start_p95_ms']:.2f}"))
+            results.append(
+                (
+                    backend,
+                    f"{label}: head waits, ms (median / p95)",
+                    f"{timing['wait_median_ms']:.2f} / {timing['wait_p95_ms']:.2f}",
+                )
+            )
+            results.append(
+                (
+                    backend,
+                    f"{label}: head starts, ms (median / p95)",
+                    f"{timing['start_median_ms']:.2f} / {timing['start_p95_ms']:.2f}",
+                )
+            )
             store.close()
         finally:
             context.__exit__(None, None, None)

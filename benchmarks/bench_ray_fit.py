@@ -54,8 +54,11 @@ def ray_floor_fit(workers: int, storage: str) -> dict[str, float]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    trainer = TorchTrainer(_floor_fn, scaling_config=ScalingConfig(num_workers=workers),
-                           run_config=RunConfig(name=f"floor-{time.time_ns()}", storage_path=storage))
+    trainer = TorchTrainer(
+        _floor_fn,
+        scaling_config=ScalingConfig(num_workers=workers),
+        run_config=RunConfig(name=f"floor-{time.time_ns()}", storage_path=storage),
+    )
     started = time.time()
     result = trainer.fit()
     ended = time.time()
@@ -111,16 +114,29 @@ def run(workers: int, steps: int, repeats: int) -> dict[str, Any]:
     floor, aeforge = _median(floors), _median(ours)
     if "steps" in aeforge:
         aeforge["fixed cost"] = aeforge["fit"] - aeforge["steps"]
-    return {"workers": workers, "steps": steps, "repeats": repeats, "ray_init_seconds": ray_init,
-            "ray_floor": floor, "aeforge": aeforge, "runs": {"ray_floor": floors, "aeforge": ours}}
+    return {
+        "workers": workers,
+        "steps": steps,
+        "repeats": repeats,
+        "ray_init_seconds": ray_init,
+        "ray_floor": floor,
+        "aeforge": aeforge,
+        "runs": {"ray_floor": floors, "aeforge": ours},
+    }
 
 
 def table(report: dict[str, Any]) -> str:
-    lines = [f"Ray Train fit, {report['workers']} workers, median of {report['repeats']} "
-             f"(ray.init took {report['ray_init_seconds']:.1f} s, not counted; Ray's output in {report['log']})", "",
-             "| fit | part | seconds |", "|---|---|---|"]
-    for name, label in (("ray_floor", "Ray's floor (train function returns at once)"),
-                        ("aeforge", f"aeforge tiny job ({report['steps']} steps)")):
+    lines = [
+        f"Ray Train fit, {report['workers']} workers, median of {report['repeats']} "
+        f"(ray.init took {report['ray_init_seconds']:.1f} s, not counted; Ray's output in {report['log']})",
+        "",
+        "| fit | part | seconds |",
+        "|---|---|---|",
+    ]
+    for name, label in (
+        ("ray_floor", "Ray's floor (train function returns at once)"),
+        ("aeforge", f"aeforge tiny job ({report['steps']} steps)"),
+    ):
         for part, seconds in report[name].items():
             lines.append(f"| {label} | {part} | {seconds:.2f} |")
     return "\n".join(lines)

@@ -57,8 +57,15 @@ def run(betas: list[float], seeds: list[int], steps: int, pack: int | str) -> di
             outcome = run_sweep(spec, f"bench-{label}-{time.strftime('%H%M%S')}")
             seconds = time.perf_counter() - started
             finished = sum(1 for row in outcome["trials"] if row["status"] == "finished")
-            rows.append({"sweep": label, "pack": packing, "trials": len(outcome["trials"]), "finished": finished,
-                         "seconds": seconds})
+            rows.append(
+                {
+                    "sweep": label,
+                    "pack": packing,
+                    "trials": len(outcome["trials"]),
+                    "finished": finished,
+                    "seconds": seconds,
+                }
+            )
     finally:
         ray.shutdown()
     rows[1]["x_unpacked_time"] = rows[1]["seconds"] / rows[0]["seconds"]
@@ -66,13 +73,18 @@ def run(betas: list[float], seeds: list[int], steps: int, pack: int | str) -> di
 
 
 def table(report: dict[str, Any]) -> str:
-    lines = [f"beta-VAE/conv64 on dSprites, {len(report['betas'])} beta x {len(report['seeds'])} seeds, "
-             f"{report['steps']} steps a trial, on {report['cpus']} CPUs", "",
-             "| sweep | sweep.pack | trials finished | wall time (s) | × unpacked |", "|---|---|---|---|---|"]
+    lines = [
+        f"beta-VAE/conv64 on dSprites, {len(report['betas'])} beta x {len(report['seeds'])} seeds, "
+        f"{report['steps']} steps a trial, on {report['cpus']} CPUs",
+        "",
+        "| sweep | sweep.pack | trials finished | wall time (s) | × unpacked |",
+        "|---|---|---|---|---|",
+    ]
     for row in report["rows"]:
         ratio = f"{row['x_unpacked_time']:.2f}" if "x_unpacked_time" in row else "1.00"
-        lines.append(f"| {row['sweep']} | {row['pack']} | {row['finished']}/{row['trials']} | {row['seconds']:.1f} "
-                     f"| {ratio} |")
+        lines.append(
+            f"| {row['sweep']} | {row['pack']} | {row['finished']}/{row['trials']} | {row['seconds']:.1f} | {ratio} |"
+        )
     return "\n".join(lines)
 
 
@@ -87,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     pack: int | str = args.pack if args.pack == "auto" else int(args.pack)
     log = Path(tempfile.gettempdir()) / f"aeforge-bench-sweep-{os.getpid()}.log"
     with output_to_log(log):
-        report = run([float(b) for b in args.betas.split(",")], [int(s) for s in args.seeds.split(",")],
-                     args.steps, pack)
+        report = run(
+            [float(b) for b in args.betas.split(",")], [int(s) for s in args.seeds.split(",")], args.steps, pack
+        )
     report["log"] = str(log)
     print(json.dumps(report, indent=2) if args.output == "json" else table(report) + f"\n\nRay's output: {log}")
     return 0

@@ -35,9 +35,10 @@ import statistics
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,15 +79,21 @@ class _BatchReader(torch.utils.data.Dataset):
 def _plain_loader(data: ImageDataset, batch: int, seed: int) -> torch.utils.data.DataLoader:
     reader = _BatchReader(data)
     sampler = torch.utils.data.BatchSampler(
-        torch.utils.data.RandomSampler(reader, generator=torch.Generator().manual_seed(seed)), batch, drop_last=True)
+        torch.utils.data.RandomSampler(reader, generator=torch.Generator().manual_seed(seed)), batch, drop_last=True
+    )
     return torch.utils.data.DataLoader(reader, sampler=sampler, batch_size=None)
 
 
 def _plain_npz_loader(path: Path, n: int, batch: int, seed: int) -> torch.utils.data.DataLoader:
     with np.load(path) as archive:
         images = torch.from_numpy(archive["images"][:n])
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=batch, shuffle=True,
-                                       drop_last=True, generator=torch.Generator().manual_seed(seed))
+    return torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(images),
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def _plain_loop(model, loader, device, steps: int, warmup: int, lr: float) -> float:
@@ -119,8 +126,16 @@ def _plain_loop(model, loader, device, steps: int, warmup: int, lr: float) -> fl
 
 
 def _bench_train_config(spec, steps: int, warmup: int, **update: Any):
-    return spec.train.model_copy(update={"steps": warmup + steps, "epochs": None, "checkpoint_every": 10**9,
-                                         "log_every": warmup + steps, "eval_every": None, **update})
+    return spec.train.model_copy(
+        update={
+            "steps": warmup + steps,
+            "epochs": None,
+            "checkpoint_every": 10**9,
+            "log_every": warmup + steps,
+            "eval_every": None,
+            **update,
+        }
+    )
 
 
 def _ray_bench_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -146,8 +161,18 @@ def _ray_bench_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     local = shard(train_part, ctx.rank, ctx.world_size, train_cfg.seed)
     n = min(len(local), train_cfg.batch_size * train_cfg.steps)
     local = local.subset(torch.arange(n))
-    result = train(model_cfg, train_cfg, EvalConfig(), local, val_part, ctx, dataset_size=len(train_part),
-                   evaluate_at_end=False, pictures=False, warmup_steps=config["warmup"])
+    result = train(
+        model_cfg,
+        train_cfg,
+        EvalConfig(),
+        local,
+        val_part,
+        ctx,
+        dataset_size=len(train_part),
+        evaluate_at_end=False,
+        pictures=False,
+        warmup_steps=config["warmup"],
+    )
     return {"images_per_second": result.images_per_second, "seconds": result.seconds}
 
 
@@ -168,8 +193,9 @@ def run_ray_benchmark(spec, workers: int, steps: int = 200, warmup: int = 20) ->
         trainer = TorchTrainer(
             _ray_bench_loop_per_worker,
             train_loop_config=config,
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=r.gpus_per_worker > 0,
-                                         resources_per_worker=r.per_worker()),
+            scaling_config=ScalingConfig(
+                num_workers=workers, use_gpu=r.gpus_per_worker > 0, resources_per_worker=r.per_worker()
+            ),
             run_config=RunConfig(name=f"aeforge-bench-{uuid.uuid4().hex[:8]}", storage_path=storage_path),
         )
         started = time.perf_counter()
@@ -177,11 +203,15 @@ def run_ray_benchmark(spec, workers: int, steps: int = 200, warmup: int = 20) ->
         fit_seconds = time.perf_counter() - started
     ips = result.return_value["images_per_second"]
     backend = "nccl" if r.gpus_per_worker else "gloo"
-    return {"loop": f"aeforge on Ray Train ({workers} workers, DDP {backend}, {r.cpus_per_worker:g} CPU each)",
-            "batch_size": spec.train.batch_size * workers, "precision": spec.train.precision, "compiled": False,
-            "images_per_second": ips,
-            "ms_per_step": 1000 * spec.train.batch_size * workers / ips,
-            "fit_seconds": fit_seconds}
+    return {
+        "loop": f"aeforge on Ray Train ({workers} workers, DDP {backend}, {r.cpus_per_worker:g} CPU each)",
+        "batch_size": spec.train.batch_size * workers,
+        "precision": spec.train.precision,
+        "compiled": False,
+        "images_per_second": ips,
+        "ms_per_step": 1000 * spec.train.batch_size * workers / ips,
+        "fit_seconds": fit_seconds,
+    }
 
 
 # --- the rows ---------------------------------------------------------------------------------------------------
@@ -206,8 +236,9 @@ def _skip_reason(precision: str, device: torch.device) -> str | None:
 
 def _write_npz(data: ImageDataset, n: int, folder: Path) -> Path:
     """The first ``n`` rows of ``data`` as uint8 images in an uncompressed .npz (key ``images``)."""
-    chunks = [(data.images(torch.arange(i, min(i + 4096, n))) * 255).round().to(torch.uint8).cpu()
-              for i in range(0, n, 4096)]
+    chunks = [
+        (data.images(torch.arange(i, min(i + 4096, n))) * 255).round().to(torch.uint8).cpu() for i in range(0, n, 4096)
+    ]
     path = folder / NPZ_NAME
     np.savez(path, images=torch.cat(chunks).numpy())
     return path
@@ -215,10 +246,14 @@ def _write_npz(data: ImageDataset, n: int, folder: Path) -> Path:
 
 def _data_description(kind: str, spec, n: int) -> str:
     if kind == "spec":
-        return (f"{spec.data.source}, read per batch by both loops from the same data set (aeforge's loop; the "
-                f"plain loop's DataLoader, one images(rows) call per batch)")
-    return (f"an .npz file of {n:,} uint8 images written by the bench, read by both loops (aeforge's npz reader; "
-            f"the plain loop: numpy.load, a TensorDataset, float/255 per batch)")
+        return (
+            f"{spec.data.source}, read per batch by both loops from the same data set (aeforge's loop; the "
+            f"plain loop's DataLoader, one images(rows) call per batch)"
+        )
+    return (
+        f"an .npz file of {n:,} uint8 images written by the bench, read by both loops (aeforge's npz reader; "
+        f"the plain loop: numpy.load, a TensorDataset, float/255 per batch)"
+    )
 
 
 def _median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -231,11 +266,23 @@ def _median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return row
 
 
-def run_benchmark(spec, steps: int = 200, warmup: int = 20, resolve: Callable | None = None,
-                  device: torch.device | None = None, ray_workers: int = 0, *, data: str = "spec",
-                  compile_options: Sequence[bool | None] = (None,), precisions: Sequence[str] | None = None,
-                  large_batch: int = 0, large_steps: int = 20, large_warmup: int = 3,
-                  repeats: int = 1, threads: int | None = None) -> dict[str, Any]:
+def run_benchmark(
+    spec,
+    steps: int = 200,
+    warmup: int = 20,
+    resolve: Callable | None = None,
+    device: torch.device | None = None,
+    ray_workers: int = 0,
+    *,
+    data: str = "spec",
+    compile_options: Sequence[bool | None] = (None,),
+    precisions: Sequence[str] | None = None,
+    large_batch: int = 0,
+    large_steps: int = 20,
+    large_warmup: int = 3,
+    repeats: int = 1,
+    threads: int | None = None,
+) -> dict[str, Any]:
     """Rows of images/s, ms/step and ratio to the plain loop at the same batch size.
 
     ``compile_options``: which aeforge rows, by ``train.compile`` (None: the spec's own setting, which by default
@@ -266,18 +313,44 @@ def run_benchmark(spec, steps: int = 200, warmup: int = 20, resolve: Callable | 
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _run_rows(spec, steps, warmup, resolve, device, ray_workers, data, compile_options, precisions,
-                         large_batch, large_steps, large_warmup, repeats)
+        return _run_rows(
+            spec,
+            steps,
+            warmup,
+            resolve,
+            device,
+            ray_workers,
+            data,
+            compile_options,
+            precisions,
+            large_batch,
+            large_steps,
+            large_warmup,
+            repeats,
+        )
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _run_rows(spec, steps, warmup, resolve, device, ray_workers, data, compile_options, precisions, large_batch,
-              large_steps, large_warmup, repeats) -> dict[str, Any]:
+def _run_rows(
+    spec,
+    steps,
+    warmup,
+    resolve,
+    device,
+    ray_workers,
+    data,
+    compile_options,
+    precisions,
+    large_batch,
+    large_steps,
+    large_warmup,
+    repeats,
+) -> dict[str, Any]:
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # What aeforge's loop imports when it starts (scikit-learn, SciPy and matplotlib, for its evaluation and
     # pictures), imported before any row: whatever thread pools they bring then run alongside every row alike.
-    import workers.metrics  # noqa: F401
+    import workers.metrics
     import workers.plots  # noqa: F401
 
     load_before = os.getloadavg()[0]
@@ -315,36 +388,76 @@ def _run_rows(spec, steps, warmup, resolve, device, ray_workers, data, compile_o
             def plain(batch=batch, group_steps=group_steps, group_warmup=group_warmup, subset=subset):
                 torch.manual_seed(spec.train.seed)
                 model = build_model(spec.model, subset.image_shape, len(train_part)).to(device)
-                loader = (_plain_npz_loader(npz_path, len(subset), batch, spec.train.seed) if npz_path is not None
-                          else _plain_loader(subset, batch, spec.train.seed))
+                loader = (
+                    _plain_npz_loader(npz_path, len(subset), batch, spec.train.seed)
+                    if npz_path is not None
+                    else _plain_loader(subset, batch, spec.train.seed)
+                )
                 seconds = _plain_loop(model, loader, device, group_steps, group_warmup, spec.train.optimizer.lr)
-                return {"loop": "plain PyTorch (DataLoader, eager, fp32)", "batch_size": batch, "precision": "fp32",
-                        "compiled": False, "images_per_second": group_steps * batch / seconds}
+                return {
+                    "loop": "plain PyTorch (DataLoader, eager, fp32)",
+                    "batch_size": batch,
+                    "precision": "fp32",
+                    "compiled": False,
+                    "images_per_second": group_steps * batch / seconds,
+                }
 
             planned.append(((batch, "plain"), plain))
             for compile_option in group_compile_options:
                 for precision in precisions:
-                    cfg = _bench_train_config(spec, group_steps, group_warmup, batch_size=batch, precision=precision,
-                                              compile=compile_option,
-                                              compile_mode=spec.train.compile_mode if compile_option is not False else None)
+                    cfg = _bench_train_config(
+                        spec,
+                        group_steps,
+                        group_warmup,
+                        batch_size=batch,
+                        precision=precision,
+                        compile=compile_option,
+                        compile_mode=spec.train.compile_mode if compile_option is not False else None,
+                    )
                     compiled = compiles(cfg, device)
                     reason = _skip_reason(precision, device)
                     if reason is not None:
-                        skipped.append({"loop": _aeforge_label(compiled, precision), "batch_size": batch,
-                                        "precision": precision, "compiled": compiled, "reason": reason})
+                        skipped.append(
+                            {
+                                "loop": _aeforge_label(compiled, precision),
+                                "batch_size": batch,
+                                "precision": precision,
+                                "compiled": compiled,
+                                "reason": reason,
+                            }
+                        )
                         continue
 
-                    def ours(cfg=cfg, compiled=compiled, batch=batch, group_warmup=group_warmup, subset=subset,
-                             precision=precision):
+                    def ours(
+                        cfg=cfg,
+                        compiled=compiled,
+                        batch=batch,
+                        group_warmup=group_warmup,
+                        subset=subset,
+                        precision=precision,
+                    ):
                         if compiled:
                             torch._dynamo.reset()  # a fresh compile for this row's model, not a cache from another
-                        result = train(spec.model, cfg, EvalConfig(), subset, val_part, _QuietContext(device=device),
-                                       dataset_size=len(train_part), evaluate_at_end=False, pictures=False,
-                                       warmup_steps=group_warmup)
-                        return {"loop": _aeforge_label(compiled, precision), "batch_size": batch,
-                                "precision": precision, "compiled": compiled,
-                                "images_per_second": result.images_per_second,
-                                "compile_seconds": result.compile_seconds}
+                        result = train(
+                            spec.model,
+                            cfg,
+                            EvalConfig(),
+                            subset,
+                            val_part,
+                            _QuietContext(device=device),
+                            dataset_size=len(train_part),
+                            evaluate_at_end=False,
+                            pictures=False,
+                            warmup_steps=group_warmup,
+                        )
+                        return {
+                            "loop": _aeforge_label(compiled, precision),
+                            "batch_size": batch,
+                            "precision": precision,
+                            "compiled": compiled,
+                            "images_per_second": result.images_per_second,
+                            "compile_seconds": result.compile_seconds,
+                        }
 
                     planned.append(((batch, compiled, precision), ours))
 
@@ -356,8 +469,15 @@ def _run_rows(spec, steps, warmup, resolve, device, ray_workers, data, compile_o
                 except CompilerMissing as exc:  # no C++ compiler for TorchInductor on this CPU: say so, go on
                     planned.remove((key, measure))
                     batch, compiled, precision = key
-                    skipped.append({"loop": _aeforge_label(compiled, precision), "batch_size": batch,
-                                    "precision": precision, "compiled": compiled, "reason": str(exc)})
+                    skipped.append(
+                        {
+                            "loop": _aeforge_label(compiled, precision),
+                            "batch_size": batch,
+                            "precision": precision,
+                            "compiled": compiled,
+                            "reason": str(exc),
+                        }
+                    )
 
     rows = [_median_row(measured) for measured in runs.values()]
     plain_by_batch = {row["batch_size"]: row["images_per_second"] for row in rows if row["loop"].startswith("plain")}
@@ -368,17 +488,32 @@ def _run_rows(spec, steps, warmup, resolve, device, ray_workers, data, compile_o
         # Global images/s over the plain loop's at the per-worker batch: what the workers together buy.
         ray_row["ratio"] = ray_row["images_per_second"] / plain_by_batch[spec.train.batch_size]
         # And over aeforge's own eager loop in one process at the same global batch: DDP's cost per image.
-        alone = next((row for row in rows if row["loop"] == _aeforge_label(False, spec.train.precision)
-                      and row["batch_size"] == ray_row["batch_size"]), None)
+        alone = next(
+            (
+                row
+                for row in rows
+                if row["loop"] == _aeforge_label(False, spec.train.precision)
+                and row["batch_size"] == ray_row["batch_size"]
+            ),
+            None,
+        )
         if alone is not None:
             ray_row["vs_in_process"] = ray_row["images_per_second"] / alone["images_per_second"]
         rows.append(ray_row)
-    first_ours = next((row for row in rows if row["loop"].startswith("aeforge (")
-                       and row["batch_size"] == spec.train.batch_size), None)
-    return {"device": str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
-            "data": data, "data_description": _data_description(data, spec, n_max),
-            "rows": rows, "skipped": skipped,
-            "ratio": first_ours["ratio"] if first_ours else None,
-            "steps": steps, "warmup": warmup, "repeats": repeats,
-            "load": {"before": load_before, "after": os.getloadavg()[0], "cpus": os.cpu_count()},
-            "torch_threads": torch.get_num_threads()}
+    first_ours = next(
+        (row for row in rows if row["loop"].startswith("aeforge (") and row["batch_size"] == spec.train.batch_size),
+        None,
+    )
+    return {
+        "device": str(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"),
+        "data": data,
+        "data_description": _data_description(data, spec, n_max),
+        "rows": rows,
+        "skipped": skipped,
+        "ratio": first_ours["ratio"] if first_ours else None,
+        "steps": steps,
+        "warmup": warmup,
+        "repeats": repeats,
+        "load": {"before": load_before, "after": os.getloadavg()[0], "cpus": os.cpu_count()},
+        "torch_threads": torch.get_num_threads(),
+    }

@@ -72,7 +72,7 @@ class Sizes:
     protocol_min_s: float  # left to the protocol's training at least (compiling included) by the parts before it
     protocol_steps: int
     protocol_log_every: int  # how often the protocol run's loss is read back (and the budget checked)
-    bench: tuple["BenchCase", ...]
+    bench: tuple[BenchCase, ...]
     tiny_eval: bool
     packs: tuple[int, ...] = (1, 4, 16, 32)  # pack sizes K of the packs section (workers/pack.py)
     pack_steps: int = 20
@@ -113,10 +113,10 @@ DEVICE_SIZES = Sizes(
     protocol_steps=PROTOCOL_STEPS,
     protocol_log_every=500,
     # Each case compiles twice (fp32 and bf16, TorchInductor with CUDA graphs): 20-40 s each when not cached.
-    bench=(BenchCase("batch 64", 64, steps=300, warmup=30, compile_options=(False, True), gpu_only=False,
-                     needs_s=75.0),
-           BenchCase("large batch", 2048, steps=60, warmup=10, compile_options=(False, True), gpu_only=True,
-                     needs_s=75.0)),
+    bench=(
+        BenchCase("batch 64", 64, steps=300, warmup=30, compile_options=(False, True), gpu_only=False, needs_s=75.0),
+        BenchCase("large batch", 2048, steps=60, warmup=10, compile_options=(False, True), gpu_only=True, needs_s=75.0),
+    ),
     tiny_eval=False,
 )
 TINY_SIZES = Sizes(
@@ -127,9 +127,10 @@ TINY_SIZES = Sizes(
     protocol_steps=6,
     protocol_log_every=2,
     # Eager only: compiling on a CPU costs tens of seconds of C++ (the CPU bench, `aeforge bench`, measures it).
-    bench=(BenchCase("batch 64", 64, steps=3, warmup=1, compile_options=(False,), gpu_only=False, needs_s=10.0),
-           BenchCase("large batch", 256, steps=3, warmup=1, compile_options=(False, True), gpu_only=True,
-                     needs_s=10.0)),
+    bench=(
+        BenchCase("batch 64", 64, steps=3, warmup=1, compile_options=(False,), gpu_only=False, needs_s=10.0),
+        BenchCase("large batch", 256, steps=3, warmup=1, compile_options=(False, True), gpu_only=True, needs_s=10.0),
+    ),
     tiny_eval=True,
     packs=(1, 2),
     pack_steps=2,
@@ -183,12 +184,28 @@ def ensure_pydantic(wheels: Path) -> str:
         pass
     found = sorted(wheels.glob("*.whl")) if wheels.is_dir() else []
     if not found:
-        raise SystemExit(f"device_suite: pydantic is not installed and {wheels} holds no wheels; run "
-                         f"benchmarks/fetch_device_wheels.sh on a machine with network and carry {wheels.name}")
+        raise SystemExit(
+            f"device_suite: pydantic is not installed and {wheels} holds no wheels; run "
+            f"benchmarks/fetch_device_wheels.sh on a machine with network and carry {wheels.name}"
+        )
     site = Path(tempfile.mkdtemp(prefix="aeforge-site-"))
     # --no-index: the device machine has no network; --no-deps: the folder holds every wheel pydantic needs.
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--no-compile",
-                    "--target", str(site), *map(str, found)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-index",
+            "--no-deps",
+            "--no-compile",
+            "--target",
+            str(site),
+            *map(str, found),
+        ],
+        check=True,
+    )
     sys.path.insert(0, str(site))
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
     for name in PYDANTIC_MODULES:  # an older typing_extensions imported by pip's own start-up must not stay
@@ -205,8 +222,19 @@ def ensure_pydantic(wheels: Path) -> str:
 def run_gpu_tests(out: Path, cap_s: float) -> dict[str, Any]:
     """``pytest -m gpu tests/gpu`` in a child process (its own CUDA context, its own crash), at most ``cap_s``."""
     xml, log = out / JUNIT_NAME, out / PYTEST_LOG_NAME
-    command = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/gpu", "-q", "-rA", "-p", "no:cacheprovider",
-               f"--junitxml={xml}"]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-m",
+        "gpu",
+        "tests/gpu",
+        "-q",
+        "-rA",
+        "-p",
+        "no:cacheprovider",
+        f"--junitxml={xml}",
+    ]
     say(f"pytest -m gpu tests/gpu (at most {cap_s:.0f} s)")
     started = time.perf_counter()
     with open(log, "w") as sink:
@@ -215,8 +243,12 @@ def run_gpu_tests(out: Path, cap_s: float) -> dict[str, Any]:
             returncode: int | None = process.returncode
         except subprocess.TimeoutExpired:
             returncode = None
-    section: dict[str, Any] = {"command": " ".join(command[1:]), "seconds": time.perf_counter() - started,
-                               "exit_code": returncode, "tests": read_junit(xml) if xml.exists() else []}
+    section: dict[str, Any] = {
+        "command": " ".join(command[1:]),
+        "seconds": time.perf_counter() - started,
+        "exit_code": returncode,
+        "tests": read_junit(xml) if xml.exists() else [],
+    }
     if returncode is None:
         section["error"] = f"stopped after {cap_s:.0f} s (the suite's time budget); see {PYTEST_LOG_NAME}"
     elif returncode not in (0, 1) or not section["tests"]:
@@ -231,8 +263,12 @@ def read_junit(path: Path) -> list[dict[str, Any]]:
     rows = []
     for case in ElementTree.parse(path).getroot().iter("testcase"):
         module = case.get("classname", "").rsplit(".", 1)[-1]
-        row = {"name": f"{module}::{case.get('name')}", "status": "passed", "seconds": float(case.get("time") or 0),
-               "reason": ""}
+        row = {
+            "name": f"{module}::{case.get('name')}",
+            "status": "passed",
+            "seconds": float(case.get("time") or 0),
+            "reason": "",
+        }
         for status in ("failure", "error", "skipped"):
             found = case.find(status)
             if found is not None:
@@ -265,8 +301,13 @@ def run_bench(sizes: Sizes, device, budget_s: float) -> list[dict[str, Any]]:
     spec = protocol_spec()
     cases = []
     for case in sizes.bench:
-        entry: dict[str, Any] = {"case": case.label, "batch_size": case.batch_size, "steps": case.steps,
-                                 "warmup": case.warmup, "compile_options": list(case.compile_options)}
+        entry: dict[str, Any] = {
+            "case": case.label,
+            "batch_size": case.batch_size,
+            "steps": case.steps,
+            "warmup": case.warmup,
+            "compile_options": list(case.compile_options),
+        }
         if case.gpu_only and device.type != "cuda":
             entry.update(status="skipped", reason=NO_CUDA)
         elif seconds_left(budget_s) < case.needs_s + sizes.protocol_min_s + sizes.eval_reserve_s:
@@ -276,8 +317,14 @@ def run_bench(sizes: Sizes, device, budget_s: float) -> list[dict[str, Any]]:
             case_spec = spec.model_copy(update={"train": spec.train.model_copy(update={"batch_size": case.batch_size})})
             started = time.perf_counter()
             try:
-                report = run_benchmark(case_spec, steps=case.steps, warmup=case.warmup, device=device,
-                                       compile_options=case.compile_options, precisions=("fp32", "bf16"))
+                report = run_benchmark(
+                    case_spec,
+                    steps=case.steps,
+                    warmup=case.warmup,
+                    device=device,
+                    compile_options=case.compile_options,
+                    precisions=("fp32", "bf16"),
+                )
             except Exception as exc:  # one case's failure is a row of the report, not the end of the suite
                 entry.update(status="error", reason=f"{type(exc).__name__}: {exc}")
             else:
@@ -308,10 +355,15 @@ def run_packs(sizes: Sizes, device, budget_s: float) -> dict[str, Any]:
     one = next(r for r in rows if r["k"] == 1 and r["way"] == "loop")["images_per_second"]
     at_32 = [r for r in rows if r["k"] == 32]
     study_images = STUDY_MODELS * PROTOCOL_STEPS * 64
-    return {"status": "ran", "seconds": time.perf_counter() - started, "rows": rows,
-            "one_model_images_per_second": one, "best": best,
-            "pack_32_x_one": max(r["images_per_second"] for r in at_32) / one if at_32 else None,
-            "study_gpu_hours": study_images / best["images_per_second"] / 3600}
+    return {
+        "status": "ran",
+        "seconds": time.perf_counter() - started,
+        "rows": rows,
+        "one_model_images_per_second": one,
+        "best": best,
+        "pack_32_x_one": max(r["images_per_second"] for r in at_32) / one if at_32 else None,
+        "study_gpu_hours": study_images / best["images_per_second"] / 3600,
+    }
 
 
 def summarise_bench(report: dict[str, Any]) -> dict[str, Any]:
@@ -324,16 +376,21 @@ def summarise_bench(report: dict[str, Any]) -> dict[str, Any]:
         if row.get("ratio") is None and plain:
             row["ratio"] = row["images_per_second"] / plain["images_per_second"]
     best = max(ours, key=lambda row: row["images_per_second"], default=None)
-    best_bf16 = max((row for row in ours if row.get("precision") == "bf16"),
-                    key=lambda row: row["images_per_second"], default=None)
-    return {"device": report.get("device"), "data": report.get("data_description"), "rows": rows,
-            "skipped_rows": report.get("skipped", []),
-            "plain_images_per_second": plain["images_per_second"] if plain else None,
-            "best_aeforge": best["loop"] if best else None,
-            "best_images_per_second": best["images_per_second"] if best else None,
-            "ratio": best["ratio"] if best else None,
-            "best_bf16_images_per_second": best_bf16["images_per_second"] if best_bf16 else None,
-            "best_bf16": best_bf16["loop"] if best_bf16 else None}
+    best_bf16 = max(
+        (row for row in ours if row.get("precision") == "bf16"), key=lambda row: row["images_per_second"], default=None
+    )
+    return {
+        "device": report.get("device"),
+        "data": report.get("data_description"),
+        "rows": rows,
+        "skipped_rows": report.get("skipped", []),
+        "plain_images_per_second": plain["images_per_second"] if plain else None,
+        "best_aeforge": best["loop"] if best else None,
+        "best_images_per_second": best["images_per_second"] if best else None,
+        "ratio": best["ratio"] if best else None,
+        "best_bf16_images_per_second": best_bf16["images_per_second"] if best_bf16 else None,
+        "best_bf16": best_bf16["loop"] if best_bf16 else None,
+    }
 
 
 # --- 3. the protocol run -----------------------------------------------------------------------------------------
@@ -367,8 +424,10 @@ def timed_context_class():
             now = time.perf_counter()  # the loop has just read the window's losses back: its steps are done
             self.marks.append((step, now))
             if now - self.last_said >= 15.0:
-                say(f"protocol: step {step:,}/{total:,}" + (f", {images_per_second:,.0f} images/s"
-                                                           if images_per_second else ""))
+                say(
+                    f"protocol: step {step:,}/{total:,}"
+                    + (f", {images_per_second:,.0f} images/s" if images_per_second else "")
+                )
                 self.last_said = now
             if now >= self.deadline and step < total:
                 raise BudgetReached(step)
@@ -385,8 +444,11 @@ def steady_projection(marks: list[tuple[int, float]], started: float, total_step
     (s0, t0), (s1, t1) = marks[first], marks[-1]
     rate = (s1 - s0) / (t1 - t0) if t1 > t0 else math.inf
     startup = (t0 - started) - s0 / rate  # the time of the steps before s0 beyond their steady pace
-    return {"steps_per_second": rate, "startup_s": max(0.0, startup),
-            "projected_train_s": (t0 - started) + (total_steps - s0) / rate}
+    return {
+        "steps_per_second": rate,
+        "startup_s": max(0.0, startup),
+        "projected_train_s": (t0 - started) + (total_steps - s0) / rate,
+    }
 
 
 def run_protocol(sizes: Sizes, device, budget_s: float, steps: int) -> dict[str, Any]:
@@ -396,25 +458,39 @@ def run_protocol(sizes: Sizes, device, budget_s: float, steps: int) -> dict[str,
     from workers.metrics import evaluate
 
     spec = protocol_spec()
-    cfg = spec.train.model_copy(update={"steps": steps, "epochs": None, "log_every": sizes.protocol_log_every,
-                                        # one evaluation, at the end, timed on its own
-                                        "eval_every": None})
+    cfg = spec.train.model_copy(
+        update={
+            "steps": steps,
+            "epochs": None,
+            "log_every": sizes.protocol_log_every,
+            # one evaluation, at the end, timed on its own
+            "eval_every": None,
+        }
+    )
     eval_cfg = spec.eval
     if sizes.tiny_eval:
-        eval_cfg = EvalConfig(iwae_samples=2, max_examples=100, num_train=100, num_test=50, pictures=False,
-                              probe=False)
+        eval_cfg = EvalConfig(iwae_samples=2, max_examples=100, num_train=100, num_test=50, pictures=False, probe=False)
     section: dict[str, Any] = {
-        "spec": str(PROTOCOL_SPEC.relative_to(REPO)), "variant": spec.model.variant,
-        "architecture": spec.model.architecture, "latent_dim": spec.model.latent_dim, "beta": spec.model.beta,
-        "batch_size": cfg.batch_size, "lr": cfg.optimizer.lr, "optimizer": cfg.optimizer.name,
+        "spec": str(PROTOCOL_SPEC.relative_to(REPO)),
+        "variant": spec.model.variant,
+        "architecture": spec.model.architecture,
+        "latent_dim": spec.model.latent_dim,
+        "beta": spec.model.beta,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.optimizer.lr,
+        "optimizer": cfg.optimizer.name,
         "precision": "fp32 (bf16 is for CUDA)" if cfg.precision == "bf16" and device.type != "cuda" else cfg.precision,
-        "compiled": compiles(cfg, device), "steps_asked": steps, "checkpoint_every": cfg.checkpoint_every,
+        "compiled": compiles(cfg, device),
+        "steps_asked": steps,
+        "checkpoint_every": cfg.checkpoint_every,
         "log_every": cfg.log_every,
         "eval": eval_cfg.model_dump(mode="json"),
     }
     deadline = SUITE_STARTED + budget_s - sizes.eval_reserve_s
-    say(f"protocol: {steps:,} steps of {spec.model.variant}/{spec.model.architecture} at batch {cfg.batch_size}, "
-        f"training until {max(0.0, deadline - time.perf_counter()):.0f} s from now at most")
+    say(
+        f"protocol: {steps:,} steps of {spec.model.variant}/{spec.model.architecture} at batch {cfg.batch_size}, "
+        f"training until {max(0.0, deadline - time.perf_counter()):.0f} s from now at most"
+    )
     run_started = time.perf_counter()
     data = prepare(spec.data, cfg.seed)
     section["setup_s"] = time.perf_counter() - run_started
@@ -422,8 +498,18 @@ def run_protocol(sizes: Sizes, device, budget_s: float, steps: int) -> dict[str,
     ctx = timed_context_class()(device=device, deadline=deadline)
     train_started = time.perf_counter()
     try:
-        result = train(spec.model, cfg, eval_cfg, data.train, data.val, ctx, dataset_size=len(data.train),
-                       full_data=data.full, evaluate_at_end=False, pictures=False)
+        result = train(
+            spec.model,
+            cfg,
+            eval_cfg,
+            data.train,
+            data.val,
+            ctx,
+            dataset_size=len(data.train),
+            full_data=data.full,
+            evaluate_at_end=False,
+            pictures=False,
+        )
         model, steps_done, stopped = result.model, result.steps, False
         section["loop_images_per_second"] = result.images_per_second
         section["compile_s"] = result.compile_seconds
@@ -431,8 +517,12 @@ def run_protocol(sizes: Sizes, device, budget_s: float, steps: int) -> dict[str,
         model, steps_done, stopped = ctx.loss_module.model, int(reached.args[0]), True
     _synchronize(device)
     train_s = time.perf_counter() - train_started
-    section.update(steps_done=steps_done, stopped_at_budget=stopped, train_s=train_s,
-                   images_per_second=steps_done * cfg.batch_size / train_s if train_s > 0 else None)
+    section.update(
+        steps_done=steps_done,
+        stopped_at_budget=stopped,
+        train_s=train_s,
+        images_per_second=steps_done * cfg.batch_size / train_s if train_s > 0 else None,
+    )
     projection = steady_projection(ctx.marks, train_started, PROTOCOL_STEPS)
     if projection["projected_train_s"] is None and steps_done:  # one log point: the average pace, start-up and all
         projection["projected_train_s"] = train_s * PROTOCOL_STEPS / steps_done
@@ -451,8 +541,10 @@ def run_protocol(sizes: Sizes, device, budget_s: float, steps: int) -> dict[str,
         whole = section["setup_s"] + section["projected_train_s_300k"] + section["eval_s"]
         section["projected_end_to_end_s_300k"] = whole
         section["eval_fraction"] = section["eval_s"] / whole
-    say(f"protocol: evaluated in {section['eval_s']:.1f} s: MIG {section['mig']}, MIG (exact) "
-        f"{section['mig_exact']}, ELBO {section['elbo']}")
+    say(
+        f"protocol: evaluated in {section['eval_s']:.1f} s: MIG {section['mig']}, MIG (exact) "
+        f"{section['mig_exact']}, ELBO {section['elbo']}"
+    )
     del model, ctx
     _free_device_memory(device)
     return section
@@ -506,8 +598,14 @@ def study_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"variant": variant, "beta": beta, "seeds": len(members)}
         for key in ("mig_chen", "elbo"):
             values = np.array([m[key] for m in members], dtype=float)
-            entry.update({f"{key}_mean": float(values.mean()), f"{key}_sd": float(values.std(ddof=1)) if len(values) > 1
-                          else 0.0, f"{key}_min": float(values.min()), f"{key}_max": float(values.max())})
+            entry.update(
+                {
+                    f"{key}_mean": float(values.mean()),
+                    f"{key}_sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                    f"{key}_min": float(values.min()),
+                    f"{key}_max": float(values.max()),
+                }
+            )
         table.append(entry)
     return table
 
@@ -519,8 +617,11 @@ def study_findings(table: list[dict[str, Any]]) -> dict[str, Any]:
     tcvae = [v for (variant, _), v in mean.items() if variant == "beta_tcvae"]
     shared = [b for (variant, b) in mean if variant == "beta_tcvae" and b >= 2 and ("beta_vae", b) in mean]
     above = all(mean[("beta_tcvae", b)] > mean[("beta_vae", b)] for b in shared) if shared else None
-    return {"best_tcvae_mig": max(tcvae) if tcvae else None, "tcvae_above_at_every_beta_2_up": above,
-            "compared_betas": sorted(shared)}
+    return {
+        "best_tcvae_mig": max(tcvae) if tcvae else None,
+        "tcvae_above_at_every_beta_2_up": above,
+        "compared_betas": sorted(shared),
+    }
 
 
 def run_study(sizes: Sizes, device, budget_s: float, steps: int | None = None) -> dict[str, Any]:
@@ -533,8 +634,9 @@ def run_study(sizes: Sizes, device, budget_s: float, steps: int | None = None) -
     from workers.metrics.mig import mig_chen
     from workers.pack import PackMember, train_pack
 
-    share_end = time.perf_counter() + min(sizes.study_s, seconds_left(budget_s) - sizes.protocol_min_s
-                                          - sizes.eval_reserve_s)
+    share_end = time.perf_counter() + min(
+        sizes.study_s, seconds_left(budget_s) - sizes.protocol_min_s - sizes.eval_reserve_s
+    )
     if share_end - time.perf_counter() < sizes.study_needs_s:
         return {"status": "skipped", "reason": f"time budget ({seconds_left(budget_s):.0f} s left)"}
     started = time.perf_counter()
@@ -543,23 +645,47 @@ def run_study(sizes: Sizes, device, budget_s: float, steps: int | None = None) -
     full_steps = total_steps(spec.train, len(data.train))
     packs = spec.trial_packs(spec.num_trials())  # one pack per variant: 18 models each
     section: dict[str, Any] = {
-        "status": "ran", "spec": str(STUDY_SPEC.relative_to(REPO)), "models": spec.num_trials(), "packs": len(packs),
-        "pack_sizes": [len(p) for p in packs], "architecture": spec.model.architecture,
-        "batch_size": spec.train.batch_size, "lr": spec.train.optimizer.lr, "full_steps": full_steps,
+        "status": "ran",
+        "spec": str(STUDY_SPEC.relative_to(REPO)),
+        "models": spec.num_trials(),
+        "packs": len(packs),
+        "pack_sizes": [len(p) for p in packs],
+        "architecture": spec.model.architecture,
+        "batch_size": spec.train.batch_size,
+        "lr": spec.train.optimizer.lr,
+        "full_steps": full_steps,
         "mig_chen_rows": spec.eval.mig_chen_rows if spec.eval.mig_chen_rows is not None else len(data.full),
-        "mig_chen_samples": spec.eval.mig_chen_samples, "setup_s": time.perf_counter() - started}
+        "mig_chen_samples": spec.eval.mig_chen_samples,
+        "setup_s": time.perf_counter() - started,
+    }
 
     def members_of(pack):
-        return [PackMember(spec.with_trial({k: row[k] for k in ("variant", "beta", "seed") if k in row}).model,
-                           int(row.get("seed", spec.train.seed)), f"t{row['index']:02d}") for row in pack]
+        return [
+            PackMember(
+                spec.with_trial({k: row[k] for k in ("variant", "beta", "seed") if k in row}).model,
+                int(row.get("seed", spec.train.seed)),
+                f"t{row['index']:02d}",
+            )
+            for row in pack
+        ]
 
     def train_for(pack, n):
-        cfg = spec.train.model_copy(update={"steps": n, "epochs": None, "log_every": max(1, min(500, n)),
-                                            "checkpoint_every": 10**9})
+        cfg = spec.train.model_copy(
+            update={"steps": n, "epochs": None, "log_every": max(1, min(500, n)), "checkpoint_every": 10**9}
+        )
         ctx = timed_context_class()(device=device)
         t0 = time.perf_counter()
-        results = train_pack(members_of(pack), cfg, spec.eval, data.train, data.val, ctx,
-                             dataset_size=len(data.train), evaluate_at_end=False, pictures=False)
+        results = train_pack(
+            members_of(pack),
+            cfg,
+            spec.eval,
+            data.train,
+            data.val,
+            ctx,
+            dataset_size=len(data.train),
+            evaluate_at_end=False,
+            pictures=False,
+        )
         _synchronize(device)
         return results, time.perf_counter() - t0
 
@@ -571,8 +697,10 @@ def run_study(sizes: Sizes, device, budget_s: float, steps: int | None = None) -
     fit = int((share_end - time.perf_counter() - scoring_guess) / (step_s * len(packs)))
     n = steps or max(1, min(full_steps, fit))
     section.update(probe_steps=probe_steps, probe_s=probe_s, steps=n, stopped_short=n < full_steps)
-    say(f"study: {spec.num_trials()} models in {len(packs)} packs, {n:,} of {full_steps:,} steps each "
-        f"(probe: {probe_s / probe_steps * 1000:.0f} ms a pack step)")
+    say(
+        f"study: {spec.num_trials()} models in {len(packs)} packs, {n:,} of {full_steps:,} steps each "
+        f"(probe: {probe_s / probe_steps * 1000:.0f} ms a pack step)"
+    )
 
     rows, train_s, score_s = [], 0.0, 0.0
     for pack in packs:
@@ -583,11 +711,24 @@ def run_study(sizes: Sizes, device, budget_s: float, steps: int | None = None) -
             model = result.model.eval()
             seed = int(row.get("seed", spec.train.seed))
             generator = torch.Generator().manual_seed(seed)
-            rows.append({"variant": row.get("variant", spec.model.variant), "beta": float(row["beta"]),
-                         "seed": seed, "failed": result.failed,
-                         "mig_chen": mig_chen(model, data.full, spec.eval.factors, spec.eval.mig_chen_rows,
-                                              spec.eval.mig_chen_samples, batch_size=4096, generator=generator),
-                         "elbo": elbo(model, data.val, spec.eval.max_examples, 2048, generator)["elbo"]})
+            rows.append(
+                {
+                    "variant": row.get("variant", spec.model.variant),
+                    "beta": float(row["beta"]),
+                    "seed": seed,
+                    "failed": result.failed,
+                    "mig_chen": mig_chen(
+                        model,
+                        data.full,
+                        spec.eval.factors,
+                        spec.eval.mig_chen_rows,
+                        spec.eval.mig_chen_samples,
+                        batch_size=4096,
+                        generator=generator,
+                    ),
+                    "elbo": elbo(model, data.val, spec.eval.max_examples, 2048, generator)["elbo"],
+                }
+            )
         _synchronize(device)
         score_s += time.perf_counter() - t0
         del results
@@ -597,8 +738,10 @@ def run_study(sizes: Sizes, device, budget_s: float, steps: int | None = None) -
     section["projected_full_s"] = section["setup_s"] + section["pack_step_s"] * full_steps * len(packs) + score_s
     section["table"] = study_table(rows)
     section.update(study_findings(section["table"]))
-    say(f"study: trained in {train_s:.0f} s, scored in {score_s:.0f} s; full length projected "
-        f"{section['projected_full_s']:.0f} s; beta-TCVAE's best mean MIG {section['best_tcvae_mig']}")
+    say(
+        f"study: trained in {train_s:.0f} s, scored in {score_s:.0f} s; full length projected "
+        f"{section['projected_full_s']:.0f} s; beta-TCVAE's best mean MIG {section['best_tcvae_mig']}"
+    )
     return section
 
 
@@ -621,20 +764,29 @@ def goal_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         "pack_32_x_one": (report.get("packs") or {}).get("pack_32_x_one"),
         "study_s": study.get("wall_s") if study_full else study.get("projected_full_s"),
         "study_best_tcvae_mig": study.get("best_tcvae_mig") if study_full else None,
-        "study_tcvae_above": (None if not study_full or study.get("tcvae_above_at_every_beta_2_up") is None
-                              else float(study["tcvae_above_at_every_beta_2_up"])),
+        "study_tcvae_above": (
+            None
+            if not study_full or study.get("tcvae_above_at_every_beta_2_up") is None
+            else float(study["tcvae_above_at_every_beta_2_up"])
+        ),
     }
     # Where each figure comes from: the row it is read off, or whether it is projected.
     steps_done = protocol.get("steps_done")
     source = {
-        "protocol_train_s": ("measured" if finished else
-                             f"projected from {steps_done:,} steps" if steps_done else None),
+        "protocol_train_s": (
+            "measured" if finished else f"projected from {steps_done:,} steps" if steps_done else None
+        ),
         "ratio_batch_64": small.get("best_aeforge"),
         "large_batch_bf16_images_per_s": large.get("best_bf16"),
         "eval_fraction": None if finished or not steps_done else "of the projected run",
         "pack_32_x_one": "packs section" if (report.get("packs") or {}).get("pack_32_x_one") else None,
-        "study_s": (None if study.get("status") != "ran" else "measured" if study_full else
-                    f"projected from {study.get('steps'):,} steps"),
+        "study_s": (
+            None
+            if study.get("status") != "ran"
+            else "measured"
+            if study_full
+            else f"projected from {study.get('steps'):,} steps"
+        ),
         "study_best_tcvae_mig": "study section" if study_full else None,
         "study_tcvae_above": "study section" if study_full else None,
     }
@@ -642,8 +794,18 @@ def goal_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     for key, what, target, better, unit in GOALS:
         value = measured[key]
         met = None if value is None else (value <= target if better == "lower" else value >= target)
-        rows.append({"goal": key, "what": what, "target": target, "better": better, "unit": unit, "measured": value,
-                     "from": source[key], "met": met})
+        rows.append(
+            {
+                "goal": key,
+                "what": what,
+                "target": target,
+                "better": better,
+                "unit": unit,
+                "measured": value,
+                "from": source[key],
+                "met": met,
+            }
+        )
     return rows
 
 
@@ -677,32 +839,56 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 def markdown(report: dict[str, Any]) -> str:
     env = report["environment"]
-    lines = [f"# aeforge device suite{' (--tiny)' if report['tiny'] else ''}", "",
-             f"{env['device']} · torch {env['torch']} (CUDA {env['cuda'] or 'none'}) · Python {env['python']} · "
-             f"{env['pydantic']} · {report['seconds']:.0f} s of a {report['budget_s']:.0f} s budget", ""]
+    lines = [
+        f"# aeforge device suite{' (--tiny)' if report['tiny'] else ''}",
+        "",
+        f"{env['device']} · torch {env['torch']} (CUDA {env['cuda'] or 'none'}) · Python {env['python']} · "
+        f"{env['pydantic']} · {report['seconds']:.0f} s of a {report['budget_s']:.0f} s budget",
+        "",
+    ]
 
     tests = report.get("gpu_tests") or {}
     lines += [f"## GPU tests (`pytest -m gpu tests/gpu`, {tests.get('seconds', 0):.0f} s)", ""]
     if tests.get("error"):
         lines += [f"**{tests['error']}**", ""]
-    lines += _table(["test", "status", "s", "reason"],
-                    [[t["name"], t["status"], t["seconds"], t["reason"]] for t in tests.get("tests", [])])
+    lines += _table(
+        ["test", "status", "s", "reason"],
+        [[t["name"], t["status"], t["seconds"], t["reason"]] for t in tests.get("tests", [])],
+    )
 
     lines += ["## Training bench (benchmarks/bench_train.py, the protocol's model and data)", ""]
     bench_rows = []
     for case in report.get("bench") or []:
         if case["status"] != "ran":
-            bench_rows.append([case["case"], case["batch_size"], case["status"], None, None, None,
-                               case.get("reason", "")])
+            bench_rows.append(
+                [case["case"], case["batch_size"], case["status"], None, None, None, case.get("reason", "")]
+            )
             continue
         for row in case["rows"]:
             compiling = row.get("compile_seconds")
-            bench_rows.append([case["case"], row.get("batch_size", case["batch_size"]), row["loop"],
-                               row["images_per_second"], row["ms_per_step"], row.get("ratio"),
-                               f"compiled in {compiling:.1f} s" if compiling else ""])
+            bench_rows.append(
+                [
+                    case["case"],
+                    row.get("batch_size", case["batch_size"]),
+                    row["loop"],
+                    row["images_per_second"],
+                    row["ms_per_step"],
+                    row.get("ratio"),
+                    f"compiled in {compiling:.1f} s" if compiling else "",
+                ]
+            )
         for row in case["skipped_rows"]:
-            bench_rows.append([case["case"], row.get("batch_size", case["batch_size"]), row["loop"], None, None,
-                               None, f"skipped: {row['reason']}"])
+            bench_rows.append(
+                [
+                    case["case"],
+                    row.get("batch_size", case["batch_size"]),
+                    row["loop"],
+                    None,
+                    None,
+                    None,
+                    f"skipped: {row['reason']}",
+                ]
+            )
     lines += _table(["case", "batch", "loop", "images/s", "ms/step", "× plain", "note"], bench_rows)
 
     packs = report.get("packs")
@@ -711,11 +897,16 @@ def markdown(report: dict[str, Any]) -> str:
         if packs["status"] != "ran":
             lines += [f"{packs['status']}: {packs.get('reason', '')}", ""]
         else:
-            lines += _table(["way", "K", "images/s (all K)", "× one model"],
-                            [[r["way"], r["k"], r["images_per_second"], r["x_one_model"]] for r in packs["rows"]])
-            lines += [f"disentanglement_lib's study ({STUDY_MODELS:,} models x {PROTOCOL_STEPS:,} steps x 64 images) "
-                      f"at the best rate ({packs['best']['way']}, K = {packs['best']['k']}): "
-                      f"{packs['study_gpu_hours']:,.1f} hours of training on this device", ""]
+            lines += _table(
+                ["way", "K", "images/s (all K)", "× one model"],
+                [[r["way"], r["k"], r["images_per_second"], r["x_one_model"]] for r in packs["rows"]],
+            )
+            lines += [
+                f"disentanglement_lib's study ({STUDY_MODELS:,} models x {PROTOCOL_STEPS:,} steps x 64 images) "
+                f"at the best rate ({packs['best']['way']}, K = {packs['best']['k']}): "
+                f"{packs['study_gpu_hours']:,.1f} hours of training on this device",
+                "",
+            ]
 
     study = report.get("study")
     if study is not None:
@@ -723,23 +914,48 @@ def markdown(report: dict[str, Any]) -> str:
         if study["status"] != "ran":
             lines += [f"{study['status']}: {study.get('reason', '')}", ""]
         else:
-            lines += [f"{study['models']} models in {study['packs']} packs, {study['steps']:,} of {study['full_steps']:,} "
-                      f"steps each at batch {study['batch_size']}" + (" (stopped short: the suite's budget)"
-                                                                     if study["stopped_short"] else "")
-                      + f"; trained in {study['train_s']:.0f} s, scored in {study['score_s']:.0f} s "
-                      f"(MIG over {study['mig_chen_rows']:,} rows, {study['mig_chen_samples']:,} samples); "
-                      f"the full-length study: {study['projected_full_s']:,.0f} s at this pace", ""]
-            lines += _table(["variant", "beta", "seeds", "MIG (Chen) mean", "± sd", "ELBO mean", "± sd"],
-                            [[r["variant"], r["beta"], r["seeds"], r["mig_chen_mean"], r["mig_chen_sd"],
-                              r["elbo_mean"], r["elbo_sd"]] for r in study["table"]])
+            lines += [
+                f"{study['models']} models in {study['packs']} packs, {study['steps']:,} of {study['full_steps']:,} "
+                f"steps each at batch {study['batch_size']}"
+                + (" (stopped short: the suite's budget)" if study["stopped_short"] else "")
+                + f"; trained in {study['train_s']:.0f} s, scored in {study['score_s']:.0f} s "
+                f"(MIG over {study['mig_chen_rows']:,} rows, {study['mig_chen_samples']:,} samples); "
+                f"the full-length study: {study['projected_full_s']:,.0f} s at this pace",
+                "",
+            ]
+            lines += _table(
+                ["variant", "beta", "seeds", "MIG (Chen) mean", "± sd", "ELBO mean", "± sd"],
+                [
+                    [
+                        r["variant"],
+                        r["beta"],
+                        r["seeds"],
+                        r["mig_chen_mean"],
+                        r["mig_chen_sd"],
+                        r["elbo_mean"],
+                        r["elbo_sd"],
+                    ]
+                    for r in study["table"]
+                ],
+            )
 
     protocol = report.get("protocol")
     lines += _protocol_lines(protocol) if protocol is not None else []
 
     lines += ["## Goals (one H200; measured against, not asserted)", ""]
-    lines += _table(["goal", "target", "measured", "from", "met"],
-                    [[g["what"], ("≤ " if g["better"] == "lower" else "≥ ") + _with_unit(g["target"], g["unit"]),
-                      _with_unit(g["measured"], g["unit"]), g["from"] or "", g["met"]] for g in report["goals"]])
+    lines += _table(
+        ["goal", "target", "measured", "from", "met"],
+        [
+            [
+                g["what"],
+                ("≤ " if g["better"] == "lower" else "≥ ") + _with_unit(g["target"], g["unit"]),
+                _with_unit(g["measured"], g["unit"]),
+                g["from"] or "",
+                g["met"],
+            ]
+            for g in report["goals"]
+        ],
+    )
     return "\n".join(lines)
 
 
@@ -747,22 +963,24 @@ def _protocol_lines(protocol: dict[str, Any]) -> list[str]:
     lines = ["## Protocol run (beta-TCVAE, dSprites, disentanglement_lib's protocol)", ""]
     if protocol.get("error"):
         lines += [f"**{protocol['error']}**", ""]
-    shown = [("steps done / asked", f"{_number(protocol.get('steps_done'))} / {_number(protocol.get('steps_asked'))}"),
-             ("stopped at the time budget", protocol.get("stopped_at_budget")),
-             ("precision, compiled", f"{protocol.get('precision')}, {_number(protocol.get('compiled'))}"),
-             ("data set-up (s)", protocol.get("setup_s")),
-             ("training (s)", protocol.get("train_s")),
-             ("images/s (training, start-up included)", protocol.get("images_per_second")),
-             ("steps/s (steady)", protocol.get("steps_per_second")),
-             ("start-up beyond the steady pace (s)", protocol.get("startup_s")),
-             ("of it compiling, first step (s)", protocol.get("compile_s")),
-             ("training, projected for 300,000 steps (s)", protocol.get("projected_train_s_300k")),
-             ("evaluation (s)", protocol.get("eval_s")),
-             ("end to end, as run (s)", protocol.get("end_to_end_s")),
-             ("end to end, projected for 300,000 steps (s)", protocol.get("projected_end_to_end_s_300k")),
-             ("MIG (eval/mig, disentanglement_lib)", protocol.get("mig")),
-             ("MIG (eval/mig_exact, Chen et al.)", protocol.get("mig_exact")),
-             ("ELBO (eval/elbo)", protocol.get("elbo"))]
+    shown = [
+        ("steps done / asked", f"{_number(protocol.get('steps_done'))} / {_number(protocol.get('steps_asked'))}"),
+        ("stopped at the time budget", protocol.get("stopped_at_budget")),
+        ("precision, compiled", f"{protocol.get('precision')}, {_number(protocol.get('compiled'))}"),
+        ("data set-up (s)", protocol.get("setup_s")),
+        ("training (s)", protocol.get("train_s")),
+        ("images/s (training, start-up included)", protocol.get("images_per_second")),
+        ("steps/s (steady)", protocol.get("steps_per_second")),
+        ("start-up beyond the steady pace (s)", protocol.get("startup_s")),
+        ("of it compiling, first step (s)", protocol.get("compile_s")),
+        ("training, projected for 300,000 steps (s)", protocol.get("projected_train_s_300k")),
+        ("evaluation (s)", protocol.get("eval_s")),
+        ("end to end, as run (s)", protocol.get("end_to_end_s")),
+        ("end to end, projected for 300,000 steps (s)", protocol.get("projected_end_to_end_s_300k")),
+        ("MIG (eval/mig, disentanglement_lib)", protocol.get("mig")),
+        ("MIG (eval/mig_exact, Chen et al.)", protocol.get("mig_exact")),
+        ("ELBO (eval/elbo)", protocol.get("elbo")),
+    ]
     return lines + _table(["figure", "value"], [[name, value] for name, value in shown])
 
 
@@ -771,8 +989,15 @@ def environment(pydantic_source: str, device) -> dict[str, Any]:
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     memory = (torch.cuda.get_device_properties(device).total_memory / 2**30) if device.type == "cuda" else None
-    return {"device": name, "device_memory_gib": memory, "torch": torch.__version__, "cuda": torch.version.cuda,
-            "python": platform.python_version(), "cpus": os.cpu_count(), "pydantic": pydantic_source}
+    return {
+        "device": name,
+        "device_memory_gib": memory,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "pydantic": pydantic_source,
+    }
 
 
 # --- main --------------------------------------------------------------------------------------------------------
@@ -781,22 +1006,42 @@ SECTIONS = ("gpu_tests", "bench", "packs", "study", "protocol")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, required=True, help="folder for device_suite.json and device_suite.md")
     parser.add_argument("--tiny", action="store_true", help="toy sizes: the whole suite in about a minute on a CPU")
-    parser.add_argument("--protocol-steps", type=int, default=None,
-                        help=f"steps of the protocol run (default {PROTOCOL_STEPS:,}; --tiny: {TINY_SIZES.protocol_steps})")
-    parser.add_argument("--study-steps", type=int, default=None,
-                        help="steps of each model of the study (default: the full length where the study's share "
-                             "of the budget fits it, else what fits)")
-    parser.add_argument("--budget-s", type=float, default=None,
-                        help=f"seconds for the whole suite (default {DEVICE_SIZES.budget_s:.0f}; --tiny: "
-                             f"{TINY_SIZES.budget_s:.0f}); the protocol's training stops where it would run past it")
-    parser.add_argument("--sections", default=",".join(SECTIONS),
-                        help=f"which parts to run, comma-separated (default: all of {', '.join(SECTIONS)})")
-    parser.add_argument("--wheels", type=Path, default=DEFAULT_WHEELS,
-                        help="folder of pydantic's wheels, installed when pydantic is missing (default .whl)")
+    parser.add_argument(
+        "--protocol-steps",
+        type=int,
+        default=None,
+        help=f"steps of the protocol run (default {PROTOCOL_STEPS:,}; --tiny: {TINY_SIZES.protocol_steps})",
+    )
+    parser.add_argument(
+        "--study-steps",
+        type=int,
+        default=None,
+        help="steps of each model of the study (default: the full length where the study's share "
+        "of the budget fits it, else what fits)",
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help=f"seconds for the whole suite (default {DEVICE_SIZES.budget_s:.0f}; --tiny: "
+        f"{TINY_SIZES.budget_s:.0f}); the protocol's training stops where it would run past it",
+    )
+    parser.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"which parts to run, comma-separated (default: all of {', '.join(SECTIONS)})",
+    )
+    parser.add_argument(
+        "--wheels",
+        type=Path,
+        default=DEFAULT_WHEELS,
+        help="folder of pydantic's wheels, installed when pydantic is missing (default .whl)",
+    )
     args = parser.parse_args(argv)
     unknown = set(args.sections.split(",")) - set(SECTIONS)
     if unknown:
@@ -824,16 +1069,20 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    report: dict[str, Any] = {"tiny": args.tiny, "budget_s": budget_s, "sections": sections,
-                              "environment": environment(pydantic_source, device)}
+    report: dict[str, Any] = {
+        "tiny": args.tiny,
+        "budget_s": budget_s,
+        "sections": sections,
+        "environment": environment(pydantic_source, device),
+    }
     say(f"device suite on {report['environment']['device']}, budget {budget_s:.0f} s")
     failed = False
     if "gpu_tests" in sections:
-        cap = min(sizes.pytest_cap_s,
-                  max(1.0, seconds_left(budget_s) - sizes.protocol_min_s - sizes.eval_reserve_s))
+        cap = min(sizes.pytest_cap_s, max(1.0, seconds_left(budget_s) - sizes.protocol_min_s - sizes.eval_reserve_s))
         report["gpu_tests"] = run_gpu_tests(out, cap)
         failed |= bool(report["gpu_tests"].get("error")) or any(
-            t["status"] in ("failed", "error") for t in report["gpu_tests"]["tests"])
+            t["status"] in ("failed", "error") for t in report["gpu_tests"]["tests"]
+        )
     if "bench" in sections:
         report["bench"] = run_bench(sizes, device, budget_s)
         failed |= any(case["status"] == "error" for case in report["bench"])

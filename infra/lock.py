@@ -46,8 +46,8 @@ UV_VERSION = "0.13.9"  # the tool that writes the locks, pinned like what it wri
 @dataclass(frozen=True)
 class Variant:
     name: str
-    torch: str                 # the variant's torch pin
-    extras: tuple[str, ...] = ()     # requirements added to pyproject's (from its optional dependencies)
+    torch: str  # the variant's torch pin
+    extras: tuple[str, ...] = ()  # requirements added to pyproject's (from its optional dependencies)
     constrained_by: str | None = None  # another variant's lock whose pins this one keeps
 
     @property
@@ -71,8 +71,11 @@ def extra_requirements(names: tuple[str, ...], project: dict | None = None) -> l
     project = project if project is not None else _pyproject()["project"]
     found = []
     for name in names:
-        matches = [r for r in project.get("optional-dependencies", {}).get("test", [])
-                   if r.split("[")[0].split("=")[0].split(">")[0].split("<")[0].strip().lower() == name]
+        matches = [
+            r
+            for r in project.get("optional-dependencies", {}).get("test", [])
+            if r.split("[")[0].split("=")[0].split(">")[0].split("<")[0].strip().lower() == name
+        ]
         if not matches:
             raise SystemExit(f"pyproject.toml: the test extra has no {name!r} requirement, which the {name} lock needs")
         found.extend(matches)
@@ -98,19 +101,24 @@ def inputs_digest(variant: Variant, pyproject: dict | None = None) -> str:
 def recorded_digest(lock: Path) -> str | None:
     """The digest a lock's first line records, or None if it has none."""
     first = lock.read_text(encoding="utf-8").splitlines()[:1]
-    return first[0][len(DIGEST_PREFIX):].strip() if first and first[0].startswith(DIGEST_PREFIX) else None
+    return first[0][len(DIGEST_PREFIX) :].strip() if first and first[0].startswith(DIGEST_PREFIX) else None
 
 
 def _pip_find_links() -> list[str]:
     """pip's configured find-links (PIP_FIND_LINKS, pip.conf): where this machine keeps wheels such as torch's CPU
     build."""
     try:
-        out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
-                             check=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, check=True
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         out = ""
-    links = [v for line in out.splitlines() if line.partition("=")[0].endswith("find-links")
-             for v in line.partition("=")[2].strip().strip("'\"").split()]
+    links = [
+        v
+        for line in out.splitlines()
+        if line.partition("=")[0].endswith("find-links")
+        for v in line.partition("=")[2].strip().strip("'\"").split()
+    ]
     env = os.environ.get("PIP_FIND_LINKS", "")
     return list(dict.fromkeys(env.split() + links))
 
@@ -120,12 +128,31 @@ def compile_lock(variant: Variant, uv: str = "uv") -> None:
     data = _pyproject()
     # What the variant adds to pyproject's requirements, kept beside its lock (whose "via" comments name it).
     extra_in = LOCK_DIR / f"{variant.name}.in"
-    extra_in.write_text("\n".join([variant.torch, *data["build-system"]["requires"],
-                                   *extra_requirements(variant.extras, data["project"])]) + "\n")
-    cmd = [uv, "pip", "compile", "pyproject.toml", str(extra_in.relative_to(REPO)), "--quiet", "--generate-hashes",
-           "--native-tls", "--python-version", PYTHON_VERSION, "--python-platform", PYTHON_PLATFORM,
-           "--custom-compile-command", "make lock", "--no-strip-extras",
-           "--output-file", str(variant.lock.relative_to(REPO))]
+    extra_in.write_text(
+        "\n".join(
+            [variant.torch, *data["build-system"]["requires"], *extra_requirements(variant.extras, data["project"])]
+        )
+        + "\n"
+    )
+    cmd = [
+        uv,
+        "pip",
+        "compile",
+        "pyproject.toml",
+        str(extra_in.relative_to(REPO)),
+        "--quiet",
+        "--generate-hashes",
+        "--native-tls",
+        "--python-version",
+        PYTHON_VERSION,
+        "--python-platform",
+        PYTHON_PLATFORM,
+        "--custom-compile-command",
+        "make lock",
+        "--no-strip-extras",
+        "--output-file",
+        str(variant.lock.relative_to(REPO)),
+    ]
     if variant.constrained_by:
         cmd += ["--constraint", str(VARIANTS[variant.constrained_by].lock.relative_to(REPO))]
     if variant.torch.endswith("+cpu"):
@@ -147,17 +174,32 @@ TOOLS_LOCK = LOCK_DIR / "tools.txt"
 
 
 def tools_digest() -> str:
-    return hashlib.sha256(json.dumps({"uv": UV_VERSION, "python": [PYTHON_VERSION, PYTHON_PLATFORM]},
-                                     sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps({"uv": UV_VERSION, "python": [PYTHON_VERSION, PYTHON_PLATFORM]}, sort_keys=True).encode()
+    ).hexdigest()
 
 
 def compile_tools_lock(uv: str = "uv") -> None:
     """infra/requirements/tools.txt: uv itself, for the image builds."""
     tools_in = LOCK_DIR / "tools.in"
     tools_in.write_text(f"uv=={UV_VERSION}\n")
-    cmd = [uv, "pip", "compile", str(tools_in.relative_to(REPO)), "--quiet", "--generate-hashes", "--native-tls",
-           "--python-version", PYTHON_VERSION, "--python-platform", PYTHON_PLATFORM,
-           "--custom-compile-command", "make lock", "--output-file", str(TOOLS_LOCK.relative_to(REPO))]
+    cmd = [
+        uv,
+        "pip",
+        "compile",
+        str(tools_in.relative_to(REPO)),
+        "--quiet",
+        "--generate-hashes",
+        "--native-tls",
+        "--python-version",
+        PYTHON_VERSION,
+        "--python-platform",
+        PYTHON_PLATFORM,
+        "--custom-compile-command",
+        "make lock",
+        "--output-file",
+        str(TOOLS_LOCK.relative_to(REPO)),
+    ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
     subprocess.run(cmd, check=True, env=env, cwd=REPO)
     text = TOOLS_LOCK.read_text(encoding="utf-8")

@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from jobs.spec import JobSpec
 from workers.config import BETA_VARIANTS
@@ -41,7 +42,7 @@ def experiment_tags(spec: JobSpec) -> dict[str, str]:
 
 
 def model_summary(spec: JobSpec) -> str:
-    """"beta_vae (mlp, latent size 3, beta 4)": the model a spec trains, in one phrase."""
+    """ "beta_vae (mlp, latent size 3, beta 4)": the model a spec trains, in one phrase."""
     model = spec.model
     parts = [model.architecture, f"latent size {model.latent_dim}"]
     if model.variant in BETA_VARIANTS:
@@ -54,12 +55,16 @@ def _value_text(value: Any) -> str:
 
 
 def _sweep_summary(spec: JobSpec) -> str:
-    """"a grid sweep of 4 trials over beta 1, 4 × latent_dim 2, 10, ranked by eval/mig (max)"."""
+    """ "a grid sweep of 4 trials over beta 1, 4 × latent_dim 2, 10, ranked by eval/mig (max)"."""
     assert spec.sweep is not None
-    space = " × ".join(f"{key} {', '.join(_value_text(v) for v in values)}" for key, values in spec.sweep.space().items())
+    space = " × ".join(
+        f"{key} {', '.join(_value_text(v) for v in values)}" for key, values in spec.sweep.space().items()
+    )
     metric = spec.sweep.metric
-    return (f"a {spec.sweep.search} sweep of {spec.num_trials()} trials over {space}, ranked by {metric.name} "
-            f"({metric.mode})")
+    return (
+        f"a {spec.sweep.search} sweep of {spec.num_trials()} trials over {space}, ranked by {metric.name} "
+        f"({metric.mode})"
+    )
 
 
 def _sweep_model(spec: JobSpec) -> str:
@@ -72,18 +77,26 @@ def experiment_description(spec: JobSpec, alias: str | None = None) -> str:
     line until expanded, so that line says what the runs are. ``alias``: the one its models are registered under
     (default: the spec's; a sweep's best trial gets "best")."""
     if spec.kind == "sweep":
-        first = f"**aeforge** runs of `{spec.name}`: {_sweep_model(spec)} on `{spec.data.source}`, {_sweep_summary(spec)}"
+        first = (
+            f"**aeforge** runs of `{spec.name}`: {_sweep_model(spec)} on `{spec.data.source}`, {_sweep_summary(spec)}"
+        )
     else:
         first = f"**aeforge** runs of `{spec.name}`: {model_summary(spec)} trained on `{spec.data.source}`"
     lines = [first + "."]
     if spec.description:
         lines += ["", spec.description]
-    lines += ["", "Each job is one run named after its job id (`aeforge status JOB_ID`); a sweep is a parent run "
-                  "with one nested run per trial, named `<spec>-t<index>-<swept values>`."]
+    lines += [
+        "",
+        "Each job is one run named after its job id (`aeforge status JOB_ID`); a sweep is a parent run "
+        "with one nested run per trial, named `<spec>-t<index>-<swept values>`.",
+    ]
     if spec.registration is not None:
         alias = alias or spec.registration.alias
-        lines += ["", f"Models are registered as `{spec.registration.model_name}` "
-                      f"(`aeforge models show {spec.registration.model_name}@{alias}`)."]
+        lines += [
+            "",
+            f"Models are registered as `{spec.registration.model_name}` "
+            f"(`aeforge models show {spec.registration.model_name}@{alias}`).",
+        ]
     return "\n".join(lines)
 
 
@@ -93,12 +106,16 @@ def experiment_description(spec: JobSpec, alias: str | None = None) -> str:
 def run_description(spec: JobSpec, job_id: str) -> str:
     """A job's run page description: what it trains, on what, for how long."""
     if spec.kind == "sweep":
-        return (f"Sweep job `{job_id}` of the spec `{spec.name}`: {_sweep_model(spec)} on `{spec.data.source}`, "
-                f"{_sweep_summary(spec)}.")
+        return (
+            f"Sweep job `{job_id}` of the spec `{spec.name}`: {_sweep_model(spec)} on `{spec.data.source}`, "
+            f"{_sweep_summary(spec)}."
+        )
     budget = f"{spec.train.steps} steps" if spec.train.steps is not None else f"{spec.train.epochs} epochs"
     r = spec.resources
-    return (f"Job `{job_id}` of the spec `{spec.name}`: {model_summary(spec)} trained on `{spec.data.source}`, "
-            f"{budget} of batch {spec.train.batch_size} on {r.workers} worker{'s' if r.workers != 1 else ''}.")
+    return (
+        f"Job `{job_id}` of the spec `{spec.name}`: {model_summary(spec)} trained on `{spec.data.source}`, "
+        f"{budget} of batch {spec.train.batch_size} on {r.workers} worker{'s' if r.workers != 1 else ''}."
+    )
 
 
 def trial_description(spec: JobSpec, sweep_job_id: str, values: Mapping[str, Any]) -> str:
@@ -150,21 +167,33 @@ def _describe_source(spec: JobSpec, storage) -> tuple[str, str, str, dict[str, A
 
     source = spec.data.source
     if source.startswith("builtin:"):
-        name = source[len("builtin:"):]
+        name = source[len("builtin:") :]
         make = BUILTINS[name]
         generator = f"{make.__module__}.{make.__qualname__}"
         # Generated, not stored: what identifies the data is the generator and its parameters.
         parameters = {"builtin": name, "generator": generator}
-        return (name, "code", json.dumps(CodeDatasetSource({"aeforge.builtin": name, "generator": generator}).to_dict()),
-                {"generated_by": generator, "sha256": hashlib.sha256(json.dumps(parameters, sort_keys=True).encode()).hexdigest(),
-                 "digest_of": "the generator and its parameters"})
+        return (
+            name,
+            "code",
+            json.dumps(CodeDatasetSource({"aeforge.builtin": name, "generator": generator}).to_dict()),
+            {
+                "generated_by": generator,
+                "sha256": hashlib.sha256(json.dumps(parameters, sort_keys=True).encode()).hexdigest(),
+                "digest_of": "the generator and its parameters",
+            },
+        )
     manifest = _pushed_dataset(source, storage)
     if manifest is not None:
         uri = storage.uri(f"datasets/{source}")
         content = sorted(f"{f['path']} {f['sha256']}" for f in manifest["files"])
-        facts = {"sha256": hashlib.sha256("\n".join(content).encode()).hexdigest(),
-                 "digest_of": "the sha256 of each of its files (its manifest)", "files": len(manifest["files"]),
-                 "bytes": manifest.get("size"), "format": manifest.get("format"), "pushed": manifest.get("created")}
+        facts = {
+            "sha256": hashlib.sha256("\n".join(content).encode()).hexdigest(),
+            "digest_of": "the sha256 of each of its files (its manifest)",
+            "files": len(manifest["files"]),
+            "bytes": manifest.get("size"),
+            "format": manifest.get("format"),
+            "pushed": manifest.get("created"),
+        }
         for key in ("examples", "image_shape", "factors", "classes"):
             if manifest.get(key) is not None:
                 facts[f"manifest_{key}"] = manifest[key]
@@ -209,5 +238,11 @@ def training_dataset(spec: JobSpec, storage, info: Mapping[str, Any]):
         **{k: v for k, v in selection.items() if v is not None},
         **facts,
     }
-    return Dataset(name=name, digest=digest[:DIGEST_LENGTH], source_type=source_type, source=source_json,
-                   schema=json.dumps(schema.to_dict()), profile=json.dumps(profile, default=str))
+    return Dataset(
+        name=name,
+        digest=digest[:DIGEST_LENGTH],
+        source_type=source_type,
+        source=source_json,
+        schema=json.dumps(schema.to_dict()),
+        profile=json.dumps(profile, default=str),
+    )

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 from jobs.spec import JobSpec, SpecError
 from workers import settings
@@ -94,14 +94,20 @@ def check_ray_auth(address: str) -> None:
                 os.dup2(saved, 2)
     except AuthenticationError:
         mode = os.environ.get("RAY_AUTH_MODE", "disabled")
-        where = (os.environ.get("RAY_AUTH_TOKEN_PATH") or ("RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN") else "")
-                 or str(Path.home() / ".ray" / "auth_token"))
+        where = (
+            os.environ.get("RAY_AUTH_TOKEN_PATH")
+            or ("RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN") else "")
+            or str(Path.home() / ".ray" / "auth_token")
+        )
         if mode != "token":
-            raise RayAuthError(f"the Ray cluster at {address} (RAY_ADDRESS) uses token authentication: set "
-                               f"RAY_AUTH_MODE=token and put the cluster's token in {where} (or name its file in "
-                               f"RAY_AUTH_TOKEN_PATH)") from None
-        raise RayAuthError(f"the Ray cluster at {address} (RAY_ADDRESS) refused the token in {where}: it is not "
-                           f"this cluster's token") from None
+            raise RayAuthError(
+                f"the Ray cluster at {address} (RAY_ADDRESS) uses token authentication: set "
+                f"RAY_AUTH_MODE=token and put the cluster's token in {where} (or name its file in "
+                f"RAY_AUTH_TOKEN_PATH)"
+            ) from None
+        raise RayAuthError(
+            f"the Ray cluster at {address} (RAY_ADDRESS) refused the token in {where}: it is not this cluster's token"
+        ) from None
     except Exception:  # unreachable, or another problem: ray.init reports it in its own words
         return
     finally:
@@ -133,7 +139,7 @@ def _stop_on_sigterm() -> None:
 
 
 def describe_resources(resources: Mapping[str, float], also: Iterable[str] = ()) -> str:
-    """"CPU 4, GPU 1": the schedulable resources (node markers and memory left out), with ``also`` shown at 0."""
+    """ "CPU 4, GPU 1": the schedulable resources (node markers and memory left out), with ``also`` shown at 0."""
     keys = set(resources) | set(also)
     parts = []
     for key in sorted(keys):
@@ -154,15 +160,24 @@ def never_fits(asked: Mapping[str, float], total: Mapping[str, float]) -> str | 
     one check of the queue's admission and of `aeforge run`."""
     if fits(asked, total):
         return None
-    return f"it asks for {describe_resources(asked)} but the whole Ray cluster has {describe_resources(total, also=asked)}"
+    return (
+        f"it asks for {describe_resources(asked)} but the whole Ray cluster has {describe_resources(total, also=asked)}"
+    )
 
 
 def check_fits_cluster(spec: JobSpec, cluster: Mapping[str, float]) -> None:
     """SpecError naming ``resources`` when the job can never run on this cluster (it would wait forever)."""
     why = never_fits(spec.resource_request(), cluster)
     if why:
-        raise SpecError([{"loc": "resources", "msg": f"can never run here: {why}; lower resources.workers / "
-                                                     f"cpus_per_worker / gpus_per_worker or use a larger cluster"}])
+        raise SpecError(
+            [
+                {
+                    "loc": "resources",
+                    "msg": f"can never run here: {why}; lower resources.workers / "
+                    f"cpus_per_worker / gpus_per_worker or use a larger cluster",
+                }
+            ]
+        )
 
 
 def sweep_concurrency(spec: JobSpec, cluster: Mapping[str, float]) -> tuple[int, dict[str, float], str | None]:
@@ -178,8 +193,10 @@ def sweep_concurrency(spec: JobSpec, cluster: Mapping[str, float]) -> tuple[int,
     note = None
     if n < wanted:
         need = f"{per_trial['CPU']:g} CPU" + (f" and {per_trial['GPU']:g} GPU" if per_trial["GPU"] else "")
-        note = (f"{wanted} trials at once asked, {n} at a time run: each trial needs {need}, the cluster has "
-                f"{describe_resources(cluster, also=('CPU', 'GPU'))}")
+        note = (
+            f"{wanted} trials at once asked, {n} at a time run: each trial needs {need}, the cluster has "
+            f"{describe_resources(cluster, also=('CPU', 'GPU'))}"
+        )
     return n, {k: v * n for k, v in per_trial.items()}, note
 
 
@@ -211,15 +228,21 @@ def cluster_resources() -> dict[str, float]:
     return {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
 
 
-def build_trainer(spec: JobSpec, run_name: str, storage, mlflow_run_id: str | None, callbacks=(),
-                  trial: str | None = None):
+def build_trainer(
+    spec: JobSpec, run_name: str, storage, mlflow_run_id: str | None, callbacks=(), trial: str | None = None
+):
     """One TorchTrainer for a `train` spec (or one sweep trial); the Train run is named after the job/trial id,
     so running the same id again resumes from its last checkpoint. ``trial``: a sweep trial's run name, which its
     progress lines carry."""
     from workers.ray_worker import WorkerJob, train_loop_per_worker
 
-    job = WorkerJob(spec=spec, run_name=run_name, mlflow_run_id=mlflow_run_id,
-                    mlflow_tracking_uri=settings.mlflow_tracking_uri(), trial=trial)
+    job = WorkerJob(
+        spec=spec,
+        run_name=run_name,
+        mlflow_run_id=mlflow_run_id,
+        mlflow_tracking_uri=settings.mlflow_tracking_uri(),
+        trial=trial,
+    )
     return _torch_trainer(spec, run_name, storage, train_loop_per_worker, job, callbacks)
 
 
@@ -229,8 +252,9 @@ def build_pack_trainer(spec: JobSpec, run_name: str, storage, members: list[dict
     (workers.ray_worker.PackWorkerJob)."""
     from workers.ray_worker import PackWorkerJob, pack_loop_per_worker
 
-    job = PackWorkerJob(spec=spec, run_name=run_name, members=members,
-                        mlflow_tracking_uri=settings.mlflow_tracking_uri())
+    job = PackWorkerJob(
+        spec=spec, run_name=run_name, members=members, mlflow_tracking_uri=settings.mlflow_tracking_uri()
+    )
     return _torch_trainer(spec, run_name, storage, pack_loop_per_worker, job, callbacks)
 
 
@@ -243,8 +267,9 @@ def _torch_trainer(spec: JobSpec, run_name: str, storage, loop, job, callbacks):
     return TorchTrainer(
         loop,
         train_loop_config={"job": job},
-        scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=r.gpus_per_worker > 0,
-                                     resources_per_worker=r.per_worker()),
+        scaling_config=ScalingConfig(
+            num_workers=r.workers, use_gpu=r.gpus_per_worker > 0, resources_per_worker=r.per_worker()
+        ),
         run_config=RunConfig(
             name=run_name,
             storage_path=f"{base}/ray",

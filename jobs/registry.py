@@ -19,8 +19,9 @@ import copy
 import getpass
 import os
 import re
-from datetime import datetime, timezone
-from typing import Any, Mapping
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import quote
 
 import numpy as np
@@ -30,16 +31,22 @@ from workers import settings
 from workers.config import BETA_VARIANTS
 from workers.errors import AeforgeError
 from workers.models.base import Autoencoder
-from workers.tracking import all_pages
+from workers.tracking import all_pages, use_tracking_uri
 from workers.tracking import client as tracking_client
-from workers.tracking import use_tracking_uri
 
 METRIC_TAG_PREFIX = "metric."
 PICTURES_PATH = "pictures"
 # The metrics a generated description names, in this order, when the run reported them.
 KEY_METRICS = (
-    "eval/elbo", "eval/iwae_ll", "eval/recon", "eval/kl", "eval/tc", "eval/mig", "eval/dci_disentanglement",
-    "eval/sap", "eval/factor_vae",
+    "eval/elbo",
+    "eval/iwae_ll",
+    "eval/recon",
+    "eval/kl",
+    "eval/tc",
+    "eval/mig",
+    "eval/dci_disentanglement",
+    "eval/sap",
+    "eval/factor_vae",
 )
 INPUT_EXAMPLE_BATCH = 2
 OWNER_TAG = "aeforge.owner"
@@ -64,7 +71,9 @@ class RegistrationError(AeforgeError, ValueError):
 def _check_alias(alias: str) -> None:
     # MLflow reserves "latest" and "v<number>" (they already mean a version).
     if alias.lower() == "latest" or re.fullmatch(r"v\d+", alias.lower()):
-        raise RegistrationError(f"register.alias: '{alias}' is reserved by MLflow (it names a version); choose another alias")
+        raise RegistrationError(
+            f"register.alias: '{alias}' is reserved by MLflow (it names a version); choose another alias"
+        )
 
 
 def job_owner() -> str:
@@ -80,8 +89,10 @@ def job_owner() -> str:
 
 def _check_owner(name: str, found: str | None, owner: str) -> None:
     if found is not None and found != owner:
-        raise RegistrationError(f"register.model_name: the registered model '{name}' belongs to {found}; a job of "
-                                f"{owner} cannot add versions to it or move its aliases: choose another model_name")
+        raise RegistrationError(
+            f"register.model_name: the registered model '{name}' belongs to {found}; a job of "
+            f"{owner} cannot add versions to it or move its aliases: choose another model_name"
+        )
 
 
 def _claim_model(mlflow_client, name: str, owner: str, description: str) -> None:
@@ -113,16 +124,22 @@ def model_description(spec: JobSpec, alias: str) -> str:
     assert spec.registration is not None
     name = spec.registration.model_name
     lines = [spec.registration.description, ""] if spec.registration.description else []
-    lines += [f"Autoencoders trained by **aeforge** from the spec `{spec.name}`: {model_summary(spec)} on "
-              f"`{spec.data.source}`.", "",
-              "Each version's description lists its final metrics and shows its run's pictures; its tags hold the "
-              "variant, beta, latent size, data set, job and metrics. The model's tags describe its latest version.",
-              "", f"Load one with `aeforge models show {name}@{alias}` or "
-              f"`mlflow.pytorch.load_model(\"models:/{name}@{alias}\")` (aeforge installed)."]
+    lines += [
+        f"Autoencoders trained by **aeforge** from the spec `{spec.name}`: {model_summary(spec)} on "
+        f"`{spec.data.source}`.",
+        "",
+        "Each version's description lists its final metrics and shows its run's pictures; its tags hold the "
+        "variant, beta, latent size, data set, job and metrics. The model's tags describe its latest version.",
+        "",
+        f"Load one with `aeforge models show {name}@{alias}` or "
+        f'`mlflow.pytorch.load_model("models:/{name}@{alias}")` (aeforge installed).',
+    ]
     return "\n".join(lines)
 
 
-def version_tags(spec: JobSpec, job_id: str, metrics: Mapping[str, Any], extra_tags: Mapping[str, Any] | None) -> dict[str, str]:
+def version_tags(
+    spec: JobSpec, job_id: str, metrics: Mapping[str, Any], extra_tags: Mapping[str, Any] | None
+) -> dict[str, str]:
     model = spec.model
     tags = {
         "variant": model.variant,
@@ -150,7 +167,9 @@ def generated_description(spec: JobSpec, job_id: str, metrics: Mapping[str, Any]
     if model.variant in BETA_VARIANTS:
         what += f", beta={model.effective_beta:g}"
     what += f") trained on {spec.data.source} by job {job_id}"
-    shown = [f"{name}={float(metrics[name]):.4g}" for name in KEY_METRICS if isinstance(metrics.get(name), (int, float))]
+    shown = [
+        f"{name}={float(metrics[name]):.4g}" for name in KEY_METRICS if isinstance(metrics.get(name), (int, float))
+    ]
     return what + (f"; {', '.join(shown)}" if shown else "")
 
 
@@ -226,8 +245,13 @@ def _pip_requirements() -> list[str]:
     import torch
 
     torch_version = torch.__version__.split("+")[0]
-    return [f"torch=={torch_version}", f"mlflow=={mlflow.__version__}", f"cloudpickle=={cloudpickle.__version__}",
-            f"numpy=={np.__version__}", f"pydantic=={pydantic.__version__}"]
+    return [
+        f"torch=={torch_version}",
+        f"mlflow=={mlflow.__version__}",
+        f"cloudpickle=={cloudpickle.__version__}",
+        f"numpy=={np.__version__}",
+        f"pydantic=={pydantic.__version__}",
+    ]
 
 
 def log_and_register(
@@ -255,7 +279,9 @@ def log_and_register(
     from mlflow.models import infer_signature
 
     if spec.registration is None:
-        raise RegistrationError(f"job {job_id}: the spec has no 'register' section, so there is no model name to register under")
+        raise RegistrationError(
+            f"job {job_id}: the spec has no 'register' section, so there is no model name to register under"
+        )
     name = spec.registration.model_name
     alias = alias or spec.registration.alias
     _check_alias(alias)
@@ -274,8 +300,9 @@ def log_and_register(
         # The logged model is made in the run's own experiment first: given only run_id, MLflow 3 would make it in
         # experiment 0, whose artifacts live under ./mlruns of whatever directory this process started in.
         run = mlflow_client.get_run(run_id)
-        logged = mlflow_client.create_logged_model(run.info.experiment_id, name="model", source_run_id=run_id,
-                                                   params=dict(run.data.params))
+        logged = mlflow_client.create_logged_model(
+            run.info.experiment_id, name="model", source_run_id=run_id, params=dict(run.data.params)
+        )
         # run_id and step: the run lists the model among its outputs (the run page's "Logged models"), and the
         # model carries the metrics of the run's final evaluation.
         info = mlflow.pytorch.log_model(
@@ -316,8 +343,9 @@ def log_and_register(
     }
 
 
-def registered_version_of_run(name: str, run_id: str, *, alias: str | None = None,
-                              tracking_uri: str | None = None) -> dict[str, Any] | None:
+def registered_version_of_run(
+    name: str, run_id: str, *, alias: str | None = None, tracking_uri: str | None = None
+) -> dict[str, Any] | None:
     """The version of model ``name`` already registered from MLflow run ``run_id`` (a job run again after it
     registered its model), as :func:`log_and_register` returns it; None if there is none. ``alias`` is pointed at
     that version when the model does not have it yet (the first attempt died between registering and aliasing)."""
@@ -349,18 +377,23 @@ def registered_version_of_run(name: str, run_id: str, *, alias: str | None = Non
 
 def version_info(version, alias: str | None) -> dict[str, Any]:
     """A registered model version as :func:`log_and_register` returns one."""
-    return {"model_uri": f"models:/{version.name}/{version.version}", "name": version.name,
-            "version": str(version.version), "alias": alias, "logged_model_uri": version.source,
-            "run_id": version.run_id}
+    return {
+        "model_uri": f"models:/{version.name}/{version.version}",
+        "name": version.name,
+        "version": str(version.version),
+        "alias": alias,
+        "logged_model_uri": version.source,
+        "run_id": version.run_id,
+    }
 
 
 # --- looking models up --------------------------------------------------------------------------------------
 
 
 def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
-    """"NAME@alias" -> (NAME, "alias", alias); "NAME/3" -> (NAME, "version", "3"); "NAME" or "NAME/latest" ->
+    """ "NAME@alias" -> (NAME, "alias", alias); "NAME/3" -> (NAME, "version", "3"); "NAME" or "NAME/latest" ->
     (NAME, None, None). A models:/ prefix is accepted."""
-    text = ref[len("models:/"):] if ref.startswith("models:/") else ref
+    text = ref[len("models:/") :] if ref.startswith("models:/") else ref
     if not text or text.startswith(("@", "/")):
         raise ModelLookupError(f"'{ref}' is not a model reference; use NAME, NAME@ALIAS or NAME/VERSION")
     if "@" in text:
@@ -449,7 +482,7 @@ def _split_tags(tags: Mapping[str, str]) -> tuple[dict[str, str], dict[str, floa
     for key, value in tags.items():
         if key.startswith(METRIC_TAG_PREFIX):
             try:
-                metrics[key[len(METRIC_TAG_PREFIX):]] = float(value)
+                metrics[key[len(METRIC_TAG_PREFIX) :]] = float(value)
             except ValueError:
                 plain[key] = value
         else:
@@ -458,7 +491,7 @@ def _split_tags(tags: Mapping[str, str]) -> tuple[dict[str, str], dict[str, floa
 
 
 def _iso(ms: int | None) -> str | None:
-    return None if ms is None else datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="seconds")
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="seconds")
 
 
 def describe(ref: str, tracking_uri: str | None = None) -> dict[str, Any]:
@@ -474,8 +507,11 @@ def describe(ref: str, tracking_uri: str | None = None) -> dict[str, Any]:
     if version.run_id:
         try:
             run_artifact_uri = mlflow_client.get_run(version.run_id).info.artifact_uri
-            pictures = [f"{run_artifact_uri}/{f.path}" for f in mlflow_client.list_artifacts(version.run_id, PICTURES_PATH)
-                        if not f.is_dir]
+            pictures = [
+                f"{run_artifact_uri}/{f.path}"
+                for f in mlflow_client.list_artifacts(version.run_id, PICTURES_PATH)
+                if not f.is_dir
+            ]
         except MlflowException:
             pass  # the run was deleted: the version still describes itself
     return {
@@ -505,13 +541,15 @@ def list_models(tracking_uri: str | None = None) -> list[dict[str, Any]]:
         versions = _all_versions(mlflow_client, name)
         latest = versions[-1] if versions else None
         tags, metrics = _split_tags(latest.tags or {}) if latest else ({}, {})
-        out.append({
-            "name": name,
-            "versions": len(versions),
-            "latest_version": str(latest.version) if latest else None,
-            "aliases": {a: str(v) for a, v in sorted((registered.aliases or {}).items())},
-            "description": registered.description or "",
-            "latest_tags": tags,
-            "latest_metrics": metrics,
-        })
+        out.append(
+            {
+                "name": name,
+                "versions": len(versions),
+                "latest_version": str(latest.version) if latest else None,
+                "aliases": {a: str(v) for a, v in sorted((registered.aliases or {}).items())},
+                "description": registered.description or "",
+                "latest_tags": tags,
+                "latest_metrics": metrics,
+            }
+        )
     return out

@@ -11,8 +11,8 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import yaml
 
@@ -41,12 +41,21 @@ def run_in_process(spec: JobSpec, job_id: str, resolve: Callable[[str], str] | N
     check_data(spec, resolve=resolve)
     run_dir = run_dir_for(job_id)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False,
-                                                      allow_unicode=True), encoding="utf-8")
+    (run_dir / "spec.yaml").write_text(
+        yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False, allow_unicode=True), encoding="utf-8"
+    )
     data = prepare(spec.data, spec.train.seed, resolve=resolve)
-    result = train(spec.model, spec.train, spec.eval, data.train, data.val, RunContext(run_dir=run_dir),
-                   dataset_size=len(data.train), full_data=data.ground_truth,
-                   spec_json=spec.model_dump_json())
+    result = train(
+        spec.model,
+        spec.train,
+        spec.eval,
+        data.train,
+        data.val,
+        RunContext(run_dir=run_dir),
+        dataset_size=len(data.train),
+        full_data=data.ground_truth,
+        spec_json=spec.model_dump_json(),
+    )
     publish_outputs(run_dir, metrics=result.final_metrics)
     return result
 
@@ -82,8 +91,14 @@ def run_train_on_ray(spec: JobSpec, job_id: str, spec_file: str | Path | None = 
         # it was; from here on the run is RUNNING, and ends FAILED or KILLED if the job does.
         tracking.log_spec(spec.model_dump(mode="json"))
         tracking.mark_running()
-        tracking.set_tags({"aeforge.kind": spec.kind, "aeforge.variant": spec.model.variant,
-                           "aeforge.storage": storage.uri(f"ray/{job_id}"), **source_tags(job_id, spec_file, job_owner())})
+        tracking.set_tags(
+            {
+                "aeforge.kind": spec.kind,
+                "aeforge.variant": spec.model.variant,
+                "aeforge.storage": storage.uri(f"ray/{job_id}"),
+                **source_tags(job_id, spec_file, job_owner()),
+            }
+        )
         tracking.describe(run_description(spec, job_id))
         tracking.log_dataset(dataset)
         started = time.time()
@@ -138,7 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     job_id = argv[0]
     text = os.environ.get("AEFORGE_JOB_SPEC")
     if not text:
-        print(f"job {job_id}: AEFORGE_JOB_SPEC is not set; the queue passes the spec in the job's environment", file=sys.stderr)
+        print(
+            f"job {job_id}: AEFORGE_JOB_SPEC is not set; the queue passes the spec in the job's environment",
+            file=sys.stderr,
+        )
         return 2
     try:
         spec = parse_spec_json(text, f"job {job_id}")
@@ -157,9 +175,19 @@ def main(argv: list[str] | None = None) -> int:
     metrics = outcome.get("metrics") or {k: v for k, v in best.items() if "/" in k and isinstance(v, (int, float))}
     # A train job's steps and the step it last resumed from (0: it never did) say whether a failure was survived.
     progress = {k: outcome[k] for k in ("steps", "resumed_from_step") if outcome.get(k) is not None}
-    print(result_line({"mlflow_run_id": outcome.get("mlflow_run_id"), "model": outcome.get("model"),
-                       "metrics": metrics, "pictures": outcome.get("pictures"),
-                       "best_trial": best.get("run_name"), **progress}), flush=True)
+    print(
+        result_line(
+            {
+                "mlflow_run_id": outcome.get("mlflow_run_id"),
+                "model": outcome.get("model"),
+                "metrics": metrics,
+                "pictures": outcome.get("pictures"),
+                "best_trial": best.get("run_name"),
+                **progress,
+            }
+        ),
+        flush=True,
+    )
     return 0
 
 

@@ -14,13 +14,13 @@ import itertools
 import json
 import math
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import yaml
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from workers.errors import AeforgeError
 from workers.config import (
     BETA_VARIANTS,
     STOCHASTIC_VARIANTS,
@@ -31,6 +31,7 @@ from workers.config import (
     TrainConfig,
     Variant,
 )
+from workers.errors import AeforgeError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 # The most trials one sweep may run (its grid times num_samples, or its random draws). The count is checked
@@ -69,7 +70,7 @@ class BetaRange(StrictModel):
     spacing: Literal["linear", "log"] = "linear"
 
     @model_validator(mode="after")
-    def _positive_for_log(self) -> "BetaRange":
+    def _positive_for_log(self) -> BetaRange:
         if self.spacing == "log" and (self.start <= 0 or self.stop <= 0):
             raise ValueError("a log-spaced range needs start > 0 and stop > 0")
         return self
@@ -99,9 +100,12 @@ class SweepConfig(StrictModel):
     metric: SweepMetric = Field(default_factory=SweepMetric)
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: as many as the cluster fits")
     register_all: bool = Field(False, description="also register every non-best trial's model")
-    pack: int | Literal["auto"] = Field(1, description="trials trained together as one pack, in one Ray Train run: "
-                                         "1 (each trial its own run), a pack size, or auto (enough packs to fill "
-                                         "the trials that run at once)")
+    pack: int | Literal["auto"] = Field(
+        1,
+        description="trials trained together as one pack, in one Ray Train run: "
+        "1 (each trial its own run), a pack size, or auto (enough packs to fill "
+        "the trials that run at once)",
+    )
 
     @field_validator("pack")
     @classmethod
@@ -151,8 +155,9 @@ class RegisterConfig(StrictModel):
 
 class JobSpec(StrictModel):
     # "register" would shadow BaseModel.register: the field is `registration`, written `register` in specs.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_by_name=True,
-                              validate_by_alias=True, serialize_by_alias=True)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, validate_by_name=True, validate_by_alias=True, serialize_by_alias=True
+    )
 
     name: str = Field(..., pattern=NAME_PATTERN)
     kind: Literal["train", "sweep"] = "train"
@@ -166,7 +171,7 @@ class JobSpec(StrictModel):
     registration: RegisterConfig | None = Field(None, alias="register")
 
     @model_validator(mode="after")
-    def _cross_section_rules(self) -> "JobSpec":
+    def _cross_section_rules(self) -> JobSpec:
         errors: list[tuple[str, str]] = []
         if self.kind == "sweep" and self.sweep is None:
             errors.append(("sweep", "a job of kind 'sweep' needs a 'sweep' section"))
@@ -176,36 +181,58 @@ class JobSpec(StrictModel):
         if self.sweep is not None:
             space = self.sweep.space()
             if not space:
-                errors.append(("sweep", "the search space is empty: give at least one of beta, latent_dim, seed, variant"))
+                errors.append(
+                    ("sweep", "the search space is empty: give at least one of beta, latent_dim, seed, variant")
+                )
             for key, values in space.items():
                 if not values:
                     errors.append((f"sweep.{key}", "an empty list searches nothing; give at least one value"))
             trials = self.sweep.num_trials()
             if trials > MAX_TRIALS:
-                how = ("num_samples" if self.sweep.search == "random" else
-                       " x ".join(f"{len(v)} {k}" for k, v in space.items()) +
-                       (f" x {self.sweep.num_samples} num_samples" if self.sweep.num_samples > 1 else ""))
-                errors.append(("sweep", f"the sweep would run {trials:,} trials ({how}); at most {MAX_TRIALS:,} "
-                               f"trials per sweep: search fewer values or split it into several sweeps"))
+                how = (
+                    "num_samples"
+                    if self.sweep.search == "random"
+                    else " x ".join(f"{len(v)} {k}" for k, v in space.items())
+                    + (f" x {self.sweep.num_samples} num_samples" if self.sweep.num_samples > 1 else "")
+                )
+                errors.append(
+                    (
+                        "sweep",
+                        f"the sweep would run {trials:,} trials ({how}); at most {MAX_TRIALS:,} "
+                        f"trials per sweep: search fewer values or split it into several sweeps",
+                    )
+                )
             variants = space.get("variant") or variants
             if "beta" in space and not all(v in BETA_VARIANTS for v in variants):
                 bad = sorted({v for v in variants if v not in BETA_VARIANTS})
-                errors.append(("sweep.beta", f"sweeping beta needs variant beta_vae or beta_tcvae, not {', '.join(bad)}"))
+                errors.append(
+                    ("sweep.beta", f"sweeping beta needs variant beta_vae or beta_tcvae, not {', '.join(bad)}")
+                )
             # A variant's own settings apply to that variant's trials (with_trial drops them from the others).
             if "variant" in space and self.model.tc_estimator is not None and "beta_tcvae" not in variants:
                 errors.append(("model.tc_estimator", "is only for beta_tcvae, and the sweep has no beta_tcvae trial"))
             if "variant" in space and self.model.corruption is not None and "dae" not in variants:
                 errors.append(("model.corruption", "is only for dae, and the sweep has no dae trial"))
             if self.sweep.pack != 1 and self.sweep.search != "grid":
-                errors.append(("sweep.pack", "packs need search: grid (a random search draws its trials one at a "
-                                             "time); use pack: 1"))
+                errors.append(
+                    (
+                        "sweep.pack",
+                        "packs need search: grid (a random search draws its trials one at a time); use pack: 1",
+                    )
+                )
             metric = self.sweep.metric.name
             known = reported_metrics(self, variants)
             if metric not in known and not _metric_needs_factors(metric):
-                errors.append(("sweep.metric.name", f"no trial reports '{metric}'; reported: {', '.join(sorted(known))}"))
+                errors.append(
+                    ("sweep.metric.name", f"no trial reports '{metric}'; reported: {', '.join(sorted(known))}")
+                )
             elif metric in POSTERIOR_FACTOR_METRICS and not all(v in STOCHASTIC_VARIANTS for v in variants):
-                errors.append(("sweep.metric.name", f"'{metric}' needs a posterior: only vae, beta_vae and "
-                               "beta_tcvae trials report it"))
+                errors.append(
+                    (
+                        "sweep.metric.name",
+                        f"'{metric}' needs a posterior: only vae, beta_vae and beta_tcvae trials report it",
+                    )
+                )
             elif _metric_needs_factors(metric) and not self.eval.disentanglement:
                 errors.append(("sweep.metric.name", f"no trial reports '{metric}': eval.disentanglement is off"))
         if "beta_tcvae" in variants and self.train.batch_size < 2:
@@ -224,7 +251,10 @@ class JobSpec(StrictModel):
         trials = 1
         if self.kind == "sweep" and self.sweep is not None:
             trials = self.max_concurrent_trials(None)
-        return {"CPU": float(r.workers * r.cpus_per_worker * trials), "GPU": float(r.workers * r.gpus_per_worker * trials)}
+        return {
+            "CPU": float(r.workers * r.cpus_per_worker * trials),
+            "GPU": float(r.workers * r.gpus_per_worker * trials),
+        }
 
     def trial_configs(self) -> list[dict[str, Any]]:
         """The grid of a sweep (one dict per trial, before random sampling and repeats)."""
@@ -251,8 +281,13 @@ class JobSpec(StrictModel):
         listing = "; ".join(", ".join(f"t{row['index']:02d}" for row in pack) for pack in packs)
         return f"{len(packs)} pack{'s' if len(packs) != 1 else ''}: {listing}"
 
-    def pack_size(self, concurrent: int, free_bytes: float | None = None,
-                  image_shape: tuple[int, int, int] | None = None, dataset_size: int = 1) -> tuple[int, str]:
+    def pack_size(
+        self,
+        concurrent: int,
+        free_bytes: float | None = None,
+        image_shape: tuple[int, int, int] | None = None,
+        dataset_size: int = 1,
+    ) -> tuple[int, str]:
         """The pack size of this sweep and a line saying why: ``sweep.pack``, or for auto the smaller of two:
         enough packs of each group (variant x latent size) to keep ``concurrent`` trials running (more packs than
         slots only queue, fewer leave slots idle), and as many models as half of ``free_bytes`` (the memory of the
@@ -268,8 +303,12 @@ class JobSpec(StrictModel):
             from workers.pack import training_bytes
 
             biggest = max(self.trial_configs(), key=lambda t: t.get("latent_dim", self.model.latent_dim))
-            need = training_bytes(self.with_trial({k: v for k, v in biggest.items() if k != "seed"}).model,
-                                  image_shape, dataset_size, self.train.batch_size)
+            need = training_bytes(
+                self.with_trial({k: v for k, v in biggest.items() if k != "seed"}).model,
+                image_shape,
+                dataset_size,
+                self.train.batch_size,
+            )
             fits = max(1, int(PACK_MEMORY_FRACTION * free_bytes // need))
             a_model = f"{need / 2**20:.0f} MiB" if need >= 2**20 else f"{need / 2**10:.0f} KiB"
             why += f"; {fits} fit in half of {free_bytes / 2**30:.1f} GiB at {a_model} a model"
@@ -292,7 +331,7 @@ class JobSpec(StrictModel):
             return n if self.sweep.max_concurrent_trials is not None else 1
         return max(1, min(n, trials_that_fit(self.resources, cluster)))
 
-    def with_trial(self, trial: dict[str, Any]) -> "JobSpec":
+    def with_trial(self, trial: dict[str, Any]) -> JobSpec:
         """This spec with one trial's values put into the model/train sections."""
         data = self.model_dump(mode="json")
         for key, value in trial.items():
@@ -333,7 +372,7 @@ def trials_that_fit(resources: Resources, cluster: dict[str, float]) -> int:
     return fits
 
 
-def check_cluster(spec: "JobSpec", cluster: dict[str, float]) -> int:
+def check_cluster(spec: JobSpec, cluster: dict[str, float]) -> int:
     """How many trials of a sweep run at once on this cluster ({"CPU": n, "GPU": m}); SpecError naming
     ``resources`` when not even one trial fits, so that nothing starts."""
     r = spec.resources
@@ -342,12 +381,18 @@ def check_cluster(spec: "JobSpec", cluster: dict[str, float]) -> int:
     need = f"{r.workers} worker(s) x {r.cpus_per_worker:g} CPU"
     if r.gpus_per_worker:
         need += f" and {r.gpus_per_worker:g} GPU"
-    raise SpecError([{
-        "loc": "resources",
-        "msg": (f"a trial needs {need} plus {TRIAL_DRIVER_CPU:g} CPU for its driver, and the cluster has "
-                f"{cluster.get('CPU', 0):g} CPU and {cluster.get('GPU', 0):g} GPU in all, so no trial can ever start; "
-                f"lower resources.workers / cpus_per_worker / gpus_per_worker or use a larger cluster"),
-    }])
+    raise SpecError(
+        [
+            {
+                "loc": "resources",
+                "msg": (
+                    f"a trial needs {need} plus {TRIAL_DRIVER_CPU:g} CPU for its driver, and the cluster has "
+                    f"{cluster.get('CPU', 0):g} CPU and {cluster.get('GPU', 0):g} GPU in all, so no trial can ever start; "
+                    f"lower resources.workers / cpus_per_worker / gpus_per_worker or use a larger cluster"
+                ),
+            }
+        ]
+    )
 
 
 def reported_metrics(spec: JobSpec, variants: list[str] | None = None) -> set[str]:
@@ -362,8 +407,15 @@ def reported_metrics(spec: JobSpec, variants: list[str] | None = None) -> set[st
 
 
 FACTOR_METRICS = {
-    "eval/mig", "eval/mig_exact", "eval/mig_chen", "eval/sap", "eval/dci_disentanglement", "eval/dci_completeness",
-    "eval/dci_informativeness", "eval/factor_vae", "eval/beta_vae",
+    "eval/mig",
+    "eval/mig_exact",
+    "eval/mig_chen",
+    "eval/sap",
+    "eval/dci_disentanglement",
+    "eval/dci_completeness",
+    "eval/dci_informativeness",
+    "eval/factor_vae",
+    "eval/beta_vae",
 }
 
 
@@ -412,7 +464,7 @@ def _errors_from_validation(exc: ValidationError) -> list[dict[str, str]]:
         if err["type"] == "extra_forbidden":
             msg = "unknown key (not part of the spec; check the spelling)"
         elif msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
+            msg = msg[len("Value error, ") :]
         if msg.startswith("@"):  # cross-section rules: one entry per line, each with its own field path
             for line in msg.splitlines():
                 where, _, what = line[1:].partition(": ")
@@ -455,7 +507,9 @@ def spec_from_data(data: Any, source: str = "<spec>") -> JobSpec:
     if data is None:
         raise SpecError([{"loc": "<file>", "msg": "the spec is empty"}], source)
     if not isinstance(data, dict):
-        raise SpecError([{"loc": "<file>", "msg": f"the spec must be a mapping of sections, not a {type(data).__name__}"}], source)
+        raise SpecError(
+            [{"loc": "<file>", "msg": f"the spec must be a mapping of sections, not a {type(data).__name__}"}], source
+        )
     try:
         return JobSpec.model_validate(data)
     except ValidationError as exc:
@@ -498,14 +552,22 @@ def parse_setting(setting: str, source: str = "<spec>") -> tuple[list[str], Any]
     path, sep, text = setting.partition("=")
     keys = path.strip().split(".")
     if not sep or not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k) for k in keys):
-        raise SpecError([{"loc": "--set", "msg": f"{setting!r} is not PATH=VALUE with a dotted path of spec keys "
-                                                 f"(e.g. train.steps=100)"}], source)
+        raise SpecError(
+            [
+                {
+                    "loc": "--set",
+                    "msg": f"{setting!r} is not PATH=VALUE with a dotted path of spec keys (e.g. train.steps=100)",
+                }
+            ],
+            source,
+        )
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError) as exc:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise SpecError([{"loc": ".".join(keys), "msg": f"not a valid YAML value in --set {setting}: {problem}"}],
-                        source) from None
+        raise SpecError(
+            [{"loc": ".".join(keys), "msg": f"not a valid YAML value in --set {setting}: {problem}"}], source
+        ) from None
     return keys, value
 
 
@@ -516,7 +578,9 @@ def apply_settings(data: Any, settings: Sequence[str], source: str = "<spec>") -
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise SpecError([{"loc": "<file>", "msg": f"the spec must be a mapping of sections, not a {type(data).__name__}"}], source)
+        raise SpecError(
+            [{"loc": "<file>", "msg": f"the spec must be a mapping of sections, not a {type(data).__name__}"}], source
+        )
     data = copy.deepcopy(data)
     for setting in settings:
         keys, value = parse_setting(setting, source)
@@ -526,9 +590,16 @@ def apply_settings(data: Any, settings: Sequence[str], source: str = "<spec>") -
             if child is None:
                 child = node[key] = {}
             if not isinstance(child, dict):
-                where = ".".join(keys[:depth + 1])
-                raise SpecError([{"loc": where, "msg": f"is a value ({child!r}), not a section: --set {setting} "
-                                                       f"cannot put a key in it"}], source)
+                where = ".".join(keys[: depth + 1])
+                raise SpecError(
+                    [
+                        {
+                            "loc": where,
+                            "msg": f"is a value ({child!r}), not a section: --set {setting} cannot put a key in it",
+                        }
+                    ],
+                    source,
+                )
             node = child
         node[keys[-1]] = value
     return data
@@ -574,14 +645,24 @@ def check_data(spec: JobSpec, resolve: Callable[[str], str] | None = None) -> di
     n_train = int(n_train * (1 - spec.data.val_fraction))
     global_batch = spec.train.batch_size * spec.resources.workers
     if n_train < global_batch:
-        errors.append({"loc": "train.batch_size", "msg": f"the global batch ({global_batch}) is larger than the training set ({n_train} examples)"})
+        errors.append(
+            {
+                "loc": "train.batch_size",
+                "msg": f"the global batch ({global_batch}) is larger than the training set ({n_train} examples)",
+            }
+        )
     if spec.eval.factors is not None and spec.eval.disentanglement:
         names = known_factor_names(spec.data)
         if not has_factors:
             errors.append({"loc": "eval.factors", "msg": "the data has no ground-truth factors to score"})
         elif names is not None and (unknown := [f for f in spec.eval.factors if f not in names]):
-            errors.append({"loc": "eval.factors", "msg": f"{', '.join(map(repr, unknown))}: not a factor of "
-                           f"{spec.data.source} (factors: {', '.join(names)})"})
+            errors.append(
+                {
+                    "loc": "eval.factors",
+                    "msg": f"{', '.join(map(repr, unknown))}: not a factor of "
+                    f"{spec.data.source} (factors: {', '.join(names)})",
+                }
+            )
     if spec.sweep is not None:
         metric = spec.sweep.metric.name
         if _metric_needs_factors(metric) and not (has_factors and spec.eval.disentanglement):
@@ -590,5 +671,3 @@ def check_data(spec: JobSpec, resolve: Callable[[str], str] | None = None) -> di
     if errors:
         raise SpecError(errors)
     return {"num_examples": num_examples, "image_shape": image_shape, "has_factors": has_factors}
-
-

@@ -21,8 +21,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from jobs.ray_train import (build_trainer, cluster_resources, connect_ray, fit, job_environment,
-                            pack_device_free_bytes, sweep_concurrency)
+from jobs.ray_train import (
+    build_trainer,
+    cluster_resources,
+    connect_ray,
+    fit,
+    job_environment,
+    pack_device_free_bytes,
+    sweep_concurrency,
+)
 from jobs.spec import TRIAL_DRIVER_CPU, BetaRange, JobSpec, check_data
 from workers import settings
 from workers.errors import AeforgeError
@@ -70,8 +77,9 @@ def _name_value(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
-def trial_run_name(sweep_name: str, trial_id: str, values: dict[str, Any], num_trials: int,
-                   index: int | None = None) -> str:
+def trial_run_name(
+    sweep_name: str, trial_id: str, values: dict[str, Any], num_trials: int, index: int | None = None
+) -> str:
     """A trial's MLflow run name: ``<sweep name>-t<index>-<swept values>``, e.g. ``faces-t03-beta4-z10``.
 
     The index (zero-padded to the sweep's size, at least 2 digits) makes it unique within the sweep; the values
@@ -109,8 +117,8 @@ def _trial(config: dict[str, Any], sweep: dict[str, Any]) -> dict[str, float]:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from workers.storage import Storage
     from workers.outputs import numeric_metrics
+    from workers.storage import Storage
     from workers.tracking import MlflowRun, start_or_resume_run
 
     # Tune's trial actors live in worker processes started with the cluster, whose environment may predate this
@@ -124,8 +132,13 @@ def _trial(config: dict[str, Any], sweep: dict[str, Any]) -> dict[str, float]:
     trial_job = trial_job_id(sweep["job_id"], trial_id)
     run_name = _trial_name(config, sweep)
     storage = Storage.from_settings()
-    run_id = start_or_resume_run(sweep["experiment_id"], trial_job, run_name=run_name,
-                                 parent_run_id=sweep["parent_run_id"], tracking_uri=tracking_uri)
+    run_id = start_or_resume_run(
+        sweep["experiment_id"],
+        trial_job,
+        run_name=run_name,
+        parent_run_id=sweep["parent_run_id"],
+        tracking_uri=tracking_uri,
+    )
     with MlflowRun(run_id, tracking_uri) as tracking:
         done = _finished_trial(storage, trial_job)
         if done is not None:
@@ -158,8 +171,14 @@ def _pack_members(rows: list[dict[str, Any]], trial_id: str, job_id: str, spec: 
     for k, row in enumerate(rows):
         values = {key: row[key] for key in TRIAL_KEYS if key in row}
         member_id = member_trial_id(trial_id, k)
-        members.append({"values": values, "trial_id": member_id, "job": trial_job_id(job_id, member_id),
-                        "name": trial_run_name(spec.name, member_id, values, spec.num_trials(), index=row["index"])})
+        members.append(
+            {
+                "values": values,
+                "trial_id": member_id,
+                "job": trial_job_id(job_id, member_id),
+                "name": trial_run_name(spec.name, member_id, values, spec.num_trials(), index=row["index"]),
+            }
+        )
     return members
 
 
@@ -198,8 +217,12 @@ def _trial_name(values: dict[str, Any], sweep: dict[str, Any]) -> str:
     from ray import tune
 
     base: JobSpec = sweep["spec"]
-    return trial_run_name(base.name, tune.get_context().get_trial_id(),
-                          {k: values[k] for k in TRIAL_KEYS if k in values}, base.num_trials())
+    return trial_run_name(
+        base.name,
+        tune.get_context().get_trial_id(),
+        {k: values[k] for k in TRIAL_KEYS if k in values},
+        base.num_trials(),
+    )
 
 
 def _trial_entry(config: dict[str, Any], sweep: dict[str, Any]) -> None:
@@ -250,8 +273,13 @@ def _pack_trial(rows: list[dict[str, Any]], sweep: dict[str, Any]) -> None:
     with contextlib.ExitStack() as stack:
         runs = []
         for m in members:
-            run_id = start_or_resume_run(sweep["experiment_id"], m["job"], run_name=m["name"],
-                                         parent_run_id=sweep["parent_run_id"], tracking_uri=tracking_uri)
+            run_id = start_or_resume_run(
+                sweep["experiment_id"],
+                m["job"],
+                run_name=m["name"],
+                parent_run_id=sweep["parent_run_id"],
+                tracking_uri=tracking_uri,
+            )
             run = MlflowRun(run_id, tracking_uri)
             run.mark_running()
             _describe_trial_run(run, sweep, m["spec"], m["values"], m["trial_id"])
@@ -272,9 +300,13 @@ def _pack_trial(rows: list[dict[str, Any]], sweep: dict[str, Any]) -> None:
         for k, (m, run, summary) in enumerate(zip(members, runs, summaries)):
             metrics = summary.get("final_metrics") or {}
             failed = summary.get("failed")
-            record = {"metrics": metrics, "failed": failed, "resumed_from_step": summary.get("resumed_from_step"),
-                      "steps": summary.get("steps"),
-                      "checkpoint_path": f"{result.checkpoint.path}/{member_folder(k)}" if result.checkpoint else None}
+            record = {
+                "metrics": metrics,
+                "failed": failed,
+                "resumed_from_step": summary.get("resumed_from_step"),
+                "steps": summary.get("steps"),
+                "checkpoint_path": f"{result.checkpoint.path}/{member_folder(k)}" if result.checkpoint else None,
+            }
             storage.put_bytes(json.dumps(record, sort_keys=True).encode(), trial_result_relpath(m["job"]))
             if failed:
                 why = diverged_message(failed)
@@ -303,16 +335,19 @@ def run_sweep(spec: JobSpec, job_id: str, spec_file: str | Path | None = None) -
     storage.preflight(wait_s=settings.storage_wait_s())
     info = check_data(spec, resolve=storage.resolve)
     # What every run of the sweep records about where it came from: its source, user and data set.
-    lineage = {"source_tags": source_tags(job_id, spec_file, job_owner()),
-               "dataset": training_dataset(spec, storage, info)}
+    lineage = {
+        "source_tags": source_tags(job_id, spec_file, job_owner()),
+        "dataset": training_dataset(spec, storage, info),
+    }
     connect_ray()
     max_concurrent, _, capped = sweep_concurrency(spec, cluster_resources())
     if capped:
         print(f"aeforge: sweep {job_id}: {capped}", flush=True)
 
     tracking_uri = settings.mlflow_tracking_uri()
-    experiment_id = ensure_experiment(spec.name, tracking_uri, description=experiment_description(spec, BEST_ALIAS),
-                                      tags=experiment_tags(spec))
+    experiment_id = ensure_experiment(
+        spec.name, tracking_uri, description=experiment_description(spec, BEST_ALIAS), tags=experiment_tags(spec)
+    )
     parent_id = start_or_resume_run(experiment_id, job_id, run_name=job_id, tracking_uri=tracking_uri)
     parent = MlflowRun(parent_id, tracking_uri)
     parent.mark_running()  # a finished sweep run again runs again
@@ -326,8 +361,16 @@ def run_sweep(spec: JobSpec, job_id: str, spec_file: str | Path | None = None) -
     return outcome
 
 
-def _tune(spec: JobSpec, job_id: str, storage, parent, experiment_id: str, max_concurrent: int,
-          lineage: dict[str, Any], data_info: dict[str, Any] | None = None) -> dict[str, Any]:
+def _tune(
+    spec: JobSpec,
+    job_id: str,
+    storage,
+    parent,
+    experiment_id: str,
+    max_concurrent: int,
+    lineage: dict[str, Any],
+    data_info: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Run (or restore) the Tune experiment and summarise it on the parent run; each trial's run records
     ``lineage`` (source tags, data set) as the parent's does. ``data_info`` (check_data's): the image shape and
     size a pack's memory need is counted for (sweep.pack auto)."""
@@ -336,8 +379,15 @@ def _tune(spec: JobSpec, job_id: str, storage, parent, experiment_id: str, max_c
     from workers.storage.ray_fs import share_s3_keys, tune_filesystem
 
     data_info = data_info or {}
-    sweep_ctx = {"spec": spec, "job_id": job_id, "experiment_id": experiment_id, "parent_run_id": parent.run_id,
-                 "tracking_uri": parent.tracking_uri, "env": job_environment(), **lineage}
+    sweep_ctx = {
+        "spec": spec,
+        "job_id": job_id,
+        "experiment_id": experiment_id,
+        "parent_run_id": parent.run_id,
+        "tracking_uri": parent.tracking_uri,
+        "env": job_environment(),
+        **lineage,
+    }
     packs = None
     if spec.sweep.pack != 1:
         free = pack_device_free_bytes(spec, max_concurrent) if spec.sweep.pack == "auto" else None
@@ -353,8 +403,9 @@ def _tune(spec: JobSpec, job_id: str, storage, parent, experiment_id: str, max_c
     experiment_path = f"{tune_path}/{job_id}"
     try:
         if tune.Tuner.can_restore(experiment_path, storage_filesystem=fs):
-            tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True,
-                                       resume_errored=True, storage_filesystem=fs)
+            tuner = tune.Tuner.restore(
+                experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs
+            )
         else:
             tuner = tune.Tuner(
                 trainable,
@@ -371,8 +422,10 @@ def _tune(spec: JobSpec, job_id: str, storage, parent, experiment_id: str, max_c
         rows = results_rows(grid, job_id, spec, storage)
         if not any(r["status"] == "finished" for r in rows):
             errors = "; ".join(f"{r['run_name']}: {r.get('error')}" for r in rows if r.get("error"))
-            raise SweepFailed(f"sweep {job_id}: no trial finished ({errors or 'see the trial errors in the Ray logs'}); "
-                              f"running the same job id again (aeforge run SPEC --job-id {job_id}) continues it")
+            raise SweepFailed(
+                f"sweep {job_id}: no trial finished ({errors or 'see the trial errors in the Ray logs'}); "
+                f"running the same job id again (aeforge run SPEC --job-id {job_id}) continues it"
+            )
         return _summarise(spec, job_id, rows, parent, storage)
     finally:
         share_s3_keys(kv_key, remove=True)
@@ -384,13 +437,19 @@ def _summarise(spec: JobSpec, job_id: str, rows: list[dict[str, Any]], parent, s
 
     metric = spec.sweep.metric
     outcome: dict[str, Any] = {"job_id": job_id, "mlflow_run_id": parent.run_id, "trials": rows}
-    with tempfile.TemporaryDirectory(prefix="aeforge-sweep-") as tmp, \
-            tempfile.TemporaryDirectory(prefix="aeforge-traversals-") as traversals:
+    with (
+        tempfile.TemporaryDirectory(prefix="aeforge-sweep-") as tmp,
+        tempfile.TemporaryDirectory(prefix="aeforge-traversals-") as traversals,
+    ):
         outputs = Path(tmp)
         write_results_csv(rows, outputs / "results" / RESULTS_CSV)
-        sweep_summary_pictures(rows, metric.name, outputs / "pictures",
-                               traversal_for=lambda row: _fetch_traversal(storage, row, Path(traversals)),
-                               mode=metric.mode)
+        sweep_summary_pictures(
+            rows,
+            metric.name,
+            outputs / "pictures",
+            traversal_for=lambda row: _fetch_traversal(storage, row, Path(traversals)),
+            mode=metric.mode,
+        )
         publish_outputs(outputs, storage=storage, run_name=job_id, mlflow_run=parent)
     outcome["pictures"] = storage.uri(f"runs/{job_id}/pictures")
 
@@ -407,6 +466,7 @@ def _summarise(spec: JobSpec, job_id: str, rows: list[dict[str, Any]], parent, s
 
 def rank_rows(rows: list[dict[str, Any]], metric: str, mode: str) -> list[dict[str, Any]]:
     """Rows with a numeric ``metric``, best first (NaN last); the others after them, in their order."""
+
     def key(row):
         value = row.get(metric)
         if not isinstance(value, (int, float)) or value != value:
@@ -433,7 +493,9 @@ def results_rows(grid, job_id: str, spec: JobSpec, storage=None) -> list[dict[st
         row["trial_job_id"] = trial_job_id(job_id, trial_id)
         row["status"] = "error" if result.error else "finished"
         if result.error:
-            row["error"] = str(result.error).strip().splitlines()[-1][:300] if str(result.error).strip() else repr(result.error)
+            row["error"] = (
+                str(result.error).strip().splitlines()[-1][:300] if str(result.error).strip() else repr(result.error)
+            )
         row["checkpoint_path"] = metrics.get("checkpoint_path")
         for key, value in metrics.items():
             if "/" in key and isinstance(value, (int, float)):
@@ -449,13 +511,20 @@ def _pack_rows(result, job_id: str, spec: JobSpec, storage) -> list[dict[str, An
     trial_id = (result.metrics or {}).get("trial_id") or _trial_id_from_path(result.path)
     rows = []
     for member in _pack_members(result.config["pack"], trial_id, job_id, spec):
-        row: dict[str, Any] = {**member["values"], "trial_id": member["trial_id"], "run_name": member["name"],
-                               "trial_job_id": member["job"]}
+        row: dict[str, Any] = {
+            **member["values"],
+            "trial_id": member["trial_id"],
+            "run_name": member["name"],
+            "trial_job_id": member["job"],
+        }
         record = _finished_trial(storage, row["trial_job_id"]) if storage is not None else None
         if record is None:
             row["status"] = "error"
-            row["error"] = ("the pack stopped before this trial finished" if result.error is None else
-                            (str(result.error).strip().splitlines() or ["the pack ended without this trial"])[-1][:300])
+            row["error"] = (
+                "the pack stopped before this trial finished"
+                if result.error is None
+                else (str(result.error).strip().splitlines() or ["the pack ended without this trial"])[-1][:300]
+            )
         elif record.get("failed"):
             row["status"] = "failed"
             row["error"] = diverged_message(record["failed"])
@@ -506,7 +575,9 @@ def _load_trial_model(storage, checkpoint_path: str):
 
     fs, _ = storage.pyarrow_filesystem()
     with tempfile.TemporaryDirectory(prefix="aeforge-trial-") as tmp:
-        pyarrow.fs.copy_files(checkpoint_path, tmp, source_filesystem=fs, destination_filesystem=pyarrow.fs.LocalFileSystem())
+        pyarrow.fs.copy_files(
+            checkpoint_path, tmp, source_filesystem=fs, destination_filesystem=pyarrow.fs.LocalFileSystem()
+        )
         return load_model_from_checkpoint(tmp)
 
 
@@ -539,7 +610,11 @@ def _register_trials(spec: JobSpec, job_id: str, finished: list[dict], metric, s
         model = _load_trial_model(storage, row["checkpoint_path"])
         run_id = start_or_resume_run(experiment_id, row["trial_job_id"], run_name=row["run_name"])
         registered = log_and_register(
-            model, trial_spec, row["trial_job_id"], run_id, {k: v for k, v in row.items() if "/" in k},
+            model,
+            trial_spec,
+            row["trial_job_id"],
+            run_id,
+            {k: v for k, v in row.items() if "/" in k},
             extra_tags={"sweep_id": job_id, "trial_id": row["trial_id"], "sweep_rank": str(rank + 1)},
             alias=BEST_ALIAS if rank == 0 else None,
         )
@@ -565,8 +640,12 @@ def _find_sweep_run(mlflow_client, ref: str):
         return None
     ids = [e.experiment_id for e in all_pages(mlflow_client.search_experiments)]
     for start in range(0, len(ids), 100):
-        found = mlflow_client.search_runs(ids[start:start + 100], filter_string=f"tags.`{JOB_ID_TAG}` = '{ref}'",
-                                          max_results=1, order_by=["attributes.start_time ASC"])
+        found = mlflow_client.search_runs(
+            ids[start : start + 100],
+            filter_string=f"tags.`{JOB_ID_TAG}` = '{ref}'",
+            max_results=1,
+            order_by=["attributes.start_time ASC"],
+        )
         if found:
             return found[0]
     return None
@@ -588,14 +667,17 @@ def load_sweep(ref: str, tracking_uri: str | None = None) -> dict[str, Any]:
     params = parent.data.params
     if parent.data.tags.get("aeforge.kind") != "sweep" and params.get("kind") != "sweep":
         raise SweepNotFound(f"'{ref}' is MLflow run {parent.info.run_id}, which is not a sweep")
-    children = all_pages(mlflow_client.search_runs, [parent.info.experiment_id],
-                         filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent.info.run_id}'")
+    children = all_pages(
+        mlflow_client.search_runs,
+        [parent.info.experiment_id],
+        filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent.info.run_id}'",
+    )
     rows = []
     for child in children:
         row: dict[str, Any] = {}
         for key, value in sorted(child.data.params.items()):
             if key.startswith("trial."):
-                row[key[len("trial."):]] = _parse_param(value)
+                row[key[len("trial.") :]] = _parse_param(value)
         row["trial_id"] = child.data.tags.get(TRIAL_ID_TAG, "")
         row["run_name"] = child.info.run_name
         row["trial_job_id"] = child.data.tags.get(JOB_ID_TAG, "")
@@ -605,8 +687,14 @@ def load_sweep(ref: str, tracking_uri: str | None = None) -> dict[str, Any]:
     metric = params.get("sweep.metric.name", "eval/elbo")
     mode = params.get("sweep.metric.mode", "max")
     rows = rank_rows(sorted(rows, key=lambda r: r["run_name"]), metric, mode)
-    return {"job_id": parent.data.tags.get(JOB_ID_TAG, ref), "mlflow_run_id": parent.info.run_id,
-            "status": parent.info.status.lower(), "metric": metric, "mode": mode, "rows": rows}
+    return {
+        "job_id": parent.data.tags.get(JOB_ID_TAG, ref),
+        "mlflow_run_id": parent.info.run_id,
+        "status": parent.info.status.lower(),
+        "metric": metric,
+        "mode": mode,
+        "rows": rows,
+    }
 
 
 def sweep_results(ref: str) -> list[dict[str, Any]]:

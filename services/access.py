@@ -85,22 +85,31 @@ def check_data_source(source: str, who: Principal, allowed: tuple[str, ...] | li
         if _under_allowed_prefix(source, allowed):
             return None
         shown = ", ".join(allowed) if allowed else "none are set"
-        return _refuse_data(source, f"'{source}' is not under a location you may read: a user reads their own "
-                                    f"pushed datasets, shared ones, and paths or s3:// URLs under the prefixes in "
-                                    f"AEFORGE_ALLOWED_DATA_PREFIXES ({shown})")
+        return _refuse_data(
+            source,
+            f"'{source}' is not under a location you may read: a user reads their own "
+            f"pushed datasets, shared ones, and paths or s3:// URLs under the prefixes in "
+            f"AEFORGE_ALLOWED_DATA_PREFIXES ({shown})",
+        )
     try:
         from workers.storage import Storage
 
         manifest = Storage.from_settings().manifest(source)
     except StorageUnreachable:
-        return _refuse_data(source, "the storage does not answer, so whether you may read this dataset cannot be "
-                                    "checked; submit again later", status=503)
+        return _refuse_data(
+            source,
+            "the storage does not answer, so whether you may read this dataset cannot be checked; submit again later",
+            status=503,
+        )
     except StorageError:  # no such dataset, an incomplete one, or a manifest that cannot be read: all the same
         manifest = None
     if manifest is not None and (manifest.get("owner") == who.owner or manifest.get("shared") is True):
         return None
-    return _refuse_data(source, f"no dataset '{source}' that you may read: a user reads the datasets they pushed "
-                                f"and the ones shared with `aeforge data share` (`aeforge data ls` lists them)")
+    return _refuse_data(
+        source,
+        f"no dataset '{source}' that you may read: a user reads the datasets they pushed "
+        f"and the ones shared with `aeforge data share` (`aeforge data ls` lists them)",
+    )
 
 
 def _split(location: str) -> tuple[str, str, list[str], bool] | None:
@@ -108,7 +117,7 @@ def _split(location: str) -> tuple[str, str, list[str], bool] | None:
     the path normalised; None for what cannot be compared (a relative path, a path with a '..' part). An S3 key
     names a folder only when it ends with '/': s3://b/public is an object beside the folder s3://b/public/."""
     if location.startswith("s3://"):
-        bucket, _, key = location[len("s3://"):].partition("/")
+        bucket, _, key = location[len("s3://") :].partition("/")
         scheme, path = "s3", key  # keys are taken literally, as the resolver does
     elif location.startswith("file://"):
         scheme, bucket, path = "file", "", unquote(urlparse(location).path)
@@ -137,7 +146,7 @@ def _under_allowed_prefix(source: str, allowed) -> bool:
         if allowed_split is None or allowed_split[:2] != (scheme, bucket):
             continue
         under = allowed_split[2]  # a prefix is a folder: whole segments, the folder itself or what is in it
-        if parts[:len(under)] == under and (len(parts) > len(under) or folder):
+        if parts[: len(under)] == under and (len(parts) > len(under) or folder):
             return True
     return False
 
@@ -151,14 +160,17 @@ def check_model_name(name: str, who: Principal, tracking_uri: str | None = None)
     uri = tracking_uri or worker_settings.mlflow_tracking_uri()
     try:
         owner = registered_model_owner(name, uri)
-    except Exception as exc:  # noqa: BLE001 - any failure to look it up: the job checks again when it registers
-        log.warning("cannot look registered model %r up in MLflow (%s); the job will check its owner", name,
-                    type(exc).__name__)
+    except Exception as exc:
+        log.warning(
+            "cannot look registered model %r up in MLflow (%s); the job will check its owner", name, type(exc).__name__
+        )
         return None
     if owner is None or owner == who.owner:
         return None
-    message = (f"the registered model '{name}' belongs to {owner}: a job of {who.owner} cannot add versions to it "
-               f"or move its aliases; choose another register.model_name")
+    message = (
+        f"the registered model '{name}' belongs to {owner}: a job of {who.owner} cannot add versions to it "
+        f"or move its aliases; choose another register.model_name"
+    )
     return Refusal(409, f"register.model_name: {message}", [{"loc": "register.model_name", "msg": message}])
 
 
@@ -169,7 +181,7 @@ def registered_model_owner(name: str, tracking_uri: str, timeout_s: float = MLFL
     if tracking_uri.startswith(("http://", "https://")):
         return _owner_over_rest(name, tracking_uri, timeout_s)
     if tracking_uri.startswith("sqlite:///"):
-        path = tracking_uri[len("sqlite:///"):].split("?", 1)[0]
+        path = tracking_uri[len("sqlite:///") :].split("?", 1)[0]
         if path != ":memory:" and not Path(path).exists():
             return None
     import mlflow
@@ -193,8 +205,13 @@ def _owner_over_rest(name: str, tracking_uri: str, timeout_s: float) -> str | No
         headers["Authorization"] = f"Bearer {env('MLFLOW_TRACKING_TOKEN')}"
     elif env("MLFLOW_TRACKING_USERNAME"):
         auth = (env("MLFLOW_TRACKING_USERNAME"), env("MLFLOW_TRACKING_PASSWORD") or "")
-    response = httpx.get(f"{tracking_uri.rstrip('/')}/api/2.0/mlflow/registered-models/get", params={"name": name},
-                         headers=headers, auth=auth, timeout=timeout_s)
+    response = httpx.get(
+        f"{tracking_uri.rstrip('/')}/api/2.0/mlflow/registered-models/get",
+        params={"name": name},
+        headers=headers,
+        auth=auth,
+        timeout=timeout_s,
+    )
     if response.status_code == 404 and "RESOURCE_DOES_NOT_EXIST" in response.text:
         return None
     response.raise_for_status()

@@ -16,9 +16,10 @@ import logging
 import socket
 import sys
 import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any, AsyncIterator, Callable, Literal, get_type_hints
+from typing import Any, Literal, get_type_hints
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -58,21 +59,41 @@ def text_problem(value: str) -> str | None:
 
 class SubmitRequest(BaseModel):
     # The examples are what the OpenAPI page shows, and the requests a schemathesis run starts from.
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"spec": "name: example\nmodel: {variant: vae, architecture: mlp, latent_dim: 4}\n"
-                 "train: {steps: 10, batch_size: 8}\n",
-         "priority": 1, "idempotency_key": "example-key-1"},
-        {"spec": {"name": "example-object", "train": {"steps": 5, "max_hours": 1.5}, "resources": {"workers": 1}},
-         "max_attempts": 2},
-    ]})
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "spec": "name: example\nmodel: {variant: vae, architecture: mlp, latent_dim: 4}\n"
+                    "train: {steps: 10, batch_size: 8}\n",
+                    "priority": 1,
+                    "idempotency_key": "example-key-1",
+                },
+                {
+                    "spec": {
+                        "name": "example-object",
+                        "train": {"steps": 5, "max_hours": 1.5},
+                        "resources": {"workers": 1},
+                    },
+                    "max_attempts": 2,
+                },
+            ]
+        },
+    )
 
     spec: str | dict[str, Any] = Field(..., description="the job spec: YAML/JSON text as written, or a JSON object")
     priority: int = Field(0, ge=-1000, le=1000, description="higher runs first")
-    idempotency_key: str | None = Field(None, min_length=1, max_length=200,
-                                        description="a retried submission with the same key (and the same spec, "
-                                                    "priority and max_attempts) returns the same job; no control "
-                                                    "characters")
-    max_attempts: int | None = Field(None, ge=1, le=20, description="attempts before the job fails (default: the service's)")
+    idempotency_key: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="a retried submission with the same key (and the same spec, "
+        "priority and max_attempts) returns the same job; no control "
+        "characters",
+    )
+    max_attempts: int | None = Field(
+        None, ge=1, le=20, description="attempts before the job fails (default: the service's)"
+    )
 
     @field_validator("idempotency_key")
     @classmethod
@@ -129,8 +150,10 @@ class JobDetailOut(JobOut):
     spec: str
     events: list[EventOut]
     progress: dict[str, Any] | None = Field(
-        None, description="a running job's last progress line: step, total, and (when the job reports them) its "
-                          "latest metrics, images_per_second and trial")
+        None,
+        description="a running job's last progress line: step, total, and (when the job reports them) its "
+        "latest metrics, images_per_second and trial",
+    )
     queue: QueueOut | None = Field(None, description="a queued job's place in the queue and why it waits")
 
 
@@ -157,8 +180,12 @@ def queue_out(store: Store, job: Job) -> dict[str, Any]:
     place = store.queue_place(job)
     # The walk stops at the job it waits for; a job with its own reason was judged itself, so nothing blocks it.
     blocker = place.blocked_by if job.wait_reason is None else None
-    return {"jobs_ahead": place.jobs_ahead, "reason": job.wait_reason,
-            "blocked_by": blocker.id if blocker else None, "blocked_by_reason": blocker.wait_reason if blocker else None}
+    return {
+        "jobs_ahead": place.jobs_ahead,
+        "reason": job.wait_reason,
+        "blocked_by": blocker.id if blocker else None,
+        "blocked_by_reason": blocker.wait_reason if blocker else None,
+    }
 
 
 def _error(status: int, detail: str, errors: list[dict[str, str]] | None = None, headers=None) -> JSONResponse:
@@ -213,8 +240,9 @@ class BodySizeLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, scope, receive, send):
-        await _error(413, f"request body too large: the limit is {self.max_bytes} bytes "
-                          f"(AEFORGE_MAX_REQUEST_BYTES)")(scope, receive, send)
+        await _error(413, f"request body too large: the limit is {self.max_bytes} bytes (AEFORGE_MAX_REQUEST_BYTES)")(
+            scope, receive, send
+        )
 
 
 # --- the app ----------------------------------------------------------------------------------------------------
@@ -246,16 +274,18 @@ def create_app(
     here runs in a thread for the app's lifetime."""
     validate = validate or _default_validator()
     if not settings.tokens:
-        raise ValueError("no API tokens are configured: set AEFORGE_TOKENS_FILE or AEFORGE_TOKENS "
-                         "(a list of {token, owner, role})")
+        raise ValueError(
+            "no API tokens are configured: set AEFORGE_TOKENS_FILE or AEFORGE_TOKENS (a list of {token, owner, role})"
+        )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         stop = threading.Event()
         thread = None
         if dispatcher is not None:
-            thread = threading.Thread(target=dispatcher.run, args=(stop, settings.dispatch_interval_s),
-                                      name="aeforge-dispatcher", daemon=True)
+            thread = threading.Thread(
+                target=dispatcher.run, args=(stop, settings.dispatch_interval_s), name="aeforge-dispatcher", daemon=True
+            )
             thread.start()
         try:
             yield
@@ -275,8 +305,13 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, exc: RequestValidationError):
-        errors = [{"loc": ".".join(str(p) for p in e.get("loc", ())),
-                   "msg": str(e.get("msg", "")).removeprefix("Value error, ")} for e in exc.errors()]
+        errors = [
+            {
+                "loc": ".".join(str(p) for p in e.get("loc", ())),
+                "msg": str(e.get("msg", "")).removeprefix("Value error, "),
+            }
+            for e in exc.errors()
+        ]
         return _error(422, "invalid request: " + "; ".join(f"{e['loc']}: {e['msg']}" for e in errors), errors)
 
     @app.exception_handler(JobNotFound)
@@ -304,8 +339,9 @@ def create_app(
 
     def principal(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
         if credentials is None:
-            raise HTTPException(401, "missing bearer token (Authorization: Bearer <token>)",
-                                headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(
+                401, "missing bearer token (Authorization: Bearer <token>)", headers={"WWW-Authenticate": "Bearer"}
+            )
         found = settings.principal_for(credentials.credentials)
         if found is None:
             raise HTTPException(401, "unknown token", headers={"WWW-Authenticate": "Bearer"})
@@ -337,23 +373,36 @@ def create_app(
         """Who the token belongs to: its owner and role."""
         return {"owner": who.owner, "role": who.role}
 
-    @app.post("/jobs", status_code=201, response_model=JobOut, tags=["jobs"],
-              responses={200: {"model": JobOut, "description": "the job an earlier submission with this "
-                                                               "idempotency key made"},
-                         400: {"model": ErrorOut, "description": "a body that cannot be read (not JSON, nested too "
-                                                                "deeply)"},
-                         403: {"model": ErrorOut, "description": "a data.source this user may not read"},
-                         503: {"model": ErrorOut, "description": "data.source cannot be checked: storage is down"},
-                         413: {"model": ErrorOut}, **errors_doc})
-    def submit_job(body: SubmitRequest, response: Response, who: Principal = Depends(principal),
-                   idempotency_key: str | None = Header(None, alias="Idempotency-Key", max_length=200)):
+    @app.post(
+        "/jobs",
+        status_code=201,
+        response_model=JobOut,
+        tags=["jobs"],
+        responses={
+            200: {"model": JobOut, "description": "the job an earlier submission with this idempotency key made"},
+            400: {"model": ErrorOut, "description": "a body that cannot be read (not JSON, nested too deeply)"},
+            403: {"model": ErrorOut, "description": "a data.source this user may not read"},
+            503: {"model": ErrorOut, "description": "data.source cannot be checked: storage is down"},
+            413: {"model": ErrorOut},
+            **errors_doc,
+        },
+    )
+    def submit_job(
+        body: SubmitRequest,
+        response: Response,
+        who: Principal = Depends(principal),
+        idempotency_key: str | None = Header(None, alias="Idempotency-Key", max_length=200),
+    ):
         """Validate a spec and queue it; 422 with every field error if it cannot run."""
         key = body.idempotency_key
         if idempotency_key is not None:
             problem = text_problem(idempotency_key)
             if problem:
-                return _error(422, f"invalid request: header.Idempotency-Key: {problem}",
-                              [{"loc": "header.Idempotency-Key", "msg": problem}])
+                return _error(
+                    422,
+                    f"invalid request: header.Idempotency-Key: {problem}",
+                    [{"loc": "header.Idempotency-Key", "msg": problem}],
+                )
             if key is not None and key != idempotency_key:
                 return _error(422, "the Idempotency-Key header and the body's idempotency_key differ")
             key = idempotency_key
@@ -393,38 +442,58 @@ def create_app(
             response.status_code = 200
         return job_out(job)
 
-    @app.get("/jobs", response_model=JobPage, tags=["jobs"],
-             responses={403: {"model": ErrorOut, "description": "a user asked for another owner's jobs"}, **errors_doc})
+    @app.get(
+        "/jobs",
+        response_model=JobPage,
+        tags=["jobs"],
+        responses={403: {"model": ErrorOut, "description": "a user asked for another owner's jobs"}, **errors_doc},
+    )
     def list_jobs(
         who: Principal = Depends(principal),
-        state: list[str] | None = Query(None, description=f"one or more of {', '.join(STATES)} (repeat, or comma-separated)"),
+        state: list[str] | None = Query(
+            None, description=f"one or more of {', '.join(STATES)} (repeat, or comma-separated)"
+        ),
         owner: str | None = Query(None, max_length=100),
         name: str | None = Query(None, max_length=100),
         limit: int = Query(50, ge=1, le=500),
         offset: int = Query(0, ge=0, le=MAX_OFFSET),
     ):
         """Jobs, newest first, one page at a time; a user's listing holds only their own jobs."""
-        bad = [{"loc": f"query.{field}", "msg": problem} for field, value in (("owner", owner), ("name", name))
-               if value is not None and (problem := text_problem(value))]
+        bad = [
+            {"loc": f"query.{field}", "msg": problem}
+            for field, value in (("owner", owner), ("name", name))
+            if value is not None and (problem := text_problem(value))
+        ]
         if bad:
             return _error(422, "invalid request: " + "; ".join(f"{e['loc']}: {e['msg']}" for e in bad), bad)
         states = [s.strip() for item in (state or []) for s in item.split(",") if s.strip()]
         unknown = sorted(set(states) - set(STATES))
         if unknown:
-            return _error(422, f"unknown state(s) {', '.join(unknown)}; states are {', '.join(STATES)}",
-                          [{"loc": "query.state", "msg": f"unknown state {s!r}"} for s in unknown])
+            return _error(
+                422,
+                f"unknown state(s) {', '.join(unknown)}; states are {', '.join(STATES)}",
+                [{"loc": "query.state", "msg": f"unknown state {s!r}"} for s in unknown],
+            )
         if not who.is_admin:
             if owner is not None and owner != who.owner:
                 return _error(403, "a user lists only their own jobs")
             owner = who.owner
         jobs, total = store.list_jobs(states=states or None, owner=owner, name=name, limit=limit, offset=offset)
         next_offset = offset + len(jobs) if offset + len(jobs) < total else None
-        return {"items": [job_out(j) for j in jobs], "total": total, "limit": limit, "offset": offset,
-                "next_offset": next_offset}
+        return {
+            "items": [job_out(j) for j in jobs],
+            "total": total,
+            "limit": limit,
+            "offset": offset,
+            "next_offset": next_offset,
+        }
 
     @app.get("/jobs/{job_id}", response_model=JobDetailOut, tags=["jobs"], responses=errors_doc)
-    def get_job(job_id: str, who: Principal = Depends(principal),
-                progress: bool = Query(False, description="read the training progress from the running job's log")):
+    def get_job(
+        job_id: str,
+        who: Principal = Depends(principal),
+        progress: bool = Query(False, description="read the training progress from the running job's log"),
+    ):
         """A job with its spec, every state change and its results (MLflow run, registered model version)."""
         job = visible_job(job_id, who)
         out = job_out(job) | {"spec": job.spec_text, "events": [e.to_dict() for e in store.events(job.id)]}
@@ -437,7 +506,9 @@ def create_app(
                 log.warning("job %s: no progress, the Ray logs are unavailable: %s", job.id, exc)
         return out
 
-    @app.post("/jobs/{job_id}/cancel", response_model=JobOut, tags=["jobs"], responses={202: {"model": JobOut}, **errors_doc})
+    @app.post(
+        "/jobs/{job_id}/cancel", response_model=JobOut, tags=["jobs"], responses={202: {"model": JobOut}, **errors_doc}
+    )
     def cancel_job(job_id: str, response: Response, who: Principal = Depends(principal)):
         """A queued job is cancelled now (200); a starting or running one is stopped on Ray and marked
         cancelled once it has stopped (202)."""
@@ -453,11 +524,18 @@ def create_app(
         visible_job(job_id, who)
         return job_out(store.retry(job_id, who.owner))
 
-    @app.get("/jobs/{job_id}/logs", tags=["jobs"], response_class=StreamingResponse,
-             responses={200: {"content": {"text/plain": {}}}, 503: {"model": ErrorOut}, **errors_doc})
-    async def job_logs(job_id: str, who: Principal = Depends(principal),
-                       follow: bool = Query(False, description="keep streaming until the job ends"),
-                       attempt: int | None = Query(None, ge=1, description="default: the latest attempt")):
+    @app.get(
+        "/jobs/{job_id}/logs",
+        tags=["jobs"],
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/plain": {}}}, 503: {"model": ErrorOut}, **errors_doc},
+    )
+    async def job_logs(
+        job_id: str,
+        who: Principal = Depends(principal),
+        follow: bool = Query(False, description="keep streaming until the job ends"),
+        attempt: int | None = Query(None, ge=1, description="default: the latest attempt"),
+    ):
         """The job's log from Ray (plain text); with follow=true, streamed as it is written, across attempts."""
         job = await run_in_threadpool(visible_job, job_id, who)
         if launcher is None:
@@ -478,8 +556,9 @@ def create_app(
     return app
 
 
-async def _follow_logs(store: Store, launcher: JobLauncher, job_id: str, only_attempt: int | None,
-                       poll_s: float = 1.0) -> AsyncIterator[str]:
+async def _follow_logs(
+    store: Store, launcher: JobLauncher, job_id: str, only_attempt: int | None, poll_s: float = 1.0
+) -> AsyncIterator[str]:
     """Stream the job's Ray log as it is written: one attempt if asked for, else each attempt in turn until the
     job is finished."""
     current = only_attempt
@@ -534,8 +613,10 @@ def start_embedded_ray() -> str:
     context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
     url = getattr(context, "dashboard_url", None)
     if not url:
-        raise RuntimeError("the local Ray started without its dashboard, which serves the Jobs API; "
-                           "install ray[default] or set RAY_ADDRESS to a running cluster")
+        raise RuntimeError(
+            "the local Ray started without its dashboard, which serves the Jobs API; "
+            "install ray[default] or set RAY_ADDRESS to a running cluster"
+        )
     return url if "://" in url else f"http://{url}"
 
 
@@ -554,15 +635,25 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_service(settings: ServiceSettings, host: str = "127.0.0.1", port: int = 8000, dispatch: bool = True,
-                on_ready: Callable[[str], None] | None = None) -> None:
+def run_service(
+    settings: ServiceSettings,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    dispatch: bool = True,
+    on_ready: Callable[[str], None] | None = None,
+) -> None:
     """The API and (unless ``dispatch`` is False) the dispatcher in this process, until interrupted. While it
     listens, AEFORGE_HOME/service.json records its address for the CLI (services.settings.api_url_for)."""
     import uvicorn
 
     from services.dispatcher import RayClusterView, RayJobLauncher
-    from services.settings import local_tokens_path, remove_service_record, url_for_listener, \
-        write_local_admin_token, write_service_record
+    from services.settings import (
+        local_tokens_path,
+        remove_service_record,
+        url_for_listener,
+        write_local_admin_token,
+        write_service_record,
+    )
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sock = listen(host, port)
@@ -570,8 +661,11 @@ def run_service(settings: ServiceSettings, host: str = "127.0.0.1", port: int = 
     try:
         if not settings.tokens:
             principal = write_local_admin_token(settings.home)
-            log.warning("no API tokens were configured; wrote an admin token for %s to %s", principal.owner,
-                        local_tokens_path(settings.home))
+            log.warning(
+                "no API tokens were configured; wrote an admin token for %s to %s",
+                principal.owner,
+                local_tokens_path(settings.home),
+            )
             settings = ServiceSettings.load()
         store = Store(settings.db_url)
         address = settings.ray_address
@@ -581,9 +675,14 @@ def run_service(settings: ServiceSettings, host: str = "127.0.0.1", port: int = 
         launcher = RayJobLauncher(address)
         dispatcher = None
         if dispatch:
-            dispatcher = Dispatcher(store, RayClusterView(launcher), launcher,
-                                    max_concurrent_jobs=settings.max_concurrent_jobs, job_module=settings.job_module,
-                                    retry_backoff_s=settings.retry_backoff_s)
+            dispatcher = Dispatcher(
+                store,
+                RayClusterView(launcher),
+                launcher,
+                max_concurrent_jobs=settings.max_concurrent_jobs,
+                job_module=settings.job_module,
+                retry_backoff_s=settings.retry_backoff_s,
+            )
         app = create_app(store, settings, launcher=launcher, dispatcher=dispatcher)
         home = settings.home
 

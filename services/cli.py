@@ -12,18 +12,30 @@ import json
 import math
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
 
 import typer
 
 from services.cli_errors import ErrorHandlingGroup, fail
-from services.cli_output import OutputFormat, make_console, new_table, number_column, output_option, print_json, text_column
+from services.cli_output import (
+    OutputFormat,
+    make_console,
+    new_table,
+    number_column,
+    output_option,
+    print_json,
+    text_column,
+)
 
 # Typer's --install-completion / --show-completion: shell completion of commands, options and their choices.
-app = typer.Typer(cls=ErrorHandlingGroup, add_completion=True, no_args_is_help=True,
-                  help="aeforge: train the autoencoder family on Ray, tracked in MLflow.")
+app = typer.Typer(
+    cls=ErrorHandlingGroup,
+    add_completion=True,
+    no_args_is_help=True,
+    help="aeforge: train the autoencoder family on Ray, tracked in MLflow.",
+)
 console = make_console()
 
 
@@ -51,8 +63,15 @@ def _print_version(value: bool) -> None:
 
 
 @app.callback()
-def _options(version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
-                                          help="print aeforge's version (and torch's, Ray's, MLflow's) and exit")) -> None:
+def _options(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        is_eager=True,
+        callback=_print_version,
+        help="print aeforge's version (and torch's, Ray's, MLflow's) and exit",
+    ),
+) -> None:
     pass
 
 
@@ -70,15 +89,21 @@ def _spec_named(path: Path) -> Iterator[None]:
 
 
 def _settings_option():
-    return typer.Option([], "--set", metavar="PATH=VALUE",
-                        help="change the spec: a dotted path and a YAML value, e.g. --set train.steps=100 "
-                             "--set model.latent_dim=8 (repeatable; checked like the file)")
+    return typer.Option(
+        [],
+        "--set",
+        metavar="PATH=VALUE",
+        help="change the spec: a dotted path and a YAML value, e.g. --set train.steps=100 "
+        "--set model.latent_dim=8 (repeatable; checked like the file)",
+    )
 
 
 @app.command()
-def validate(spec_path: Path = typer.Argument(..., metavar="SPEC", help="job spec (YAML or JSON)"),
-             data: bool = typer.Option(True, "--data/--no-data", help="also open the data source and check the model fits it"),
-             settings: list[str] = _settings_option()) -> None:
+def validate(
+    spec_path: Path = typer.Argument(..., metavar="SPEC", help="job spec (YAML or JSON)"),
+    data: bool = typer.Option(True, "--data/--no-data", help="also open the data source and check the model fits it"),
+    settings: list[str] = _settings_option(),
+) -> None:
     """Check a job spec: prints OK, or every error with its field path (exit code 2)."""
     from jobs.spec import check_data, load_spec
 
@@ -86,20 +111,29 @@ def validate(spec_path: Path = typer.Argument(..., metavar="SPEC", help="job spe
     if data:
         with _spec_named(spec_path):
             info = check_data(spec, resolve=_resolver())
-        console.print(f"OK  {spec.name} ({spec.kind}, {spec.model.variant}/{spec.model.architecture}); data: "
-                      f"{info['num_examples']} examples of {'x'.join(map(str, info['image_shape']))}", highlight=False)
+        console.print(
+            f"OK  {spec.name} ({spec.kind}, {spec.model.variant}/{spec.model.architecture}); data: "
+            f"{info['num_examples']} examples of {'x'.join(map(str, info['image_shape']))}",
+            highlight=False,
+        )
     else:
         console.print(f"OK  {spec.name} ({spec.kind}, {spec.model.variant}/{spec.model.architecture})", highlight=False)
     if spec.sweep is not None and spec.sweep.pack != 1:
         # Which trials will train together: fixed by a pack size; with auto, the groups (sized at the start).
         if spec.sweep.pack == "auto":
             groups = spec.packs_line(spec.num_trials()).replace("pack", "group", 1)
-            console.print(f"    sweep.pack auto: sized when the sweep starts, to keep the trials that run at once "
-                          f"busy; trials of one variant and latent size go together ({groups})", highlight=False,
-                          soft_wrap=True)
+            console.print(
+                f"    sweep.pack auto: sized when the sweep starts, to keep the trials that run at once "
+                f"busy; trials of one variant and latent size go together ({groups})",
+                highlight=False,
+                soft_wrap=True,
+            )
         else:
-            console.print(f"    sweep.pack {spec.sweep.pack}: {spec.packs_line(int(spec.sweep.pack))}",
-                          highlight=False, soft_wrap=True)
+            console.print(
+                f"    sweep.pack {spec.sweep.pack}: {spec.packs_line(int(spec.sweep.pack))}",
+                highlight=False,
+                soft_wrap=True,
+            )
     _warn_without_gpus(spec)
 
 
@@ -113,8 +147,10 @@ def _warn_without_gpus(spec) -> None:
     asked = r.workers * r.gpus_per_worker  # one run, or one sweep trial: what must fit before anything starts
     if not asked:
         return
-    need = (f"the spec asks for {asked:g} GPU{'s' if asked != 1 else ''} (resources: {r.workers} worker"
-            f"{'s' if r.workers != 1 else ''} x {r.gpus_per_worker:g} GPU)")
+    need = (
+        f"the spec asks for {asked:g} GPU{'s' if asked != 1 else ''} (resources: {r.workers} worker"
+        f"{'s' if r.workers != 1 else ''} x {r.gpus_per_worker:g} GPU)"
+    )
     address = ray_address()
     if address:
         from services.cli_doctor import DEFAULT_TIMEOUT_S, call_with_deadline, describe_error, ray_cluster_resources
@@ -151,12 +187,18 @@ def _resolver():
 
 
 @app.command()
-def run(spec_path: Path = typer.Argument(..., metavar="SPEC"),
-        job_id: Optional[str] = typer.Option(None, "--job-id", help="resume this job id (default: a new id)"),
-        local: bool = typer.Option(False, "--local", help="one process, no Ray, no MLflow (debugging)"),
-        settings: list[str] = _settings_option(),
-        verbose: bool = typer.Option(False, "--verbose", "-v", help="show the run's log (Ray's and MLflow's output) "
-                                                                    "here as it is written, instead of the progress bar")) -> None:
+def run(
+    spec_path: Path = typer.Argument(..., metavar="SPEC"),
+    job_id: str | None = typer.Option(None, "--job-id", help="resume this job id (default: a new id)"),
+    local: bool = typer.Option(False, "--local", help="one process, no Ray, no MLflow (debugging)"),
+    settings: list[str] = _settings_option(),
+    verbose: bool = typer.Option(
+        False,
+        "--verbose",
+        "-v",
+        help="show the run's log (Ray's and MLflow's output) here as it is written, instead of the progress bar",
+    ),
+) -> None:
     """Run a job here: on a local Ray (or RAY_ADDRESS's cluster), tracked in MLflow. Shows its progress (Ray's and
     MLflow's output goes to the run's log file), then the final metrics and where the model and pictures are."""
     from jobs.run import new_job_id, run_dir_for, run_in_process, run_job
@@ -168,18 +210,29 @@ def run(spec_path: Path = typer.Argument(..., metavar="SPEC"),
         fail("--local runs train jobs only; a sweep needs Ray")
     job_id = job_id or new_job_id(spec.name)
     log_path = run_dir_for(job_id) / LOG_FILE
-    console.print(f"job [bold]{job_id}[/bold]  ({spec.kind}, {spec.model.variant}/{spec.model.architecture}, latent {spec.model.latent_dim})", highlight=False)
+    console.print(
+        f"job [bold]{job_id}[/bold]  ({spec.kind}, {spec.model.variant}/{spec.model.architecture}, latent {spec.model.latent_dim})",
+        highlight=False,
+    )
     console.print(f"log: {log_path}" + ("" if verbose else "  (-v shows it here)"), highlight=False, soft_wrap=True)
     is_sweep = spec.kind == "sweep"
-    with _spec_named(spec_path), showing_progress(log_path, verbose=verbose,
-                                                  sweep_trials=spec.num_trials() if is_sweep else None,
-                                                  metric=spec.sweep.metric.name if is_sweep else None):
+    with (
+        _spec_named(spec_path),
+        showing_progress(
+            log_path,
+            verbose=verbose,
+            sweep_trials=spec.num_trials() if is_sweep else None,
+            metric=spec.sweep.metric.name if is_sweep else None,
+        ),
+    ):
         if local:
             result = run_in_process(spec, job_id, resolve=_resolver())
         else:
             outcome = run_job(spec, job_id, spec_file=spec_path)
     if local:
-        _print_metrics(result.final_metrics, f"final metrics ({result.steps} steps, {result.images_per_second:,.0f} images/s)")
+        _print_metrics(
+            result.final_metrics, f"final metrics ({result.steps} steps, {result.images_per_second:,.0f} images/s)"
+        )
         console.print(f"run folder: {run_dir_for(job_id)}", highlight=False, soft_wrap=True)
         for name, path in sorted(result.pictures.items()):
             console.print(f"  picture {name}: {path}", highlight=False, soft_wrap=True)
@@ -188,10 +241,16 @@ def run(spec_path: Path = typer.Argument(..., metavar="SPEC"),
         _print_sweep_rows(outcome["trials"], spec.sweep.metric.name, spec.sweep.metric.mode)
     else:
         _print_metrics(outcome["metrics"], "final metrics")
-    console.print(f"MLflow run: {outcome['mlflow_run_id']}  (tracking URI {_tracking_uri()})", highlight=False, soft_wrap=True)
+    console.print(
+        f"MLflow run: {outcome['mlflow_run_id']}  (tracking URI {_tracking_uri()})", highlight=False, soft_wrap=True
+    )
     model = outcome.get("model")
     if model:
-        console.print(f"registered model: [bold]{model['name']}[/bold] version {model['version']} alias @{model['alias']}  ({model['model_uri']})", highlight=False, soft_wrap=True)
+        console.print(
+            f"registered model: [bold]{model['name']}[/bold] version {model['version']} alias @{model['alias']}  ({model['model_uri']})",
+            highlight=False,
+            soft_wrap=True,
+        )
     if outcome.get("pictures"):
         console.print(f"pictures: {outcome['pictures']}", highlight=False, soft_wrap=True)
 
@@ -218,7 +277,9 @@ def _print_sweep_rows(rows: list[dict], metric: str, mode: str = "max", title: s
 
     rows = rank_rows(rows, metric, mode)
     keys = [k for k in ("variant", "beta", "latent_dim", "seed") if any(r.get(k) is not None for r in rows)]
-    shown = [metric] + [m for m in ("eval/recon", "eval/elbo", "eval/mig", "eval/tc") if m != metric and any(m in r for r in rows)]
+    shown = [metric] + [
+        m for m in ("eval/recon", "eval/elbo", "eval/mig", "eval/tc") if m != metric and any(m in r for r in rows)
+    ]
     table = new_table(title or f"sweep results ({len(rows)} trials, ranked by {metric}, {mode})")
     for k in ["run_name", *keys, "status", *shown]:
         (number_column if k in shown else text_column)(table, k)
@@ -246,14 +307,19 @@ app.add_typer(sweep_app, name="sweep")
 
 
 @sweep_app.command("results")
-def sweep_results_command(ref: str = typer.Argument(..., metavar="JOB_OR_RUN", help="the sweep's job id or parent MLflow run id"),
-                          metric: Optional[str] = typer.Option(None, help="metric to rank by (default: the sweep's)"),
-                          mode: Optional[str] = typer.Option(None, help="max or min (default: the sweep's mode for its metric, else max)"),
-                          csv_path: Optional[Path] = typer.Option(None, "--csv", help="also write the table as CSV"),
-                          pictures: Optional[Path] = typer.Option(
-                              None, "--pictures", help="also draw the sweep's summary pictures into this folder "
-                              "(MIG against beta with the spread over seeds, MIG against the ELBO, ...)"),
-                          output: OutputFormat = output_option()) -> None:
+def sweep_results_command(
+    ref: str = typer.Argument(..., metavar="JOB_OR_RUN", help="the sweep's job id or parent MLflow run id"),
+    metric: str | None = typer.Option(None, help="metric to rank by (default: the sweep's)"),
+    mode: str | None = typer.Option(None, help="max or min (default: the sweep's mode for its metric, else max)"),
+    csv_path: Path | None = typer.Option(None, "--csv", help="also write the table as CSV"),
+    pictures: Path | None = typer.Option(
+        None,
+        "--pictures",
+        help="also draw the sweep's summary pictures into this folder "
+        "(MIG against beta with the spread over seeds, MIG against the ELBO, ...)",
+    ),
+    output: OutputFormat = output_option(),
+) -> None:
     """The results table of a finished or running sweep, best trial first."""
     from jobs.sweep import load_sweep, rank_rows, write_results_csv
 
@@ -277,13 +343,24 @@ def sweep_results_command(ref: str = typer.Argument(..., metavar="JOB_OR_RUN", h
         # without a value of the metric (listed last).
         ranked = rank_rows(rows, metric_name, mode)
         trials = [{**row, "rank": i if _is_number(row.get(metric_name)) else None} for i, row in enumerate(ranked, 1)]
-        print_json({"job_id": sweep["job_id"], "mlflow_run_id": sweep["mlflow_run_id"], "status": sweep["status"],
-                    "tracking_uri": _tracking_uri(), "metric": metric_name, "mode": mode, "trials": trials,
-                    **({"pictures": {name: str(path) for name, path in drawn.items()}} if pictures is not None else {})})
+        print_json(
+            {
+                "job_id": sweep["job_id"],
+                "mlflow_run_id": sweep["mlflow_run_id"],
+                "status": sweep["status"],
+                "tracking_uri": _tracking_uri(),
+                "metric": metric_name,
+                "mode": mode,
+                "trials": trials,
+                **({"pictures": {name: str(path) for name, path in drawn.items()}} if pictures is not None else {}),
+            }
+        )
         return
-    title = (f"sweep {sweep['job_id']} ({sweep['status']}): {len(rows)} trials, ranked by {metric_name} ({mode})")
+    title = f"sweep {sweep['job_id']} ({sweep['status']}): {len(rows)} trials, ranked by {metric_name} ({mode})"
     _print_sweep_rows(rows, metric_name, mode, title=title)
-    console.print(f"MLflow run: {sweep['mlflow_run_id']}  (tracking URI {_tracking_uri()})", highlight=False, soft_wrap=True)
+    console.print(
+        f"MLflow run: {sweep['mlflow_run_id']}  (tracking URI {_tracking_uri()})", highlight=False, soft_wrap=True
+    )
     if csv_path is not None:
         console.print(f"wrote {csv_path}", highlight=False, soft_wrap=True)
     for path in drawn.values():
@@ -296,27 +373,44 @@ class BenchData(str, enum.Enum):
 
 
 @app.command()
-def bench(spec_path: Path = typer.Argument(..., metavar="SPEC"),
-          steps: int = typer.Option(200, min=1, help="timed steps per row"),
-          warmup: int = typer.Option(20, min=1, help="untimed steps first (a compiled row compiles in them)"),
-          data: BenchData = typer.Option(BenchData.spec, case_sensitive=False,
-                                         help="what both loops read: the spec's data set (for dSprites, rendered "
-                                              "per batch), or an .npz file the bench writes from it"),
-          compiled: bool = typer.Option(True, "--compiled/--no-compiled",
-                                        help="also the compiled rows (train.compile: true; tens of seconds to "
-                                             "compile on a CPU, before the timed steps)"),
-          large_batch: int = typer.Option(0, "--large-batch", min=0,
-                                          help="also every row at this batch size (e.g. 2048); 0: off"),
-          large_steps: int = typer.Option(20, "--large-steps", min=1, help="timed steps at the large batch"),
-          large_warmup: int = typer.Option(3, "--large-warmup", min=1, help="untimed steps at the large batch"),
-          repeats: int = typer.Option(1, min=1, help="measure every row this many times, interleaved, and report "
-                                                     "the median (steadier on a busy machine)"),
-          threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads for every row (default: "
-                                                                  "torch's); 1 is steadier on a shared machine"),
-          ray_workers: int = typer.Option(0, "--ray-workers", min=0,
-                                          help="also time the eager loop on Ray Train as DDP over this many workers "
-                                               "(local Ray, or RAY_ADDRESS's cluster; resources per worker from the spec)"),
-          output: OutputFormat = output_option()) -> None:
+def bench(
+    spec_path: Path = typer.Argument(..., metavar="SPEC"),
+    steps: int = typer.Option(200, min=1, help="timed steps per row"),
+    warmup: int = typer.Option(20, min=1, help="untimed steps first (a compiled row compiles in them)"),
+    data: BenchData = typer.Option(
+        BenchData.spec,
+        case_sensitive=False,
+        help="what both loops read: the spec's data set (for dSprites, rendered "
+        "per batch), or an .npz file the bench writes from it",
+    ),
+    compiled: bool = typer.Option(
+        True,
+        "--compiled/--no-compiled",
+        help="also the compiled rows (train.compile: true; tens of seconds to "
+        "compile on a CPU, before the timed steps)",
+    ),
+    large_batch: int = typer.Option(
+        0, "--large-batch", min=0, help="also every row at this batch size (e.g. 2048); 0: off"
+    ),
+    large_steps: int = typer.Option(20, "--large-steps", min=1, help="timed steps at the large batch"),
+    large_warmup: int = typer.Option(3, "--large-warmup", min=1, help="untimed steps at the large batch"),
+    repeats: int = typer.Option(
+        1,
+        min=1,
+        help="measure every row this many times, interleaved, and report the median (steadier on a busy machine)",
+    ),
+    threads: int | None = typer.Option(
+        None, min=1, help="torch CPU threads for every row (default: torch's); 1 is steadier on a shared machine"
+    ),
+    ray_workers: int = typer.Option(
+        0,
+        "--ray-workers",
+        min=0,
+        help="also time the eager loop on Ray Train as DDP over this many workers "
+        "(local Ray, or RAY_ADDRESS's cluster; resources per worker from the spec)",
+    ),
+    output: OutputFormat = output_option(),
+) -> None:
     """Training throughput (images/s) of aeforge's loop next to a plain PyTorch loop: same model, same data,
     same device. Rows: eager and compiled, fp32 and bf16 (bf16 on CUDA only), at the spec's batch size and with
     --large-batch at a large one, each with its ratio to the plain loop at the same batch; with --ray-workers N,
@@ -336,10 +430,21 @@ def bench(spec_path: Path = typer.Argument(..., metavar="SPEC"),
             ray_log = settings.home() / "bench" / f"ray-{time.strftime('%Y%m%d-%H%M%S')}.log"
             stack.enter_context(output_to_log(ray_log))
             connect_ray()
-        report = run_benchmark(spec, steps=steps, warmup=warmup, resolve=_resolver(), ray_workers=ray_workers,
-                               data=data.value, compile_options=(False, True) if compiled else (False,),
-                               precisions=PRECISIONS, large_batch=large_batch, large_steps=large_steps,
-                               large_warmup=large_warmup, repeats=repeats, threads=threads)
+        report = run_benchmark(
+            spec,
+            steps=steps,
+            warmup=warmup,
+            resolve=_resolver(),
+            ray_workers=ray_workers,
+            data=data.value,
+            compile_options=(False, True) if compiled else (False,),
+            precisions=PRECISIONS,
+            large_batch=large_batch,
+            large_steps=large_steps,
+            large_warmup=large_warmup,
+            repeats=repeats,
+            threads=threads,
+        )
     if ray_log is not None:
         report["ray_log"] = str(ray_log)
     if output is OutputFormat.json:
@@ -354,7 +459,9 @@ def bench(spec_path: Path = typer.Argument(..., metavar="SPEC"),
     text_column(table, "note")
     # Grouped by batch size (skipped rows next to their batch's), the Ray Train row last.
     in_process = [row for row in report["rows"] if "fit_seconds" not in row] + report["skipped"]
-    ordered = sorted(in_process, key=lambda row: row["batch_size"]) + [row for row in report["rows"] if "fit_seconds" in row]
+    ordered = sorted(in_process, key=lambda row: row["batch_size"]) + [
+        row for row in report["rows"] if "fit_seconds" in row
+    ]
     for row in ordered:
         if "reason" in row:
             table.add_row(row["loop"], f"{row['batch_size']:,}", "–", "–", "–", f"skipped: {row['reason']}")
@@ -369,17 +476,29 @@ def bench(spec_path: Path = typer.Argument(..., metavar="SPEC"),
         if "images_per_second_runs" in row:
             runs = ", ".join(f"{v:,.0f}" for v in row["images_per_second_runs"])
             note = f"median of {runs}" + (f"; {note}" if note else "")
-        table.add_row(row["loop"], f"{row['batch_size']:,}", f"{row['images_per_second']:,.0f}",
-                      f"{row['ms_per_step']:.2f}", f"{row['ratio']:.2f}", note)
+        table.add_row(
+            row["loop"],
+            f"{row['batch_size']:,}",
+            f"{row['images_per_second']:,.0f}",
+            f"{row['ms_per_step']:.2f}",
+            f"{row['ratio']:.2f}",
+            note,
+        )
     console.print(table)
     load = report["load"]
     console.print(f"data: {report['data_description']}", highlight=False, soft_wrap=True)
     large = f" (batch {large_batch:,}: {large_steps} after {large_warmup})" if large_batch else ""
-    console.print(f"{report['steps']} timed steps after {report['warmup']}{large}, {report['repeats']} run(s) per row; "
-                  f"torch threads {report['torch_threads']}; load average {load['before']:.2f} before, "
-                  f"{load['after']:.2f} after, on {load['cpus']} CPUs", highlight=False, soft_wrap=True)
+    console.print(
+        f"{report['steps']} timed steps after {report['warmup']}{large}, {report['repeats']} run(s) per row; "
+        f"torch threads {report['torch_threads']}; load average {load['before']:.2f} before, "
+        f"{load['after']:.2f} after, on {load['cpus']} CPUs",
+        highlight=False,
+        soft_wrap=True,
+    )
     if report["ratio"] is not None:
-        console.print(f"ratio aeforge / plain at batch {spec.train.batch_size}: {report['ratio']:.2f}x", highlight=False)
+        console.print(
+            f"ratio aeforge / plain at batch {spec.train.batch_size}: {report['ratio']:.2f}x", highlight=False
+        )
     if ray_log is not None:
         console.print(f"Ray's output: {ray_log}", highlight=False, soft_wrap=True)
 

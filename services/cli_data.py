@@ -10,14 +10,20 @@ error prints one plain message and exits with code 2 (see services.cli_errors).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.markup import escape
 
 from services.cli_errors import ErrorHandlingGroup
-from services.cli_output import (OutputFormat, make_console, new_table, number_column, output_option, print_json,
-                                 text_column)
+from services.cli_output import (
+    OutputFormat,
+    make_console,
+    new_table,
+    number_column,
+    output_option,
+    print_json,
+    text_column,
+)
 
 console = make_console()
 
@@ -52,11 +58,14 @@ def identity() -> tuple[str, bool]:
 
 
 def push(
-    paths: list[Path] = typer.Argument(..., metavar="FILE...", help="files (e.g. MNIST images + labels), or one folder"),
+    paths: list[Path] = typer.Argument(
+        ..., metavar="FILE...", help="files (e.g. MNIST images + labels), or one folder"
+    ),
     name: str = typer.Option(..., "--name", "-n", help="dataset name; a job's data.source names it"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a dataset of the same name"),
-    format: Optional[str] = typer.Option(None, "--format",
-                                         help="idx | npz | hdf5 | folder (default: inferred from the first file)"),
+    format: str | None = typer.Option(
+        None, "--format", help="idx | npz | hdf5 | folder (default: inferred from the first file)"
+    ),
 ) -> None:
     """Check the data with the reader a job will use, then upload it to storage as dataset NAME (the manifest,
     which records what the reader found, is written last). Data the reader refuses is not uploaded."""
@@ -66,17 +75,30 @@ def push(
     storage = _storage()
     storage.preflight()
     with console.status("reading") as status:
+
         def describe(files: list[Path], data_format: str) -> dict:
             from workers.data.summary import summarize  # imports torch: only when pushing
 
             status.update(f"reading {files[0]} as {data_format}")
             return summarize(files, data_format).manifest_fields()
 
-        manifest = storage.push(paths, name, overwrite=overwrite, format=format, owner=owner, admin=admin,
-                                describe=describe, progress=lambda relpath: status.update(f"uploading {relpath}"))
-    console.print(f"pushed [bold]{escape(manifest['name'])}[/bold]: {contents_text(manifest)}; "
-                  f"{len(manifest['files'])} file(s), {human_size(manifest['size'])}, format {manifest['format']} -> "
-                  f"{storage.uri('datasets/' + manifest['name'])}", highlight=False, soft_wrap=True)
+        manifest = storage.push(
+            paths,
+            name,
+            overwrite=overwrite,
+            format=format,
+            owner=owner,
+            admin=admin,
+            describe=describe,
+            progress=lambda relpath: status.update(f"uploading {relpath}"),
+        )
+    console.print(
+        f"pushed [bold]{escape(manifest['name'])}[/bold]: {contents_text(manifest)}; "
+        f"{len(manifest['files'])} file(s), {human_size(manifest['size'])}, format {manifest['format']} -> "
+        f"{storage.uri('datasets/' + manifest['name'])}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 # --- what a manifest says the data holds (absent from manifests written before pushes were read: "-") ------------
@@ -113,8 +135,10 @@ def owner_text(manifest: dict) -> str:
 
 def contents_text(manifest: dict) -> str:
     """One line for `push`: "480,000 examples of 3x64x64, labels none, factors floor_hue 10, ..."."""
-    return (f"{examples_text(manifest)} examples of {image_text(manifest)}, labels {labels_text(manifest)}, "
-            f"factors {factors_text(manifest)}")
+    return (
+        f"{examples_text(manifest)} examples of {image_text(manifest)}, labels {labels_text(manifest)}, "
+        f"factors {factors_text(manifest)}"
+    )
 
 
 def ls(output: OutputFormat = output_option()) -> None:
@@ -128,15 +152,29 @@ def ls(output: OutputFormat = output_option()) -> None:
     if output is OutputFormat.json:
         # Every manifest whole, with the same keys: one pushed before pushes were read has the content fields
         # null and contents_known false (in the table: "-").
-        print_json([{**dict.fromkeys(CONTENT_FIELDS), **m, "contents_known": all(k in m for k in CONTENT_FIELDS)}
-                    for m in manifests])
+        print_json(
+            [
+                {**dict.fromkeys(CONTENT_FIELDS), **m, "contents_known": all(k in m for k in CONTENT_FIELDS)}
+                for m in manifests
+            ]
+        )
         return
     if not manifests:
         console.print(f"no datasets in {storage.uri('datasets')}", highlight=False, soft_wrap=True)
         return
     table = new_table(f"datasets in {escape(storage.uri('datasets'))}")
-    rows = [[escape(m["name"]), examples_text(m), image_text(m), labels_text(m), escape(factors_text(m)),
-             human_size(m["size"]), escape(owner_text(m))] for m in manifests]
+    rows = [
+        [
+            escape(m["name"]),
+            examples_text(m),
+            image_text(m),
+            labels_text(m),
+            escape(factors_text(m)),
+            human_size(m["size"]),
+            escape(owner_text(m)),
+        ]
+        for m in manifests
+    ]
 
     def fitted(index: int, header: str) -> int:
         # Short values (numbers, shapes, sizes) keep their width, so a narrow terminal folds the names and the
@@ -175,8 +213,9 @@ def rm(name: str = typer.Argument(..., metavar="NAME")) -> None:
 
 def register(app: typer.Typer) -> None:
     """Add the `data` sub-command (push, ls, share, rm) to the main app."""
-    data_app = typer.Typer(cls=ErrorHandlingGroup, no_args_is_help=True,
-                           help="Datasets in storage: push, ls, share, rm.")
+    data_app = typer.Typer(
+        cls=ErrorHandlingGroup, no_args_is_help=True, help="Datasets in storage: push, ls, share, rm."
+    )
     data_app.command("push")(push)
     data_app.command("ls")(ls)
     data_app.command("share")(share)

@@ -27,17 +27,26 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, TypeVar
+from typing import TypeVar
 from urllib.parse import urlparse, urlunparse
 
 import typer
 from rich.text import Text
 
 from services.cli_errors import handle_errors
-from services.cli_output import OutputFormat, make_console, new_table, number_column, output_option, print_json, text_column
+from services.cli_output import (
+    OutputFormat,
+    make_console,
+    new_table,
+    number_column,
+    output_option,
+    print_json,
+    text_column,
+)
 from workers.errors import AeforgeError
 
 # Long enough for a busy machine's answer, short enough that a dead endpoint is reported without a long wait.
@@ -83,13 +92,14 @@ def run_checks(checks: list[Check]) -> list[CheckResult]:
     outcomes: dict[str, tuple[str, str, float]] = {}
     threads = []
     for check in checks:
+
         def target(check: Check = check) -> None:
             started = time.monotonic()
             try:
                 status, detail = OK, check.run()
             except Skipped as exc:
                 status, detail = SKIP, str(exc)
-            except BaseException as exc:  # noqa: BLE001 (any failure is this check's finding)
+            except BaseException as exc:
                 status, detail = FAIL, describe_error(exc)
             outcomes[check.name] = (status, detail, time.monotonic() - started)
 
@@ -115,7 +125,7 @@ def call_with_deadline(fn: Callable[[], T], timeout_s: float) -> T:
     def target() -> None:
         try:
             outcome["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 (re-raised in the caller's thread)
+        except BaseException as exc:
             outcome["error"] = exc
 
     thread = threading.Thread(target=target, name="aeforge-deadline", daemon=True)
@@ -193,8 +203,10 @@ def ray_auth(environ: Mapping[str, str] | None = None) -> str:
         return "auth token (from RAY_AUTH_TOKEN)"
     path = Path(env.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
     if not path.is_file():
-        raise CheckFailed(f"RAY_AUTH_MODE=token but there is no token: {path} does not exist "
-                          f"(set RAY_AUTH_TOKEN_PATH to the cluster's token file, or RAY_AUTH_TOKEN)")
+        raise CheckFailed(
+            f"RAY_AUTH_MODE=token but there is no token: {path} does not exist "
+            f"(set RAY_AUTH_TOKEN_PATH to the cluster's token file, or RAY_AUTH_TOKEN)"
+        )
     return f"auth token (from {path})"
 
 
@@ -246,16 +258,24 @@ def check_ray(timeout_s: float) -> Callable[[], str]:
         address = ray_address()
         if address:
             total, nodes = ray_cluster_resources(address, timeout_s)
-            return (f"cluster at {address} (RAY_ADDRESS): {nodes} node{'s' if nodes != 1 else ''}, "
-                    f"{describe_resources(total, also=('CPU', 'GPU'))}; {auth}")
+            return (
+                f"cluster at {address} (RAY_ADDRESS): {nodes} node{'s' if nodes != 1 else ''}, "
+                f"{describe_resources(total, also=('CPU', 'GPU'))}; {auth}"
+            )
         import importlib.util
 
-        missing = [m for m in ("ray.train", "ray.tune", "ray.dashboard", "aiohttp") if importlib.util.find_spec(m) is None]
+        missing = [
+            m for m in ("ray.train", "ray.tune", "ray.dashboard", "aiohttp") if importlib.util.find_spec(m) is None
+        ]
         if missing:
-            raise CheckFailed(f"no RAY_ADDRESS, and this Ray cannot start a local cluster: {', '.join(missing)} "
-                              f"missing (install ray[default,train,tune])")
-        return (f"no RAY_ADDRESS: `aeforge run` starts a Ray on this machine ({os.cpu_count()} CPUs), and `aeforge "
-                f"serve` a local head; {auth}")
+            raise CheckFailed(
+                f"no RAY_ADDRESS, and this Ray cannot start a local cluster: {', '.join(missing)} "
+                f"missing (install ray[default,train,tune])"
+            )
+        return (
+            f"no RAY_ADDRESS: `aeforge run` starts a Ray on this machine ({os.cpu_count()} CPUs), and `aeforge "
+            f"serve` a local head; {auth}"
+        )
 
     return run
 
@@ -347,8 +367,9 @@ def check_store(timeout_s: float) -> Callable[[], str]:
             engine.dispose()
         target = max([SCHEMA_VERSION, *(m.version for m in MIGRATIONS)])
         if version > target:
-            raise CheckFailed(f"{shown}: schema version {version} is newer than this aeforge reads ({target}); "
-                              f"upgrade aeforge")
+            raise CheckFailed(
+                f"{shown}: schema version {version} is newer than this aeforge reads ({target}); upgrade aeforge"
+            )
         note = "" if version == target else f" (the next `aeforge serve` migrates it to {target})"
         return f"{shown}: answers, schema version {version}{note}"
 
@@ -369,18 +390,23 @@ def check_api(timeout_s: float) -> Callable[[], str]:
                 health = client.health()
             except ApiError as exc:
                 if not configured and exc.status is None:
-                    raise Skipped(f"no service configured (no AEFORGE_API_URL, no running `aeforge serve` recorded) "
-                                  f"and none at {settings.api_url}: needed only for submit/jobs/status") from None
+                    raise Skipped(
+                        f"no service configured (no AEFORGE_API_URL, no running `aeforge serve` recorded) "
+                        f"and none at {settings.api_url}: needed only for submit/jobs/status"
+                    ) from None
                 raise CheckFailed(f"{settings.api_url} (from {source}): {describe_error(exc)}") from None
-            detail = (f"{settings.api_url}: {health.get('status', '?')}, database {health.get('database', '?')} "
-                      f"schema {health.get('schema_version', '?')}")
+            detail = (
+                f"{settings.api_url}: {health.get('status', '?')}, database {health.get('database', '?')} "
+                f"schema {health.get('schema_version', '?')}"
+            )
             if not settings.client_token():
                 return f"{detail}; no token (set AEFORGE_API_TOKEN to submit)"
             try:
                 who = client.whoami()
             except ApiError as exc:
-                raise CheckFailed(f"{settings.api_url}: the service answers but refuses this token: "
-                                  f"{describe_error(exc)}") from None
+                raise CheckFailed(
+                    f"{settings.api_url}: the service answers but refuses this token: {describe_error(exc)}"
+                ) from None
             return f"{detail}; token of {who.get('owner')} ({who.get('role')})"
         finally:
             client.close()
@@ -406,19 +432,22 @@ def _preload() -> None:
     """Import the libraries the checks use before their clocks start: an import takes seconds on a busy machine,
     and it is not what a check's deadline is about."""
     import mlflow  # noqa: F401
-    import ray.job_submission  # noqa: F401
+    import ray.job_submission
     import ray.util.state  # noqa: F401
     import sqlalchemy  # noqa: F401
 
-    import services.client  # noqa: F401
+    import services.client
     import services.store  # noqa: F401
     import workers.storage  # noqa: F401
 
 
 @handle_errors
-def doctor(timeout: float = typer.Option(DEFAULT_TIMEOUT_S, "--timeout", min=0.1,
-                                         help="seconds each check may take before it fails as not answering"),
-           output: OutputFormat = output_option()) -> None:
+def doctor(
+    timeout: float = typer.Option(
+        DEFAULT_TIMEOUT_S, "--timeout", min=0.1, help="seconds each check may take before it fails as not answering"
+    ),
+    output: OutputFormat = output_option(),
+) -> None:
     """Check Ray, storage, MLflow, the queue's store and API, and the versions of torch, Ray and MLflow: one line
     each, OK or FAIL with the reason; exit code 1 if any check fails."""
     _preload()
@@ -434,11 +463,18 @@ def doctor(timeout: float = typer.Option(DEFAULT_TIMEOUT_S, "--timeout", min=0.1
         number_column(table, "time")
         text_column(table, "detail")
         for r in results:
-            table.add_row(Text(r.status, style=STATUS_STYLES[r.status]), Text(r.name), f"{r.seconds:.2f} s", Text(r.detail))
+            table.add_row(
+                Text(r.status, style=STATUS_STYLES[r.status]), Text(r.name), f"{r.seconds:.2f} s", Text(r.detail)
+            )
         console = make_console()
         console.print(table)
-        console.print(f"{len(failed)} of {len(results)} checks failed: " + ", ".join(r.name for r in failed)
-                      if failed else f"all {len(results)} checks passed", highlight=False, soft_wrap=True)
+        console.print(
+            f"{len(failed)} of {len(results)} checks failed: " + ", ".join(r.name for r in failed)
+            if failed
+            else f"all {len(results)} checks passed",
+            highlight=False,
+            soft_wrap=True,
+        )
     if failed:
         raise typer.Exit(1)
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 import functools
 import sys
 import traceback
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import typer
 from rich.markup import escape
@@ -72,8 +73,11 @@ def print_user_error(exc: AeforgeError) -> None:
         return
     console.print(f"[bold red]error:[/bold red] {escape(message.splitlines()[0])}", highlight=False, soft_wrap=True)
     for entry in entries:
-        console.print(f"  [yellow]{escape(str(entry.get('loc', '')))}[/yellow]: {escape(str(entry.get('msg', '')))}",
-                      highlight=False, soft_wrap=True)
+        console.print(
+            f"  [yellow]{escape(str(entry.get('loc', '')))}[/yellow]: {escape(str(entry.get('msg', '')))}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def print_bug(exc: BaseException) -> None:

@@ -16,9 +16,10 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from datetime import datetime, timezone
+from collections.abc import Iterable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 import typer
 from rich import box
@@ -28,8 +29,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 from rich.text import Text
 
-from services.cli_output import OutputFormat, output_option, print_json
 from services.cli_errors import fail, handle_errors
+from services.cli_output import OutputFormat, output_option, print_json
 from services.client import AeforgeClient, ApiError
 from services.settings import ServiceSettings
 from services.store import STATES, TERMINAL_STATES
@@ -37,8 +38,14 @@ from workers.protocol import PROGRESS_MARK, TRIAL_MARK, is_protocol_line, parse_
 
 console = Console()
 
-STATE_STYLES = {"queued": "cyan", "starting": "yellow", "running": "bold yellow", "succeeded": "green",
-                "failed": "bold red", "cancelled": "magenta"}
+STATE_STYLES = {
+    "queued": "cyan",
+    "starting": "yellow",
+    "running": "bold yellow",
+    "succeeded": "green",
+    "failed": "bold red",
+    "cancelled": "magenta",
+}
 
 
 def make_client() -> AeforgeClient:
@@ -56,7 +63,7 @@ def _short_time(iso: str | None) -> str:
 
 def _age(iso: str) -> str:
     """How long ago: 45s, 12m, 5h, 3d."""
-    seconds = max(0.0, (datetime.now(timezone.utc) - datetime.fromisoformat(iso.replace("Z", "+00:00"))).total_seconds())
+    seconds = max(0.0, (datetime.now(UTC) - datetime.fromisoformat(iso.replace("Z", "+00:00"))).total_seconds())
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{int(seconds // size)}{unit}"
@@ -241,10 +248,13 @@ def queue_text(place: dict[str, Any]) -> str:
 # --- commands -----------------------------------------------------------------------------------------------------
 
 
-def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
-          port: int = typer.Option(8000, min=0, max=65535, help="port to listen on (0: any free port)"),
-          dispatch: bool = typer.Option(True, "--dispatch/--no-dispatch",
-                                        help="also run the dispatcher in this process (off: API only)")) -> None:
+def serve(
+    host: str = typer.Option("127.0.0.1", help="address to listen on"),
+    port: int = typer.Option(8000, min=0, max=65535, help="port to listen on (0: any free port)"),
+    dispatch: bool = typer.Option(
+        True, "--dispatch/--no-dispatch", help="also run the dispatcher in this process (off: API only)"
+    ),
+) -> None:
     """Run the queue service: the API, the dispatcher, and a local Ray head when RAY_ADDRESS is not set. The CLI
     on this machine finds it without AEFORGE_API_URL (its address is recorded in AEFORGE_HOME/service.json)."""
     from services.api import run_service
@@ -253,19 +263,26 @@ def serve(host: str = typer.Option("127.0.0.1", help="address to listen on"),
     settings = ServiceSettings.load()
 
     def ready(url: str) -> None:
-        console.print(f"aeforge service on {url}  (database {settings.db_url.split('://')[0]}, "
-                      f"Ray {settings.ray_address or 'local head'}; API docs at {url}/docs; address recorded in "
-                      f"{service_record_path(settings.home)})", highlight=False, soft_wrap=True)
+        console.print(
+            f"aeforge service on {url}  (database {settings.db_url.split('://')[0]}, "
+            f"Ray {settings.ray_address or 'local head'}; API docs at {url}/docs; address recorded in "
+            f"{service_record_path(settings.home)})",
+            highlight=False,
+            soft_wrap=True,
+        )
 
     run_service(settings, host=host, port=port, dispatch=dispatch, on_ready=ready)
 
 
-def submit(spec_path: Path = typer.Argument(..., metavar="SPEC", help="job spec (YAML or JSON)"),
-           priority: int = typer.Option(0, "--priority", "-p", help="higher runs first"),
-           follow: bool = typer.Option(False, "--follow", "-f", help="show state changes and logs until the job ends"),
-           idempotency_key: Optional[str] = typer.Option(None, "--idempotency-key",
-                                                         help="a retried submission with this key returns the same job"),
-           max_attempts: Optional[int] = typer.Option(None, "--max-attempts", min=1, help="attempts before it fails")) -> None:
+def submit(
+    spec_path: Path = typer.Argument(..., metavar="SPEC", help="job spec (YAML or JSON)"),
+    priority: int = typer.Option(0, "--priority", "-p", help="higher runs first"),
+    follow: bool = typer.Option(False, "--follow", "-f", help="show state changes and logs until the job ends"),
+    idempotency_key: str | None = typer.Option(
+        None, "--idempotency-key", help="a retried submission with this key returns the same job"
+    ),
+    max_attempts: int | None = typer.Option(None, "--max-attempts", min=1, help="attempts before it fails"),
+) -> None:
     """Queue a job; prints its id."""
     try:
         text = spec_path.read_text()
@@ -279,37 +296,53 @@ def submit(spec_path: Path = typer.Argument(..., metavar="SPEC", help="job spec 
         raise typer.Exit(0 if state == "succeeded" else 1)
 
 
-def jobs(state: Optional[list[str]] = typer.Option(None, "--state", "-s", help=f"one of {', '.join(STATES)} (repeatable)"),
-         owner: Optional[str] = typer.Option(None, help="only this owner's jobs (admins)"),
-         name: Optional[str] = typer.Option(None, help="only jobs with this name"),
-         limit: int = typer.Option(50, min=1, max=500),
-         offset: int = typer.Option(0, min=0),
-         output: OutputFormat = output_option()) -> None:
+def jobs(
+    state: list[str] | None = typer.Option(None, "--state", "-s", help=f"one of {', '.join(STATES)} (repeatable)"),
+    owner: str | None = typer.Option(None, help="only this owner's jobs (admins)"),
+    name: str | None = typer.Option(None, help="only jobs with this name"),
+    limit: int = typer.Option(50, min=1, max=500),
+    offset: int = typer.Option(0, min=0),
+    output: OutputFormat = output_option(),
+) -> None:
     """List jobs, newest first."""
     page = make_client().list_jobs(states=state, owner=owner, name=name, limit=limit, offset=offset)
     if output == OutputFormat.json:
         print_json(page)
         return
     items = page["items"]
-    table = Table(title=f"jobs {offset + 1 if items else 0}-{offset + len(items)} of {page['total']}",
-                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table = Table(
+        title=f"jobs {offset + 1 if items else 0}-{offset + len(items)} of {page['total']}",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
     # Long cells (ids, names, models) fold onto more lines rather than being cut; on a terminal wide enough for
     # them (and always when piped) each is on one line, ready to copy. Columns that would say the same on every row
     # (one owner, no models yet) are left out to keep the table within a terminal.
     table.add_column("id", overflow="fold")
     columns = ["name"] + (["owner"] if len({j["owner"] for j in items}) > 1 else [])
-    columns += ["state", "prio", "tries", "resources", "age"] + (["model"] if any(j["model_version"] for j in items) else [])
+    columns += ["state", "prio", "tries", "resources", "age"] + (
+        ["model"] if any(j["model_version"] for j in items) else []
+    )
     for column in columns:
-        table.add_column(column, justify="right" if column in ("prio", "tries", "age") else "left",
-                         no_wrap=column in ("state", "age", "prio", "tries"), overflow="fold")
+        table.add_column(
+            column,
+            justify="right" if column in ("prio", "tries", "age") else "left",
+            no_wrap=column in ("state", "age", "prio", "tries"),
+            overflow="fold",
+        )
     for job in items:
         model = (job.get("result") or {}).get("model")
         model_name = model.get("name") if isinstance(model, dict) else None
         cells = {
-            "name": job["name"], "owner": job["owner"],
-            "state": styled(job["state"]) + (" (cancelling)" if job["cancel_requested"] and not job["finished_at"] else ""),
-            "prio": str(job["priority"]), "tries": f"{job['attempts']}/{job['max_attempts']}",
-            "resources": _resources(job["resources"]), "age": _age(job["created_at"]),
+            "name": job["name"],
+            "owner": job["owner"],
+            "state": styled(job["state"])
+            + (" (cancelling)" if job["cancel_requested"] and not job["finished_at"] else ""),
+            "prio": str(job["priority"]),
+            "tries": f"{job['attempts']}/{job['max_attempts']}",
+            "resources": _resources(job["resources"]),
+            "age": _age(job["created_at"]),
             "model": (f"{model_name} v{job['model_version']}" if model_name else job["model_version"] or ""),
         }
         table.add_row(job["id"], *(cells[c] for c in columns))
@@ -324,19 +357,26 @@ def status(job_id: str = typer.Argument(..., metavar="ID"), output: OutputFormat
     if output == OutputFormat.json:
         print_json(job)
         return
-    state = styled(job["state"]) + (f" (cancel asked by {job['cancel_requested_by']})"
-                                    if job["cancel_requested_by"] and not job["finished_at"] else "")
-    rows = [("id", job["id"]), ("name", job["name"]), ("owner", job["owner"]), ("kind", job["kind"]),
-            ("state", state)]
+    state = styled(job["state"]) + (
+        f" (cancel asked by {job['cancel_requested_by']})"
+        if job["cancel_requested_by"] and not job["finished_at"]
+        else ""
+    )
+    rows = [("id", job["id"]), ("name", job["name"]), ("owner", job["owner"]), ("kind", job["kind"]), ("state", state)]
     if job.get("queue"):
         rows.append(("waiting", queue_text(job["queue"])))
     progress = job.get("progress")
     if progress:
         rows.append(("progress", progress_text(progress)))
-    rows += [("priority", str(job["priority"])), ("attempts", f"{job['attempts']} of {job['max_attempts']}"),
-             ("resources", _resources(job["resources"])), ("Ray job", job["ray_submission_id"] or "-"),
-             ("created", _short_time(job["created_at"])), ("started", _short_time(job["started_at"])),
-             ("finished", _short_time(job["finished_at"]))]
+    rows += [
+        ("priority", str(job["priority"])),
+        ("attempts", f"{job['attempts']} of {job['max_attempts']}"),
+        ("resources", _resources(job["resources"])),
+        ("Ray job", job["ray_submission_id"] or "-"),
+        ("created", _short_time(job["created_at"])),
+        ("started", _short_time(job["started_at"])),
+        ("finished", _short_time(job["finished_at"])),
+    ]
     rows += model_rows(job)
     if job["error"]:
         rows.append(("error", f"[red]{job['error']}[/red]"))
@@ -352,14 +392,18 @@ def status(job_id: str = typer.Argument(..., metavar="ID"), output: OutputFormat
         events.add_column(column, no_wrap=True)
     events.add_column("reason", overflow="fold")
     for e in job["events"]:
-        events.add_row(_short_time(e["at"]), str(e["attempt"]), e["from_state"] or "", styled(e["to_state"]), e["reason"])
+        events.add_row(
+            _short_time(e["at"]), str(e["attempt"]), e["from_state"] or "", styled(e["to_state"]), e["reason"]
+        )
     print_table(events)
 
 
-def logs(job_id: str = typer.Argument(..., metavar="ID"),
-         follow: bool = typer.Option(False, "--follow", "-f", help="keep printing until the job ends"),
-         tail: Optional[int] = typer.Option(None, "--tail", "-n", min=0, help="only the last N lines (then follow)"),
-         attempt: Optional[int] = typer.Option(None, "--attempt", min=1, help="default: the latest")) -> None:
+def logs(
+    job_id: str = typer.Argument(..., metavar="ID"),
+    follow: bool = typer.Option(False, "--follow", "-f", help="keep printing until the job ends"),
+    tail: int | None = typer.Option(None, "--tail", "-n", min=0, help="only the last N lines (then follow)"),
+    attempt: int | None = typer.Option(None, "--attempt", min=1, help="default: the latest"),
+) -> None:
     """A job's log (from its Ray job), as a person reads it: no colour codes, no lines meant for the service."""
     client = make_client()
     skip = 0
@@ -367,7 +411,7 @@ def logs(job_id: str = typer.Argument(..., metavar="ID"),
         text = client.logs(job_id, attempt=attempt)
         lines = readable_log(text)
         if tail is not None:
-            lines = lines[len(lines) - tail:] if tail else []
+            lines = lines[len(lines) - tail :] if tail else []
         _write_lines(lines)
         if not follow:
             return
@@ -391,15 +435,19 @@ def cancel(job_id: str = typer.Argument(..., metavar="ID")) -> None:
     if job["state"] == "cancelled":
         console.print(f"{job['id']}: {styled('cancelled')}", highlight=False)
     else:
-        console.print(f"{job['id']}: {styled(job['state'])}, stopping its Ray job; it is marked cancelled once stopped",
-                      highlight=False)
+        console.print(
+            f"{job['id']}: {styled(job['state'])}, stopping its Ray job; it is marked cancelled once stopped",
+            highlight=False,
+        )
 
 
 def retry(job_id: str = typer.Argument(..., metavar="ID")) -> None:
     """Queue a failed or cancelled job again; it resumes from its last checkpoint."""
     job = make_client().retry(job_id)
-    console.print(f"{job['id']}: {styled(job['state'])} (attempt {job['attempts'] + 1} of {job['max_attempts']} next)",
-                  highlight=False)
+    console.print(
+        f"{job['id']}: {styled(job['state'])} (attempt {job['attempts'] + 1} of {job['max_attempts']} next)",
+        highlight=False,
+    )
 
 
 # --- following a job ----------------------------------------------------------------------------------------------
@@ -423,8 +471,14 @@ def follow_job(client: AeforgeClient, job_id: str, poll_s: float = 1.0, out: Con
 
     threading.Thread(target=read_logs, name=f"logs-{job_id}", daemon=True).start()
     shown_events, logs_done, ended_at = 0, False, None
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TextColumn("{task.fields[detail]}"))
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[detail]}"),
+    )
     with Progress(*columns, console=out, transient=False) as progress:
         task = progress.add_task(f"{job_id}: submitted", total=None, detail="")
 
@@ -435,17 +489,27 @@ def follow_job(client: AeforgeClient, job_id: str, poll_s: float = 1.0, out: Con
                 return
             step = parse_progress(line) if PROGRESS_MARK in line else None
             if step is not None:
-                detail = "  ".join(part for part in (
-                    f"{step['images_per_second']:,.0f} images/s" if isinstance(step.get("images_per_second"), (int, float)) else "",
-                    metrics_brief(step.get("metrics"))) if part)
+                detail = "  ".join(
+                    part
+                    for part in (
+                        f"{step['images_per_second']:,.0f} images/s"
+                        if isinstance(step.get("images_per_second"), (int, float))
+                        else "",
+                        metrics_brief(step.get("metrics")),
+                    )
+                    if part
+                )
                 progress.update(task, completed=step["step"], total=step.get("total"), detail=detail)
 
         reader = LogLines(on_protocol=on_protocol)
         while True:
             job = client.get(job_id)
             for e in job["events"][shown_events:]:
-                progress.console.print(f"[dim]{_short_time(e['at'])}[/dim] {styled(e['to_state'])}: {e['reason']}",
-                                       highlight=False, soft_wrap=True)
+                progress.console.print(
+                    f"[dim]{_short_time(e['at'])}[/dim] {styled(e['to_state'])}: {e['reason']}",
+                    highlight=False,
+                    soft_wrap=True,
+                )
             shown_events = len(job["events"])
             progress.update(task, description=f"{job_id}: {job['state']}")
             deadline = time.monotonic() + poll_s
@@ -471,8 +535,11 @@ def follow_job(client: AeforgeClient, job_id: str, poll_s: float = 1.0, out: Con
                         progress.console.out(line, highlight=False)
                     break
     final = job["state"]
-    out.print(f"{job_id}: {styled(final)}" + (f" — {job['error']}" if final == "failed" and job["error"] else ""),
-              highlight=False, soft_wrap=True)
+    out.print(
+        f"{job_id}: {styled(final)}" + (f" — {job['error']}" if final == "failed" and job["error"] else ""),
+        highlight=False,
+        soft_wrap=True,
+    )
     if final == "succeeded":
         print_outcome(job, out)
     return final
@@ -480,6 +547,13 @@ def follow_job(client: AeforgeClient, job_id: str, poll_s: float = 1.0, out: Con
 
 def register(app: typer.Typer) -> None:
     """Mount the queue commands on the `aeforge` app (each handles its errors, whatever app it is mounted on)."""
-    for name, command in (("serve", serve), ("submit", submit), ("jobs", jobs), ("status", status), ("logs", logs),
-                          ("cancel", cancel), ("retry", retry)):
+    for name, command in (
+        ("serve", serve),
+        ("submit", submit),
+        ("jobs", jobs),
+        ("status", status),
+        ("logs", logs),
+        ("cancel", cancel),
+        ("retry", retry),
+    ):
         app.command(name)(handle_errors(command))

@@ -9,22 +9,34 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from services.cli_errors import ErrorHandlingGroup, fail
-from services.cli_output import CliConsole, OutputFormat, make_console, new_table, number_column, output_option, print_json, text_column
+from services.cli_output import (
+    CliConsole,
+    OutputFormat,
+    make_console,
+    new_table,
+    number_column,
+    output_option,
+    print_json,
+    text_column,
+)
 
-models_app = typer.Typer(cls=ErrorHandlingGroup, no_args_is_help=True,
-                         help="Registered models: list, show, sample, traverse.")
+models_app = typer.Typer(
+    cls=ErrorHandlingGroup, no_args_is_help=True, help="Registered models: list, show, sample, traverse."
+)
 
 
 def description_prose(description: str | None) -> str:
     """A version description's written paragraphs. The metrics table and picture links aeforge appends (for the
     MLflow page) are left out: `show` prints both in its own tables below."""
-    kept = [paragraph.strip() for paragraph in (description or "").split("\n\n")
-            if not paragraph.startswith(("| ", "**Pictures**", "!["))]
+    kept = [
+        paragraph.strip()
+        for paragraph in (description or "").split("\n\n")
+        if not paragraph.startswith(("| ", "**Pictures**", "!["))
+    ]
     return "\n\n".join(p for p in kept if p)
 
 
@@ -84,8 +96,16 @@ def list_command(output: OutputFormat = output_option()) -> None:
     for m in models:
         tags = m["latest_tags"]
         aliases = ", ".join(f"@{a}→{v}" for a, v in m["aliases"].items()) or "-"
-        table.add_row(m["name"], str(m["versions"]), aliases, m["latest_version"] or "-", tags.get("variant", "-"),
-                      tags.get("beta", "-"), tags.get("latent_dim", "-"), tags.get("dataset", "-"))
+        table.add_row(
+            m["name"],
+            str(m["versions"]),
+            aliases,
+            m["latest_version"] or "-",
+            tags.get("variant", "-"),
+            tags.get("beta", "-"),
+            tags.get("latent_dim", "-"),
+            tags.get("dataset", "-"),
+        )
     console.print(table)
 
 
@@ -111,8 +131,11 @@ def show_command(
     if prose:
         console.print(prose, highlight=False, soft_wrap=True)
     console.print(f"model URI: {info['model_uri']}", highlight=False, soft_wrap=True)
-    console.print(f"run: {info['run_id'] or '-'}   created: {info['created'] or '-'}   status: {info['status']}",
-                  highlight=False, soft_wrap=True)
+    console.print(
+        f"run: {info['run_id'] or '-'}   created: {info['created'] or '-'}   status: {info['status']}",
+        highlight=False,
+        soft_wrap=True,
+    )
     console.print(f"source: {info['source']}", highlight=False, soft_wrap=True)
 
     tags = new_table("tags")
@@ -142,7 +165,7 @@ def sample_command(
     n: int = typer.Option(64, "-n", "--num", min=1, max=4096, help="how many samples"),
     output: Path = typer.Option(Path("samples.png"), "-o", "--output", help="PNG file to write"),
     seed: int = typer.Option(0, "--seed", help="seed of the prior draws"),
-    nrow: Optional[int] = typer.Option(None, "--nrow", min=1, help="images per row (default: a square grid)"),
+    nrow: int | None = typer.Option(None, "--nrow", min=1, help="images per row (default: a square grid)"),
 ) -> None:
     """Decode n draws from the prior N(0, I) into a titled grid picture (VAE family only), enlarged to at least
     256 px a side."""
@@ -155,8 +178,12 @@ def sample_command(
     model = _load(ref)
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     images = model.sample(n, generator=generator)  # NoPrior (a plain error) for an autoencoder without a prior
-    save_labelled_grid(images.float().cpu(), output, nrow=nrow or math.ceil(math.sqrt(n)),
-                       title=f"{ref} ({describe_model(model)}): {n} decodings of z ~ N(0, I), seed {seed}")
+    save_labelled_grid(
+        images.float().cpu(),
+        output,
+        nrow=nrow or math.ceil(math.sqrt(n)),
+        title=f"{ref} ({describe_model(model)}): {n} decodings of z ~ N(0, I), seed {seed}",
+    )
     console.print(f"wrote {n} samples from {ref} to {output}", highlight=False, soft_wrap=True)
 
 
@@ -165,9 +192,12 @@ def traverse_command(
     ref: str = typer.Argument(..., metavar="NAME[@ALIAS|/VERSION]"),
     output: Path = typer.Option(Path("traversal.png"), "-o", "--output", help="PNG file to write"),
     dim_limit: float = typer.Option(
-        2.0, "--dim-limit", min=0.0,
+        2.0,
+        "--dim-limit",
+        min=0.0,
         help="how far each latent goes, in standard deviations: -limit..+limit of the prior for the VAE family, "
-             "the training codes' mean +- limit sd for autoencoders"),
+        "the training codes' mean +- limit sd for autoencoders",
+    ),
     steps: int = typer.Option(9, "--steps", min=2, help="images per latent dimension"),
     seed: int = typer.Option(0, "--seed", help="seed of the prior draw the traversal starts from (VAE family)"),
 ) -> None:
@@ -201,14 +231,31 @@ def traverse_command(
             start = torch.zeros(model.latent_dim)
             sweep = f"from -{dim_limit:g} to +{dim_limit:g} around z = 0"
     if stats is None:
-        console.print(f"note: {ref} was saved without the statistics of its training codes (trained before aeforge "
-                      f"recorded them), so the rows are in index order"
-                      + ("" if model.stochastic else f" and each latent goes {sweep}, which may miss where its codes "
-                         f"lie; train it again to record them"), highlight=False, soft_wrap=True)
+        console.print(
+            f"note: {ref} was saved without the statistics of its training codes (trained before aeforge "
+            f"recorded them), so the rows are in index order"
+            + (
+                ""
+                if model.stochastic
+                else f" and each latent goes {sweep}, which may miss where its codes lie; train it again to record them"
+            ),
+            highlight=False,
+            soft_wrap=True,
+        )
     rows = f"; rows by {order_by[0]}, largest first" if order_by else ""
-    latent_traversal(model, image, output, limit=dim_limit, steps=steps, ranges=ranges, start=start,
-                     order_by=order_by,
-                     title=f"latent traversal of {ref} ({describe_model(model)}): each row varies one latent "
-                           f"{sweep}{rows}")
-    console.print(f"wrote a traversal of {model.latent_dim} latent dimensions of {ref} to {output}",
-                  highlight=False, soft_wrap=True)
+    latent_traversal(
+        model,
+        image,
+        output,
+        limit=dim_limit,
+        steps=steps,
+        ranges=ranges,
+        start=start,
+        order_by=order_by,
+        title=f"latent traversal of {ref} ({describe_model(model)}): each row varies one latent {sweep}{rows}",
+    )
+    console.print(
+        f"wrote a traversal of {model.latent_dim} latent dimensions of {ref} to {output}",
+        highlight=False,
+        soft_wrap=True,
+    )

@@ -70,8 +70,13 @@ class OutputFormat(str, enum.Enum):
 
 def output_option() -> Any:
     """The ``--output/-o table|json`` option (a fresh OptionInfo for each command)."""
-    return typer.Option(OutputFormat.table, "--output", "-o", case_sensitive=False,
-                        help="table (for people) or json (for programs: every value in full, stable keys)")
+    return typer.Option(
+        OutputFormat.table,
+        "--output",
+        "-o",
+        case_sensitive=False,
+        help="table (for people) or json (for programs: every value in full, stable keys)",
+    )
 
 
 def jsonable(value: Any) -> Any:

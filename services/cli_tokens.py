@@ -17,15 +17,21 @@ tokens_app = typer.Typer(cls=ErrorHandlingGroup, no_args_is_help=True, help="The
 
 
 @tokens_app.command("add")
-def add(owner: str = typer.Argument(..., help="who the token is for (jobs submitted with it are theirs)"),
-        role: str = typer.Option("user", "--role", help="user (their own jobs) or admin (every job)")) -> None:
+def add(
+    owner: str = typer.Argument(..., help="who the token is for (jobs submitted with it are theirs)"),
+    role: str = typer.Option("user", "--role", help="user (their own jobs) or admin (every job)"),
+) -> None:
     """Add a token for OWNER: prints the new token once; the token file keeps only its hash."""
     from services.settings import add_token, tokens_file_for
 
     path = tokens_file_for()
     principal = add_token(path, owner, role)  # type: ignore[arg-type]  (checked there)
-    Console(stderr=True).print(f"added a token for {principal.owner} (role {principal.role}) to {path}, its hash only; "
-                               f"the token is shown this once:", highlight=False, soft_wrap=True)
+    Console(stderr=True).print(
+        f"added a token for {principal.owner} (role {principal.role}) to {path}, its hash only; "
+        f"the token is shown this once:",
+        highlight=False,
+        soft_wrap=True,
+    )
     typer.echo(principal.token)
 
 

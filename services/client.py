@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 
@@ -30,8 +31,15 @@ class WaitTimeout(ApiError):
 
 
 class AeforgeClient:
-    def __init__(self, url: str, token: str | None, *, timeout: float = 30.0, http: httpx.Client | None = None,
-                 url_source: str = "AEFORGE_API_URL"):
+    def __init__(
+        self,
+        url: str,
+        token: str | None,
+        *,
+        timeout: float = 30.0,
+        http: httpx.Client | None = None,
+        url_source: str = "AEFORGE_API_URL",
+    ):
         """``http``: an httpx client to send through (tests pass FastAPI's TestClient); default a new one.
         ``url_source``: where ``url`` came from, named when the service cannot be reached."""
         self.url = url.rstrip("/")
@@ -41,7 +49,7 @@ class AeforgeClient:
         self.headers = headers
 
     @classmethod
-    def from_settings(cls, settings: ServiceSettings | None = None) -> "AeforgeClient":
+    def from_settings(cls, settings: ServiceSettings | None = None) -> AeforgeClient:
         settings = settings or ServiceSettings.load()
         return cls(settings.api_url, settings.client_token(), url_source=settings.api_url_source)
 
@@ -53,8 +61,10 @@ class AeforgeClient:
         try:
             response = self.http.request(method, path, headers=self.headers, **kwargs)
         except httpx.TransportError as exc:
-            raise ApiError(f"cannot reach the aeforge service at {self.url} ({exc}); the address is from "
-                           f"{self.url_source}. Is `aeforge serve` running? Otherwise set AEFORGE_API_URL") from None
+            raise ApiError(
+                f"cannot reach the aeforge service at {self.url} ({exc}); the address is from "
+                f"{self.url_source}. Is `aeforge serve` running? Otherwise set AEFORGE_API_URL"
+            ) from None
         self._raise_for(response)
         return response
 
@@ -77,8 +87,9 @@ class AeforgeClient:
         """{owner, role} of this client's token."""
         return self._request("GET", "/whoami").json()
 
-    def submit(self, spec_text: str, *, priority: int = 0, idempotency_key: str | None = None,
-               max_attempts: int | None = None) -> dict[str, Any]:
+    def submit(
+        self, spec_text: str, *, priority: int = 0, idempotency_key: str | None = None, max_attempts: int | None = None
+    ) -> dict[str, Any]:
         body: dict[str, Any] = {"spec": spec_text, "priority": priority}
         if idempotency_key is not None:
             body["idempotency_key"] = idempotency_key
@@ -86,8 +97,15 @@ class AeforgeClient:
             body["max_attempts"] = max_attempts
         return self._request("POST", "/jobs", json=body).json()
 
-    def list_jobs(self, *, states: list[str] | None = None, owner: str | None = None, name: str | None = None,
-                  limit: int = 50, offset: int = 0) -> dict[str, Any]:
+    def list_jobs(
+        self,
+        *,
+        states: list[str] | None = None,
+        owner: str | None = None,
+        name: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> dict[str, Any]:
         params: dict[str, Any] = {"limit": limit, "offset": offset}
         if states:
             params["state"] = states
@@ -100,8 +118,14 @@ class AeforgeClient:
     def get(self, job_id: str, *, progress: bool = False) -> dict[str, Any]:
         return self._request("GET", f"/jobs/{job_id}", params={"progress": str(progress).lower()}).json()
 
-    def wait(self, job_id: str, *, timeout_s: float | None = None, poll_s: float = 1.0,
-             on_poll: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    def wait(
+        self,
+        job_id: str,
+        *,
+        timeout_s: float | None = None,
+        poll_s: float = 1.0,
+        on_poll: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
         """Poll the job until it has ended (succeeded, failed or cancelled) and return it as the API shows it
         (its ``result`` holds the metrics, the model and where the pictures are). ``on_poll`` sees the job at each
         poll; past ``timeout_s`` a :class:`WaitTimeout` names the job and its state then."""
@@ -134,8 +158,13 @@ class AeforgeClient:
         if attempt is not None:
             params["attempt"] = attempt
         try:
-            with self.http.stream("GET", f"/jobs/{job_id}/logs", params=params, headers=self.headers,
-                                  timeout=httpx.Timeout(30.0, read=None)) as response:
+            with self.http.stream(
+                "GET",
+                f"/jobs/{job_id}/logs",
+                params=params,
+                headers=self.headers,
+                timeout=httpx.Timeout(30.0, read=None),
+            ) as response:
                 if response.status_code >= 400:
                     response.read()
                     self._raise_for(response)

@@ -22,14 +22,15 @@ import re
 import shlex
 import threading
 import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Mapping, Protocol
+from typing import Protocol
 
 from jobs import ray_train
-from jobs.ray_train import describe_resources, fits, never_fits, sweep_concurrency  # noqa: F401 (re-exported)
+from jobs.ray_train import describe_resources, fits, never_fits, sweep_concurrency
 from jobs.spec import parse_spec_json
-from workers.errors import AeforgeError
 from services.store import Decision, Holdings, Job, Store, add_resources
+from workers.errors import AeforgeError
 from workers.protocol import PROGRESS_MARK, RESULT_MARK, parse_progress, parse_result  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -257,13 +258,17 @@ class Dispatcher:
             if why_never:
                 return Decision.reject(f"can never run here: {why_never}")
             if cap is not None and holdings.active_jobs >= cap:
-                return Decision.wait(f"{holdings.active_jobs} jobs running, the cap is {cap} (AEFORGE_MAX_CONCURRENT_JOBS)")
+                return Decision.wait(
+                    f"{holdings.active_jobs} jobs running, the cap is {cap} (AEFORGE_MAX_CONCURRENT_JOBS)"
+                )
             free = subtract(total, holdings.resources)
             if not fits(asked, free):
-                return Decision.wait(f"needs {describe_resources(asked)}; free {describe_resources(free, also=asked)}"
-                                     f"{note}")
-            return Decision.start(f"admitted: asks for {describe_resources(asked)}; free: "
-                                  f"{describe_resources(free, also=asked)}{note}")
+                return Decision.wait(
+                    f"needs {describe_resources(asked)}; free {describe_resources(free, also=asked)}{note}"
+                )
+            return Decision.start(
+                f"admitted: asks for {describe_resources(asked)}; free: {describe_resources(free, also=asked)}{note}"
+            )
 
         return decide
 
@@ -320,8 +325,11 @@ class Dispatcher:
             if job.state == "starting":
                 return self._set(job, "running", f"Ray job {sid} is running")
             max_hours = max_hours_of(job)
-            if max_hours is not None and job.started_at is not None and \
-                    self.clock() - job.started_at.timestamp() > max_hours * 3600:
+            if (
+                max_hours is not None
+                and job.started_at is not None
+                and self.clock() - job.started_at.timestamp() > max_hours * 3600
+            ):
                 # The spec's wall-clock limit: stopped, and failed for good (another attempt would run as long).
                 self.launcher.stop(sid)
                 why = f"ran longer than train.max_hours = {max_hours:g} h"
@@ -354,8 +362,11 @@ class Dispatcher:
         else:
             result = json.loads(self._redact(json.dumps(result)))
             run_id = result.get("mlflow_run_id")
-            fields |= {"result": result, "mlflow_run_id": None if run_id is None else str(run_id),
-                       "model_version": model_version_of(result)}
+            fields |= {
+                "result": result,
+                "mlflow_run_id": None if run_id is None else str(run_id),
+                "model_version": model_version_of(result),
+            }
         if job.cancel_requested_by:
             reason += f"; it finished before the cancel by {job.cancel_requested_by} took effect"
         return self._set(job, "succeeded", reason, **fields)
@@ -378,8 +389,13 @@ class Dispatcher:
         if retry and job.attempts < job.max_attempts:
             delay = self.retry_delay_s(job)
             when = f"in {delay:.0f} s " if delay > 0 else ""
-            return self._set(job, "queued", f"attempt {job.attempts} of {job.max_attempts} failed: {why}; "
-                                            f"re-queued to resume from its last checkpoint {when}".rstrip(), error=why)
+            return self._set(
+                job,
+                "queued",
+                f"attempt {job.attempts} of {job.max_attempts} failed: {why}; "
+                f"re-queued to resume from its last checkpoint {when}".rstrip(),
+                error=why,
+            )
         return self._set(job, "failed", f"attempt {job.attempts} of {job.max_attempts} failed: {why}", error=why)
 
     def _set(self, job: Job, state: str, reason: str, **fields) -> bool:
@@ -423,7 +439,9 @@ class RayJobLauncher:
                 try:
                     self._client = JobSubmissionClient(self.address)
                 except Exception as exc:  # connecting fails in several ways (refused, no GCS, no dashboard)
-                    raise LauncherUnavailable(f"cannot reach Ray's Jobs API at {self.address or 'the local cluster'}: {exc}") from None
+                    raise LauncherUnavailable(
+                        f"cannot reach Ray's Jobs API at {self.address or 'the local cluster'}: {exc}"
+                    ) from None
             return self._client
 
     def dashboard_url(self) -> str:
@@ -442,8 +460,11 @@ class RayJobLauncher:
 
     def submit(self, submission_id: str, entrypoint: str, env_vars: dict[str, str]) -> None:
         try:
-            self._call(lambda c: c.submit_job(entrypoint=entrypoint, submission_id=submission_id,
-                                              runtime_env={"env_vars": env_vars}))
+            self._call(
+                lambda c: c.submit_job(
+                    entrypoint=entrypoint, submission_id=submission_id, runtime_env={"env_vars": env_vars}
+                )
+            )
         except RuntimeError as exc:
             if "already exists" in str(exc):
                 raise SubmissionExists(submission_id) from None
@@ -459,8 +480,10 @@ class RayJobLauncher:
             if "status code 404" in str(exc):
                 return None
             raise
-        return RayJobInfo(status=str(details.status.value if hasattr(details.status, "value") else details.status),
-                          message=details.message)
+        return RayJobInfo(
+            status=str(details.status.value if hasattr(details.status, "value") else details.status),
+            message=details.message,
+        )
 
     def stop(self, submission_id: str) -> None:
         try:
@@ -501,8 +524,9 @@ class RayClusterView:
         try:
             # raise_on_missing_output=False: once a node has died, Ray 2.60's state API counts it among the nodes the
             # ALIVE filter drops and raises "data truncation" on every call (found by the stack test).
-            nodes = list_nodes(address=address, filters=[("state", "=", "ALIVE")], timeout=10,
-                               raise_on_missing_output=False)
+            nodes = list_nodes(
+                address=address, filters=[("state", "=", "ALIVE")], timeout=10, raise_on_missing_output=False
+            )
         except Exception as exc:  # the state API raises several kinds when the dashboard is down
             raise LauncherUnavailable(f"cannot list Ray's nodes at {address}: {exc}") from None
         total: dict[str, float] = {}

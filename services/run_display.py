@@ -27,10 +27,11 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, TextIO
+from typing import Any, TextIO
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -63,7 +64,7 @@ def plain_text(line: str) -> str:
 def notice_of(line: str) -> str | None:
     """The text of a line a job addresses to its user (``aeforge: <text>``, also behind Ray's prefix), or None."""
     text = _RAY_PREFIX.sub("", plain_text(line), count=1)
-    return text[len(NOTICE_PREFIX):].strip() if text.startswith(NOTICE_PREFIX) else None
+    return text[len(NOTICE_PREFIX) :].strip() if text.startswith(NOTICE_PREFIX) else None
 
 
 def format_duration(seconds: float) -> str:
@@ -140,8 +141,15 @@ class RunDisplay:
     are at that moment. No lock is held while printing: rich's own locks order the two threads.
     """
 
-    def __init__(self, console: Console, *, sweep_trials: int | None = None, metric: str | None = None,
-                 verbose: bool = False, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        console: Console,
+        *,
+        sweep_trials: int | None = None,
+        metric: str | None = None,
+        verbose: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.console = console
         self.sweep_trials = sweep_trials
         self.metric = metric
@@ -165,8 +173,14 @@ class RunDisplay:
             self._task = self._progress.add_task("starting", total=None, speed="", eta="")
             self._progress.start()
         else:
-            self._live = Live(_SweepTable(self), console=self.console, refresh_per_second=4, transient=False,
-                              redirect_stdout=False, redirect_stderr=False)
+            self._live = Live(
+                _SweepTable(self),
+                console=self.console,
+                refresh_per_second=4,
+                transient=False,
+                redirect_stdout=False,
+                redirect_stderr=False,
+            )
             self._live.start()
 
     def stop(self) -> None:
@@ -233,10 +247,14 @@ class RunDisplay:
         if self._progress is not None:
             done = track.total is not None and step >= track.total
             eta = track.eta()
-            self._progress.update(self._task, completed=step, total=track.total,
-                                  description="finishing" if done else "training",
-                                  speed=f"{track.images_per_second:,.0f} img/s" if track.images_per_second else "",
-                                  eta=f"ETA {format_duration(eta)}" if eta is not None and not done else "")
+            self._progress.update(
+                self._task,
+                completed=step,
+                total=track.total,
+                description="finishing" if done else "training",
+                speed=f"{track.images_per_second:,.0f} img/s" if track.images_per_second else "",
+                eta=f"ETA {format_duration(eta)}" if eta is not None and not done else "",
+            )
         elif not self.live:
             self._say(f"{name}  {track.progress_text()}" if name else track.progress_text())
 
@@ -259,7 +277,9 @@ class RunDisplay:
             self._say(f"trial {name} running" + (f" ({_values_text(track.values)})" if track.values else ""))
         elif state == "finished":
             shown = self._metric_of(track)
-            self._say(f"trial {name} finished" + (f" ({self.metric} {format_value(shown)})" if shown is not None else ""))
+            self._say(
+                f"trial {name} finished" + (f" ({self.metric} {format_value(shown)})" if shown is not None else "")
+            )
         else:
             self._say(f"trial {name} failed" + (f": {track.error}" if track.error else ""))
 
@@ -284,9 +304,19 @@ class _TrainProgress(Progress):
 
     def __init__(self, display: RunDisplay, console: Console):
         self._display = display  # first: Progress renders itself once while it is made
-        super().__init__(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                         TextColumn("{task.fields[speed]}"), TextColumn("{task.fields[eta]}"), TimeElapsedColumn(),
-                         console=console, redirect_stdout=False, redirect_stderr=False, refresh_per_second=4)
+        super().__init__(
+            SpinnerColumn(),
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[speed]}"),
+            TextColumn("{task.fields[eta]}"),
+            TimeElapsedColumn(),
+            console=console,
+            redirect_stdout=False,
+            redirect_stderr=False,
+            refresh_per_second=4,
+        )
 
     def get_renderables(self):
         yield self.make_tasks_table(self.tasks)
@@ -327,8 +357,10 @@ class _SweepTable:
             table.add_row(
                 track.name,
                 _values_text(track.values),
-                Text(track.state if not track.error else f"{track.state}: {track.error}",
-                     style=self.STATE_STYLES.get(track.state, "")),
+                Text(
+                    track.state if not track.error else f"{track.state}: {track.error}",
+                    style=self.STATE_STYLES.get(track.state, ""),
+                ),
                 f"{track.step}/{track.total}" if track.total else "",
                 format_value(track.metrics["train/loss"]) if "train/loss" in track.metrics else "",
                 format_value(shown) if shown is not None else "",
@@ -414,8 +446,11 @@ def output_to_log(log_path: Path) -> Iterator[tuple[TextIO, int]]:
     on_fd = {"stdout": _fd_of(sys.stdout) == 1, "stderr": _fd_of(sys.stderr) == 2}
     originals = {"stdout": sys.stdout, "stderr": sys.stderr}
     encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
-    screen: TextIO = (os.fdopen(os.dup(saved[1]), "w", encoding=encoding, errors="replace", buffering=1)
-                      if on_fd["stdout"] else sys.stdout)
+    screen: TextIO = (
+        os.fdopen(os.dup(saved[1]), "w", encoding=encoding, errors="replace", buffering=1)
+        if on_fd["stdout"]
+        else sys.stdout
+    )
     line_buffered = getattr(sys.stdout, "line_buffering", True)
     log_stream: TextIO | None = None
     # Ray colours its "(pid=...)" prefixes whatever the output is; the log is plain text.
@@ -428,7 +463,8 @@ def output_to_log(log_path: Path) -> Iterator[tuple[TextIO, int]]:
             # Lines (Ray's forwarded worker lines among them) reach the log as they are printed, not in blocks.
             sys.stdout.reconfigure(line_buffering=True)
         if not all(on_fd.values()):
-            log_stream = open(os.dup(log_fd), "a", encoding="utf-8", errors="replace", buffering=1)
+            # It outlives this block: it is sys.stdout or sys.stderr until the process ends.
+            log_stream = open(os.dup(log_fd), "a", encoding="utf-8", errors="replace", buffering=1)  # noqa: SIM115
             for name, real in on_fd.items():
                 if not real:
                     setattr(sys, name, log_stream)
@@ -485,8 +521,9 @@ def bugs_point_at(log_path: Path) -> Iterator[None]:
 
 
 @contextmanager
-def showing_progress(log_path: Path, *, sweep_trials: int | None = None, metric: str | None = None,
-                     verbose: bool = False) -> Iterator[RunDisplay]:
+def showing_progress(
+    log_path: Path, *, sweep_trials: int | None = None, metric: str | None = None, verbose: bool = False
+) -> Iterator[RunDisplay]:
     """Run the block with its output in ``log_path`` and its progress on the screen (see the module's doc)."""
     with bugs_point_at(log_path), output_to_log(log_path) as (screen, offset):
         display = RunDisplay(CliConsole(file=screen), sweep_trials=sweep_trials, metric=metric, verbose=verbose)

@@ -32,9 +32,10 @@ import re
 import secrets
 import socket
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Literal
 from urllib.parse import urlparse
 
 import yaml
@@ -133,7 +134,7 @@ class ServiceSettings:
     api_url_source: str = "the default"
 
     @classmethod
-    def load(cls, environ: Mapping[str, str] | None = None) -> "ServiceSettings":
+    def load(cls, environ: Mapping[str, str] | None = None) -> ServiceSettings:
         """Settings from ``environ`` (default os.environ) over the settings file."""
         env = dict(os.environ if environ is None else environ)
         values = _file_values(env) | {k: v for k, v in env.items() if k in KNOWN_VARIABLES and v != ""}
@@ -260,11 +261,14 @@ def api_url_for(explicit: str | None, home: Path) -> tuple[str, str]:
         return DEFAULT_API_URL, f"the default (no AEFORGE_API_URL, and no running `aeforge serve` recorded in {path})"
     url, pid, host = record["url"].rstrip("/"), record["pid"], record.get("host")
     if host not in (None, socket.gethostname()):
-        return DEFAULT_API_URL, (f"the default ({path} is the record of a service on host {host}, not this one; "
-                                 f"set AEFORGE_API_URL)")
+        return DEFAULT_API_URL, (
+            f"the default ({path} is the record of a service on host {host}, not this one; set AEFORGE_API_URL)"
+        )
     if not process_alive(pid):
-        return DEFAULT_API_URL, (f"the default ({path} names {url}, but its process {pid} has exited: a stale "
-                                 f"record of an `aeforge serve` that did not stop cleanly)")
+        return DEFAULT_API_URL, (
+            f"the default ({path} names {url}, but its process {pid} has exited: a stale "
+            f"record of an `aeforge serve` that did not stop cleanly)"
+        )
     return url, f"{path} (written by `aeforge serve`, process {pid})"
 
 
@@ -312,8 +316,10 @@ def tokens_file_for(environ: Mapping[str, str] | None = None) -> Path:
     values = _file_values(env) | {k: v for k, v in env.items() if k in KNOWN_VARIABLES and v != ""}
     home = Path(values.get("AEFORGE_HOME", ".aeforge")).expanduser().resolve()
     if not values.get("AEFORGE_TOKENS_FILE") and values.get("AEFORGE_TOKENS"):
-        raise SettingsError("AEFORGE_TOKENS is set, so the service reads its tokens from that variable, not from a "
-                            "file: set AEFORGE_TOKENS_FILE (and unset AEFORGE_TOKENS) to manage tokens with aeforge")
+        raise SettingsError(
+            "AEFORGE_TOKENS is set, so the service reads its tokens from that variable, not from a "
+            "file: set AEFORGE_TOKENS_FILE (and unset AEFORGE_TOKENS) to manage tokens with aeforge"
+        )
     return _tokens_file(values, home, existing_only=False)
 
 
@@ -390,7 +396,9 @@ def _file_values(env: Mapping[str, str]) -> dict[str, str]:
         raise SettingsError(f"{path}: a settings file is a mapping of variable names to values")
     unknown = sorted(set(data) - set(KNOWN_VARIABLES))
     if unknown:
-        raise SettingsError(f"{path}: unknown setting(s) {', '.join(map(str, unknown))}; known: {', '.join(KNOWN_VARIABLES)}")
+        raise SettingsError(
+            f"{path}: unknown setting(s) {', '.join(map(str, unknown))}; known: {', '.join(KNOWN_VARIABLES)}"
+        )
     return {k: str(v) for k, v in data.items() if v is not None}
 
 
@@ -438,8 +446,9 @@ def _data_prefixes(raw: str) -> tuple[str, ...]:
         parsed = urlparse(p)
         local = parsed.scheme == "file" and parsed.netloc in ("", "localhost") and parsed.path.startswith("/")
         if not (local or (parsed.scheme == "s3" and parsed.netloc)):
-            raise SettingsError(f"AEFORGE_ALLOWED_DATA_PREFIXES: {p!r} is neither file:///absolute/path nor "
-                                f"s3://bucket/prefix")
+            raise SettingsError(
+                f"AEFORGE_ALLOWED_DATA_PREFIXES: {p!r} is neither file:///absolute/path nor s3://bucket/prefix"
+            )
     return prefixes
 
 
@@ -485,13 +494,17 @@ def parse_tokens(text: str, source: str) -> tuple[Principal, ...]:
             raise SettingsError(f"{source}: entry {i}: unknown key(s) {', '.join(map(str, unknown))}")
         owner, role = str(entry.get("owner") or ""), entry.get("role", "user")
         if ("token" in entry) == ("token_hash" in entry):
-            raise SettingsError(f"{source}: entry {i}: give token_hash (sha256:<hex> of the token) or token, "
-                                f"not {'both' if 'token' in entry else 'neither'}")
+            raise SettingsError(
+                f"{source}: entry {i}: give token_hash (sha256:<hex> of the token) or token, "
+                f"not {'both' if 'token' in entry else 'neither'}"
+            )
         if "token_hash" in entry:
             token, token_hash = None, str(entry["token_hash"] or "").strip().lower()
             if not HASH_PATTERN.match(token_hash):
-                raise SettingsError(f"{source}: entry {i}: token_hash must be 'sha256:' and 64 hex digits "
-                                    f"(`aeforge tokens add` writes it)")
+                raise SettingsError(
+                    f"{source}: entry {i}: token_hash must be 'sha256:' and 64 hex digits "
+                    f"(`aeforge tokens add` writes it)"
+                )
         else:
             token = str(entry.get("token") or "")
             if len(token) < MIN_TOKEN_LENGTH:

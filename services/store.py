@@ -13,10 +13,11 @@ start the same job, nor admit two jobs into the same free resources.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -33,8 +34,8 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
-    inspect,
     insert,
+    inspect,
     select,
     text,
     union_all,
@@ -45,7 +46,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.types import TypeDecorator
 
 from workers.errors import AeforgeError
-from workers.protocol import new_job_id  # noqa: F401 (the one job-id format, re-exported)
+from workers.protocol import new_job_id
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +126,10 @@ class UTCDateTime(TypeDecorator):
             return None
         if value.tzinfo is None:
             raise ValueError("naive datetime given to the store; use timezone-aware UTC times")
-        return value.astimezone(timezone.utc).replace(tzinfo=None)
+        return value.astimezone(UTC).replace(tzinfo=None)
 
     def process_result_value(self, value, dialect):
-        return None if value is None else value.replace(tzinfo=timezone.utc)
+        return None if value is None else value.replace(tzinfo=UTC)
 
 
 metadata = MetaData()
@@ -239,7 +240,7 @@ class Job:
     finished_at: datetime | None
 
     @classmethod
-    def from_row(cls, row) -> "Job":
+    def from_row(cls, row) -> Job:
         return cls(**{k: row._mapping[k] for k in cls.__dataclass_fields__})
 
     @property
@@ -272,7 +273,7 @@ class Event:
     reason: str
 
     @classmethod
-    def from_row(cls, row) -> "Event":
+    def from_row(cls, row) -> Event:
         return cls(**{k: row._mapping[k] for k in cls.__dataclass_fields__})
 
     def to_dict(self) -> dict[str, Any]:
@@ -297,19 +298,19 @@ class Decision:
     reason: str
 
     @classmethod
-    def start(cls, reason: str) -> "Decision":
+    def start(cls, reason: str) -> Decision:
         return cls("start", reason)
 
     @classmethod
-    def wait(cls, reason: str) -> "Decision":
+    def wait(cls, reason: str) -> Decision:
         return cls("wait", reason)
 
     @classmethod
-    def reject(cls, reason: str) -> "Decision":
+    def reject(cls, reason: str) -> Decision:
         return cls("reject", reason)
 
     @classmethod
-    def skip(cls, reason: str) -> "Decision":
+    def skip(cls, reason: str) -> Decision:
         return cls("skip", reason)
 
 
@@ -331,11 +332,11 @@ class QueuePlace:
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    return None if value is None else value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def submission_id_for(job_id: str, attempt: int) -> str:
@@ -359,7 +360,9 @@ class Store:
         self.engine: Engine = _make_engine(url, echo=echo)
         self.dialect = self.engine.dialect.name
         if self.dialect not in ("sqlite", "postgresql"):
-            raise StoreError(f"AEFORGE_DB_URL: unsupported database {self.dialect!r}; use sqlite:/// or postgresql+psycopg://")
+            raise StoreError(
+                f"AEFORGE_DB_URL: unsupported database {self.dialect!r}; use sqlite:/// or postgresql+psycopg://"
+            )
         self.schema_version = migrate(self.engine, migrations)
 
     def close(self) -> None:
@@ -411,8 +414,14 @@ class Store:
         made then (and False)."""
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
-        for field, value in (("name", name), ("owner", owner), ("kind", kind), ("spec_text", spec_text),
-                             ("spec_json", spec_json), ("idempotency_key", idempotency_key)):
+        for field, value in (
+            ("name", name),
+            ("owner", owner),
+            ("kind", kind),
+            ("spec_text", spec_text),
+            ("spec_json", spec_json),
+            ("idempotency_key", idempotency_key),
+        ):
             if value is not None and not storable(value):
                 raise InvalidValue(field, "cannot be stored: it holds a NUL (\\x00) or a lone surrogate")
         if idempotency_key is not None:
@@ -423,12 +432,24 @@ class Store:
         job_id = new_job_id(name)
         try:
             with self._tx() as conn:
-                conn.execute(insert(jobs_table).values(
-                    id=job_id, name=name, owner=owner, kind=kind, spec_text=spec_text, spec_json=spec_json,
-                    priority=int(priority), resources={k: float(v) for k, v in resources.items()}, state="queued",
-                    attempts=0, max_attempts=max_attempts, idempotency_key=idempotency_key,
-                    created_at=now, updated_at=now,
-                ))
+                conn.execute(
+                    insert(jobs_table).values(
+                        id=job_id,
+                        name=name,
+                        owner=owner,
+                        kind=kind,
+                        spec_text=spec_text,
+                        spec_json=spec_json,
+                        priority=int(priority),
+                        resources={k: float(v) for k, v in resources.items()},
+                        state="queued",
+                        attempts=0,
+                        max_attempts=max_attempts,
+                        idempotency_key=idempotency_key,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
                 self._event(conn, job_id, None, "queued", 0, f"submitted by {owner} with priority {priority}", now)
         except IntegrityError:
             # Two submissions with the same key raced; the one that committed first is the job.
@@ -443,8 +464,9 @@ class Store:
         if not (storable(owner) and storable(key)):
             return None
         with self.engine.connect() as conn:
-            row = conn.execute(select(jobs_table).where(
-                jobs_table.c.owner == owner, jobs_table.c.idempotency_key == key)).first()
+            row = conn.execute(
+                select(jobs_table).where(jobs_table.c.owner == owner, jobs_table.c.idempotency_key == key)
+            ).first()
         return None if row is None else Job.from_row(row)
 
     # --- reading -------------------------------------------------------------------------------------------
@@ -461,8 +483,9 @@ class Store:
         if not storable(job_id):
             return []
         with self.engine.connect() as conn:
-            rows = conn.execute(select(events_table).where(events_table.c.job_id == job_id)
-                                .order_by(events_table.c.id)).all()
+            rows = conn.execute(
+                select(events_table).where(events_table.c.job_id == job_id).order_by(events_table.c.id)
+            ).all()
         return [Event.from_row(r) for r in rows]
 
     def list_jobs(
@@ -493,8 +516,9 @@ class Store:
             conditions.append(jobs_table.c.name == name)
         with self.engine.connect() as conn:
             total = conn.execute(select(func.count()).select_from(jobs_table).where(*conditions)).scalar_one()
-            rows = conn.execute(select(jobs_table).where(*conditions).order_by(jobs_table.c.seq.desc())
-                                .limit(limit).offset(offset)).all()
+            rows = conn.execute(
+                select(jobs_table).where(*conditions).order_by(jobs_table.c.seq.desc()).limit(limit).offset(offset)
+            ).all()
         return [Job.from_row(r) for r in rows], int(total)
 
     def active_jobs(self) -> list[Job]:
@@ -541,16 +565,28 @@ class Store:
             values["finished_at"] = None
         values.update(fields)
         attempts = values.get("attempts", row.attempts)
-        result = conn.execute(update(jobs_table).where(jobs_table.c.id == row.id, jobs_table.c.state == row.state)
-                              .values(**values))
+        result = conn.execute(
+            update(jobs_table).where(jobs_table.c.id == row.id, jobs_table.c.state == row.state).values(**values)
+        )
         if result.rowcount != 1:  # unreachable while the row is locked; kept so a lost update cannot pass silently
             raise StoreError(f"job {row.id} changed during its own transition")
         self._event(conn, row.id, row.state, to_state, attempts, reason, now)
 
-    def _event(self, conn: Connection, job_id: str, from_state: str | None, to_state: str, attempt: int,
-               reason: str, at: datetime) -> None:
-        conn.execute(insert(events_table).values(job_id=job_id, at=at, from_state=from_state, to_state=to_state,
-                                                 attempt=attempt, reason=reason))
+    def _event(
+        self,
+        conn: Connection,
+        job_id: str,
+        from_state: str | None,
+        to_state: str,
+        attempt: int,
+        reason: str,
+        at: datetime,
+    ) -> None:
+        conn.execute(
+            insert(events_table).values(
+                job_id=job_id, at=at, from_state=from_state, to_state=to_state, attempt=attempt, reason=reason
+            )
+        )
 
     def request_cancel(self, job_id: str, by: str) -> Job:
         """A queued job is cancelled at once; a starting or running one is marked for the dispatcher to stop."""
@@ -560,8 +596,11 @@ class Store:
                 self._apply(conn, row, "cancelled", f"cancelled by {by} while queued", {})
             elif row.state in ACTIVE_STATES:
                 if row.cancel_requested_by is None:
-                    conn.execute(update(jobs_table).where(jobs_table.c.id == job_id)
-                                 .values(cancel_requested_by=by, updated_at=utcnow()))
+                    conn.execute(
+                        update(jobs_table)
+                        .where(jobs_table.c.id == job_id)
+                        .values(cancel_requested_by=by, updated_at=utcnow())
+                    )
             else:
                 raise InvalidTransition(f"job {job_id} is already {row.state}")
         return self.get(job_id)
@@ -572,11 +611,17 @@ class Store:
             row = self._lock_job(conn, job_id)
             if row.state not in ("failed", "cancelled"):
                 raise InvalidTransition(f"only a failed or cancelled job can be retried; job {job_id} is {row.state}")
-            self._apply(conn, row, "queued", f"retried by {by}", {
-                "max_attempts": max(row.max_attempts, row.attempts + 1),
-                "cancel_requested_by": None,
-                "error": None,
-            })
+            self._apply(
+                conn,
+                row,
+                "queued",
+                f"retried by {by}",
+                {
+                    "max_attempts": max(row.max_attempts, row.attempts + 1),
+                    "cancel_requested_by": None,
+                    "error": None,
+                },
+            )
         return self.get(job_id)
 
     # --- admission -----------------------------------------------------------------------------------------
@@ -592,8 +637,12 @@ class Store:
         with self._tx(lock_key=ADMISSION_LOCK_KEY) as conn:
             holdings = self._holdings(conn)
             while True:
-                query = (select(jobs_table).where(jobs_table.c.state == "queued")
-                         .order_by(jobs_table.c.priority.desc(), jobs_table.c.seq).limit(batch))
+                query = (
+                    select(jobs_table)
+                    .where(jobs_table.c.state == "queued")
+                    .order_by(jobs_table.c.priority.desc(), jobs_table.c.seq)
+                    .limit(batch)
+                )
                 if skipped:
                     query = query.where(jobs_table.c.seq.not_in(skipped))
                 if self.dialect == "postgresql":
@@ -616,22 +665,33 @@ class Store:
                     if decision.action == "wait":
                         self._note_wait(conn, job, decision.reason)
                         self._clear_wait_reasons(conn, keep=[*skipped, row.seq])
-                        return Admission(started=None, rejected=tuple(rejected), waiting=job, wait_reason=decision.reason)
+                        return Admission(
+                            started=None, rejected=tuple(rejected), waiting=job, wait_reason=decision.reason
+                        )
                     if decision.action != "start":
                         raise ValueError(f"unknown admission decision {decision.action!r}")
                     attempt = row.attempts + 1
-                    self._apply(conn, row, "starting", decision.reason, {
-                        "attempts": attempt,
-                        "ray_submission_id": submission_id_for(row.id, attempt),
-                    })
+                    self._apply(
+                        conn,
+                        row,
+                        "starting",
+                        decision.reason,
+                        {
+                            "attempts": attempt,
+                            "ray_submission_id": submission_id_for(row.id, attempt),
+                        },
+                    )
                     started = Job.from_row(conn.execute(select(jobs_table).where(jobs_table.c.id == row.id)).one())
                     return Admission(started=started, rejected=tuple(rejected))
 
     def _note_wait(self, conn: Connection, job: Job, reason: str) -> None:
         """Store why ``job`` waits (no event: it is not a state change), unless it says that already."""
         if job.wait_reason != reason:
-            conn.execute(update(jobs_table).where(jobs_table.c.seq == job.seq, jobs_table.c.state == "queued")
-                         .values(wait_reason=reason))
+            conn.execute(
+                update(jobs_table)
+                .where(jobs_table.c.seq == job.seq, jobs_table.c.state == "queued")
+                .values(wait_reason=reason)
+            )
 
     def _clear_wait_reasons(self, conn: Connection, keep: Sequence[int]) -> None:
         query = update(jobs_table).where(jobs_table.c.state == "queued", jobs_table.c.wait_reason.is_not(None))
@@ -644,11 +704,16 @@ class Store:
         last one ahead that carries a wait reason: the walk stops at the job it waits for)."""
         ahead = (jobs_table.c.state == "queued") & (
             (jobs_table.c.priority > job.priority)
-            | ((jobs_table.c.priority == job.priority) & (jobs_table.c.seq < job.seq)))
+            | ((jobs_table.c.priority == job.priority) & (jobs_table.c.seq < job.seq))
+        )
         with self.engine.connect() as conn:
             count = conn.execute(select(func.count()).select_from(jobs_table).where(ahead)).scalar_one()
-            row = conn.execute(select(jobs_table).where(ahead, jobs_table.c.wait_reason.is_not(None))
-                               .order_by(jobs_table.c.priority, jobs_table.c.seq.desc()).limit(1)).first()
+            row = conn.execute(
+                select(jobs_table)
+                .where(ahead, jobs_table.c.wait_reason.is_not(None))
+                .order_by(jobs_table.c.priority, jobs_table.c.seq.desc())
+                .limit(1)
+            ).first()
         return QueuePlace(jobs_ahead=int(count), blocked_by=None if row is None else Job.from_row(row))
 
     def _holdings(self, conn: Connection) -> Holdings:
@@ -677,8 +742,10 @@ def _make_engine(url: str, *, echo: bool) -> Engine:
         raise StoreError("AEFORGE_DB_URL: use the psycopg 3 driver, postgresql+psycopg://user@host:port/db")
     if url.startswith("sqlite"):
         if ":memory:" in url or url in ("sqlite://", "sqlite:///"):
-            raise StoreError("AEFORGE_DB_URL: an in-memory SQLite database is not shared between the API and the "
-                             "dispatcher; give a file, sqlite:////path/to/aeforge.db")
+            raise StoreError(
+                "AEFORGE_DB_URL: an in-memory SQLite database is not shared between the API and the "
+                "dispatcher; give a file, sqlite:////path/to/aeforge.db"
+            )
         database = url.split("///", 1)[-1].split("?", 1)[0]
         from pathlib import Path
 
@@ -719,12 +786,16 @@ def migrate(engine: Engine, migrations: Sequence[Migration] = MIGRATIONS) -> int
                 return target
             current = conn.execute(select(schema_table.c.version).where(schema_table.c.id == 1)).scalar_one()
             if current > target:
-                raise SchemaTooNew(f"the job database is at schema version {current}, newer than this aeforge "
-                                   f"understands ({target}); upgrade aeforge")
+                raise SchemaTooNew(
+                    f"the job database is at schema version {current}, newer than this aeforge "
+                    f"understands ({target}); upgrade aeforge"
+                )
             for step in sorted(migrations, key=lambda m: m.version):
                 if step.version > current:
                     log.info("migrating the job store to schema version %d: %s", step.version, step.description)
                     step.apply(conn)
                     current = step.version
-            conn.execute(update(schema_table).where(schema_table.c.id == 1).values(version=current, migrated_at=utcnow()))
+            conn.execute(
+                update(schema_table).where(schema_table.c.id == 1).values(version=current, migrated_at=utcnow())
+            )
             return current

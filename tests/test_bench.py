@@ -48,8 +48,24 @@ def bench(*args: str):
 
 def test_every_row_is_printed_with_its_ratio_on_a_file_data_set(spec_path):
     threads = torch.get_num_threads()
-    output = bench(str(spec_path), "--steps", "2", "--warmup", "1", "--data", "npz", "--no-compiled",
-                   "--large-batch", "16", "--large-steps", "2", "--large-warmup", "1", "--threads", "1")
+    output = bench(
+        str(spec_path),
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--data",
+        "npz",
+        "--no-compiled",
+        "--large-batch",
+        "16",
+        "--large-steps",
+        "2",
+        "--large-warmup",
+        "1",
+        "--threads",
+        "1",
+    )
     assert torch.get_num_threads() == threads  # the bench's own setting, given back
     lines = output.splitlines()
     for label in (PLAIN, EAGER_FP32, "aeforge (eager, bf16)"):
@@ -78,9 +94,14 @@ def test_eager_and_compiled_rows_in_json(spec_path):
     assert report["ratio"] == rows[(EAGER_FP32, 8)]["ratio"]
     assert report["data"] == "spec" and report["data_description"].startswith("builtin:dsprites, read per batch")
     skipped = {(row["loop"], row["reason"]) for row in report["skipped"]}
-    assert skipped == (set() if ON_GPU else {
-        ("aeforge (eager, bf16)", "bf16 trains in bf16 on CUDA only (on a CPU the loop runs fp32)"),
-        ("aeforge (compiled, bf16)", "bf16 trains in bf16 on CUDA only (on a CPU the loop runs fp32)")})
+    assert skipped == (
+        set()
+        if ON_GPU
+        else {
+            ("aeforge (eager, bf16)", "bf16 trains in bf16 on CUDA only (on a CPU the loop runs fp32)"),
+            ("aeforge (compiled, bf16)", "bf16 trains in bf16 on CUDA only (on a CPU the loop runs fp32)"),
+        }
+    )
     assert set(report["load"]) == {"before", "after", "cpus"}
 
 
@@ -112,5 +133,9 @@ def test_bad_bench_requests_are_named(spec_path):
     with pytest.raises(BenchError, match="bench precision must be one of fp32, bf16, not 'fp16'"):
         run_benchmark(spec, steps=1, warmup=1, precisions=("fp16",))
     with pytest.raises(BenchError, match="batch size 4096 is larger than"):
-        run_benchmark(spec.model_copy(update={"data": spec.data.model_copy(update={"limit": 100})}),
-                      steps=1, warmup=1, large_batch=4096)
+        run_benchmark(
+            spec.model_copy(update={"data": spec.data.model_copy(update={"limit": 100})}),
+            steps=1,
+            warmup=1,
+            large_batch=4096,
+        )

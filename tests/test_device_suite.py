@@ -20,14 +20,35 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.device_suite import (GOALS, JSON_NAME, JUNIT_NAME, MARKDOWN_NAME, NO_CUDA, PROTOCOL_STEPS,
-                                     goal_rows, read_junit, steady_projection, study_findings, study_table)
+from benchmarks.device_suite import (
+    GOALS,
+    JSON_NAME,
+    JUNIT_NAME,
+    MARKDOWN_NAME,
+    NO_CUDA,
+    PROTOCOL_STEPS,
+    goal_rows,
+    read_junit,
+    steady_projection,
+    study_findings,
+    study_table,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE = REPO / "benchmarks" / "device_suite.py"
 # Installed here for the project, absent on the device machine.
-ABSENT_ON_DEVICE = ("ray", "mlflow", "boto3", "botocore", "s3transfer", "fastapi", "uvicorn", "sqlalchemy", "psycopg",
-                    "moto")
+ABSENT_ON_DEVICE = (
+    "ray",
+    "mlflow",
+    "boto3",
+    "botocore",
+    "s3transfer",
+    "fastapi",
+    "uvicorn",
+    "sqlalchemy",
+    "psycopg",
+    "moto",
+)
 GPU_TESTS = {
     "test_gpu_ddp::test_ddp_with_nccl_and_the_gathered_tc_estimator_trains_as_one_process_does",
     "test_gpu_training::test_the_data_set_is_placed_on_the_gpu_and_batches_are_rendered_there",
@@ -36,7 +57,7 @@ GPU_TESTS = {
     "test_gpu_training::test_a_checkpoint_written_on_the_gpu_loads_on_gpu_and_cpu_and_resumes",
 }
 
-_BLOCKER = '''
+_BLOCKER = """
 import importlib.abc
 import sys
 
@@ -51,7 +72,7 @@ class AbsentOnTheDevice(importlib.abc.MetaPathFinder):
 
 
 sys.meta_path.insert(0, AbsentOnTheDevice())
-'''
+"""
 
 
 def device_like_env(folder: Path) -> dict[str, str]:
@@ -63,7 +84,7 @@ def device_like_env(folder: Path) -> dict[str, str]:
     return env
 
 
-TRAIN_WITHOUT_THEM = '''
+TRAIN_WITHOUT_THEM = """
 import importlib
 import sys
 
@@ -93,20 +114,32 @@ assert "eval/mig" in result.final_metrics and "eval/elbo" in result.final_metric
 loaded = sorted(name for name in sys.modules if name.split(".")[0] in {absent!r})
 assert not loaded, loaded
 print("trained", result.steps, "steps without", ", ".join({absent!r}))
-'''
+"""
 
 
 def test_workers_import_and_train_without_ray_mlflow_or_boto3(tmp_path):
     script = TRAIN_WITHOUT_THEM.format(absent=ABSENT_ON_DEVICE)
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=device_like_env(tmp_path / "site"),
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env=device_like_env(tmp_path / "site"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert "trained 3 steps without ray, mlflow, boto3" in done.stdout
 
 
 def run_suite(tmp_path: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SUITE), "--out", str(tmp_path / "out"), *args], cwd=REPO,
-                          env=device_like_env(tmp_path / "site"), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(SUITE), "--out", str(tmp_path / "out"), *args],
+        cwd=REPO,
+        env=device_like_env(tmp_path / "site"),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.slow
@@ -129,16 +162,26 @@ def test_the_tiny_suite_writes_json_and_markdown_with_every_row(tmp_path):
     # for CUDA); the large batch is skipped altogether.
     small, large = report["bench"]
     assert small["status"] == "ran" and small["batch_size"] == 64
-    assert [row["loop"] for row in small["rows"]] == ["plain PyTorch (DataLoader, eager, fp32)", "aeforge (eager, fp32)"]
+    assert [row["loop"] for row in small["rows"]] == [
+        "plain PyTorch (DataLoader, eager, fp32)",
+        "aeforge (eager, fp32)",
+    ]
     assert all(row["images_per_second"] > 0 for row in small["rows"]) and small["ratio"] > 0
-    assert [(row["loop"], "CUDA" in row["reason"]) for row in small["skipped_rows"]] == [("aeforge (eager, bf16)", True)]
+    assert [(row["loop"], "CUDA" in row["reason"]) for row in small["skipped_rows"]] == [
+        ("aeforge (eager, bf16)", True)
+    ]
     assert (large["status"], large["reason"]) == ("skipped", NO_CUDA)
 
     # 3. The protocol run: its steps, its own evaluation's time, both MIGs and the ELBO.
     protocol = report["protocol"]
     assert protocol["steps_done"] == protocol["steps_asked"] and not protocol["stopped_at_budget"]
-    assert (protocol["variant"], protocol["architecture"], protocol["latent_dim"], protocol["batch_size"],
-            protocol["lr"]) == ("beta_tcvae", "conv64", 10, 64, 1e-4)
+    assert (
+        protocol["variant"],
+        protocol["architecture"],
+        protocol["latent_dim"],
+        protocol["batch_size"],
+        protocol["lr"],
+    ) == ("beta_tcvae", "conv64", 10, 64, 1e-4)
     for key in ("mig", "mig_exact", "elbo", "eval_s", "train_s", "projected_train_s_300k", "eval_fraction"):
         assert isinstance(protocol[key], float) and math.isfinite(protocol[key]), key
     assert protocol["end_to_end_s"] >= protocol["train_s"] + protocol["eval_s"]
@@ -154,8 +197,9 @@ def test_the_tiny_suite_writes_json_and_markdown_with_every_row(tmp_path):
     study = report["study"]
     assert study["status"] == "ran" and (study["models"], study["packs"], study["pack_sizes"]) == (4, 2, [2, 2])
     assert study["architecture"] == "chen2018_mlp" and 1 <= study["steps"] <= study["full_steps"]
-    assert {(r["variant"], r["beta"]) for r in study["table"]} == {(v, b) for v in ("beta_vae", "beta_tcvae")
-                                                                    for b in (1.0, 4.0)}
+    assert {(r["variant"], r["beta"]) for r in study["table"]} == {
+        (v, b) for v in ("beta_vae", "beta_tcvae") for b in (1.0, 4.0)
+    }
     assert all(math.isfinite(r["mig_chen_mean"]) and math.isfinite(r["elbo_mean"]) for r in study["table"])
     assert study["projected_full_s"] > 0 and study["compared_betas"] == [4.0]
 
@@ -167,8 +211,14 @@ def test_the_tiny_suite_writes_json_and_markdown_with_every_row(tmp_path):
     assert all(goals[k]["met"] in (True, False) for k in ("protocol_train_s", "ratio_batch_64", "eval_fraction"))
 
     text = (out / MARKDOWN_NAME).read_text()
-    for heading in ("## GPU tests", "## Training bench", "## Packs", "## Chen et al. 2018's study", "## Protocol run",
-                    "## Goals"):
+    for heading in (
+        "## GPU tests",
+        "## Training bench",
+        "## Packs",
+        "## Chen et al. 2018's study",
+        "## Protocol run",
+        "## Goals",
+    ):
         assert heading in text
     assert all(name in text for name in GPU_TESTS)
     assert f"| large batch | 256 | skipped | – | – | – | {NO_CUDA} |" in text
@@ -193,8 +243,12 @@ def test_the_protocol_run_stops_at_the_time_budget_and_projects_the_rest(tmp_pat
 
 
 def test_bad_arguments_are_refused_naming_the_option(tmp_path):
-    done = subprocess.run([sys.executable, str(SUITE), "--out", str(tmp_path), "--sections", "bench,gpu"],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, str(SUITE), "--out", str(tmp_path), "--sections", "bench,gpu"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2 and "--sections: unknown gpu" in done.stderr
 
 
@@ -211,32 +265,64 @@ def test_the_projection_leaves_the_start_up_out_of_the_pace():
 
 
 def test_goals_compare_each_figure_with_its_target_in_its_direction():
-    report = {"protocol": {"steps_done": 1000, "projected_train_s_300k": 59.0, "eval_fraction": 0.2},
-              "bench": [{"case": "batch 64", "batch_size": 64, "status": "ran", "ratio": 12.0},
-                        {"case": "large batch", "batch_size": 2048, "status": "skipped"}],
-              "packs": {"status": "ran", "pack_32_x_one": 9.5}}
+    report = {
+        "protocol": {"steps_done": 1000, "projected_train_s_300k": 59.0, "eval_fraction": 0.2},
+        "bench": [
+            {"case": "batch 64", "batch_size": 64, "status": "ran", "ratio": 12.0},
+            {"case": "large batch", "batch_size": 2048, "status": "skipped"},
+        ],
+        "packs": {"status": "ran", "pack_32_x_one": 9.5},
+    }
     goals = {g["goal"]: (g["measured"], g["met"], g["from"]) for g in goal_rows(report)}
-    assert goals == {"protocol_train_s": (59.0, True, "projected from 1,000 steps"),
-                     "ratio_batch_64": (12.0, True, None),
-                     "large_batch_bf16_images_per_s": (None, None, None),
-                     "eval_fraction": (0.2, False, "of the projected run"),
-                     "pack_32_x_one": (9.5, False, "packs section"),
-                     "study_s": (None, None, None), "study_best_tcvae_mig": (None, None, None),
-                     "study_tcvae_above": (None, None, None)}
+    assert goals == {
+        "protocol_train_s": (59.0, True, "projected from 1,000 steps"),
+        "ratio_batch_64": (12.0, True, None),
+        "large_batch_bf16_images_per_s": (None, None, None),
+        "eval_fraction": (0.2, False, "of the projected run"),
+        "pack_32_x_one": (9.5, False, "packs section"),
+        "study_s": (None, None, None),
+        "study_best_tcvae_mig": (None, None, None),
+        "study_tcvae_above": (None, None, None),
+    }
     # A study run at full length is measured; one stopped short only projects its time (its MIG is not the paper's).
-    table = study_table([{"variant": v, "beta": b, "seed": seed, "mig_chen": m + 0.01 * seed, "elbo": -90.0 - seed}
-                         for v, b, m in (("beta_vae", 1.0, 0.1), ("beta_vae", 4.0, 0.2), ("beta_tcvae", 1.0, 0.12),
-                                         ("beta_tcvae", 4.0, 0.38)) for seed in (0, 1, 2)])
-    assert table[0] == {"variant": "beta_tcvae", "beta": 1.0, "seeds": 3, "mig_chen_mean": pytest.approx(0.13),
-                        "mig_chen_sd": pytest.approx(0.01), "mig_chen_min": 0.12, "mig_chen_max": pytest.approx(0.14),
-                        "elbo_mean": -91.0, "elbo_sd": 1.0, "elbo_min": -92.0, "elbo_max": -90.0}
+    table = study_table(
+        [
+            {"variant": v, "beta": b, "seed": seed, "mig_chen": m + 0.01 * seed, "elbo": -90.0 - seed}
+            for v, b, m in (
+                ("beta_vae", 1.0, 0.1),
+                ("beta_vae", 4.0, 0.2),
+                ("beta_tcvae", 1.0, 0.12),
+                ("beta_tcvae", 4.0, 0.38),
+            )
+            for seed in (0, 1, 2)
+        ]
+    )
+    assert table[0] == {
+        "variant": "beta_tcvae",
+        "beta": 1.0,
+        "seeds": 3,
+        "mig_chen_mean": pytest.approx(0.13),
+        "mig_chen_sd": pytest.approx(0.01),
+        "mig_chen_min": 0.12,
+        "mig_chen_max": pytest.approx(0.14),
+        "elbo_mean": -91.0,
+        "elbo_sd": 1.0,
+        "elbo_min": -92.0,
+        "elbo_max": -90.0,
+    }
     findings = study_findings(table)
-    assert findings == {"best_tcvae_mig": pytest.approx(0.39), "tcvae_above_at_every_beta_2_up": True,
-                        "compared_betas": [4.0]}
+    assert findings == {
+        "best_tcvae_mig": pytest.approx(0.39),
+        "tcvae_above_at_every_beta_2_up": True,
+        "compared_betas": [4.0],
+    }
     full = {"status": "ran", "stopped_short": False, "wall_s": 3000.0, **findings}
     goals = {g["goal"]: (g["measured"], g["met"]) for g in goal_rows({"study": full})}
     assert (goals["study_s"], goals["study_best_tcvae_mig"], goals["study_tcvae_above"]) == (
-        (3000.0, True), (pytest.approx(0.39), True), (1.0, True))
+        (3000.0, True),
+        (pytest.approx(0.39), True),
+        (1.0, True),
+    )
     short = {**full, "stopped_short": True, "steps": 500, "projected_full_s": 4000.0}
     goals = {g["goal"]: (g["measured"], g["met"], g["from"]) for g in goal_rows({"study": short})}
     assert goals["study_s"] == (4000.0, False, "projected from 500 steps")
@@ -252,7 +338,8 @@ def test_junit_rows_carry_the_status_and_the_skip_reason(tmp_path):
         '<skipped type="pytest.skip" message="no CUDA">tests/gpu/test_a.py:9: no CUDA</skipped></testcase>'
         '<testcase classname="tests.gpu.test_b" name="test_bad" time="2">'
         '<failure message="assert 1 == 2">trace</failure></testcase>'
-        '</testsuite></testsuites>')
+        "</testsuite></testsuites>"
+    )
     assert read_junit(xml) == [
         {"name": "test_a::test_ok", "status": "passed", "seconds": 1.5, "reason": ""},
         {"name": "test_a::test_off", "status": "skipped", "seconds": 0.001, "reason": "no CUDA"},

@@ -55,8 +55,12 @@ def graph() -> dict[str, set[str]]:
 
 
 def test_dependencies_point_from_services_to_jobs_to_workers():
-    wrong = sorted(f"{a} imports {b}" for a, targets in graph().items() for b in targets
-                   if LAYER[b.split(".")[0]] < LAYER[a.split(".")[0]])
+    wrong = sorted(
+        f"{a} imports {b}"
+        for a, targets in graph().items()
+        for b in targets
+        if LAYER[b.split(".")[0]] < LAYER[a.split(".")[0]]
+    )
     assert wrong == []
 
 

@@ -41,8 +41,10 @@ def readme_python_blocks() -> list[str]:
 
 def test_the_readme_has_the_two_blocks():
     load, submit = readme_python_blocks()
-    assert [line for line in load.splitlines() if line.startswith(("import", "from"))] == ["import mlflow",
-                                                                                           "import torch"]
+    assert [line for line in load.splitlines() if line.startswith(("import", "from"))] == [
+        "import mlflow",
+        "import torch",
+    ]
     assert 'mlflow.pytorch.load_model("models:/' in load and "AeforgeClient.from_settings()" in submit
     assert "client.wait(" in submit
 
@@ -66,9 +68,14 @@ def test_readme_loads_a_registered_model_in_a_fresh_process(mlflow_server, tmp_p
     name, alias = ref.group(1), ref.group(2)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", str(mlflow_server))
     monkeypatch.setenv("AEFORGE_HOME", str(tmp_path / "home"))
-    spec = JobSpec.model_validate({
-        "name": name, "model": {"variant": "beta_tcvae", "architecture": "mlp", "latent_dim": 4, "hidden_dims": [32]},
-        "train": {"steps": 10}, "register": {"model_name": name, "alias": alias}})
+    spec = JobSpec.model_validate(
+        {
+            "name": name,
+            "model": {"variant": "beta_tcvae", "architecture": "mlp", "latent_dim": 4, "hidden_dims": [32]},
+            "train": {"steps": 10},
+            "register": {"model_name": name, "alias": alias},
+        }
+    )
     model = small_model("beta_tcvae").eval()
     run_id = start_or_resume_run(ensure_experiment(spec.name), "python-api-test")
     registered = log_and_register(model, spec, "python-api-test", run_id, {"eval/elbo": -10.0})
@@ -76,16 +83,19 @@ def test_readme_loads_a_registered_model_in_a_fresh_process(mlflow_server, tmp_p
 
     # The block as written, then what it computed, saved for this process to check.
     results = tmp_path / "notebook.pt"
-    script = (load_block + "\nimport sys\n"
-              f"torch.save({{'x': x, 'z': z, 'reconstructions': reconstructions, 'samples': samples, 'rows': rows,"
-              f" 'class': type(model).__module__ + '.' + type(model).__name__,"
-              f" 'aeforge_modules': sorted(m for m in ('workers', 'jobs', 'services') if m in sys.modules)}}, "
-              f"{str(results)!r})\n")
+    script = (
+        load_block + "\nimport sys\n"
+        f"torch.save({{'x': x, 'z': z, 'reconstructions': reconstructions, 'samples': samples, 'rows': rows,"
+        f" 'class': type(model).__module__ + '.' + type(model).__name__,"
+        f" 'aeforge_modules': sorted(m for m in ('workers', 'jobs', 'services') if m in sys.modules)}}, "
+        f"{str(results)!r})\n"
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AEFORGE_", "PYTHON"))}
     env["MLFLOW_TRACKING_URI"] = str(mlflow_server)
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=240)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.strip().splitlines()[-1] == "(8, 4) (8, 1, 16, 16) (16, 1, 16, 16) (4, 9, 1, 16, 16)"
     print(f"the README block ran in a fresh process in {time.monotonic() - started:.1f} s")
@@ -175,8 +185,9 @@ def served_queue(tmp_path, monkeypatch):
 
     store = Store(f"sqlite:///{tmp_path / 'queue.db'}")
     launcher = FakeLauncher()
-    settings = ServiceSettings(home=tmp_path, db_url="unused", dispatch_interval_s=0.05,
-                               tokens=(Principal("nora", "user", "nora-token-123"),))
+    settings = ServiceSettings(
+        home=tmp_path, db_url="unused", dispatch_interval_s=0.05, tokens=(Principal("nora", "user", "nora-token-123"),)
+    )
     dispatcher = Dispatcher(store, FakeCluster({"CPU": 2}), launcher, environ={})
     stop, ray_paused = threading.Event(), threading.Event()
 
@@ -188,9 +199,17 @@ def served_queue(tmp_path, monkeypatch):
                 if job["status"] == "PENDING":
                     launcher.set(sid, "RUNNING", logs="training\n")
                 elif job["status"] == "RUNNING":
-                    result = {"job_id": sid, "mlflow_run_id": "run-1", "metrics": {"eval/elbo": -42.5},
-                              "model": {"model_uri": "models:/quickstart-btcvae/1", "name": "quickstart-btcvae",
-                                        "version": "1", "alias": "candidate"}}
+                    result = {
+                        "job_id": sid,
+                        "mlflow_run_id": "run-1",
+                        "metrics": {"eval/elbo": -42.5},
+                        "model": {
+                            "model_uri": "models:/quickstart-btcvae/1",
+                            "name": "quickstart-btcvae",
+                            "version": "1",
+                            "alias": "candidate",
+                        },
+                    }
                     launcher.set(sid, "SUCCEEDED", logs=job["logs"] + result_line(result) + "\n")
 
     fake_ray = threading.Thread(target=ray, daemon=True)

@@ -63,7 +63,7 @@ class ModelConfig(StrictModel):
     gather_global_batch: bool = True
 
     @model_validator(mode="after")
-    def _variant_fields(self) -> "ModelConfig":
+    def _variant_fields(self) -> ModelConfig:
         if self.corruption is not None and self.variant != "dae":
             raise ValueError(f"'corruption' is only for variant 'dae', not '{self.variant}'")
         if self.tc_estimator is not None and self.variant != "beta_tcvae":
@@ -96,7 +96,8 @@ class DataConfig(StrictModel):
     # builtin:NAME | a dataset name pushed with `aeforge data push` | s3://bucket/key | a local path
     source: str = "builtin:dsprites"
     format: Literal["idx", "npz", "folder", "hdf5"] | None = Field(
-        None, description="inferred from the source if left out")
+        None, description="inferred from the source if left out"
+    )
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     image_size: int | None = Field(None, ge=8, description="image folders: resize and centre-crop to this size")
     grayscale: bool = Field(True, description="image folders: convert to one channel")
@@ -117,12 +118,16 @@ class TrainConfig(StrictModel):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool | None = Field(
-        None, description="torch.compile the training step's forward pass and loss (TorchInductor); null: on for "
+        None,
+        description="torch.compile the training step's forward pass and loss (TorchInductor); null: on for "
         "CUDA, off on CPU (where compiling needs a C++ compiler and costs tens of seconds up front). Checkpoints and "
-        "registered models are the same either way")
+        "registered models are the same either way",
+    )
     compile_mode: CompileMode | None = Field(
-        None, description="torch.compile mode when compiling; null: 'reduce-overhead' (CUDA graphs) on one CUDA "
-        "process, 'default' under DDP and on CPU")
+        None,
+        description="torch.compile mode when compiling; null: 'reduce-overhead' (CUDA graphs) on one CUDA "
+        "process, 'default' under DDP and on CPU",
+    )
     grad_clip: float | None = Field(None, gt=0.0)
     checkpoint_every: int = Field(5000, ge=1)
     eval_every: int | None = Field(None, ge=1)
@@ -130,18 +135,24 @@ class TrainConfig(StrictModel):
     seed: int = 0
     num_to_keep: int = Field(2, ge=1, description="checkpoints kept")
     max_failures: int = Field(2, ge=0, description="worker failures survived by resuming")
-    max_hours: float | None = Field(None, gt=0.0, description="wall-clock limit: a job (attempt) running longer is "
-                                    "stopped and failed by the queue, not retried (default: no limit)")
+    max_hours: float | None = Field(
+        None,
+        gt=0.0,
+        description="wall-clock limit: a job (attempt) running longer is "
+        "stopped and failed by the queue, not retried (default: no limit)",
+    )
 
     @model_validator(mode="after")
-    def _compile_mode_needs_compile(self) -> "TrainConfig":
+    def _compile_mode_needs_compile(self) -> TrainConfig:
         if self.compile is False and self.compile_mode is not None:
-            raise ValueError(f"'compile_mode' ({self.compile_mode}) is set but 'compile' is false; "
-                             f"drop compile_mode or set compile: true")
+            raise ValueError(
+                f"'compile_mode' ({self.compile_mode}) is set but 'compile' is false; "
+                f"drop compile_mode or set compile: true"
+            )
         return self
 
     @model_validator(mode="after")
-    def _budget(self) -> "TrainConfig":
+    def _budget(self) -> TrainConfig:
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give either 'steps' or 'epochs', not both")
         if self.steps is None and self.epochs is None:
@@ -154,21 +165,33 @@ class EvalConfig(StrictModel):
 
     iwae_samples: int = Field(50, ge=1, description="k for the importance-weighted log-likelihood bound")
     max_examples: int = Field(2000, ge=10, description="validation examples used for ELBO/IWAE/decomposition")
-    disentanglement: bool = Field(True, description="MIG, SAP, DCI, FactorVAE and beta-VAE scores where the data has factors")
+    disentanglement: bool = Field(
+        True, description="MIG, SAP, DCI, FactorVAE and beta-VAE scores where the data has factors"
+    )
     num_train: int = Field(2000, ge=10, description="points used to fit the disentanglement scores")
     num_test: int = Field(1000, ge=10)
     pictures: bool = True
     probe: bool = Field(True, description="labelled data: test accuracy of a linear probe on the frozen codes")
-    probe_finetune_epochs: int = Field(0, ge=0, description="labelled data: also fine-tune a copy of the encoder "
-                                       "with a linear head for this many epochs over num_train rows (0: off)")
+    probe_finetune_epochs: int = Field(
+        0,
+        ge=0,
+        description="labelled data: also fine-tune a copy of the encoder "
+        "with a linear head for this many epochs over num_train rows (0: off)",
+    )
     probe_finetune_lr: float = Field(1.0e-3, gt=0.0)
     factors: list[str] | None = Field(
-        None, min_length=1, description="the ground-truth factors the disentanglement scores use, by name (default: "
-        "all; eval/mig_chen: on dSprites, Chen et al.'s four, shape left out); checked against the data's factors")
+        None,
+        min_length=1,
+        description="the ground-truth factors the disentanglement scores use, by name (default: "
+        "all; eval/mig_chen: on dSprites, Chen et al.'s four, shape left out); checked against the data's factors",
+    )
     mig_chen_rows: int | None = Field(
-        5_000, ge=2, description="eval/mig_chen: rows whose posteriors form its mixtures; null: every row of the data "
+        5_000,
+        ge=2,
+        description="eval/mig_chen: rows whose posteriors form its mixtures; null: every row of the data "
         "set, as Chen et al. (on dSprites 737,280: seconds on a GPU, many minutes on a CPU); N: a random N rows (the "
-        "default 5,000: about 2 s on a CPU core for a conv64 model, 10,000 about 5 s)")
+        "default 5,000: about 2 s on a CPU core for a conv64 model, 10,000 about 5 s)",
+    )
     mig_chen_samples: int = Field(10_000, ge=1, description="eval/mig_chen: samples per entropy (Chen et al.'s 10,000)")
 
     @field_validator("factors")

@@ -20,10 +20,11 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,8 +33,8 @@ from workers.config import EvalConfig, ModelConfig, TrainConfig
 from workers.data.base import ImageDataset
 from workers.errors import AeforgeError
 from workers.models import build_model
-from workers.protocol import emit, progress_line
 from workers.models.base import Autoencoder, GatherFn, LossModule
+from workers.protocol import emit, progress_line
 from workers.timeline import Timeline
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -44,6 +45,7 @@ PACK_FILE = "pack.json"
 def is_checkpoint(folder: Path) -> bool:
     """A checkpoint folder: one model's (checkpoint.pt) or a pack's (pack.json beside its members' folders)."""
     return (folder / CHECKPOINT_FILE).exists() or (folder / PACK_FILE).exists()
+
 
 # Keep a data set on the GPU when it takes less than this fraction of the free memory.
 DEVICE_DATA_FRACTION = 0.4
@@ -111,14 +113,24 @@ class RunContext:
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps({"step": step, **metrics}) + "\n")
 
-    def log_progress(self, step: int, total: int, *, metrics: dict[str, float] | None = None,
-                     images_per_second: float | None = None, trial: str | None = None) -> None:
+    def log_progress(
+        self,
+        step: int,
+        total: int,
+        *,
+        metrics: dict[str, float] | None = None,
+        images_per_second: float | None = None,
+        trial: str | None = None,
+    ) -> None:
         """The line `aeforge run` and the queue service read to show progress: the step, the latest loss parts
         (means over the last log window) and the speed over it; ``trial``: the sweep trial it is of, when not this
         context's (a pack's members)."""
         if self.is_chief:
-            emit(progress_line(step, total, metrics=metrics, images_per_second=images_per_second,
-                               trial=trial or self.trial))
+            emit(
+                progress_line(
+                    step, total, metrics=metrics, images_per_second=images_per_second, trial=trial or self.trial
+                )
+            )
 
 
 @dataclass
@@ -181,7 +193,8 @@ def compile_loss(loss_module: nn.Module, mode: str, device: torch.device) -> nn.
         except Exception as exc:  # InvalidCxxCompiler, or whatever a future PyTorch raises instead
             raise CompilerMissing(
                 "train.compile: true on a CPU needs a C++ compiler (g++, or the one $CXX names) for TorchInductor's "
-                "kernels, and none was found; install one or set train.compile: false") from exc
+                "kernels, and none was found; install one or set train.compile: false"
+            ) from exc
     return torch.compile(loss_module, mode=mode, dynamic=False)
 
 
@@ -211,8 +224,10 @@ class LossWindow:
         self._bad_part = torch.full((), -1, dtype=torch.long, device=device)
 
     def add(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
-        torch.stack([loss.detach().float(), *(parts[k].detach().float() for k in self.part_names[1:])],
-                    out=self._rows[self._filled])
+        torch.stack(
+            [loss.detach().float(), *(parts[k].detach().float() for k in self.part_names[1:])],
+            out=self._rows[self._filled],
+        )
         self._filled += 1
         self._steps += 1
         if self._filled == self.ROWS:
@@ -314,8 +329,15 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def save_checkpoint_file(path: Path, model: Autoencoder, optimizer_state: dict, step: int, history,
-                         spec_json: str | None, noise_generator: torch.Generator | None = None) -> None:
+def save_checkpoint_file(
+    path: Path,
+    model: Autoencoder,
+    optimizer_state: dict,
+    step: int,
+    history,
+    spec_json: str | None,
+    noise_generator: torch.Generator | None = None,
+) -> None:
     """One model's checkpoint: weights, optimizer state (``optimizer.state_dict()``), step, curves, random
     states, and what rebuilds the model (load_model_from_checkpoint)."""
     state = {
@@ -342,7 +364,9 @@ def load_model_from_checkpoint(path: Path | str, map_location="cpu") -> Autoenco
     if path.is_dir():
         path = path / CHECKPOINT_FILE
     state = torch.load(path, map_location=map_location, weights_only=False)
-    model = build_model(ModelConfig.model_validate(state["model_config"]), tuple(state["image_shape"]), state["dataset_size"])
+    model = build_model(
+        ModelConfig.model_validate(state["model_config"]), tuple(state["image_shape"]), state["dataset_size"]
+    )
     model.load_state_dict(state["model"])
     return model
 
@@ -360,8 +384,9 @@ def record_code_statistics(model: Autoencoder, data: ImageDataset, seed: int) ->
     generator of its own, so the training's random stream is left as it was."""
     chooser = torch.Generator().manual_seed(seed)
     index = torch.randperm(len(data), generator=chooser)[:CODE_STATISTICS_IMAGES]
-    model.record_code_statistics(data.images(index[i : i + CODE_STATISTICS_BATCH])
-                                 for i in range(0, len(index), CODE_STATISTICS_BATCH))
+    model.record_code_statistics(
+        data.images(index[i : i + CODE_STATISTICS_BATCH]) for i in range(0, len(index), CODE_STATISTICS_BATCH)
+    )
 
 
 # --- the loop ----------------------------------------------------------------------------------------------
@@ -392,6 +417,7 @@ def train(
     cfg = train_config
     if eval_config.factors is not None:  # a misnamed factor fails now, not after the last step
         from workers.metrics import check_scored_factors
+
         check_scored_factors(eval_config, full_data if full_data is not None else val_data)
     seed_everything(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     dataset_size = dataset_size or len(train_data) * ctx.world_size
@@ -476,7 +502,9 @@ def train(
         if done == n_steps:  # the training's speed: its steps only, not the end-of-run work below
             _sync(device)
             seconds = time.perf_counter() - t0
-            final_metrics["perf/images_per_second"] = _throughput(n_steps - start_step - warmup_steps, cfg.batch_size * ctx.world_size, seconds)
+            final_metrics["perf/images_per_second"] = _throughput(
+                n_steps - start_step - warmup_steps, cfg.batch_size * ctx.world_size, seconds
+            )
             ctx.timeline.mark("steps")
 
         at_log = done % cfg.log_every == 0 or done == n_steps
@@ -525,8 +553,15 @@ def train(
         if at_ckpt:
             with tempfile.TemporaryDirectory(prefix="aeforge-ckpt-") as tmp:
                 if ctx.is_chief:
-                    save_checkpoint_file(Path(tmp) / CHECKPOINT_FILE, model, optimizer.state_dict(), done, history,
-                                         spec_json, noise_generator)
+                    save_checkpoint_file(
+                        Path(tmp) / CHECKPOINT_FILE,
+                        model,
+                        optimizer.state_dict(),
+                        done,
+                        history,
+                        spec_json,
+                        noise_generator,
+                    )
                 ctx.save_checkpoint(Path(tmp), dict(final_metrics), done, cfg.num_to_keep)
             if done == n_steps:
                 ctx.timeline.mark("final checkpoint")
@@ -547,7 +582,9 @@ def train(
         if pictures and eval_config.pictures and ctx.run_dir is not None:
             from workers.plots import make_run_pictures  # matplotlib: only where pictures are drawn
 
-            pics = make_run_pictures(model, train_data, val_data, ctx.run_dir / "pictures", seed=cfg.seed, history=history)
+            pics = make_run_pictures(
+                model, train_data, val_data, ctx.run_dir / "pictures", seed=cfg.seed, history=history
+            )
             ctx.timeline.mark("pictures")
     return TrainResult(
         model=model,
@@ -560,4 +597,3 @@ def train(
         images_per_second=throughput,
         compile_seconds=compile_seconds,
     )
-

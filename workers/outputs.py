@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 METRICS_FILE = "metrics.json"
@@ -23,8 +24,13 @@ def numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def with_retries(fn: Callable[[], T], what: str, attempts: int = 4, base_delay_s: float = 1.0,
-                 sleep: Callable[[float], None] = time.sleep) -> T:
+def with_retries(
+    fn: Callable[[], T],
+    what: str,
+    attempts: int = 4,
+    base_delay_s: float = 1.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
     """Call fn, retrying with exponential back-off and jitter; the last failure is raised with ``what`` named."""
     for attempt in range(1, attempts + 1):
         try:
@@ -33,7 +39,9 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = 4, base_delay_s
             if attempt == attempts:
                 raise RuntimeError(f"{what} failed after {attempts} attempts: {exc}") from exc
             delay = base_delay_s * 2 ** (attempt - 1) * (1 + 0.25 * random.random())
-            print(f"aeforge: {what} failed (attempt {attempt}/{attempts}: {exc}); retrying in {delay:.1f} s", flush=True)
+            print(
+                f"aeforge: {what} failed (attempt {attempt}/{attempts}: {exc}); retrying in {delay:.1f} s", flush=True
+            )
             sleep(delay)
     raise AssertionError("unreachable")
 
@@ -45,8 +53,14 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     tmp.replace(path)
 
 
-def publish_outputs(local_dir: Path, *, metrics: Mapping[str, float] | None = None, storage=None,
-                    run_name: str | None = None, mlflow_run=None) -> None:
+def publish_outputs(
+    local_dir: Path,
+    *,
+    metrics: Mapping[str, float] | None = None,
+    storage=None,
+    run_name: str | None = None,
+    mlflow_run=None,
+) -> None:
     """Write ``metrics`` as ``local_dir/metrics.json`` (when given), then upload every file of ``local_dir`` to
     ``storage`` under ``runs/<run_name>/`` (same relative paths) and every sub-folder to ``mlflow_run`` as an
     artifact folder of the same name. Each upload is retried (:func:`with_retries`)."""

@@ -14,9 +14,9 @@ from __future__ import annotations
 import copy
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -24,9 +24,20 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from workers.config import EvalConfig, ModelConfig, TrainConfig
 from workers.data.base import ImageDataset
-from workers.loop import (CHECKPOINT_FILE, PACK_FILE, BatchOrder, LossWindow, RunContext, build_optimizer,
-                          place_data, record_code_statistics, save_checkpoint_file, seed_everything,
-                          step_noise_generator, total_steps)
+from workers.loop import (
+    CHECKPOINT_FILE,
+    PACK_FILE,
+    BatchOrder,
+    LossWindow,
+    RunContext,
+    build_optimizer,
+    place_data,
+    record_code_statistics,
+    save_checkpoint_file,
+    seed_everything,
+    step_noise_generator,
+    total_steps,
+)
 from workers.models import build_model
 from workers.models.base import Autoencoder, LossModule, Noise
 
@@ -77,8 +88,10 @@ class Pack:
         if how not in PACK_WAYS:
             raise ValueError(f"a pack is computed by {' or '.join(PACK_WAYS)}, not {how!r}")
         if len({pack_key(m) for m in models}) > 1:
-            raise ValueError("models in one pack must share variant, architecture, latent size, image shape and "
-                             "every other model setting but beta")
+            raise ValueError(
+                "models in one pack must share variant, architecture, latent size, image shape and "
+                "every other model setting but beta"
+            )
         if loss_modules is not None and how != "loop":
             raise ValueError("a pack's own loss modules (DDP) are for the loop way")
         self.models = models
@@ -117,8 +130,10 @@ class Pack:
             return self._losses(self.params, self.buffers, x, noise)
         modules = self._loss_modules or [LossModule(model) for model in self.models]
         outs = [module(x[k], {name: value[k] for name, value in noise.items()}) for k, module in enumerate(modules)]
-        return (torch.stack([o.loss for o in outs]),
-                {name: torch.stack([o.parts[name] for o in outs]) for name in outs[0].parts})
+        return (
+            torch.stack([o.loss for o in outs]),
+            {name: torch.stack([o.parts[name] for o in outs]) for name in outs[0].parts},
+        )
 
     def clip_gradients(self, max_norm: float) -> None:
         """``train.grad_clip`` for each model apart, as clip_grad_norm_ in a run of its own (one norm over the
@@ -148,6 +163,7 @@ class Pack:
         model's own parameters (Adam's moments are element-wise; its step count is the same for all)."""
         n = self._per_model
         if self.how == "vmap":
+
             def take(value):
                 return value[k].clone() if torch.is_tensor(value) and value.dim() > 0 else value
 
@@ -166,13 +182,15 @@ class Pack:
         for group in groups:
             group["params"] = list(range(n if self.how == "vmap" else n * len(states)))
         if self.how == "vmap":
+
             def stack(i, name, value):
                 if torch.is_tensor(value) and value.dim() > 0:
                     return torch.stack([s["state"][i][name] for s in states])
                 return value
 
-            merged = {i: {name: stack(i, name, v) for name, v in values.items()}
-                      for i, values in states[0]["state"].items()}
+            merged = {
+                i: {name: stack(i, name, v) for name, v in values.items()} for i, values in states[0]["state"].items()
+            }
         else:
             merged = {k * n + i: values for k, s in enumerate(states) for i, values in s["state"].items()}
         return {"state": merged, "param_groups": groups}
@@ -216,11 +234,22 @@ class MemberResult:
     resumed_from_step: int = 0
 
 
-def train_pack(members: list[PackMember], train_config: TrainConfig, eval_config: EvalConfig,
-               train_data: ImageDataset, val_data: ImageDataset, ctx: RunContext | None = None, *,
-               dataset_size: int | None = None, full_data: ImageDataset | None = None,
-               spec_jsons: list[str] | None = None, evaluate_at_end: bool = True, pictures: bool = True,
-               how: str | None = None, log: MemberLog | None = None) -> list[MemberResult]:
+def train_pack(
+    members: list[PackMember],
+    train_config: TrainConfig,
+    eval_config: EvalConfig,
+    train_data: ImageDataset,
+    val_data: ImageDataset,
+    ctx: RunContext | None = None,
+    *,
+    dataset_size: int | None = None,
+    full_data: ImageDataset | None = None,
+    spec_jsons: list[str] | None = None,
+    evaluate_at_end: bool = True,
+    pictures: bool = True,
+    how: str | None = None,
+    log: MemberLog | None = None,
+) -> list[MemberResult]:
     """Train ``members`` as one pack in this process: each as :func:`workers.loop.train` would train it alone with
     its seed (same initial weights, data order and noise), to float rounding. A member whose loss stops being
     finite is marked failed at that step and part, and is no longer trained; the others go on.
@@ -236,6 +265,7 @@ def train_pack(members: list[PackMember], train_config: TrainConfig, eval_config
     device, cfg, k_models = ctx.device, train_config, len(members)
     if eval_config.factors is not None:  # a misnamed factor fails now, not after the last step
         from workers.metrics import check_scored_factors
+
         check_scored_factors(eval_config, full_data if full_data is not None else val_data)
     dataset_size = dataset_size or len(train_data) * ctx.world_size
     models = []
@@ -322,22 +352,37 @@ def train_pack(members: list[PackMember], train_config: TrainConfig, eval_config
             if result.failed is not None:
                 continue
             result.model.eval()
-            evaluated = evaluate(result.model, val_data, eval_config, seed=member.seed, full=full_data,
-                                 train=train_data)
+            evaluated = evaluate(
+                result.model, val_data, eval_config, seed=member.seed, full=full_data, train=train_data
+            )
             result.final_metrics.update(evaluated)
             for name, value in evaluated.items():
                 result.history.setdefault(name, []).append((n_steps, value))
             if log is not None:
                 log(k, evaluated, n_steps)
             if pictures and eval_config.pictures and ctx.run_dir is not None:
-                make_run_pictures(result.model, train_data, val_data, ctx.run_dir / member_folder(k) / "pictures",
-                                  seed=member.seed, history=result.history)
+                make_run_pictures(
+                    result.model,
+                    train_data,
+                    val_data,
+                    ctx.run_dir / member_folder(k) / "pictures",
+                    seed=member.seed,
+                    history=result.history,
+                )
     return results
 
 
-def _save(pack: Pack, optimizer, members: list[PackMember], results: list[MemberResult],
-          generators: list[torch.Generator], step: int, ctx: RunContext, cfg: TrainConfig,
-          spec_jsons: list[str] | None) -> None:
+def _save(
+    pack: Pack,
+    optimizer,
+    members: list[PackMember],
+    results: list[MemberResult],
+    generators: list[torch.Generator],
+    step: int,
+    ctx: RunContext,
+    cfg: TrainConfig,
+    spec_jsons: list[str] | None,
+) -> None:
     """One checkpoint of the pack through ``ctx``: every member's own checkpoint, and pack.json."""
     models = pack.unpack()  # the members' modules hold the pack's weights as of this step
     state = optimizer.state_dict()
@@ -346,23 +391,45 @@ def _save(pack: Pack, optimizer, members: list[PackMember], results: list[Member
             for k, model in enumerate(models):
                 folder = Path(tmp) / member_folder(k)
                 folder.mkdir()
-                save_checkpoint_file(folder / CHECKPOINT_FILE, model, pack.split_optimizer_state(state, k), step,
-                                     results[k].history, spec_jsons[k] if spec_jsons else None, generators[k])
-            record = {"step": step, "members": [{"seed": m.seed, "folder": member_folder(k),
-                                                 "failed": list(results[k].failed) if results[k].failed else None}
-                                                for k, m in enumerate(members)]}
+                save_checkpoint_file(
+                    folder / CHECKPOINT_FILE,
+                    model,
+                    pack.split_optimizer_state(state, k),
+                    step,
+                    results[k].history,
+                    spec_jsons[k] if spec_jsons else None,
+                    generators[k],
+                )
+            record = {
+                "step": step,
+                "members": [
+                    {
+                        "seed": m.seed,
+                        "folder": member_folder(k),
+                        "failed": list(results[k].failed) if results[k].failed else None,
+                    }
+                    for k, m in enumerate(members)
+                ],
+            }
             (Path(tmp) / PACK_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
         ctx.save_checkpoint(Path(tmp), {}, step, cfg.num_to_keep)
 
 
-def _restore(folder: Path, members: list[PackMember], results: list[MemberResult],
-             generators: list[torch.Generator], device: torch.device) -> tuple[int, list[dict]]:
+def _restore(
+    folder: Path,
+    members: list[PackMember],
+    results: list[MemberResult],
+    generators: list[torch.Generator],
+    device: torch.device,
+) -> tuple[int, list[dict]]:
     """Load a pack checkpoint into the members' models, curves, failures and noise generators; returns the step
     and the members' optimizer states."""
     record = json.loads((folder / PACK_FILE).read_text(encoding="utf-8"))
     if [m["seed"] for m in record["members"]] != [m.seed for m in members]:
-        raise ValueError(f"the pack checkpoint in {folder} holds members with seeds "
-                         f"{[m['seed'] for m in record['members']]}, not {[m.seed for m in members]}")
+        raise ValueError(
+            f"the pack checkpoint in {folder} holds members with seeds "
+            f"{[m['seed'] for m in record['members']]}, not {[m.seed for m in members]}"
+        )
     states = []
     for k, entry in enumerate(record["members"]):
         state = torch.load(folder / entry["folder"] / CHECKPOINT_FILE, map_location=device, weights_only=False)
@@ -379,8 +446,9 @@ def _restore(folder: Path, members: list[PackMember], results: list[MemberResult
 # --- how many fit ------------------------------------------------------------------------------------------
 
 
-def training_bytes(model_config: ModelConfig, image_shape: tuple[int, int, int], dataset_size: int,
-                   batch_size: int) -> int:
+def training_bytes(
+    model_config: ModelConfig, image_shape: tuple[int, int, int], dataset_size: int, batch_size: int
+) -> int:
     """Memory one model of a pack needs to train at ``batch_size``: its weights, gradients and Adam's two moments
     (4 x the parameters), and the activations its loss keeps for the backward pass, counted by running the loss on
     the meta device (shapes only, no memory, no time)."""

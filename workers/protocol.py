@@ -33,8 +33,14 @@ def new_job_id(name: str) -> str:
     return f"{slug}-{stamp}-{secrets.token_hex(3)}"
 
 
-def progress_line(step: int, total: int, *, metrics: dict[str, float] | None = None,
-                  images_per_second: float | None = None, trial: str | None = None) -> str:
+def progress_line(
+    step: int,
+    total: int,
+    *,
+    metrics: dict[str, float] | None = None,
+    images_per_second: float | None = None,
+    trial: str | None = None,
+) -> str:
     """``AEFORGE_PROGRESS {"step": s, "total": t, ...}``: where a run is, and (optional) its latest loss parts, its
     speed, and for a sweep the trial's run name. Readers need only ``step`` and ``total``; the rest may be absent."""
     payload: dict[str, Any] = {"step": step, "total": total}
@@ -47,8 +53,14 @@ def progress_line(step: int, total: int, *, metrics: dict[str, float] | None = N
     return f"{PROGRESS_MARK}{json.dumps(payload)}"
 
 
-def trial_line(trial: str, state: str, *, values: dict[str, Any] | None = None,
-               metrics: dict[str, float] | None = None, error: str | None = None) -> str:
+def trial_line(
+    trial: str,
+    state: str,
+    *,
+    values: dict[str, Any] | None = None,
+    metrics: dict[str, float] | None = None,
+    error: str | None = None,
+) -> str:
     """``AEFORGE_TRIAL {"trial": name, "state": s, ...}``: a sweep trial started (``running``, with its searched
     ``values``), ``finished`` (with its final ``metrics``) or ended in an ``error`` (its last line)."""
     if state not in TRIAL_STATES:
@@ -84,7 +96,7 @@ def read_mark(line: str, mark: str) -> dict | None:
         return None
     try:
         # raw_decode: text after the object (Ray's " [repeated 2x across cluster]") is not part of it.
-        value, _ = _DECODER.raw_decode(line[start + len(mark):].lstrip())
+        value, _ = _DECODER.raw_decode(line[start + len(mark) :].lstrip())
     except ValueError:
         return None
     return value if isinstance(value, dict) else None

@@ -47,8 +47,15 @@ def _all_gather_cat(t: torch.Tensor) -> torch.Tensor:
 class RayTrainContext(RunContext):
     """RunContext on a Ray Train worker: checkpoints through ray.train.report, metrics to MLflow from rank 0."""
 
-    def __init__(self, *, mlflow_run=None, run_dir: Path, gather_tc: bool, trial: str | None = None,
-                 timeline: Timeline | None = None):
+    def __init__(
+        self,
+        *,
+        mlflow_run=None,
+        run_dir: Path,
+        gather_tc: bool,
+        trial: str | None = None,
+        timeline: Timeline | None = None,
+    ):
         import ray.train
         import ray.train.torch
 
@@ -110,15 +117,16 @@ class RayTrainContext(RunContext):
         import pyarrow.fs
         import ray.train
 
-        def upload(checkpoint: "ray.train.Checkpoint", dir_name: str) -> "ray.train.Checkpoint":
+        def upload(checkpoint: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
             storage = ray.train.get_context().get_storage()
             fs = storage.storage_filesystem
             destination = f"{storage.experiment_fs_path}/{dir_name}"
 
             def copy() -> None:
                 fs.create_dir(destination)
-                pyarrow.fs.copy_files(checkpoint.path, destination, source_filesystem=checkpoint.filesystem,
-                                      destination_filesystem=fs)
+                pyarrow.fs.copy_files(
+                    checkpoint.path, destination, source_filesystem=checkpoint.filesystem, destination_filesystem=fs
+                )
 
             with_retries(copy, f"checkpoint upload to {destination}")
             return ray.train.Checkpoint(path=destination, filesystem=fs)
@@ -127,8 +135,12 @@ class RayTrainContext(RunContext):
         reported["step"] = step
         if self.is_chief:
             checkpoint = ray.train.Checkpoint.from_directory(str(directory))
-            ray.train.report(reported, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_step_{step:09d}",
-                             checkpoint_upload_fn=upload)
+            ray.train.report(
+                reported,
+                checkpoint=checkpoint,
+                checkpoint_dir_name=f"checkpoint_step_{step:09d}",
+                checkpoint_upload_fn=upload,
+            )
         else:
             ray.train.report(reported, checkpoint=None)
 
@@ -165,13 +177,27 @@ def train_loop_per_worker(config: dict[str, WorkerJob]) -> dict[str, Any] | None
         timeline.mark("mlflow client")
     run_dir = Path(tempfile.mkdtemp(prefix=f"aeforge-{job.run_name}-"))
     try:
-        ctx = RayTrainContext(mlflow_run=mlflow_run, run_dir=run_dir, gather_tc=spec.model.gather_global_batch,
-                              trial=job.trial, timeline=timeline)
+        ctx = RayTrainContext(
+            mlflow_run=mlflow_run,
+            run_dir=run_dir,
+            gather_tc=spec.model.gather_global_batch,
+            trial=job.trial,
+            timeline=timeline,
+        )
         data = prepare(spec.data, spec.train.seed, resolve=storage.resolve)
         local_shard = shard(data.train, ctx.rank, ctx.world_size, spec.train.seed)
         timeline.mark("data")
-        result = train(spec.model, spec.train, spec.eval, local_shard, data.val, ctx, dataset_size=len(data.train),
-                       full_data=data.ground_truth, spec_json=spec.model_dump_json())
+        result = train(
+            spec.model,
+            spec.train,
+            spec.eval,
+            local_shard,
+            data.val,
+            ctx,
+            dataset_size=len(data.train),
+            full_data=data.ground_truth,
+            spec_json=spec.model_dump_json(),
+        )
         if not ctx.is_chief:
             return None
         final = numeric_metrics(result.final_metrics)
@@ -227,13 +253,15 @@ def pack_loop_per_worker(config: dict[str, PackWorkerJob]) -> dict[str, Any] | N
         runs = [MlflowRun(m["mlflow_run_id"], job.mlflow_tracking_uri) for m in job.members]
         # After a restart (a worker died), the steps between the pack's checkpoint and what an earlier attempt
         # logged are trained again to the same values but not logged twice.
-        logged_through = [max((m.step for m in run.client.get_metric_history(run.run_id, "train/loss")), default=-1)
-                          for run in runs]
+        logged_through = [
+            max((m.step for m in run.client.get_metric_history(run.run_id, "train/loss")), default=-1) for run in runs
+        ]
         timeline.mark("mlflow client")
     run_dir = Path(tempfile.mkdtemp(prefix=f"aeforge-{job.run_name}-"))
     try:
-        ctx = RayTrainContext(mlflow_run=None, run_dir=run_dir, gather_tc=spec.model.gather_global_batch,
-                              timeline=timeline)
+        ctx = RayTrainContext(
+            mlflow_run=None, run_dir=run_dir, gather_tc=spec.model.gather_global_batch, timeline=timeline
+        )
         data = prepare(spec.data, spec.train.seed, resolve=storage.resolve)
         local_shard = shard(data.train, ctx.rank, ctx.world_size, spec.train.seed)
         timeline.mark("data")
@@ -243,10 +271,18 @@ def pack_loop_per_worker(config: dict[str, PackWorkerJob]) -> dict[str, Any] | N
             if step > logged_through[k] or not any(name.startswith("train/") for name in metrics):
                 with_retries(lambda: runs[k].log_metrics(metrics, step), "MLflow metrics", attempts=3)
 
-        results = train_pack(members, spec.train, spec.eval, local_shard, data.val, ctx,
-                             dataset_size=len(data.train), full_data=data.ground_truth,
-                             spec_jsons=[m["spec"].model_dump_json() for m in job.members],
-                             log=log if chief else None)
+        results = train_pack(
+            members,
+            spec.train,
+            spec.eval,
+            local_shard,
+            data.val,
+            ctx,
+            dataset_size=len(data.train),
+            full_data=data.ground_truth,
+            spec_jsons=[m["spec"].model_dump_json() for m in job.members],
+            log=log if chief else None,
+        )
         if not chief:
             return None
         summaries = []
@@ -256,9 +292,14 @@ def pack_loop_per_worker(config: dict[str, PackWorkerJob]) -> dict[str, Any] | N
                 folder = run_dir / member_folder(k)
                 folder.mkdir(parents=True, exist_ok=True)
                 publish_outputs(folder, metrics=final, storage=storage, run_name=member["job"], mlflow_run=runs[k])
-            summaries.append({"failed": list(result.failed) if result.failed else None, "final_metrics": final,
-                              "resumed_from_step": result.resumed_from_step,
-                              "steps": total_steps(spec.train, len(local_shard))})
+            summaries.append(
+                {
+                    "failed": list(result.failed) if result.failed else None,
+                    "final_metrics": final,
+                    "resumed_from_step": result.resumed_from_step,
+                    "steps": total_steps(spec.train, len(local_shard)),
+                }
+            )
         timeline.mark("outputs")
         return {"members": summaries, "timeline": timeline.to_dict()}
     finally:

@@ -8,7 +8,8 @@ the clocks are the same, across hosts they agree to within NTP's skew, which is 
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 
 class Timeline:
@@ -50,6 +51,6 @@ def fit_parts(fit_started: float, fit_ended: float, worker: Mapping[str, Any] | 
 
 
 def parts_line(parts: Mapping[str, float]) -> str:
-    """"20.4 s: ray start-up 9.1, set-up 2.3, steps 1.8, ..." for a log."""
+    """ "20.4 s: ray start-up 9.1, set-up 2.3, steps 1.8, ..." for a log."""
     total = sum(parts.values())
     return f"{total:.1f} s: " + ", ".join(f"{part} {seconds:.1f}" for part, seconds in parts.items())

@@ -12,15 +12,15 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import yaml
 
 from workers import settings
 from workers.errors import AeforgeError
-
 
 
 class TrackingError(AeforgeError, ValueError):
@@ -141,8 +141,9 @@ def listed_value(existing: str | None, value: str) -> str:
     return text
 
 
-def ensure_experiment(name: str, tracking_uri: str | None = None, *, description: str | None = None,
-                      tags: Mapping[str, str] | None = None) -> str:
+def ensure_experiment(
+    name: str, tracking_uri: str | None = None, *, description: str | None = None, tags: Mapping[str, str] | None = None
+) -> str:
     """The id of the MLflow experiment called ``name``, created if missing.
 
     A local store (sqlite, a database, a folder) keeps its artifacts under AEFORGE_HOME/mlartifacts/<name>;
@@ -195,7 +196,9 @@ def find_run(experiment_id: str, job_id: str, tracking_uri: str | None = None) -
     if "'" in job_id:
         raise TrackingError(f"job id {job_id!r} contains a quote; job ids are letters, digits, '.', '_' and '-'")
     runs = client(tracking_uri).search_runs(
-        [experiment_id], filter_string=f"tags.`{JOB_ID_TAG}` = '{job_id}'", max_results=1,
+        [experiment_id],
+        filter_string=f"tags.`{JOB_ID_TAG}` = '{job_id}'",
+        max_results=1,
         order_by=["attributes.start_time ASC"],
     )
     return runs[0].info.run_id if runs else None
@@ -305,7 +308,9 @@ class MlflowRun:
         nothing: MLflow keeps one input per dataset name and digest."""
         from mlflow.entities import DatasetInput, InputTag
 
-        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags=[InputTag(DATASET_CONTEXT_TAG, context)])])
+        self.client.log_inputs(
+            self.run_id, datasets=[DatasetInput(dataset, tags=[InputTag(DATASET_CONTEXT_TAG, context)])]
+        )
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
         """Upload a folder's files under ``artifact_path`` of the run (e.g. "pictures")."""
@@ -322,7 +327,7 @@ class MlflowRun:
         self.client.update_run(self.run_id, status="RUNNING")
 
     # --- the run's end, as a context --------------------------------------------------------------------------
-    def __enter__(self) -> "MlflowRun":
+    def __enter__(self) -> MlflowRun:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

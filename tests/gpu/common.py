@@ -33,8 +33,15 @@ def protocol_model(variant: str = "beta_tcvae") -> ModelConfig:
 def short_train(**fields) -> TrainConfig:
     """A protocol-like TrainConfig (batch 64, Adam 1e-4) for a few steps, the loss read back at every step. Eager
     unless ``compile=True`` is given: compiling costs seconds per run, and only the compile test is about it."""
-    base = {"steps": 20, "batch_size": 64, "log_every": 1, "checkpoint_every": 10**6, "seed": 0, "compile": False,
-            "optimizer": {"name": "adam", "lr": 1e-4}}
+    base = {
+        "steps": 20,
+        "batch_size": 64,
+        "log_every": 1,
+        "checkpoint_every": 10**6,
+        "seed": 0,
+        "compile": False,
+        "optimizer": {"name": "adam", "lr": 1e-4},
+    }
     return TrainConfig(**{**base, **fields})
 
 
@@ -49,4 +56,3 @@ def losses(result) -> list[float]:
 
 def weights(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().float().flatten().cpu() for p in model.parameters()])
-

@@ -24,16 +24,16 @@ CUDA = torch.device("cuda", 0)
 def nccl_group_of_one(tmp_path):
     """A one-process NCCL group whose rendezvous is a file (no port to pick, nothing left behind)."""
     torch.cuda.set_device(CUDA)
-    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1,
-                            device_id=CUDA)
+    dist.init_process_group(
+        "nccl", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1, device_id=CUDA
+    )
     try:
         yield
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_with_nccl_and_the_gathered_tc_estimator_trains_as_one_process_does(nccl_group_of_one,
-                                                                              deterministic_cudnn):
+def test_ddp_with_nccl_and_the_gathered_tc_estimator_trains_as_one_process_does(nccl_group_of_one, deterministic_cudnn):
     assert dist.get_backend() == "nccl" and dist.get_world_size() == 1
     data = dsprites_rows()
     wrapped: list[torch.nn.Module] = []
@@ -45,12 +45,22 @@ def test_ddp_with_nccl_and_the_gathered_tc_estimator_trains_as_one_process_does(
 
     # What RayTrainContext builds on a GPU worker, without Ray: DDP around the loss module, and the all-gather of
     # the posterior parameters for the TC estimator.
-    ddp_ctx = RunContext(rank=dist.get_rank(), world_size=dist.get_world_size(), device=CUDA, wrap=wrap,
-                         gather=_all_gather_cat)
-    with_ddp = train(protocol_model(), short_train(steps=10), NO_EVAL, data, data, ddp_ctx, evaluate_at_end=False,
-                     pictures=False)
-    alone = train(protocol_model(), short_train(steps=10), NO_EVAL, data, data, RunContext(device=CUDA),
-                  evaluate_at_end=False, pictures=False)
+    ddp_ctx = RunContext(
+        rank=dist.get_rank(), world_size=dist.get_world_size(), device=CUDA, wrap=wrap, gather=_all_gather_cat
+    )
+    with_ddp = train(
+        protocol_model(), short_train(steps=10), NO_EVAL, data, data, ddp_ctx, evaluate_at_end=False, pictures=False
+    )
+    alone = train(
+        protocol_model(),
+        short_train(steps=10),
+        NO_EVAL,
+        data,
+        data,
+        RunContext(device=CUDA),
+        evaluate_at_end=False,
+        pictures=False,
+    )
 
     assert wrapped and isinstance(wrapped[0], torch.nn.parallel.DistributedDataParallel)
     # In a group of one, the all-reduce of the gradients and the gather change no value: the same training, up to

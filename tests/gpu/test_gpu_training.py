@@ -65,8 +65,16 @@ def test_the_data_set_is_placed_on_the_gpu_and_batches_are_rendered_there():
             return super().images(index)
 
     ctx = Watch(device=CUDA)
-    result = train(protocol_model(), short_train(steps=3), NO_EVAL, WhereRendered(limit=ROWS), host, ctx,
-                   evaluate_at_end=False, pictures=False)
+    result = train(
+        protocol_model(),
+        short_train(steps=3),
+        NO_EVAL,
+        WhereRendered(limit=ROWS),
+        host,
+        ctx,
+        evaluate_at_end=False,
+        pictures=False,
+    )
     assert WhereRendered.rendered_on == {"cuda"}
     assert {d.type for d in ctx.batch_devices} == {"cuda"}
     assert all(p.is_cuda for p in result.model.parameters())
@@ -82,10 +90,26 @@ def test_a_bf16_step_runs_the_convolutions_in_bf16_and_stays_close_to_fp32():
             module.model.encoder[0].register_forward_hook(lambda mod, args, out: conv_dtypes.append(out.dtype))
             return super()._keep(module)
 
-    bf16 = train(protocol_model(), short_train(steps=5, precision="bf16"), NO_EVAL, data, data, Bf16Watch(device=CUDA),
-                 evaluate_at_end=False, pictures=False)
-    fp32 = train(protocol_model(), short_train(steps=5), NO_EVAL, data, data, Watch(device=CUDA),
-                 evaluate_at_end=False, pictures=False)
+    bf16 = train(
+        protocol_model(),
+        short_train(steps=5, precision="bf16"),
+        NO_EVAL,
+        data,
+        data,
+        Bf16Watch(device=CUDA),
+        evaluate_at_end=False,
+        pictures=False,
+    )
+    fp32 = train(
+        protocol_model(),
+        short_train(steps=5),
+        NO_EVAL,
+        data,
+        data,
+        Watch(device=CUDA),
+        evaluate_at_end=False,
+        pictures=False,
+    )
     assert conv_dtypes and set(conv_dtypes) == {torch.bfloat16}
     # The weights stay fp32 (autocast casts per operation), so the optimiser state is full precision.
     assert {p.dtype for p in bf16.model.parameters()} == {torch.float32}
@@ -101,8 +125,16 @@ def _eager_and_compiled(steps: int) -> dict[str, tuple[list[float], torch.Tensor
     out = {}
     for name, compiled in (("eager", False), ("compiled", True)):
         ctx = Watch(device=CUDA)
-        result = train(protocol_model(), short_train(steps=steps, compile=compiled), NO_EVAL, data, data, ctx,
-                       evaluate_at_end=False, pictures=False)
+        result = train(
+            protocol_model(),
+            short_train(steps=steps, compile=compiled),
+            NO_EVAL,
+            data,
+            data,
+            ctx,
+            evaluate_at_end=False,
+            pictures=False,
+        )
         out[name] = (losses(result), weights(result.model), ctx.frames_at_step)
     return out
 
@@ -135,11 +167,27 @@ def test_compiled_and_eager_training_agree_on_cuda_without_recompiling():
 
 def test_a_checkpoint_written_on_the_gpu_loads_on_gpu_and_cpu_and_resumes(tmp_path, deterministic_cudnn):
     data = dsprites_rows()
-    straight = train(protocol_model(), short_train(steps=12), NO_EVAL, data, data,
-                     RunContext(device=CUDA, run_dir=tmp_path / "straight"), evaluate_at_end=False, pictures=False)
+    straight = train(
+        protocol_model(),
+        short_train(steps=12),
+        NO_EVAL,
+        data,
+        data,
+        RunContext(device=CUDA, run_dir=tmp_path / "straight"),
+        evaluate_at_end=False,
+        pictures=False,
+    )
     run_dir = tmp_path / "interrupted"
-    first = train(protocol_model(), short_train(steps=6), NO_EVAL, data, data,
-                  RunContext(device=CUDA, run_dir=run_dir), evaluate_at_end=False, pictures=False)
+    first = train(
+        protocol_model(),
+        short_train(steps=6),
+        NO_EVAL,
+        data,
+        data,
+        RunContext(device=CUDA, run_dir=run_dir),
+        evaluate_at_end=False,
+        pictures=False,
+    )
     checkpoint = RunContext(run_dir=run_dir).latest_checkpoint()
     assert checkpoint is not None and checkpoint.name == "step_000000006"
 
@@ -148,8 +196,16 @@ def test_a_checkpoint_written_on_the_gpu_loads_on_gpu_and_cpu_and_resumes(tmp_pa
     assert all(p.is_cuda for p in on_gpu.parameters()) and not any(p.is_cuda for p in on_cpu.parameters())
     assert torch.equal(weights(on_gpu), weights(first.model)) and torch.equal(weights(on_cpu), weights(first.model))
 
-    resumed = train(protocol_model(), short_train(steps=12), NO_EVAL, data, data,
-                    RunContext(device=CUDA, run_dir=run_dir), evaluate_at_end=False, pictures=False)
+    resumed = train(
+        protocol_model(),
+        short_train(steps=12),
+        NO_EVAL,
+        data,
+        data,
+        RunContext(device=CUDA, run_dir=run_dir),
+        evaluate_at_end=False,
+        pictures=False,
+    )
     assert resumed.resumed_from_step == 6
     # The resumed steps see the same batches and the same noise (the CUDA generator's state is checkpointed).
     assert losses(resumed)[6:] == pytest.approx(losses(straight)[6:], rel=1e-5)

@@ -31,8 +31,9 @@ def test_every_service_is_health_checked_restarted_and_pinned():
 
 
 def test_services_wait_for_what_they_need():
-    conditions = {name: {dep: spec["condition"] for dep, spec in s.get("depends_on", {}).items()}
-                  for name, s in SERVICES.items()}
+    conditions = {
+        name: {dep: spec["condition"] for dep, spec in s.get("depends_on", {}).items()} for name, s in SERVICES.items()
+    }
     for name, deps in conditions.items():
         for dep, condition in deps.items():
             assert dep in SERVICES, (name, dep)
@@ -86,8 +87,11 @@ def test_containerfile_is_pinned_unprivileged_and_health_checked():
 
 
 def test_no_package_index_host_is_named():
-    hosts = re.compile(r"pypi\.org|pythonhosted|download\.pytorch\.org|deb\.debian\.org|files\.pythonhosted|"
-                       r"registry\.npmjs", re.I)
+    hosts = re.compile(
+        r"pypi\.org|pythonhosted|download\.pytorch\.org|deb\.debian\.org|files\.pythonhosted|"
+        r"registry\.npmjs",
+        re.I,
+    )
     for path in [*INFRA.rglob("*"), REPO / "Makefile", REPO / ".dockerignore"]:
         if path.is_file() and "schemas" not in path.parts and path.suffix not in {".txt"}:
             assert not hosts.search(path.read_text(encoding="utf-8", errors="replace")), path

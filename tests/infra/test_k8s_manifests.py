@@ -49,8 +49,10 @@ def schema_for(doc: dict) -> dict:
 
 def errors_of(doc: dict) -> list[str]:
     validator = jsonschema.Draft202012Validator(schema_for(doc), registry=REGISTRY)
-    return [f"{'/'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}"
-            for e in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))]
+    return [
+        f"{'/'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}"
+        for e in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))
+    ]
 
 
 @functools.cache
@@ -73,7 +75,9 @@ def pod_specs() -> list[tuple[str, dict]]:
     specs = [(f"Deployment/{name}", d["spec"]["template"]["spec"]) for name, d in by_kind("Deployment").items()]
     for name, ray in by_kind("RayCluster").items():
         specs.append((f"RayCluster/{name} head", ray["spec"]["headGroupSpec"]["template"]["spec"]))
-        specs += [(f"RayCluster/{name} {g['groupName']}", g["template"]["spec"]) for g in ray["spec"]["workerGroupSpecs"]]
+        specs += [
+            (f"RayCluster/{name} {g['groupName']}", g["template"]["spec"]) for g in ray["spec"]["workerGroupSpecs"]
+        ]
     return specs
 
 
@@ -85,7 +89,9 @@ def test_kustomization_applies_every_manifest_in_the_folder():
     assert kustomization["namespace"] == "aeforge"
 
 
-@pytest.mark.parametrize("name,doc", manifests(), ids=lambda v: v if isinstance(v, str) else f"{v['kind']}/{v['metadata']['name']}")
+@pytest.mark.parametrize(
+    "name,doc", manifests(), ids=lambda v: v if isinstance(v, str) else f"{v['kind']}/{v['metadata']['name']}"
+)
 def test_manifest_is_valid_against_its_schema(name, doc):
     assert errors_of(doc) == []
 
@@ -105,8 +111,10 @@ def _plant(kind: str, edit) -> dict:
 PLANTED = {
     "a misspelled container field": ("Deployment", lambda d: _first_container(d).update(imagePullPolcy="Always")),
     "a string for replicas": ("Deployment", lambda d: d["spec"].update(replicas="one")),
-    "a probe without a handler field": ("Deployment", lambda d: _first_container(d)["readinessProbe"].update(
-        httpGet={"path": "/healthz", "prot": 8765})),
+    "a probe without a handler field": (
+        "Deployment",
+        lambda d: _first_container(d)["readinessProbe"].update(httpGet={"path": "/healthz", "prot": 8765}),
+    ),
     "an unknown RayCluster field": ("RayCluster", lambda d: d["spec"]["workerGroupSpecs"][0].update(maxReplica=8)),
     "a negative maxReplicas": ("RayCluster", lambda d: d["spec"]["workerGroupSpecs"][0].update(maxReplicas=-1)),
     "an unknown field in a Ray pod template": ("RayCluster", lambda d: _first_container(d).update(envfrom=[])),

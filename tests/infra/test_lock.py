@@ -23,9 +23,17 @@ sys.modules[_spec.name] = lock  # its dataclasses look their module up
 _spec.loader.exec_module(lock)
 
 # The images' platform: what the locks are resolved for, whatever machine runs this test.
-IMAGE_ENV = {"python_version": "3.11", "python_full_version": "3.11.2", "sys_platform": "linux",
-             "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
-             "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}
+IMAGE_ENV = {
+    "python_version": "3.11",
+    "python_full_version": "3.11.2",
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+    "platform_machine": "x86_64",
+    "os_name": "posix",
+    "implementation_name": "cpython",
+    "platform_python_implementation": "CPython",
+    "extra": "",
+}
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?==(\S+?)(\s*;.*)?\s*\\?$")
 
 
@@ -49,7 +57,8 @@ def test_lock_is_made_from_the_current_pyproject(variant):
     v = lock.VARIANTS[variant]
     assert v.lock.exists(), f"{v.lock} is missing: run `make lock`"
     assert lock.recorded_digest(v.lock) == lock.inputs_digest(v), (
-        f"{v.lock.relative_to(REPO)} was made from other dependencies than pyproject.toml's: run `make lock`")
+        f"{v.lock.relative_to(REPO)} was made from other dependencies than pyproject.toml's: run `make lock`"
+    )
 
 
 @pytest.mark.parametrize("variant", list(lock.VARIANTS))
@@ -57,8 +66,12 @@ def test_every_requirement_is_met_by_a_hashed_pin(variant):
     v = lock.VARIANTS[variant]
     pinned = pins(v.lock)
     data = tomllib.loads(lock.PYPROJECT.read_text(encoding="utf-8"))
-    wanted = [*data["project"]["dependencies"], *data["build-system"]["requires"],
-              *lock.extra_requirements(v.extras, data["project"]), v.torch]
+    wanted = [
+        *data["project"]["dependencies"],
+        *data["build-system"]["requires"],
+        *lock.extra_requirements(v.extras, data["project"]),
+        v.torch,
+    ]
     for text in wanted:
         req = Requirement(text)
         if req.marker is not None and not req.marker.evaluate(IMAGE_ENV):
@@ -66,7 +79,8 @@ def test_every_requirement_is_met_by_a_hashed_pin(variant):
         name = canonicalize_name(req.name)
         assert name in pinned, f"{v.lock.name}: {req.name} (pyproject: {text!r}) is not pinned"
         assert req.specifier.contains(pinned[name][0], prereleases=True), (
-            f"{v.lock.name}: {req.name}=={pinned[name][0]} does not meet {text!r}")
+            f"{v.lock.name}: {req.name}=={pinned[name][0]} does not meet {text!r}"
+        )
     unhashed = sorted(name for name, (_, hashes) in pinned.items() if hashes == 0)
     assert unhashed == [], f"{v.lock.name}: pins without hashes: {unhashed}"
 
@@ -90,8 +104,9 @@ def test_a_changed_dependency_changes_the_digest():
     base = lock.inputs_digest(variant, data)
     edits = []
     bumped = copy.deepcopy(data)
-    bumped["project"]["dependencies"] = [d.replace("mlflow==3.17.2", "mlflow==3.17.3")
-                                         for d in bumped["project"]["dependencies"]]
+    bumped["project"]["dependencies"] = [
+        d.replace("mlflow==3.17.2", "mlflow==3.17.3") for d in bumped["project"]["dependencies"]
+    ]
     edits.append(bumped)
     added = copy.deepcopy(data)
     added["project"]["dependencies"].append("rich-click>=1")

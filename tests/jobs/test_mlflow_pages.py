@@ -35,9 +35,14 @@ def grid_trials(spec: JobSpec) -> list[tuple[str, dict]]:
 
 
 def sweep_spec(**sweep) -> JobSpec:
-    return JobSpec.model_validate({"name": "faces-sweep", "kind": "sweep",
-                                   "model": {"variant": "beta_vae", "architecture": "mlp", "latent_dim": 2},
-                                   "sweep": {"beta": [1, 4, 16], "latent_dim": [2, 10], **sweep}})
+    return JobSpec.model_validate(
+        {
+            "name": "faces-sweep",
+            "kind": "sweep",
+            "model": {"variant": "beta_vae", "architecture": "mlp", "latent_dim": 2},
+            "sweep": {"beta": [1, 4, 16], "latent_dim": [2, 10], **sweep},
+        }
+    )
 
 
 def test_trial_run_names_differ_early_and_are_unique_within_the_sweep():
@@ -60,7 +65,10 @@ def test_trial_run_names_are_the_same_on_a_resume_and_padded_to_the_sweep_size()
     assert name.startswith("faces-sweep-t123-")
     assert trial_run_name(spec.name, "1a2b3_00007", values, spec.num_trials()).startswith("faces-sweep-t007-")
     assert set(values) == set(TRIAL_KEYS)
-    assert name == f"faces-sweep-t123-{values['variant']}-beta{values['beta']:g}-z{values['latent_dim']}-seed{values['seed']}"
+    assert (
+        name
+        == f"faces-sweep-t123-{values['variant']}-beta{values['beta']:g}-z{values['latent_dim']}-seed{values['seed']}"
+    )
     # Random beta draws are shortened; the index keeps two draws that round alike apart.
     assert trial_run_name("s", "1a2b3_00001", {"beta": 3.14159265}, 10) == "s-t01-beta3.14"
     assert trial_index("1a2b3_00042") == 42 and trial_index("?") is None
@@ -78,39 +86,60 @@ def test_the_experiment_gets_a_description_and_tags_listing_every_value_its_jobs
     assert tags["aeforge.kind"] == "train" and tags["aeforge.variant"] == "beta_tcvae"
     assert tags["aeforge.dataset"] == DATASET
     # The UI shows the first line until the description is expanded: it says what the runs are.
-    assert tags[NOTE_TAG].splitlines()[0] == ("**aeforge** runs of `raytest-btcvae`: beta_tcvae (mlp, latent size 3, "
-                                              "beta 4) trained on `shapes16`.")
+    assert tags[NOTE_TAG].splitlines()[0] == (
+        "**aeforge** runs of `raytest-btcvae`: beta_tcvae (mlp, latent size 3, beta 4) trained on `shapes16`."
+    )
     assert tags["mlflow.experimentKind"] == "custom_model_development"
 
     # A later job of the same name: its values join the lists; a description written in the UI is kept.
     client.set_experiment_tag(experiment_id, NOTE_TAG, "written by hand")
-    other = JobSpec.model_validate({**spec.model_dump(mode="json", by_alias=True), "kind": "sweep",
-                                    "model": {"variant": "vae", "architecture": "mlp", "latent_dim": 3},
-                                    "sweep": {"latent_dim": [2, 3], "variant": ["vae", "ae"]}})
-    assert ensure_experiment(spec.name, description=experiment_description(other),
-                             tags=experiment_tags(other)) == experiment_id
+    other = JobSpec.model_validate(
+        {
+            **spec.model_dump(mode="json", by_alias=True),
+            "kind": "sweep",
+            "model": {"variant": "vae", "architecture": "mlp", "latent_dim": 3},
+            "sweep": {"latent_dim": [2, 3], "variant": ["vae", "ae"]},
+        }
+    )
+    assert (
+        ensure_experiment(spec.name, description=experiment_description(other), tags=experiment_tags(other))
+        == experiment_id
+    )
     tags = client.get_experiment(experiment_id).tags
     assert tags["aeforge.variant"] == "ae, beta_tcvae, vae" and tags["aeforge.kind"] == "sweep, train"
     assert tags[NOTE_TAG] == "written by hand"
     assert experiment_description(other).splitlines()[0] == (
         "**aeforge** runs of `raytest-btcvae`: vae, ae (mlp) on `shapes16`, a grid sweep of 4 trials over "
-        "latent_dim 2, 3 × variant vae, ae, ranked by eval/elbo (max).")
+        "latent_dim 2, 3 × variant vae, ae, ranked by eval/elbo (max)."
+    )
 
 
 def test_a_queue_job_and_a_spec_file_are_the_runs_source(tmp_path, monkeypatch):
-    assert source_tags("faces-1", None, "alice") == {"mlflow.source.name": "aeforge job faces-1",
-                                                     "mlflow.source.type": "JOB", "mlflow.user": "alice"}
+    assert source_tags("faces-1", None, "alice") == {
+        "mlflow.source.name": "aeforge job faces-1",
+        "mlflow.source.type": "JOB",
+        "mlflow.user": "alice",
+    }
     monkeypatch.chdir(tmp_path)
     assert source_tags("faces-1", "specs/faces.yaml", "bob") == {
-        "mlflow.source.name": str(tmp_path / "specs" / "faces.yaml"), "mlflow.source.type": "LOCAL", "mlflow.user": "bob"}
+        "mlflow.source.name": str(tmp_path / "specs" / "faces.yaml"),
+        "mlflow.source.type": "LOCAL",
+        "mlflow.user": "bob",
+    }
 
 
 # --- the dataset input ----------------------------------------------------------------------------------------------
 
 
 def data_spec(source: str, **data) -> JobSpec:
-    return JobSpec.model_validate({"name": "faces", "model": {"variant": "vae", "architecture": "mlp", "latent_dim": 2},
-                                   "data": {"source": source, **data}, "train": {"steps": 1, "batch_size": 2}})
+    return JobSpec.model_validate(
+        {
+            "name": "faces",
+            "model": {"variant": "vae", "architecture": "mlp", "latent_dim": 2},
+            "data": {"source": source, **data},
+            "train": {"steps": 1, "batch_size": 2},
+        }
+    )
 
 
 def as_dataset(spec: JobSpec):
@@ -154,8 +183,9 @@ def test_a_local_file_a_pushed_dataset_and_a_builtin_as_dataset_inputs(tmp_path,
     builtin = as_dataset(data_spec("builtin:dsprites", limit=100))
     profile = json.loads(builtin.profile)
     assert (builtin.name, builtin.source_type) == ("dsprites", "code")
-    assert json.loads(builtin.source) == {"tags": {"aeforge.builtin": "dsprites",
-                                                   "generator": "workers.data.dsprites.load_dsprites"}}
+    assert json.loads(builtin.source) == {
+        "tags": {"aeforge.builtin": "dsprites", "generator": "workers.data.dsprites.load_dsprites"}
+    }
     assert profile["examples"] == 100 and profile["examples_in_source"] == 737_280 and profile["has_factors"] is True
     assert as_dataset(data_spec("builtin:dsprites", limit=100)).digest == builtin.digest  # generated alike
 
@@ -175,7 +205,7 @@ def tags_of(entity: dict) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def paged_run(env, tmp_path_factory):  # noqa: F811 (env: the fixture imported above)
+def paged_run(env, tmp_path_factory):
     """One tiny train job run from a spec file, as `aeforge run FILE` runs it."""
     from jobs.run import run_train_on_ray
 
@@ -188,7 +218,7 @@ def paged_run(env, tmp_path_factory):  # noqa: F811 (env: the fixture imported a
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
-def test_the_pages_of_a_real_run_through_the_rest_api(paged_run, env):  # noqa: F811
+def test_the_pages_of_a_real_run_through_the_rest_api(paged_run, env):
     spec, job_id, spec_file, outcome = paged_run
     server = str(env["mlflow"])
     run = rest(server, "runs/get", run_id=outcome["mlflow_run_id"])["run"]
@@ -227,18 +257,26 @@ def test_the_pages_of_a_real_run_through_the_rest_api(paged_run, env):  # noqa: 
     assert registered["description"].startswith("the pages test's model\n\nAutoencoders trained by **aeforge**")
     model_tags = tags_of(registered)
     assert (model_tags["variant"], model_tags["latent_dim"], model_tags["dataset"], model_tags["job_id"]) == (
-        "beta_tcvae", "3", DATASET, job_id)
-    version = rest(server, "model-versions/get", name="pages-btcvae", version=outcome["model"]["version"])["model_version"]
+        "beta_tcvae",
+        "3",
+        DATASET,
+        job_id,
+    )
+    version = rest(server, "model-versions/get", name="pages-btcvae", version=outcome["model"]["version"])[
+        "model_version"
+    ]
     assert version["run_id"] == outcome["mlflow_run_id"] and version["source"] == f"models:/{model_output['model_id']}"
     description = version["description"]
-    assert description.startswith("the pages test's model\n\nbeta_tcvae (mlp, latent_dim=3, beta=4) trained on shapes16")
+    assert description.startswith(
+        "the pages test's model\n\nbeta_tcvae (mlp, latent_dim=3, beta=4) trained on shapes16"
+    )
     assert f"| eval/mig | {outcome['metrics']['eval/mig']:.6g} |" in description.splitlines()
     version_tags = tags_of(version)
     assert version_tags["job_id"] == job_id and float(version_tags["metric.eval/mig"]) == outcome["metrics"]["eval/mig"]
 
     # The version page shows the run's pictures: each picture link in the description is served by the server.
     links = re.findall(r"\((get-artifact\?[^)]+)\)", description)
-    shown = [line[2:line.index("]")] for line in description.splitlines() if line.startswith("![")]
+    shown = [line[2 : line.index("]")] for line in description.splitlines() if line.startswith("![")]
     assert shown == ["reconstructions", "traversal", "samples"]
     assert {link.split("&")[0].rsplit("%2F", 1)[1] for link in links} >= {"reconstructions.png", "loss_curves.png"}
     for link in links:

@@ -37,11 +37,31 @@ def token_auth_head():
     token_file.write_text(secrets.token_hex(16))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file), "RAY_USAGE_STATS_ENABLED": "0"}
-    ports = dict(zip(("--metrics-export-port", "--runtime-env-agent-port", "--dashboard-agent-grpc-port",
-                      "--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port"), component_ports))
-    command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus=1",
-               f"--port={gcs}", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}",
-               *(f"{k}={v}" for k, v in ports.items())]
+    ports = dict(
+        zip(
+            (
+                "--metrics-export-port",
+                "--runtime-env-agent-port",
+                "--dashboard-agent-grpc-port",
+                "--node-manager-port",
+                "--object-manager-port",
+                "--dashboard-agent-listen-port",
+            ),
+            component_ports,
+        )
+    )
+    command = [
+        str(Path(sys.executable).parent / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--num-cpus=1",
+        f"--port={gcs}",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+        f"--temp-dir={temp_dir}",
+        *(f"{k}={v}" for k, v in ports.items()),
+    ]
     log = open(Path(temp_dir) / "ray-start.log", "w")
     proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=temp_dir)
     try:
@@ -67,8 +87,14 @@ def aeforge_run(tmp_path: Path, address: str, **env_extra: str) -> tuple[subproc
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AEFORGE_", "MLFLOW_"))}
     env |= {"RAY_ADDRESS": address, "AEFORGE_HOME": str(tmp_path / "home"), "COLUMNS": "300", **env_extra}
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "services.cli", "run", str(spec)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "services.cli", "run", str(spec)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return done, time.perf_counter() - started
 
 

@@ -40,16 +40,24 @@ class TinyBetaVAE(TinyAutoencoder):
     stochastic = True
 
 
-def make_spec(variant: str = "beta_vae", name: str = "tiny-faces", alias: str = "candidate",
-              description: str | None = None) -> JobSpec:
+def make_spec(
+    variant: str = "beta_vae", name: str = "tiny-faces", alias: str = "candidate", description: str | None = None
+) -> JobSpec:
     model = {"variant": variant, "architecture": "mlp", "latent_dim": 3}
     if variant in ("beta_vae", "beta_tcvae"):
         model["beta"] = 4.0
     register = {"model_name": name, "alias": alias}
     if description is not None:
         register["description"] = description
-    return JobSpec.model_validate({"name": name, "model": model, "data": {"source": "file:///data/faces.npz"},
-                                   "train": {"steps": 10}, "register": register})
+    return JobSpec.model_validate(
+        {
+            "name": name,
+            "model": model,
+            "data": {"source": "file:///data/faces.npz"},
+            "train": {"steps": 10},
+            "register": register,
+        }
+    )
 
 
 def make_model(spec: JobSpec) -> Autoencoder:
@@ -96,7 +104,9 @@ def test_register_tags_describe_and_load(mlflow_sqlite, tmp_path):
     assert version.tags["dataset"] == "file:///data/faces.npz"
     assert version.tags["job_id"] == "job-1"
     assert float(version.tags["metric.eval/elbo"]) == -41.5
-    assert version.description.startswith("beta_vae (mlp, latent_dim=3, beta=4) trained on file:///data/faces.npz by job job-1")
+    assert version.description.startswith(
+        "beta_vae (mlp, latent_dim=3, beta=4) trained on file:///data/faces.npz by job job-1"
+    )
     assert "eval/elbo=-41.5" in version.description and "eval/mig=0.125" in version.description
 
     x = torch.rand(5, *IMAGE_SHAPE, generator=torch.Generator().manual_seed(1))
@@ -143,8 +153,13 @@ def test_the_model_and_version_pages_say_what_the_model_is(mlflow_sqlite, tmp_pa
     assert "Autoencoders trained by **aeforge** from the spec `paged-faces`" in model.description
     assert "beta_vae (mlp, latent size 3, beta 4)" in model.description
     assert {k: model.tags[k] for k in ("variant", "latent_dim", "beta", "dataset", "job_id", OWNER_TAG)} == {
-        "variant": "beta_vae", "latent_dim": "3", "beta": "4.0", "dataset": "file:///data/faces.npz",
-        "job_id": "paged-1", OWNER_TAG: model.tags[OWNER_TAG]}
+        "variant": "beta_vae",
+        "latent_dim": "3",
+        "beta": "4.0",
+        "dataset": "file:///data/faces.npz",
+        "job_id": "paged-1",
+        OWNER_TAG: model.tags[OWNER_TAG],
+    }
 
     version = client.get_model_version("paged-faces", registered["version"])
     lines = version.description.splitlines()
@@ -243,9 +258,13 @@ def test_register_on_the_server_keeps_artifacts_in_s3(mlflow_server, monkeypatch
 
     model_id = registered["logged_model_uri"].removeprefix("models:/")
     s3 = mlflow_server.s3_client()
-    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=mlflow_server.bucket,
-                                                                             Prefix=f"{mlflow_server.prefix}/")
-            for o in page.get("Contents", [])]
+    keys = [
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(
+            Bucket=mlflow_server.bucket, Prefix=f"{mlflow_server.prefix}/"
+        )
+        for o in page.get("Contents", [])
+    ]
     model_keys = [k for k in keys if model_id in k]
     assert any(k.endswith("/MLmodel") for k in model_keys), keys
     assert any(k.endswith("/data/model.pth") for k in model_keys), keys

@@ -17,10 +17,22 @@ REPO = Path(__file__).resolve().parents[2]
 
 def run_entry_point(tmp_path: Path, spec: dict | str, **env: str) -> subprocess.CompletedProcess:
     text = spec if isinstance(spec, str) else json.dumps(spec)
-    environ = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "AEFORGE_HOME": str(tmp_path / "home"),
-               "AEFORGE_JOB_SPEC": text, "PYTHONPATH": str(REPO), **env}
-    return subprocess.run([sys.executable, "-m", "jobs.run", "job-1"], cwd=tmp_path, env=environ,
-                          capture_output=True, text=True, timeout=120)
+    environ = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "AEFORGE_HOME": str(tmp_path / "home"),
+        "AEFORGE_JOB_SPEC": text,
+        "PYTHONPATH": str(REPO),
+        **env,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.run", "job-1"],
+        cwd=tmp_path,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_a_spec_the_queue_stored_wrongly_exits_2(tmp_path):
@@ -38,9 +50,15 @@ def test_missing_data_exits_2_with_the_field_named(tmp_path):
 @pytest.mark.timeout(120)
 def test_storage_that_does_not_answer_exits_1_so_the_queue_retries(tmp_path):
     spec = {"name": "outage", "data": {"source": "builtin:dsprites", "limit": 64}, "train": {"steps": 2}}
-    done = run_entry_point(tmp_path, spec, AEFORGE_STORAGE="s3://bucket/prefix",
-                           AEFORGE_S3_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}", AEFORGE_STORAGE_WAIT_S="2",
-                           AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY="s")
+    done = run_entry_point(
+        tmp_path,
+        spec,
+        AEFORGE_STORAGE="s3://bucket/prefix",
+        AEFORGE_S3_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}",
+        AEFORGE_STORAGE_WAIT_S="2",
+        AWS_ACCESS_KEY_ID="k",
+        AWS_SECRET_ACCESS_KEY="s",
+    )
     assert done.returncode == 1, done.stderr
     assert "StorageUnreachable" in done.stderr and "still unreachable after 2 s" in done.stderr
     assert "trying again in" in done.stdout

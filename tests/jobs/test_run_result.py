@@ -23,22 +23,47 @@ def job_spec(monkeypatch):
 
 
 def test_a_train_job_result_carries_its_metrics_and_pictures(job_spec, monkeypatch, capsys):
-    outcome = {"mlflow_run_id": "run-1", "model": MODEL, "metrics": {"eval/recon": 0.25, "train/loss": 3.5},
-               "pictures": "s3://bucket/aeforge/runs/j/pictures", "checkpoint": "/somewhere", "steps": 3,
-               "resumed_from_step": 2}
+    outcome = {
+        "mlflow_run_id": "run-1",
+        "model": MODEL,
+        "metrics": {"eval/recon": 0.25, "train/loss": 3.5},
+        "pictures": "s3://bucket/aeforge/runs/j/pictures",
+        "checkpoint": "/somewhere",
+        "steps": 3,
+        "resumed_from_step": 2,
+    }
     monkeypatch.setattr(job_run, "run_job", lambda spec, job_id, **kwargs: outcome)
     assert job_run.main(["j"]) == 0
     result = parse_result(capsys.readouterr().out)
-    assert result == {"mlflow_run_id": "run-1", "model": MODEL, "metrics": {"eval/recon": 0.25, "train/loss": 3.5},
-                      "pictures": "s3://bucket/aeforge/runs/j/pictures", "best_trial": None, "steps": 3,
-                      "resumed_from_step": 2}
+    assert result == {
+        "mlflow_run_id": "run-1",
+        "model": MODEL,
+        "metrics": {"eval/recon": 0.25, "train/loss": 3.5},
+        "pictures": "s3://bucket/aeforge/runs/j/pictures",
+        "best_trial": None,
+        "steps": 3,
+        "resumed_from_step": 2,
+    }
 
 
 def test_a_sweep_result_carries_its_best_trials_metrics(job_spec, monkeypatch, capsys):
-    best = {"run_name": "j-t03", "beta": 4.0, "latent_dim": 10, "status": "finished", "step": 3,
-            "eval/mig": 0.4, "eval/recon": 0.5, "checkpoint_path": "/x"}
-    outcome = {"mlflow_run_id": "parent", "trials": [best], "best": best, "model": None,
-               "pictures": "s3://bucket/aeforge/runs/j/pictures"}
+    best = {
+        "run_name": "j-t03",
+        "beta": 4.0,
+        "latent_dim": 10,
+        "status": "finished",
+        "step": 3,
+        "eval/mig": 0.4,
+        "eval/recon": 0.5,
+        "checkpoint_path": "/x",
+    }
+    outcome = {
+        "mlflow_run_id": "parent",
+        "trials": [best],
+        "best": best,
+        "model": None,
+        "pictures": "s3://bucket/aeforge/runs/j/pictures",
+    }
     monkeypatch.setattr(job_run, "run_job", lambda spec, job_id, **kwargs: outcome)
     assert job_run.main(["j"]) == 0
     result = parse_result(capsys.readouterr().out)

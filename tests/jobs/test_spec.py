@@ -89,7 +89,11 @@ def test_sweep_space_grid_and_log_range():
     assert len(trials) == 5 * 2 * 2
     one = spec.with_trial(trials[3])
     assert one.kind == "train" and one.sweep is None
-    assert (one.model.beta, one.model.latent_dim, one.train.seed) == (trials[3]["beta"], trials[3]["latent_dim"], trials[3]["seed"])
+    assert (one.model.beta, one.model.latent_dim, one.train.seed) == (
+        trials[3]["beta"],
+        trials[3]["latent_dim"],
+        trials[3]["seed"],
+    )
 
 
 def test_sweep_validation_errors():
@@ -99,24 +103,31 @@ def test_sweep_validation_errors():
     assert "search space is empty" in errs["sweep"]
     errs = errors_of("name: s\nkind: sweep\nmodel: {variant: vae}\nsweep: {beta: [1, 2]}\n")
     assert "beta_vae or beta_tcvae" in errs["sweep.beta"]
-    errs = errors_of("name: s\nkind: sweep\nmodel: {variant: beta_vae}\nsweep: {beta: [1], metric: {name: eval/nothing}}\n")
+    errs = errors_of(
+        "name: s\nkind: sweep\nmodel: {variant: beta_vae}\nsweep: {beta: [1], metric: {name: eval/nothing}}\n"
+    )
     assert "no trial reports 'eval/nothing'" in errs["sweep.metric.name"]
     assert "needs a 'sweep' section" in errors_of("name: s\nkind: sweep\n")["sweep"]
 
 
 def test_sweep_over_variants_compares_beta_vae_and_beta_tcvae():
-    spec = parse_spec("name: s\nkind: sweep\nmodel: {variant: beta_vae}\nsweep: {variant: [beta_vae, beta_tcvae], beta: [2, 4]}\n")
+    spec = parse_spec(
+        "name: s\nkind: sweep\nmodel: {variant: beta_vae}\nsweep: {variant: [beta_vae, beta_tcvae], beta: [2, 4]}\n"
+    )
     variants = {spec.with_trial(t).model.variant for t in spec.trial_configs()}
     assert variants == {"beta_vae", "beta_tcvae"}
 
 
 def test_a_variants_own_settings_apply_to_that_variants_trials_of_a_variant_sweep():
-    spec = parse_spec("name: s\nkind: sweep\nmodel: {variant: beta_tcvae, tc_estimator: mws}\n"
-                      "sweep: {variant: [beta_vae, beta_tcvae], beta: [2]}\n")
+    spec = parse_spec(
+        "name: s\nkind: sweep\nmodel: {variant: beta_tcvae, tc_estimator: mws}\n"
+        "sweep: {variant: [beta_vae, beta_tcvae], beta: [2]}\n"
+    )
     models = {m.variant: m for m in (spec.with_trial(t).model for t in spec.trial_configs())}
     assert (models["beta_tcvae"].tc_estimator, models["beta_vae"].tc_estimator) == ("mws", None)
-    errs = errors_of("name: s\nkind: sweep\nmodel: {variant: beta_tcvae, tc_estimator: mws}\n"
-                     "sweep: {variant: [beta_vae, vae]}\n")
+    errs = errors_of(
+        "name: s\nkind: sweep\nmodel: {variant: beta_tcvae, tc_estimator: mws}\nsweep: {variant: [beta_vae, vae]}\n"
+    )
     assert "no beta_tcvae trial" in errs["model.tc_estimator"]
 
 
@@ -129,12 +140,17 @@ def test_eval_factors_are_checked_against_the_data_before_anything_runs(tmp_path
     with pytest.raises(SpecError) as info:
         check_data(parse_spec("name: f\neval: {factors: [scale, colour]}\n"))
     assert {e["loc"]: e["msg"] for e in info.value.errors} == {
-        "eval.factors": "'colour': not a factor of builtin:dsprites (factors: shape, scale, orientation, pos_x, pos_y)"}
+        "eval.factors": "'colour': not a factor of builtin:dsprites (factors: shape, scale, orientation, pos_x, pos_y)"
+    }
     plain = tmp_path / "plain.npz"
     np.savez(plain, images=np.zeros((8, 8, 8), dtype=np.uint8))
     with pytest.raises(SpecError) as info:
-        check_data(parse_spec(f"name: f\nmodel: {{architecture: mlp}}\ndata: {{source: {plain}}}\n"
-                              f"train: {{batch_size: 2}}\neval: {{factors: [x]}}\n"))
+        check_data(
+            parse_spec(
+                f"name: f\nmodel: {{architecture: mlp}}\ndata: {{source: {plain}}}\n"
+                f"train: {{batch_size: 2}}\neval: {{factors: [x]}}\n"
+            )
+        )
     assert "no ground-truth factors" in {e["loc"]: e["msg"] for e in info.value.errors}["eval.factors"]
     assert "names one twice" in errors_of("name: f\neval: {factors: [scale, scale]}\n")["eval.factors"]
     assert "greater than or equal to 2" in errors_of("name: f\neval: {mig_chen_rows: 1}\n")["eval.mig_chen_rows"]
@@ -173,26 +189,32 @@ def test_schema_cli_prints_json_schema():
 # --- bad input: finite numbers, bounded runs and sweeps, unreadable text (issue 9) --------------------------------
 
 
-@pytest.mark.parametrize("text, loc", [
-    ("model: {variant: beta_vae, beta: .inf}", "model.beta"),
-    ("model: {variant: dae, corruption: {level: .nan}}", "model.corruption.level"),
-    ("resources: {cpus_per_worker: .inf}", "resources.cpus_per_worker"),
-    ("resources: {gpus_per_worker: .inf}", "resources.gpus_per_worker"),
-    ("train: {optimizer: {lr: .inf}}", "train.optimizer.lr"),
-    ("train: {optimizer: {betas: [.nan, 0.9]}}", "train.optimizer.betas[0]"),
-    ("train: {grad_clip: .inf}", "train.grad_clip"),
-    ("train: {max_hours: .inf}", "train.max_hours"),
-    ("data: {val_fraction: .nan}", "data.val_fraction"),
-    ("eval: {probe_finetune_lr: .inf}", "eval.probe_finetune_lr"),
-    ("kind: sweep\nmodel: {variant: beta_vae}\nsweep: {beta: [1, .inf]}", "sweep.beta[1]"),
-    ("kind: sweep\nmodel: {variant: beta_vae}\nsweep: {beta: {start: 1, stop: .inf, num: 3}}", "sweep.beta.stop"),
-])
+@pytest.mark.parametrize(
+    "text, loc",
+    [
+        ("model: {variant: beta_vae, beta: .inf}", "model.beta"),
+        ("model: {variant: dae, corruption: {level: .nan}}", "model.corruption.level"),
+        ("resources: {cpus_per_worker: .inf}", "resources.cpus_per_worker"),
+        ("resources: {gpus_per_worker: .inf}", "resources.gpus_per_worker"),
+        ("train: {optimizer: {lr: .inf}}", "train.optimizer.lr"),
+        ("train: {optimizer: {betas: [.nan, 0.9]}}", "train.optimizer.betas[0]"),
+        ("train: {grad_clip: .inf}", "train.grad_clip"),
+        ("train: {max_hours: .inf}", "train.max_hours"),
+        ("data: {val_fraction: .nan}", "data.val_fraction"),
+        ("eval: {probe_finetune_lr: .inf}", "eval.probe_finetune_lr"),
+        ("kind: sweep\nmodel: {variant: beta_vae}\nsweep: {beta: [1, .inf]}", "sweep.beta[1]"),
+        ("kind: sweep\nmodel: {variant: beta_vae}\nsweep: {beta: {start: 1, stop: .inf, num: 3}}", "sweep.beta.stop"),
+    ],
+)
 def test_every_number_in_a_spec_is_finite(text, loc):
     assert errors_of(f"name: x\n{text}\n")[loc] == "Input should be a finite number"
 
 
 def test_steps_epochs_and_resources_are_bounded():
-    assert "less than or equal to 1000000000" in errors_of("name: x\ntrain: {steps: 1000000000000000000000000000000}\n")["train.steps"]
+    assert (
+        "less than or equal to 1000000000"
+        in errors_of("name: x\ntrain: {steps: 1000000000000000000000000000000}\n")["train.steps"]
+    )
     assert "less than or equal to 1000000" in errors_of("name: x\ntrain: {epochs: 1000001}\n")["train.epochs"]
     assert parse_spec("name: x\ntrain: {steps: 1000000000}\n").train.steps == 10**9
     errs = errors_of("name: x\nresources: {workers: 1000000, cpus_per_worker: 1.0e+308}\n")
@@ -218,21 +240,29 @@ def test_a_sweep_is_counted_without_building_its_grid_and_bounded(monkeypatch):
     monkeypatch.setattr(JobSpec, "trial_configs", no_grid)
     values = ", ".join(str(i) for i in range(1, 201))
     started = time.perf_counter()
-    errs = errors_of(f"name: s\nkind: sweep\nmodel: {{variant: beta_vae}}\n"
-                     f"sweep: {{beta: [{values}], latent_dim: [{values}], seed: [{values}]}}\n")
+    errs = errors_of(
+        f"name: s\nkind: sweep\nmodel: {{variant: beta_vae}}\n"
+        f"sweep: {{beta: [{values}], latent_dim: [{values}], seed: [{values}]}}\n"
+    )
     assert time.perf_counter() - started < 1.0
     assert "8,000,000 trials" in errs["sweep"] and f"at most {MAX_TRIALS:,}" in errs["sweep"]
-    exactly = parse_spec("name: s\nkind: sweep\nmodel: {variant: beta_vae}\n"
-                         "sweep: {beta: {start: 1, stop: 2, num: 100}, seed: [0, 1, 2, 3, 4], num_samples: 20}\n")
+    exactly = parse_spec(
+        "name: s\nkind: sweep\nmodel: {variant: beta_vae}\n"
+        "sweep: {beta: {start: 1, stop: 2, num: 100}, seed: [0, 1, 2, 3, 4], num_samples: 20}\n"
+    )
     assert exactly.num_trials() == MAX_TRIALS
     assert exactly.resource_request() == {"CPU": 1.0, "GPU": 0.0}
-    one_more = errors_of("name: s\nkind: sweep\nmodel: {variant: beta_vae}\n"
-                         "sweep: {beta: {start: 1, stop: 2, num: 91}, seed: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10], num_samples: 10}\n")
+    one_more = errors_of(
+        "name: s\nkind: sweep\nmodel: {variant: beta_vae}\n"
+        "sweep: {beta: {start: 1, stop: 2, num: 91}, seed: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10], num_samples: 10}\n"
+    )
     assert "10,010 trials (91 beta x 11 seed x 10 num_samples)" in one_more["sweep"]
-    assert "sweep.beta.num" in errors_of("name: s\nkind: sweep\nmodel: {variant: beta_vae}\n"
-                                         "sweep: {beta: {start: 0, stop: 1, num: 100000000}}\n")
-    assert "sweep.num_samples" in errors_of("name: s\nkind: sweep\nmodel: {variant: beta_vae}\n"
-                                            "sweep: {beta: [1], search: random, num_samples: 10001}\n")
+    assert "sweep.beta.num" in errors_of(
+        "name: s\nkind: sweep\nmodel: {variant: beta_vae}\nsweep: {beta: {start: 0, stop: 1, num: 100000000}}\n"
+    )
+    assert "sweep.num_samples" in errors_of(
+        "name: s\nkind: sweep\nmodel: {variant: beta_vae}\nsweep: {beta: [1], search: random, num_samples: 10001}\n"
+    )
 
 
 def test_trial_configs_still_builds_the_grid():
@@ -253,6 +283,10 @@ def test_deep_or_unbuildable_yaml_is_a_spec_error_not_a_crash():
     for _ in range(100_000):  # deeper than any recursion limit: pydantic must not recurse into it
         inner.append([])
         inner = inner[0]
-    for data in ({"name": "x", "description": deep}, {"name": "x", "model": {"hidden_dims": deep}}, {"name": "x", "x": deep}):
+    for data in (
+        {"name": "x", "description": deep},
+        {"name": "x", "model": {"hidden_dims": deep}},
+        {"name": "x", "x": deep},
+    ):
         with pytest.raises(SpecError):
             spec_from_data(data)

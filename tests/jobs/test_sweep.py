@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import csv
 import json
-import pickle
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -33,8 +33,15 @@ from workers.plots.sweep import _curves, sweep_summary_pictures
 ROOT = Path(__file__).resolve().parents[2]
 GRID = {(1.0, 2), (1.0, 3), (4.0, 2), (4.0, 3)}
 # The summary of a sweep ranked by eval/mig: MIG is drawn once (no metric_vs_beta repeating mig_vs_beta).
-PICTURES = {"mig_vs_beta.png", "recon_vs_beta.png", "mig_heatmap.png", "recon_vs_mig.png", "traversals.png",
-            "mig_chen_vs_beta.png", "mig_vs_elbo.png"}
+PICTURES = {
+    "mig_vs_beta.png",
+    "recon_vs_beta.png",
+    "mig_heatmap.png",
+    "recon_vs_mig.png",
+    "traversals.png",
+    "mig_chen_vs_beta.png",
+    "mig_vs_elbo.png",
+}
 runner = CliRunner()
 
 
@@ -48,11 +55,16 @@ def write_factor_npz(path: Path, copies: int = 8) -> Path:
         for fx in range(4):
             for fy in range(4):
                 img = np.zeros((16, 16), dtype=np.uint8)
-                img[4 * fy:4 * fy + 4, 4 * fx:4 * fx + 4] = 255
+                img[4 * fy : 4 * fy + 4, 4 * fx : 4 * fx + 4] = 255
                 images.append(img)
                 factors.append((fx, fy))
-    np.savez(path, images=np.stack(images), factors=np.array(factors, dtype=np.int64),
-             factor_names=np.array(["pos_x", "pos_y"]), factor_sizes=np.array([4, 4]))
+    np.savez(
+        path,
+        images=np.stack(images),
+        factors=np.array(factors, dtype=np.int64),
+        factor_names=np.array(["pos_x", "pos_y"]),
+        factor_sizes=np.array([4, 4]),
+    )
     return path
 
 
@@ -68,12 +80,16 @@ def spec_dict(data: Path, name: str, **overrides) -> dict:
         "kind": "sweep",
         "model": {"variant": "beta_vae", "architecture": "mlp", "hidden_dims": [32], "latent_dim": 2},
         "data": {"source": str(data), "val_fraction": 0.25},
-        "train": {"steps": 30, "batch_size": 16, "log_every": 10, "checkpoint_every": 15,
-                  "optimizer": {"lr": 1.0e-3}},
+        "train": {"steps": 30, "batch_size": 16, "log_every": 10, "checkpoint_every": 15, "optimizer": {"lr": 1.0e-3}},
         "eval": {"iwae_samples": 2, "max_examples": 32, "num_train": 64, "num_test": 32},
         "resources": {"workers": 1, "cpus_per_worker": 0.5},
-        "sweep": {"beta": [1, 4], "latent_dim": [2, 3], "search": "grid", "metric": {"name": "eval/mig", "mode": "max"},
-                  "max_concurrent_trials": 2},
+        "sweep": {
+            "beta": [1, 4],
+            "latent_dim": [2, 3],
+            "search": "grid",
+            "metric": {"name": "eval/mig", "mode": "max"},
+            "max_concurrent_trials": 2,
+        },
         "register": {"model_name": name},
     }
     for section, value in overrides.items():
@@ -98,20 +114,24 @@ def errors_of(fn) -> dict[str, str]:
 
 
 def parent_and_children(client, job_id: str):
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                              filter_string=f"tags.`aeforge.job_id` = '{job_id}'")
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], filter_string=f"tags.`aeforge.job_id` = '{job_id}'"
+    )
     assert len(runs) == 1, [r.info.run_name for r in runs]
     parent = runs[0]
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
     return parent, children
 
 
 def fits_per_trial(client, children) -> dict[str, int]:
     """Train fits per trial (by the trial's job id): the chief logs perf/images_per_second once at the end of every
     fit."""
-    return {c.data.tags["aeforge.job_id"]: len(client.get_metric_history(c.info.run_id, "perf/images_per_second"))
-            for c in children}
+    return {
+        c.data.tags["aeforge.job_id"]: len(client.get_metric_history(c.info.run_id, "perf/images_per_second"))
+        for c in children
+    }
 
 
 # --- fixtures --------------------------------------------------------------------------------------------------
@@ -132,8 +152,12 @@ def sweep_env(tmp_path_factory, mlflow_server, ray_cluster):
     os.environ["AWS_ACCESS_KEY_ID"] = "sweep-test-key"
     os.environ["AWS_SECRET_ACCESS_KEY"] = secret
     try:
-        yield {"home": home, "tracking_uri": str(mlflow_server), "data": write_factor_npz(home / "squares.npz"),
-               "secret": secret}
+        yield {
+            "home": home,
+            "tracking_uri": str(mlflow_server),
+            "data": write_factor_npz(home / "squares.npz"),
+            "secret": secret,
+        }
     finally:
         for key, value in saved.items():
             if value is None:
@@ -191,7 +215,10 @@ def test_a_grid_sweep_tracks_every_trial_and_registers_the_best(finished_sweep, 
         assert child.info.run_name == trial_run_name(spec.name, trial_id, {"beta": beta, "latent_dim": latent}, 4)
         assert child.data.tags["aeforge.job_id"] == f"{job_id}-{trial_id}"
         # Each trial's page names its source and its data set, as the sweep's does.
-        assert child.data.tags["mlflow.source.type"] == "JOB" and child.data.tags["mlflow.source.name"] == f"aeforge job {job_id}"
+        assert (
+            child.data.tags["mlflow.source.type"] == "JOB"
+            and child.data.tags["mlflow.source.name"] == f"aeforge job {job_id}"
+        )
         assert [i.dataset.name for i in client.get_run(child.info.run_id).inputs.dataset_inputs] == ["squares.npz"]
         assert "eval/mig" in child.data.metrics
         seen.add((beta, latent))
@@ -228,7 +255,11 @@ def test_a_grid_sweep_tracks_every_trial_and_registers_the_best(finished_sweep, 
     # The keys the trials were given appear nowhere on storage (Tune's experiment files included) or in MLflow.
     storage_root = sweep_env["home"] / "storage"
     secret = sweep_env["secret"].encode()
-    leaked = [p for p in storage_root.rglob("*") if p.is_file() and (secret in p.read_bytes() or secret.hex().encode() in p.read_bytes())]
+    leaked = [
+        p
+        for p in storage_root.rglob("*")
+        if p.is_file() and (secret in p.read_bytes() or secret.hex().encode() in p.read_bytes())
+    ]
     assert not leaked
     for run in (parent, *children):
         assert sweep_env["secret"] not in json.dumps({**run.data.params, **run.data.tags})
@@ -253,7 +284,9 @@ def test_running_a_finished_sweep_again_trains_nothing(finished_sweep, sweep_env
     parent, children = parent_and_children(client, job_id)
     assert parent.info.status == "FINISHED"
     assert fits_per_trial(client, children) == fits_before  # no trial trained again, no new nested run
-    assert {r["run_name"]: r["eval/mig"] for r in again["trials"]} == {r["run_name"]: r["eval/mig"] for r in first["trials"]}
+    assert {r["run_name"]: r["eval/mig"] for r in again["trials"]} == {
+        r["run_name"]: r["eval/mig"] for r in first["trials"]
+    }
     assert again["model"]["version"] == first["model"]["version"]
     assert len(client.search_model_versions(f"name = '{spec.registration.model_name}'")) == len(versions_before)
     assert seconds < 60
@@ -268,9 +301,13 @@ def test_a_packed_sweep_trains_its_trials_in_packs_each_a_first_class_result(swe
     from jobs.sweep import load_sweep, run_sweep
 
     name = f"sweep-pack-{uuid.uuid4().hex[:6]}"
-    spec = make_spec(sweep_env["data"], name, model={"variant": "beta_tcvae"},
-                     resources={"workers": 2, "cpus_per_worker": 0.45},
-                     sweep={"beta": [1, 4], "latent_dim": None, "seed": [0, 1], "pack": "auto"})
+    spec = make_spec(
+        sweep_env["data"],
+        name,
+        model={"variant": "beta_tcvae"},
+        resources={"workers": 2, "cpus_per_worker": 0.45},
+        sweep={"beta": [1, 4], "latent_dim": None, "seed": [0, 1], "pack": "auto"},
+    )
     job_id = f"{name}-job"
     t0 = time.perf_counter()
     outcome = run_sweep(spec, job_id)
@@ -333,11 +370,27 @@ def test_chen2018_study_spec_runs_tiny_and_draws_the_papers_two_pictures(sweep_e
     from services import cli
 
     name = f"study-tiny-{uuid.uuid4().hex[:6]}"
-    spec = load_spec(ROOT / "jobs" / "examples" / "study_chen2018_short.yaml", [
-        f"name={name}", "data.limit=2048", "train.steps=4", "train.batch_size=32", "train.log_every=2",
-        "train.checkpoint_every=4", "eval.iwae_samples=2", "eval.max_examples=64", "eval.num_train=64",
-        "eval.num_test=32", "eval.mig_chen_rows=256", "eval.mig_chen_samples=256", "eval.pictures=false",
-        "sweep.beta=[1, 4]", "sweep.seed=[0, 1]", "sweep.pack=4"])  # one pack per variant, both at once
+    spec = load_spec(
+        ROOT / "jobs" / "examples" / "study_chen2018_short.yaml",
+        [
+            f"name={name}",
+            "data.limit=2048",
+            "train.steps=4",
+            "train.batch_size=32",
+            "train.log_every=2",
+            "train.checkpoint_every=4",
+            "eval.iwae_samples=2",
+            "eval.max_examples=64",
+            "eval.num_train=64",
+            "eval.num_test=32",
+            "eval.mig_chen_rows=256",
+            "eval.mig_chen_samples=256",
+            "eval.pictures=false",
+            "sweep.beta=[1, 4]",
+            "sweep.seed=[0, 1]",
+            "sweep.pack=4",
+        ],
+    )  # one pack per variant, both at once
     assert (spec.model.architecture, spec.sweep.metric.name, spec.num_trials()) == ("chen2018_mlp", "eval/mig_chen", 8)
     job_id = f"{name}-job"
     t0 = time.perf_counter()
@@ -347,7 +400,8 @@ def test_chen2018_study_spec_runs_tiny_and_draws_the_papers_two_pictures(sweep_e
     rows = outcome["trials"]
     assert len(rows) == 8 and all(r["status"] == "finished" for r in rows), rows
     assert {(r["variant"], r["beta"], r["seed"]) for r in rows} == {
-        (v, b, s) for v in ("beta_vae", "beta_tcvae") for b in (1.0, 4.0) for s in (0, 1)}
+        (v, b, s) for v in ("beta_vae", "beta_tcvae") for b in (1.0, 4.0) for s in (0, 1)
+    }
     assert all(isinstance(r["eval/mig_chen"], float) and 0.0 <= r["eval/mig_chen"] <= 1.0 for r in rows)
     assert all(r["step"] == 4 for r in rows)  # each member's own count, as its worker reported it
     assert outcome["best"]["eval/mig_chen"] == max(r["eval/mig_chen"] for r in rows)
@@ -371,8 +425,9 @@ def test_sweep_results_cli_prints_the_table(finished_sweep, sweep_env, tmp_path,
 
     spec, job_id, outcome, _ = finished_sweep
     out_csv = tmp_path / "table.csv"
-    result = runner.invoke(cli.app, ["sweep", "results", job_id, "--csv", str(out_csv), "--pictures",
-                                     str(tmp_path / "pics")])
+    result = runner.invoke(
+        cli.app, ["sweep", "results", job_id, "--csv", str(out_csv), "--pictures", str(tmp_path / "pics")]
+    )
     assert result.exit_code == 0, result.output
     # The summary pictures drawn again from MLflow's rows (all but the traversals, which live on storage).
     assert {p.name for p in (tmp_path / "pics").iterdir()} == PICTURES - {"traversals.png"}
@@ -420,9 +475,14 @@ def test_a_pack_whose_worker_died_resumes_the_whole_pack_from_its_checkpoint(swe
     marker = tmp_path / "rank1-exited"
     worker_exit.install(monkeypatch, tmp_path / "fault", rank=1, step=20, marker=marker)
     name = f"sweep-packfault-{uuid.uuid4().hex[:6]}"
-    spec = make_spec(sweep_env["data"], name, model={"variant": "beta_tcvae"},
-                     resources={"workers": 2, "cpus_per_worker": 0.45}, register=None,
-                     sweep={"beta": [1, 4], "latent_dim": None, "pack": 2, "metric": {"name": "eval/mig", "mode": "max"}})
+    spec = make_spec(
+        sweep_env["data"],
+        name,
+        model={"variant": "beta_tcvae"},
+        resources={"workers": 2, "cpus_per_worker": 0.45},
+        register=None,
+        sweep={"beta": [1, 4], "latent_dim": None, "pack": 2, "metric": {"name": "eval/mig", "mode": "max"}},
+    )
     job_id = f"{name}-job"
     outcome = run_sweep(spec, job_id)
 
@@ -464,8 +524,9 @@ def _experiment_state_trials(storage, prefix: str) -> dict[str, str]:
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("pack", [1, 2])
-def test_a_sweep_whose_driver_was_killed_continues_without_retraining_finished_trials(sweep_env, s3_bucket, tmp_path,
-                                                                                      monkeypatch, pack):
+def test_a_sweep_whose_driver_was_killed_continues_without_retraining_finished_trials(
+    sweep_env, s3_bucket, tmp_path, monkeypatch, pack
+):
     """The sweep runs as the queue runs it (`python -m jobs.run JOB_ID` in its own process, joined to the same Ray
     cluster), one trial (or pack of two) at a time, with its storage (Tune's experiment, Train checkpoints) on S3
     (moto); its driver is killed once the first trial (or pack) has finished (as Tune's saved experiment state and
@@ -492,12 +553,22 @@ def test_a_sweep_whose_driver_was_killed_continues_without_retraining_finished_t
     job_id = f"{name}-job"
     storage = Storage.from_settings()
     spec_json = json.dumps(parse_spec(spec_text).model_dump(mode="json"), sort_keys=True)  # as the queue stores it
-    env = {**os.environ, "AEFORGE_JOB_SPEC": spec_json, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
-           "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "AEFORGE_JOB_SPEC": spec_json,
+        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+        "PYTHONPATH": str(ROOT),
+    }
     log = open(tmp_path / "driver.log", "wb")
     t0 = time.perf_counter()
-    driver = subprocess.Popen([sys.executable, "-m", "jobs.run", job_id], cwd=ROOT, env=env, stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "jobs.run", job_id],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     finished_before_kill: set[str] = set()
     try:
         deadline = time.monotonic() + 180
@@ -513,7 +584,9 @@ def test_a_sweep_whose_driver_was_killed_continues_without_retraining_finished_t
             os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(timeout=30)
         log.close()
-    assert finished_before_kill, f"no trial finished before the driver ended:\n{(tmp_path / 'driver.log').read_text()[-3000:]}"
+    assert finished_before_kill, (
+        f"no trial finished before the driver ended:\n{(tmp_path / 'driver.log').read_text()[-3000:]}"
+    )
     print(f"\ndriver killed after {time.perf_counter() - t0:.1f} s with {len(finished_before_kill)} trial(s) finished")
 
     client = mlflow.MlflowClient(sweep_env["tracking_uri"])
@@ -605,13 +678,25 @@ def test_a_metric_that_needs_factors_on_data_without_factors_is_an_error(tmp_pat
     [
         ({"beta": [], "latent_dim": [2, 3]}, {}, "sweep.beta", "empty list searches nothing"),
         ({"beta": None, "latent_dim": None}, {}, "sweep", "search space is empty"),
-        ({"beta": {"start": 1, "stop": 8, "num": 4, "spacing": "log"}, "metric": {"name": "eval/fid"}}, {},
-         "sweep.metric.name", "no trial reports 'eval/fid'"),
+        (
+            {"beta": {"start": 1, "stop": 8, "num": 4, "spacing": "log"}, "metric": {"name": "eval/fid"}},
+            {},
+            "sweep.metric.name",
+            "no trial reports 'eval/fid'",
+        ),
         ({"metric": {"name": "train/tc"}}, {}, "sweep.metric.name", "no trial reports 'train/tc'"),
-        ({"metric": {"name": "eval/mig"}}, {"eval": {"disentanglement": False}}, "sweep.metric.name",
-         "eval.disentanglement is off"),
-        ({"beta": None, "variant": ["ae", "beta_vae"], "metric": {"name": "eval/mig_exact"}},
-         {"model": {"variant": "beta_vae", "architecture": "mlp"}}, "sweep.metric.name", "needs a posterior"),
+        (
+            {"metric": {"name": "eval/mig"}},
+            {"eval": {"disentanglement": False}},
+            "sweep.metric.name",
+            "eval.disentanglement is off",
+        ),
+        (
+            {"beta": None, "variant": ["ae", "beta_vae"], "metric": {"name": "eval/mig_exact"}},
+            {"model": {"variant": "beta_vae", "architecture": "mlp"}},
+            "sweep.metric.name",
+            "needs a posterior",
+        ),
         ({"pack": 2, "search": "random", "num_samples": 4}, {}, "sweep.pack", "packs need search: grid"),
         ({"pack": 0}, {}, "sweep.pack", "at least 1 trial"),
         ({"pack": "some"}, {}, "sweep.pack", "auto"),
@@ -629,11 +714,20 @@ def test_grid_and_random_search_spaces():
     spec = JobSpec.model_validate(spec_dict(Path("x.npz"), "space"))
     grid = param_space(spec)["trial"]["grid_search"]
     assert {(t["beta"], t["latent_dim"]) for t in grid} == GRID and spec.num_trials() == 4
-    random_spec = JobSpec.model_validate(spec_dict(Path("x.npz"), "space", sweep={
-        "beta": {"start": 0.5, "stop": 16, "num": 3, "spacing": "log"}, "search": "random", "num_samples": 5}))
+    random_spec = JobSpec.model_validate(
+        spec_dict(
+            Path("x.npz"),
+            "space",
+            sweep={
+                "beta": {"start": 0.5, "stop": 16, "num": 3, "spacing": "log"},
+                "search": "random",
+                "num_samples": 5,
+            },
+        )
+    )
     space = param_space(random_spec)
     assert random_spec.num_trials() == 5
-    assert 0.5 <= space["beta"].lower and space["beta"].upper == 16  # sampled on a log scale over the range
+    assert space["beta"].lower >= 0.5 and space["beta"].upper == 16  # sampled on a log scale over the range
     assert space["latent_dim"].categories == [2, 3]
 
 
@@ -643,8 +737,8 @@ def test_tunes_s3_filesystem_pickles_without_the_keys(monkeypatch):
     import cloudpickle
     import pyarrow.fs
 
-    from workers.storage.ray_fs import tune_filesystem
     from workers.storage import Storage
+    from workers.storage.ray_fs import tune_filesystem
 
     secret = f"tune-secret-{uuid.uuid4().hex}"
     monkeypatch.setenv("AEFORGE_STORAGE", "s3://some-bucket/aeforge")
@@ -671,8 +765,17 @@ def test_summary_pictures_draw_one_curve_per_latent_size(tmp_path):
     rows = []
     for beta in (1.0, 4.0, 16.0):
         for latent in (2, 3):
-            rows.append({"beta": beta, "latent_dim": latent, "status": "finished", "run_name": f"t-{beta}-{latent}",
-                         "eval/elbo": -beta - latent, "eval/recon": beta, "eval/mig": 0.1 * latent})
+            rows.append(
+                {
+                    "beta": beta,
+                    "latent_dim": latent,
+                    "status": "finished",
+                    "run_name": f"t-{beta}-{latent}",
+                    "eval/elbo": -beta - latent,
+                    "eval/recon": beta,
+                    "eval/mig": 0.1 * latent,
+                }
+            )
     rows.append({"beta": 2.0, "latent_dim": 2, "status": "error", "run_name": "broken"})
     curves = _curves(rows, "eval/elbo")
     assert set(curves) == {"z=2", "z=3"} and [b for b, _ in curves["z=2"]] == [1.0, 4.0, 16.0]
@@ -681,9 +784,15 @@ def test_summary_pictures_draw_one_curve_per_latent_size(tmp_path):
     tile = tmp_path / "tile.png"
     Image.new("L", (40, 90), 128).save(tile)
     made = sweep_summary_pictures(rows, "eval/elbo", tmp_path / "pics", traversal_for=lambda row: tile)
-    assert {p.name for p in made.values()} == {"elbo_vs_beta.png", "recon_vs_beta.png", "mig_vs_beta.png",
-                                               "elbo_heatmap.png", "recon_vs_mig.png", "traversals.png",
-                                               "mig_vs_elbo.png"}
+    assert {p.name for p in made.values()} == {
+        "elbo_vs_beta.png",
+        "recon_vs_beta.png",
+        "mig_vs_beta.png",
+        "elbo_heatmap.png",
+        "recon_vs_mig.png",
+        "traversals.png",
+        "mig_vs_elbo.png",
+    }
     # Without factors there is no MIG picture; trials without a traversal are left out of the grid.
     for row in rows:
         row.pop("eval/mig", None)
@@ -708,9 +817,18 @@ class mlflow_uri:
 
 
 def test_packs_group_trials_of_one_variant_and_latent_size_in_grid_order(tmp_path):
-    spec = make_spec(write_plain_npz(tmp_path / "p.npz"), "packs", model={"variant": "beta_vae"},
-                     sweep={"beta": [1, 4], "latent_dim": [2, 3], "seed": [0, 1, 2], "pack": 2,
-                            "metric": {"name": "eval/elbo", "mode": "max"}})
+    spec = make_spec(
+        write_plain_npz(tmp_path / "p.npz"),
+        "packs",
+        model={"variant": "beta_vae"},
+        sweep={
+            "beta": [1, 4],
+            "latent_dim": [2, 3],
+            "seed": [0, 1, 2],
+            "pack": 2,
+            "metric": {"name": "eval/elbo", "mode": "max"},
+        },
+    )
     packs = spec.trial_packs(2)
     assert [[row["index"] for row in pack] for pack in packs] == [[0, 1], [2, 6], [7, 8], [3, 4], [5, 9], [10, 11]]
     for pack in packs:
@@ -734,17 +852,29 @@ def test_a_model_s_training_memory_grows_with_its_batch_and_counts_its_adam_stat
 
     config = ModelConfig(variant="beta_tcvae", architecture="conv64", latent_dim=10)
     small, large = (training_bytes(config, (1, 64, 64), 737_280, b) for b in (64, 128))
-    parameters = 4 * sum(p.numel() for p in __import__("workers.models", fromlist=["build_model"]).build_model(
-        config, (1, 64, 64), 737_280).parameters())
+    parameters = 4 * sum(
+        p.numel()
+        for p in __import__("workers.models", fromlist=["build_model"])
+        .build_model(config, (1, 64, 64), 737_280)
+        .parameters()
+    )
     assert 4 * parameters < small < large < 2 * small  # Adam's moments and the gradients, then activations
 
 
 def test_validate_says_which_trials_go_together_in_packs(tmp_path):
     from services.cli import app
 
-    spec = spec_dict(write_plain_npz(tmp_path / "p.npz"), "packs",
-                     sweep={"beta": [1, 4], "latent_dim": [2, 3], "seed": [0, 1], "pack": 2,
-                            "metric": {"name": "eval/elbo", "mode": "max"}})
+    spec = spec_dict(
+        write_plain_npz(tmp_path / "p.npz"),
+        "packs",
+        sweep={
+            "beta": [1, 4],
+            "latent_dim": [2, 3],
+            "seed": [0, 1],
+            "pack": 2,
+            "metric": {"name": "eval/elbo", "mode": "max"},
+        },
+    )
     path = tmp_path / "packs.yaml"
     path.write_text(yaml.safe_dump(spec))
     result = runner.invoke(app, ["validate", str(path), "--no-data"])
@@ -765,9 +895,19 @@ def test_the_papers_two_pictures_mig_against_beta_with_the_seeds_spread_and_mig_
     for variant, lift in (("beta_vae", 0.0), ("beta_tcvae", 0.1)):
         for beta in (1.0, 4.0, 8.0):
             for seed in (0, 1, 2):
-                rows.append({"variant": variant, "beta": beta, "seed": seed, "status": "finished",
-                             "run_name": f"{variant}-{beta}-{seed}", "eval/elbo": -80 - 2 * beta - seed,
-                             "eval/recon": 70 + beta, "eval/mig": 0.1, "eval/mig_chen": 0.05 * seed + lift + beta / 80})
+                rows.append(
+                    {
+                        "variant": variant,
+                        "beta": beta,
+                        "seed": seed,
+                        "status": "finished",
+                        "run_name": f"{variant}-{beta}-{seed}",
+                        "eval/elbo": -80 - 2 * beta - seed,
+                        "eval/recon": 70 + beta,
+                        "eval/mig": 0.1,
+                        "eval/mig_chen": 0.05 * seed + lift + beta / 80,
+                    }
+                )
     curves = _curves(rows, "eval/mig_chen")
     assert set(curves) == {"beta_vae", "beta_tcvae"} and len(curves["beta_tcvae"][1][1]) == 3
     made = sweep_summary_pictures(rows, "eval/mig_chen", tmp_path / "pics", mode="max")

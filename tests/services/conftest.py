@@ -43,15 +43,18 @@ def postgres_database():
     pytest.importorskip("psycopg")
     user = _find_user()
     if user is None and shutil.which("pg_ctlcluster"):
-        subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", "15", "main", "start"],
-                       capture_output=True, timeout=60)
+        subprocess.run(
+            ["pg_ctlcluster", "--skip-systemctl-redirect", "15", "main", "start"], capture_output=True, timeout=60
+        )
         for _ in range(20):
             user = _find_user()
             if user is not None:
                 break
             time.sleep(0.5)
     if user is None:
-        pytest.skip(f"no PostgreSQL at {PG_HOST}:{PG_PORT} for users {', '.join(PG_USERS)} (and it could not be started)")
+        pytest.skip(
+            f"no PostgreSQL at {PG_HOST}:{PG_PORT} for users {', '.join(PG_USERS)} (and it could not be started)"
+        )
     name = f"aeforge_test_{secrets.token_hex(4)}"
     with _connect(user) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')

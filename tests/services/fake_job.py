@@ -25,7 +25,9 @@ def main(argv: list[str]) -> int:
     spec = json.loads(os.environ["AEFORGE_JOB_SPEC"])
     attempt = int(os.environ["AEFORGE_ATTEMPT"])
     # The queue names locations, not its AEFORGE_HOME: the service's embedded storage is <its home>/storage.
-    record = Path(urlparse(os.environ["AEFORGE_STORAGE"]).path).parent / "fake-jobs" / f"{job_id}.attempt-{attempt}.json"
+    record = (
+        Path(urlparse(os.environ["AEFORGE_STORAGE"]).path).parent / "fake-jobs" / f"{job_id}.attempt-{attempt}.json"
+    )
     record.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
     record.write_text(json.dumps({"started": started}))

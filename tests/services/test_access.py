@@ -32,8 +32,10 @@ TALLY = {"tried": 0, "refused": 0, "allowed": []}
 
 
 def spec(source: str = "builtin:dsprites", model_name: str | None = None, kind: str = "train") -> str:
-    text = (f"name: access-test\nkind: {kind}\nmodel: {{variant: beta_vae, architecture: mlp, latent_dim: 4}}\n"
-            f"data: {{source: {json.dumps(source)}}}\ntrain: {{steps: 10, batch_size: 8}}\n")
+    text = (
+        f"name: access-test\nkind: {kind}\nmodel: {{variant: beta_vae, architecture: mlp, latent_dim: 4}}\n"
+        f"data: {{source: {json.dumps(source)}}}\ntrain: {{steps: 10, batch_size: 8}}\n"
+    )
     if kind == "sweep":
         text += "sweep: {beta: [1, 2], metric: {name: eval/elbo, mode: max}}\n"
     if model_name is not None:
@@ -61,9 +63,12 @@ def env(tmp_path, monkeypatch):
 @pytest.fixture
 def client(env):
     settings = ServiceSettings(
-        home=env / "home", db_url="unused", max_attempts=2,
+        home=env / "home",
+        db_url="unused",
+        max_attempts=2,
         tokens=tuple(Principal(o, "admin" if o == "root" else "user", t) for o, t in TOKENS.items()),
-        allowed_data_prefixes=((env / "shared").as_uri() + "/", PUBLIC_S3))
+        allowed_data_prefixes=((env / "shared").as_uri() + "/", PUBLIC_S3),
+    )
     store = Store(f"sqlite:///{env / 'api.db'}")
     with TestClient(create_app(store, settings, launcher=FakeLauncher())) as c:
         yield c
@@ -153,9 +158,15 @@ def test_paths_outside_the_allowed_prefixes_are_refused_alike(client, env, form)
 
 
 def test_s3_urls_outside_the_allowed_prefixes_are_refused(client):
-    for source in ("s3://other-bucket/secret.npz", "s3://public-bucket/private/x.npz",
-                   "s3://public-bucket/publicity/x.npz", "s3://public-bucket/public/../private/x.npz",
-                   "s3://public-bucket/./public/x.npz", "s3://public-bucket/public", "S3://public-bucket/public/x"):
+    for source in (
+        "s3://other-bucket/secret.npz",
+        "s3://public-bucket/private/x.npz",
+        "s3://public-bucket/publicity/x.npz",
+        "s3://public-bucket/public/../private/x.npz",
+        "s3://public-bucket/./public/x.npz",
+        "s3://public-bucket/public",
+        "S3://public-bucket/public/x",
+    ):
         refused(attempt(client, "bob", spec(source)))
     for source in ("s3://public-bucket/public/x.npz", "s3://public-bucket/public/folder/"):
         assert submit(client, "bob", spec(source)).status_code == 201
@@ -166,11 +177,29 @@ def test_s3_urls_outside_the_allowed_prefixes_are_refused(client):
 def test_prefix_matching_by_itself():
     bob = Principal("bob", "user", "bob-token-4567")
     allowed = ("file:///data/shared", "s3://b/p/")
-    for source in ("/data/shared", "/data/shared/x", "file:///data/shared/a/./b", "//data/shared/x", "s3://b/p/k",
-                   "builtin:anything"):
+    for source in (
+        "/data/shared",
+        "/data/shared/x",
+        "file:///data/shared/a/./b",
+        "//data/shared/x",
+        "s3://b/p/k",
+        "builtin:anything",
+    ):
         assert check_data_source(source, bob, allowed) is None, source
-    for source in ("/data/sharedx", "/data/shared/../x", "data/shared/x", "~/x", "file://data/shared/x", "s3://b/p",
-                   "s3://b/p//k", "s3://b/q/k", "s3:///p/k", "", "/data/shared/\x00", "file:///data/shared/%2E%2E/x"):
+    for source in (
+        "/data/sharedx",
+        "/data/shared/../x",
+        "data/shared/x",
+        "~/x",
+        "file://data/shared/x",
+        "s3://b/p",
+        "s3://b/p//k",
+        "s3://b/q/k",
+        "s3:///p/k",
+        "",
+        "/data/shared/\x00",
+        "file:///data/shared/%2E%2E/x",
+    ):
         assert check_data_source(source, bob, allowed) is not None, source
     assert check_data_source("/data/shared/x", bob, ()) is not None  # no prefixes set: no paths at all
 
@@ -187,8 +216,9 @@ def test_storage_that_does_not_answer_is_a_503_not_a_pass(client, env, monkeypat
 
 
 def test_the_allowed_prefixes_setting(tmp_path):
-    loaded = ServiceSettings.load({"AEFORGE_HOME": str(tmp_path),
-                                   "AEFORGE_ALLOWED_DATA_PREFIXES": "file:///data/shared/, s3://bucket/public/"})
+    loaded = ServiceSettings.load(
+        {"AEFORGE_HOME": str(tmp_path), "AEFORGE_ALLOWED_DATA_PREFIXES": "file:///data/shared/, s3://bucket/public/"}
+    )
     assert loaded.allowed_data_prefixes == ("file:///data/shared/", "s3://bucket/public/")
     assert ServiceSettings.load({"AEFORGE_HOME": str(tmp_path)}).allowed_data_prefixes == ()
     for bad in ("/data/shared", "file://relative/x", "s3:///nobucket", "http://x/"):

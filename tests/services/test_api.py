@@ -40,8 +40,11 @@ def settings(tmp_path):
     return ServiceSettings(
         home=tmp_path,
         db_url="unused",
-        tokens=(Principal("alice", "user", TOKENS["alice"]), Principal("bob", "user", TOKENS["bob"]),
-                Principal("root", "admin", TOKENS["root"])),
+        tokens=(
+            Principal("alice", "user", TOKENS["alice"]),
+            Principal("bob", "user", TOKENS["bob"]),
+            Principal("root", "admin", TOKENS["root"]),
+        ),
         max_request_bytes=LIMIT,
         max_attempts=2,
     )
@@ -79,8 +82,14 @@ def test_health_and_openapi_need_no_token(client):
     health = client.get("/healthz")
     assert health.status_code == 200 and health.json()["status"] == "ok" and health.json()["database"] == "sqlite"
     schema = client.get("/openapi.json").json()
-    assert {"/jobs", "/jobs/{job_id}", "/jobs/{job_id}/cancel", "/jobs/{job_id}/retry", "/jobs/{job_id}/logs",
-            "/healthz"} <= set(schema["paths"])
+    assert {
+        "/jobs",
+        "/jobs/{job_id}",
+        "/jobs/{job_id}/cancel",
+        "/jobs/{job_id}/retry",
+        "/jobs/{job_id}/logs",
+        "/healthz",
+    } <= set(schema["paths"])
     assert client.get("/docs").status_code == 200
 
 
@@ -92,8 +101,17 @@ def test_an_app_without_tokens_is_refused(store, settings):
 # --- authentication ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method,path", [("get", "/jobs"), ("post", "/jobs"), ("get", "/jobs/x"),
-                                         ("post", "/jobs/x/cancel"), ("post", "/jobs/x/retry"), ("get", "/jobs/x/logs")])
+@pytest.mark.parametrize(
+    "method,path",
+    [
+        ("get", "/jobs"),
+        ("post", "/jobs"),
+        ("get", "/jobs/x"),
+        ("post", "/jobs/x/cancel"),
+        ("post", "/jobs/x/retry"),
+        ("get", "/jobs/x/logs"),
+    ],
+)
 def test_no_or_unknown_token_is_401(client, method, path):
     response = getattr(client, method)(path)
     assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
@@ -118,8 +136,12 @@ def test_users_see_and_cancel_only_their_own_jobs_and_admins_all(client):
 
 
 def test_unknown_ids_are_404_not_500(client):
-    for method, path in [("get", "/jobs/nope"), ("post", "/jobs/nope/cancel"), ("post", "/jobs/nope/retry"),
-                         ("get", "/jobs/nope/logs")]:
+    for method, path in [
+        ("get", "/jobs/nope"),
+        ("post", "/jobs/nope/cancel"),
+        ("post", "/jobs/nope/retry"),
+        ("get", "/jobs/nope/logs"),
+    ]:
         response = getattr(client, method)(path, headers=auth("root"))
         assert response.status_code == 404 and "nope" in response.json()["detail"]
 
@@ -132,7 +154,9 @@ def test_submit_queues_the_spec_as_written_and_details_show_events(client):
     assert response.status_code == 201
     job = response.json()
     assert job["state"] == "queued" and job["owner"] == "alice" and job["priority"] == 7 and job["name"] == "api-test"
-    assert job["resources"] == {"CPU": 3.0, "GPU": 0.0} and job["max_attempts"] == 2 and job["cancel_requested"] is False
+    assert (
+        job["resources"] == {"CPU": 3.0, "GPU": 0.0} and job["max_attempts"] == 2 and job["cancel_requested"] is False
+    )
     detail = client.get(f"/jobs/{job['id']}", headers=auth("alice")).json()
     assert detail["spec"] == SPEC
     assert [(e["from_state"], e["to_state"]) for e in detail["events"]] == [(None, "queued")]
@@ -142,7 +166,9 @@ def test_submit_queues_the_spec_as_written_and_details_show_events(client):
 def test_a_spec_given_as_a_json_object_is_accepted(client):
     spec = {"name": "as-object", "train": {"steps": 5}, "resources": {"workers": 1}}
     response = post_job(client, spec=spec, max_attempts=5)
-    assert response.status_code == 201 and response.json()["name"] == "as-object" and response.json()["max_attempts"] == 5
+    assert (
+        response.status_code == 201 and response.json()["name"] == "as-object" and response.json()["max_attempts"] == 5
+    )
 
 
 def test_a_malformed_spec_is_422_with_field_errors_and_makes_no_row(client, store):
@@ -157,8 +183,17 @@ def test_a_malformed_spec_is_422_with_field_errors_and_makes_no_row(client, stor
     assert store.list_jobs()[1] == 0
 
 
-@pytest.mark.parametrize("body", [b"{not json", b'{"priority": 1}', b'{"spec": "name: x", "colour": 1}',
-                                  b'{"spec": "name: x", "priority": 100000}', b'{"spec": 12}', b"[]"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{not json",
+        b'{"priority": 1}',
+        b'{"spec": "name: x", "colour": 1}',
+        b'{"spec": "name: x", "priority": 100000}',
+        b'{"spec": 12}',
+        b"[]",
+    ],
+)
 def test_malformed_bodies_are_422_and_make_no_row(client, store, body):
     response = client.post("/jobs", content=body, headers=auth("alice") | {"Content-Type": "application/json"})
     assert response.status_code == 422 and response.json()["errors"]
@@ -192,7 +227,9 @@ def test_idempotency_key_returns_the_same_job(client, store):
     assert other_user.status_code == 201 and other_user.json()["id"] != first.json()["id"]
     different = post_job(client, spec=SPEC.replace("steps: 10", "steps: 11"), idempotency_key="abc")
     assert different.status_code == 409 and first.json()["id"] in different.json()["detail"]
-    clash = client.post("/jobs", json={"spec": SPEC, "idempotency_key": "x"}, headers=auth("alice") | {"Idempotency-Key": "y"})
+    clash = client.post(
+        "/jobs", json={"spec": SPEC, "idempotency_key": "x"}, headers=auth("alice") | {"Idempotency-Key": "y"}
+    )
     assert clash.status_code == 422
     assert store.list_jobs()[1] == 2
 
@@ -226,7 +263,9 @@ def test_an_injected_validator_is_used(store, settings):
     with TestClient(create_app(store, settings, validate=validate)) as c:
         assert post_job(c, spec="ok").json()["resources"] == {"CPU": 1.0}
         refused = post_job(c, spec="nope")
-        assert refused.status_code == 422 and refused.json()["errors"] == [{"loc": "<spec>", "msg": "only 'ok' is a spec here"}]
+        assert refused.status_code == 422 and refused.json()["errors"] == [
+            {"loc": "<spec>", "msg": "only 'ok' is a spec here"}
+        ]
 
 
 # --- listing -----------------------------------------------------------------------------------------------------
@@ -276,8 +315,11 @@ def test_logs_and_progress_come_from_the_ray_job(client, store, launcher):
     job_id = post_job(client).json()["id"]
     assert client.get(f"/jobs/{job_id}/logs", headers=auth("alice")).text == ""  # not started yet
     make_running(store, job_id)
-    launcher.jobs[job_id] = {"status": "RUNNING", "message": None,
-                             "logs": 'starting\nAEFORGE_PROGRESS {"step": 3, "total": 10}\n'}
+    launcher.jobs[job_id] = {
+        "status": "RUNNING",
+        "message": None,
+        "logs": 'starting\nAEFORGE_PROGRESS {"step": 3, "total": 10}\n',
+    }
     logs = client.get(f"/jobs/{job_id}/logs", headers=auth("alice"))
     assert logs.status_code == 200 and logs.headers["content-type"].startswith("text/plain") and "starting" in logs.text
     detail = client.get(f"/jobs/{job_id}?progress=true", headers=auth("alice")).json()
@@ -339,18 +381,25 @@ def test_deeply_nested_specs_and_bodies_are_4xx_with_the_documented_body(roomy_c
     deep_yaml = post_job(client, spec="[" * 5000 + "]" * 5000)
     assert deep_yaml.status_code == 422 and "nested too deeply" in fields_of(deep_yaml)["<file>"]
     # As a JSON object: nested past what the JSON parser takes, then just under it (where the spec is parsed again).
-    deep_json = client.post("/jobs", content='{"spec": {"name": "x", "description": ' + "[" * 100_000 + "]" * 100_000
-                            + "}}", headers=auth("alice") | {"Content-Type": "application/json"})
+    deep_json = client.post(
+        "/jobs",
+        content='{"spec": {"name": "x", "description": ' + "[" * 100_000 + "]" * 100_000 + "}}",
+        headers=auth("alice") | {"Content-Type": "application/json"},
+    )
     assert deep_json.status_code == 400 and fields_of(deep_json) == {"body": "it is nested too deeply"}
     assert deep_json.json()["detail"].startswith("the request body cannot be read")
     for depth in (300, 600, 900, 990):
         nested = "[" * depth + "]" * depth
         for body in ('{"spec": {"name": "x", "description": %s}}', '{"spec": %s}', '{"spec": "name: x\\nd: %s"}'):
-            response = client.post("/jobs", content=body % nested,
-                                   headers=auth("alice") | {"Content-Type": "application/json"})
+            response = client.post(
+                "/jobs", content=body % nested, headers=auth("alice") | {"Content-Type": "application/json"}
+            )
             assert response.status_code in (400, 422) and response.json()["errors"], (depth, body, response.text)
-    huge_int = client.post("/jobs", content='{"spec": "name: x", "priority": ' + "9" * 5000 + "}",
-                           headers=auth("alice") | {"Content-Type": "application/json"})
+    huge_int = client.post(
+        "/jobs",
+        content='{"spec": "name: x", "priority": ' + "9" * 5000 + "}",
+        headers=auth("alice") | {"Content-Type": "application/json"},
+    )
     assert huge_int.status_code == 400 and "4300 digits" in fields_of(huge_int)["body"]
     assert store.list_jobs()[1] == 0
 
@@ -369,8 +418,13 @@ def test_listing_offsets_beyond_the_bound_are_422_on_both_stores(any_client):
 def test_nul_in_a_job_id_key_or_filter_is_a_4xx_on_both_stores(any_client):
     client, store = any_client
     job_id = post_job(client).json()["id"]
-    for method, path in [("get", "/jobs/%00"), ("get", f"/jobs/{job_id}%00"), ("post", "/jobs/a%00b/cancel"),
-                         ("post", "/jobs/%00/retry"), ("get", "/jobs/%00/logs")]:
+    for method, path in [
+        ("get", "/jobs/%00"),
+        ("get", f"/jobs/{job_id}%00"),
+        ("post", "/jobs/a%00b/cancel"),
+        ("post", "/jobs/%00/retry"),
+        ("get", "/jobs/%00/logs"),
+    ]:
         response = getattr(client, method)(path, headers=auth("root"))
         assert response.status_code == 404 and response.json()["detail"].startswith("no job"), path
     in_body = post_job(client, idempotency_key="key\x00")
@@ -398,12 +452,17 @@ def test_numbers_in_a_spec_are_finite_and_the_response_keeps_its_schema(any_clie
         response = post_job(client, spec=spec)
         assert response.status_code == 422, (loc, response.text)
         assert fields_of(response).get(loc) == "Input should be a finite number", (loc, response.json())
-    as_object = client.post("/jobs", content='{"spec": {"name": "x", "model": {"variant": "beta_vae", "beta": Infinity}}}',
-                            headers=auth("alice") | {"Content-Type": "application/json"})
+    as_object = client.post(
+        "/jobs",
+        content='{"spec": {"name": "x", "model": {"variant": "beta_vae", "beta": Infinity}}}',
+        headers=auth("alice") | {"Content-Type": "application/json"},
+    )
     assert as_object.status_code == 422 and "model.beta" in fields_of(as_object)
     # A product of finite numbers that overflows (workers x CPUs) is refused by the bounds on each.
     overflow = post_job(client, spec={"name": "x", "resources": {"workers": 10**6, "cpus_per_worker": 1e308}})
-    assert overflow.status_code == 422 and {"resources.workers", "resources.cpus_per_worker"} <= set(fields_of(overflow))
+    assert overflow.status_code == 422 and {"resources.workers", "resources.cpus_per_worker"} <= set(
+        fields_of(overflow)
+    )
     assert store.list_jobs()[1] == 0
 
 
@@ -412,16 +471,20 @@ def test_a_huge_sweep_is_refused_at_once_naming_sweep(roomy_client, store):
     import time
 
     values = ", ".join(str(i) for i in range(1, 201))
-    spec = (f"name: big\nkind: sweep\nmodel: {{variant: beta_vae}}\n"
-            f"sweep: {{beta: [{values}], latent_dim: [{values}], seed: [{values}]}}\n")
+    spec = (
+        f"name: big\nkind: sweep\nmodel: {{variant: beta_vae}}\n"
+        f"sweep: {{beta: [{values}], latent_dim: [{values}], seed: [{values}]}}\n"
+    )
     started = time.perf_counter()
     response = post_job(client, spec=spec)
     assert time.perf_counter() - started < 2.0
     assert response.status_code == 422
     msg = fields_of(response)["sweep"]
     assert "8,000,000 trials" in msg and "200 beta x 200 latent_dim x 200 seed" in msg and "10,000" in msg
-    ranged = post_job(client, spec="name: r\nkind: sweep\nmodel: {variant: beta_vae}\n"
-                                    "sweep: {beta: {start: 0, stop: 1, num: 100000000}}\n")
+    ranged = post_job(
+        client,
+        spec="name: r\nkind: sweep\nmodel: {variant: beta_vae}\nsweep: {beta: {start: 0, stop: 1, num: 100000000}}\n",
+    )
     assert ranged.status_code == 422 and "sweep.beta.num" in fields_of(ranged)
     assert store.list_jobs()[1] == 0
 
@@ -465,8 +528,11 @@ def test_the_openapi_document_shows_the_real_error_bodies(roomy_client):
     assert "403" in doc["paths"]["/jobs"]["get"]["responses"] and "503" in doc["paths"]["/healthz"]["get"]["responses"]
     [offset] = [p for p in doc["paths"]["/jobs"]["get"]["parameters"] if p["name"] == "offset"]
     assert offset["schema"]["maximum"] < 2**63  # within both databases' integers
-    unreadable = client.post("/jobs", content='{"spec": ' + "[" * 100_000 + "]" * 100_000 + "}",
-                             headers=auth("alice") | {"Content-Type": "application/json"})
+    unreadable = client.post(
+        "/jobs",
+        content='{"spec": ' + "[" * 100_000 + "]" * 100_000 + "}",
+        headers=auth("alice") | {"Content-Type": "application/json"},
+    )
     assert unreadable.status_code == 400 and set(unreadable.json()) == {"detail", "errors"}
     wrong_method = client.delete("/jobs", headers=auth("alice"))
     assert wrong_method.status_code == 405 and set(wrong_method.json()) == {"detail", "errors"}

@@ -35,8 +35,13 @@ CHECKS = [
 
 
 def make_app(store, home):
-    service = ServiceSettings(home=home, db_url="unused", max_request_bytes=64 * 1024, max_attempts=2,
-                              tokens=(Principal("root", "admin", ADMIN), Principal("alice", "user", "fuzz-user-5678")))
+    service = ServiceSettings(
+        home=home,
+        db_url="unused",
+        max_request_bytes=64 * 1024,
+        max_attempts=2,
+        tokens=(Principal("root", "admin", ADMIN), Principal("alice", "user", "fuzz-user-5678")),
+    )
     return create_app(store, service, launcher=FakeLauncher())
 
 
@@ -49,8 +54,9 @@ schema = schemathesis.openapi.from_dict(make_app(None, "/nonexistent").openapi()
 def app(store_url, tmp_path):
     store = Store(store_url)
     for owner in ("root", "alice"):  # jobs to find, list, cancel and retry besides the ones the cases submit
-        store.submit(name="seeded", owner=owner, kind="train", spec_text=SPEC, spec_json="{}",
-                     resources={"CPU": 1.0, "GPU": 0.0})
+        store.submit(
+            name="seeded", owner=owner, kind="train", spec_text=SPEC, spec_json="{}", resources={"CPU": 1.0, "GPU": 0.0}
+        )
     try:
         yield make_app(store, tmp_path)
     finally:
@@ -59,9 +65,18 @@ def app(store_url, tmp_path):
 
 @pytest.mark.timeout(300)
 @schema.parametrize()
-@settings(max_examples=MAX_EXAMPLES, derandomize=True, database=None, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large,
-                                 HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=MAX_EXAMPLES,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.filter_too_much,
+        HealthCheck.data_too_large,
+        HealthCheck.function_scoped_fixture,
+    ],
+)
 def test_no_generated_request_gets_a_5xx_or_an_undocumented_answer(case, app):
     response = case.call(app=app, headers=AUTH)
     case.validate_response(response, checks=CHECKS)
@@ -86,14 +101,35 @@ KNOWN = [
     ("nul-name-query", lambda: _case("/jobs", "GET", query={"name": "a\x00"}), 422),
     ("nul-owner-query", lambda: _case("/jobs", "GET", query={"owner": "\x00"}), 422),
     ("nul-idempotency-key", lambda: _case("/jobs", "POST", body={"spec": SPEC, "idempotency_key": "k\x00"}), 422),
-    ("infinite-beta", lambda: _case("/jobs", "POST", body={
-        "spec": "name: b\nmodel: {variant: beta_vae, beta: .inf, architecture: mlp}\n"}), 422),
-    ("infinite-cpus", lambda: _case("/jobs", "POST", body={"spec": "name: c\nresources: {cpus_per_worker: .inf}\n"}), 422),
-    ("overflowing-cpus", lambda: _case("/jobs", "POST", body={"spec": {
-        "name": "c", "resources": {"workers": 10**6, "cpus_per_worker": 1e308}}}), 422),
+    (
+        "infinite-beta",
+        lambda: _case(
+            "/jobs", "POST", body={"spec": "name: b\nmodel: {variant: beta_vae, beta: .inf, architecture: mlp}\n"}
+        ),
+        422,
+    ),
+    (
+        "infinite-cpus",
+        lambda: _case("/jobs", "POST", body={"spec": "name: c\nresources: {cpus_per_worker: .inf}\n"}),
+        422,
+    ),
+    (
+        "overflowing-cpus",
+        lambda: _case(
+            "/jobs", "POST", body={"spec": {"name": "c", "resources": {"workers": 10**6, "cpus_per_worker": 1e308}}}
+        ),
+        422,
+    ),
     ("huge-steps", lambda: _case("/jobs", "POST", body={"spec": {"name": "s", "train": {"steps": 10**30}}}), 422),
-    ("huge-grid", lambda: _case("/jobs", "POST", body={"spec": {
-        "name": "g", "kind": "sweep", "model": {"variant": "beta_vae"}, "sweep": GRID}}), 422),
+    (
+        "huge-grid",
+        lambda: _case(
+            "/jobs",
+            "POST",
+            body={"spec": {"name": "g", "kind": "sweep", "model": {"variant": "beta_vae"}, "sweep": GRID}},
+        ),
+        422,
+    ),
 ]
 
 

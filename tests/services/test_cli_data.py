@@ -18,8 +18,16 @@ from typer.testing import CliRunner
 
 from services import cli_data
 from tests.fixtures.s3 import free_port
-from tests.workers.data.test_known_files import (DSPRITES_NAME, SMALL_GRID, every_value, grid, labels_of,
-                                                 shapes3d_images, write_dsprites, write_h5)
+from tests.workers.data.test_known_files import (
+    DSPRITES_NAME,
+    SMALL_GRID,
+    every_value,
+    grid,
+    labels_of,
+    shapes3d_images,
+    write_dsprites,
+    write_h5,
+)
 from tests.workers.data.test_readers import write_idx
 from workers.data import mpi3d
 from workers.data.idx import IMAGES_MAGIC, LABELS_MAGIC
@@ -67,8 +75,10 @@ def test_push_ls_rm(app, local_home, tmp_path):
     images, labels = files(tmp_path)
     pushed = run(app, "data", "push", images, labels, "--name", "mnist")
     assert pushed.exit_code == 0, pushed.output
-    assert ("pushed mnist: 2 examples of 1x32x32, labels 2 classes, factors none; 2 file(s), 2.0 KiB, format idx"
-            in pushed.output)
+    assert (
+        "pushed mnist: 2 examples of 1x32x32, labels 2 classes, factors none; 2 file(s), 2.0 KiB, format idx"
+        in pushed.output
+    )
 
     listing = run(app, "data", "ls")
     assert listing.exit_code == 0, listing.output
@@ -101,8 +111,11 @@ def test_push_and_ls_on_s3(app, s3_env, tmp_path):
     assert pushed.exit_code == 0, pushed.output
     assert f"s3://{s3_env.bucket}/aeforge/datasets/mnist" in pushed.output
     keys = sorted(o["Key"] for o in s3_env.client().list_objects_v2(Bucket=s3_env.bucket)["Contents"])
-    assert keys == ["aeforge/datasets/mnist/files/train-images-idx3-ubyte",
-                    "aeforge/datasets/mnist/files/train-labels-idx1-ubyte", "aeforge/datasets/mnist/manifest.json"]
+    assert keys == [
+        "aeforge/datasets/mnist/files/train-images-idx3-ubyte",
+        "aeforge/datasets/mnist/files/train-labels-idx1-ubyte",
+        "aeforge/datasets/mnist/manifest.json",
+    ]
     listing = run(app, "data", "ls")
     assert listing.exit_code == 0 and "mnist" in listing.output
 
@@ -125,8 +138,9 @@ TOKENS = {"alice": "alice-token-123", "bob": "bob-token-4567", "root": "root-tok
 def users(local_home, monkeypatch):
     """Three users of a service whose tokens this machine knows (AEFORGE_TOKENS); ``as_user(name)`` picks whose
     AEFORGE_API_TOKEN the next command runs with."""
-    monkeypatch.setenv("AEFORGE_TOKENS", ",".join(f"{t}:{o}:{'admin' if o == 'root' else 'user'}"
-                                                  for o, t in TOKENS.items()))
+    monkeypatch.setenv(
+        "AEFORGE_TOKENS", ",".join(f"{t}:{o}:{'admin' if o == 'root' else 'user'}" for o, t in TOKENS.items())
+    )
     return lambda who: monkeypatch.setenv("AEFORGE_API_TOKEN", TOKENS[who])
 
 
@@ -183,8 +197,9 @@ def test_a_token_this_machine_does_not_know_is_asked_of_the_service(app, local_h
     from services.store import Store
 
     store = Store(f"sqlite:///{tmp_path / 'api.db'}")
-    service = create_app(store, ServiceSettings(home=tmp_path, db_url="unused",
-                                                tokens=(Principal("carol", "user", "carol-token-42"),)))
+    service = create_app(
+        store, ServiceSettings(home=tmp_path, db_url="unused", tokens=(Principal("carol", "user", "carol-token-42"),))
+    )
     original = client_module.AeforgeClient
 
     class ThroughTestClient(original):
@@ -208,8 +223,14 @@ def test_a_token_this_machine_does_not_know_is_asked_of_the_service(app, local_h
 # --- push reads the data with its reader first; ls shows what each dataset holds ----------------------------------
 
 DSPRITES_FACTORS = [("shape", 3), ("scale", 6), ("orientation", 40), ("pos_x", 32), ("pos_y", 32)]
-SHAPES3D_FACTORS = [("floor_hue", 10), ("wall_hue", 10), ("object_hue", 10), ("scale", 8), ("shape", 4),
-                    ("orientation", 15)]
+SHAPES3D_FACTORS = [
+    ("floor_hue", 10),
+    ("wall_hue", 10),
+    ("object_hue", 10),
+    ("scale", 8),
+    ("shape", 4),
+    ("orientation", 15),
+]
 
 
 @pytest.fixture(params=["file", "s3"])
@@ -229,9 +250,14 @@ def storage_env(request, tmp_path, monkeypatch) -> str:
 def known_files(tmp_path, monkeypatch) -> dict[str, tuple[list[Path], dict]]:
     """name -> (what to push, the manifest fields its reader should find): small files with the real keys, dtypes
     and layouts of dSprites, 3D Shapes, MPI3D (its grid cut to 72 cells), a CelebA folder and an MNIST pair."""
+
     def fields(examples, shape, classes, factors):
-        return {"examples": examples, "image_shape": shape, "classes": classes,
-                "factors": None if factors is None else [{"name": n, "size": s} for n, s in factors]}
+        return {
+            "examples": examples,
+            "image_shape": shape,
+            "classes": classes,
+            "factors": None if factors is None else [{"name": n, "size": s} for n, s in factors],
+        }
 
     found = {}
     folder = tmp_path / "files"
@@ -265,15 +291,26 @@ def test_push_reads_each_known_format_and_ls_shows_what_it_holds(app, storage_en
     for name, (paths, expected) in known_files.items():
         pushed = run(app, "data", "push", *paths, "--name", name)
         assert pushed.exit_code == 0, pushed.output
-        assert f"pushed {name}: {expected['examples']} examples of {'x'.join(map(str, expected['image_shape']))}" \
+        assert (
+            f"pushed {name}: {expected['examples']} examples of {'x'.join(map(str, expected['image_shape']))}"
             in pushed.output
+        )
         assert {k: Storage.from_settings().manifest(name)[k] for k in expected} == expected
 
     table = run(app, "data", "ls").output
-    assert row_of(table, "dsprites")[:5] == ["dsprites", "48", "1x64x64", "none",
-                                             "shape 3, scale 6, orientation 40, pos_x 32, pos_y 32"]
-    assert row_of(table, "shapes3d")[1:5] == ["30", "3x64x64", "none",
-                                              ", ".join(f"{n} {s}" for n, s in SHAPES3D_FACTORS)]
+    assert row_of(table, "dsprites")[:5] == [
+        "dsprites",
+        "48",
+        "1x64x64",
+        "none",
+        "shape 3, scale 6, orientation 40, pos_x 32, pos_y 32",
+    ]
+    assert row_of(table, "shapes3d")[1:5] == [
+        "30",
+        "3x64x64",
+        "none",
+        ", ".join(f"{n} {s}" for n, s in SHAPES3D_FACTORS),
+    ]
     assert row_of(table, "mpi3d-toy")[1:5] == ["72", "3x64x64", "none", ", ".join(f"{n} {s}" for n, s in SMALL_GRID)]
     assert row_of(table, "celeba")[1:5] == ["3", "3x218x178", "none", "none"]
     assert row_of(table, "mnist")[1:5] == ["2", "1x32x32", "2 classes", "none"]

@@ -94,8 +94,12 @@ def test_a_spec_with_an_unknown_key_is_one_clean_message_listing_the_field(tmp_p
     "error, texts",
     [
         (DataError("data set 'faces' is empty: there is nothing to evaluate"), ["data set 'faces' is empty"]),
-        (SpecError([{"loc": "model.beta", "msg": "must be >= 0"}, {"loc": "train.steps", "msg": "too many"}], "s.yaml"),
-         ["s.yaml: 2 errors", "  model.beta: must be >= 0", "  train.steps: too many"]),
+        (
+            SpecError(
+                [{"loc": "model.beta", "msg": "must be >= 0"}, {"loc": "train.steps", "msg": "too many"}], "s.yaml"
+            ),
+            ["s.yaml: 2 errors", "  model.beta: must be >= 0", "  train.steps: too many"],
+        ),
     ],
     ids=["DataError", "SpecError"],
 )
@@ -130,8 +134,10 @@ def test_the_real_entry_points_print_user_errors_and_bugs_the_same_way(tmp_path)
     assert user.stderr.startswith("error: ") and "modle" in user.stderr and "Traceback" not in user.stderr
 
     # services.cli:main, as `python -m services.cli` runs it, with a bug planted in what `schema` calls.
-    planted = ("import sys, jobs.spec; jobs.spec.json_schema = lambda: {}['missing']; from services.cli import main; "
-               "sys.argv = ['aeforge', 'schema']; main()")
+    planted = (
+        "import sys, jobs.spec; jobs.spec.json_schema = lambda: {}['missing']; from services.cli import main; "
+        "sys.argv = ['aeforge', 'schema']; main()"
+    )
     bug = run_cli([sys.executable, "-c", planted], tmp_path)
     assert bug.returncode == 1, bug.stderr
     assert "Traceback (most recent call last)" in bug.stderr and "KeyError: 'missing'" in bug.stderr
@@ -140,4 +146,6 @@ def test_the_real_entry_points_print_user_errors_and_bugs_the_same_way(tmp_path)
     script = Path(sys.executable).with_name("aeforge")  # the console script of pyproject.toml, once installed
     if script.exists():
         installed = run_cli([str(script), "validate", "--no-data", str(spec)], tmp_path)
-        assert installed.returncode == 2 and installed.stderr.startswith("error: ") and "Traceback" not in installed.stderr
+        assert (
+            installed.returncode == 2 and installed.stderr.startswith("error: ") and "Traceback" not in installed.stderr
+        )

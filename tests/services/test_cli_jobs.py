@@ -30,7 +30,9 @@ def setup(tmp_path, monkeypatch):
     app = typer.Typer()
     cli_jobs.register(app)
     with TestClient(create_app(store, settings, launcher=launcher)) as http:
-        monkeypatch.setattr(cli_jobs, "make_client", lambda: AeforgeClient("http://testserver", "carol-token-1", http=http))
+        monkeypatch.setattr(
+            cli_jobs, "make_client", lambda: AeforgeClient("http://testserver", "carol-token-1", http=http)
+        )
         spec_path = tmp_path / "spec.yaml"
         spec_path.write_text(SPEC)
         yield app, store, launcher, spec_path
@@ -79,10 +81,19 @@ def test_an_unreachable_service_is_a_plain_error(setup, monkeypatch):
     assert result.exit_code == 2 and "cannot reach the aeforge service" in result.output
 
 
-RESULT = {"mlflow_run_id": "r1", "metrics": {"eval/recon": 0.1234, "eval/mig": 0.25},
-          "pictures": "s3://bucket/aeforge/runs/the-job/pictures",
-          "model": {"name": "carol-ae", "version": 3, "alias": "latest", "model_uri": "models:/carol-ae/3",
-                    "logged_model_uri": "models:/m-123", "run_id": "r1"}}
+RESULT = {
+    "mlflow_run_id": "r1",
+    "metrics": {"eval/recon": 0.1234, "eval/mig": 0.25},
+    "pictures": "s3://bucket/aeforge/runs/the-job/pictures",
+    "model": {
+        "name": "carol-ae",
+        "version": 3,
+        "alias": "latest",
+        "model_uri": "models:/carol-ae/3",
+        "logged_model_uri": "models:/m-123",
+        "run_id": "r1",
+    },
+}
 
 
 @pytest.mark.timeout(60)
@@ -97,10 +108,18 @@ def test_submit_follow_shows_progress_logs_and_the_outcome_not_protocol_lines(se
             dispatcher.tick()
             for sid, job in list(launcher.jobs.items()):
                 if job["status"] == "PENDING":
-                    launcher.set(sid, "RUNNING", logs="\x1b[32mhello\x1b[0m from the job\n" + progress % 1 +
-                                 trial_line("t03", "finished", metrics={"eval/mig": 0.41}) + "\n")
+                    launcher.set(
+                        sid,
+                        "RUNNING",
+                        logs="\x1b[32mhello\x1b[0m from the job\n"
+                        + progress % 1
+                        + trial_line("t03", "finished", metrics={"eval/mig": 0.41})
+                        + "\n",
+                    )
                 elif job["status"] == "RUNNING":
-                    launcher.set(sid, "SUCCEEDED", logs=job["logs"] + progress % 3 + f"AEFORGE_RESULT {json.dumps(RESULT)}\n")
+                    launcher.set(
+                        sid, "SUCCEEDED", logs=job["logs"] + progress % 3 + f"AEFORGE_RESULT {json.dumps(RESULT)}\n"
+                    )
 
     thread = threading.Thread(target=cluster, daemon=True)
     thread.start()
@@ -119,7 +138,7 @@ def test_submit_follow_shows_progress_logs_and_the_outcome_not_protocol_lines(se
     assert "3/3" in out and "1,234 images/s" in out and "loss 0.5000" in out
     assert "trial t03 finished: eval/mig 0.4100" in out and "AEFORGE_TRIAL" not in out
     # The outcome comes after the end: the metrics table, then where the model and the pictures are.
-    outcome = out[out.rindex("succeeded"):]
+    outcome = out[out.rindex("succeeded") :]
     assert "final metrics" in outcome and "eval/recon" in outcome and "0.1234" in outcome and "0.2500" in outcome
     assert "carol-ae version 3 @latest" in outcome
     assert "models:/carol-ae/3" in outcome and "models:/carol-ae@latest" in outcome

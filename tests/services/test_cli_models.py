@@ -7,10 +7,10 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
+from jobs.registry import log_and_register
 from services.cli_models import register
 from tests.jobs.test_registry import IMAGE_SHAPE, METRICS, make_model, make_spec
 from workers.tracking import MlflowRun, ensure_experiment, start_or_resume_run
-from jobs.registry import log_and_register
 
 WIDE = {"COLUMNS": "200"}  # rich tables wrap cells at 80 columns
 

@@ -40,7 +40,7 @@ def open_picture(path) -> Image.Image:
     return picture
 
 
-def test_an_autoencoder_is_traversed_over_its_recorded_code_range(cli, mlflow_sqlite, tmp_path):  # noqa: F811
+def test_an_autoencoder_is_traversed_over_its_recorded_code_range(cli, mlflow_sqlite, tmp_path):
     spec = make_spec(variant="ae", name="cli-ae-range")
     model = real_model(spec, scales=[1.0, 20.0, 5.0])
     register(model, spec, "job-ae-range")
@@ -59,7 +59,7 @@ def test_an_autoencoder_is_traversed_over_its_recorded_code_range(cli, mlflow_sq
                 assert (cell(picture, row, col) - as_bytes(model.decode(code[None])[0])).abs().max() <= 1
 
 
-def test_a_vae_is_traversed_with_rows_by_its_recorded_kl(cli, mlflow_sqlite, tmp_path):  # noqa: F811
+def test_a_vae_is_traversed_with_rows_by_its_recorded_kl(cli, mlflow_sqlite, tmp_path):
     spec = make_spec(variant="beta_vae", name="cli-vae-kl")
     model = real_model(spec, scales=[0.1, 4.0, 1.0])
     register(model, spec, "job-vae-kl")
@@ -78,7 +78,7 @@ def test_a_vae_is_traversed_with_rows_by_its_recorded_kl(cli, mlflow_sqlite, tmp
             assert (cell(picture, row, 2) - as_bytes(model.decode(code[None])[0])).abs().max() <= 1
 
 
-def test_a_model_registered_without_the_record_is_traversed_with_a_note(cli, mlflow_sqlite, tmp_path):  # noqa: F811
+def test_a_model_registered_without_the_record_is_traversed_with_a_note(cli, mlflow_sqlite, tmp_path):
     spec = make_spec(variant="ae", name="cli-ae-old")
     register(real_model(spec, record=False), spec, "job-ae-old")
     target = tmp_path / "t.png"
@@ -88,7 +88,7 @@ def test_a_model_registered_without_the_record_is_traversed_with_a_note(cli, mlf
     assert_readable(open_picture(target), rows=3, cols=3)
 
 
-def test_samples_are_enlarged_and_titled(cli, mlflow_sqlite, tmp_path):  # noqa: F811
+def test_samples_are_enlarged_and_titled(cli, mlflow_sqlite, tmp_path):
     spec = make_spec(variant="beta_vae", name="cli-vae-samples")
     register(real_model(spec), spec, "job-vae-samples")
     target = tmp_path / "s.png"

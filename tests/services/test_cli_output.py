@@ -80,7 +80,12 @@ def test_console_is_as_wide_as_its_lines_when_piped(monkeypatch):
 def test_jsonable_makes_strict_json():
     data = {"nan": float("nan"), "inf": float("inf"), "path": Path("/a/b"), "t": (1, 2), 3: {"x"}}
     assert json.loads(json.dumps(jsonable(data), allow_nan=False)) == {
-        "nan": None, "inf": None, "path": "/a/b", "t": [1, 2], "3": ["x"]}
+        "nan": None,
+        "inf": None,
+        "path": "/a/b",
+        "t": [1, 2],
+        "3": ["x"],
+    }
 
 
 def test_metrics_table_keeps_long_names_whole_when_piped_and_folds_them_on_a_narrow_terminal(monkeypatch):
@@ -134,8 +139,15 @@ def test_models_list_and_show_as_json(long_named_models):
     assert data["tracking_uri"] == long_named_models
     assert sorted(m["name"] for m in data["models"]) == sorted(LONG_MODELS)
     for model in data["models"]:
-        assert set(model) == {"name", "versions", "latest_version", "aliases", "description", "latest_tags",
-                              "latest_metrics"}
+        assert set(model) == {
+            "name",
+            "versions",
+            "latest_version",
+            "aliases",
+            "description",
+            "latest_tags",
+            "latest_metrics",
+        }
         assert model["versions"] == 1 and model["aliases"] == {"candidate": "1"}
         assert model["latest_tags"]["variant"] == "beta_vae" and LONG_METRIC in model["latest_metrics"]
 
@@ -165,7 +177,7 @@ def test_models_show_folds_long_metric_names(long_named_models):
     lines = narrow.output.splitlines()
     start = next(i for i, line in enumerate(lines) if line.strip() == "metrics")
     end = next(i for i in range(start, len(lines)) if lines[i].startswith("└"))
-    assert_folded_not_cut("\n".join(lines[start:end + 1]), [LONG_METRIC])
+    assert_folded_not_cut("\n".join(lines[start : end + 1]), [LONG_METRIC])
     assert_folded_not_cut(narrow.output, [])  # the tags table too
 
 
@@ -177,8 +189,10 @@ def test_models_list_json_on_an_empty_registry(mlflow_sqlite):
 # --- sweep results ----------------------------------------------------------------------------------------------
 
 SWEEP_JOB = "sweep-long-names-job"
-TRIAL_RUNS = {f"{SWEEP_JOB}-t{i:02d}-beta{beta:g}-" + "z" * 29: (beta, value)
-              for i, (beta, value) in enumerate([(1.0, 0.25), (4.0, 0.75), (8.0, float("nan"))])}
+TRIAL_RUNS = {
+    f"{SWEEP_JOB}-t{i:02d}-beta{beta:g}-" + "z" * 29: (beta, value)
+    for i, (beta, value) in enumerate([(1.0, 0.25), (4.0, 0.75), (8.0, float("nan"))])
+}
 BEST_FIRST = [list(TRIAL_RUNS)[i] for i in (1, 0, 2)]  # by the metric, max first; NaN last
 
 
@@ -190,14 +204,14 @@ def long_named_sweep(mlflow_sqlite):
 
     client = mlflow.MlflowClient(mlflow_sqlite)
     experiment_id = ensure_experiment("sweep-long-names")
-    parent = client.create_run(experiment_id, run_name=SWEEP_JOB,
-                               tags={JOB_ID_TAG: SWEEP_JOB, "aeforge.kind": "sweep"})
+    parent = client.create_run(experiment_id, run_name=SWEEP_JOB, tags={JOB_ID_TAG: SWEEP_JOB, "aeforge.kind": "sweep"})
     for key, value in {"kind": "sweep", "sweep.metric.name": LONG_METRIC, "sweep.metric.mode": "max"}.items():
         client.log_param(parent.info.run_id, key, value)
     for i, (run_name, (beta, value)) in enumerate(TRIAL_RUNS.items()):
         assert len(run_name) == 60
-        child = client.create_run(experiment_id, run_name=run_name,
-                                  tags={PARENT_RUN_TAG: parent.info.run_id, TRIAL_ID_TAG: f"t{i}"})
+        child = client.create_run(
+            experiment_id, run_name=run_name, tags={PARENT_RUN_TAG: parent.info.run_id, TRIAL_ID_TAG: f"t{i}"}
+        )
         client.log_param(child.info.run_id, "trial.beta", beta)
         client.log_param(child.info.run_id, "trial.latent_dim", 10)
         client.log_metric(child.info.run_id, LONG_METRIC, value)
@@ -237,8 +251,9 @@ def test_sweep_results_as_json(long_named_sweep, tmp_path):
     assert trials[2][LONG_METRIC] is None  # NaN as null: strict JSON
     assert out_csv.is_file()
 
-    by_min = json.loads(invoke("sweep", "results", SWEEP_JOB, "-o", "json", "--metric", "eval/recon",
-                               "--mode", "min").output)
+    by_min = json.loads(
+        invoke("sweep", "results", SWEEP_JOB, "-o", "json", "--metric", "eval/recon", "--mode", "min").output
+    )
     assert by_min["metric"] == "eval/recon" and [t["eval/recon"] for t in by_min["trials"]] == [30.0, 31.0, 32.0]
 
 
@@ -257,13 +272,20 @@ def test_shell_completion_script_and_completions():
     runner = CliRunner()
     script = runner.invoke(cli.app, ["--show-completion", "bash"], prog_name="aeforge")
     assert script.exit_code == 0, script.output
-    assert "_AEFORGE_COMPLETE=complete_bash" in script.output and "complete -o default -F _aeforge_completion aeforge" in script.output
+    assert (
+        "_AEFORGE_COMPLETE=complete_bash" in script.output
+        and "complete -o default -F _aeforge_completion aeforge" in script.output
+    )
     for shell in ("zsh", "fish"):
         assert runner.invoke(cli.app, ["--show-completion", shell], prog_name="aeforge").exit_code == 0
 
     def complete(words: str, cword: int) -> list[str]:
-        result = runner.invoke(cli.app, [], prog_name="aeforge", env={
-            "_AEFORGE_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(cword)})
+        result = runner.invoke(
+            cli.app,
+            [],
+            prog_name="aeforge",
+            env={"_AEFORGE_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(cword)},
+        )
         assert result.exit_code == 0, result.output
         return result.output.split()
 
@@ -287,11 +309,17 @@ def test_completion_through_the_installed_command():
 
 def write_spec(tmp_path: Path, gpus_per_worker: float, workers: int = 2) -> Path:
     path = tmp_path / "gpu.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "gpu-spec", "model": {"variant": "vae", "architecture": "mlp", "latent_dim": 4},
-        "data": {"source": "builtin:dsprites"}, "train": {"steps": 10},
-        "resources": {"workers": workers, "gpus_per_worker": gpus_per_worker, "cpus_per_worker": 1},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "gpu-spec",
+                "model": {"variant": "vae", "architecture": "mlp", "latent_dim": 4},
+                "data": {"source": "builtin:dsprites"},
+                "train": {"steps": 10},
+                "resources": {"workers": workers, "gpus_per_worker": gpus_per_worker, "cpus_per_worker": 1},
+            }
+        )
+    )
     return path
 
 
@@ -339,8 +367,10 @@ def test_validate_warns_when_the_cluster_cannot_be_asked(tmp_path, monkeypatch):
 def test_models_show_prints_the_description_prose_not_the_page_table_and_picture_links():
     from services.cli_models import description_prose
 
-    description = ("Squares model.\n\nbeta_tcvae (mlp, latent_dim=3) trained on shapes16.\n\n"
-                   "| metric | final value |\n| --- | ---: |\n| eval/mig | 0.1 |\n\n"
-                   "**Pictures** of run [abc](http://x): a.png\n\n![a](http://x/a.png)")
+    description = (
+        "Squares model.\n\nbeta_tcvae (mlp, latent_dim=3) trained on shapes16.\n\n"
+        "| metric | final value |\n| --- | ---: |\n| eval/mig | 0.1 |\n\n"
+        "**Pictures** of run [abc](http://x): a.png\n\n![a](http://x/a.png)"
+    )
     assert description_prose(description) == "Squares model.\n\nbeta_tcvae (mlp, latent_dim=3) trained on shapes16."
     assert description_prose(None) == ""

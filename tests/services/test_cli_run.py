@@ -27,10 +27,15 @@ def home(tmp_path, monkeypatch):
 def mnist_like(tmp_path):
     """A 28x28 IDX pair (120 images, 10 labels) the way MNIST ships."""
     rng = np.random.default_rng(0)
-    images = write_idx(tmp_path / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (120, 28, 28), dtype=np.uint8),
-                       IMAGES_MAGIC, compress=True)
-    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, 120, dtype=np.uint8), LABELS_MAGIC,
-              compress=True)
+    images = write_idx(
+        tmp_path / "train-images-idx3-ubyte.gz",
+        rng.integers(0, 256, (120, 28, 28), dtype=np.uint8),
+        IMAGES_MAGIC,
+        compress=True,
+    )
+    write_idx(
+        tmp_path / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, 120, dtype=np.uint8), LABELS_MAGIC, compress=True
+    )
     return images
 
 
@@ -52,7 +57,9 @@ def test_validate_checks_the_spec_against_the_data(tmp_path, home, mnist_like):
     assert ok.exit_code == 0, ok.output
     assert "OK" in ok.output and "120 examples of 1x28x28" in ok.output
 
-    too_big = runner.invoke(app, ["validate", str(write_spec(tmp_path / "c64.yaml", mnist_like, architecture="conv64"))])
+    too_big = runner.invoke(
+        app, ["validate", str(write_spec(tmp_path / "c64.yaml", mnist_like, architecture="conv64"))]
+    )
     assert too_big.exit_code == 2
     assert "model.architecture" in too_big.output and "64x64" in too_big.output and "1x28x28" in too_big.output
 
@@ -81,7 +88,9 @@ def test_run_local_writes_the_run_folder_and_resumes_by_job_id(tmp_path, home, m
     run_dir = home / "runs" / "local-1"
     assert yaml.safe_load((run_dir / "spec.yaml").read_text())["name"] == "cli-run"
     final = json.loads((run_dir / "metrics.json").read_text())
-    assert {"eval/elbo", "eval/iwae_ll", "eval/recon", "eval/kl", "train/loss", "eval/probe_linear_accuracy"} <= set(final)
+    assert {"eval/elbo", "eval/iwae_ll", "eval/recon", "eval/kl", "train/loss", "eval/probe_linear_accuracy"} <= set(
+        final
+    )
     curves = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [c["step"] for c in curves if "train/loss" in c] == [2, 4, 6, 8]
     model = load_model_from_checkpoint(run_dir / "checkpoints" / "step_000000008")

@@ -32,9 +32,16 @@ ENVIRON = {
 
 
 def submit(store, name="job", cpus=1.0, gpus=0.0, priority=0, max_attempts=2):
-    job, _ = store.submit(name=name, owner="alice", kind="train", spec_text=f"name: {name}\n",
-                          spec_json=json.dumps({"name": name}), resources={"CPU": cpus, "GPU": gpus},
-                          priority=priority, max_attempts=max_attempts)
+    job, _ = store.submit(
+        name=name,
+        owner="alice",
+        kind="train",
+        spec_text=f"name: {name}\n",
+        spec_json=json.dumps({"name": name}),
+        resources={"CPU": cpus, "GPU": gpus},
+        priority=priority,
+        max_attempts=max_attempts,
+    )
     return job
 
 
@@ -144,8 +151,12 @@ def test_ray_status_is_followed_into_the_store_with_results(store, launcher, mak
     launcher.set(job.id, "RUNNING", logs='AEFORGE_PROGRESS {"step": 5, "total": 10}\n')
     dispatcher.tick()
     assert store.get(job.id).state == "running"
-    launcher.set(job.id, "SUCCEEDED", logs='AEFORGE_PROGRESS {"step": 10, "total": 10}\n'
-                 'AEFORGE_RESULT {"mlflow_run_id": "run123", "model": {"name": "m", "version": 4}}\n')
+    launcher.set(
+        job.id,
+        "SUCCEEDED",
+        logs='AEFORGE_PROGRESS {"step": 10, "total": 10}\n'
+        'AEFORGE_RESULT {"mlflow_run_id": "run123", "model": {"name": "m", "version": 4}}\n',
+    )
     dispatcher.tick()
     done = store.get(job.id)
     assert done.state == "succeeded" and done.mlflow_run_id == "run123" and done.model_version == "4"
@@ -245,7 +256,9 @@ def test_cancel_of_a_claim_not_yet_on_ray_needs_no_ray_job(store, launcher, make
     assert store.get(job.id).state == "cancelled" and launcher.submissions == []
 
 
-def test_a_job_stopped_outside_aeforge_is_cancelled_and_a_succeeding_one_stays_succeeded(store, launcher, make_dispatcher):
+def test_a_job_stopped_outside_aeforge_is_cancelled_and_a_succeeding_one_stays_succeeded(
+    store, launcher, make_dispatcher
+):
     dispatcher = make_dispatcher(cpus=4)
     outside = submit(store, "outside")
     raced = submit(store, "raced")
@@ -331,8 +344,10 @@ def test_two_dispatchers_racing_start_every_job_once_within_the_cluster(store_ur
 
 
 def test_log_line_parsing_and_redaction():
-    logs = ('noise\nAEFORGE_PROGRESS {"step": 3, "total": 9}\n(pid=1) AEFORGE_PROGRESS {"step": 4, "total": 9}\n'
-            'AEFORGE_RESULT not json\nAEFORGE_RESULT {"mlflow_run_id": "a", "model_version": 2}\n')
+    logs = (
+        'noise\nAEFORGE_PROGRESS {"step": 3, "total": 9}\n(pid=1) AEFORGE_PROGRESS {"step": 4, "total": 9}\n'
+        'AEFORGE_RESULT not json\nAEFORGE_RESULT {"mlflow_run_id": "a", "model_version": 2}\n'
+    )
     assert parse_progress(logs) == {"step": 4, "total": 9}
     assert parse_result(logs) == {"mlflow_run_id": "a", "model_version": 2}
     assert parse_result("nothing here") is None and parse_progress("") is None
@@ -348,8 +363,12 @@ def test_a_spec_or_data_error_fails_once_and_is_not_retried(store, launcher, mak
     dispatcher = make_dispatcher()
     job = submit(store, "bad-data", max_attempts=3)
     dispatcher.tick()
-    launcher.set(job.id, "FAILED", message="Job entrypoint command failed with exit code 2, last available logs: "
-                                           "job bad-data: 1 error\n  data.source: no such file: /x.npz")
+    launcher.set(
+        job.id,
+        "FAILED",
+        message="Job entrypoint command failed with exit code 2, last available logs: "
+        "job bad-data: 1 error\n  data.source: no such file: /x.npz",
+    )
     dispatcher.tick()
     failed = store.get(job.id)
     assert failed.state == "failed" and failed.attempts == 1
@@ -398,8 +417,9 @@ def test_a_ray_head_that_is_not_ready_yet_is_not_a_failed_attempt(store, make_di
 
     class NotReady(RayJobLauncher):
         def _call(self, fn, *args, **kwargs):
-            raise RuntimeError("Request failed with status code 500: No available agent to submit job, please try "
-                               "again later.")
+            raise RuntimeError(
+                "Request failed with status code 500: No available agent to submit job, please try again later."
+            )
 
     launcher = NotReady("http://127.0.0.1:1")
     with pytest.raises(LauncherUnavailable, match="not ready yet"):
@@ -412,8 +432,15 @@ def test_a_job_running_longer_than_its_max_hours_is_stopped_and_failed_not_retri
     now = [time.time()]
     dispatcher = make_dispatcher(cpus=4, clock=lambda: now[0])
     spec = {"name": "slow", "train": {"steps": 10, "max_hours": 0.5}}
-    limited, _ = store.submit(name="slow", owner="alice", kind="train", spec_text="name: slow\n",
-                              spec_json=json.dumps(spec), resources={"CPU": 1.0, "GPU": 0.0}, max_attempts=3)
+    limited, _ = store.submit(
+        name="slow",
+        owner="alice",
+        kind="train",
+        spec_text="name: slow\n",
+        spec_json=json.dumps(spec),
+        resources={"CPU": 1.0, "GPU": 0.0},
+        max_attempts=3,
+    )
     unlimited = submit(store, "free")
     dispatcher.tick()
     for job in (limited, unlimited):
@@ -445,10 +472,20 @@ def test_a_sweep_asking_more_trials_at_once_than_fit_is_capped_not_refused(store
     driver takes 0.01 CPU too, so one), and the admission says so with the numbers."""
     from jobs.spec import parse_spec
 
-    spec = parse_spec("name: wide\nkind: sweep\nmodel: {variant: beta_vae, architecture: mlp}\n"
-                      "sweep: {beta: [1, 2, 4, 8], max_concurrent_trials: 4}\nresources: {workers: 1, cpus_per_worker: 1}\n")
-    job, _ = store.submit(name="wide", owner="alice", kind="sweep", spec_text="", resources=spec.resource_request(),
-                          spec_json=json.dumps(spec.model_dump(mode="json")), priority=0, max_attempts=1)
+    spec = parse_spec(
+        "name: wide\nkind: sweep\nmodel: {variant: beta_vae, architecture: mlp}\n"
+        "sweep: {beta: [1, 2, 4, 8], max_concurrent_trials: 4}\nresources: {workers: 1, cpus_per_worker: 1}\n"
+    )
+    job, _ = store.submit(
+        name="wide",
+        owner="alice",
+        kind="sweep",
+        spec_text="",
+        resources=spec.resource_request(),
+        spec_json=json.dumps(spec.model_dump(mode="json")),
+        priority=0,
+        max_attempts=1,
+    )
     assert job.resources["CPU"] == 4.0
     report = make_dispatcher(cpus=2).tick()
     assert report.started == [job.id] and report.rejected == []

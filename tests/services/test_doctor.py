@@ -23,8 +23,17 @@ from tests.fixtures.s3 import free_port
 from tests.services.test_e2e import ray_head  # noqa: F401  (a fixture: `ray start --head` in a process of its own)
 
 TOKEN = "doctor-admin-token-42"
-CHECKS = ["aeforge", "torch", "ray package", "mlflow package", "Ray cluster", "storage", "MLflow tracking",
-          "job store", "API"]
+CHECKS = [
+    "aeforge",
+    "torch",
+    "ray package",
+    "mlflow package",
+    "Ray cluster",
+    "storage",
+    "MLflow tracking",
+    "job store",
+    "API",
+]
 # Seconds a doctor may take beyond its --timeout: imports already done, the checks run side by side.
 SLACK_S = 20
 
@@ -48,9 +57,21 @@ def lines_by_check(output: str) -> dict[str, str]:
 @pytest.fixture(autouse=True)
 def no_settings_from_outside(monkeypatch):
     """None of the machine's aeforge, Ray or MLflow settings."""
-    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "MLFLOW_TRACKING_URI",
-                 "AEFORGE_STORAGE", "AEFORGE_S3_ENDPOINT_URL", "AEFORGE_DB_URL", "AEFORGE_API_URL", "AEFORGE_API_TOKEN",
-                 "AEFORGE_TOKENS", "AEFORGE_TOKENS_FILE", "AEFORGE_SETTINGS_FILE"):
+    for name in (
+        "RAY_ADDRESS",
+        "RAY_AUTH_MODE",
+        "RAY_AUTH_TOKEN",
+        "RAY_AUTH_TOKEN_PATH",
+        "MLFLOW_TRACKING_URI",
+        "AEFORGE_STORAGE",
+        "AEFORGE_S3_ENDPOINT_URL",
+        "AEFORGE_DB_URL",
+        "AEFORGE_API_URL",
+        "AEFORGE_API_TOKEN",
+        "AEFORGE_TOKENS",
+        "AEFORGE_TOKENS_FILE",
+        "AEFORGE_SETTINGS_FILE",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -267,10 +288,17 @@ def test_doctor_and_validate_against_a_ray_head(home, ray_head, tmp_path, monkey
     assert f"cluster at {ray_head.address}" in line and "1 node" in line and "CPU 2" in line and "GPU 0" in line
 
     spec = tmp_path / "gpu.yaml"
-    spec.write_text(yaml.safe_dump({
-        "name": "gpu-on-cpu-cluster", "model": {"variant": "vae", "architecture": "mlp", "latent_dim": 4},
-        "data": {"source": "builtin:dsprites"}, "train": {"steps": 10},
-        "resources": {"workers": 1, "gpus_per_worker": 1, "cpus_per_worker": 1}}))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "name": "gpu-on-cpu-cluster",
+                "model": {"variant": "vae", "architecture": "mlp", "latent_dim": 4},
+                "data": {"source": "builtin:dsprites"},
+                "train": {"steps": 10},
+                "resources": {"workers": 1, "gpus_per_worker": 1, "cpus_per_worker": 1},
+            }
+        )
+    )
     validated = CliRunner().invoke(cli.app, ["validate", "--no-data", str(spec)], env={"COLUMNS": None})
     assert validated.exit_code == 0, validated.output
     assert "warning: the spec asks for 1 GPU" in validated.output

@@ -42,8 +42,16 @@ RAY_ENV = {
 # The Ray node's own credentials (moto's plain server accepts any key), set where `ray start` runs.
 NODE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "e2e-access-key", "AWS_SECRET_ACCESS_KEY": SECRET}
 # The machine's own AWS settings reach neither the head nor the service.
-MACHINE_AWS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
-               "AWS_SHARED_CREDENTIALS_FILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AEFORGE_S3_CREDENTIALS_FILE")
+MACHINE_AWS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AEFORGE_S3_CREDENTIALS_FILE",
+)
 
 
 def tail(path: Path, lines: int = 40) -> str:
@@ -60,17 +68,40 @@ def ray_head():
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and k not in MACHINE_AWS} | RAY_ENV
     env |= NODE_CREDENTIALS | {"AWS_DEFAULT_REGION": "us-east-1"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `python` for job entrypoints
-    ports = dict(zip(("--dashboard-agent-listen-port", "--metrics-export-port", "--runtime-env-agent-port",
-                      "--dashboard-agent-grpc-port", "--node-manager-port", "--object-manager-port",
-                      "--ray-client-server-port"), component_ports))
-    command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0",
-               f"--port={gcs}", f"--dashboard-port={dashboard}", "--include-dashboard=true",
-               "--dashboard-host=127.0.0.1", "--disable-usage-stats", f"--temp-dir={temp_dir}",
-               *(f"{k}={v}" for k, v in ports.items())]
+    ports = dict(
+        zip(
+            (
+                "--dashboard-agent-listen-port",
+                "--metrics-export-port",
+                "--runtime-env-agent-port",
+                "--dashboard-agent-grpc-port",
+                "--node-manager-port",
+                "--object-manager-port",
+                "--ray-client-server-port",
+            ),
+            component_ports,
+        )
+    )
+    command = [
+        str(Path(sys.executable).parent / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--num-cpus=2",
+        "--num-gpus=0",
+        f"--port={gcs}",
+        f"--dashboard-port={dashboard}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        "--disable-usage-stats",
+        f"--temp-dir={temp_dir}",
+        *(f"{k}={v}" for k, v in ports.items()),
+    ]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=temp_dir)
-    head = SimpleNamespace(address=f"127.0.0.1:{gcs}", dashboard=f"http://127.0.0.1:{dashboard}", env=env,
-                           temp_dir=Path(temp_dir))
+    head = SimpleNamespace(
+        address=f"127.0.0.1:{gcs}", dashboard=f"http://127.0.0.1:{dashboard}", env=env, temp_dir=Path(temp_dir)
+    )
     try:
         os.environ.update(RAY_ENV)
 
@@ -95,22 +126,31 @@ class Service:
     """`python -m services.api` in a subprocess over one AEFORGE_HOME; start it again after a kill. It has no AWS
     keys of its own unless ``extra_env`` gives it some: the jobs get theirs from the Ray node."""
 
-    def __init__(self, home: Path, ray_head, job_module: str | None = "tests.services.fake_job",
-                 extra_env: dict[str, str] | None = None, tokens: str | None = f"{TOKEN}:tester:admin"):
+    def __init__(
+        self,
+        home: Path,
+        ray_head,
+        job_module: str | None = "tests.services.fake_job",
+        extra_env: dict[str, str] | None = None,
+        tokens: str | None = f"{TOKEN}:tester:admin",
+    ):
         self.home = home
         home.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.db_path = home / "aeforge.db"
         self.log_path = home / "service.log"
-        self.env = {k: v for k, v in ray_head.env.items()
-                    if not k.startswith("AEFORGE_") and k not in MACHINE_AWS} | {
-            "AEFORGE_HOME": str(home),
-            "AEFORGE_DB_URL": f"sqlite:///{self.db_path}",
-            "AEFORGE_DISPATCH_INTERVAL": "0.3",
-            "RAY_ADDRESS": ray_head.address,
-            "PYTHONPATH": str(REPO),
-        } | (extra_env or {})
+        self.env = (
+            {k: v for k, v in ray_head.env.items() if not k.startswith("AEFORGE_") and k not in MACHINE_AWS}
+            | {
+                "AEFORGE_HOME": str(home),
+                "AEFORGE_DB_URL": f"sqlite:///{self.db_path}",
+                "AEFORGE_DISPATCH_INTERVAL": "0.3",
+                "RAY_ADDRESS": ray_head.address,
+                "PYTHONPATH": str(REPO),
+            }
+            | (extra_env or {})
+        )
         if tokens:
             self.env["AEFORGE_TOKENS"] = tokens
         if job_module:
@@ -118,10 +158,15 @@ class Service:
         self.proc: subprocess.Popen | None = None
         self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
 
-    def start(self) -> "Service":
+    def start(self) -> Service:
         log = open(self.log_path, "a")
-        self.proc = subprocess.Popen([sys.executable, "-m", "services.api", "--port", str(self.port)], env=self.env,
-                                     cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.api", "--port", str(self.port)],
+            env=self.env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         log.close()
 
         def healthy():
@@ -163,8 +208,10 @@ class Service:
         def reached():
             job = self.job(job_id)
             if job["state"] != state and job["state"] in ("succeeded", "failed", "cancelled"):
-                raise AssertionError(f"job {job_id} ended {job['state']}, not {state}: {job['error']}\n"
-                                     f"service log:\n{tail(self.log_path)}")
+                raise AssertionError(
+                    f"job {job_id} ended {job['state']}, not {state}: {job['error']}\n"
+                    f"service log:\n{tail(self.log_path)}"
+                )
             return job if job["state"] == state else None
 
         return wait_for(reached, timeout, f"job {job_id} to be {state}")
@@ -185,8 +232,10 @@ def service(tmp_path, ray_head):
 
 
 def fake_spec(name: str, steps: int, cpus: float) -> str:
-    return (f"name: {name}\nmodel: {{variant: ae, architecture: mlp, latent_dim: 2}}\n"
-            f"train: {{steps: {steps}, batch_size: 4}}\nresources: {{workers: 1, cpus_per_worker: {cpus}}}\n")
+    return (
+        f"name: {name}\nmodel: {{variant: ae, architecture: mlp, latent_dim: 2}}\n"
+        f"train: {{steps: {steps}, batch_size: 4}}\nresources: {{workers: 1, cpus_per_worker: {cpus}}}\n"
+    )
 
 
 def fake_record(home: Path, job_id: str, attempt: int = 1) -> dict | None:
@@ -240,9 +289,17 @@ def test_a_first_start_without_tokens_stores_a_hash_and_the_local_cli_submits_wi
     spec = svc.home / "spec.yaml"
     spec.write_text(fake_spec("local-cli", steps=2, cpus=1))
     cli_env = {k: v for k, v in svc.env.items() if not k.startswith("AEFORGE_")} | {
-        "AEFORGE_HOME": str(svc.home), "AEFORGE_API_URL": svc.url}
-    submitted = subprocess.run([str(Path(sys.executable).parent / "aeforge"), "submit", str(spec)], env=cli_env,
-                               cwd=svc.home, capture_output=True, text=True, timeout=120)
+        "AEFORGE_HOME": str(svc.home),
+        "AEFORGE_API_URL": svc.url,
+    }
+    submitted = subprocess.run(
+        [str(Path(sys.executable).parent / "aeforge"), "submit", str(spec)],
+        env=cli_env,
+        cwd=svc.home,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     svc.http.headers["Authorization"] = f"Bearer {token}"
     job = svc.wait_state(submitted.stdout.strip(), "succeeded")
@@ -283,17 +340,21 @@ def test_a_killed_service_comes_back_reattaches_and_the_job_succeeds_once(servic
 REAL_JOB_MODULES = ("jobs.run", "jobs.registry", "workers.storage", "workers.tracking", "workers.ray_worker")
 
 
-@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in REAL_JOB_MODULES),
-                    reason="the real job path (jobs.run with jobs.registry, workers.storage, workers.tracking, "
-                           "workers.ray_worker) is not complete yet; the queue's Ray path is covered by the tests above")
+@pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in REAL_JOB_MODULES),
+    reason="the real job path (jobs.run with jobs.registry, workers.storage, workers.tracking, "
+    "workers.ray_worker) is not complete yet; the queue's Ray path is covered by the tests above",
+)
 def test_a_real_training_job_runs_through_the_queue(service, ray_head):
     svc = service(job_module=None)
-    spec = ("name: e2e-real\nmodel: {variant: vae, architecture: conv64, latent_dim: 2}\n"
-            "data: {source: 'builtin:dsprites', limit: 256, val_fraction: 0.25}\n"
-            "train: {steps: 4, batch_size: 16, checkpoint_every: 2, log_every: 1}\n"
-            "eval: {iwae_samples: 2, max_examples: 16, disentanglement: false, pictures: false}\n"
-            "resources: {workers: 1, cpus_per_worker: 1}\n"
-            "register: {model_name: e2e-real-vae}\n")
+    spec = (
+        "name: e2e-real\nmodel: {variant: vae, architecture: conv64, latent_dim: 2}\n"
+        "data: {source: 'builtin:dsprites', limit: 256, val_fraction: 0.25}\n"
+        "train: {steps: 4, batch_size: 16, checkpoint_every: 2, log_every: 1}\n"
+        "eval: {iwae_samples: 2, max_examples: 16, disentanglement: false, pictures: false}\n"
+        "resources: {workers: 1, cpus_per_worker: 1}\n"
+        "register: {model_name: e2e-real-vae}\n"
+    )
     job_id = svc.submit(spec)
     job = svc.wait_state(job_id, "succeeded", timeout=280)
     assert job["mlflow_run_id"] and job["model_version"]
@@ -301,12 +362,14 @@ def test_a_real_training_job_runs_through_the_queue(service, ray_head):
 
 
 def real_spec(name: str, steps: int, **extra: str) -> str:
-    lines = [f"name: {name}",
-             "model: {variant: vae, architecture: conv64, latent_dim: 2}",
-             "data: {source: 'builtin:dsprites', limit: 256, val_fraction: 0.25}",
-             f"train: {{steps: {steps}, batch_size: 16, checkpoint_every: 2, log_every: 1}}",
-             "eval: {iwae_samples: 2, max_examples: 16, disentanglement: false, pictures: false}",
-             "resources: {workers: 1, cpus_per_worker: 1}"]
+    lines = [
+        f"name: {name}",
+        "model: {variant: vae, architecture: conv64, latent_dim: 2}",
+        "data: {source: 'builtin:dsprites', limit: 256, val_fraction: 0.25}",
+        f"train: {{steps: {steps}, batch_size: 16, checkpoint_every: 2, log_every: 1}}",
+        "eval: {iwae_samples: 2, max_examples: 16, disentanglement: false, pictures: false}",
+        "resources: {workers: 1, cpus_per_worker: 1}",
+    ]
     return "\n".join(lines + [f"{k}: {v}" for k, v in extra.items()]) + "\n"
 
 
@@ -320,37 +383,59 @@ def run_of_job(svc: Service, job_id: str):
     """The MLflow run tagged with the job id, in the service's embedded MLflow store, or None."""
     mlflow_client = mlflow_of(svc)
     experiments = mlflow_client.search_experiments()
-    runs = mlflow_client.search_runs([e.experiment_id for e in experiments],
-                                     filter_string=f"tags.`aeforge.job_id` = '{job_id}'") if experiments else []
+    runs = (
+        mlflow_client.search_runs(
+            [e.experiment_id for e in experiments], filter_string=f"tags.`aeforge.job_id` = '{job_id}'"
+        )
+        if experiments
+        else []
+    )
     return runs[0] if runs else None
 
 
-def places_holding(secret: str, svc: Service, ray_head, job_id: str, bucket_client, bucket: str) -> dict[str, list[str]]:
+def places_holding(
+    secret: str, svc: Service, ray_head, job_id: str, bucket_client, bucket: str
+) -> dict[str, list[str]]:
     """Every place a secret given to the service could end up, and where in each it was found (empty: nowhere)."""
     needle = secret.encode()
     hits: dict[str, list[str]] = {}
     # Ray's job records: the `ray` CLI, the dashboard's job API, and every file of the head's session folder (its
     # logs, runtime_env_agent.log included).
-    listing = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "list", "--address", ray_head.dashboard],
-                             env=ray_head.env, capture_output=True, text=True, timeout=120)
+    listing = subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "job", "list", "--address", ray_head.dashboard],
+        env=ray_head.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert listing.returncode == 0 and job_id in listing.stdout, listing.stdout + listing.stderr
     hits["ray job list"] = ["stdout"] if secret in listing.stdout + listing.stderr else []
     api_jobs = httpx.get(f"{ray_head.dashboard}/api/jobs/", timeout=30)
     assert api_jobs.status_code == 200 and job_id in api_jobs.text
     hits["dashboard /api/jobs/"] = ["body"] if secret in api_jobs.text else []
     session_files = [Path(root) / name for root, _, names in os.walk(ray_head.temp_dir) for name in names]
-    hits["Ray session folder"] = [str(f.relative_to(ray_head.temp_dir)) for f in session_files
-                                  if f.is_file() and not f.is_symlink() and needle in f.read_bytes()]
+    hits["Ray session folder"] = [
+        str(f.relative_to(ray_head.temp_dir))
+        for f in session_files
+        if f.is_file() and not f.is_symlink() and needle in f.read_bytes()
+    ]
     # What aeforge writes: the job table, its log, the job's log as the API serves it, MLflow, the bucket.
     hits["job table"] = [p.name for p in svc.home.glob("aeforge.db*") if needle in p.read_bytes()]
     hits["service log"] = ["service.log"] if needle in svc.log_path.read_bytes() else []
     hits["job log (API)"] = ["logs"] if secret in svc.http.get(f"/jobs/{job_id}/logs").text else []
     run = run_of_job(svc, job_id)
-    hits["MLflow params/tags"] = [f"{kind} {k}" for kind, values in (("param", run.data.params), ("tag", run.data.tags))
-                                  for k, v in values.items() if secret in f"{k}={v}"]
+    hits["MLflow params/tags"] = [
+        f"{kind} {k}"
+        for kind, values in (("param", run.data.params), ("tag", run.data.tags))
+        for k, v in values.items()
+        if secret in f"{k}={v}"
+    ]
     hits["MLflow params/tags"] += [p.name for p in svc.home.glob("mlflow.db*") if needle in p.read_bytes()]
-    keys = [o["Key"] for page in bucket_client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
-            for o in page.get("Contents", [])]
+    keys = [
+        o["Key"]
+        for page in bucket_client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        for o in page.get("Contents", [])
+    ]
     assert keys, "the job wrote nothing to the bucket"
     hits["bucket objects"] = []
     for key in keys:
@@ -368,8 +453,14 @@ def test_s3_credentials_reach_jobs_from_the_node_never_through_ray_job_records(s
     from tests.fixtures.s3 import s3_client
 
     endpoint, bucket = s3_bucket
-    svc = service(job_module=None, extra_env={"AEFORGE_STORAGE": f"s3://{bucket}/aeforge",
-                                              "AEFORGE_S3_ENDPOINT_URL": endpoint, **NODE_CREDENTIALS})
+    svc = service(
+        job_module=None,
+        extra_env={
+            "AEFORGE_STORAGE": f"s3://{bucket}/aeforge",
+            "AEFORGE_S3_ENDPOINT_URL": endpoint,
+            **NODE_CREDENTIALS,
+        },
+    )
     job_id = svc.submit(real_spec("e2e-s3", 2))
     job = svc.wait_state(job_id, "succeeded", timeout=240)
     assert job["mlflow_run_id"]
@@ -387,8 +478,12 @@ def test_a_spec_with_emoji_and_cjk_text_trains_through_the_queue(service, ray_he
     """The spec's free text crosses the API, the job table, the Ray job's environment and the entry point intact
     (it once failed every attempt: JSON's escaped surrogate pairs read back as YAML)."""
     svc = service(job_module=None)
-    spec = real_spec("e2e-unicode", 2, description=json.dumps(UNICODE_DESCRIPTION, ensure_ascii=False),
-                     register=f"{{model_name: e2e-unicode, description: {json.dumps(UNICODE_MODEL_DESCRIPTION, ensure_ascii=False)}}}")
+    spec = real_spec(
+        "e2e-unicode",
+        2,
+        description=json.dumps(UNICODE_DESCRIPTION, ensure_ascii=False),
+        register=f"{{model_name: e2e-unicode, description: {json.dumps(UNICODE_MODEL_DESCRIPTION, ensure_ascii=False)}}}",
+    )
     job_id = svc.submit(spec)
     job = svc.wait_state(job_id, "succeeded", timeout=280)
     assert job["attempts"] == 1 and job["model_version"]
@@ -406,22 +501,29 @@ def test_a_packed_sweep_runs_through_the_queue(service, ray_head):
     import torch
 
     svc = service(job_module=None)
-    spec = ("name: e2e-packed\nkind: sweep\nmodel: {variant: beta_vae, architecture: conv64, latent_dim: 2}\n"
-            "data: {source: 'builtin:dsprites', limit: 256, val_fraction: 0.25}\n"
-            "train: {steps: 4, batch_size: 16, checkpoint_every: 2, log_every: 2}\n"
-            "eval: {iwae_samples: 2, max_examples: 16, disentanglement: false, pictures: true}\n"
-            "resources: {workers: 1, cpus_per_worker: 0.9}\n"
-            "sweep: {beta: [1, 4], seed: [0, 1], pack: 2, metric: {name: eval/elbo, mode: max}}\n"
-            "register: {model_name: e2e-packed}\n")
+    spec = (
+        "name: e2e-packed\nkind: sweep\nmodel: {variant: beta_vae, architecture: conv64, latent_dim: 2}\n"
+        "data: {source: 'builtin:dsprites', limit: 256, val_fraction: 0.25}\n"
+        "train: {steps: 4, batch_size: 16, checkpoint_every: 2, log_every: 2}\n"
+        "eval: {iwae_samples: 2, max_examples: 16, disentanglement: false, pictures: true}\n"
+        "resources: {workers: 1, cpus_per_worker: 0.9}\n"
+        "sweep: {beta: [1, 4], seed: [0, 1], pack: 2, metric: {name: eval/elbo, mode: max}}\n"
+        "register: {model_name: e2e-packed}\n"
+    )
     job_id = svc.submit(spec)
     job = svc.wait_state(job_id, "succeeded", timeout=280)
     mlflow_client = mlflow_of(svc)
     parent = run_of_job(svc, job_id)
-    children = mlflow_client.search_runs([parent.info.experiment_id],
-                                         filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    children = mlflow_client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
     assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
     assert {(c.data.params["trial.beta"], c.data.params["trial.seed"]) for c in children} == {
-        ("1.0", "0"), ("1.0", "1"), ("4.0", "0"), ("4.0", "1")}
+        ("1.0", "0"),
+        ("1.0", "1"),
+        ("4.0", "0"),
+        ("4.0", "1"),
+    }
     assert all("eval/elbo" in c.data.metrics for c in children)
     assert {f.path for f in mlflow_client.list_artifacts(parent.info.run_id, "results")} == {"results/results.csv"}
     assert "pictures/traversals.png" in {f.path for f in mlflow_client.list_artifacts(parent.info.run_id, "pictures")}
@@ -442,13 +544,22 @@ def test_cancelling_a_real_job_ends_its_mlflow_run_killed(service, ray_head):
     svc.wait_state(job_id, "running", timeout=120)
     # The job's progress lines first, then MLflow: reading the embedded store while the job creates it would race
     # the job's own schema migration.
-    wait_for(lambda: (svc.http.get(f"/jobs/{job_id}", params={"progress": "true"}).json().get("progress") or {})
-             .get("step", 0) >= 2, 180, "the job to train")
-    wait_for(lambda: (r := run_of_job(svc, job_id)) and "train/loss" in r.data.metrics, 60, "the first losses in MLflow")
+    wait_for(
+        lambda: (
+            (svc.http.get(f"/jobs/{job_id}", params={"progress": "true"}).json().get("progress") or {}).get("step", 0)
+            >= 2
+        ),
+        180,
+        "the job to train",
+    )
+    wait_for(
+        lambda: (r := run_of_job(svc, job_id)) and "train/loss" in r.data.metrics, 60, "the first losses in MLflow"
+    )
     assert svc.http.post(f"/jobs/{job_id}/cancel").status_code == 202
     svc.wait_state(job_id, "cancelled", timeout=90)
-    run = wait_for(lambda: (r := run_of_job(svc, job_id)) and r.info.status != "RUNNING" and r, 30,
-                   "the MLflow run to end")
+    run = wait_for(
+        lambda: (r := run_of_job(svc, job_id)) and r.info.status != "RUNNING" and r, 30, "the MLflow run to end"
+    )
     assert run.info.status == "KILLED"
     # Nothing of the job stays on Ray: its controller, workers and Ray Train's detached PlacementGroupCleaner end.
     wait_for(lambda: not job_actors_alive(ray_head), 60, "the job's Ray actors to end")
@@ -458,4 +569,6 @@ def job_actors_alive(ray_head) -> list[str]:
     from ray.util.state import list_actors
 
     alive = list_actors(address=ray_head.dashboard, filters=[("state", "=", "ALIVE")], timeout=10)
-    return [a.class_name for a in alive if a.class_name in ("TrainController", "RayTrainWorker", "PlacementGroupCleaner")]
+    return [
+        a.class_name for a in alive if a.class_name in ("TrainController", "RayTrainWorker", "PlacementGroupCleaner")
+    ]

@@ -41,8 +41,10 @@ RAY_NOISE = [
     "\x1b[1m\x1b[32mhttp://127.0.0.1:8265 \x1b[39m\x1b[22m",
     "2026/11/30 00:14:45 INFO mlflow.store.db.utils: Creating initial MLflow database tables...",
     ray_prefixed("Requesting resources: {'CPU': 1.0} * 1", "TrainController pid=12540"),
-    ray_prefixed("Reporting training result 1: TrainingReport(checkpoint=Checkpoint(filesystem=local, path=/x), "
-                 "metrics={'train/loss': 2836.6}, validation=False) from rank 0"),
+    ray_prefixed(
+        "Reporting training result 1: TrainingReport(checkpoint=Checkpoint(filesystem=local, path=/x), "
+        "metrics={'train/loss': 2836.6}, validation=False) from rank 0"
+    ),
     "Traceback (most recent call last):",
     '  File "ray/util/placement_group.py", line 1, in PlacementGroupCleaner',
 ]
@@ -52,8 +54,12 @@ def train_log(total: int = 30, every: int = 10) -> list[str]:
     """A train job's log as Ray writes it: noise, then each log point twice, a note once per worker."""
     lines = RAY_NOISE[:3] + [ray_prefixed("aeforge: resuming from /ckpt/step_0 (step 0)")] * 2
     for step in range(every, total + 1, every):
-        line = progress_line(step, total, metrics={"train/loss": 100.0 / step, "train/recon": 90.0 / step,
-                                                   "train/kl": 10.0 / step}, images_per_second=512.0)
+        line = progress_line(
+            step,
+            total,
+            metrics={"train/loss": 100.0 / step, "train/recon": 90.0 / step, "train/kl": 10.0 / step},
+            images_per_second=512.0,
+        )
         lines += [ray_prefixed(line), ray_prefixed(line)]
     return lines + RAY_NOISE[3:]
 
@@ -102,8 +108,10 @@ def test_verbose_shows_the_log_without_colour_codes_or_protocol_lines():
 
 def test_a_sweep_shows_each_trial_once_with_its_steps_and_metric():
     display, out = plain_display(sweep_trials=2, metric="eval/elbo")
-    lines = ["(pid=1) aeforge: sweep s-1: 2 trials at once asked, 1 at a time run: each trial needs 1.01 CPU, "
-             "the cluster has CPU 2, GPU 0"]
+    lines = [
+        "(pid=1) aeforge: sweep s-1: 2 trials at once asked, 1 at a time run: each trial needs 1.01 CPU, "
+        "the cluster has CPU 2, GPU 0"
+    ]
     for name, beta in (("s-t00-beta1", 1.0), ("s-t01-beta4", 4.0)):
         lines += [ray_prefixed(trial_line(name, "running", values={"beta": beta}), "_trial_entry pid=7")] * 2
         for step in (10, 20):
@@ -113,10 +121,16 @@ def test_a_sweep_shows_each_trial_once_with_its_steps_and_metric():
     for line in lines:
         display.feed(line)
     shown = out.getvalue().splitlines()
-    assert shown[0] == ("note: sweep s-1: 2 trials at once asked, 1 at a time run: each trial needs 1.01 CPU, "
-                        "the cluster has CPU 2, GPU 0")
-    assert shown[1:5] == ["trial s-t00-beta1 running (beta 1)", "s-t00-beta1  step 10/20  loss 1.5",
-                          "s-t00-beta1  step 20/20  loss 1.5", "trial s-t00-beta1 finished (eval/elbo -12.25)"]
+    assert shown[0] == (
+        "note: sweep s-1: 2 trials at once asked, 1 at a time run: each trial needs 1.01 CPU, "
+        "the cluster has CPU 2, GPU 0"
+    )
+    assert shown[1:5] == [
+        "trial s-t00-beta1 running (beta 1)",
+        "s-t00-beta1  step 10/20  loss 1.5",
+        "s-t00-beta1  step 20/20  loss 1.5",
+        "trial s-t00-beta1 finished (eval/elbo -12.25)",
+    ]
     assert shown.count("s-t01-beta4  step 10/20  loss 1.5") == 1  # the same step of another trial is its own
     assert shown[-1] == "trial s-t02-beta9 failed: DataError: no such file"
     assert [t.state for t in display.tracks()] == ["finished", "finished", "error"]
@@ -138,8 +152,9 @@ def test_on_a_terminal_a_live_bar_and_the_loss_parts_replace_the_lines():
 
 def test_a_live_sweep_table_lists_its_trials():
     out = io.StringIO()
-    display = RunDisplay(Console(file=out, force_terminal=True, width=160, color_system=None), sweep_trials=3,
-                         metric="eval/elbo")
+    display = RunDisplay(
+        Console(file=out, force_terminal=True, width=160, color_system=None), sweep_trials=3, metric="eval/elbo"
+    )
     display.start()
     display.feed(trial_line("s-t00-beta1", "running", values={"beta": 1.0}))
     display.feed(progress_line(10, 20, metrics={"train/loss": 1.5}, images_per_second=300.0, trial="s-t00-beta1"))
@@ -157,13 +172,21 @@ def test_marked_lines_read_back_behind_rays_prefix_and_suffix():
 
     line = progress_line(20, 30, metrics={"train/loss": 1.0}, images_per_second=99.94, trial="s-t00")
     assert read_mark(ray_prefixed(line) + " [repeated 2x across cluster]", PROGRESS_MARK) == {
-        "step": 20, "total": 30, "metrics": {"train/loss": 1.0}, "images_per_second": 99.9, "trial": "s-t00"}
+        "step": 20,
+        "total": 30,
+        "metrics": {"train/loss": 1.0},
+        "images_per_second": 99.9,
+        "trial": "s-t00",
+    }
     assert parse_progress("noise\n" + ray_prefixed(line) + "\nmore noise")["step"] == 20  # the queue's reader
     assert read_mark("AEFORGE_PROGRESS [1, 2]", PROGRESS_MARK) is None
     assert read_mark("AEFORGE_PROGRESS {not json", PROGRESS_MARK) is None
     assert is_protocol_line(ray_prefixed(trial_line("s-t00", "running")))
-    assert read_mark(trial_line("s-t00", "error", error="boom"), TRIAL_MARK) == {"trial": "s-t00", "state": "error",
-                                                                                 "error": "boom"}
+    assert read_mark(trial_line("s-t00", "error", error="boom"), TRIAL_MARK) == {
+        "trial": "s-t00",
+        "state": "error",
+        "error": "boom",
+    }
     with pytest.raises(ValueError, match="one of running, finished, error"):
         trial_line("s-t00", "paused")
 
@@ -197,8 +220,14 @@ CAPTURED_SCRIPT = textwrap.dedent("""
 
 def test_the_run_output_goes_to_the_log_and_progress_to_the_screen(tmp_path):
     log = tmp_path / "runs" / "job-1" / "run.log"
-    done = subprocess.run([sys.executable, "-c", CAPTURED_SCRIPT, str(log)], cwd=REPO, capture_output=True,
-                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    done = subprocess.run(
+        [sys.executable, "-c", CAPTURED_SCRIPT, str(log)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["step 5/10  loss 2", "step 10/10  loss 2", "after the run"]
     assert done.stderr == ""
@@ -257,8 +286,17 @@ def test_set_changes_the_spec_before_it_is_validated(tmp_path):
     from services.cli import app
 
     path = write_spec(tmp_path / "s.yaml")
-    spec = load_spec(path, ["train.steps=100", "model.latent_dim=8", "train.optimizer.lr=1e-3",
-                            "model.hidden_dims=[64, 64]", "register.model_name=made-by-set", "description=words, and 42"])
+    spec = load_spec(
+        path,
+        [
+            "train.steps=100",
+            "model.latent_dim=8",
+            "train.optimizer.lr=1e-3",
+            "model.hidden_dims=[64, 64]",
+            "register.model_name=made-by-set",
+            "description=words, and 42",
+        ],
+    )
     assert spec.train.steps == 100 and spec.model.latent_dim == 8 and spec.train.optimizer.lr == 1e-3
     assert spec.model.hidden_dims == [64, 64] and spec.registration.model_name == "made-by-set"
     assert spec.description == "words, and 42"
@@ -269,16 +307,19 @@ def test_set_changes_the_spec_before_it_is_validated(tmp_path):
     assert "OK  display-test" in ok.output
 
 
-@pytest.mark.parametrize("setting, loc, words", [
-    ("train.steps=abc", "train.steps", ["valid integer", "(from --set train.steps=abc)"]),
-    ("model.latent_dim=0", "model.latent_dim", ["greater than or equal to 1", "(from --set model.latent_dim=0)"]),
-    ("train.stepz=5", "train.stepz", ["unknown key", "(from --set train.stepz=5)"]),
-    ("modle.latent_dim=8", "modle", ["unknown key", "(from --set modle.latent_dim=8)"]),
-    ("train.steps.x=1", "train.steps", ["is a value (30), not a section", "--set train.steps.x=1"]),
-    ("train.steps", "--set", ["'train.steps' is not PATH=VALUE"]),
-    ("train..steps=1", "--set", ["is not PATH=VALUE"]),
-    ("train.steps=[1, 2", "train.steps", ["not a valid YAML value in --set train.steps=[1, 2"]),
-])
+@pytest.mark.parametrize(
+    "setting, loc, words",
+    [
+        ("train.steps=abc", "train.steps", ["valid integer", "(from --set train.steps=abc)"]),
+        ("model.latent_dim=0", "model.latent_dim", ["greater than or equal to 1", "(from --set model.latent_dim=0)"]),
+        ("train.stepz=5", "train.stepz", ["unknown key", "(from --set train.stepz=5)"]),
+        ("modle.latent_dim=8", "modle", ["unknown key", "(from --set modle.latent_dim=8)"]),
+        ("train.steps.x=1", "train.steps", ["is a value (30), not a section", "--set train.steps.x=1"]),
+        ("train.steps", "--set", ["'train.steps' is not PATH=VALUE"]),
+        ("train..steps=1", "--set", ["is not PATH=VALUE"]),
+        ("train.steps=[1, 2", "train.steps", ["not a valid YAML value in --set train.steps=[1, 2"]),
+    ],
+)
 def test_a_bad_setting_is_named_like_a_bad_field_in_the_file(tmp_path, setting, loc, words):
     from services.cli import app
 
@@ -298,8 +339,14 @@ def test_a_bad_setting_is_named_like_a_bad_field_in_the_file(tmp_path, setting, 
 def run_cli(args: list[str], home: Path, timeout: int, **env: str) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("AEFORGE_", "MLFLOW_"))}
     environ |= {"AEFORGE_HOME": str(home), "PYTHONPATH": str(REPO), "COLUMNS": "200", **env}
-    return subprocess.run([sys.executable, "-m", "services.cli", *args], cwd=REPO, env=environ,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", *args],
+        cwd=REPO,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def check_screen(done: subprocess.CompletedProcess, home: Path, total: int, every: int) -> str:
@@ -332,15 +379,23 @@ def test_aeforge_run_local_shows_progress_lines_and_the_table(tmp_path):
 def test_aeforge_run_on_ray_keeps_rays_output_in_the_log(tmp_path, ray_cluster):
     """`aeforge run` as a user runs it (its own process, piped), joined to the tests' Ray cluster."""
     home = tmp_path / "home"
-    done = run_cli(["run", str(write_spec(tmp_path / "s.yaml"))], home, 280,
-                   RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address, RAY_AUTH_MODE="disabled")
+    done = run_cli(
+        ["run", str(write_spec(tmp_path / "s.yaml"))],
+        home,
+        280,
+        RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address,
+        RAY_AUTH_MODE="disabled",
+    )
     logged = check_screen(done, home, total=30, every=10)
     assert "(RayTrainWorker pid=" in logged and "TrainingReport(" in logged  # Ray's own lines
     assert "(TrainController pid=" in logged
     assert "RayTrainWorker" not in done.stdout and "TrainingReport" not in done.stdout
     assert "MLflow run:" in done.stdout
     # The worker wrote each log point once (not print()'s double under Ray Train), with its loss parts and speed.
-    points = [json.loads(line.split("AEFORGE_PROGRESS ", 1)[1]) for line in logged.splitlines() if "AEFORGE_PROGRESS" in line]
+    points = [
+        json.loads(line.split("AEFORGE_PROGRESS ", 1)[1]) for line in logged.splitlines() if "AEFORGE_PROGRESS" in line
+    ]
     assert [p["step"] for p in points] == [10, 20, 30]
-    assert all(set(p["metrics"]) == {"train/loss", "train/recon", "train/kl"} and p["images_per_second"] > 0
-               for p in points)
+    assert all(
+        set(p["metrics"]) == {"train/loss", "train/recon", "train/kl"} and p["images_per_second"] > 0 for p in points
+    )

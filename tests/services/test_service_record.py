@@ -115,8 +115,13 @@ def start_serve(home: Path, log: Path) -> subprocess.Popen:
         "PYTHONPATH": str(REPO),
     }
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "--port", "0", "--no-dispatch"],
-                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "serve", "--port", "0", "--no-dispatch"],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def healthy(url: str) -> bool:
@@ -173,8 +178,9 @@ def test_serve_on_a_port_in_use_is_a_one_line_error(home):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = CliRunner().invoke(app, ["serve", "--port", str(port), "--no-dispatch"],
-                                    env={"RAY_ADDRESS": "http://127.0.0.1:9"})
+        result = CliRunner().invoke(
+            app, ["serve", "--port", str(port), "--no-dispatch"], env={"RAY_ADDRESS": "http://127.0.0.1:9"}
+        )
     assert result.exit_code == 2, result.output
     assert f"cannot listen on 127.0.0.1:{port}" in result.output and "Traceback" not in result.output
     assert not service_record_path(home).exists()

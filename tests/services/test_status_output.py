@@ -26,8 +26,10 @@ LONG_NAME = "dae-digits-beta-sweep-with-a-rather-long-name-0123456789"
 
 
 def spec(name: str = "status-test", cpus: float = 1) -> str:
-    return (f"name: {name}\nmodel: {{variant: ae, architecture: mlp, latent_dim: 2}}\n"
-            f"train: {{steps: 3, batch_size: 4}}\nresources: {{cpus_per_worker: {cpus}}}\n")
+    return (
+        f"name: {name}\nmodel: {{variant: ae, architecture: mlp, latent_dim: 2}}\n"
+        f"train: {{steps: 3, batch_size: 4}}\nresources: {{cpus_per_worker: {cpus}}}\n"
+    )
 
 
 @pytest.fixture
@@ -69,21 +71,32 @@ def make_running(e, job_id: str, logs: str) -> None:
     assert e.store.get(job_id).state == "running"
 
 
-RESULT = {"mlflow_run_id": "run-abc", "metrics": {"eval/recon": 0.03125, "eval/mig": 0.5, "train/loss": 12.5},
-          "pictures": "s3://bucket/aeforge/runs/the-job/pictures",
-          "model": {"name": "carol-dae", "version": 7, "alias": "latest", "model_uri": "models:/carol-dae/7",
-                    "logged_model_uri": "models:/m-1", "run_id": "run-abc"}}
+RESULT = {
+    "mlflow_run_id": "run-abc",
+    "metrics": {"eval/recon": 0.03125, "eval/mig": 0.5, "train/loss": 12.5},
+    "pictures": "s3://bucket/aeforge/runs/the-job/pictures",
+    "model": {
+        "name": "carol-dae",
+        "version": 7,
+        "alias": "latest",
+        "model_uri": "models:/carol-dae/7",
+        "logged_model_uri": "models:/m-1",
+        "run_id": "run-abc",
+    },
+}
 
 
 # --- logs ----------------------------------------------------------------------------------------------------
 
 
-LOG = ("\x1b[36m(RayTrainWorker pid=42)\x1b[0m starting\n"
-       '(RayTrainWorker pid=42) AEFORGE_PROGRESS {"step": 1, "total": 3}\n'
-       "line 1\n\x1b[1;31mline 2 in red\x1b[0m\r\n"
-       '(RayTrainWorker pid=42) AEFORGE_PROGRESS {"step": 3, "total": 3}\n'
-       "line 3\n"
-       'AEFORGE_RESULT {"mlflow_run_id": "run-abc"}\n')
+LOG = (
+    "\x1b[36m(RayTrainWorker pid=42)\x1b[0m starting\n"
+    '(RayTrainWorker pid=42) AEFORGE_PROGRESS {"step": 1, "total": 3}\n'
+    "line 1\n\x1b[1;31mline 2 in red\x1b[0m\r\n"
+    '(RayTrainWorker pid=42) AEFORGE_PROGRESS {"step": 3, "total": 3}\n'
+    "line 3\n"
+    'AEFORGE_RESULT {"mlflow_run_id": "run-abc"}\n'
+)
 
 
 def test_logs_drop_colour_codes_and_protocol_lines_and_tail_keeps_the_last_lines(env):
@@ -154,8 +167,12 @@ def test_a_queue_with_no_live_ray_node_says_so(env):
 
 def test_status_of_a_running_job_shows_progress_and_the_latest_metrics(env):
     job_id = submit(env)
-    make_running(env, job_id, 'AEFORGE_PROGRESS {"step": 50, "total": 200, "images_per_second": 2345.6, '
-                              '"metrics": {"train/loss": 0.75, "train/kl": 0.125}}\n')
+    make_running(
+        env,
+        job_id,
+        'AEFORGE_PROGRESS {"step": 50, "total": 200, "images_per_second": 2345.6, '
+        '"metrics": {"train/loss": 0.75, "train/kl": 0.125}}\n',
+    )
     out = cli(env.app, "status", job_id)
     assert "step 50 of 200 (25%) · 2,346 images/s" in out
     assert "latest metrics (step 50)" in out and "train/loss" in out and "0.7500" in out and "0.1250" in out
@@ -166,7 +183,9 @@ def test_status_of_a_running_job_shows_progress_and_the_latest_metrics(env):
 def test_status_of_a_finished_job_shows_the_model_metrics_and_pictures(env):
     job_id = submit(env, name=LONG_NAME)
     make_running(env, job_id, "")
-    env.launcher.set(env.store.get(job_id).ray_submission_id, "SUCCEEDED", logs=f"AEFORGE_RESULT {json.dumps(RESULT)}\n")
+    env.launcher.set(
+        env.store.get(job_id).ray_submission_id, "SUCCEEDED", logs=f"AEFORGE_RESULT {json.dumps(RESULT)}\n"
+    )
     env.dispatcher.tick()
     out = cli(env.app, "status", job_id)
     assert "carol-dae version 7 @latest" in out and "models:/carol-dae/7" in out and "models:/carol-dae@latest" in out
@@ -243,7 +262,9 @@ def test_status_piped_keeps_long_values_whole(env):
     make_running(env, job_id, "")
     long_uri = "s3://a-bucket-with-a-long-name/aeforge/runs/" + "x" * 80 + "/pictures"
     result = dict(RESULT, pictures=long_uri)
-    env.launcher.set(env.store.get(job_id).ray_submission_id, "SUCCEEDED", logs=f"AEFORGE_RESULT {json.dumps(result)}\n")
+    env.launcher.set(
+        env.store.get(job_id).ray_submission_id, "SUCCEEDED", logs=f"AEFORGE_RESULT {json.dumps(result)}\n"
+    )
     env.dispatcher.tick()
     out = cli(env.app, "status", job_id, columns=60)
     assert long_uri in out and LONG_NAME in out and "…" not in out

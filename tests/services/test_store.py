@@ -22,9 +22,17 @@ from services.store import (
 
 
 def submit(store: Store, name="job", owner="alice", priority=0, cpus=1.0, key=None, max_attempts=3):
-    job, _ = store.submit(name=name, owner=owner, kind="train", spec_text=f"name: {name}\n", spec_json=f'{{"name": "{name}"}}',
-                          resources={"CPU": cpus, "GPU": 0.0}, priority=priority, max_attempts=max_attempts,
-                          idempotency_key=key)
+    job, _ = store.submit(
+        name=name,
+        owner=owner,
+        kind="train",
+        spec_text=f"name: {name}\n",
+        spec_json=f'{{"name": "{name}"}}',
+        resources={"CPU": cpus, "GPU": 0.0},
+        priority=priority,
+        max_attempts=max_attempts,
+        idempotency_key=key,
+    )
     return job
 
 
@@ -57,12 +65,15 @@ def test_unknown_job_raises_not_found(store):
 
 
 def test_idempotency_key_returns_the_same_job_per_owner(store):
-    first, created = store.submit(name="a", owner="alice", kind="train", spec_text="x", spec_json="{}",
-                                  resources={"CPU": 1}, idempotency_key="k1")
-    again, created_again = store.submit(name="a", owner="alice", kind="train", spec_text="x", spec_json="{}",
-                                        resources={"CPU": 1}, idempotency_key="k1")
-    other_owner, created_other = store.submit(name="a", owner="bob", kind="train", spec_text="x", spec_json="{}",
-                                              resources={"CPU": 1}, idempotency_key="k1")
+    first, created = store.submit(
+        name="a", owner="alice", kind="train", spec_text="x", spec_json="{}", resources={"CPU": 1}, idempotency_key="k1"
+    )
+    again, created_again = store.submit(
+        name="a", owner="alice", kind="train", spec_text="x", spec_json="{}", resources={"CPU": 1}, idempotency_key="k1"
+    )
+    other_owner, created_other = store.submit(
+        name="a", owner="bob", kind="train", spec_text="x", spec_json="{}", resources={"CPU": 1}, idempotency_key="k1"
+    )
     assert created and not created_again and created_other
     assert again.id == first.id and other_owner.id != first.id
     assert store.list_jobs()[1] == 2
@@ -74,8 +85,17 @@ def test_racing_submissions_with_one_key_make_one_job(store_url):
 
     def worker(s):
         barrier.wait()
-        results.append(s.submit(name="race", owner="alice", kind="train", spec_text="x", spec_json="{}",
-                                resources={"CPU": 1}, idempotency_key="same"))
+        results.append(
+            s.submit(
+                name="race",
+                owner="alice",
+                kind="train",
+                spec_text="x",
+                spec_json="{}",
+                resources={"CPU": 1},
+                idempotency_key="same",
+            )
+        )
 
     threads = [threading.Thread(target=worker, args=(s,)) for s in stores]
     for t in threads:
@@ -162,12 +182,23 @@ def test_transitions_are_guarded_and_each_writes_an_event(store):
     assert running.state == "running" and running.started_at is not None
     with pytest.raises(InvalidTransition):
         store.transition(job.id, "starting", "backwards", expect=("running",))
-    done = store.transition(job.id, "succeeded", "finished", expect=("running",), mlflow_run_id="abc", model_version="3",
-                            result={"mlflow_run_id": "abc"})
+    done = store.transition(
+        job.id,
+        "succeeded",
+        "finished",
+        expect=("running",),
+        mlflow_run_id="abc",
+        model_version="3",
+        result={"mlflow_run_id": "abc"},
+    )
     assert done.state == "succeeded" and done.finished_at >= done.started_at
     assert (done.mlflow_run_id, done.model_version, done.result) == ("abc", "3", {"mlflow_run_id": "abc"})
     assert [(e.from_state, e.to_state) for e in store.events(job.id)] == [
-        (None, "queued"), ("queued", "starting"), ("starting", "running"), ("running", "succeeded")]
+        (None, "queued"),
+        ("queued", "starting"),
+        ("starting", "running"),
+        ("running", "succeeded"),
+    ]
     assert [e.reason for e in store.events(job.id)][1:] == ["go", "ray says running", "finished"]
     with pytest.raises(ValueError, match="not job columns"):
         store.transition(job.id, "failed", "x", expect=("succeeded",), colour="red")
@@ -379,8 +410,15 @@ def test_text_no_backend_stores_is_refused_or_matches_nothing_alike(store):
         assert store.events(bad) == []
         assert store.list_jobs(owner=bad) == ([], 0) and store.list_jobs(name=bad) == ([], 0)
     for field in ("name", "spec_text", "spec_json", "idempotency_key"):
-        kwargs = dict(name="n", owner="alice", kind="train", spec_text="name: n\n", spec_json="{}",
-                      resources={"CPU": 1.0}, idempotency_key="k")
+        kwargs = dict(
+            name="n",
+            owner="alice",
+            kind="train",
+            spec_text="name: n\n",
+            spec_json="{}",
+            resources={"CPU": 1.0},
+            idempotency_key="k",
+        )
         kwargs[field] = "x\x00y"
         with pytest.raises(InvalidValue, match=field):
             store.submit(**kwargs)

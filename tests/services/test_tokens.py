@@ -84,11 +84,14 @@ def test_tokens_add_writes_aeforge_tokens_file_and_rewrites_plain_entries_as_has
     assert not (tmp_path / "home" / "tokens.yaml").exists()
 
 
-@pytest.mark.parametrize("args,env,message", [
-    (["dave", "--role", "root"], {}, "role must be 'user' or 'admin'"),
-    (["x" * 101], {}, "owner must be 1 to 100 characters"),
-    (["dave"], {"AEFORGE_TOKENS": "tok-inline-1:eve"}, "AEFORGE_TOKENS is set"),
-])
+@pytest.mark.parametrize(
+    "args,env,message",
+    [
+        (["dave", "--role", "root"], {}, "role must be 'user' or 'admin'"),
+        (["x" * 101], {}, "owner must be 1 to 100 characters"),
+        (["dave"], {"AEFORGE_TOKENS": "tok-inline-1:eve"}, "AEFORGE_TOKENS is set"),
+    ],
+)
 def test_tokens_add_refuses_with_one_message(tmp_path, args, env, message):
     result = tokens_add({"AEFORGE_HOME": str(tmp_path)} | env, *args)
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output

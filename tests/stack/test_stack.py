@@ -43,8 +43,11 @@ def readme_block(marker: str) -> list[str]:
     text = README.read_text(encoding="utf-8")
     found = re.search(rf"<!-- stack-test: {marker} -->\s*```(?:sh|bash)\n(.*?)```", text, re.S)
     assert found, f"README.md has no code block after <!-- stack-test: {marker} -->"
-    return [line.split("  #")[0].strip() for line in found.group(1).splitlines()
-            if line.strip() and not line.lstrip().startswith("#")]
+    return [
+        line.split("  #")[0].strip()
+        for line in found.group(1).splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
 
 
 class Stack:
@@ -58,17 +61,27 @@ class Stack:
 
     def run(self, command: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
         started = time.monotonic()
-        proc = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=REPO, env=self.env, text=True,
-                              capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            ["bash", "-o", "pipefail", "-c", command],
+            cwd=REPO,
+            env=self.env,
+            text=True,
+            capture_output=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
         took = time.monotonic() - started
-        print(f"[{time.monotonic() - self.started:6.0f} s] {command}  ({took:.0f} s, exit {proc.returncode})",
-              flush=True)
+        print(
+            f"[{time.monotonic() - self.started:6.0f} s] {command}  ({took:.0f} s, exit {proc.returncode})", flush=True
+        )
         for line in proc.stderr.splitlines():  # infra/stack.sh's own account: what it built, in how long, how big
             if line.startswith("[stack "):
                 print(f"          {line}", flush=True)
         if check and proc.returncode != 0:
-            raise AssertionError(f"`{command}` exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}"
-                                 f"\n--- stderr\n{proc.stderr[-6000:]}")
+            raise AssertionError(
+                f"`{command}` exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}"
+                f"\n--- stderr\n{proc.stderr[-6000:]}"
+            )
         return proc
 
     def phase(self, name: str, started: float) -> None:
@@ -96,8 +109,9 @@ class Api:
 
     def __init__(self, port: int):
         token = (REPO / "infra" / "secrets" / "admin-token").read_text().strip()
-        self.http = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {token}"},
-                                 timeout=30)
+        self.http = httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {token}"}, timeout=30
+        )
 
     def job(self, job_id: str, progress: bool = False) -> dict:
         for attempt in range(30):  # the service may be restarting
@@ -119,7 +133,9 @@ class Api:
                 return job
             assert job["state"] not in ("failed", "cancelled"), f"{job_id} {job['state']}: {job.get('error')}"
             time.sleep(2)
-        raise AssertionError(f"{job_id}: not {what} after {timeout:.0f} s (last: {job['state']}, {job.get('progress')})")
+        raise AssertionError(
+            f"{job_id}: not {what} after {timeout:.0f} s (last: {job['state']}, {job.get('progress')})"
+        )
 
 
 def submitted_id(output: str) -> str:
@@ -130,9 +146,10 @@ def submitted_id(output: str) -> str:
 
 def train_worker_nodes(stack: Stack) -> dict[str, str]:
     """The alive Ray Train workers' node IPs (actor id -> node IP), as Ray's state API on the head sees them."""
+
     def listed(what: str) -> list[dict]:
         out = stack.run(f"{STACK} exec ray-head ray list {what} --format json").stdout
-        return json.loads(out[out.index("["):])
+        return json.loads(out[out.index("[") :])
 
     actors = listed("actors --detail --limit 1000 --filter class_name=RayTrainWorker --filter state=ALIVE")
     nodes = {n["node_id"]: n["node_ip"] for n in listed("nodes --filter state=ALIVE")}
@@ -140,17 +157,23 @@ def train_worker_nodes(stack: Stack) -> dict[str, str]:
 
 
 def container_ip(stack: Stack, name: str) -> str:
-    return stack.engine("inspect", "--format",
-                        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", name)
+    return stack.engine("inspect", "--format", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", name)
 
 
 def test_stack_end_to_end():
     api_port, mlflow_port, dashboard_port = free_ports(3)
-    env = dict(os.environ, AEFORGE_PORT=str(api_port), MLFLOW_PORT=str(mlflow_port),
-               RAY_DASHBOARD_PORT=str(dashboard_port), AEFORGE_WAIT_S="600")
+    env = dict(
+        os.environ,
+        AEFORGE_PORT=str(api_port),
+        MLFLOW_PORT=str(mlflow_port),
+        RAY_DASHBOARD_PORT=str(dashboard_port),
+        AEFORGE_WAIT_S="600",
+    )
     stack = Stack(env, Path(tempfile.mkdtemp(prefix="aeforge-stack-")))
     up_lines, down_lines = readme_block("up"), readme_block("down")
-    assert any(line.endswith("stack.sh up") for line in up_lines) and any(line.endswith("down -v") for line in down_lines)
+    assert any(line.endswith("stack.sh up") for line in up_lines) and any(
+        line.endswith("down -v") for line in down_lines
+    )
     stack.run(f"{STACK} down -v", check=False)  # a stack a failed run left behind
     try:
         # 1. The README's deploy section, as written: install, build, init, up (healthy), doctor, the smoke job.
@@ -170,8 +193,13 @@ def test_stack_end_to_end():
         started = time.monotonic()
         out = stack.run(f"{STACK} client aeforge submit {TWO_WORKERS}")
         ddp_id = submitted_id(out.stdout + out.stderr)
-        api.wait(ddp_id, lambda j: (j.get("progress") or {}).get("step", 0) >= 130, 300, "past its first checkpoint",
-                 progress=True)
+        api.wait(
+            ddp_id,
+            lambda j: (j.get("progress") or {}).get("step", 0) >= 130,
+            300,
+            "past its first checkpoint",
+            progress=True,
+        )
         placed = train_worker_nodes(stack)
         workers = stack.containers("ray-worker")
         worker_ips = {container_ip(stack, name): name for name in workers}
@@ -186,8 +214,13 @@ def test_stack_end_to_end():
         killed_at = api.job(ddp_id, progress=True)["progress"]["step"]
         kill_time = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         stack.run(f"kill -9 $(podman inspect --format '{{{{.State.Pid}}}}' {victim})")
-        api.wait(ddp_id, lambda j: (j.get("progress") or {}).get("step", 0) >= killed_at + 60, 400,
-                 f"training again past step {killed_at + 60} after the kill", progress=True)
+        api.wait(
+            ddp_id,
+            lambda j: (j.get("progress") or {}).get("step", 0) >= killed_at + 60,
+            400,
+            f"training again past step {killed_at + 60} after the kill",
+            progress=True,
+        )
         assert int(stack.engine("inspect", "--format", "{{.RestartCount}}", victim)) > restarts
         stack.phase("Ray worker container killed; the job resumed", started)
 
@@ -211,8 +244,10 @@ def test_stack_end_to_end():
 
         # 5. The registered model loads in a one-off client container.
         started = time.monotonic()
-        out = stack.run(f"{STACK} client sh -c 'aeforge models sample stack-ddp@candidate -n 4 -o /tmp/grid.png "
-                        "&& test -s /tmp/grid.png'")
+        out = stack.run(
+            f"{STACK} client sh -c 'aeforge models sample stack-ddp@candidate -n 4 -o /tmp/grid.png "
+            "&& test -s /tmp/grid.png'"
+        )
         assert "wrote 4 samples" in out.stdout + out.stderr
         stack.phase("model loaded in a client container", started)
 
@@ -230,8 +265,9 @@ def test_stack_end_to_end():
         # against podman's Docker-compatible API): it follows depends_on's conditions and --wait.
         started = time.monotonic()
         docker_compose = "COMPOSE=docker-compose"
-        out = stack.run(f"{docker_compose} docker-compose -f infra/compose.yaml config --quiet && "
-                        f"{docker_compose} {STACK} up")
+        out = stack.run(
+            f"{docker_compose} docker-compose -f infra/compose.yaml config --quiet && {docker_compose} {STACK} up"
+        )
         stack.phase("second up, docker compose (healthy)", started)
         out = stack.run(f"{STACK} exec aeforge aeforge doctor")
         assert "all 9 checks passed" in out.stdout, out.stdout
@@ -241,8 +277,10 @@ def test_stack_end_to_end():
         assert "smoke" not in models.stdout and "stack-ddp" not in models.stdout, models.stdout
         started = time.monotonic()
         stack.run(f"{docker_compose} {STACK} down -v")
-        assert stack.containers() == [] and f"{PROJECT}_default" not in stack.engine("network", "ls", "--format",
-                                                                                      "{{.Name}}").split()
+        assert (
+            stack.containers() == []
+            and f"{PROJECT}_default" not in stack.engine("network", "ls", "--format", "{{.Name}}").split()
+        )
         stack.phase("down -v, docker compose", started)
         leftover = stack.run("pgrep -af 'podman system service' || true").stdout
         assert "podman system service" not in leftover or not Path("/run/aeforge-podman-api.pid").exists(), leftover

@@ -47,8 +47,9 @@ def test_a_vae_records_the_kl_of_each_latent():
 @pytest.mark.parametrize("variant", ["dae", "beta_vae"])
 def test_training_records_the_statistics_in_the_final_checkpoint_only(tmp_path, variant):
     data = dataset()
-    result = train(model_config(variant), train_config(), EVAL, data, data, RunContext(run_dir=tmp_path),
-                   evaluate_at_end=False)
+    result = train(
+        model_config(variant), train_config(), EVAL, data, data, RunContext(run_dir=tmp_path), evaluate_at_end=False
+    )
     checkpoints = tmp_path / "checkpoints"
     middle = load_model_from_checkpoint(checkpoints / "step_000000006")
     assert middle.code_statistics() is None  # recorded when training ends, not before
@@ -65,8 +66,9 @@ def test_training_records_the_statistics_in_the_final_checkpoint_only(tmp_path, 
 
 def test_a_checkpoint_from_before_the_statistics_loads_without_them(tmp_path):
     data = dataset()
-    train(model_config("ae"), train_config(steps=6), EVAL, data, data, RunContext(run_dir=tmp_path),
-          evaluate_at_end=False)
+    train(
+        model_config("ae"), train_config(steps=6), EVAL, data, data, RunContext(run_dir=tmp_path), evaluate_at_end=False
+    )
     path = tmp_path / "checkpoints" / "step_000000006" / CHECKPOINT_FILE
     state = torch.load(path, weights_only=False)
     for name in CODE_STATISTICS_BUFFERS:

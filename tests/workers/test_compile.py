@@ -22,8 +22,15 @@ from torch._dynamo.utils import counters
 from tests.workers.models.common import blobs
 from workers.config import EvalConfig, ModelConfig, TrainConfig
 from workers.data.base import ImageDataset
-from workers.loop import (CHECKPOINT_FILE, CompilerMissing, RunContext, compile_mode, compiles,
-                          load_model_from_checkpoint, train)
+from workers.loop import (
+    CHECKPOINT_FILE,
+    CompilerMissing,
+    RunContext,
+    compile_mode,
+    compiles,
+    load_model_from_checkpoint,
+    train,
+)
 from workers.models.registry import VARIANTS as MODELS
 
 
@@ -77,8 +84,14 @@ def model_config(name: str) -> ModelConfig:
 
 
 def train_config(**fields) -> TrainConfig:
-    base = {"steps": STEPS, "batch_size": BATCH, "log_every": 1, "checkpoint_every": 10**6, "seed": 3,
-            "optimizer": {"lr": 1e-3}}
+    base = {
+        "steps": STEPS,
+        "batch_size": BATCH,
+        "log_every": 1,
+        "checkpoint_every": 10**6,
+        "seed": 3,
+        "optimizer": {"lr": 1e-3},
+    }
     return TrainConfig(**{**base, **fields})
 
 
@@ -110,8 +123,16 @@ def fresh_dynamo():
 
 def run(name: str, compiled: bool, ctx: RunContext | None = None, **fields):
     with torch._inductor.config.patch(fallback_random=True):
-        return train(model_config(name), train_config(compile=compiled, **fields), NO_EVAL, dataset(), dataset(),
-                     ctx or CompileWatch(), evaluate_at_end=False, pictures=False)
+        return train(
+            model_config(name),
+            train_config(compile=compiled, **fields),
+            NO_EVAL,
+            dataset(),
+            dataset(),
+            ctx or CompileWatch(),
+            evaluate_at_end=False,
+            pictures=False,
+        )
 
 
 def parts(result) -> dict[str, list[float]]:
@@ -172,7 +193,9 @@ def test_a_compiled_run_trains_the_plain_module():
 
 
 @needs_compiler
-@pytest.mark.parametrize("first, then", [(True, False), (False, True)], ids=["compiled-then-eager", "eager-then-compiled"])
+@pytest.mark.parametrize(
+    "first, then", [(True, False), (False, True)], ids=["compiled-then-eager", "eager-then-compiled"]
+)
 def test_checkpoints_load_across_compiled_and_eager_runs(tmp_path, first, then):
     name = "beta_tcvae_mss"
     straight = run(name, compiled=False, steps=12)
@@ -204,8 +227,16 @@ def test_the_default_compiles_on_cuda_only_and_a_cpu_run_stays_eager():
     assert compile_mode(TrainConfig(), cpu, world_size=1) == "default"
     assert compile_mode(TrainConfig(compile_mode="max-autotune-no-cudagraphs"), cuda, 1) == "max-autotune-no-cudagraphs"
 
-    result = train(model_config("vae"), train_config(steps=2), NO_EVAL, dataset(), dataset(), CompileWatch(),
-                   evaluate_at_end=False, pictures=False)
+    result = train(
+        model_config("vae"),
+        train_config(steps=2),
+        NO_EVAL,
+        dataset(),
+        dataset(),
+        CompileWatch(),
+        evaluate_at_end=False,
+        pictures=False,
+    )
     assert counters["frames"]["total"] == 0 and result.compile_seconds == 0
 
 

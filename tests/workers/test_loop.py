@@ -24,8 +24,7 @@ def model_config(variant="beta_tcvae") -> ModelConfig:
 
 
 def train_config(**fields) -> TrainConfig:
-    base = {"steps": 12, "batch_size": 16, "checkpoint_every": 6, "log_every": 3, "seed": 1,
-            "optimizer": {"lr": 1e-3}}
+    base = {"steps": 12, "batch_size": 16, "checkpoint_every": 6, "log_every": 3, "seed": 1, "optimizer": {"lr": 1e-3}}
     return TrainConfig(**{**base, **fields})
 
 
@@ -36,15 +35,30 @@ def weights(model):
 @pytest.mark.parametrize("variant", ["dae", "beta_tcvae"])
 def test_a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path, variant):
     data = dataset()
-    straight = train(model_config(variant), train_config(), EVAL, data, data, RunContext(run_dir=tmp_path / "a"),
-                     evaluate_at_end=False)
+    straight = train(
+        model_config(variant),
+        train_config(),
+        EVAL,
+        data,
+        data,
+        RunContext(run_dir=tmp_path / "a"),
+        evaluate_at_end=False,
+    )
 
     run_dir = tmp_path / "b"
-    first = train(model_config(variant), train_config(steps=6), EVAL, data, data, RunContext(run_dir=run_dir),
-                  evaluate_at_end=False)
+    first = train(
+        model_config(variant),
+        train_config(steps=6),
+        EVAL,
+        data,
+        data,
+        RunContext(run_dir=run_dir),
+        evaluate_at_end=False,
+    )
     assert first.steps == 6 and (run_dir / "checkpoints" / "step_000000006" / CHECKPOINT_FILE).exists()
-    resumed = train(model_config(variant), train_config(), EVAL, data, data, RunContext(run_dir=run_dir),
-                    evaluate_at_end=False)
+    resumed = train(
+        model_config(variant), train_config(), EVAL, data, data, RunContext(run_dir=run_dir), evaluate_at_end=False
+    )
     assert resumed.resumed_from_step == 6 and resumed.steps == 12
     assert torch.equal(weights(straight.model), weights(resumed.model))
     # The curves of the resumed run continue those of the first part.
@@ -54,8 +68,15 @@ def test_a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_pa
 
 def test_checkpoints_keep_only_the_newest_and_load_back(tmp_path):
     data = dataset()
-    result = train(model_config(), train_config(steps=18, checkpoint_every=3, num_to_keep=2), EVAL, data, data,
-                   RunContext(run_dir=tmp_path), evaluate_at_end=False)
+    result = train(
+        model_config(),
+        train_config(steps=18, checkpoint_every=3, num_to_keep=2),
+        EVAL,
+        data,
+        data,
+        RunContext(run_dir=tmp_path),
+        evaluate_at_end=False,
+    )
     kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert kept == ["step_000000015", "step_000000018"]
     loaded = load_model_from_checkpoint(tmp_path / "checkpoints" / "step_000000018")
@@ -79,8 +100,15 @@ class NaNAfter(ImageDataset):
 def test_a_nan_loss_stops_the_run_naming_the_step_and_the_part(tmp_path):
     data = dataset()
     with pytest.raises(TrainingDiverged, match=r"diverged at step 5: the 'recon' part of the loss is not finite"):
-        train(model_config("vae"), train_config(), EVAL, NaNAfter(data, 5), data, RunContext(run_dir=tmp_path),
-              evaluate_at_end=False)
+        train(
+            model_config("vae"),
+            train_config(),
+            EVAL,
+            NaNAfter(data, 5),
+            data,
+            RunContext(run_dir=tmp_path),
+            evaluate_at_end=False,
+        )
     # Nothing after the bad step was checkpointed as if it were good.
     assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").glob("step_*"))
 
@@ -113,7 +141,8 @@ def test_a_checkpoint_keeps_the_noise_generator_and_one_from_before_it_still_res
     assert isinstance(state["noise_rng"], torch.Tensor)
     del state["noise_rng"]  # as checkpoints were written before the loop had its own noise generator
     torch.save(state, path)
-    resumed = train(model_config(), train_config(), EVAL, data, data, RunContext(run_dir=run_dir),
-                    evaluate_at_end=False)
+    resumed = train(
+        model_config(), train_config(), EVAL, data, data, RunContext(run_dir=run_dir), evaluate_at_end=False
+    )
     assert resumed.resumed_from_step == 6 and resumed.steps == 12
     assert torch.isfinite(weights(resumed.model)).all()

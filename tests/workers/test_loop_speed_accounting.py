@@ -51,8 +51,7 @@ def test_images_per_second_leaves_out_the_end_of_run_work(monkeypatch):
     data = DSprites(limit=64)
     model = ModelConfig(variant="ae", architecture="mlp", latent_dim=2, hidden_dims=[8])
     config = TrainConfig(steps=6, batch_size=8, log_every=3, checkpoint_every=10**6)
-    result = train(model, config, EvalConfig(), data, data, ctx, evaluate_at_end=False, pictures=False,
-                   warmup_steps=2)
+    result = train(model, config, EvalConfig(), data, data, ctx, evaluate_at_end=False, pictures=False, warmup_steps=2)
     assert ctx.saved_at == [6]  # the final checkpoint ran, after the clock stopped
     assert 0 < result.seconds < END_OF_RUN_SECONDS
     assert result.images_per_second == (6 - 2) * 8 / result.seconds

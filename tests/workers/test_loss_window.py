@@ -35,11 +35,14 @@ def test_means_over_a_window_that_crosses_folds_then_a_fresh_window():
     assert window.read() == ({"loss": 1.0, "recon": 2.0, "kl": 3.0}, None)
 
 
-@pytest.mark.parametrize("bad_at, bad_values, expected_part", [
-    (6, (math.nan, 1.0, math.nan), "kl"),      # a part is named before the total
-    (3, (math.inf, math.inf, 0.0), "recon"),   # the first bad part in order
-    (9, (math.nan, 1.0, 1.0), "loss"),         # only the total: the total is named
-])
+@pytest.mark.parametrize(
+    "bad_at, bad_values, expected_part",
+    [
+        (6, (math.nan, 1.0, math.nan), "kl"),  # a part is named before the total
+        (3, (math.inf, math.inf, 0.0), "recon"),  # the first bad part in order
+        (9, (math.nan, 1.0, 1.0), "loss"),  # only the total: the total is named
+    ],
+)
 def test_the_first_non_finite_step_and_part_are_named(bad_at, bad_values, expected_part):
     start = 100  # a resumed run: steps are counted from where it started
     window = LossWindow(NAMES, torch.device("cpu"), first_step=start)

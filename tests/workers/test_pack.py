@@ -21,8 +21,9 @@ WEIGHTS_RTOL = 1e-4
 
 
 def models(variant, betas):
-    return [make(variant, shape=SHAPE, seed=k, architecture="conv28", latent_dim=4, beta=b)
-            for k, b in enumerate(betas)]
+    return [
+        make(variant, shape=SHAPE, seed=k, architecture="conv28", latent_dim=4, beta=b) for k, b in enumerate(betas)
+    ]
 
 
 def batches():
@@ -126,8 +127,9 @@ def member_config(variant, beta) -> ModelConfig:
 
 
 def loop_config(seed=0) -> TrainConfig:
-    return TrainConfig(steps=LOOP_STEPS, batch_size=16, log_every=5, checkpoint_every=LOOP_STEPS, seed=seed,
-                       optimizer={"lr": 1e-3})
+    return TrainConfig(
+        steps=LOOP_STEPS, batch_size=16, log_every=5, checkpoint_every=LOOP_STEPS, seed=seed, optimizer={"lr": 1e-3}
+    )
 
 
 def weights(model):
@@ -142,13 +144,16 @@ def test_train_pack_trains_each_member_as_the_loop_trains_it_alone(variant, how)
     members = [PackMember(member_config(variant, b), s) for b, s in zip(betas, SEEDS)]
     packed = train_pack(members, loop_config(), NO_EVAL, data, data, evaluate_at_end=False, how=how)
     for member, result in zip(members, packed):
-        alone = train(member.model_config, loop_config(member.seed), NO_EVAL, data, data, RunContext(),
-                      evaluate_at_end=False)
+        alone = train(
+            member.model_config, loop_config(member.seed), NO_EVAL, data, data, RunContext(), evaluate_at_end=False
+        )
         assert result.failed is None
         steps = [s for s, _ in alone.history["train/loss"]]
         assert [s for s, _ in result.history["train/loss"]] == steps == [5, 10, 15, 20, 25, 30]
         for name, curve in alone.history.items():
-            assert [v for _, v in result.history[name]] == pytest.approx([v for _, v in curve], rel=CURVE_RTOL, abs=CURVE_ATOL)
+            assert [v for _, v in result.history[name]] == pytest.approx(
+                [v for _, v in curve], rel=CURVE_RTOL, abs=CURVE_ATOL
+            )
         a, b = weights(alone.model), weights(result.model)
         assert ((b - a).norm() / a.norm()).item() < WEIGHTS_RTOL
 
@@ -183,18 +188,33 @@ def test_a_member_that_diverges_fails_at_its_step_and_the_others_finish_as_alone
     betas = [1.0, 2.0, 1000.0, 8.0]
     members = [PackMember(member_config("beta_vae", b), s) for b, s in zip(betas, SEEDS)]
     with pytest.raises(TrainingDiverged) as alone_error:
-        train(members[2].model_config, loop_config(members[2].seed), NO_EVAL, data, data, RunContext(),
-              evaluate_at_end=False)
+        train(
+            members[2].model_config,
+            loop_config(members[2].seed),
+            NO_EVAL,
+            data,
+            data,
+            RunContext(),
+            evaluate_at_end=False,
+        )
     packed = train_pack(members, loop_config(), NO_EVAL, data, data, evaluate_at_end=False, how=how)
     step, part = packed[2].failed
     assert f"training diverged at step {step}: the '{part}' part" in str(alone_error.value)
     assert 1 < step < LOOP_STEPS and part == "loss"
     for k in (0, 1, 3):
-        alone = train(members[k].model_config, loop_config(members[k].seed), NO_EVAL, data, data, RunContext(),
-                      evaluate_at_end=False)
+        alone = train(
+            members[k].model_config,
+            loop_config(members[k].seed),
+            NO_EVAL,
+            data,
+            data,
+            RunContext(),
+            evaluate_at_end=False,
+        )
         assert packed[k].failed is None
         assert [v for _, v in packed[k].history["train/loss"]] == pytest.approx(
-            [v for _, v in alone.history["train/loss"]], rel=CURVE_RTOL, abs=CURVE_ATOL)
+            [v for _, v in alone.history["train/loss"]], rel=CURVE_RTOL, abs=CURVE_ATOL
+        )
         a, b = weights(alone.model), weights(packed[k].model)
         assert ((b - a).norm() / a.norm()).item() < WEIGHTS_RTOL
 
@@ -203,14 +223,17 @@ def test_a_member_that_diverges_fails_at_its_step_and_the_others_finish_as_alone
 def test_a_pack_resumes_from_its_checkpoint_as_if_never_stopped(tmp_path, how):
     data = loop_data()
     members = [PackMember(member_config("beta_tcvae", b), s) for b, s in zip([1.0, 6.0], SEEDS)]
-    straight = train_pack(members, loop_config(), NO_EVAL, data, data, RunContext(run_dir=tmp_path / "a"),
-                          evaluate_at_end=False, how=how)
+    straight = train_pack(
+        members, loop_config(), NO_EVAL, data, data, RunContext(run_dir=tmp_path / "a"), evaluate_at_end=False, how=how
+    )
     half = loop_config().model_copy(update={"steps": 15, "checkpoint_every": 15})
-    first = train_pack(members, half, NO_EVAL, data, data, RunContext(run_dir=tmp_path / "b"), evaluate_at_end=False,
-                       how=how)
+    first = train_pack(
+        members, half, NO_EVAL, data, data, RunContext(run_dir=tmp_path / "b"), evaluate_at_end=False, how=how
+    )
     assert (tmp_path / "b" / "checkpoints" / "step_000000015" / "pack.json").exists()
-    resumed = train_pack(members, loop_config(), NO_EVAL, data, data, RunContext(run_dir=tmp_path / "b"),
-                         evaluate_at_end=False, how=how)
+    resumed = train_pack(
+        members, loop_config(), NO_EVAL, data, data, RunContext(run_dir=tmp_path / "b"), evaluate_at_end=False, how=how
+    )
     for a, b, c in zip(straight, resumed, first):
         assert b.resumed_from_step == 15 and c.resumed_from_step == 0
         assert torch.equal(weights(a.model), weights(b.model))
@@ -226,18 +249,27 @@ def test_a_member_s_checkpoint_is_an_ordinary_one_that_its_own_run_resumes(tmp_p
     data = loop_data()
     members = [PackMember(member_config("beta_vae", b), s) for b, s in zip([2.0, 8.0], SEEDS)]
     half = loop_config().model_copy(update={"steps": 15, "checkpoint_every": 15})
-    packed = train_pack(members, half, NO_EVAL, data, data, RunContext(run_dir=tmp_path / "pack"),
-                        evaluate_at_end=False, how=how)
+    packed = train_pack(
+        members, half, NO_EVAL, data, data, RunContext(run_dir=tmp_path / "pack"), evaluate_at_end=False, how=how
+    )
     member = tmp_path / "pack" / "checkpoints" / "step_000000015" / "member_001"
     assert torch.equal(weights(load_model_from_checkpoint(member)), weights(packed[1].model))
 
     # The member's own run picks its checkpoint up and trains on as if it had run alone from the start.
     own = tmp_path / "own"
     shutil.copytree(member, own / "checkpoints" / "step_000000015")
-    resumed = train(members[1].model_config, loop_config(members[1].seed), NO_EVAL, data, data,
-                    RunContext(run_dir=own), evaluate_at_end=False)
-    alone = train(members[1].model_config, loop_config(members[1].seed), NO_EVAL, data, data, RunContext(),
-                  evaluate_at_end=False)
+    resumed = train(
+        members[1].model_config,
+        loop_config(members[1].seed),
+        NO_EVAL,
+        data,
+        data,
+        RunContext(run_dir=own),
+        evaluate_at_end=False,
+    )
+    alone = train(
+        members[1].model_config, loop_config(members[1].seed), NO_EVAL, data, data, RunContext(), evaluate_at_end=False
+    )
     assert resumed.resumed_from_step == 15
     a, b = weights(alone.model), weights(resumed.model)
     assert ((b - a).norm() / a.norm()).item() < WEIGHTS_RTOL
@@ -247,12 +279,21 @@ def test_each_finished_member_gets_its_evaluation_curves_code_statistics_and_pic
     from workers.loop import load_model_from_checkpoint
 
     data = loop_data()
-    members = [PackMember(member_config("beta_vae", b), s, name=f"sweep-t0{k}-beta{b:g}")
-               for k, (b, s) in enumerate(zip([2.0, 8.0], SEEDS))]
+    members = [
+        PackMember(member_config("beta_vae", b), s, name=f"sweep-t0{k}-beta{b:g}")
+        for k, (b, s) in enumerate(zip([2.0, 8.0], SEEDS))
+    ]
     logged: list[tuple[int, set, int]] = []
     evaluation = EvalConfig(iwae_samples=2, max_examples=32, disentanglement=False, probe=False, pictures=True)
-    results = train_pack(members, loop_config(), evaluation, data, data, RunContext(run_dir=tmp_path),
-                         log=lambda k, metrics, step: logged.append((k, set(metrics), step)))
+    results = train_pack(
+        members,
+        loop_config(),
+        evaluation,
+        data,
+        data,
+        RunContext(run_dir=tmp_path),
+        log=lambda k, metrics, step: logged.append((k, set(metrics), step)),
+    )
     # Curves at every log point, then the evaluation, each member to its own log.
     for k in (0, 1):
         steps = [step for member, names, step in logged if member == k and "train/loss" in names]

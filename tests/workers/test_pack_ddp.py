@@ -36,20 +36,52 @@ def _rank(rank: int, rendezvous: str, variant: str, how: str, out: str) -> None:
         gather = _all_gather_cat if variant == "beta_tcvae" else None
 
         def ctx():
-            return RunContext(rank=rank, world_size=2, device=torch.device("cpu"), gather=gather,
-                              wrap=lambda module: torch.nn.parallel.DistributedDataParallel(module))
+            return RunContext(
+                rank=rank,
+                world_size=2,
+                device=torch.device("cpu"),
+                gather=gather,
+                wrap=lambda module: torch.nn.parallel.DistributedDataParallel(module),
+            )
 
-        configs = [ModelConfig(variant=variant, architecture="mlp", hidden_dims=[32], latent_dim=3, beta=b)
-                   for b in BETAS]
-        train_config = TrainConfig(steps=STEPS, batch_size=16, log_every=5, checkpoint_every=STEPS,
-                                   optimizer={"lr": 1e-3})
-        packed = train_pack([PackMember(c, s) for c, s in zip(configs, SEEDS)], train_config, NO_EVAL, local, data,
-                            ctx(), dataset_size=len(data), evaluate_at_end=False, how=how)
-        alone = [train(c, train_config.model_copy(update={"seed": s}), NO_EVAL, local, data, ctx(),
-                       dataset_size=len(data), evaluate_at_end=False) for c, s in zip(configs, SEEDS)]
+        configs = [
+            ModelConfig(variant=variant, architecture="mlp", hidden_dims=[32], latent_dim=3, beta=b) for b in BETAS
+        ]
+        train_config = TrainConfig(
+            steps=STEPS, batch_size=16, log_every=5, checkpoint_every=STEPS, optimizer={"lr": 1e-3}
+        )
+        packed = train_pack(
+            [PackMember(c, s) for c, s in zip(configs, SEEDS)],
+            train_config,
+            NO_EVAL,
+            local,
+            data,
+            ctx(),
+            dataset_size=len(data),
+            evaluate_at_end=False,
+            how=how,
+        )
+        alone = [
+            train(
+                c,
+                train_config.model_copy(update={"seed": s}),
+                NO_EVAL,
+                local,
+                data,
+                ctx(),
+                dataset_size=len(data),
+                evaluate_at_end=False,
+            )
+            for c, s in zip(configs, SEEDS)
+        ]
         if rank == 0:
-            torch.save({"packed": [(_weights(r.model), r.history) for r in packed],
-                        "alone": [(_weights(r.model), r.history) for r in alone]}, out)
+            torch.save(
+                {
+                    "packed": [(_weights(r.model), r.history) for r in packed],
+                    "alone": [(_weights(r.model), r.history) for r in alone],
+                },
+                out,
+            )
     finally:
         dist.destroy_process_group()
 
@@ -61,8 +93,9 @@ def test_each_member_of_a_pack_under_two_worker_ddp_trains_as_its_own_ddp_run(tm
     result = torch.load(out, weights_only=False)
     for (packed_w, packed_h), (alone_w, alone_h) in zip(result["packed"], result["alone"]):
         for name, curve in alone_h.items():
-            assert [v for _, v in packed_h[name]] == pytest.approx([v for _, v in curve], rel=CURVE_RTOL,
-                                                                    abs=CURVE_ATOL), name
+            assert [v for _, v in packed_h[name]] == pytest.approx(
+                [v for _, v in curve], rel=CURVE_RTOL, abs=CURVE_ATOL
+            ), name
         assert ((packed_w - alone_w).norm() / alone_w.norm()).item() < WEIGHTS_RTOL
     # The members differ from each other (each its own beta and seed).
     assert len({round(h["train/loss"][-1][1], 4) for _, h in result["packed"]}) == len(SEEDS)

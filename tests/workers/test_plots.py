@@ -150,8 +150,9 @@ def test_the_upscale_factor_reaches_the_minimum_side_within_the_maximum():
 
 def test_a_labelled_grid_is_enlarged_titled_and_has_its_rows_labelled(tmp_path):
     images = torch.rand(6, 1, 7, 5, generator=torch.Generator().manual_seed(2))
-    path = save_labelled_grid(images, tmp_path / "lab.png", nrow=3, title="a title that says what this is",
-                              row_labels=["first row", "second"])
+    path = save_labelled_grid(
+        images, tmp_path / "lab.png", nrow=3, title="a title that says what this is", row_labels=["first row", "second"]
+    )
     picture = open_png(path)
     assert picture.mode == "L"
     assert_readable(picture, rows=2, cols=3)
@@ -275,7 +276,7 @@ def test_reconstructions_put_each_input_above_its_reconstruction(tmp_path):
 def test_a_denoiser_shows_its_own_corruption_between_input_and_reconstruction(tmp_path):
     model = make("dae", hidden_dims=[32], corruption={"kind": "mask", "level": 0.5})
     x = torch.ones(3, 1, H, W)
-    noise = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    noise = lambda: torch.Generator().manual_seed(7)
     picture = open_png(reconstructions(model, x, tmp_path / "d.png", generator=noise()))
     assert_readable(picture, rows=3, cols=3)  # input, corrupted input, reconstruction
     for i in range(3):
@@ -305,9 +306,11 @@ def test_templates_are_titled_with_the_corruption_level(tmp_path):
     """The title strip differs between a 50% and a 10% masking denoiser and a plain autoencoder, whose pixels
     below the title are drawn the same way."""
     titles = []
-    for model in (make("dae", hidden_dims=[32], corruption={"kind": "mask", "level": 0.5}),
-                  make("dae", hidden_dims=[32], corruption={"kind": "mask", "level": 0.1}),
-                  make("ae", hidden_dims=[32])):
+    for model in (
+        make("dae", hidden_dims=[32], corruption={"kind": "mask", "level": 0.5}),
+        make("dae", hidden_dims=[32], corruption={"kind": "mask", "level": 0.1}),
+        make("ae", hidden_dims=[32]),
+    ):
         picture = open_png(first_layer_templates(model, tmp_path / f"{len(titles)}.png", n=16))
         titles.append(np.array(picture)[: info(picture)["y"]])
     assert all(t.shape == titles[0].shape for t in titles)
@@ -372,8 +375,7 @@ def test_a_denoisers_loss_and_reconstruction_share_one_panel(tmp_path):
     assert [s for s, _ in dae.history["eval/recon"]] == [12]  # the validation point lands on the same panel
     assert open_png(loss_curves(dae.history, tmp_path / "dae.png")).size == (PANEL_W, PANEL_H)
 
-    vae = train(model_config("beta_vae"), train_config(), evaluation, data, data,
-                RunContext(run_dir=tmp_path / "vae"))
+    vae = train(model_config("beta_vae"), train_config(), evaluation, data, data, RunContext(run_dir=tmp_path / "vae"))
     assert loss_panels(vae.history) == [["train/loss"], ["train/recon"], ["train/kl"]]
     assert open_png(loss_curves(vae.history, tmp_path / "vae.png")).size == (3 * PANEL_W, PANEL_H)
 
@@ -385,8 +387,13 @@ def labelled(n=40) -> ImageDataset:
 
 def with_factors(n=40) -> ImageDataset:
     factors = torch.stack([torch.zeros(n, dtype=torch.long), torch.arange(n) % 3, torch.arange(n) % 5], 1)
-    return ImageDataset("shapes", (blobs(n) * 255).to(torch.uint8), factors=factors,
-                        factor_names=["color", "shape", "pos x"], factor_sizes=[1, 3, 5])
+    return ImageDataset(
+        "shapes",
+        (blobs(n) * 255).to(torch.uint8),
+        factors=factors,
+        factor_names=["color", "shape", "pos x"],
+        factor_sizes=[1, 3, 5],
+    )
 
 
 HISTORY = {"train/loss": [(5, 40.0), (10, 30.0)], "train/recon": [(5, 38.0), (10, 29.0)]}
@@ -405,8 +412,10 @@ def test_run_pictures_of_a_vae_on_labelled_data(tmp_path, caplog, latent_dim, ex
     with caplog.at_level(logging.WARNING, logger="workers.plots"):
         pictures = make_run_pictures(model, labelled(), labelled(16), tmp_path / "pictures", seed=0, history=HISTORY)
     assert not caplog.records  # no picture failed quietly
-    assert set(pictures) == {"reconstructions", "samples", "traversal", "embedding_label", "templates",
-                             "loss_curves"} | extra
+    assert (
+        set(pictures)
+        == {"reconstructions", "samples", "traversal", "embedding_label", "templates", "loss_curves"} | extra
+    )
     for name, path in pictures.items():
         assert path == tmp_path / "pictures" / f"{name}.png"
         assert min(open_png(path).size) >= MIN_SIDE
@@ -492,12 +501,22 @@ def sweep_rows() -> list[dict]:
     for beta in (1.0, 4.0, 16.0):
         for latent in (2, 5):
             for seed in (0, 1):
-                rows.append({"variant": "beta_vae", "beta": beta, "latent_dim": latent, "seed": seed,
-                             "status": "finished", "run_name": f"t-{beta}-{latent}-{seed}",
-                             "eval/recon": 30 + beta + seed, "eval/mig": 0.01 * beta + 0.1 * latent + 0.01 * seed,
-                             "eval/elbo": -40 - beta})
-    rows.append({"variant": "beta_vae", "beta": 2.0, "latent_dim": 2, "seed": 0, "status": "error",
-                 "run_name": "broken"})
+                rows.append(
+                    {
+                        "variant": "beta_vae",
+                        "beta": beta,
+                        "latent_dim": latent,
+                        "seed": seed,
+                        "status": "finished",
+                        "run_name": f"t-{beta}-{latent}-{seed}",
+                        "eval/recon": 30 + beta + seed,
+                        "eval/mig": 0.01 * beta + 0.1 * latent + 0.01 * seed,
+                        "eval/elbo": -40 - beta,
+                    }
+                )
+    rows.append(
+        {"variant": "beta_vae", "beta": 2.0, "latent_dim": 2, "seed": 0, "status": "error", "run_name": "broken"}
+    )
     return rows
 
 
@@ -514,8 +533,13 @@ def test_the_heat_map_table_is_latent_sizes_by_betas_with_means_over_seeds():
 def test_sweep_summary_pictures_one_file_per_distinct_quantity(tmp_path):
     rows = sweep_rows()
     tile = open_png(latent_traversal(make("vae", hidden_dims=[32]), blobs(1)[0], tmp_path / "tile.png"))
-    made = sweep_summary_pictures(rows, "eval/mig", tmp_path / "pics", mode="max",
-                                  traversal_for=lambda row: tmp_path / "tile.png" if row["seed"] == 0 else None)
+    made = sweep_summary_pictures(
+        rows,
+        "eval/mig",
+        tmp_path / "pics",
+        mode="max",
+        traversal_for=lambda row: tmp_path / "tile.png" if row["seed"] == 0 else None,
+    )
     # MIG ranks the trials: it is drawn once, not as both metric_vs_beta and mig_vs_beta.
     assert set(made) == {"mig_vs_beta", "recon_vs_beta", "mig_heatmap", "recon_vs_mig", "traversals", "mig_vs_elbo"}
     assert {p.name for p in made.values()} == {f"{name}.png" for name in made}

@@ -16,8 +16,11 @@ def test_parts_are_the_times_between_marks_in_order(monkeypatch):
     for part in ("data", "model", "steps"):
         timeline.mark(part)
     assert timeline.parts() == [("data", 2.5), ("model", 0.5), ("steps", 3.0)]
-    assert timeline.to_dict() == {"started": 10.0, "ended": 16.0,
-                                  "parts": [["data", 2.5], ["model", 0.5], ["steps", 3.0]]}
+    assert timeline.to_dict() == {
+        "started": 10.0,
+        "ended": 16.0,
+        "parts": [["data", 2.5], ["model", 0.5], ["steps", 3.0]],
+    }
 
 
 def test_a_part_marked_twice_adds_up_in_its_first_place():

@@ -22,8 +22,11 @@ from workers.tracking import (
 
 
 def test_flatten_nested_sections_and_keeps_lists():
-    spec = {"model": {"beta": 4.0, "corruption": {"kind": "mask", "level": 0.5}, "hidden_dims": [512, 256]},
-            "register": None, "empty": {}}
+    spec = {
+        "model": {"beta": 4.0, "corruption": {"kind": "mask", "level": 0.5}, "hidden_dims": [512, 256]},
+        "register": None,
+        "empty": {},
+    }
     assert flatten(spec) == {
         "model.beta": 4.0,
         "model.corruption.kind": "mask",
@@ -90,8 +93,12 @@ def test_metrics_params_spec_and_pictures_round_trip(mlflow_sqlite, tmp_path):
     run = MlflowRun(start_or_resume_run(experiment_id, "job-1"), mlflow_sqlite)
     run.log_metrics({"train/loss": 3.5, "train/kl": 1.25}, step=10)
     run.log_metrics({"train/loss": 2.5, "eval/mig": 0.125}, step=20)
-    spec = {"name": "roundtrip", "model": {"variant": "beta_vae", "beta": 4.0, "hidden_dims": [512, 256]},
-            "train": {"optimizer": {"lr": 1e-4}}, "register": None}
+    spec = {
+        "name": "roundtrip",
+        "model": {"variant": "beta_vae", "beta": 4.0, "hidden_dims": [512, 256]},
+        "train": {"optimizer": {"lr": 1e-4}},
+        "register": None,
+    }
     run.log_spec(spec)
     run.set_tags({"aeforge.kind": "train", "aeforge.workers": 2})
     pictures = tmp_path / "pictures"

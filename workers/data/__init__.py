@@ -6,9 +6,9 @@ such as ``s3://bucket/key`` or a pushed data set's name to a local path), which 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -21,9 +21,20 @@ from workers.data.npz import read_npz, read_npz_header
 from workers.data.shapes3d import read_shapes3d, read_shapes3d_header
 
 __all__ = [
-    "BUILTINS", "DataError", "ImageDataset", "builtin_names", "check_source", "infer_format", "known_factor_names",
+    "BUILTINS",
+    "DataError",
+    "ImageDataset",
+    "builtin_names",
+    "check_source",
+    "infer_format",
+    "known_factor_names",
     "open_dataset",
-    "PreparedData", "prepare", "read_local", "shard", "take_first", "train_val_split",
+    "PreparedData",
+    "prepare",
+    "read_local",
+    "shard",
+    "take_first",
+    "train_val_split",
 ]
 
 BUILTIN_PREFIX = "builtin:"
@@ -46,7 +57,7 @@ def builtin_names() -> list[str]:
 
 
 def infer_format(path: str | Path) -> str:
-    """"folder" for a directory, "npz" for ``*.npz``, "hdf5" for ``*.h5``/``*.hdf5`` (3D Shapes), "idx" for a name
+    """ "folder" for a directory, "npz" for ``*.npz``, "hdf5" for ``*.h5``/``*.hdf5`` (3D Shapes), "idx" for a name
     containing "idx" or "ubyte" (``.gz`` or not); anything else is a DataError. Within "npz", dSprites and MPI3D
     archives are told by their keys (see ``workers.data.npz``)."""
     path = Path(path)
@@ -91,7 +102,7 @@ def read_local(path: str | Path, config: DataConfig, name: str | None = None) ->
 
 
 def _builtin(config: DataConfig) -> str:
-    name = config.source[len(BUILTIN_PREFIX):]
+    name = config.source[len(BUILTIN_PREFIX) :]
     if name not in BUILTINS:
         raise DataError(f"data.source: unknown builtin '{name}'; known builtins: {', '.join(builtin_names())}")
     if config.format is not None:
@@ -105,7 +116,7 @@ def _local_path(config: DataConfig, resolve: Resolver | None) -> Path:
         path = Path(resolve(source))
     else:
         if source.startswith("file://"):
-            source = source[len("file://"):]
+            source = source[len("file://") :]
         elif "://" in source:
             raise DataError(f"data.source: '{config.source}' is remote, and no storage is configured to fetch it")
         path = Path(source).expanduser()
@@ -188,9 +199,8 @@ def shard(dataset: ImageDataset, rank: int, world_size: int, seed: int) -> Image
         raise DataError(f"data set '{dataset.name}' has {n} rows, fewer than the {world_size} workers sharing it")
     # A stream apart from train_val_split's, so the shards are not a function of the validation draw.
     gen = torch.Generator().manual_seed(seed * 7919 + 104_729)
-    rows = torch.randperm(n, generator=gen)[rank * per_rank:(rank + 1) * per_rank].sort().values
+    rows = torch.randperm(n, generator=gen)[rank * per_rank : (rank + 1) * per_rank].sort().values
     return dataset.subset(rows)
-
 
 
 @dataclass

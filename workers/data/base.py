@@ -7,7 +7,7 @@ for given factors, as disentanglement_lib's ``GroundTruthData`` does.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -90,7 +90,7 @@ class ImageDataset:
         return self.images(torch.cat(out))
 
     # --- derived data sets ---------------------------------------------------------------------------
-    def subset(self, index: torch.Tensor) -> "ImageDataset":
+    def subset(self, index: torch.Tensor) -> ImageDataset:
         """A data set of the given rows (validation split, a rank's shard, ``limit``)."""
         index = index.to(self.device)
         return ImageDataset(
@@ -103,7 +103,7 @@ class ImageDataset:
             self.num_classes,
         )
 
-    def to(self, device: torch.device | str) -> "ImageDataset":
+    def to(self, device: torch.device | str) -> ImageDataset:
         """Move storage to a device (the training loop keeps data on the GPU when it fits)."""
         self._images = self._images.to(device)
         if self.labels is not None:

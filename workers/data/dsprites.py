@@ -178,7 +178,7 @@ class DSprites(ImageDataset):
         return (factors.long() * self._strides.to(factors.device)).sum(dim=1)
 
     # --- derived data sets ---------------------------------------------------------------------------
-    def subset(self, index: torch.Tensor) -> "DSprites":
+    def subset(self, index: torch.Tensor) -> DSprites:
         index = index.to(self.device)
         if index.dtype == torch.bool:
             index = torch.nonzero(index).flatten()
@@ -191,7 +191,7 @@ class DSprites(ImageDataset):
         view._length = int(index.shape[0])
         return view
 
-    def to(self, device: torch.device | str) -> "DSprites":
+    def to(self, device: torch.device | str) -> DSprites:
         for attr in ("_bank", "_corners", "_box_flat", "_strides", "_sizes"):
             setattr(self, attr, getattr(self, attr).to(device))
         if self._rows is not None:

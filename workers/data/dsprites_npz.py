@@ -52,7 +52,7 @@ class PackedBitsStore(RowStore):
         _, _, h, w = self.shape
         return bits.reshape(len(packed), -1)[:, : h * w].float().view(len(packed), 1, h, w)
 
-    def to(self, device: torch.device | str) -> "PackedBitsStore":
+    def to(self, device: torch.device | str) -> PackedBitsStore:
         if self._packed.device == torch.device(device):
             return self
         return PackedBitsStore(self._packed.to(device), self.shape[2], self.shape[3])
@@ -64,12 +64,16 @@ class PackedBitsStore(RowStore):
 def _checked_headers(path: Path, archive: zipfile.ZipFile) -> tuple[tuple[int, ...], np.dtype, tuple[int, ...]]:
     shape, fortran, dtype = member_header(archive, IMAGES_KEY)
     if len(shape) != 3 or fortran or dtype not in (np.dtype(np.uint8), np.dtype(np.bool_)):
-        raise DataError(f"{path}: dSprites '{IMAGES_KEY}' must be a C-order uint8 (or bool) array (N, H, W); "
-                        f"found {dtype} {shape}{' in Fortran order' if fortran else ''}")
+        raise DataError(
+            f"{path}: dSprites '{IMAGES_KEY}' must be a C-order uint8 (or bool) array (N, H, W); "
+            f"found {dtype} {shape}{' in Fortran order' if fortran else ''}"
+        )
     classes_shape, _, classes_dtype = member_header(archive, CLASSES_KEY)
     if len(classes_shape) != 2 or classes_shape[1] != 1 + len(FACTOR_SIZES) or classes_dtype.kind not in "iu":
-        raise DataError(f"{path}: dSprites '{CLASSES_KEY}' must be an integer array (N, {1 + len(FACTOR_SIZES)}) "
-                        f"(colour, {', '.join(FACTOR_NAMES)}); found {classes_dtype} {classes_shape}")
+        raise DataError(
+            f"{path}: dSprites '{CLASSES_KEY}' must be an integer array (N, {1 + len(FACTOR_SIZES)}) "
+            f"(colour, {', '.join(FACTOR_NAMES)}); found {classes_dtype} {classes_shape}"
+        )
     if classes_shape[0] != shape[0]:
         raise DataError(f"{path}: '{CLASSES_KEY}' has {classes_shape[0]} rows for {shape[0]} images")
     return shape, dtype, classes_shape
@@ -116,13 +120,16 @@ def _packed_images(path: Path, archive: zipfile.ZipFile) -> np.ndarray:
             rows = min(chunk_rows, n - start)
             data = f.read(rows * pixels)
             if len(data) != rows * pixels:
-                raise DataError(f"{path}: '{IMAGES_KEY}' is truncated: {n} images announced, "
-                                f"the data ends in image {start + len(data) // max(pixels, 1)}")
+                raise DataError(
+                    f"{path}: '{IMAGES_KEY}' is truncated: {n} images announced, "
+                    f"the data ends in image {start + len(data) // max(pixels, 1)}"
+                )
             chunk = np.frombuffer(data, dtype=np.uint8).reshape(rows, pixels)
             if rows and int(chunk.max()) > 1:
-                raise DataError(f"{path}: '{IMAGES_KEY}' holds the value {int(chunk.max())}; "
-                                f"dSprites pixels are 0 or 1")
-            packed[start:start + rows] = np.packbits(chunk, axis=1)
+                raise DataError(
+                    f"{path}: '{IMAGES_KEY}' holds the value {int(chunk.max())}; dSprites pixels are 0 or 1"
+                )
+            packed[start : start + rows] = np.packbits(chunk, axis=1)
     return packed
 
 
@@ -139,4 +146,3 @@ def read_dsprites_npz(path: str | Path, name: str | None = None):
         raise DataError(f"{path}: cannot read the dSprites archive: {exc}") from None
     store = PackedBitsStore(torch.from_numpy(packed), shape[1], shape[2])
     return ground_truth_dataset(name or path.name, store, FACTOR_NAMES, FACTOR_SIZES, table)
-

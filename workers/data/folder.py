@@ -24,8 +24,10 @@ def image_files(folder: str | Path) -> list[Path]:
     if not folder.is_dir():
         raise DataError(f"{folder}: no such folder")
     files = [
-        p for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        and p.is_file()
         and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     ]
     if not files:
@@ -80,8 +82,9 @@ def read_folder_header(folder: str | Path, image_size: int | None, grayscale: bo
     return len(files), image_shape_of(files[0], image_size, grayscale)
 
 
-def read_folder(folder: str | Path, image_size: int | None = None, grayscale: bool = True,
-                name: str | None = None) -> ImageDataset:
+def read_folder(
+    folder: str | Path, image_size: int | None = None, grayscale: bool = True, name: str | None = None
+) -> ImageDataset:
     """All images of a folder; without ``image_size`` they must all have the same size already."""
     folder = Path(folder)
     files = image_files(folder)
@@ -102,5 +105,9 @@ def read_folder(folder: str | Path, image_size: int | None = None, grayscale: bo
     if classes is not None:
         index = {c: i for i, c in enumerate(classes)}
         labels = torch.tensor([index[p.relative_to(folder).parts[0]] for p in files], dtype=torch.long)
-    return ImageDataset(name or folder.name, torch.from_numpy(np.ascontiguousarray(stacked)), labels=labels,
-                        num_classes=None if classes is None else len(classes))
+    return ImageDataset(
+        name or folder.name,
+        torch.from_numpy(np.ascontiguousarray(stacked)),
+        labels=labels,
+        num_classes=None if classes is None else len(classes),
+    )

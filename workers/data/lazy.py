@@ -20,8 +20,8 @@ import copy
 import math
 import struct
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -86,8 +86,10 @@ def stored_member_offset(path: Path, archive: zipfile.ZipFile, key: str) -> int 
         file_size = f.seek(0, 2)
     data_bytes = math.prod(shape) * dtype.itemsize
     if offset - start + data_bytes != info.file_size or offset + data_bytes > file_size:
-        raise DataError(f"{path}: member '{key}' is truncated or inconsistent with its header "
-                        f"({'x'.join(map(str, shape))} {dtype} = {data_bytes} bytes)")
+        raise DataError(
+            f"{path}: member '{key}' is truncated or inconsistent with its header "
+            f"({'x'.join(map(str, shape))} {dtype} = {data_bytes} bytes)"
+        )
     return offset
 
 
@@ -122,7 +124,7 @@ class RowStore:
     def images(self, rows: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def to(self, device: torch.device | str) -> "RowStore":
+    def to(self, device: torch.device | str) -> RowStore:
         """A store on ``device``; file-backed stores stay on the CPU (their batches are moved by the caller)."""
         return self
 
@@ -145,7 +147,7 @@ class ArrayStore(RowStore):
     def images(self, rows: torch.Tensor) -> torch.Tensor:
         return self._images[rows.to(self._images.device)].float().div_(255.0)
 
-    def to(self, device: torch.device | str) -> "ArrayStore":
+    def to(self, device: torch.device | str) -> ArrayStore:
         return self if self._images.device == torch.device(device) else ArrayStore(self._images.to(device))
 
     def nbytes(self) -> int:
@@ -155,8 +157,9 @@ class ArrayStore(RowStore):
 class FileStore(RowStore):
     """Rows read from a file on demand, in increasing order (what HDF5 needs, and what disks like best)."""
 
-    def __init__(self, path: Path, stored_shape: tuple[int, ...], channels_last: bool,
-                 image_shape: tuple[int, int, int]):
+    def __init__(
+        self, path: Path, stored_shape: tuple[int, ...], channels_last: bool, image_shape: tuple[int, int, int]
+    ):
         self.path = Path(path)
         self.stored_shape = tuple(stored_shape)
         self.channels_last = channels_last
@@ -189,8 +192,15 @@ class MemmapStore(FileStore):
     """An uncompressed ``.npy`` member of an ``.npz`` archive, memory-mapped at ``offset`` (opened lazily, and
     again in each process that unpickles the store)."""
 
-    def __init__(self, path: Path, offset: int, stored_shape: tuple[int, ...], dtype: np.dtype, channels_last: bool,
-                 image_shape: tuple[int, int, int]):
+    def __init__(
+        self,
+        path: Path,
+        offset: int,
+        stored_shape: tuple[int, ...],
+        dtype: np.dtype,
+        channels_last: bool,
+        image_shape: tuple[int, int, int],
+    ):
         super().__init__(path, stored_shape, channels_last, image_shape)
         self.offset = int(offset)
         self.dtype = np.dtype(dtype)
@@ -227,8 +237,14 @@ class LazyImageDataset(ImageDataset):
     The images are served on the store's device (the CPU for a file); the factors on the CPU.
     """
 
-    def __init__(self, name: str, store: RowStore, factors: torch.Tensor | None = None,
-                 factor_names: Sequence[str] | None = None, factor_sizes: Sequence[int] | None = None):
+    def __init__(
+        self,
+        name: str,
+        store: RowStore,
+        factors: torch.Tensor | None = None,
+        factor_names: Sequence[str] | None = None,
+        factor_sizes: Sequence[int] | None = None,
+    ):
         super().__init__(name, None, factors=factors, factor_names=factor_names, factor_sizes=factor_sizes)
         self._store = store
         self._rows: torch.Tensor | None = None  # global rows of this view (on the store's device); None: all
@@ -275,7 +291,7 @@ class LazyImageDataset(ImageDataset):
         return torch.div(rows.unsqueeze(1), strides, rounding_mode="floor") % torch.tensor(self.factor_sizes)
 
     # --- derived data sets ---------------------------------------------------------------------------
-    def subset(self, index: torch.Tensor) -> "LazyImageDataset":
+    def subset(self, index: torch.Tensor) -> LazyImageDataset:
         index = index.cpu()
         if index.dtype == torch.bool:
             index = torch.nonzero(index).flatten()
@@ -291,7 +307,7 @@ class LazyImageDataset(ImageDataset):
             view._factors = self._factors[index]
         return view
 
-    def to(self, device: torch.device | str) -> "LazyImageDataset":
+    def to(self, device: torch.device | str) -> LazyImageDataset:
         """Moves what is in memory (a compact array) to ``device``; a file-backed store stays on the CPU."""
         self._store = self._store.to(device)
         if self._rows is not None:
@@ -303,16 +319,25 @@ class LazyImageDataset(ImageDataset):
         return self._store.nbytes() + int(sum(t.numel() * t.element_size() for t in parts))
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(name={self.name!r}, n={len(self)}, shape={self.image_shape}, "
-                f"store={type(self._store).__name__})")
+        return (
+            f"{type(self).__name__}(name={self.name!r}, n={len(self)}, shape={self.image_shape}, "
+            f"store={type(self._store).__name__})"
+        )
 
 
 class GridImageDataset(LazyImageDataset):
     """A lazy data set whose file holds every cell of its factor grid exactly once: ``images_from_factors``
     serves the exact image of any factor combination (also one outside this view, as the builtin dSprites)."""
 
-    def __init__(self, name: str, store: RowStore, factor_names: Sequence[str], factor_sizes: Sequence[int],
-                 factors: torch.Tensor | None = None, lookup: torch.Tensor | None = None):
+    def __init__(
+        self,
+        name: str,
+        store: RowStore,
+        factor_names: Sequence[str],
+        factor_sizes: Sequence[int],
+        factors: torch.Tensor | None = None,
+        lookup: torch.Tensor | None = None,
+    ):
         super().__init__(name, store, factors=factors, factor_names=factor_names, factor_sizes=factor_sizes)
         self._lookup = lookup  # file row of each grid cell (row-major); None: the file is in row-major order
 
@@ -339,11 +364,16 @@ class GridImageDataset(LazyImageDataset):
 
 
 def _strides(sizes: Sequence[int]) -> tuple[int, ...]:
-    return tuple(math.prod(sizes[k + 1:]) for k in range(len(sizes)))
+    return tuple(math.prod(sizes[k + 1 :]) for k in range(len(sizes)))
 
 
-def ground_truth_dataset(name: str, store: RowStore, factor_names: Sequence[str], factor_sizes: Sequence[int],
-                         table: np.ndarray | None = None) -> LazyImageDataset:
+def ground_truth_dataset(
+    name: str,
+    store: RowStore,
+    factor_names: Sequence[str],
+    factor_sizes: Sequence[int],
+    table: np.ndarray | None = None,
+) -> LazyImageDataset:
     """The data set of ``store`` with factors ``table`` (N, K) grid indices already checked against
     ``factor_sizes``; ``table`` None means the rows are the full grid in row-major order.
 
@@ -366,8 +396,9 @@ def ground_truth_dataset(name: str, store: RowStore, factor_names: Sequence[str]
         if bool((np.bincount(cells, minlength=total) == 1).all()):
             lookup = np.empty(total, dtype=np.int64)
             lookup[cells] = np.arange(total)
-            return GridImageDataset(name, store, factor_names, sizes, factors=_compact(table, sizes),
-                                    lookup=torch.from_numpy(lookup))
+            return GridImageDataset(
+                name, store, factor_names, sizes, factors=_compact(table, sizes), lookup=torch.from_numpy(lookup)
+            )
     return LazyImageDataset(name, store, factors=_compact(table, sizes), factor_names=factor_names, factor_sizes=sizes)
 
 

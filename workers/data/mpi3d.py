@@ -17,13 +17,25 @@ from pathlib import Path
 import numpy as np
 
 from workers.data.base import DataError
-from workers.data.lazy import (ArrayStore, MemmapStore, channels_first_shape, ground_truth_dataset, member_header,
-                               stored_member_offset, to_chw)
+from workers.data.lazy import (
+    ArrayStore,
+    MemmapStore,
+    channels_first_shape,
+    ground_truth_dataset,
+    member_header,
+    stored_member_offset,
+    to_chw,
+)
 
 # (name, size) of each factor, in the order the rows run through them (the last varies fastest).
 GRID = (
-    ("object_color", 6), ("object_shape", 6), ("object_size", 2), ("camera_height", 3),
-    ("background_color", 3), ("horizontal_axis", 40), ("vertical_axis", 40),
+    ("object_color", 6),
+    ("object_shape", 6),
+    ("object_size", 2),
+    ("camera_height", 3),
+    ("background_color", 3),
+    ("horizontal_axis", 40),
+    ("vertical_axis", 40),
 )
 IMAGES_KEY = "images"
 MAX_COMPRESSED_BYTES = 512 * 2**20
@@ -40,12 +52,16 @@ def _grid_text() -> str:
 def _checked_header(path: Path, archive: zipfile.ZipFile) -> tuple[tuple[int, ...], np.dtype]:
     shape, fortran, dtype = member_header(archive, IMAGES_KEY)
     if fortran or dtype != np.dtype(np.uint8):
-        raise DataError(f"{path}: MPI3D '{IMAGES_KEY}' must be a C-order uint8 array; found {dtype}"
-                        f"{' in Fortran order' if fortran else ''}")
+        raise DataError(
+            f"{path}: MPI3D '{IMAGES_KEY}' must be a C-order uint8 array; found {dtype}"
+            f"{' in Fortran order' if fortran else ''}"
+        )
     total = math.prod(size for _, size in GRID)
     if len(shape) < 1 or shape[0] != total:
-        raise DataError(f"{path}: {shape[0] if shape else 0} images, but MPI3D is the grid {_grid_text()} = "
-                        f"{total:,} images in row-major order")
+        raise DataError(
+            f"{path}: {shape[0] if shape else 0} images, but MPI3D is the grid {_grid_text()} = "
+            f"{total:,} images in row-major order"
+        )
     return shape, dtype
 
 
@@ -90,4 +106,3 @@ def read_mpi3d(path: str | Path, name: str | None = None):
     names = tuple(n for n, _ in GRID)
     sizes = tuple(s for _, s in GRID)
     return ground_truth_dataset(name or path.name, store, names, sizes)
-

@@ -66,7 +66,9 @@ def read_npz_header(path: str | Path) -> tuple[int, tuple[int, int, int], bool]:
             keys = {n[: -len(".npy")] for n in archive.namelist() if n.endswith(".npy")}
             key = _first_key(keys, IMAGE_KEYS)
             if key is None:
-                raise DataError(f"{path}: no images array (expected one of the keys {list(IMAGE_KEYS)}; found {sorted(keys)})")
+                raise DataError(
+                    f"{path}: no images array (expected one of the keys {list(IMAGE_KEYS)}; found {sorted(keys)})"
+                )
             shape = _member_shape(path, archive, key)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         if isinstance(exc, DataError):
@@ -130,7 +132,9 @@ def read_npz(path: str | Path, name: str | None = None) -> ImageDataset:
         try:
             key = _first_key(archive.files, IMAGE_KEYS)
             if key is None:
-                raise DataError(f"{path}: no images array (expected one of the keys {list(IMAGE_KEYS)}; found {archive.files})")
+                raise DataError(
+                    f"{path}: no images array (expected one of the keys {list(IMAGE_KEYS)}; found {archive.files})"
+                )
             images = _images_u8(path, key, archive[key])
             n = images.shape[0]
             labels = None
@@ -150,7 +154,9 @@ def read_npz(path: str | Path, name: str | None = None) -> ImageDataset:
             if isinstance(exc, DataError):
                 raise
             raise DataError(f"{path}: cannot read the .npz archive: {exc}") from None
-    return ImageDataset(name or path.name, images, labels=labels, factors=factors, factor_names=names, factor_sizes=sizes)
+    return ImageDataset(
+        name or path.name, images, labels=labels, factors=factors, factor_names=names, factor_sizes=sizes
+    )
 
 
 def _factor_names(path: Path, archive, k: int) -> tuple[str, ...]:
@@ -169,8 +175,12 @@ def _factor_sizes(path: Path, archive, table: np.ndarray) -> tuple[int, ...]:
         return tuple(int(s) for s in observed)
     sizes = archive["factor_sizes"]
     if sizes.shape != (k,) or not np.issubdtype(sizes.dtype, np.integer):
-        raise DataError(f"{path}: 'factor_sizes' must hold {k} integers (one per factor column), not {sizes.dtype} {sizes.shape}")
+        raise DataError(
+            f"{path}: 'factor_sizes' must hold {k} integers (one per factor column), not {sizes.dtype} {sizes.shape}"
+        )
     if (observed > sizes).any():
         bad = int(np.argmax(observed > sizes))
-        raise DataError(f"{path}: factor column {bad} takes value {int(observed[bad]) - 1}, beyond its size {int(sizes[bad])}")
+        raise DataError(
+            f"{path}: factor column {bad} takes value {int(observed[bad]) - 1}, beyond its size {int(sizes[bad])}"
+        )
     return tuple(int(s) for s in sizes)

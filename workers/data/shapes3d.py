@@ -15,12 +15,16 @@ from pathlib import Path
 import numpy as np
 
 from workers.data.base import DataError
-from workers.data.lazy import FileStore, ground_truth_dataset
-from workers.data.lazy import channels_first_shape
+from workers.data.lazy import FileStore, channels_first_shape, ground_truth_dataset
 
 # (name, size) of each label column, in the file's order.
 FACTORS = (
-    ("floor_hue", 10), ("wall_hue", 10), ("object_hue", 10), ("scale", 8), ("shape", 4), ("orientation", 15),
+    ("floor_hue", 10),
+    ("wall_hue", 10),
+    ("object_hue", 10),
+    ("scale", 8),
+    ("shape", 4),
+    ("orientation", 15),
 )
 IMAGES_KEY = "images"
 LABELS_KEY = "labels"
@@ -37,8 +41,14 @@ def _h5py():
 class H5Store(FileStore):
     """An HDF5 dataset of images (N, H, W[, C]), opened on first use in each process."""
 
-    def __init__(self, path: Path, key: str, stored_shape: tuple[int, ...], channels_last: bool,
-                 image_shape: tuple[int, int, int]):
+    def __init__(
+        self,
+        path: Path,
+        key: str,
+        stored_shape: tuple[int, ...],
+        channels_last: bool,
+        image_shape: tuple[int, int, int],
+    ):
         super().__init__(path, stored_shape, channels_last, image_shape)
         self.key = key
         self._file = None
@@ -59,7 +69,7 @@ class H5Store(FileStore):
         out = np.empty((len(rows), *self.stored_shape[1:]), dtype=dataset.dtype)
         starts = np.flatnonzero(np.diff(rows, prepend=rows[0] - 2) != 1)
         for begin, end in zip(starts, [*starts[1:], len(rows)]):
-            out[begin:end] = dataset[int(rows[begin]):int(rows[begin]) + int(end - begin)]
+            out[begin:end] = dataset[int(rows[begin]) : int(rows[begin]) + int(end - begin)]
         return out
 
     def _read_slice(self, start: int, stop: int) -> np.ndarray:
@@ -82,15 +92,19 @@ def _datasets(path: Path, f):
     for key in (IMAGES_KEY, LABELS_KEY):
         obj = f.get(key)
         if not isinstance(obj, h5py.Dataset):
-            raise DataError(f"{path}: no '{key}' dataset; a 3D Shapes file holds '{IMAGES_KEY}' (N, 64, 64, 3) uint8 "
-                            f"and '{LABELS_KEY}' (N, {len(FACTORS)}) float; found {sorted(f.keys())}")
+            raise DataError(
+                f"{path}: no '{key}' dataset; a 3D Shapes file holds '{IMAGES_KEY}' (N, 64, 64, 3) uint8 "
+                f"and '{LABELS_KEY}' (N, {len(FACTORS)}) float; found {sorted(f.keys())}"
+            )
         found.append(obj)
     images, labels = found
     if images.dtype != np.uint8:
         raise DataError(f"{path}: '{IMAGES_KEY}' must be uint8, not {images.dtype}")
     if len(labels.shape) != 2 or labels.shape[1] != len(FACTORS):
-        raise DataError(f"{path}: '{LABELS_KEY}' must have shape (N, {len(FACTORS)}) "
-                        f"({', '.join(n for n, _ in FACTORS)}), not {labels.shape}")
+        raise DataError(
+            f"{path}: '{LABELS_KEY}' must have shape (N, {len(FACTORS)}) "
+            f"({', '.join(n for n, _ in FACTORS)}), not {labels.shape}"
+        )
     if labels.shape[0] != images.shape[0]:
         raise DataError(f"{path}: '{LABELS_KEY}' has {labels.shape[0]} rows for {images.shape[0]} images")
     return images, labels
@@ -140,5 +154,6 @@ def read_shapes3d(path: str | Path, name: str | None = None):
         values = np.asarray(labels[()], dtype=np.float64)
     table = factor_table(path, values)
     store = H5Store(path, IMAGES_KEY, shape, channels_last, image_shape)
-    return ground_truth_dataset(name or path.name, store, tuple(n for n, _ in FACTORS), tuple(s for _, s in FACTORS),
-                                table)
+    return ground_truth_dataset(
+        name or path.name, store, tuple(n for n, _ in FACTORS), tuple(s for _, s in FACTORS), table
+    )

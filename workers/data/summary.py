@@ -10,9 +10,10 @@ that are not images, and the first and last images are decoded in full.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -82,8 +83,9 @@ def summarize_folder(folder: str | Path) -> DataSummary:
     for path in {files[0], files[-1]}:
         _decoded(path)
     classes = class_names(folder, files)
-    return DataSummary(len(files), shapes.pop() if len(shapes) == 1 else None,
-                       None if classes is None else len(classes), None)
+    return DataSummary(
+        len(files), shapes.pop() if len(shapes) == 1 else None, None if classes is None else len(classes), None
+    )
 
 
 def summarize(paths: Sequence[str | Path], format: str | None = None) -> DataSummary:

@@ -78,8 +78,11 @@ def evaluate(
             # The same validation rows (same stream) for ELBO, IWAE and the decomposition, so they compare.
             out.update(elbo(model, val, config.max_examples, batch_size, _generator(seed, "val")))
             if model.stochastic:
-                out.update(iwae_log_likelihood(model, val, config.iwae_samples, config.max_examples, batch_size,
-                                               _generator(seed, "val")))
+                out.update(
+                    iwae_log_likelihood(
+                        model, val, config.iwae_samples, config.max_examples, batch_size, _generator(seed, "val")
+                    )
+                )
                 parts = tc_decomposition(model, val, config.max_examples, batch_size, _generator(seed, "val"))
                 out.update({k: parts[k] for k in ("mi", "tc", "dwkl")})
 
@@ -112,26 +115,34 @@ def _has_classes(dataset: ImageDataset) -> bool:
     return dataset.labels is not None and len(dataset) > 0 and int(dataset.labels.unique().numel()) >= 2
 
 
-def _probes(model, train: ImageDataset, val: ImageDataset, config: EvalConfig, batch_size: int,
-            seed: int) -> dict[str, float]:
+def _probes(
+    model, train: ImageDataset, val: ImageDataset, config: EvalConfig, batch_size: int, seed: int
+) -> dict[str, float]:
     sizes = {"max_train": config.num_train, "max_test": config.num_test, "seed": seed}
-    out = {"probe_linear_accuracy": linear_probe(model, train, val, batch_size=batch_size, **sizes)["probe/linear_accuracy"]}
+    out = {
+        "probe_linear_accuracy": linear_probe(model, train, val, batch_size=batch_size, **sizes)[
+            "probe/linear_accuracy"
+        ]
+    }
     if config.probe_finetune_epochs > 0:
         with torch.enable_grad():
-            out["probe_finetune_accuracy"] = fine_tune(model, train, val, config.probe_finetune_epochs,
-                                                       config.probe_finetune_lr, **sizes)["probe/finetune_accuracy"]
+            out["probe_finetune_accuracy"] = fine_tune(
+                model, train, val, config.probe_finetune_epochs, config.probe_finetune_lr, **sizes
+            )["probe/finetune_accuracy"]
     return out
 
 
-def _disentanglement(model, truth: ImageDataset, config: EvalConfig, batch_size: int, seed: int,
-                     device: torch.device) -> dict[str, float]:
+def _disentanglement(
+    model, truth: ImageDataset, config: EvalConfig, batch_size: int, seed: int, device: torch.device
+) -> dict[str, float]:
     def representation(x: torch.Tensor) -> torch.Tensor:
         return model.representation(x.to(device))
 
     out: dict[str, float] = {}
     sampler = FactorSampler(truth, _generator(seed, "codes"), "the disentanglement scores")
     train_codes, train_factors, test_codes, test_factors = sampler.train_test_codes(
-        representation, config.num_train, config.num_test, batch_size)
+        representation, config.num_train, config.num_test, batch_size
+    )
 
     columns = None if config.factors is None else factor_columns(truth, config.factors)
     if columns is not None:
@@ -146,16 +157,37 @@ def _disentanglement(model, truth: ImageDataset, config: EvalConfig, batch_size:
         votes_train = max(2, config.num_train // VOTES_PER_POINT)
         votes_test = max(1, config.num_test // VOTES_PER_POINT)
         out["factor_vae"] = factor_vae_score(
-            representation, truth, votes_train, votes_test, config.num_train, VOTE_BATCH, batch_size,
-            _generator(seed, "factor_vae"), factors=config.factors,
+            representation,
+            truth,
+            votes_train,
+            votes_test,
+            config.num_train,
+            VOTE_BATCH,
+            batch_size,
+            _generator(seed, "factor_vae"),
+            factors=config.factors,
         )["eval_accuracy"]
         out["beta_vae"] = beta_vae_score(
-            representation, truth, votes_train, votes_test, VOTE_BATCH, batch_size, _generator(seed, "beta_vae"),
+            representation,
+            truth,
+            votes_train,
+            votes_test,
+            VOTE_BATCH,
+            batch_size,
+            _generator(seed, "beta_vae"),
             factors=config.factors,
         )["eval_accuracy"]
     if model.stochastic:
-        out["mig_exact"] = mig_exact(model, truth, config.max_examples, batch_size, _generator(seed, "mig_exact"),
-                                     factors=config.factors)
-        out["mig_chen"] = mig_chen(model, truth, config.factors, config.mig_chen_rows, config.mig_chen_samples,
-                                   batch_size, _generator(seed, "mig_chen"))
+        out["mig_exact"] = mig_exact(
+            model, truth, config.max_examples, batch_size, _generator(seed, "mig_exact"), factors=config.factors
+        )
+        out["mig_chen"] = mig_chen(
+            model,
+            truth,
+            config.factors,
+            config.mig_chen_rows,
+            config.mig_chen_samples,
+            batch_size,
+            _generator(seed, "mig_chen"),
+        )
     return out

@@ -9,7 +9,7 @@ factors).
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -47,8 +47,9 @@ def beta_vae_score(
     if pair_batch_size < 1:
         raise ValueError(f"pair_batch_size must be at least 1, not {pair_batch_size}")
     sampler = FactorSampler(dataset, generator, "the beta-VAE score")
-    factor_ids = varying_factors(sampler, "beta-VAE score",
-                                 None if factors is None else factor_columns(dataset, factors))
+    factor_ids = varying_factors(
+        sampler, "beta-VAE score", None if factors is None else factor_columns(dataset, factors)
+    )
     train_x, train_y = _points(sampler, representation, factor_ids, num_train, pair_batch_size, batch_size)
     eval_x, eval_y = _points(sampler, representation, factor_ids, num_eval, pair_batch_size, batch_size)
     if np.unique(train_y).size < 2:

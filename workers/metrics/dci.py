@@ -27,12 +27,20 @@ DEFAULT_ESTIMATORS = 10
 DEFAULT_LEARNING_RATE = 0.5
 
 
-def importance_matrix(train_codes, train_factors, test_codes, test_factors, n_estimators: int = DEFAULT_ESTIMATORS,
-                      learning_rate: float = DEFAULT_LEARNING_RATE, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def importance_matrix(
+    train_codes,
+    train_factors,
+    test_codes,
+    test_factors,
+    n_estimators: int = DEFAULT_ESTIMATORS,
+    learning_rate: float = DEFAULT_LEARNING_RATE,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
     """(D, K) importances and (K,) test accuracies; factors constant in the training set are left out (columns
     and accuracies only for the others)."""
-    train_codes, train_factors, test_codes, test_factors = train_test_arrays("DCI", train_codes, train_factors,
-                                                                             test_codes, test_factors)
+    train_codes, train_factors, test_codes, test_factors = train_test_arrays(
+        "DCI", train_codes, train_factors, test_codes, test_factors
+    )
     importances, accuracies = [], []
     for k in range(train_factors.shape[1]):
         if np.unique(train_factors[:, k]).size < 2:
@@ -57,11 +65,19 @@ def _weighted_one_minus_entropy(weights: np.ndarray) -> float:
     return float(np.sum(share * specificity))
 
 
-def dci_from_codes(train_codes, train_factors, test_codes, test_factors, n_estimators: int = DEFAULT_ESTIMATORS,
-                   learning_rate: float = DEFAULT_LEARNING_RATE, seed: int = 0) -> dict[str, float]:
+def dci_from_codes(
+    train_codes,
+    train_factors,
+    test_codes,
+    test_factors,
+    n_estimators: int = DEFAULT_ESTIMATORS,
+    learning_rate: float = DEFAULT_LEARNING_RATE,
+    seed: int = 0,
+) -> dict[str, float]:
     """``disentanglement``, ``completeness`` and ``informativeness`` of codes (N, D) for factors (N, K)."""
-    importance, accuracy = importance_matrix(train_codes, train_factors, test_codes, test_factors, n_estimators,
-                                             learning_rate, seed)
+    importance, accuracy = importance_matrix(
+        train_codes, train_factors, test_codes, test_factors, n_estimators, learning_rate, seed
+    )
     return {
         "disentanglement": _weighted_one_minus_entropy(importance),
         "completeness": _weighted_one_minus_entropy(importance.T),

@@ -9,7 +9,7 @@ the score is its accuracy on held-out votes (chance: 1 / number of factors).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -20,8 +20,10 @@ from workers.metrics.sampling import FactorSampler, Representation, factor_colum
 def varying_factors(sampler: FactorSampler, what: str, columns: Sequence[int] | None = None) -> torch.Tensor:
     """Indices of the factors with more than one value (among ``columns``, the scored factors, when given); at
     least two are needed to tell factors apart."""
-    varying = torch.tensor([k for k, size in enumerate(sampler.factor_sizes)
-                            if size > 1 and (columns is None or k in columns)], dtype=torch.long)
+    varying = torch.tensor(
+        [k for k, size in enumerate(sampler.factor_sizes) if size > 1 and (columns is None or k in columns)],
+        dtype=torch.long,
+    )
     if len(varying) < 2:
         scored = "" if columns is None else f" among the scored factors {list(columns)}"
         raise ValueError(
@@ -72,8 +74,9 @@ def factor_vae_score(
     if vote_batch_size < 2 or num_variance_estimate < 2:
         raise ValueError("the FactorVAE score needs vote_batch_size and num_variance_estimate of at least 2")
     sampler = FactorSampler(dataset, generator, "the FactorVAE score")
-    factor_ids = varying_factors(sampler, "FactorVAE score",
-                                 None if factors is None else factor_columns(dataset, factors))
+    factor_ids = varying_factors(
+        sampler, "FactorVAE score", None if factors is None else factor_columns(dataset, factors)
+    )
     global_codes = sampler.codes(sampler.sample(num_variance_estimate), representation, batch_size)
     scale = global_codes.std(dim=0)
     active = scale >= prune_threshold

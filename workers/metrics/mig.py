@@ -21,7 +21,7 @@ take one value in the evaluated sample carry no information and are left out of 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -30,7 +30,6 @@ from sklearn.metrics import mutual_info_score
 from workers.data.base import DataError, ImageDataset
 from workers.data.dsprites import FACTOR_NAMES as DSPRITES_FACTOR_NAMES
 from workers.losses import LOG_2PI
-from workers.models.base import Posterior
 from workers.metrics.sampling import (
     FactorSampler,
     Representation,
@@ -42,6 +41,7 @@ from workers.metrics.sampling import (
     require_factors,
     require_stochastic,
 )
+from workers.models.base import Posterior
 
 # Densities evaluated at once, (samples, rows, dimensions): 16 MiB on a CPU (cache-sized), 512 MiB on a GPU, where
 # a small block would leave the device waiting on kernel launches (Chen et al.'s full dSprites figure is 3.7e11).
@@ -119,22 +119,28 @@ def mixture_entropies(samples: torch.Tensor, mean: torch.Tensor, logvar: torch.T
     half_precision = (0.5 * torch.exp(-logvar)).unsqueeze(0)
     offset = (-0.5 * (LOG_2PI + logvar)).unsqueeze(0)
     for first in range(0, samples.shape[0], block):
-        log_q = offset - (samples[first:first + block].unsqueeze(1) - mean.unsqueeze(0)).square_() * half_precision
+        log_q = offset - (samples[first : first + block].unsqueeze(1) - mean.unsqueeze(0)).square_() * half_precision
         total += (torch.logsumexp(log_q, dim=1) - math.log(m)).sum(dim=0).double()  # log_q: (b, M, D)
     return -total / max(1, samples.shape[0])
 
 
-def _posterior_samples(model, dataset: ImageDataset, rows: torch.Tensor, batch_size: int,
-                       generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _posterior_samples(
+    model, dataset: ImageDataset, rows: torch.Tensor, batch_size: int, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean, logvar, z) of the given rows: one z ~ q(z|x) per row, drawn on the model's device."""
     noise = noise_generator(model_device(model), generator)
     mean, logvar = encode_rows(model, dataset, rows, batch_size)
     return mean, logvar, Posterior(mean=mean, logvar=logvar).sample(noise)
 
 
-def _entropies(mean: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor, values: torch.Tensor,
-               samples: int | None = None, generator: torch.Generator | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def _entropies(
+    mean: torch.Tensor,
+    logvar: torch.Tensor,
+    z: torch.Tensor,
+    values: torch.Tensor,
+    samples: int | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """H(z_j) (D,) and H(z_j | v_k) (K, D) of N rows' posteriors (``mean``, ``logvar``: (N, D)), their samples ``z``
     and factor values (N, K): H(z_j) is the entropy of the mixture of all N posteriors, H(z_j | v_k) = sum_v p(v)
     H(z_j | v_k = v) with each term the mixture of the rows sharing v and p(v) their share. Each entropy is
@@ -197,9 +203,15 @@ def chen2018_factor_columns(dataset: ImageDataset, factors: Sequence[str | int] 
     return factor_columns(dataset, factors)
 
 
-def mig_chen_from_posteriors(mean: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor, values: torch.Tensor,
-                             factor_sizes: Sequence[int], samples: int = CHEN2018_SAMPLES,
-                             generator: torch.Generator | None = None) -> float:
+def mig_chen_from_posteriors(
+    mean: torch.Tensor,
+    logvar: torch.Tensor,
+    z: torch.Tensor,
+    values: torch.Tensor,
+    factor_sizes: Sequence[int],
+    samples: int = CHEN2018_SAMPLES,
+    generator: torch.Generator | None = None,
+) -> float:
     """Chen et al.'s MIG from the posteriors (``mean``, ``logvar``: (N, D)) of N rows, one sample ``z`` (N, D) of
     each, and the rows' values (N, K) of the K scored factors, whose numbers of values are ``factor_sizes``.
 

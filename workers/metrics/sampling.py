@@ -13,8 +13,8 @@ Ground-truth draws go one of two ways, chosen by what the data set offers:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -148,8 +148,9 @@ class FactorSampler:
         ]
         return torch.cat(parts)
 
-    def train_test_codes(self, representation: Representation, num_train: int, num_test: int,
-                         batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def train_test_codes(
+        self, representation: Representation, num_train: int, num_test: int, batch_size: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(train codes, train factors, test codes, test factors) as NumPy arrays: ``num_train`` then ``num_test``
         fresh draws, then their codes (in that order, so a generator gives the same draws every time)."""
         train, test = self.sample(num_train), self.sample(num_test)
@@ -176,8 +177,9 @@ class FactorSampler:
         return self._groups
 
 
-def train_test_arrays(what: str, train_codes, train_factors, test_codes,
-                      test_factors) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def train_test_arrays(
+    what: str, train_codes, train_factors, test_codes, test_factors
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Codes (N, D) as float64 and factors (N, K) as arrays, for a metric that fits on the training set and scores
     on the test set; ValueError (naming ``what``) unless the rows and the dimensions of the two sets match."""
     train_codes, test_codes = np.asarray(train_codes, np.float64), np.asarray(test_codes, np.float64)

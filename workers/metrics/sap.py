@@ -22,8 +22,9 @@ from workers.metrics.sampling import FactorSampler, Representation, train_test_a
 
 def sap_score_matrix(train_codes, train_factors, test_codes, test_factors) -> np.ndarray:
     """(D, K) test accuracies of one-dimensional classifiers; factors constant in the training set are NaN."""
-    train_codes, train_factors, test_codes, test_factors = train_test_arrays("SAP", train_codes, train_factors,
-                                                                             test_codes, test_factors)
+    train_codes, train_factors, test_codes, test_factors = train_test_arrays(
+        "SAP", train_codes, train_factors, test_codes, test_factors
+    )
     num_codes, num_factors = train_codes.shape[1], train_factors.shape[1]
     scores = np.full((num_codes, num_factors), np.nan)
     for k in range(num_factors):
@@ -49,8 +50,14 @@ def sap_from_codes(train_codes, train_factors, test_codes, test_factors) -> floa
     return float(np.mean(ranked[0] - second))
 
 
-def sap(representation: Representation, dataset: ImageDataset, num_train: int, num_test: int, batch_size: int = 256,
-        generator: torch.Generator | None = None) -> float:
+def sap(
+    representation: Representation,
+    dataset: ImageDataset,
+    num_train: int,
+    num_test: int,
+    batch_size: int = 256,
+    generator: torch.Generator | None = None,
+) -> float:
     """SAP on fresh ground-truth draws: ``num_train`` to fit the classifiers, ``num_test`` to score them."""
     sampler = FactorSampler(dataset, generator, "SAP")
     return sap_from_codes(*sampler.train_test_codes(representation, num_train, num_test, batch_size))

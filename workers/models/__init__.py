@@ -12,7 +12,7 @@ from workers.models.base import Autoencoder, LossOutput, Posterior
 from workers.models.registry import VARIANTS, register
 
 # Importing a variant's module registers it.
-from workers.models import ae, dae, vae, beta_vae, beta_tcvae  # noqa: E402,F401  isort: skip
+from workers.models import ae, dae, vae, beta_vae, beta_tcvae  # noqa: F401  isort: skip
 
 __all__ = ["Autoencoder", "LossOutput", "Posterior", "VARIANTS", "build_model", "register"]
 

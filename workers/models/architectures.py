@@ -35,13 +35,17 @@ def check_fits(architecture: str, image_shape: tuple[int, ...]) -> None:
         return
     if architecture == "conv64":
         if (h, w) != (64, 64):
-            raise ValueError(f"architecture 'conv64' takes 64x64 images, and the data's are {size}; "
-                             f"use 'mlp' (any size) or 'conv28' (28 or 32 px), or resize the images")
+            raise ValueError(
+                f"architecture 'conv64' takes 64x64 images, and the data's are {size}; "
+                f"use 'mlp' (any size) or 'conv28' (28 or 32 px), or resize the images"
+            )
         return
     if architecture == "conv28":
         if h != w or h not in CONV28_SIZES:
-            raise ValueError(f"architecture 'conv28' takes 28x28 or 32x32 images, and the data's are {size}; "
-                             f"use 'mlp' (any size) or 'conv64' (64 px), or resize the images")
+            raise ValueError(
+                f"architecture 'conv28' takes 28x28 or 32x32 images, and the data's are {size}; "
+                f"use 'mlp' (any size) or 'conv64' (64 px), or resize the images"
+            )
         return
     raise ValueError(f"unknown architecture '{architecture}'; known: {', '.join(ARCHITECTURES)}")
 
@@ -71,8 +75,10 @@ def _conv_decoder(latent_dim: int, channels: tuple[int, ...], side: int, channel
     final_side = side // 2 ** len(channels)
     top = channels[-1]
     layers: list[nn.Module] = [
-        nn.Linear(latent_dim, FC_UNITS), nn.ReLU(),
-        nn.Linear(FC_UNITS, top * final_side * final_side), nn.ReLU(),
+        nn.Linear(latent_dim, FC_UNITS),
+        nn.ReLU(),
+        nn.Linear(FC_UNITS, top * final_side * final_side),
+        nn.ReLU(),
         nn.Unflatten(1, (top, final_side, final_side)),
     ]
     reversed_channels = list(reversed(channels))  # e.g. 64, 64, 32, 32

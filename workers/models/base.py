@@ -8,8 +8,8 @@ talks to this interface only.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -141,8 +141,9 @@ class Autoencoder(nn.Module):
         return self.decode(z)
 
     @torch.no_grad()
-    def traverse(self, x: torch.Tensor | None = None, steps: int = 9, sds: float = 2.0,
-                 ranges: torch.Tensor | None = None) -> torch.Tensor:
+    def traverse(
+        self, x: torch.Tensor | None = None, steps: int = 9, sds: float = 2.0, ranges: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Latent traversals as images, (D, steps, C, H, W): row d decodes the starting code with z_d set to
         ``steps`` evenly spaced values, the other dimensions held. The start is the posterior mean of image ``x``
         (C, H, W), else the centre of the codes. The values span ``ranges`` (D, 2) of (low, high) when given, else
@@ -155,9 +156,11 @@ class Autoencoder(nn.Module):
         d = self.latent_dim
         stats = None if self.stochastic else self.code_statistics()
         if stats is None and not self.stochastic and (ranges is None or x is None):
-            raise NoPrior(f"variant '{self.variant}' has no prior, and this model has no recorded code statistics "
-                          f"to say where its codes lie (it was saved before training recorded them): pass an image "
-                          f"x and ranges, a (latent_dim, 2) tensor of (low, high) per dimension")
+            raise NoPrior(
+                f"variant '{self.variant}' has no prior, and this model has no recorded code statistics "
+                f"to say where its codes lie (it was saved before training recorded them): pass an image "
+                f"x and ranges, a (latent_dim, 2) tensor of (low, high) per dimension"
+            )
         centre = torch.zeros(d, device=device) if stats is None else stats.mean.to(device)
         if ranges is not None:
             ranges = torch.as_tensor(ranges, dtype=torch.float32, device=device).reshape(d, 2)
@@ -218,19 +221,24 @@ class Autoencoder(nn.Module):
         if mean is None or std is None or not bool(torch.isfinite(mean).all() and torch.isfinite(std).all()):
             return None
         has_kl = kl is not None and bool(torch.isfinite(kl).all())
-        return CodeStatistics(mean=mean.detach().float().cpu(), std=std.detach().float().cpu(),
-                              kl=kl.detach().float().cpu() if has_kl else None)
+        return CodeStatistics(
+            mean=mean.detach().float().cpu(),
+            std=std.detach().float().cpu(),
+            kl=kl.detach().float().cpu() if has_kl else None,
+        )
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # Checkpoints written before the code statistics existed lack these buffers: load them as "not recorded"
         # (NaN) instead of refusing the whole checkpoint. load_state_dict hands this method its own copy.
         for name in CODE_STATISTICS_BUFFERS:
             buffer = self._buffers.get(name)
             if buffer is not None:
                 state_dict.setdefault(prefix + name, buffer.detach().clone())
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     # --- training ---------------------------------------------------------------------------------
     def draw_noise(self, x: torch.Tensor, generator: torch.Generator | None = None) -> Noise:

@@ -28,8 +28,10 @@ def corruption_noise(x: torch.Tensor, kind: str, generator: torch.Generator | No
     if kind == "gaussian":
         return {"gauss": torch.randn(x.shape, device=x.device, generator=generator)}
     if kind == "salt_pepper":
-        return {"pick": torch.rand(b, h * w, device=x.device, generator=generator),
-                "salt": torch.rand(b, 1, h, w, device=x.device, generator=generator)}
+        return {
+            "pick": torch.rand(b, h * w, device=x.device, generator=generator),
+            "salt": torch.rand(b, 1, h, w, device=x.device, generator=generator),
+        }
     raise ValueError(f"corruption kind must be 'mask', 'gaussian' or 'salt_pepper', not {kind!r}")
 
 

@@ -31,18 +31,19 @@ import json
 import logging
 import math
 import re
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image, ImageDraw, ImageFont  # noqa: E402
-from PIL.PngImagePlugin import PngInfo  # noqa: E402
-from torch import nn  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
+from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +111,9 @@ def _to_pil(grid: torch.Tensor) -> Image.Image:
     return Image.fromarray(array[:, :, 0] if c == 1 else array, mode=_MODES[c])
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int, padding: int = 2, *, scale: int = 1,
-              pad_value: float = PAD_VALUE) -> Path:
+def save_grid(
+    images: torch.Tensor, path: str | Path, nrow: int, padding: int = 2, *, scale: int = 1, pad_value: float = PAD_VALUE
+) -> Path:
     """Write images (N, C, H, W) in [0, 1] as one PNG grid with ``nrow`` images per row; returns the path.
 
     Greyscale for C = 1, RGB for C = 3. ``scale`` enlarges the whole picture by that integer factor with
@@ -173,9 +175,16 @@ def _flatten_alpha(picture: Image.Image) -> Image.Image:
     return flat.convert("L" if picture.mode == "LA" else "RGB")
 
 
-def save_labelled_grid(images: torch.Tensor, path: str | Path, nrow: int, *, title: str | None = None,
-                       row_labels: Sequence[str] | None = None, padding: int = 2,
-                       min_side: int = MIN_SIDE) -> Path:
+def save_labelled_grid(
+    images: torch.Tensor,
+    path: str | Path,
+    nrow: int,
+    *,
+    title: str | None = None,
+    row_labels: Sequence[str] | None = None,
+    padding: int = 2,
+    min_side: int = MIN_SIDE,
+) -> Path:
     """Write images (N, C, H, W) in [0, 1] as a grid a person can read: enlarged by :func:`upscale_factor`
     (nearest neighbour), a title strip above it, and ``row_labels`` (one per grid row) right-aligned in a strip
     on its left, level with their rows. Black text on white strips; the grid keeps its grey padding.
@@ -211,8 +220,12 @@ def save_labelled_grid(images: torch.Tensor, path: str | Path, nrow: int, *, tit
         draw.text((left - MARGIN, centre), label, font=label_font, fill=black, anchor="rm")
 
     info = PngInfo()
-    info.add_text(GRID_INFO_KEY, json.dumps({"x": left, "y": top, "scale": scale, "padding": padding,
-                                             "cell": [h, w], "rows": rows, "cols": cols}))
+    info.add_text(
+        GRID_INFO_KEY,
+        json.dumps(
+            {"x": left, "y": top, "scale": scale, "padding": padding, "cell": [h, w], "rows": rows, "cols": cols}
+        ),
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     picture.save(path, format="PNG", pnginfo=info)
@@ -261,9 +274,18 @@ def traversal_order(scores: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def latent_traversal(model: nn.Module, image: torch.Tensor | None, path: str | Path, limit: float = TRAVERSAL_SDS,
-                     steps: int = 9, *, ranges: torch.Tensor | None = None, start: torch.Tensor | None = None,
-                     order_by: tuple[str, torch.Tensor] | None = None, title: str | None = None) -> Path:
+def latent_traversal(
+    model: nn.Module,
+    image: torch.Tensor | None,
+    path: str | Path,
+    limit: float = TRAVERSAL_SDS,
+    steps: int = 9,
+    *,
+    ranges: torch.Tensor | None = None,
+    start: torch.Tensor | None = None,
+    order_by: tuple[str, torch.Tensor] | None = None,
+    title: str | None = None,
+) -> Path:
     """One row per latent dimension d: a starting code with z_d set to each of ``steps`` values, decoded.
 
     The starting code is ``image``'s posterior mean, or ``start`` (D,) when no image is given. The values are
@@ -314,8 +336,7 @@ def latent_traversal(model: nn.Module, image: torch.Tensor | None, path: str | P
             label += f"  [{float(spans[k, 0]):.2g}, {float(spans[k, 1]):.2g}]"
         labels.append(label)
     if title is None:
-        sweep = (f"from -{limit:g} to +{limit:g}" if spans is None
-                 else "over its own range [low, high]")
+        sweep = f"from -{limit:g} to +{limit:g}" if spans is None else "over its own range [low, high]"
         title = f"latent traversal: each row varies one latent {sweep}, left to right"
         if score_name is not None:
             title += f"; rows by {score_name}, largest first"
@@ -323,8 +344,14 @@ def latent_traversal(model: nn.Module, image: torch.Tensor | None, path: str | P
 
 
 @torch.no_grad()
-def reconstructions(model: nn.Module, images: torch.Tensor, path: str | Path, per_row: int = 8,
-                    generator: torch.Generator | None = None, title: str | None = None) -> Path:
+def reconstructions(
+    model: nn.Module,
+    images: torch.Tensor,
+    path: str | Path,
+    per_row: int = 8,
+    generator: torch.Generator | None = None,
+    title: str | None = None,
+) -> Path:
     """Inputs with their reconstructions below them, in blocks of ``per_row`` columns, each row labelled.
 
     Each block is the row of inputs x, then (denoising autoencoders, which have ``corrupt``) the corrupted
@@ -376,8 +403,9 @@ def _corrupt(model: nn.Module, x: torch.Tensor, generator: torch.Generator | Non
 
 
 @torch.no_grad()
-def prior_samples(model: nn.Module, path: str | Path, n: int = 64, seed: int = 0, title: str | None = None,
-                  nrow: int | None = None) -> Path | None:
+def prior_samples(
+    model: nn.Module, path: str | Path, n: int = 64, seed: int = 0, title: str | None = None, nrow: int | None = None
+) -> Path | None:
     """A square-ish grid (or ``nrow`` per row) of n decodings of z ~ N(0, I) drawn with ``seed``; None for
     deterministic autoencoders, which have no prior (their decoder fed N(0, I) draws shows nothing meaningful)."""
     if not model.stochastic:
@@ -391,8 +419,9 @@ def prior_samples(model: nn.Module, path: str | Path, n: int = 64, seed: int = 0
 
 
 @torch.no_grad()
-def latent_manifold(model: nn.Module, path: str | Path, n: int = 15, codes: torch.Tensor | None = None,
-                    title: str | None = None) -> Path | None:
+def latent_manifold(
+    model: nn.Module, path: str | Path, n: int = 15, codes: torch.Tensor | None = None, title: str | None = None
+) -> Path | None:
     """For a 2-D latent space, an n x n grid of decoded codes; None for other latent sizes.
 
     VAE family: as Kingma & Welling (2014, fig. 4), the grid is mapped through the inverse CDF of N(0, 1)
@@ -419,8 +448,10 @@ def latent_manifold(model: nn.Module, path: str | Path, n: int = 15, codes: torc
     grid = torch.stack(torch.meshgrid(z2, z1, indexing="ij"), dim=-1)[..., [1, 0]].reshape(n * n, 2)
     images = model.decode(grid.to(device))
     if title is None:
-        title = (f"latent manifold ({describe_model(model)}): z1 from {float(z1[0]):.2g} (left) "
-                 f"to {float(z1[-1]):.2g} (right), z2 labelled per row")
+        title = (
+            f"latent manifold ({describe_model(model)}): z1 from {float(z1[0]):.2g} (left) "
+            f"to {float(z1[-1]):.2g} (right), z2 labelled per row"
+        )
     labels = [f"z2 {float(v):.2g}" for v in z2]
     return save_labelled_grid(images.float().cpu(), path, nrow=n, title=title, row_labels=labels)
 
@@ -456,8 +487,10 @@ def first_layer_templates(model: nn.Module, path: str | Path, n: int = 64, title
     if templates is None:
         return None
     if title is None:
-        title = (f"first-layer templates ({getattr(model, 'variant', '') or 'model'}, trained with "
-                 f"{corruption_level(model)}): weight rows, mid-grey 0, light positive, dark negative")
+        title = (
+            f"first-layer templates ({getattr(model, 'variant', '') or 'model'}, trained with "
+            f"{corruption_level(model)}): weight rows, mid-grey 0, light positive, dark negative"
+        )
     return save_labelled_grid(templates, path, nrow=math.ceil(math.sqrt(len(templates))), title=title)
 
 
@@ -471,8 +504,10 @@ def templates_comparison(models_by_label: Mapping[str, nn.Module], path: str | P
     for label, model in models_by_label.items():
         templates = _templates(model, n)
         if templates is None:
-            raise ValueError(f"model '{label}' has no image-sized first layer (architecture "
-                             f"'{getattr(model.config, 'architecture', '?')}'); templates need architecture 'mlp'")
+            raise ValueError(
+                f"model '{label}' has no image-sized first layer (architecture "
+                f"'{getattr(model.config, 'architecture', '?')}'); templates need architecture 'mlp'"
+            )
         grid = make_grid(templates, nrow=math.ceil(math.sqrt(len(templates))))
         panels.append((label, grid.permute(1, 2, 0).numpy()))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 4.4), dpi=100, squeeze=False)
@@ -582,8 +617,9 @@ def loss_panels(history: Mapping[str, Sequence[tuple[int, float]]]) -> list[list
     return panels
 
 
-def loss_curves(history: Mapping[str, Sequence[tuple[int, float]]], path: str | Path,
-                title: str | None = None) -> Path | None:
+def loss_curves(
+    history: Mapping[str, Sequence[tuple[int, float]]], path: str | Path, title: str | None = None
+) -> Path | None:
     """One panel per distinct ``train/*`` quantity (loss, recon, kl, tc, ...) against the step; None when there
     are none. Identical curves share a panel titled with both names ("loss = recon", see :func:`loss_panels`).
     A validation curve ``eval/<part>`` in the history is drawn on its training part's panel as markers.
@@ -596,9 +632,10 @@ def loss_curves(history: Mapping[str, Sequence[tuple[int, float]]], path: str | 
         return None
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.4 * rows + (0.4 if title else 0.0)), dpi=100,
-                             squeeze=False)
-    for ax in axes.flat[len(panels):]:
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(4.4 * cols, 3.4 * rows + (0.4 if title else 0.0)), dpi=100, squeeze=False
+    )
+    for ax in axes.flat[len(panels) :]:
         ax.axis("off")
     for ax, names in zip(axes.flat, panels):
         parts = [name.split("/", 1)[1] for name in names]
@@ -642,8 +679,9 @@ def _encode(model: nn.Module, data: Any, index: torch.Tensor) -> tuple[torch.Ten
     return torch.cat(means), None if kl_sum is None else kl_sum / len(index)
 
 
-def traversal_settings(model: nn.Module, codes: torch.Tensor, kl: torch.Tensor | None,
-                       sds: float = TRAVERSAL_SDS) -> dict[str, Any]:
+def traversal_settings(
+    model: nn.Module, codes: torch.Tensor, kl: torch.Tensor | None, sds: float = TRAVERSAL_SDS
+) -> dict[str, Any]:
     """How to traverse ``model`` given its data's ``codes`` (N, D) and per-latent ``kl`` (D,): keyword arguments
     for :func:`latent_traversal`. VAE family: the prior's -2..+2, rows by KL. Deterministic autoencoders: each
     latent over the codes' mean +- ``sds`` standard deviations, rows by standard deviation (a latent the data
@@ -666,8 +704,14 @@ def _first_varying_factor(data: Any, index: torch.Tensor) -> tuple[str, torch.Te
     return None
 
 
-def make_run_pictures(model: nn.Module, train_data: Any, val_data: Any, out_dir: Path, seed: int = 0,
-                      history: Mapping[str, Sequence[tuple[int, float]]] | None = None) -> dict[str, Path]:
+def make_run_pictures(
+    model: nn.Module,
+    train_data: Any,
+    val_data: Any,
+    out_dir: Path,
+    seed: int = 0,
+    history: Mapping[str, Sequence[tuple[int, float]]] | None = None,
+) -> dict[str, Path]:
     """Write the pictures that apply to this model and data into ``out_dir``; returns {name: file}.
 
     Names (file = name + ".png"): ``reconstructions``, ``traversal`` (the sweep summary collects this file
@@ -692,7 +736,7 @@ def make_run_pictures(model: nn.Module, train_data: Any, val_data: Any, out_dir:
     def attempt(name: str, draw: Callable[[], Path | None]) -> None:
         try:
             pictures[name] = draw()
-        except Exception:  # noqa: BLE001 - a picture must not fail a finished run
+        except Exception:
             logger.warning("could not draw the '%s' picture", name, exc_info=True)
 
     try:
@@ -706,40 +750,80 @@ def make_run_pictures(model: nn.Module, train_data: Any, val_data: Any, out_dir:
             about = f"{describe_model(model)}, data {data.name}"
 
             noise = torch.Generator(device=device).manual_seed(seed)
-            attempt("reconstructions", lambda: reconstructions(
-                model, x, out_dir / "reconstructions.png", generator=noise,
-                title=f"reconstructions of validation images ({about})"))
-            attempt("samples", lambda: prior_samples(
-                model, out_dir / "samples.png", n=64, seed=seed,
-                title=f"samples ({about}): decodings of z ~ N(0, I)"))
+            attempt(
+                "reconstructions",
+                lambda: reconstructions(
+                    model,
+                    x,
+                    out_dir / "reconstructions.png",
+                    generator=noise,
+                    title=f"reconstructions of validation images ({about})",
+                ),
+            )
+            attempt(
+                "samples",
+                lambda: prior_samples(
+                    model,
+                    out_dir / "samples.png",
+                    n=64,
+                    seed=seed,
+                    title=f"samples ({about}): decodings of z ~ N(0, I)",
+                ),
+            )
             # Rows by KL (VAE family) or by spread; deterministic codes have no prior scale, so each latent is
             # swept over where the validation codes lie.
             settings = traversal_settings(model, codes, kl)
-            what = ("from -2 to +2 (the prior's sd)" if "ranges" not in settings
-                    else "over the validation codes' mean +- 2 sd [range shown]")
-            attempt("traversal", lambda: latent_traversal(
-                model, x[0], out_dir / "traversal.png", **settings,
-                title=f"latent traversal ({about}): each row varies one latent {what}, the others stay at one "
-                      f"image's code; rows by {settings['order_by'][0]}, largest first"))
+            what = (
+                "from -2 to +2 (the prior's sd)"
+                if "ranges" not in settings
+                else "over the validation codes' mean +- 2 sd [range shown]"
+            )
+            attempt(
+                "traversal",
+                lambda: latent_traversal(
+                    model,
+                    x[0],
+                    out_dir / "traversal.png",
+                    **settings,
+                    title=f"latent traversal ({about}): each row varies one latent {what}, the others stay at one "
+                    f"image's code; rows by {settings['order_by'][0]}, largest first",
+                ),
+            )
             attempt("manifold", lambda: latent_manifold(model, out_dir / "manifold.png", codes=codes))
 
             if data.labels is not None:
                 labels = data.labels[points.to(data.labels.device)].cpu()
-                attempt("embedding_label", lambda: embedding_scatter(
-                    codes, labels, out_dir / "embedding_label.png",
-                    f"{data.name}: validation codes by label", "label"))
+                attempt(
+                    "embedding_label",
+                    lambda: embedding_scatter(
+                        codes,
+                        labels,
+                        out_dir / "embedding_label.png",
+                        f"{data.name}: validation codes by label",
+                        "label",
+                    ),
+                )
             if data.has_factors:
                 factor = _first_varying_factor(data, points)
                 if factor is not None:
                     name = f"embedding_{_safe_name(factor[0])}"
-                    attempt(name, lambda: embedding_scatter(
-                        codes, factor[1], out_dir / f"{name}.png",
-                        f"{data.name}: validation codes by {factor[0]}", factor[0]))
+                    attempt(
+                        name,
+                        lambda: embedding_scatter(
+                            codes,
+                            factor[1],
+                            out_dir / f"{name}.png",
+                            f"{data.name}: validation codes by {factor[0]}",
+                            factor[0],
+                        ),
+                    )
 
             attempt("templates", lambda: first_layer_templates(model, out_dir / "templates.png"))
             if history:
-                attempt("loss_curves", lambda: loss_curves(history, out_dir / "loss_curves.png",
-                                                           title=f"training curves ({about})"))
+                attempt(
+                    "loss_curves",
+                    lambda: loss_curves(history, out_dir / "loss_curves.png", title=f"training curves ({about})"),
+                )
     finally:
         model.train(was_training)
         plt.close("all")

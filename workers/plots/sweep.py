@@ -21,18 +21,19 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.patches import Rectangle
+from PIL import Image, ImageDraw
 
-from workers.plots import MARGIN, TITLE_FONT_SIZE, _font, _line_height  # noqa: E402
+from workers.plots import MARGIN, TITLE_FONT_SIZE, _font, _line_height
 
 RECON = "eval/recon"
 MIG = "eval/mig"
@@ -105,18 +106,25 @@ def plot_against_beta(rows: list[dict[str, Any]], y: str, path: Path, title: str
     several_seeds = False
     for label, points in curves.items():
         xs = [b for b, _ in points]
-        line, = ax.plot(xs, [float(np.mean(v)) for _, v in points], marker="o", label=label)
+        (line,) = ax.plot(xs, [float(np.mean(v)) for _, v in points], marker="o", label=label)
         if any(len(v) > 1 for _, v in points):
             several_seeds = True
-            ax.fill_between(xs, [min(v) for _, v in points], [max(v) for _, v in points], color=line.get_color(),
-                            alpha=0.15, linewidth=0)
+            ax.fill_between(
+                xs,
+                [min(v) for _, v in points],
+                [max(v) for _, v in points],
+                color=line.get_color(),
+                alpha=0.15,
+                linewidth=0,
+            )
             seeds = [(b, value) for b, v in points for value in v]
             ax.scatter([b for b, _ in seeds], [value for _, value in seeds], s=9, color=line.get_color(), alpha=0.6)
     _log_beta_axis(ax, sorted({b for pts in curves.values() for b, _ in pts}))
     ax.set_xlabel("beta")
     ax.set_ylabel(_label(y), fontsize=9)
-    ax.set_title(title + (": mean, band from lowest to highest seed, dots the seeds" if several_seeds else ""),
-                 fontsize=9)
+    ax.set_title(
+        title + (": mean, band from lowest to highest seed, dots the seeds" if several_seeds else ""), fontsize=9
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, title="variant, latent size", title_fontsize=8)
     fig.tight_layout()
@@ -133,11 +141,25 @@ def mig_against_elbo(rows: list[dict[str, Any]], mig: str, path: Path) -> Path |
     variants = sorted({str(r.get("variant") or "") for r in trials})
     for colour, variant in zip(plt.get_cmap("tab10").colors, variants):
         mine = [r for r in trials if str(r.get("variant") or "") == variant]
-        ax.scatter([r[ELBO] for r in mine], [r[mig] for r in mine], s=30, color=colour, edgecolors="black",
-                   linewidths=0.4, label=variant or "all trials", zorder=3)
+        ax.scatter(
+            [r[ELBO] for r in mine],
+            [r[mig] for r in mine],
+            s=30,
+            color=colour,
+            edgecolors="black",
+            linewidths=0.4,
+            label=variant or "all trials",
+            zorder=3,
+        )
         for r in mine:
-            ax.annotate(f"b={_beta(r):g}", (r[ELBO], r[mig]), textcoords="offset points", xytext=(4, 2), fontsize=6,
-                        color=colour)
+            ax.annotate(
+                f"b={_beta(r):g}",
+                (r[ELBO], r[mig]),
+                textcoords="offset points",
+                xytext=(4, 2),
+                fontsize=6,
+                color=colour,
+            )
     ax.set_xlabel(_label(ELBO), fontsize=9)
     ax.set_ylabel(_label(mig), fontsize=9)
     ax.set_title(f"{mig} against the ELBO, one point per model ({len(trials)})", fontsize=10)
@@ -148,8 +170,9 @@ def mig_against_elbo(rows: list[dict[str, Any]], mig: str, path: Path) -> Path |
     return _save(fig, path)
 
 
-def heatmap_table(rows: list[dict[str, Any]], metric: str,
-                  variant: str | None = None) -> tuple[list[float], list[int], np.ndarray]:
+def heatmap_table(
+    rows: list[dict[str, Any]], metric: str, variant: str | None = None
+) -> tuple[list[float], list[int], np.ndarray]:
     """(betas, latent sizes, means): ``means[i, j]`` is the mean over seeds of ``metric`` for latent size
     ``latents[i]`` and beta ``betas[j]`` (NaN where no finished trial has that pair), over the finished trials
     (of ``variant``, when given). Both axes sorted ascending."""
@@ -176,11 +199,14 @@ def metric_heatmap(rows: list[dict[str, Any]], metric: str, path: Path, mode: st
     tables = [(v, *heatmap_table(rows, metric, None if v == "None" else v)) for v in variants]
     widths = [max(3.2, 1.0 + 0.9 * len(betas)) for _, betas, _, _ in tables]
     height = max(3.0, 1.4 + 0.6 * max(len(latents) for _, _, latents, _ in tables))
-    fig, axes = plt.subplots(1, len(tables), figsize=(sum(widths) + 1.2 * len(tables), height), dpi=100,
-                             squeeze=False)
+    fig, axes = plt.subplots(1, len(tables), figsize=(sum(widths) + 1.2 * len(tables), height), dpi=100, squeeze=False)
     for ax, (variant, betas, latents, means) in zip(axes[0], tables):
-        image = ax.imshow(np.ma.masked_invalid(means), cmap=plt.get_cmap("viridis").with_extremes(bad="lightgrey"),
-                          aspect="auto", origin="lower")
+        image = ax.imshow(
+            np.ma.masked_invalid(means),
+            cmap=plt.get_cmap("viridis").with_extremes(bad="lightgrey"),
+            aspect="auto",
+            origin="lower",
+        )
         fig.colorbar(image, ax=ax, label=metric)
         ax.set_xticks(range(len(betas)), [f"{b:g}" for b in betas])
         ax.set_yticks(range(len(latents)), [str(z) for z in latents])
@@ -222,11 +248,25 @@ def recon_vs_mig(rows: list[dict[str, Any]], path: Path) -> Path | None:
     logged = bool(betas.min() > 0)
     fig, ax = plt.subplots(figsize=(6.8, 4.8), dpi=100)
     if len(trials) > len(keys):
-        ax.scatter([r[MIG] for r in trials], [r[RECON] for r in trials], s=10, color="grey", alpha=0.4,
-                   label="single trials (seeds)")
+        ax.scatter(
+            [r[MIG] for r in trials],
+            [r[RECON] for r in trials],
+            s=10,
+            color="grey",
+            alpha=0.4,
+            label="single trials (seeds)",
+        )
         ax.legend(fontsize=7, loc="best")
-    dots = ax.scatter(mig, recon, c=np.log2(betas) if logged else betas, cmap="plasma", s=50, edgecolors="black",
-                      linewidths=0.5, zorder=3)
+    dots = ax.scatter(
+        mig,
+        recon,
+        c=np.log2(betas) if logged else betas,
+        cmap="plasma",
+        s=50,
+        edgecolors="black",
+        linewidths=0.5,
+        zorder=3,
+    )
     fig.colorbar(dots, ax=ax, label="log2 beta" if logged else "beta")
     several_variants = len({k[0] for k in keys}) > 1
     for (variant, beta, latent), x, y in zip(keys, mig, recon):
@@ -244,8 +284,13 @@ def recon_vs_mig(rows: list[dict[str, Any]], path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def traversal_grid(rows: list[dict[str, Any]], traversal_for: Callable[[dict], Path | None], path: Path,
-                   metric: str | None = None, columns: int = 3) -> Path | None:
+def traversal_grid(
+    rows: list[dict[str, Any]],
+    traversal_for: Callable[[dict], Path | None],
+    path: Path,
+    metric: str | None = None,
+    columns: int = 3,
+) -> Path | None:
     """Every finished trial's traversal picture at its own resolution (no resampling, so its labels stay
     legible), ``columns`` to a row, each under a caption with the trial's values and ranking metric."""
     panels = [(row, traversal_for(row)) for row in rows if row.get("status") == "finished"]
@@ -263,8 +308,9 @@ def traversal_grid(rows: list[dict[str, Any]], traversal_for: Callable[[dict], P
     for k, (row, image) in enumerate(panels):
         y, x = divmod(k, cols)
         x, y = x * cell_w + MARGIN, y * cell_h
-        label = ", ".join(f"{key}={row[key]}" for key in ("variant", "beta", "latent_dim", "seed")
-                          if row.get(key) is not None)
+        label = ", ".join(
+            f"{key}={row[key]}" for key in ("variant", "beta", "latent_dim", "seed") if row.get(key) is not None
+        )
         if metric and isinstance(row.get(metric), (int, float)):
             label += f"   {metric} {row[metric]:.3g}"
         draw.text((x, y + MARGIN), label, font=font, fill=(0, 0, 160))
@@ -274,9 +320,13 @@ def traversal_grid(rows: list[dict[str, Any]], traversal_for: Callable[[dict], P
     return path
 
 
-def sweep_summary_pictures(rows: list[dict[str, Any]], metric: str, out_dir: Path,
-                           traversal_for: Callable[[dict], Path | None] | None = None,
-                           mode: str | None = None) -> dict[str, Path]:
+def sweep_summary_pictures(
+    rows: list[dict[str, Any]],
+    metric: str,
+    out_dir: Path,
+    traversal_for: Callable[[dict], Path | None] | None = None,
+    mode: str | None = None,
+) -> dict[str, Path]:
     """Write the summary pictures of a sweep's result ``rows`` into ``out_dir``; returns {name: file}, name =
     file name without ``.png``. ``metric`` is the ranking metric (``mode`` "max" or "min" frames its best cell);
     ``traversal_for(row)`` fetches a trial's traversal picture (None when it has none; no ``traversal_for``, no
@@ -287,8 +337,11 @@ def sweep_summary_pictures(rows: list[dict[str, Any]], metric: str, out_dir: Pat
     for quantity in dict.fromkeys([metric, RECON, MIG, MIG_CHEN]):
         name = f"{short_name(quantity)}_vs_beta"
         made[name] = plot_against_beta(rows, quantity, out_dir / f"{name}.png", f"{quantity} against beta")
-    mig = metric if metric in (MIG, MIG_CHEN, "eval/mig_exact") else next(
-        (m for m in (MIG_CHEN, MIG) if _finished_with(rows, m)), MIG)
+    mig = (
+        metric
+        if metric in (MIG, MIG_CHEN, "eval/mig_exact")
+        else next((m for m in (MIG_CHEN, MIG) if _finished_with(rows, m)), MIG)
+    )
     made[f"{short_name(mig)}_vs_elbo"] = mig_against_elbo(rows, mig, out_dir / f"{short_name(mig)}_vs_elbo.png")
     heatmap = f"{short_name(metric)}_heatmap"
     made[heatmap] = metric_heatmap(rows, metric, out_dir / f"{heatmap}.png", mode)

@@ -6,5 +6,18 @@ from workers.storage.datasets import DATASET_NAME, DATASETS, MANIFEST, data_form
 from workers.storage.objects import ObjectNotFound, ObjectStore, S3Connection, StorageError, StorageUnreachable
 from workers.storage.resolver import Storage, resolver_from_settings
 
-__all__ = ["DATASETS", "DATASET_NAME", "MANIFEST", "ObjectNotFound", "ObjectStore", "S3Connection", "Storage",
-           "StorageError", "StorageUnreachable", "data_formats", "human_size", "resolver_from_settings", "validate_dataset_name"]
+__all__ = [
+    "DATASETS",
+    "DATASET_NAME",
+    "MANIFEST",
+    "ObjectNotFound",
+    "ObjectStore",
+    "S3Connection",
+    "Storage",
+    "StorageError",
+    "StorageUnreachable",
+    "data_formats",
+    "human_size",
+    "resolver_from_settings",
+    "validate_dataset_name",
+]

@@ -12,9 +12,10 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from datetime import datetime, timezone
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Mapping, get_args
+from typing import Any, get_args
 
 from pyarrow.fs import FileType
 
@@ -29,8 +30,10 @@ CONTENT_FIELDS = ("examples", "image_shape", "classes", "factors")
 
 def validate_dataset_name(name: str) -> str:
     if not isinstance(name, str) or not DATASET_NAME.fullmatch(name):
-        raise StorageError(f"invalid dataset name {name!r}: use 1-100 letters, digits, '.', '_' or '-', starting "
-                           f"with a letter or digit")
+        raise StorageError(
+            f"invalid dataset name {name!r}: use 1-100 letters, digits, '.', '_' or '-', starting "
+            f"with a letter or digit"
+        )
     return name
 
 
@@ -43,6 +46,7 @@ def human_size(num_bytes: int) -> str:
 
 def data_formats() -> tuple[str, ...]:
     from workers.config import DataConfig
+
     return tuple(value for arg in get_args(DataConfig.model_fields["format"].annotation) for value in get_args(arg))
 
 
@@ -66,8 +70,11 @@ class DatasetStore(ObjectStore):
                 raise ValueError("no files")
             for f in manifest["files"]:
                 f["path"] = clean_relpath(f["path"], "file path")
-                if (not isinstance(f["size"], int) or f["size"] < 0
-                        or not re.fullmatch(r"[0-9a-f]{64}", str(f["sha256"]))):
+                if (
+                    not isinstance(f["size"], int)
+                    or f["size"] < 0
+                    or not re.fullmatch(r"[0-9a-f]{64}", str(f["sha256"]))
+                ):
                     raise ValueError(f"bad size or sha256 for {f['path']}")
             if manifest.get("layout") not in ("files", "folder"):
                 raise ValueError(f"unknown layout {manifest.get('layout')!r}")
@@ -87,10 +94,18 @@ class DatasetStore(ObjectStore):
             held = manifest.get("owner") or "no one (pushed before owners were recorded)"
             raise StorageError(f"dataset '{name}' belongs to {held}: only its owner or an admin may {what} it")
 
-    def push(self, paths: list[Path | str], name: str, *, overwrite: bool = False, format: str | None = None,
-             progress: Callable[[str], None] | None = None, owner: str | None = None,
-             admin: bool = False, describe: Callable[[list[Path], str], Mapping[str, Any]] | None = None
-             ) -> dict[str, Any]:
+    def push(
+        self,
+        paths: list[Path | str],
+        name: str,
+        *,
+        overwrite: bool = False,
+        format: str | None = None,
+        progress: Callable[[str], None] | None = None,
+        owner: str | None = None,
+        admin: bool = False,
+        describe: Callable[[list[Path], str], Mapping[str, Any]] | None = None,
+    ) -> dict[str, Any]:
         """Upload files (or one folder's files, by relative path) as dataset ``name`` owned by ``owner``; returns the
         manifest, written last (an interrupted push leaves an incomplete dataset). ``format``: one of
         :func:`data_formats`, inferred if None. Replacing another owner's dataset takes ``admin``; it keeps its owner
@@ -112,12 +127,16 @@ class DatasetStore(ObjectStore):
                 raise StorageError(f"not a regular file: {p}")
             if p.name in (q.name for q in paths[:i]):
                 raise StorageError(f"two files named '{p.name}': a dataset keeps files by name")
-        entries = ([(f, f.relative_to(paths[0]).as_posix()) for f in sorted(paths[0].rglob("*")) if f.is_file()]
-                   if layout == "folder" else [(p, p.name) for p in paths])
+        entries = (
+            [(f, f.relative_to(paths[0]).as_posix()) for f in sorted(paths[0].rglob("*")) if f.is_file()]
+            if layout == "folder"
+            else [(p, p.name) for p in paths]
+        )
         if not entries:
             raise StorageError(f"folder {paths[0]} has no files")
         if format is None:
             from workers.data import infer_format  # imported here: workers.data imports torch, `data ls` does not
+
             try:
                 format = str(infer_format(paths[0]))
             except ValueError as exc:  # a DataError
@@ -126,8 +145,10 @@ class DatasetStore(ObjectStore):
             raise StorageError(f"unknown format {format!r}: use one of {', '.join(data_formats())}")
         existing = self._read_manifest(name)
         if existing is not None and not overwrite:
-            raise StorageError(f"dataset '{name}' already exists (pushed {existing[0].get('created', '?')}); "
-                               f"use --overwrite to replace it")
+            raise StorageError(
+                f"dataset '{name}' already exists (pushed {existing[0].get('created', '?')}); "
+                f"use --overwrite to replace it"
+            )
         if existing is not None:
             self._check_owner(name, existing[0], owner, admin, "replace")
         contents = {}
@@ -145,9 +166,18 @@ class DatasetStore(ObjectStore):
                 progress(relpath)
             files.append({"path": relpath, "size": local.stat().st_size, "sha256": sha256_file(local)})
             self.put_file(local, f"{prefix}/files/{relpath}")
-        manifest = {"aeforge_manifest": MANIFEST_VERSION, "name": name, "layout": layout, "format": format,
-                    "files": files, "size": sum(f["size"] for f in files), "owner": owner, "shared": shared,
-                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **contents}
+        manifest = {
+            "aeforge_manifest": MANIFEST_VERSION,
+            "name": name,
+            "layout": layout,
+            "format": format,
+            "files": files,
+            "size": sum(f["size"] for f in files),
+            "owner": owner,
+            "shared": shared,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            **contents,
+        }
         self.put_bytes(json.dumps(manifest, indent=2).encode(), f"{prefix}/{MANIFEST}")
         return manifest
 

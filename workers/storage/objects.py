@@ -12,9 +12,10 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 from urllib.parse import unquote, urlparse
 
 import pyarrow.fs as pafs
@@ -27,8 +28,18 @@ SHA256_METADATA = "sha256"  # user metadata key (x-amz-meta-sha256) of objects p
 CHUNK = 1 << 20
 # (connect timeout s, read timeout s, attempts): ordinary traffic rides out a flaky endpoint, a preflight is quick
 TIMEOUTS, PREFLIGHT_TIMEOUTS = (5, 60, 5), (2, 5, 2)
-_ACCESS_DENIED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
-                  "ExpiredToken", "TokenRefreshRequired", "Forbidden", "AllAccessDisabled", "InvalidClientTokenId"}
+_ACCESS_DENIED = {
+    "403",
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidToken",
+    "ExpiredToken",
+    "TokenRefreshRequired",
+    "Forbidden",
+    "AllAccessDisabled",
+    "InvalidClientTokenId",
+}
 NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
 _SESSION_LOCK, _session = threading.Lock(), None  # one boto3 session keeps botocore's loaded service models
 
@@ -60,8 +71,9 @@ def sha256_file(path: Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def write_file(stream: IO[bytes], target: Path, staging: Path | None = None, size: int | None = None,
-               sha256: str | None = None) -> Path:
+def write_file(
+    stream: IO[bytes], target: Path, staging: Path | None = None, size: int | None = None, sha256: str | None = None
+) -> Path:
     """Copy ``stream`` to a file in ``staging`` (default: target's folder) and rename it to ``target``, unless it is
     not ``size`` bytes or its sha256 is not ``sha256`` (StorageError): ``target`` only ever holds a checked file."""
     tmp = (staging or target.parent) / f"{LOCAL_STAGING_MARK}{uuid.uuid4().hex}-{target.name}"
@@ -101,7 +113,9 @@ def read_credentials_file(path: Path) -> dict[str, str]:
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
         raise StorageError(f"{what}: cannot read the file: {reason}") from None
-    first = next((line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith(("#", ";"))), "")
+    first = next(
+        (line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith(("#", ";"))), ""
+    )
     values = _ini_credentials(text, what) if first.startswith("[") else _mapping_credentials(text, what)
     missing = [k for k in CREDENTIAL_KEYS[:2] if not values.get(k)]
     if missing:
@@ -119,8 +133,10 @@ def _mapping_credentials(text: str, what: str) -> dict[str, str]:
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         raise StorageError(f"{what}: not a YAML/JSON mapping nor an AWS credentials file{where}") from None
     if not isinstance(data, dict):
-        raise StorageError(f"{what}: expected a mapping with {', '.join(CREDENTIAL_KEYS)} (the last is optional), "
-                           f"or an AWS credentials file with a [default] profile")
+        raise StorageError(
+            f"{what}: expected a mapping with {', '.join(CREDENTIAL_KEYS)} (the last is optional), "
+            f"or an AWS credentials file with a [default] profile"
+        )
     values = {str(k).lower(): v for k, v in data.items()}
     unknown = sorted(set(values) - set(CREDENTIAL_KEYS))
     if unknown:
@@ -138,7 +154,9 @@ def _ini_credentials(text: str, what: str) -> dict[str, str]:
     try:
         parser.read_string(text)
     except configparser.Error as exc:  # its message quotes the lines: only say where
-        lines = sorted({n for n, _ in getattr(exc, "errors", [])} | ({exc.lineno} if getattr(exc, "lineno", None) else set()))
+        lines = sorted(
+            {n for n, _ in getattr(exc, "errors", [])} | ({exc.lineno} if getattr(exc, "lineno", None) else set())
+        )
         where = f" (line {', '.join(map(str, lines))})" if lines else ""
         raise StorageError(f"{what}: not a valid AWS credentials (INI) file{where}") from None
     profile = os.environ.get("AWS_PROFILE") or "default"
@@ -162,7 +180,7 @@ class S3Connection:
     keys_source: str = field(default=ENV_KEYS_SOURCE, compare=False)  # where the keys came from, for messages
 
     @classmethod
-    def from_settings(cls) -> "S3Connection":
+    def from_settings(cls) -> S3Connection:
         """Keys from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (/ AWS_SESSION_TOKEN); when the secret key is not
         set, from AEFORGE_S3_CREDENTIALS_FILE (read each time: a rotated secret is picked up); else none."""
         env = os.environ.get
@@ -170,10 +188,21 @@ class S3Connection:
         path = settings.s3_credentials_file()
         if not env("AWS_SECRET_ACCESS_KEY") and path is not None:
             keys = read_credentials_file(path)
-            return cls(endpoint, region, keys["aws_access_key_id"], keys["aws_secret_access_key"],
-                       keys.get("aws_session_token"), keys_source=f"the keys in {path}")
-        return cls(endpoint, region, env("AWS_ACCESS_KEY_ID") or None, env("AWS_SECRET_ACCESS_KEY") or None,
-                   env("AWS_SESSION_TOKEN") or None)
+            return cls(
+                endpoint,
+                region,
+                keys["aws_access_key_id"],
+                keys["aws_secret_access_key"],
+                keys.get("aws_session_token"),
+                keys_source=f"the keys in {path}",
+            )
+        return cls(
+            endpoint,
+            region,
+            env("AWS_ACCESS_KEY_ID") or None,
+            env("AWS_SECRET_ACCESS_KEY") or None,
+            env("AWS_SESSION_TOKEN") or None,
+        )
 
     @property
     def endpoint_name(self) -> str:
@@ -187,23 +216,40 @@ class S3Connection:
     def client(self, *, preflight: bool = False):
         import boto3
         from botocore.config import Config
+
         connect, read, attempts = PREFLIGHT_TIMEOUTS if preflight else TIMEOUTS
-        options: dict[str, Any] = {"connect_timeout": connect, "read_timeout": read,
-                                   "retries": {"mode": "standard", "total_max_attempts": attempts}}
+        options: dict[str, Any] = {
+            "connect_timeout": connect,
+            "read_timeout": read,
+            "retries": {"mode": "standard", "total_max_attempts": attempts},
+        }
         if self.endpoint_url:  # S3-compatible: path-style buckets, no CRC checksums by default (old MinIO, Ceph)
-            options.update(s3={"addressing_style": "path"}, request_checksum_calculation="when_required",
-                           response_checksum_validation="when_required")
+            options.update(
+                s3={"addressing_style": "path"},
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            )
         global _session
         with _SESSION_LOCK:  # making clients from a session is not thread-safe; using them is
             _session = _session or boto3.session.Session()
-            return _session.client("s3", endpoint_url=self.endpoint_url, region_name=self.region,
-                                   aws_access_key_id=self.access_key_id, aws_secret_access_key=self.secret_access_key,
-                                   aws_session_token=self.session_token, config=Config(**options))
+            return _session.client(
+                "s3",
+                endpoint_url=self.endpoint_url,
+                region_name=self.region,
+                aws_access_key_id=self.access_key_id,
+                aws_secret_access_key=self.secret_access_key,
+                aws_session_token=self.session_token,
+                config=Config(**options),
+            )
 
     def pyarrow_filesystem(self) -> pafs.S3FileSystem:
         retry = pafs.AwsStandardS3RetryStrategy(max_attempts=TIMEOUTS[2])
-        options: dict[str, Any] = {"region": self.region, "connect_timeout": TIMEOUTS[0],
-                                   "request_timeout": TIMEOUTS[1], "retry_strategy": retry}
+        options: dict[str, Any] = {
+            "region": self.region,
+            "connect_timeout": TIMEOUTS[0],
+            "request_timeout": TIMEOUTS[1],
+            "retry_strategy": retry,
+        }
         if self.endpoint_url:
             parsed = urlparse(self.endpoint_url)
             if parsed.scheme not in ("http", "https") or not parsed.netloc:
@@ -212,8 +258,11 @@ class S3Connection:
         return pafs.S3FileSystem(**options, **self.pyarrow_keys())
 
     def pyarrow_keys(self) -> dict[str, str]:
-        keys = {"access_key": self.access_key_id, "secret_key": self.secret_access_key,
-                "session_token": self.session_token}
+        keys = {
+            "access_key": self.access_key_id,
+            "secret_key": self.secret_access_key,
+            "session_token": self.session_token,
+        }
         return {k: v for k, v in keys.items() if v} if self.access_key_id and self.secret_access_key else {}
 
 
@@ -226,33 +275,43 @@ def client_error_code(exc: Exception) -> str:
 def s3_errors() -> tuple[type[Exception], ...]:
     from boto3.exceptions import Boto3Error
     from botocore.exceptions import BotoCoreError, ClientError
+
     return ClientError, BotoCoreError, Boto3Error  # Boto3Error: a failed upload
 
 
 def is_outage(exc: Exception) -> bool:
     """An endpoint that did not answer, or answered that it cannot now (5xx, SlowDown): worth asking again."""
-    from botocore.exceptions import ConnectionError as BotoConnectionError, ReadTimeoutError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import ReadTimeoutError
 
     code = client_error_code(exc)
-    return isinstance(exc, (BotoConnectionError, ReadTimeoutError)) or code.startswith("5") or code in (
-        "SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout")
+    return (
+        isinstance(exc, (BotoConnectionError, ReadTimeoutError))
+        or code.startswith("5")
+        or code in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout")
+    )
 
 
 def explain_s3_error(exc: Exception, conn: S3Connection, bucket: str) -> str:
     """One sentence on what went wrong talking to S3, naming the endpoint and bucket; never the secret key."""
     from botocore.exceptions import ClientError, ConnectTimeoutError, EndpointConnectionError, NoCredentialsError
+
     where, code = f"S3 endpoint {conn.endpoint_name}, bucket '{bucket}'", client_error_code(exc)
     detail = (getattr(exc, "response", None) or {}).get("Error", {}).get("Message") or code
     text = f"{where}: {code}: {detail}" if isinstance(exc, ClientError) else f"{where}: {type(exc).__name__}: {exc}"
     if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError)):
         text = f"cannot connect to {where}: is the endpoint URL (AEFORGE_S3_ENDPOINT_URL) right and the server up?"
     elif isinstance(exc, NoCredentialsError):
-        text = (f"{where}: no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or "
-                f"AEFORGE_S3_CREDENTIALS_FILE where this runs (on a Ray cluster: in the nodes' environment), "
-                f"or give the machine an instance role")
+        text = (
+            f"{where}: no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or "
+            f"AEFORGE_S3_CREDENTIALS_FILE where this runs (on a Ray cluster: in the nodes' environment), "
+            f"or give the machine an instance role"
+        )
     elif isinstance(exc, ClientError) and code in _ACCESS_DENIED:
-        text = (f"access denied at {where} for access key id '{conn.access_key_id}' ({code}: {detail}): check "
-                f"{conn.keys_source} and the bucket's policy")
+        text = (
+            f"access denied at {where} for access key id '{conn.access_key_id}' ({code}: {detail}): check "
+            f"{conn.keys_source} and the bucket's policy"
+        )
     elif code == "NoSuchBucket":
         text = f"bucket '{bucket}' does not exist at S3 endpoint {conn.endpoint_name}"
     return conn.redact(text)
@@ -261,8 +320,15 @@ def explain_s3_error(exc: Exception, conn: S3Connection, bucket: str) -> str:
 class ObjectStore:
     """Objects under relative paths in a local folder ``root`` or under ``prefix`` in an S3 ``bucket``."""
 
-    def __init__(self, *, cache_dir: Path, s3: S3Connection, root: Path | None = None, bucket: str | None = None,
-                 prefix: str = ""):
+    def __init__(
+        self,
+        *,
+        cache_dir: Path,
+        s3: S3Connection,
+        root: Path | None = None,
+        bucket: str | None = None,
+        prefix: str = "",
+    ):
         self.cache_dir, self.s3, self.root, self.bucket, self.prefix = Path(cache_dir), s3, root, bucket, prefix
         self.base_path = str(root) if bucket is None else "/".join(p for p in (bucket, prefix) if p)
 
@@ -338,8 +404,9 @@ class ObjectStore:
         path = clean_relpath(relpath)
         with self._errors(f"write of {self.uri(path)}"):
             if self.bucket is not None:
-                return self.client.upload_fileobj(stream, self.bucket, self._key(path),
-                                                  ExtraArgs={"Metadata": {SHA256_METADATA: sha256}})
+                return self.client.upload_fileobj(
+                    stream, self.bucket, self._key(path), ExtraArgs={"Metadata": {SHA256_METADATA: sha256}}
+                )
             write_file(stream, self.root / path)
 
     @contextlib.contextmanager
@@ -364,8 +431,11 @@ class ObjectStore:
 
     def list_prefix(self, prefix: str = "") -> list[str]:
         """Relative paths of all objects under a folder-like prefix, sorted ('runs/x' lists 'runs/x/...')."""
-        return sorted(i.path for i in self._infos(clean_relpath(prefix, "prefix", allow_empty=True))
-                      if i.type == pafs.FileType.File and not i.base_name.startswith(LOCAL_STAGING_MARK))
+        return sorted(
+            i.path
+            for i in self._infos(clean_relpath(prefix, "prefix", allow_empty=True))
+            if i.type == pafs.FileType.File and not i.base_name.startswith(LOCAL_STAGING_MARK)
+        )
 
     def delete_prefix(self, prefix: str) -> int:
         """Delete every object under a folder-like prefix; returns how many. The storage root cannot be deleted."""
@@ -397,8 +467,10 @@ class ObjectStore:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     if wait_s > 0:
-                        raise StorageUnreachable(f"{exc} (still unreachable after {wait_s:g} s of retries; "
-                                                 f"AEFORGE_STORAGE_WAIT_S sets how long)") from None
+                        raise StorageUnreachable(
+                            f"{exc} (still unreachable after {wait_s:g} s of retries; "
+                            f"AEFORGE_STORAGE_WAIT_S sets how long)"
+                        ) from None
                     raise
                 delay = min(delay * 2, 30.0, left)
                 print(f"aeforge: {exc}; trying again in {delay:.0f} s ({left:.0f} s left)", flush=True)

@@ -22,6 +22,7 @@ def _rebuild_tune_s3(options: dict[str, Any], kv_key: str | None, keys: dict[str
         try:
             import ray
             from ray.experimental import internal_kv
+
             raw = kv_key and ray.is_initialized() and internal_kv._internal_kv_get(kv_key, namespace=_KV_NAMESPACE)
         except Exception:  # no cluster to ask: the default credential chain applies
             raw = None
@@ -51,6 +52,7 @@ def tune_filesystem(storage, kv_key: str | None = None) -> tuple[pyarrow.fs.File
 def share_s3_keys(kv_key: str, remove: bool = False) -> None:
     """Share this driver's S3 keys with the trial actors in Ray's key-value store (``remove``: take them out)."""
     from ray.experimental import internal_kv
+
     if remove:
         internal_kv._internal_kv_del(kv_key, namespace=_KV_NAMESPACE)
     elif (keys := S3Connection.from_settings().pyarrow_keys()) and settings.storage_uri().startswith("s3://"):

@@ -10,24 +10,37 @@ import hashlib
 import io
 import json
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 from workers.storage.datasets import DATASET_NAME, DATASETS, DatasetStore
-from workers.storage.objects import (NOT_FOUND, SHA256_METADATA, ObjectStore, StorageError, clean_relpath,
-                                     client_error_code, explain_s3_error, s3_errors, sha256_file, write_file)
+from workers.storage.objects import (
+    NOT_FOUND,
+    SHA256_METADATA,
+    ObjectStore,
+    StorageError,
+    clean_relpath,
+    client_error_code,
+    explain_s3_error,
+    s3_errors,
+    sha256_file,
+    write_file,
+)
 
 
 def _data_error(message: str) -> Exception:
     """A DataError, reported under data.source (imported here: workers.data imports torch; `data ls` needs none)."""
     from workers.data.base import DataError
+
     return DataError(message)
 
 
 def _sync(dest: Path, record: Path, wanted: dict[str, Any], fetch: Callable[[str, Path], None], prune: bool = False):
     """Make ``dest/<rel>`` a copy for every ``rel`` of ``wanted`` (rel -> what names its content), fetching only what
     the record does not show unchanged (that name, size and mtime); ``prune``: delete files no longer wanted."""
+
     def entry(rel: str) -> list[Any]:
         st = (dest / rel).stat() if (dest / rel).is_file() else None
         return [wanted[rel], st and [st.st_size, st.st_mtime_ns]]
@@ -73,8 +86,11 @@ class _S3SourceFetcher:
             if code == "PreconditionFailed":
                 raise _data_error(f"data source {what} changed while it was being fetched; run again") from None
             if not isinstance(exc, StorageError):
-                reason = (f"not found at S3 endpoint {self.conn.endpoint_name}" if code in NOT_FOUND
-                          else explain_s3_error(exc, self.conn, self.bucket))
+                reason = (
+                    f"not found at S3 endpoint {self.conn.endpoint_name}"
+                    if code in NOT_FOUND
+                    else explain_s3_error(exc, self.conn, self.bucket)
+                )
             raise _data_error(f"data source {what}: {reason}") from None
 
     def _download(self, key: str, etag: str, size: int, target: Path) -> None:
@@ -90,19 +106,29 @@ class _S3SourceFetcher:
             key = clean_relpath(source_key, "S3 key")
             if folder:
                 pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=f"{key}/")
-                listing = {o["Key"][len(key) + 1:]: [o["ETag"], int(o["Size"])]
-                           for page in pages for o in page.get("Contents", []) if not o["Key"].endswith("/")}
+                listing = {
+                    o["Key"][len(key) + 1 :]: [o["ETag"], int(o["Size"])]
+                    for page in pages
+                    for o in page.get("Contents", [])
+                    if not o["Key"].endswith("/")
+                }
             else:
                 head = self.client.head_object(Bucket=self.bucket, Key=key)
                 listing = {key.rpartition("/")[2]: [head["ETag"], int(head["ContentLength"])]}
             for rel in listing:  # a local file name for each
                 clean_relpath(f"{key}/{rel}", "object key")
         if not listing:
-            raise _data_error(f"data source {what}: no objects under this prefix at S3 endpoint "
-                              f"{self.conn.endpoint_name}")
+            raise _data_error(
+                f"data source {what}: no objects under this prefix at S3 endpoint {self.conn.endpoint_name}"
+            )
         dest = self.files / key if folder else (self.files / key).parent
-        _sync(dest, self.state / f"{key}.{'prefix' if folder else 'object'}.json", listing, prune=folder,
-              fetch=lambda rel, target: self._download(f"{key}/{rel}" if folder else key, *listing[rel], target))
+        _sync(
+            dest,
+            self.state / f"{key}.{'prefix' if folder else 'object'}.json",
+            listing,
+            prune=folder,
+            fetch=lambda rel, target: self._download(f"{key}/{rel}" if folder else key, *listing[rel], target),
+        )
         return str(self.files / key)
 
 
@@ -114,7 +140,7 @@ class Storage(DatasetStore):
             return source  # the data module's own data sets; nothing to fetch
         if source.startswith("s3://"):
             # Taken literally, as the AWS CLI does: a key may hold '%', '?' or '#'.
-            bucket, _, key = source[len("s3://"):].partition("/")
+            bucket, _, key = source[len("s3://") :].partition("/")
             if not bucket or not key:
                 raise _data_error(f"data source '{source}': use s3://bucket/key (an object) or s3://bucket/prefix/")
             return _S3SourceFetcher(self, bucket).fetch(key)
@@ -127,8 +153,10 @@ class Storage(DatasetStore):
         except StorageError as exc:
             raise _data_error(f"data source '{source}': {exc}") from exc
         if found is None:
-            raise _data_error(f"data source '{source}': no such local file, and no dataset of that name in "
-                              f"{self.uri(DATASETS)}{self._endpoint_note()} (`aeforge data ls` lists them)")
+            raise _data_error(
+                f"data source '{source}': no such local file, and no dataset of that name in "
+                f"{self.uri(DATASETS)}{self._endpoint_note()} (`aeforge data ls` lists them)"
+            )
         manifest, raw = found
         digest, files = hashlib.sha256(raw).hexdigest(), {f["path"]: f for f in manifest["files"]}
         dest = self.cache_dir / DATASETS / source / digest  # a dataset pushed again gets a new folder

@@ -60,7 +60,11 @@ def test_index_factor_round_trip(data):
     assert torch.equal(data.images(rows), data.images_from_factors(factors))
     # Row-major order: the last factor (pos_y) varies fastest.
     assert data.factors(torch.tensor([0, 1, 32, 1024])).tolist() == [
-        [0, 0, 0, 0, 0], [0, 0, 0, 0, 1], [0, 0, 0, 1, 0], [0, 0, 1, 0, 0]]
+        [0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 1],
+        [0, 0, 0, 1, 0],
+        [0, 0, 1, 0, 0],
+    ]
 
 
 def test_images_are_binary_and_float(data):
@@ -86,10 +90,12 @@ def test_position_moves_the_centre_of_mass(data):
 
 
 def test_area_grows_with_scale_and_differs_by_shape(data):
-    areas = torch.stack([
-        data.images_from_factors(torch.tensor([[shape, scale, 0, 10, 20] for scale in range(6)])).sum((1, 2, 3))
-        for shape in range(3)
-    ])  # (shape, scale)
+    areas = torch.stack(
+        [
+            data.images_from_factors(torch.tensor([[shape, scale, 0, 10, 20] for scale in range(6)])).sum((1, 2, 3))
+            for shape in range(3)
+        ]
+    )  # (shape, scale)
     assert bool((areas[:, 1:] > areas[:, :-1]).all())
     # Area goes as scale^2: the largest is about four times the smallest (scale 1 vs 0.5).
     assert torch.allclose(areas[:, -1] / areas[:, 0], torch.full((3,), 4.0), rtol=0.15)
@@ -113,7 +119,7 @@ def test_orientation_turns_the_ellipse_counter_clockwise(data):
 def test_square_at_45_degrees_is_a_diamond(data):
     upright = data.images_from_factors(factors_of(0, 5, 0))[0, 0]
     diamond = data.images_from_factors(factors_of(0, 5, 5))[0, 0]  # 5 * 9 degrees
-    width = lambda image: int(image.any(dim=0).sum())  # noqa: E731
+    width = lambda image: int(image.any(dim=0).sum())
     assert width(upright) == 16
     assert 21 <= width(diamond) <= 23  # 16 * sqrt(2)
 
@@ -133,7 +139,9 @@ def test_subset_limit_and_to(data):
     assert torch.equal(part.factors(torch.arange(4)), data.factors(rows))
     inner = part.subset(torch.tensor([1, 3]))  # a subset of a subset
     assert torch.equal(inner.factors(torch.arange(2)), data.factors(torch.tensor([700_000, 3])))
-    assert part.subset(torch.tensor([-1])).factors(torch.tensor([0])).tolist() == data.factors(torch.tensor([3])).tolist()
+    assert (
+        part.subset(torch.tensor([-1])).factors(torch.tensor([0])).tolist() == data.factors(torch.tensor([3])).tolist()
+    )
     with pytest.raises(IndexError):
         part.subset(torch.tensor([4]))
     # limit: the first N rows, without an index table
@@ -152,10 +160,14 @@ def test_sample_factors(data):
     assert sample.device.type == "cpu" and sample.dtype == torch.long and sample.shape == (20_000, 5)
     assert bool((sample >= 0).all()) and bool((sample < torch.tensor(FACTOR_SIZES)).all())
     shape_counts = torch.bincount(sample[:, 0], minlength=3).double() / 20_000
-    assert torch.allclose(shape_counts, torch.full((3,), 1 / 3, dtype=torch.float64), atol=0.02)  # uniform over the grid
+    assert torch.allclose(
+        shape_counts, torch.full((3,), 1 / 3, dtype=torch.float64), atol=0.02
+    )  # uniform over the grid
     assert sample[:, 3].unique().numel() == 32
-    assert torch.equal(data.sample_factors(50, torch.Generator().manual_seed(1)),
-                       data.sample_factors(50, torch.Generator().manual_seed(1)))
+    assert torch.equal(
+        data.sample_factors(50, torch.Generator().manual_seed(1)),
+        data.sample_factors(50, torch.Generator().manual_seed(1)),
+    )
     # A view draws its own rows.
     part = data.subset(torch.tensor([10, 20]))
     drawn = part.sample_factors(100, gen)

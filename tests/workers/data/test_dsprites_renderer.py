@@ -44,13 +44,18 @@ def reference_image(row: int) -> np.ndarray:
     offsets = box_offsets()
     top, left = int(offsets[pos_y]), int(offsets[pos_x])
     frame = np.zeros((FRAME, FRAME), dtype=np.float32)
-    frame[top:top + BOX, left:left + BOX] = sprite.numpy()
+    frame[top : top + BOX, left : left + BOX] = sprite.numpy()
     return frame
 
 
 def test_rendered_rows_match_a_pixel_by_pixel_reference():
-    rows = torch.cat([torch.arange(40), torch.randint(NUM_IMAGES, (300,), generator=torch.Generator().manual_seed(3)),
-                      torch.tensor([NUM_IMAGES - 1])])
+    rows = torch.cat(
+        [
+            torch.arange(40),
+            torch.randint(NUM_IMAGES, (300,), generator=torch.Generator().manual_seed(3)),
+            torch.tensor([NUM_IMAGES - 1]),
+        ]
+    )
     images = DSprites().images(rows)
     expected = np.stack([reference_image(int(r)) for r in rows])[:, None]
     assert images.dtype == torch.float32 and images.shape == (len(rows), 1, FRAME, FRAME)
@@ -75,7 +80,7 @@ def test_rows_factors_and_views_render_the_same_images():
     view = data.subset(order)
     positions = torch.argsort(order)[rows]
     assert torch.equal(view.images(positions), by_row)
-    assert torch.equal(torch.cat([data.images(rows[i:i + 64]) for i in range(0, len(rows), 64)]), by_row)
+    assert torch.equal(torch.cat([data.images(rows[i : i + 64]) for i in range(0, len(rows), 64)]), by_row)
 
 
 def test_box_corners_follow_the_position_factors():

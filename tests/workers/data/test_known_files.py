@@ -14,8 +14,7 @@ import torch
 from PIL import Image
 
 from workers.config import DataConfig
-from workers.data import FORMATS, check_source, infer_format, open_dataset, read_local
-from workers.data import dsprites_npz, mpi3d, shapes3d
+from workers.data import FORMATS, check_source, dsprites_npz, infer_format, mpi3d, open_dataset, read_local, shapes3d
 from workers.data.base import DataError
 from workers.data.lazy import GridImageDataset, LazyImageDataset, MemmapStore
 from workers.metrics.factor_vae import factor_vae_score
@@ -25,8 +24,12 @@ from workers.metrics.sampling import FactorSampler
 DSPRITES_NAME = "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz"
 # 3D Shapes' label values (from its generating code): hues in [0, 1), scale, shape id, orientation in degrees.
 SHAPES3D_VALUES = (
-    np.linspace(0.0, 0.9, 10), np.linspace(0.0, 0.9, 10), np.linspace(0.0, 0.9, 10),
-    np.linspace(0.75, 1.25, 8), np.arange(4.0), np.linspace(-30.0, 30.0, 15),
+    np.linspace(0.0, 0.9, 10),
+    np.linspace(0.0, 0.9, 10),
+    np.linspace(0.0, 0.9, 10),
+    np.linspace(0.75, 1.25, 8),
+    np.arange(4.0),
+    np.linspace(-30.0, 30.0, 15),
 )
 
 
@@ -68,16 +71,27 @@ def decode_dsprites(x: torch.Tensor) -> torch.Tensor:
     return (x[:, 0, :5, :6].round().long() << torch.arange(6)).sum(dim=2)
 
 
-def write_dsprites(path: Path, factors: np.ndarray, compressed: bool = True, imgs: np.ndarray | None = None,
-                   colour: np.ndarray | None = None) -> np.ndarray:
+def write_dsprites(
+    path: Path,
+    factors: np.ndarray,
+    compressed: bool = True,
+    imgs: np.ndarray | None = None,
+    colour: np.ndarray | None = None,
+) -> np.ndarray:
     """A file laid out as DeepMind's: imgs, latents_classes (colour first), latents_values, metadata (a pickle)."""
     n = len(factors)
     imgs = dsprites_images(factors) if imgs is None else imgs
     colour = np.zeros((n, 1), np.int64) if colour is None else colour
     classes = np.concatenate([colour, factors], axis=1).astype(np.int64)
-    metadata = np.array({"date": "April 2017", "description": "Disentanglement test Sprites dataset.",
-                         "latents_names": ("color", "shape", "scale", "orientation", "posX", "posY"),
-                         "latents_sizes": np.array([1, 3, 6, 40, 32, 32])}, dtype=object)
+    metadata = np.array(
+        {
+            "date": "April 2017",
+            "description": "Disentanglement test Sprites dataset.",
+            "latents_names": ("color", "shape", "scale", "orientation", "posX", "posY"),
+            "latents_sizes": np.array([1, 3, 6, 40, 32, 32]),
+        },
+        dtype=object,
+    )
     save = np.savez_compressed if compressed else np.savez
     save(path, imgs=imgs, latents_classes=classes, latents_values=classes.astype(np.float64) / 7.0, metadata=metadata)
     return imgs
@@ -199,8 +213,9 @@ def test_dsprites_full_grid_renders_any_factors(tmp_path, monkeypatch):
         data.images_from_factors(torch.tensor([[3, 0, 0, 0, 0]]))
     with pytest.raises(DataError, match=r"shape \(B, 5\)"):
         data.images_from_factors(torch.zeros(2, 4, dtype=torch.long))
-    score = factor_vae_score(lambda x: decode_dsprites(x).float() + 0.01 * torch.randn(len(x), 5), other,
-                             40, 20, 100, 16, 64, seeded())
+    score = factor_vae_score(
+        lambda x: decode_dsprites(x).float() + 0.01 * torch.randn(len(x), 5), other, 40, 20, 100, 16, 64, seeded()
+    )
     assert score["eval_accuracy"] > 0.9
 
 
@@ -321,8 +336,10 @@ def test_shapes3d_small_full_grid_and_shuffled(tmp_path, monkeypatch):
     data = read_local(path, DataConfig(source=str(path)))
     assert isinstance(data, GridImageDataset) and data._factors is None and FactorSampler(data).renders
     perm = np.random.default_rng(4).permutation(len(factors))
-    other = read_local(write_h5(tmp_path / "shuffled.hdf5", images[perm], labels_of(factors[perm], picked)),
-                       DataConfig(source=str(tmp_path / "shuffled.hdf5")))
+    other = read_local(
+        write_h5(tmp_path / "shuffled.hdf5", images[perm], labels_of(factors[perm], picked)),
+        DataConfig(source=str(tmp_path / "shuffled.hdf5")),
+    )
     assert isinstance(other, GridImageDataset)
     assert torch.equal(other.factors(torch.arange(len(perm))), torch.from_numpy(factors[perm]))
     wanted = torch.tensor([[1, 0, 1, 1, 0, 2], [0, 1, 0, 0, 1, 0]])
@@ -338,8 +355,11 @@ def test_shapes3d_label_counts_and_layout_errors(tmp_path):
     labels = labels_of(factors)
     labels[labels[:, 5] == 30.0, 5] = -30.0  # orientation: 14 distinct values
     path = write_h5(tmp_path / "3dshapes.h5", shapes3d_images(factors), labels)
-    with pytest.raises(DataError, match=r"3dshapes.h5: 'labels' column 5 \(orientation\) takes 14 distinct values; "
-                                        r"3D Shapes has 15"):
+    with pytest.raises(
+        DataError,
+        match=r"3dshapes.h5: 'labels' column 5 \(orientation\) takes 14 distinct values; "
+        r"3D Shapes has 15",
+    ):
         read_local(path, DataConfig(source=str(path)))
     with h5py.File(tmp_path / "other.h5", "w") as f:
         f.create_dataset("pictures", data=np.zeros((2, 8, 8), np.uint8))
@@ -353,8 +373,15 @@ def test_shapes3d_label_counts_and_layout_errors(tmp_path):
 
 # --- MPI3D -----------------------------------------------------------------------------------------------------
 
-SMALL_GRID = (("object_color", 2), ("object_shape", 3), ("object_size", 2), ("camera_height", 1),
-              ("background_color", 1), ("horizontal_axis", 2), ("vertical_axis", 3))
+SMALL_GRID = (
+    ("object_color", 2),
+    ("object_shape", 3),
+    ("object_size", 2),
+    ("camera_height", 1),
+    ("background_color", 1),
+    ("horizontal_axis", 2),
+    ("vertical_axis", 3),
+)
 
 
 @pytest.fixture
@@ -385,7 +412,7 @@ def test_mpi3d_is_memory_mapped_not_read(tmp_path, small_mpi3d, monkeypatch):
     with zipfile.ZipFile(path) as archive:
         info = archive.getinfo("images.npy")
     assert info.header_offset < data.store.offset < info.header_offset + 30 + 200  # local header + .npy header
-    assert path.read_bytes()[data.store.offset:data.store.offset + images[0].nbytes] == images[0].tobytes()
+    assert path.read_bytes()[data.store.offset : data.store.offset + images[0].nbytes] == images[0].tobytes()
     assert data.nbytes() == 0
 
     chw = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
@@ -409,8 +436,11 @@ def test_mpi3d_grid_size_compression_and_detection(tmp_path, small_mpi3d, monkey
     short = tmp_path / "mpi3d_real.npz"
     np.savez(short, images=images[:70])
     for check in (open_dataset, check_source):
-        with pytest.raises(DataError, match=r"mpi3d_real.npz: 70 images, but MPI3D is the grid object_color 2 x "
-                                            r"object_shape 3 x .* vertical_axis 3 = 72 images"):
+        with pytest.raises(
+            DataError,
+            match=r"mpi3d_real.npz: 70 images, but MPI3D is the grid object_color 2 x "
+            r"object_shape 3 x .* vertical_axis 3 = 72 images",
+        ):
             check(DataConfig(source=str(short)))
 
     packed = tmp_path / "mpi3d_realistic.npz"
@@ -419,8 +449,11 @@ def test_mpi3d_grid_size_compression_and_detection(tmp_path, small_mpi3d, monkey
     assert isinstance(small, GridImageDataset) and small.store.nbytes() == images.nbytes
     assert torch.equal(small.images(torch.tensor([5])), torch.from_numpy(images[5:6]).permute(0, 3, 1, 2).float() / 255)
     monkeypatch.setattr(mpi3d, "MAX_COMPRESSED_BYTES", images.nbytes - 1)
-    with pytest.raises(DataError, match=r"mpi3d_realistic.npz: 'images' is stored compressed .* re-save it "
-                                        r"uncompressed"):
+    with pytest.raises(
+        DataError,
+        match=r"mpi3d_realistic.npz: 'images' is stored compressed .* re-save it "
+        r"uncompressed",
+    ):
         read_local(packed, DataConfig(source=str(packed)))
 
     other = tmp_path / "toy.npz"  # not called mpi3d*: a plain npz without factors

@@ -76,7 +76,9 @@ def test_idx_wrong_magic_names_the_file(tmp_path):
 def test_idx_truncated_file_names_the_file(tmp_path):
     path = tmp_path / "cut-images-idx3-ubyte"
     path.write_bytes(idx_bytes(IMAGES, IMAGES_MAGIC)[:-100])
-    with pytest.raises(DataError, match=r"cut-images-idx3-ubyte: the header announces 20x28x28 = 15680 values, the file holds 15580"):
+    with pytest.raises(
+        DataError, match=r"cut-images-idx3-ubyte: the header announces 20x28x28 = 15680 values, the file holds 15580"
+    ):
         read_idx(path)
     gz = tmp_path / "cut-images-idx3-ubyte.gz"
     gz.write_bytes(gzip.compress(idx_bytes(IMAGES, IMAGES_MAGIC))[:-50])
@@ -113,7 +115,9 @@ def test_npz_layouts_and_dtypes(tmp_path):
 
     binary = RNG.random((5, 8, 8)) > 0.5
     np.savez(tmp_path / "bool.npz", imgs=binary)
-    assert torch.equal(read_npz(tmp_path / "bool.npz").images(torch.arange(5)), torch.from_numpy(binary).float().unsqueeze(1))
+    assert torch.equal(
+        read_npz(tmp_path / "bool.npz").images(torch.arange(5)), torch.from_numpy(binary).float().unsqueeze(1)
+    )
 
     floats = RNG.random((4, 8, 8, 1)).astype(np.float32)
     np.savez(tmp_path / "float.npz", images=floats)
@@ -125,8 +129,13 @@ def test_npz_layouts_and_dtypes(tmp_path):
 def test_npz_factors(tmp_path):
     factors = np.stack(np.meshgrid(np.arange(3), np.arange(4), indexing="ij"), -1).reshape(-1, 2)  # 12 x 2
     images = RNG.integers(0, 256, size=(12, 8, 8), dtype=np.uint8)
-    np.savez(tmp_path / "named.npz", images=images, factors=factors, factor_names=np.array(["colour", "size"]),
-             factor_sizes=np.array([3, 5]))
+    np.savez(
+        tmp_path / "named.npz",
+        images=images,
+        factors=factors,
+        factor_names=np.array(["colour", "size"]),
+        factor_sizes=np.array([3, 5]),
+    )
     data = read_npz(tmp_path / "named.npz")
     assert data.has_factors and data.factor_names == ("colour", "size") and data.factor_sizes == (3, 5)
     assert data.factors(torch.tensor([0, 5, 11])).tolist() == [[0, 0], [1, 1], [2, 3]]
@@ -143,10 +152,18 @@ def test_npz_factors(tmp_path):
         ({"pixels": np.zeros((3, 8, 8), np.uint8)}, r"no images array \(expected one of the keys"),
         ({"images": np.full((3, 8, 8), 1.5, np.float32)}, r"float images in 'images' must lie in \[0, 1\]"),
         ({"images": np.full((3, 8, 8), np.nan, np.float32)}, r"must lie in \[0, 1\]"),
-        ({"images": np.zeros((3, 8, 8), np.uint8), "factors": np.zeros((2, 2), np.int64)}, r"'factors' has 2 rows for 3 images"),
-        ({"images": np.zeros((3, 8, 8), np.uint8), "labels": np.zeros(4, np.int64)}, r"'labels' has 4 rows for 3 images"),
-        ({"images": np.zeros((3, 8, 8), np.uint8), "factors": np.full((3, 1), 4), "factor_sizes": np.array([3])},
-         r"factor column 0 takes value 4, beyond its size 3"),
+        (
+            {"images": np.zeros((3, 8, 8), np.uint8), "factors": np.zeros((2, 2), np.int64)},
+            r"'factors' has 2 rows for 3 images",
+        ),
+        (
+            {"images": np.zeros((3, 8, 8), np.uint8), "labels": np.zeros(4, np.int64)},
+            r"'labels' has 4 rows for 3 images",
+        ),
+        (
+            {"images": np.zeros((3, 8, 8), np.uint8), "factors": np.full((3, 1), 4), "factor_sizes": np.array([3])},
+            r"factor column 0 takes value 4, beyond its size 3",
+        ),
         ({"images": np.zeros((3, 8), np.uint8)}, r"images must have shape"),
         ({"images": np.zeros((3, 2, 8, 3), np.uint8)}, r"cannot tell the channel axis"),
     ],

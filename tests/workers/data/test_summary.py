@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.workers.data.test_known_files import (DSPRITES_NAME, SMALL_GRID, every_value, grid, labels_of,
-                                                 shapes3d_images, write_dsprites, write_h5)
+from tests.workers.data.test_known_files import (
+    DSPRITES_NAME,
+    SMALL_GRID,
+    every_value,
+    grid,
+    labels_of,
+    shapes3d_images,
+    write_dsprites,
+    write_h5,
+)
 from tests.workers.data.test_readers import IMAGES, LABELS, write_idx, write_png
 from workers.data import mpi3d
 from workers.data.base import DataError
@@ -18,8 +26,14 @@ from workers.data.idx import IMAGES_MAGIC, LABELS_MAGIC
 from workers.data.summary import DataSummary, summarize
 
 DSPRITES_FACTORS = (("shape", 3), ("scale", 6), ("orientation", 40), ("pos_x", 32), ("pos_y", 32))
-SHAPES3D_FACTORS = (("floor_hue", 10), ("wall_hue", 10), ("object_hue", 10), ("scale", 8), ("shape", 4),
-                    ("orientation", 15))
+SHAPES3D_FACTORS = (
+    ("floor_hue", 10),
+    ("wall_hue", 10),
+    ("object_hue", 10),
+    ("scale", 8),
+    ("shape", 4),
+    ("orientation", 15),
+)
 
 
 def test_dsprites_npz(tmp_path):
@@ -29,8 +43,11 @@ def test_dsprites_npz(tmp_path):
     summary = summarize([path])
     assert summary == DataSummary(48, (1, 64, 64), None, DSPRITES_FACTORS)
     assert summary.manifest_fields() == {
-        "examples": 48, "image_shape": [1, 64, 64], "classes": None,
-        "factors": [{"name": n, "size": s} for n, s in DSPRITES_FACTORS]}
+        "examples": 48,
+        "image_shape": [1, 64, 64],
+        "classes": None,
+        "factors": [{"name": n, "size": s} for n, s in DSPRITES_FACTORS],
+    }
 
 
 def test_shapes3d_h5(tmp_path):
@@ -80,12 +97,15 @@ def test_npz_with_labels(tmp_path):
     assert summarize([path]) == DataSummary(5, (3, 16, 16), 3, None)
 
 
-@pytest.mark.parametrize("name,fault", [
-    ("train-images.idx", "magic number"),
-    ("faces.npz", "cannot read the .npz archive"),
-    ("3dshapes.h5", "cannot read the HDF5 file"),
-    ("mpi3d_toy.npz", "cannot read the .npz archive"),
-])
+@pytest.mark.parametrize(
+    "name,fault",
+    [
+        ("train-images.idx", "magic number"),
+        ("faces.npz", "cannot read the .npz archive"),
+        ("3dshapes.h5", "cannot read the HDF5 file"),
+        ("mpi3d_toy.npz", "cannot read the .npz archive"),
+    ],
+)
 def test_random_bytes_are_refused_naming_the_file(tmp_path, name, fault):
     path = tmp_path / name
     path.write_bytes(np.random.default_rng(3).bytes(4096))

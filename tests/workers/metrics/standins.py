@@ -25,8 +25,12 @@ def factor_grid(sizes, repeats: int = 1, labels: bool = False, name: str = "grid
     factors = grid_factors(sizes).repeat(repeats, 1)
     images = factors.to(torch.uint8).view(len(factors), 1, 1, len(sizes))
     return ImageDataset(
-        name, images, labels=factors[:, 0].clone() if labels else None, factors=factors,
-        factor_names=[f"f{k}" for k in range(len(sizes))], factor_sizes=sizes,
+        name,
+        images,
+        labels=factors[:, 0].clone() if labels else None,
+        factors=factors,
+        factor_names=[f"f{k}" for k in range(len(sizes))],
+        factor_sizes=sizes,
     )
 
 
@@ -35,8 +39,13 @@ class RenderedFactorGrid(ImageDataset):
 
     def __init__(self, sizes):
         factors = grid_factors(sizes)
-        super().__init__("rendered-grid", factors.to(torch.uint8).view(len(factors), 1, 1, len(sizes)),
-                         factors=factors, factor_names=[f"f{k}" for k in range(len(sizes))], factor_sizes=sizes)
+        super().__init__(
+            "rendered-grid",
+            factors.to(torch.uint8).view(len(factors), 1, 1, len(sizes)),
+            factors=factors,
+            factor_names=[f"f{k}" for k in range(len(sizes))],
+            factor_sizes=sizes,
+        )
         self.rendered = 0
 
     def sample_factors(self, n, generator=None):
@@ -71,12 +80,21 @@ def random_representation(dims: int, seed: int = 0):
 class StandInModel(nn.Module):
     """A tiny MLP autoencoder with the model interface; ``stochastic`` selects VAE or plain AE."""
 
-    def __init__(self, image_shape=(1, 4, 4), latent_dim=3, stochastic=True, likelihood="bernoulli",
-                 dataset_size=100, hidden=32, seed=0):
+    def __init__(
+        self,
+        image_shape=(1, 4, 4),
+        latent_dim=3,
+        stochastic=True,
+        likelihood="bernoulli",
+        dataset_size=100,
+        hidden=32,
+        seed=0,
+    ):
         super().__init__()
         torch.manual_seed(seed)
-        self.config = ModelConfig(variant="vae" if stochastic else "ae", architecture="mlp", latent_dim=latent_dim,
-                                  likelihood=likelihood)
+        self.config = ModelConfig(
+            variant="vae" if stochastic else "ae", architecture="mlp", latent_dim=latent_dim, likelihood=likelihood
+        )
         self.stochastic = stochastic
         self.latent_dim = latent_dim
         self.dataset_size = dataset_size
@@ -84,8 +102,9 @@ class StandInModel(nn.Module):
         pixels = int(torch.tensor(image_shape).prod())
         out = 2 * latent_dim if stochastic else latent_dim
         self.encoder = nn.Sequential(nn.Flatten(), nn.Linear(pixels, hidden), nn.Tanh(), nn.Linear(hidden, out))
-        self.decoder = nn.Sequential(nn.Linear(latent_dim, hidden), nn.Tanh(), nn.Linear(hidden, pixels),
-                                     nn.Unflatten(1, self.image_shape))
+        self.decoder = nn.Sequential(
+            nn.Linear(latent_dim, hidden), nn.Tanh(), nn.Linear(hidden, pixels), nn.Unflatten(1, self.image_shape)
+        )
 
     def encode(self, x):
         h = self.encoder(x)

@@ -1,7 +1,12 @@
 import pytest
 import torch
 
-from tests.workers.metrics.standins import RenderedFactorGrid, aligned_representation, factor_grid, random_representation
+from tests.workers.metrics.standins import (
+    RenderedFactorGrid,
+    aligned_representation,
+    factor_grid,
+    random_representation,
+)
 from workers.data.base import DataError, ImageDataset
 from workers.metrics.beta_vae_score import beta_vae_score
 

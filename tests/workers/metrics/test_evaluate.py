@@ -13,8 +13,15 @@ SIZES = (3, 4, 5, 6)
 SMALL = EvalConfig(iwae_samples=5, max_examples=100, num_train=300, num_test=150)
 BASIC = {"eval/elbo", "eval/recon", "eval/kl"}
 VAE_ONLY = {"eval/iwae_ll", "eval/mi", "eval/tc", "eval/dwkl"}
-FACTOR = {"eval/mig", "eval/sap", "eval/dci_disentanglement", "eval/dci_completeness", "eval/dci_informativeness",
-          "eval/factor_vae", "eval/beta_vae"}
+FACTOR = {
+    "eval/mig",
+    "eval/sap",
+    "eval/dci_disentanglement",
+    "eval/dci_completeness",
+    "eval/dci_informativeness",
+    "eval/factor_vae",
+    "eval/beta_vae",
+}
 
 
 def test_a_vae_on_ground_truth_data_gets_every_metric_and_keeps_its_mode():
@@ -80,9 +87,13 @@ def test_labelled_data_gets_the_encoder_as_a_classifier():
     assert "eval/probe_linear_accuracy" not in evaluate(OracleVAE(4), val, SMALL, batch_size=64)
 
     model = StandInModel(latent_dim=2)
-    tuned = evaluate(model, labelled(200, 1), SMALL.model_copy(update={"probe_finetune_epochs": 15,
-                                                                       "probe_finetune_lr": 3e-2}),
-                     batch_size=32, train=labelled(300, 0))
+    tuned = evaluate(
+        model,
+        labelled(200, 1),
+        SMALL.model_copy(update={"probe_finetune_epochs": 15, "probe_finetune_lr": 3e-2}),
+        batch_size=32,
+        train=labelled(300, 0),
+    )
     assert tuned["eval/probe_finetune_accuracy"] > 0.9  # 3 classes: chance is 1/3
     assert "eval/probe_linear_accuracy" in tuned
     assert torch.is_grad_enabled()  # the caller's grad mode is back
@@ -113,8 +124,9 @@ class FirstFactorOracle(OracleVAE):
 def test_eval_factors_choose_the_factors_every_score_uses():
     grid = factor_grid((4, 4), repeats=4)
     every = evaluate(FirstFactorOracle(2, extra_dims=1), grid, SMALL, batch_size=64)
-    only_f0 = evaluate(FirstFactorOracle(2, extra_dims=1), grid, SMALL.model_copy(update={"factors": ["f0"]}),
-                       batch_size=64)
+    only_f0 = evaluate(
+        FirstFactorOracle(2, extra_dims=1), grid, SMALL.model_copy(update={"factors": ["f0"]}), batch_size=64
+    )
     for name in ("eval/mig", "eval/mig_exact", "eval/mig_chen"):
         assert 0.4 < every[name] < 0.6, name  # f0 found, f1 not: half the factors
         assert only_f0[name] > 0.9, name

@@ -28,7 +28,7 @@ def synthetic_posteriors(sizes, seed=0, dims=5):
     mean[:, 1] = 1.5 * scaled[:, 2] + 0.7 * scaled[:, 3]
     mean[:, 2] = 2 * scaled[:, 3]
     logvar = torch.full((len(factors), dims), 0.0)
-    logvar[:, :3] = math.log(0.15 ** 2) + 0.3 * torch.rand(len(factors), 3, generator=g)
+    logvar[:, :3] = math.log(0.15**2) + 0.3 * torch.rand(len(factors), 3, generator=g)
     z = mean + torch.randn(mean.shape, generator=g) * torch.exp(0.5 * logvar)
     return factors, mean, logvar, z
 
@@ -58,10 +58,18 @@ def test_with_fewer_samples_than_rows_both_draw_subsets_and_agree_within_their_n
     axes = (1, 2, 3)
     values, sizes = factors[:, list(axes)], [GRID[a] for a in axes]
     exact = mig_chen_from_posteriors(mean, logvar, z, values, sizes, samples=10_000)
-    ours = [mig_chen_from_posteriors(mean, logvar, z, values, sizes, samples=150, generator=torch.Generator().manual_seed(s))
-            for s in range(5)]
-    theirs = [port.mutual_info_metric(port_params(mean, logvar), z, GRID, axes, n_samples=150,
-                                      generator=torch.Generator().manual_seed(100 + s)) for s in range(5)]
+    ours = [
+        mig_chen_from_posteriors(
+            mean, logvar, z, values, sizes, samples=150, generator=torch.Generator().manual_seed(s)
+        )
+        for s in range(5)
+    ]
+    theirs = [
+        port.mutual_info_metric(
+            port_params(mean, logvar), z, GRID, axes, n_samples=150, generator=torch.Generator().manual_seed(100 + s)
+        )
+        for s in range(5)
+    ]
     assert len(set(ours)) > 1  # the subsets differ from draw to draw
     assert sum(ours) / 5 == pytest.approx(sum(theirs) / 5, abs=0.03)
     assert sum(ours) / 5 == pytest.approx(exact, abs=0.03)
@@ -76,7 +84,7 @@ class SyntheticVAE(nn.Module):
         super().__init__()
         self.sizes = sizes
         _, self.means, self.logvars, _ = synthetic_posteriors(sizes, dims=dims)
-        self.strides = torch.tensor([math.prod(sizes[k + 1:]) for k in range(len(sizes))])
+        self.strides = torch.tensor([math.prod(sizes[k + 1 :]) for k in range(len(sizes))])
         self.anchor = nn.Linear(1, 1)  # a parameter, so the metrics find the model's device
 
     def encode(self, x):

@@ -45,7 +45,8 @@ def test_probes_need_labels_and_sane_settings():
         fine_tune(model, labelled(10, 0), unlabelled, epochs=1, lr=1e-3)
     with pytest.raises(ValueError, match="epochs"):
         fine_tune(model, labelled(10, 0), labelled(10, 1), epochs=0, lr=1e-3)
-    one_class = ImageDataset("same", torch.zeros(10, 1, 4, 4, dtype=torch.uint8),
-                             labels=torch.zeros(10, dtype=torch.long))
+    one_class = ImageDataset(
+        "same", torch.zeros(10, 1, 4, 4, dtype=torch.uint8), labels=torch.zeros(10, dtype=torch.long)
+    )
     with pytest.raises(DataError, match="at least 2 classes"):
         linear_probe(model, one_class, labelled(10, 1))

@@ -15,8 +15,9 @@ def test_draws_sharing_a_factor_hold_it_and_match_their_images(make):
     values = torch.tensor([2, 3, 4])[factor_index] * (torch.rand(500) > 0.5)  # a valid value of each factor
     draw = sampler.sample_sharing(factor_index, values)
     assert torch.equal(draw.factors[torch.arange(500), factor_index], values)
-    assert torch.equal(read_factors(torch.cat([sampler.images(draw, s, s + 64) for s in range(0, 500, 64)])),
-                       draw.factors.float())
+    assert torch.equal(
+        read_factors(torch.cat([sampler.images(draw, s, s + 64) for s in range(0, 500, 64)])), draw.factors.float()
+    )
     # The factors that are not held vary.
     others = draw.factors[factor_index == 0][:, 1]
     assert others.unique().numel() == 4

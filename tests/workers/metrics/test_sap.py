@@ -2,7 +2,12 @@ import numpy as np
 import pytest
 import torch
 
-from tests.workers.metrics.standins import RenderedFactorGrid, aligned_representation, factor_grid, random_representation
+from tests.workers.metrics.standins import (
+    RenderedFactorGrid,
+    aligned_representation,
+    factor_grid,
+    random_representation,
+)
 from tests.workers.metrics.test_mig import random_factors
 from workers.metrics.sap import sap, sap_from_codes, sap_score_matrix
 

@@ -6,9 +6,16 @@ from workers.models import VARIANTS, build_model
 from workers.models.architectures import check_fits
 
 
-@pytest.mark.parametrize("architecture, shape", [
-    ("mlp", (1, 8, 8)), ("mlp", (3, 20, 12)), ("conv28", (1, 28, 28)), ("conv28", (3, 32, 32)), ("conv64", (1, 64, 64)),
-])
+@pytest.mark.parametrize(
+    "architecture, shape",
+    [
+        ("mlp", (1, 8, 8)),
+        ("mlp", (3, 20, 12)),
+        ("conv28", (1, 28, 28)),
+        ("conv28", (3, 32, 32)),
+        ("conv64", (1, 64, 64)),
+    ],
+)
 @pytest.mark.parametrize("variant", ["ae", "vae"])
 def test_every_architecture_encodes_and_decodes_its_image_size(architecture, shape, variant):
     model = build_model(ModelConfig(variant=variant, architecture=architecture, latent_dim=5), shape, 100)
@@ -32,12 +39,15 @@ def test_conv64_is_the_burgess_disentanglement_lib_network():
     assert [d.out_channels for d in deconvs] == [64, 32, 32, 1]
 
 
-@pytest.mark.parametrize("architecture, shape, message", [
-    ("conv64", (1, 28, 28), "takes 64x64 images, and the data's are 1x28x28"),
-    ("conv28", (1, 64, 64), "takes 28x28 or 32x32 images, and the data's are 1x64x64"),
-    ("conv28", (1, 28, 32), "28x28 or 32x32"),
-    ("bogus", (1, 8, 8), "unknown architecture 'bogus'"),
-])
+@pytest.mark.parametrize(
+    "architecture, shape, message",
+    [
+        ("conv64", (1, 28, 28), "takes 64x64 images, and the data's are 1x28x28"),
+        ("conv28", (1, 64, 64), "takes 28x28 or 32x32 images, and the data's are 1x64x64"),
+        ("conv28", (1, 28, 32), "28x28 or 32x32"),
+        ("bogus", (1, 8, 8), "unknown architecture 'bogus'"),
+    ],
+)
 def test_an_architecture_that_does_not_fit_is_a_plain_error(architecture, shape, message):
     with pytest.raises(ValueError, match=message):
         check_fits(architecture, shape)

@@ -24,8 +24,10 @@ def test_the_three_terms_add_up_to_the_sampled_kl(estimator):
     torch.manual_seed(0)
     posterior = model.encode(x)
     z = posterior.mean + torch.randn_like(posterior.mean) * torch.exp(0.5 * posterior.logvar)
-    sampled_kl = (log_normal_density(z, posterior.mean, posterior.logvar).sum(-1)
-                  - log_normal_density(z, torch.zeros(()), torch.zeros(())).sum(-1)).mean()
+    sampled_kl = (
+        log_normal_density(z, posterior.mean, posterior.logvar).sum(-1)
+        - log_normal_density(z, torch.zeros(()), torch.zeros(())).sum(-1)
+    ).mean()
     total = out.parts["mi"] + out.parts["tc"] + out.parts["dwkl"]
     assert total.item() == pytest.approx(sampled_kl.item(), abs=1e-4)
 
@@ -59,8 +61,14 @@ def test_with_a_gather_the_estimator_sees_the_global_batch():
     torch.manual_seed(0)
     posterior = model.encode(x)
     z = posterior.mean + torch.randn_like(posterior.mean) * torch.exp(0.5 * posterior.logvar)
-    terms = tc_terms(z, torch.cat([posterior.mean, other_mean]), torch.cat([posterior.logvar, other_logvar]), 1000,
-                     "mss", self_index=torch.arange(16))
+    terms = tc_terms(
+        z,
+        torch.cat([posterior.mean, other_mean]),
+        torch.cat([posterior.logvar, other_logvar]),
+        1000,
+        "mss",
+        self_index=torch.arange(16),
+    )
     assert out.parts["tc"].item() == pytest.approx(terms["tc"].mean().item(), rel=1e-5)
     # and it differs from the local-batch estimate
     torch.manual_seed(0)

@@ -43,8 +43,9 @@ def test_without_noise_the_loss_draws_the_same_noise_from_the_global_generator(v
     assert implicit == explicit
 
 
-@pytest.mark.parametrize(("variant", "fields"), [c for c in CASES if c[0] != "ae"],
-                         ids=[i for i, c in zip(IDS, CASES) if c[0] != "ae"])
+@pytest.mark.parametrize(
+    ("variant", "fields"), [c for c in CASES if c[0] != "ae"], ids=[i for i, c in zip(IDS, CASES) if c[0] != "ae"]
+)
 def test_noise_follows_its_generator_s_seed(variant, fields):
     model = make(variant, **fields)
     x = blobs(16)

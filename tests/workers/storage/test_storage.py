@@ -160,7 +160,9 @@ def test_push_ls_rm_round_trip(storage, tmp_path):
     assert [f["path"] for f in replaced["files"]] == ["train-images.idx3-ubyte"]
     # The overwrite cleared the old dataset's files.
     assert storage.list_prefix("datasets/mnist-small") == [
-        "datasets/mnist-small/files/train-images.idx3-ubyte", "datasets/mnist-small/manifest.json"]
+        "datasets/mnist-small/files/train-images.idx3-ubyte",
+        "datasets/mnist-small/manifest.json",
+    ]
 
     assert storage.rm("mnist-small") == 2
     assert storage.ls() == [] and storage.list_prefix("datasets") == []
@@ -231,9 +233,11 @@ def test_a_dataset_has_an_owner_who_alone_replaces_shares_or_removes_it(storage,
     pushed = storage.push([a], "faces", format="npz", owner="alice")
     assert pushed["owner"] == "alice" and pushed["shared"] is False
     assert [(m["owner"], m["shared"]) for m in storage.ls()] == [("alice", False)]
-    for refused in (lambda: storage.push([a], "faces", format="npz", overwrite=True, owner="bob"),
-                    lambda: storage.share("faces", owner="bob"),
-                    lambda: storage.rm("faces", owner="bob")):
+    for refused in (
+        lambda: storage.push([a], "faces", format="npz", overwrite=True, owner="bob"),
+        lambda: storage.share("faces", owner="bob"),
+        lambda: storage.rm("faces", owner="bob"),
+    ):
         with pytest.raises(StorageError, match="dataset 'faces' belongs to alice: only its owner or an admin"):
             refused()
     assert storage.manifest("faces") == pushed  # untouched
@@ -266,8 +270,10 @@ def test_resolve_downloads_verifies_and_caches(storage, tmp_path, monkeypatch):
     assert path == home / "cache" / "datasets" / "pair" / sha(raw) / "train-images.idx3-ubyte"
     assert path.read_bytes() == b"I" * 1000
     assert (path.parent / "train-labels.idx1-ubyte").read_bytes() == b"L" * 100  # the pair stays together
-    assert sorted(r for r in reads if "/files/" in r) == ["datasets/pair/files/train-images.idx3-ubyte",
-                                                          "datasets/pair/files/train-labels.idx1-ubyte"]
+    assert sorted(r for r in reads if "/files/" in r) == [
+        "datasets/pair/files/train-images.idx3-ubyte",
+        "datasets/pair/files/train-labels.idx1-ubyte",
+    ]
     mtime = path.stat().st_mtime_ns
     reads.clear()
 
@@ -285,7 +291,10 @@ def test_resolve_folder_dataset_returns_the_folder(storage, tmp_path):
     assert manifest["layout"] == "folder" and [f["path"] for f in manifest["files"]] == ["a.png", "sub/b.png"]
     resolved = Path(storage.resolve("faces"))
     assert resolved.is_dir()
-    assert sorted(p.relative_to(resolved).as_posix() for p in resolved.rglob("*") if p.is_file()) == ["a.png", "sub/b.png"]
+    assert sorted(p.relative_to(resolved).as_posix() for p in resolved.rglob("*") if p.is_file()) == [
+        "a.png",
+        "sub/b.png",
+    ]
     assert (resolved / "sub" / "b.png").read_bytes() == b"bb"
 
 
@@ -494,8 +503,9 @@ def test_preflight_wrong_keys(s3_auth_server, s3_env, monkeypatch):
 
     unknown = _preflight_error(monkeypatch, s3_auth_server.endpoint_url, "auth-bucket", "AKIAUNKNOWNKEY123", SECRET)
     assert "access denied" in unknown and "AKIAUNKNOWNKEY123" in unknown
-    wrong_secret = _preflight_error(monkeypatch, s3_auth_server.endpoint_url, "auth-bucket",
-                                    s3_auth_server.access_key_id, SECRET)
+    wrong_secret = _preflight_error(
+        monkeypatch, s3_auth_server.endpoint_url, "auth-bucket", s3_auth_server.access_key_id, SECRET
+    )
     assert "access denied" in wrong_secret and s3_auth_server.access_key_id in wrong_secret
 
 
@@ -509,14 +519,29 @@ def _keys_in_a_file(monkeypatch, path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name,text", [
-    ("keys.yaml", f"aws_access_key_id: AKIAFROMFILE\naws_secret_access_key: '{SECRET}'\naws_session_token: tok-1\n"),
-    ("keys.json", json.dumps({"AWS_ACCESS_KEY_ID": "AKIAFROMFILE", "AWS_SECRET_ACCESS_KEY": SECRET,
-                              "aws_session_token": "tok-1"})),
-    ("credentials", f"# mounted\n[default]\naws_access_key_id = AKIAFROMFILE\naws_secret_access_key = {SECRET}\n"
-                    f"aws_session_token = tok-1\nregion = eu-west-1\n"),
-])
-def test_keys_come_from_the_credentials_file_when_the_variables_are_not_set(local_env, tmp_path, monkeypatch, name, text):
+@pytest.mark.parametrize(
+    "name,text",
+    [
+        (
+            "keys.yaml",
+            f"aws_access_key_id: AKIAFROMFILE\naws_secret_access_key: '{SECRET}'\naws_session_token: tok-1\n",
+        ),
+        (
+            "keys.json",
+            json.dumps(
+                {"AWS_ACCESS_KEY_ID": "AKIAFROMFILE", "AWS_SECRET_ACCESS_KEY": SECRET, "aws_session_token": "tok-1"}
+            ),
+        ),
+        (
+            "credentials",
+            f"# mounted\n[default]\naws_access_key_id = AKIAFROMFILE\naws_secret_access_key = {SECRET}\n"
+            f"aws_session_token = tok-1\nregion = eu-west-1\n",
+        ),
+    ],
+)
+def test_keys_come_from_the_credentials_file_when_the_variables_are_not_set(
+    local_env, tmp_path, monkeypatch, name, text
+):
     from workers.storage import S3Connection
 
     _keys_in_a_file(monkeypatch, tmp_path / "secret" / name, text)
@@ -539,21 +564,39 @@ def test_no_keys_anywhere_leaves_the_default_credential_chain(local_env, monkeyp
     assert conn.access_key_id is None and conn.secret_access_key is None and conn.pyarrow_keys() == {}
 
 
-@pytest.mark.parametrize("name,text,message", [
-    ("missing.yaml", None, "no such file"),
-    ("a-folder", "", "cannot read the file"),
-    ("bad.yaml", f"aws_access_key_id: AKIA\naws_secret_access_key: [{SECRET}\n", "not a YAML/JSON mapping nor an AWS "
-                                                                              "credentials file (line 3"),
-    ("list.yaml", f"- {SECRET}\n", "expected a mapping with aws_access_key_id"),
-    ("typo.yaml", f"aws_access_key_id: AKIA\nsecret_key: {SECRET}\n", "unknown key(s) secret_key"),
-    ("half.yaml", "aws_access_key_id: AKIA\n", "no aws_secret_access_key in the file"),
-    ("number.yaml", "aws_access_key_id: AKIA\naws_secret_access_key: 12345678\n", "aws_secret_access_key must be a "
-                                                                                 "string"),
-    ("bad.ini", f"[default]\naws_access_key_id = AKIA\n{SECRET}\n", "not a valid AWS credentials (INI) file (line 3)"),
-    ("profile.ini", f"[other]\naws_access_key_id = AKIA\naws_secret_access_key = {SECRET}\n", "no [default] profile"),
-])
-def test_an_unusable_credentials_file_names_the_file_never_the_secret(local_env, tmp_path, monkeypatch, name, text,
-                                                                     message):
+@pytest.mark.parametrize(
+    "name,text,message",
+    [
+        ("missing.yaml", None, "no such file"),
+        ("a-folder", "", "cannot read the file"),
+        (
+            "bad.yaml",
+            f"aws_access_key_id: AKIA\naws_secret_access_key: [{SECRET}\n",
+            "not a YAML/JSON mapping nor an AWS credentials file (line 3",
+        ),
+        ("list.yaml", f"- {SECRET}\n", "expected a mapping with aws_access_key_id"),
+        ("typo.yaml", f"aws_access_key_id: AKIA\nsecret_key: {SECRET}\n", "unknown key(s) secret_key"),
+        ("half.yaml", "aws_access_key_id: AKIA\n", "no aws_secret_access_key in the file"),
+        (
+            "number.yaml",
+            "aws_access_key_id: AKIA\naws_secret_access_key: 12345678\n",
+            "aws_secret_access_key must be a string",
+        ),
+        (
+            "bad.ini",
+            f"[default]\naws_access_key_id = AKIA\n{SECRET}\n",
+            "not a valid AWS credentials (INI) file (line 3)",
+        ),
+        (
+            "profile.ini",
+            f"[other]\naws_access_key_id = AKIA\naws_secret_access_key = {SECRET}\n",
+            "no [default] profile",
+        ),
+    ],
+)
+def test_an_unusable_credentials_file_names_the_file_never_the_secret(
+    local_env, tmp_path, monkeypatch, name, text, message
+):
     from workers.storage import S3Connection
 
     path = tmp_path / "secret" / name
@@ -574,9 +617,12 @@ def test_preflight_signs_with_the_keys_of_the_credentials_file(s3_auth_server, s
     s3_auth_server.client().create_bucket(Bucket="file-keys-bucket")
     monkeypatch.setenv("AEFORGE_STORAGE", "s3://file-keys-bucket/aeforge")
     monkeypatch.setenv("AEFORGE_S3_ENDPOINT_URL", s3_auth_server.endpoint_url)
-    path = _keys_in_a_file(monkeypatch, tmp_path / "secret" / "credentials",
-                           f"[default]\naws_access_key_id = {s3_auth_server.access_key_id}\n"
-                           f"aws_secret_access_key = {s3_auth_server.secret_access_key}\n")
+    path = _keys_in_a_file(
+        monkeypatch,
+        tmp_path / "secret" / "credentials",
+        f"[default]\naws_access_key_id = {s3_auth_server.access_key_id}\n"
+        f"aws_secret_access_key = {s3_auth_server.secret_access_key}\n",
+    )
     store = Storage.from_settings()
     store.preflight()
     store.put_bytes(b"signed with the file's keys", "probe/a.bin")
