@@ -26,6 +26,7 @@ from urllib.parse import unquote, urlparse
 
 from pydantic import BaseModel
 
+from services.policy import Policy, never_fits_team
 from services.settings import Principal, Role, ServiceSettings
 from workers import settings as worker_settings
 
@@ -217,3 +218,44 @@ def _owner_over_rest(name: str, tracking_uri: str, timeout_s: float) -> str | No
     response.raise_for_status()
     tags = response.json().get("registered_model", {}).get("tags") or []
     return next((t.get("value") for t in tags if t.get("key") == OWNER_TAG), None) or None
+
+
+# --- priority classes and quotas ----------------------------------------------------------------------------------
+
+
+def minimum_request(spec: Any) -> dict[str, float]:
+    """The least a job holds while it runs: the whole job for a train, one trial for a sweep (its driver runs fewer
+    trials at once when fewer fit)."""
+    if getattr(spec, "kind", None) == "sweep":
+        from jobs.spec import trial_cpus
+
+        r = spec.resources
+        return {"CPU": trial_cpus(r), "GPU": float(r.workers * r.gpus_per_worker)}
+    return spec.resource_request()
+
+
+def check_priority(
+    policy: Policy, who: Principal, class_name: str | None, priority: int | None, spec: Any
+) -> Refusal | tuple[str, int]:
+    """The class and priority a submission is queued with, or why not: a raw priority is an admin's; a class must
+    exist and be one ``who`` may use (403 naming the ones they may); a job that can never fit its team's quota plus
+    borrowing limit is refused now rather than left waiting forever."""
+    allowed = [c.name for c in policy.allowed_classes(who)]
+    if priority is not None:
+        if not who.is_admin:
+            msg = f"a raw priority is for admins; name a priority_class instead ({', '.join(allowed) or 'none'})"
+            return Refusal(403, f"priority: {msg}", [{"loc": "priority", "msg": msg}])
+        if class_name is not None:
+            msg = "give priority_class or priority, not both"
+            return Refusal(422, f"priority: {msg}", [{"loc": "priority", "msg": msg}])
+    klass = policy.priority_class(class_name)
+    if klass is None:
+        msg = f"no class {class_name!r}; the classes are {', '.join(c.name for c in policy.classes)}"
+        return Refusal(422, f"priority_class: {msg}", [{"loc": "priority_class", "msg": msg}])
+    if klass.name not in allowed:
+        msg = f"{who.owner} may not use class {klass.name!r}; classes you may use: {', '.join(allowed) or 'none'}"
+        return Refusal(403, f"priority_class: {msg}", [{"loc": "priority_class", "msg": msg}])
+    why = never_fits_team(policy.team_of(who.owner), minimum_request(spec))
+    if why is not None:
+        return Refusal(422, f"resources: {why}", [{"loc": "resources", "msg": why}])
+    return klass.name, klass.value if priority is None else priority

@@ -29,8 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.access import Identity, check_submission
+from services.access import Identity, Refusal, check_priority, check_submission
 from services.dispatcher import Dispatcher, JobLauncher, LauncherUnavailable, parse_progress, redact
+from services.policy import PolicySource
 from services.settings import Principal, ServiceSettings, SettingsError
 from services.store import STATES, InvalidTransition, InvalidValue, Job, JobNotFound, Store, submission_id_for
 from workers.errors import AeforgeError
@@ -66,7 +67,7 @@ class SubmitRequest(BaseModel):
                 {
                     "spec": "name: example\nmodel: {variant: vae, architecture: mlp, latent_dim: 4}\n"
                     "train: {steps: 10, batch_size: 8}\n",
-                    "priority": 1,
+                    "priority_class": "normal",
                     "idempotency_key": "example-key-1",
                 },
                 {
@@ -82,7 +83,15 @@ class SubmitRequest(BaseModel):
     )
 
     spec: str | dict[str, Any] = Field(..., description="the job spec: YAML/JSON text as written, or a JSON object")
-    priority: int = Field(0, ge=-1000, le=1000, description="higher runs first")
+    priority_class: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="the priority class (the queue policy's classes; default: its default class)",
+    )
+    priority: int | None = Field(
+        None, ge=-1000, le=1000, description="a raw priority, higher runs first: admins only (others name a class)"
+    )
     idempotency_key: str | None = Field(
         None,
         min_length=1,
@@ -268,11 +277,13 @@ def create_app(
     validate: Validator | None = None,
     launcher: JobLauncher | None = None,
     dispatcher: Dispatcher | None = None,
+    policies: PolicySource | None = None,
 ) -> FastAPI:
     """The API over ``store``. ``validate(text, source)`` turns spec text into a spec object (default
     jobs.spec.parse_spec) or raises an error with ``.errors``; ``launcher`` serves logs; a ``dispatcher`` given
     here runs in a thread for the app's lifetime."""
     validate = validate or _default_validator()
+    policies = policies or PolicySource(settings.policy_file)
     if not settings.tokens:
         raise ValueError(
             "no API tokens are configured: set AEFORGE_TOKENS_FILE or AEFORGE_TOKENS (a list of {token, owner, role})"
@@ -381,7 +392,11 @@ def create_app(
         responses={
             200: {"model": JobOut, "description": "the job an earlier submission with this idempotency key made"},
             400: {"model": ErrorOut, "description": "a body that cannot be read (not JSON, nested too deeply)"},
-            403: {"model": ErrorOut, "description": "a data.source this user may not read"},
+            403: {
+                "model": ErrorOut,
+                "description": "a data.source this user may not read; a priority class they may not use, or a raw "
+                "priority from a user who is not an admin",
+            },
             503: {"model": ErrorOut, "description": "data.source cannot be checked: storage is down"},
             413: {"model": ErrorOut},
             **errors_doc,
@@ -424,6 +439,11 @@ def create_app(
         refused = check_submission(spec, who, settings)  # data.source and register.model_name: services.access
         if refused is not None:
             return _error(refused.status, refused.detail, refused.errors)
+        policy = policies.current()
+        queued_as = check_priority(policy, who, body.priority_class, body.priority, spec)
+        if isinstance(queued_as, Refusal):
+            return _error(queued_as.status, queued_as.detail, queued_as.errors)
+        klass, priority = queued_as
         max_attempts = body.max_attempts or settings.max_attempts
         job, created = store.submit(
             name=spec.name,
@@ -432,12 +452,13 @@ def create_app(
             spec_text=spec_text,
             spec_json=json.dumps(spec.model_dump(mode="json"), sort_keys=True),
             resources=spec.resource_request(),
-            priority=body.priority,
+            priority=priority,
+            priority_class=klass,
             max_attempts=max_attempts,
             idempotency_key=key,
         )
         if not created:
-            if job.spec_text != spec_text or job.priority != body.priority or job.max_attempts != max_attempts:
+            if job.spec_text != spec_text or job.priority != priority or job.max_attempts != max_attempts:
                 return _error(409, f"idempotency key {key!r} was used for a different submission (job {job.id})")
             response.status_code = 200
         return job_out(job)

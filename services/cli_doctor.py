@@ -376,6 +376,21 @@ def check_store(timeout_s: float) -> Callable[[], str]:
     return run
 
 
+def check_policy() -> str:
+    """The queue policy AEFORGE_POLICY_FILE names, as the service reads it; a file that does not validate fails the
+    check with each field's path (a running service keeps the last good policy it read, and says so in its log)."""
+    from services.policy import Policy, PolicyError, describe_policy, load_policy_file
+    from services.settings import ServiceSettings
+
+    path = ServiceSettings.load().policy_file
+    if path is None:
+        return describe_policy(Policy())
+    try:
+        return describe_policy(load_policy_file(path))
+    except PolicyError as exc:
+        raise CheckFailed(f"{exc}\na running service keeps the last good policy it read") from None
+
+
 def check_api(timeout_s: float) -> Callable[[], str]:
     def run() -> str:
         from services.client import AeforgeClient, ApiError
@@ -424,6 +439,7 @@ def all_checks(timeout_s: float) -> list[Check]:
         Check("storage", check_storage, timeout_s),
         Check("MLflow tracking", check_mlflow(timeout_s), timeout_s),
         Check("job store", check_store(timeout_s), timeout_s),
+        Check("queue policy", check_policy, timeout_s),
         Check("API", check_api(timeout_s), timeout_s),
     ]
 

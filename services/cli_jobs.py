@@ -276,7 +276,10 @@ def serve(
 
 def submit(
     spec_path: Path = typer.Argument(..., metavar="SPEC", help="job spec (YAML or JSON)"),
-    priority: int = typer.Option(0, "--priority", "-p", help="higher runs first"),
+    priority_class: str | None = typer.Option(
+        None, "--class", "-c", help="priority class from the queue policy (default: its default class)"
+    ),
+    priority: int | None = typer.Option(None, "--priority", "-p", help="a raw priority, higher first (admins only)"),
     follow: bool = typer.Option(False, "--follow", "-f", help="show state changes and logs until the job ends"),
     idempotency_key: str | None = typer.Option(
         None, "--idempotency-key", help="a retried submission with this key returns the same job"
@@ -289,7 +292,13 @@ def submit(
     except (OSError, UnicodeDecodeError) as exc:
         fail(f"cannot read {spec_path}: {exc}")
     client = make_client()
-    job = client.submit(text, priority=priority, idempotency_key=idempotency_key, max_attempts=max_attempts)
+    job = client.submit(
+        text,
+        priority_class=priority_class,
+        priority=priority,
+        idempotency_key=idempotency_key,
+        max_attempts=max_attempts,
+    )
     print(job["id"], flush=True)
     if follow:
         state = follow_job(client, job["id"])

@@ -88,9 +88,19 @@ class AeforgeClient:
         return self._request("GET", "/whoami").json()
 
     def submit(
-        self, spec_text: str, *, priority: int = 0, idempotency_key: str | None = None, max_attempts: int | None = None
+        self,
+        spec_text: str,
+        *,
+        priority_class: str | None = None,
+        priority: int | None = None,
+        idempotency_key: str | None = None,
+        max_attempts: int | None = None,
     ) -> dict[str, Any]:
-        body: dict[str, Any] = {"spec": spec_text, "priority": priority}
+        body: dict[str, Any] = {"spec": spec_text}
+        if priority_class is not None:
+            body["priority_class"] = priority_class
+        if priority is not None:
+            body["priority"] = priority
         if idempotency_key is not None:
             body["idempotency_key"] = idempotency_key
         if max_attempts is not None:

@@ -63,6 +63,7 @@ KNOWN_VARIABLES = (
     "AEFORGE_RETRY_BACKOFF_S",
     "AEFORGE_JOB_MODULE",
     "AEFORGE_ALLOWED_DATA_PREFIXES",
+    "AEFORGE_POLICY_FILE",
     "RAY_ADDRESS",
     *STORAGE_ENV_VARS,
     *CREDENTIAL_ENV_VARS,
@@ -132,6 +133,8 @@ class ServiceSettings:
     allowed_data_prefixes: tuple[str, ...] = ()
     # Where api_url came from, for the client's "cannot reach" message (see api_url_for).
     api_url_source: str = "the default"
+    # The queue policy (teams, quotas, priority classes: services.policy); None: the default policy.
+    policy_file: Path | None = None
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None) -> ServiceSettings:
@@ -162,6 +165,7 @@ class ServiceSettings:
             retry_backoff_s=_positive_float(values, "AEFORGE_RETRY_BACKOFF_S", DEFAULT_RETRY_BACKOFF_S),
             job_module=job_module,
             allowed_data_prefixes=_data_prefixes(values.get("AEFORGE_ALLOWED_DATA_PREFIXES", "")),
+            policy_file=_policy_file(values),
         )
 
     def current_tokens(self) -> tuple[Principal, ...]:
@@ -437,6 +441,16 @@ def _tokens_file(values: Mapping[str, str], home: Path, existing_only: bool = Tr
         return None
     local = local_tokens_path(home)
     return local if local.is_file() or not existing_only else None
+
+
+def _policy_file(values: Mapping[str, str]) -> Path | None:
+    raw = values.get("AEFORGE_POLICY_FILE")
+    if not raw:
+        return None
+    path = Path(raw).expanduser()
+    if not path.is_file():
+        raise SettingsError(f"AEFORGE_POLICY_FILE: no such file: {path}")
+    return path
 
 
 def _data_prefixes(raw: str) -> tuple[str, ...]:

@@ -407,6 +407,7 @@ class Store:
         spec_json: str,
         resources: dict[str, float],
         priority: int = 0,
+        priority_class: str | None = None,
         max_attempts: int = 3,
         idempotency_key: str | None = None,
     ) -> tuple[Job, bool]:
@@ -450,7 +451,12 @@ class Store:
                         updated_at=now,
                     )
                 )
-                self._event(conn, job_id, None, "queued", 0, f"submitted by {owner} with priority {priority}", now)
+                how = (
+                    f"in class {priority_class} (priority {priority})"
+                    if priority_class
+                    else f"with priority {priority}"
+                )
+                self._event(conn, job_id, None, "queued", 0, f"submitted by {owner} {how}", now)
         except IntegrityError:
             # Two submissions with the same key raced; the one that committed first is the job.
             if idempotency_key is not None:

@@ -150,10 +150,10 @@ def test_unknown_ids_are_404_not_500(client):
 
 
 def test_submit_queues_the_spec_as_written_and_details_show_events(client):
-    response = post_job(client, priority=7)
+    response = post_job(client, priority_class="normal")
     assert response.status_code == 201
     job = response.json()
-    assert job["state"] == "queued" and job["owner"] == "alice" and job["priority"] == 7 and job["name"] == "api-test"
+    assert job["state"] == "queued" and job["owner"] == "alice" and job["priority"] == 0 and job["name"] == "api-test"
     assert (
         job["resources"] == {"CPU": 3.0, "GPU": 0.0} and job["max_attempts"] == 2 and job["cancel_requested"] is False
     )

@@ -45,15 +45,17 @@ def run(app, *args):
 
 def test_submit_list_status_cancel_retry(setup):
     app, store, _, spec_path = setup
-    submitted = run(app, "submit", spec_path, "--priority", "3", "--idempotency-key", "k")
+    refused = run(app, "submit", spec_path, "--priority", "3")
+    assert refused.exit_code != 0 and "a raw priority is for admins" in refused.output
+    submitted = run(app, "submit", spec_path, "--class", "normal", "--idempotency-key", "k")
     assert submitted.exit_code == 0, submitted.output
     job_id = submitted.output.strip()
-    assert store.get(job_id).priority == 3
-    assert run(app, "submit", spec_path, "--priority", "3", "--idempotency-key", "k").output.strip() == job_id
+    assert store.get(job_id).priority == 0
+    assert run(app, "submit", spec_path, "--idempotency-key", "k").output.strip() == job_id
     listing = run(app, "jobs", "--state", "queued")
     assert listing.exit_code == 0 and job_id in listing.output and "queued" in listing.output
     status = run(app, "status", job_id)
-    assert status.exit_code == 0 and "submitted by carol with priority 3" in status.output
+    assert status.exit_code == 0 and "submitted by carol in class normal (priority 0)" in status.output
     cancelled = run(app, "cancel", job_id)
     assert cancelled.exit_code == 0 and "cancelled" in cancelled.output
     retried = run(app, "retry", job_id)

@@ -185,7 +185,7 @@ def test_stack_end_to_end():
                 smoke_id = submitted_id(out.stdout + out.stderr)
                 assert f"{smoke_id}: succeeded" in out.stdout, out.stdout[-3000:]
             if "doctor" in line:
-                assert "all 9 checks passed" in out.stdout, out.stdout
+                assert "all 10 checks passed" in out.stdout, out.stdout
         api = Api(api_port)
         assert api.job(smoke_id)["model_version"], "the smoke job registered no model"
 
@@ -270,7 +270,7 @@ def test_stack_end_to_end():
         )
         stack.phase("second up, docker compose (healthy)", started)
         out = stack.run(f"{STACK} exec aeforge aeforge doctor")
-        assert "all 9 checks passed" in out.stdout, out.stdout
+        assert "all 10 checks passed" in out.stdout, out.stdout
         jobs = json.loads(stack.run(f"{STACK} client aeforge jobs -o json").stdout)
         assert jobs["total"] == 0, jobs
         models = stack.run(f"{STACK} client aeforge models list", check=False)
