@@ -15,6 +15,7 @@ from pathlib import Path
 from jobs.spec import JobSpec, SpecError
 from workers import settings
 from workers.errors import AeforgeError
+from workers.redaction import without_url_credentials
 
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,7 +30,8 @@ def job_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     environment `ray start` ran in, which a local Ray started by this process inherits; a mounted secret file; an
     instance role)."""
     env_in = os.environ if environ is None else environ
-    env = {name: env_in[name] for name in settings.JOB_ENV_VARS if env_in.get(name)}
+    # A URL's user and password (http://user:pass@mlflow) are credentials too: the node's own serve the job.
+    env = {name: without_url_credentials(env_in[name]) for name in settings.JOB_ENV_VARS if env_in.get(name)}
     # Locations, never this process's AEFORGE_HOME: a job's processes may run on other hosts, each with a home (and
     # a node cache in it) of its own. The embedded defaults under this AEFORGE_HOME are named explicitly instead.
     home = Path(env_in.get("AEFORGE_HOME", ".aeforge")).expanduser().resolve()

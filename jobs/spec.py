@@ -23,6 +23,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator, model_
 
 from workers.config import (
     BETA_VARIANTS,
+    MAX_LATENT_DIM,
     STOCHASTIC_VARIANTS,
     DataConfig,
     EvalConfig,
@@ -38,8 +39,9 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 # before any trial is built, so a spec that asks for millions is refused at once.
 MAX_TRIALS = 10_000
 # Per-worker and per-job bounds that keep a job's resource request a finite number (the queue stores it).
-MAX_WORKERS = 10_000
-MAX_RESOURCE_PER_WORKER = 10_000.0
+MAX_WORKERS = 4096
+MAX_CPUS_PER_WORKER = 1024.0
+MAX_GPUS_PER_WORKER = 16.0
 
 
 class SpecError(AeforgeError):
@@ -55,8 +57,8 @@ class SpecError(AeforgeError):
 
 class Resources(StrictModel):
     workers: int = Field(1, ge=1, le=MAX_WORKERS, description="Ray Train workers (DDP processes)")
-    gpus_per_worker: float = Field(0, ge=0, le=MAX_RESOURCE_PER_WORKER)
-    cpus_per_worker: float = Field(1, gt=0, le=MAX_RESOURCE_PER_WORKER)
+    gpus_per_worker: float = Field(0, ge=0, le=MAX_GPUS_PER_WORKER)
+    cpus_per_worker: float = Field(1, gt=0, le=MAX_CPUS_PER_WORKER)
 
     def per_worker(self) -> dict[str, float]:
         """Ray Train's resources_per_worker."""
@@ -98,7 +100,9 @@ class SweepConfig(StrictModel):
     search: Literal["grid", "random"] = "grid"
     num_samples: int = Field(1, ge=1, le=MAX_TRIALS, description="grid: repeats of the grid; random: trials drawn")
     metric: SweepMetric = Field(default_factory=SweepMetric)
-    max_concurrent_trials: int | None = Field(None, ge=1, description="default: as many as the cluster fits")
+    max_concurrent_trials: int | None = Field(
+        None, ge=1, le=MAX_TRIALS, description="default: as many as the cluster fits"
+    )
     register_all: bool = Field(False, description="also register every non-best trial's model")
     pack: int | Literal["auto"] = Field(
         1,
@@ -110,8 +114,11 @@ class SweepConfig(StrictModel):
     @field_validator("pack")
     @classmethod
     def _pack_positive(cls, v):
-        if isinstance(v, int) and v < 1:
-            raise ValueError("a pack holds at least 1 trial (1: every trial trains on its own)")
+        if isinstance(v, int) and not 1 <= v <= MAX_TRIALS:
+            raise ValueError(
+                f"a pack holds 1 to {MAX_TRIALS:,} trials (1: every trial trains on its own; a sweep runs at most "
+                f"{MAX_TRIALS:,})"
+            )
         return v
 
     @field_validator("beta")
@@ -124,8 +131,8 @@ class SweepConfig(StrictModel):
     @field_validator("latent_dim")
     @classmethod
     def _latent_positive(cls, v):
-        if v is not None and any(d < 1 for d in v):
-            raise ValueError("latent_dim values must be >= 1")
+        if v is not None and any(not 1 <= d <= MAX_LATENT_DIM for d in v):
+            raise ValueError(f"latent_dim values must be 1 to {MAX_LATENT_DIM}")
         return v
 
     def num_trials(self) -> int:

@@ -376,7 +376,7 @@ def _tune(
     size a pack's memory need is counted for (sweep.pack auto)."""
     from ray import tune
 
-    from workers.storage.ray_fs import share_s3_keys, tune_filesystem
+    from workers.storage.ray_fs import keys_out_of_environment, share_s3_keys, tune_filesystem
 
     data_info = data_info or {}
     sweep_ctx = {
@@ -402,23 +402,29 @@ def _tune(
     tune_path = f"{base}/tune"
     experiment_path = f"{tune_path}/{job_id}"
     try:
-        if tune.Tuner.can_restore(experiment_path, storage_filesystem=fs):
-            tuner = tune.Tuner.restore(
-                experiment_path, trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs
-            )
-        else:
-            tuner = tune.Tuner(
-                trainable,
-                param_space=param_space(spec, packs),
-                # No metric/mode here: Tune would require it in every report, and a trial reports its ranking
-                # metric (an evaluation result) only at the end. The ranking is done on the final rows.
-                tune_config=tune.TuneConfig(
-                    num_samples=1 if packs is not None else spec.sweep.num_samples,  # packs hold the repeats
-                    max_concurrent_trials=max_concurrent,
-                ),
-                run_config=tune.RunConfig(name=job_id, storage_path=tune_path, storage_filesystem=fs, verbose=0),
-            )
-        grid = tuner.fit()
+        # Tune would copy the keys into every trial's runtime env, and Ray log them: none in the environment.
+        with keys_out_of_environment():
+            if tune.Tuner.can_restore(experiment_path, storage_filesystem=fs):
+                tuner = tune.Tuner.restore(
+                    experiment_path,
+                    trainable=trainable,
+                    resume_unfinished=True,
+                    resume_errored=True,
+                    storage_filesystem=fs,
+                )
+            else:
+                tuner = tune.Tuner(
+                    trainable,
+                    param_space=param_space(spec, packs),
+                    # No metric/mode here: Tune would require it in every report, and a trial reports its ranking
+                    # metric (an evaluation result) only at the end. The ranking is done on the final rows.
+                    tune_config=tune.TuneConfig(
+                        num_samples=1 if packs is not None else spec.sweep.num_samples,  # packs hold the repeats
+                        max_concurrent_trials=max_concurrent,
+                    ),
+                    run_config=tune.RunConfig(name=job_id, storage_path=tune_path, storage_filesystem=fs, verbose=0),
+                )
+            grid = tuner.fit()
         rows = results_rows(grid, job_id, spec, storage)
         if not any(r["status"] == "finished" for r in rows):
             errors = "; ".join(f"{r['run_name']}: {r.get('error')}" for r in rows if r.get("error"))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from pydantic import BaseModel
 from services.policy import Policy, never_fits_team
 from services.settings import Principal, Role, ServiceSettings
 from workers import settings as worker_settings
+from workers.storage.read_access import not_readable_message, real_path_readable, under_prefixes
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,21 @@ def check_submission(spec: Any, who: Principal, settings: ServiceSettings) -> Re
 # --- data ---------------------------------------------------------------------------------------------------------
 
 
+def _real_location_readable(source: str, allowed, who: Principal) -> bool:
+    """A local source's real path, symlinks resolved, must be under a prefix too, or inside a dataset ``who`` may
+    read (the job checks again at every open: workers.storage.read_access)."""
+    if source.startswith("s3://"):
+        return True
+    path = unquote(urlparse(source).path) if source.startswith("file://") else source
+    try:
+        from workers.storage import Storage
+
+        storage = Storage.from_settings()
+    except Exception:  # a storage that cannot be named holds no dataset to read: the prefixes alone decide
+        storage = None
+    return real_path_readable(path, allowed, who.owner, storage)
+
+
 def _refuse_data(source: str, message: str, status: int = 403) -> Refusal:
     return Refusal(status, f"data.source: {message}", [{"loc": "data.source", "msg": message}])
 
@@ -83,15 +98,9 @@ def check_data_source(source: str, who: Principal, allowed: tuple[str, ...] | li
     if source.startswith("builtin:"):
         return None
     if source.startswith("s3://") or source.startswith("file://") or not DATASET_NAME.fullmatch(source):
-        if _under_allowed_prefix(source, allowed):
+        if under_prefixes(source, allowed) and _real_location_readable(source, allowed, who):
             return None
-        shown = ", ".join(allowed) if allowed else "none are set"
-        return _refuse_data(
-            source,
-            f"'{source}' is not under a location you may read: a user reads their own "
-            f"pushed datasets, shared ones, and paths or s3:// URLs under the prefixes in "
-            f"AEFORGE_ALLOWED_DATA_PREFIXES ({shown})",
-        )
+        return _refuse_data(source, not_readable_message(source, allowed))
     try:
         from workers.storage import Storage
 
@@ -111,45 +120,6 @@ def check_data_source(source: str, who: Principal, allowed: tuple[str, ...] | li
         f"no dataset '{source}' that you may read: a user reads the datasets they pushed "
         f"and the ones shared with `aeforge data share` (`aeforge data ls` lists them)",
     )
-
-
-def _split(location: str) -> tuple[str, str, list[str], bool] | None:
-    """(scheme, bucket, path segments, whether it may name a folder) of a local path, a file:// URL or an s3:// URL,
-    the path normalised; None for what cannot be compared (a relative path, a path with a '..' part). An S3 key
-    names a folder only when it ends with '/': s3://b/public is an object beside the folder s3://b/public/."""
-    if location.startswith("s3://"):
-        bucket, _, key = location[len("s3://") :].partition("/")
-        scheme, path = "s3", key  # keys are taken literally, as the resolver does
-    elif location.startswith("file://"):
-        scheme, bucket, path = "file", "", unquote(urlparse(location).path)
-        if not path.startswith("/"):
-            return None
-    elif location.startswith("/"):
-        scheme, bucket, path = "file", "", location
-    else:
-        return None
-    parts = path.split("/")
-    if ".." in parts or "\x00" in path:
-        return None
-    if scheme == "s3":  # a key is literal: no '.' or empty parts to normalise away (the resolver refuses them too)
-        parts, folder = (path.removesuffix("/").split("/") if path else []), path == "" or path.endswith("/")
-        return None if not bucket or any(p in ("", ".") for p in parts) else (scheme, bucket, parts, folder)
-    return scheme, bucket, [p for p in posixpath.normpath(path).split("/") if p], True
-
-
-def _under_allowed_prefix(source: str, allowed) -> bool:
-    target = _split(source)
-    if target is None:
-        return False
-    scheme, bucket, parts, folder = target
-    for prefix in allowed:
-        allowed_split = _split(prefix)
-        if allowed_split is None or allowed_split[:2] != (scheme, bucket):
-            continue
-        under = allowed_split[2]  # a prefix is a folder: whole segments, the folder itself or what is in it
-        if parts[: len(under)] == under and (len(parts) > len(under) or folder):
-            return True
-    return False
 
 
 # --- model names --------------------------------------------------------------------------------------------------

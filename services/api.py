@@ -16,6 +16,7 @@ import logging
 import socket
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -197,6 +198,18 @@ def queue_out(store: Store, job: Job) -> dict[str, Any]:
     }
 
 
+def _allowed_methods(app: FastAPI, scope) -> list[str]:
+    """The methods some route of ``app`` takes at the request's path, and OPTIONS."""
+    from starlette.routing import Match
+
+    methods: set[str] = {"OPTIONS"}
+    for route in app.router.routes:
+        match, _ = route.matches(scope)
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
 def _error(status: int, detail: str, errors: list[dict[str, str]] | None = None, headers=None) -> JSONResponse:
     return JSONResponse({"detail": detail, "errors": errors or []}, status_code=status, headers=headers)
 
@@ -346,7 +359,14 @@ def create_app(
         if exc.status_code == 400 and isinstance(cause, Exception):  # FastAPI could not parse the body; say why
             why = "it is nested too deeply" if isinstance(cause, RecursionError) else str(cause) or type(cause).__name__
             return _error(400, f"the request body cannot be read: {why}", [{"loc": "body", "msg": why}])
-        return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            # The methods this path takes, in Allow (RFC 9110); OPTIONS itself answers with them, as a 204.
+            allowed = _allowed_methods(app, request.scope)
+            headers = {**(headers or {}), "Allow": ", ".join(allowed)}
+            if request.method == "OPTIONS":
+                return Response(status_code=204, headers=headers)
+        return _error(exc.status_code, str(exc.detail), headers=headers)
 
     def principal(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
         if credentials is None:
@@ -577,17 +597,52 @@ def create_app(
     return app
 
 
+# A follower of a job that has not started hears a heartbeat line this often, and is let go after this long (the
+# connection would otherwise be held for as long as the job waits: hours behind a busy queue, forever if it never
+# starts). Read when a stream starts, so tests may shorten them.
+FOLLOW_HEARTBEAT_S = 30.0
+FOLLOW_WAIT_LIMIT_S = 600.0
+
+
 async def _follow_logs(
     store: Store, launcher: JobLauncher, job_id: str, only_attempt: int | None, poll_s: float = 1.0
 ) -> AsyncIterator[str]:
     """Stream the job's Ray log as it is written: one attempt if asked for, else each attempt in turn until the
-    job is finished."""
+    job is finished. While there is no log to read yet, a heartbeat line every FOLLOW_HEARTBEAT_S, and the stream
+    ends after FOLLOW_WAIT_LIMIT_S of that, saying so."""
     current = only_attempt
+    heartbeat_s, wait_limit_s = FOLLOW_HEARTBEAT_S, FOLLOW_WAIT_LIMIT_S
+    waiting_since: float | None = None
+    last_beat = 0.0
+
+    def waiting(job: Job) -> tuple[str | None, bool]:
+        """(a heartbeat or a last line when one is due, whether the stream ends with it)."""
+        nonlocal waiting_since, last_beat
+        now = time.monotonic()
+        if waiting_since is None:
+            waiting_since = last_beat = now
+            return None, False
+        why = f" ({job.wait_reason})" if job.wait_reason else ""
+        if now - waiting_since >= wait_limit_s:
+            return (
+                f"[aeforge] job {job_id} is still {job.state}{why} after {now - waiting_since:.0f} s; this stream "
+                f"ends here: follow it again with `aeforge logs -f {job_id}`\n"
+            ), True
+        if now - last_beat >= heartbeat_s:
+            last_beat = now
+            return f"[aeforge] job {job_id} is {job.state}{why}; waiting for its log\n", False
+        return None, False
+
     while True:
         job = await run_in_threadpool(store.get, job_id)
         if current is None:
             if job.attempts == 0:  # not started yet
                 if job.is_terminal:
+                    return
+                line, last = waiting(job)
+                if line is not None:
+                    yield line
+                if last:
                     return
                 await asyncio.sleep(poll_s)
                 continue
@@ -602,8 +657,14 @@ async def _follow_logs(
                 current += 1
             elif job.is_terminal or only_attempt is not None and job.attempts > current:
                 return
+            line, last = waiting(job)
+            if line is not None:
+                yield line
+            if last:
+                return
             await asyncio.sleep(poll_s)
             continue
+        waiting_since = None
         try:
             async for chunk in launcher.tail(sid):
                 yield redact(chunk)
@@ -625,6 +686,31 @@ async def _follow_logs(
 
 
 # --- running the service ----------------------------------------------------------------------------------------
+
+
+class RedactingFilter(logging.Filter):
+    """Masks secrets in a log record before a handler writes it: this process's secret values, URL passwords and
+    secret query values (the access log's `GET /jobs/x/logs?token=...`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if redact(message) == message:
+            return True
+        # Each argument masked in place: formatters may read the arguments themselves (uvicorn's access log does).
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
+        if isinstance(record.msg, str):
+            record.msg = redact(record.msg)
+        if redact(record.getMessage()) != record.getMessage():  # a secret split across arguments: the whole line
+            record.msg, record.args = redact(message), None
+        return True
+
+
+def redact_log_records(logger: logging.Logger) -> None:
+    """Every handler of ``logger`` masks what it writes (a filter on the handler sees propagated records too)."""
+    for handler in logger.handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
 
 
 def start_embedded_ray() -> str:
@@ -669,6 +755,7 @@ def run_service(
 
     from services.dispatcher import RayClusterView, RayJobLauncher
     from services.settings import (
+        check_no_url_credentials,
         local_tokens_path,
         remove_service_record,
         url_for_listener,
@@ -676,7 +763,9 @@ def run_service(
         write_service_record,
     )
 
+    check_no_url_credentials()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    redact_log_records(logging.getLogger())
     sock = listen(host, port)
     url = url_for_listener(host, sock.getsockname()[1])
     try:
@@ -703,6 +792,7 @@ def run_service(
                 max_concurrent_jobs=settings.max_concurrent_jobs,
                 job_module=settings.job_module,
                 retry_backoff_s=settings.retry_backoff_s,
+                allowed_data_prefixes=settings.allowed_data_prefixes,
             )
         app = create_app(store, settings, launcher=launcher, dispatcher=dispatcher)
         home = settings.home
@@ -727,7 +817,10 @@ def run_service(
                     remove_service_record(home)
 
         try:
-            RecordingServer(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+            config = uvicorn.Config(app, log_level="info")  # configures uvicorn's loggers: masked after it
+            for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+                redact_log_records(logging.getLogger(name))
+            RecordingServer(config).run(sockets=[sock])
         finally:
             remove_service_record(home)  # also when it stopped without a shutdown (it failed to start)
     finally:

@@ -32,6 +32,7 @@ from jobs.spec import parse_spec_json
 from services.store import Decision, Holdings, Job, Store, add_resources
 from workers.errors import AeforgeError
 from workers.protocol import PROGRESS_MARK, RESULT_MARK, parse_progress, parse_result  # noqa: F401 (re-exported)
+from workers.redaction import environment_url_passwords, redact_urls
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +91,16 @@ def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
     env = os.environ if environ is None else environ
     names = (*SECRET_ENV_VARS, "AEFORGE_API_TOKEN", "AEFORGE_TOKENS")
     values = [env[n] for n in names if len(env.get(n) or "") >= 4]
+    # A password inside a URL setting (MLFLOW_TRACKING_URI, AEFORGE_DB_URL, ...) is masked also where it shows alone.
+    values += [p for p in environment_url_passwords(env) if len(p) >= 4]
     return sorted(set(values), key=len, reverse=True)
 
 
 def redact(text: str, secrets: list[str] | None = None) -> str:
+    """``text`` with this process's secret values, every URL's password and secret query values masked."""
     for value in secret_values() if secrets is None else secrets:
         text = text.replace(value, "***")
-    return text
+    return redact_urls(text)
 
 
 # --- log lines the job prints (workers.protocol) -------------------------------------------------------------
@@ -112,7 +116,9 @@ def model_version_of(result: dict) -> str | None:
 # --- what a job gets ------------------------------------------------------------------------------------------
 
 
-def job_environment(job: Job, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+def job_environment(
+    job: Job, environ: Mapping[str, str] | None = None, allowed_data_prefixes: tuple[str, ...] = ()
+) -> dict[str, str]:
     """The variables a job runs with: the settings every job gets (jobs.ray_train.job_environment), and its id,
     spec (the JSON stored at submission), attempt and owner. No credential: Ray keeps a submission's runtime
     environment in its job records (`ray job list`, the dashboard, runtime_env_agent.log); the job takes the Ray
@@ -124,6 +130,8 @@ def job_environment(job: Job, environ: Mapping[str, str] | None = None) -> dict[
     # Seconds Ray waits after its SIGTERM before SIGKILL when the job is stopped: room for a fit's graceful abort.
     env["RAY_JOB_STOP_WAIT_TIME_S"] = str(JOB_STOP_WAIT_S)
     env["AEFORGE_JOB_OWNER"] = job.owner  # whose name the job registers its model under (jobs.registry)
+    # What the job's data readers check every local open against (workers.storage.read_access).
+    env["AEFORGE_ALLOWED_DATA_PREFIXES"] = ",".join(allowed_data_prefixes)
     return env
 
 
@@ -169,6 +177,7 @@ class Dispatcher:
         resubmit_after_s: float = 15.0,
         retry_backoff_s: float = 0.0,
         clock: Callable[[], float] = time.time,
+        allowed_data_prefixes: tuple[str, ...] = (),
     ):
         self.store = store
         self.cluster = cluster
@@ -183,6 +192,7 @@ class Dispatcher:
         # jitter, not at once: an outage (storage, MLflow, a restarting Ray) then passes before the retries run out.
         self.retry_backoff_s = retry_backoff_s
         self.clock = clock
+        self.allowed_data_prefixes = tuple(allowed_data_prefixes)
         self._unreachable_logged = False
         # Texts from Ray (messages, log tails) may echo what the job was given; they are masked before storing.
         self._secrets = sorted(set(secret_values(environ)) | set(secret_values()), key=len, reverse=True)
@@ -276,7 +286,9 @@ class Dispatcher:
         assert job.ray_submission_id is not None
         entrypoint = entrypoint_for(job.id, self.job_module)
         try:
-            self.launcher.submit(job.ray_submission_id, entrypoint, job_environment(job, self.environ))
+            self.launcher.submit(
+                job.ray_submission_id, entrypoint, job_environment(job, self.environ, self.allowed_data_prefixes)
+            )
         except SubmissionExists:
             log.info("job %s: Ray already has %s; following it", job.id, job.ray_submission_id)
         except LauncherUnavailable as exc:

@@ -327,15 +327,27 @@ def tokens_file_for(environ: Mapping[str, str] | None = None) -> Path:
     return _tokens_file(values, home, existing_only=False)
 
 
+def check_owner_name(owner: str, role: Role) -> None:
+    """An owner is named as a model is (jobs.spec.NAME_PATTERN: it lands in paths, tags and log lines), and only an
+    admin token may belong to an owner called 'admin' (a user named so would pass for one in every listing)."""
+    from jobs.spec import NAME_PATTERN
+
+    if not isinstance(owner, str) or not re.fullmatch(NAME_PATTERN, owner):
+        raise SettingsError(
+            f"owner {owner!r}: use 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    if role != "admin" and owner.lower() == "admin":
+        raise SettingsError("owner 'admin' is kept for admin tokens: give a user token another owner name")
+
+
 def add_token(path: Path, owner: str, role: Role = "user") -> Principal:
     """A new random token for ``owner`` with ``role``, its hash appended to the token file ``path`` (made, mode
     0600, if missing); the returned Principal carries the token, which is nowhere else. Plain entries already in
     the file are rewritten as hashes (for the local AEFORGE_HOME/tokens.yaml of an older aeforge, its admin token
     is kept for the local CLI in client-token first)."""
-    if not owner or len(owner) > 100:
-        raise SettingsError("owner must be 1 to 100 characters")
     if role not in ROLES:
         raise SettingsError(f"role must be 'user' or 'admin', got {role!r}")
+    check_owner_name(owner, role)
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     import fcntl
@@ -451,6 +463,29 @@ def _policy_file(values: Mapping[str, str]) -> Path | None:
     if not path.is_file():
         raise SettingsError(f"AEFORGE_POLICY_FILE: no such file: {path}")
     return path
+
+
+def check_no_url_credentials(environ: Mapping[str, str] | None = None) -> None:
+    """Refuse a password inside a URL that jobs are given (MLFLOW_TRACKING_URI, AEFORGE_S3_ENDPOINT_URL): a job
+    gets its settings in its Ray runtime environment, in clear in `ray job list`, the dashboard and Ray's logs. The
+    message says what to do instead and never repeats the password."""
+    from workers.redaction import has_url_password, redact_urls
+
+    env = dict(os.environ if environ is None else environ)
+    values = _file_values(env) | {k: v for k, v in env.items() if v != ""}
+    advice = {
+        "MLFLOW_TRACKING_URI": "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) "
+        "where the service and the Ray nodes run, and the URL without them",
+        "AEFORGE_S3_ENDPOINT_URL": "give the S3 keys as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or a credentials "
+        "file) where the service and the Ray nodes run, and the endpoint without them",
+    }
+    for name, what in advice.items():
+        value = values.get(name)
+        if value and has_url_password(value):
+            raise SettingsError(
+                f"{name}={redact_urls(value)} holds a password; jobs are given this URL in their Ray runtime "
+                f"environment, which Ray shows in clear: {what}"
+            )
 
 
 def _data_prefixes(raw: str) -> tuple[str, ...]:

@@ -27,6 +27,21 @@ BETA_VARIANTS = ("beta_vae", "beta_tcvae")
 
 # Upper bounds on a run's length: a typo such as `steps: 10**30` is an error, not a job that runs until cancelled.
 MAX_STEPS = 10**9
+# Bounds on the size knobs: each is far past what a real run uses (disentanglement_lib: latent 10, batch 64, conv
+# 32-64 channels; Burda et al.'s IWAE: k = 5000), and small enough that a typo (a 10**9) is refused at submit
+# instead of allocating for minutes or failing on a worker. The memory a job needs is estimated too (jobs.limits).
+MAX_LATENT_DIM = 4096
+MAX_HIDDEN_LAYERS = 16
+MAX_HIDDEN_WIDTH = 65_536
+MAX_BATCH_SIZE = 65_536
+MAX_IWAE_SAMPLES = 5_000
+MAX_EVAL_ROWS = 10_000_000
+MAX_IMAGE_SIZE = 1024
+MAX_MAX_FAILURES = 100
+MAX_CHECKPOINTS_KEPT = 100
+MAX_FINETUNE_EPOCHS = 1000
+# The data sets `builtin:NAME` names (workers.data.BUILTINS, kept equal by a test): known when a spec is validated.
+BUILTIN_DATA = ("dsprites",)
 MAX_EPOCHS = 10**6
 
 
@@ -53,14 +68,23 @@ class CorruptionConfig(StrictModel):
 class ModelConfig(StrictModel):
     variant: Variant = "vae"
     architecture: Architecture = "conv64"
-    latent_dim: int = Field(10, ge=1)
+    latent_dim: int = Field(10, ge=1, le=MAX_LATENT_DIM)
     beta: float | None = Field(None, ge=0.0, description="weight on KL (beta_vae) or on TC (beta_tcvae)")
     likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"
     tc_estimator: Literal["mss", "mws"] | None = None
     corruption: CorruptionConfig | None = None
-    hidden_dims: list[int] = Field(default_factory=lambda: [512, 256], description="mlp only")
+    hidden_dims: list[int] = Field(
+        default_factory=lambda: [512, 256], max_length=MAX_HIDDEN_LAYERS, description="mlp only"
+    )
     # beta_tcvae under DDP: estimate TC over the global batch (posterior parameters gathered across ranks).
     gather_global_batch: bool = True
+
+    @field_validator("hidden_dims")
+    @classmethod
+    def _hidden_widths(cls, v: list[int]) -> list[int]:
+        if any(not 1 <= width <= MAX_HIDDEN_WIDTH for width in v):
+            raise ValueError(f"each hidden layer is 1 to {MAX_HIDDEN_WIDTH:,} units wide")
+        return v
 
     @model_validator(mode="after")
     def _variant_fields(self) -> ModelConfig:
@@ -99,9 +123,19 @@ class DataConfig(StrictModel):
         None, description="inferred from the source if left out"
     )
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
-    image_size: int | None = Field(None, ge=8, description="image folders: resize and centre-crop to this size")
+    image_size: int | None = Field(
+        None, ge=8, le=MAX_IMAGE_SIZE, description="image folders: resize and centre-crop to this size"
+    )
     grayscale: bool = Field(True, description="image folders: convert to one channel")
-    limit: int | None = Field(None, ge=2, description="use only the first N examples (quick runs)")
+    limit: int | None = Field(None, ge=2, le=10**9, description="use only the first N examples (quick runs)")
+
+    @field_validator("source")
+    @classmethod
+    def _known_builtin(cls, v: str) -> str:
+        # `builtin:../x` or `builtin:/abs` would only fail when the job starts: the name is checked here.
+        if v.startswith("builtin:") and v[len("builtin:") :] not in BUILTIN_DATA:
+            raise ValueError(f"unknown builtin data set {v[len('builtin:') :]!r}; known: {', '.join(BUILTIN_DATA)}")
+        return v
 
 
 class OptimizerConfig(StrictModel):
@@ -114,7 +148,7 @@ class OptimizerConfig(StrictModel):
 class TrainConfig(StrictModel):
     steps: int | None = Field(None, ge=1, le=MAX_STEPS)
     epochs: int | None = Field(None, ge=1, le=MAX_EPOCHS)
-    batch_size: int = Field(64, ge=1, description="per worker; global batch = batch_size x workers")
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH_SIZE, description="per worker; global batch = batch_size x workers")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool | None = Field(
@@ -129,12 +163,12 @@ class TrainConfig(StrictModel):
         "process, 'default' under DDP and on CPU",
     )
     grad_clip: float | None = Field(None, gt=0.0)
-    checkpoint_every: int = Field(5000, ge=1)
-    eval_every: int | None = Field(None, ge=1)
-    log_every: int = Field(50, ge=1)
+    checkpoint_every: int = Field(5000, ge=1, le=MAX_STEPS)
+    eval_every: int | None = Field(None, ge=1, le=MAX_STEPS)
+    log_every: int = Field(50, ge=1, le=MAX_STEPS)
     seed: int = 0
-    num_to_keep: int = Field(2, ge=1, description="checkpoints kept")
-    max_failures: int = Field(2, ge=0, description="worker failures survived by resuming")
+    num_to_keep: int = Field(2, ge=1, le=MAX_CHECKPOINTS_KEPT, description="checkpoints kept")
+    max_failures: int = Field(2, ge=0, le=MAX_MAX_FAILURES, description="worker failures survived by resuming")
     max_hours: float | None = Field(
         None,
         gt=0.0,
@@ -163,18 +197,23 @@ class TrainConfig(StrictModel):
 class EvalConfig(StrictModel):
     """What the end-of-run (and every eval_every steps) evaluation computes."""
 
-    iwae_samples: int = Field(50, ge=1, description="k for the importance-weighted log-likelihood bound")
-    max_examples: int = Field(2000, ge=10, description="validation examples used for ELBO/IWAE/decomposition")
+    iwae_samples: int = Field(
+        50, ge=1, le=MAX_IWAE_SAMPLES, description="k for the importance-weighted log-likelihood bound"
+    )
+    max_examples: int = Field(
+        2000, ge=10, le=MAX_EVAL_ROWS, description="validation examples used for ELBO/IWAE/decomposition"
+    )
     disentanglement: bool = Field(
         True, description="MIG, SAP, DCI, FactorVAE and beta-VAE scores where the data has factors"
     )
-    num_train: int = Field(2000, ge=10, description="points used to fit the disentanglement scores")
-    num_test: int = Field(1000, ge=10)
+    num_train: int = Field(2000, ge=10, le=MAX_EVAL_ROWS, description="points used to fit the disentanglement scores")
+    num_test: int = Field(1000, ge=10, le=MAX_EVAL_ROWS)
     pictures: bool = True
     probe: bool = Field(True, description="labelled data: test accuracy of a linear probe on the frozen codes")
     probe_finetune_epochs: int = Field(
         0,
         ge=0,
+        le=MAX_FINETUNE_EPOCHS,
         description="labelled data: also fine-tune a copy of the encoder "
         "with a linear head for this many epochs over num_train rows (0: off)",
     )
@@ -188,11 +227,14 @@ class EvalConfig(StrictModel):
     mig_chen_rows: int | None = Field(
         5_000,
         ge=2,
+        le=MAX_EVAL_ROWS,
         description="eval/mig_chen: rows whose posteriors form its mixtures; null: every row of the data "
         "set, as Chen et al. (on dSprites 737,280: seconds on a GPU, many minutes on a CPU); N: a random N rows (the "
         "default 5,000: about 2 s on a CPU core for a conv64 model, 10,000 about 5 s)",
     )
-    mig_chen_samples: int = Field(10_000, ge=1, description="eval/mig_chen: samples per entropy (Chen et al.'s 10,000)")
+    mig_chen_samples: int = Field(
+        10_000, ge=1, le=MAX_EVAL_ROWS, description="eval/mig_chen: samples per entropy (Chen et al.'s 10,000)"
+    )
 
     @field_validator("factors")
     @classmethod

@@ -290,3 +290,27 @@ def test_deep_or_unbuildable_yaml_is_a_spec_error_not_a_crash():
     ):
         with pytest.raises(SpecError):
             spec_from_data(data)
+
+
+@pytest.mark.parametrize(
+    "text,loc",
+    [
+        ("model: {latent_dim: 1000000000}", "model.latent_dim"),
+        ("model: {architecture: mlp, hidden_dims: [1000000000]}", "model.hidden_dims"),
+        ("model: {architecture: mlp, hidden_dims: [" + ", ".join(["8"] * 10_000) + "]}", "model.hidden_dims"),
+        ("train: {batch_size: 1000000000}", "train.batch_size"),
+        ("train: {max_failures: 1000000000}", "train.max_failures"),
+        ("eval: {iwae_samples: 1000000000}", "eval.iwae_samples"),
+        ("eval: {mig_chen_rows: 1000000000000000000000000000000}", "eval.mig_chen_rows"),
+        ("data: {source: /d/x, image_size: 1000000}", "data.image_size"),
+        ("kind: sweep\nsweep: {beta: [1, 2], pack: 1180591620717411303424}", "sweep.pack"),
+        ("kind: sweep\nsweep: {beta: [1, 2], max_concurrent_trials: 1000000000000}", "sweep.max_concurrent_trials"),
+        ("kind: sweep\nsweep: {latent_dim: [2, 1000000000]}", "sweep.latent_dim"),
+        ("resources: {cpus_per_worker: 10000}", "resources.cpus_per_worker"),
+        ("resources: {gpus_per_worker: 1000}", "resources.gpus_per_worker"),
+    ],
+)
+def test_every_size_knob_is_bounded(text, loc):
+    """The values a probe submitted and the queue accepted (issue 19): each refused, naming its field."""
+    model = "" if text.startswith("model:") else "model: {variant: beta_vae}\n"
+    assert loc in errors_of(f"name: x\n{model}{text}\n")

@@ -25,6 +25,7 @@ from services.store import Store
 from tests.fixtures.s3 import free_port
 from tests.services.fakes import FakeLauncher
 from workers.storage import Storage, StorageUnreachable
+from workers.storage.read_access import not_readable_message
 
 TOKENS = {"alice": "alice-token-123", "bob": "bob-token-4567", "root": "root-token-890"}
 PUBLIC_S3 = "s3://public-bucket/public/"
@@ -155,6 +156,26 @@ def test_paths_outside_the_allowed_prefixes_are_refused_alike(client, env, form)
     assert submit(client, "bob", spec(source(ok))).status_code == 201
     assert submit(client, "bob", spec(source(env / "shared" / "." / "sub" / "x.npz"))).status_code == 201
     assert submit(client, "root", spec(source(target))).status_code == 201
+
+
+def test_a_symlink_under_an_allowed_prefix_is_judged_by_where_it_leads(client, env):
+    """/srv/shared/link -> the storage's datasets folder: bob reaching alice's private dataset through it is refused
+    with the very text of any path outside the prefixes; a link to her shared dataset, or within the prefix, is not."""
+    push(env, "alice-private", "alice")
+    (env / "shared" / "link").symlink_to(env / "storage" / "datasets")
+    (env / "shared" / "elsewhere").symlink_to(env / "alice")
+    (env / "alice" / "faces.npz").write_bytes(b"alice's data")
+    (env / "shared" / "real").mkdir()
+    (env / "shared" / "inside").symlink_to(env / "shared" / "real")
+    private = env / "shared" / "link" / "alice-private" / "files" / "alice-private.npz"
+    for source in (str(private), private.as_uri(), str(env / "shared" / "elsewhere" / "faces.npz")):
+        text = refused(attempt(client, "bob", spec(source)))
+        prefixes = ((env / "shared").as_uri() + "/", PUBLIC_S3)
+        assert text == f"data.source: {not_readable_message(source, prefixes)}"
+    assert submit(client, "alice", spec(str(private))).status_code == 201  # her own dataset, by any path
+    assert submit(client, "bob", spec(str(env / "shared" / "inside" / "x.npz"))).status_code == 201
+    Storage.from_settings().share("alice-private", owner="alice")
+    assert attempt(client, "bob", spec(str(private))).status_code == 201  # shared: readable by everyone
 
 
 def test_s3_urls_outside_the_allowed_prefixes_are_refused(client):

@@ -554,3 +554,47 @@ def test_text_the_store_cannot_keep_is_a_422_even_past_the_api_checks(store_url,
         assert response.status_code == 422 and "cannot be stored" in fields_of(response)["name"]
         assert s.list_jobs()[1] == 0
     s.close()
+
+
+# --- issue 19: smaller holes -----------------------------------------------------------------------------------------
+
+
+def test_options_lists_every_method_of_the_path(client):
+    response = client.options("/jobs")
+    assert response.status_code == 204
+    assert set(response.headers["allow"].split(", ")) == {"GET", "POST", "OPTIONS"}
+    wrong = client.put("/jobs", headers=auth("alice"))  # a method the path does not take: 405, with Allow
+    assert wrong.status_code == 405 and "POST" in wrong.headers["allow"] and wrong.json()["detail"]
+
+
+def test_following_the_logs_of_a_job_that_never_starts_ends_after_a_bound_with_heartbeats(client, monkeypatch):
+    from services import api
+
+    monkeypatch.setattr(api, "FOLLOW_HEARTBEAT_S", 0.2)
+    monkeypatch.setattr(api, "FOLLOW_WAIT_LIMIT_S", 1.5)
+    job_id = post_job(client).json()["id"]  # queued, and no dispatcher here: it never starts
+    followed = client.get(f"/jobs/{job_id}/logs?follow=true", headers=auth("alice"))
+    lines = followed.text.splitlines()
+    assert followed.status_code == 200
+    assert any(f"job {job_id} is queued" in line for line in lines[:-1]), lines  # a heartbeat while it waits
+    assert f"job {job_id} is still queued" in lines[-1] and "aeforge logs -f" in lines[-1]
+
+
+def test_a_token_in_a_query_string_is_masked_in_the_access_log(caplog):
+    import logging
+
+    from services.api import RedactingFilter
+
+    record = logging.LogRecord(
+        "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:5", "GET", "/jobs/x/logs?follow=true&token=alice-token-123", "1.1", 200), None,
+    )  # fmt: skip
+    assert RedactingFilter().filter(record)
+    assert "alice-token-123" not in record.getMessage() and "token=***" in record.getMessage()
+    assert record.args[2] == "/jobs/x/logs?follow=true&token=***"  # uvicorn's formatter reads the arguments
+
+
+@pytest.mark.parametrize("source", ["builtin:../x", "builtin:/abs", "builtin:nope"])
+def test_a_builtin_source_is_checked_at_submit(client, source):
+    response = post_job(client, spec=SPEC + f"data: {{source: '{source}'}}\n")
+    assert response.status_code == 422 and "unknown builtin data set" in fields_of(response)["data.source"]

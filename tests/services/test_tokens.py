@@ -88,7 +88,13 @@ def test_tokens_add_writes_aeforge_tokens_file_and_rewrites_plain_entries_as_has
     "args,env,message",
     [
         (["dave", "--role", "root"], {}, "role must be 'user' or 'admin'"),
-        (["x" * 101], {}, "owner must be 1 to 100 characters"),
+        (["x" * 101], {}, "use 1-100 letters, digits"),
+        (["bob\nroot"], {}, "use 1-100 letters, digits"),
+        (["bob smith"], {}, "use 1-100 letters, digits"),
+        ([" "], {}, "use 1-100 letters, digits"),
+        (["../alice"], {}, "use 1-100 letters, digits"),
+        (["admin"], {}, "owner 'admin' is kept for admin tokens"),
+        (["Admin", "--role", "user"], {}, "owner 'admin' is kept for admin tokens"),
         (["dave"], {"AEFORGE_TOKENS": "tok-inline-1:eve"}, "AEFORGE_TOKENS is set"),
     ],
 )

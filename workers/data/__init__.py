@@ -19,6 +19,7 @@ from workers.data.folder import read_folder, read_folder_header
 from workers.data.idx import IMAGES_MAGIC, read_idx, read_idx_header
 from workers.data.npz import read_npz, read_npz_header
 from workers.data.shapes3d import read_shapes3d, read_shapes3d_header
+from workers.storage.read_access import check_local_read
 
 __all__ = [
     "BUILTINS",
@@ -122,7 +123,8 @@ def _local_path(config: DataConfig, resolve: Resolver | None) -> Path:
         path = Path(source).expanduser()
     if not path.exists():
         raise DataError(f"data.source: no such file or folder: {path}")
-    return path
+    # The real path, once a queue job may read it: a symlink under an allowed prefix may lead anywhere.
+    return check_local_read(path, config.source)
 
 
 def _display_name(source: str) -> str:

@@ -14,6 +14,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from workers.data.base import DataError, ImageDataset
+from workers.storage.read_access import check_local_read
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -45,8 +46,9 @@ def class_names(folder: Path, files: list[Path]) -> list[str] | None:
 
 
 def _open_image(path: Path) -> Image.Image:
+    real = check_local_read(path)  # each file: one may be a symlink out of the folder a queue job may read
     try:
-        with Image.open(path) as image:
+        with Image.open(real) as image:
             image.load()  # decode now, so the file can close and a damaged file fails here
         return image
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:

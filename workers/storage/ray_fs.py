@@ -5,7 +5,12 @@ Ray's in-memory key-value store, where the sweep's driver puts them for the run 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pyarrow.fs
@@ -57,3 +62,46 @@ def share_s3_keys(kv_key: str, remove: bool = False) -> None:
         internal_kv._internal_kv_del(kv_key, namespace=_KV_NAMESPACE)
     elif (keys := S3Connection.from_settings().pyarrow_keys()) and settings.storage_uri().startswith("s3://"):
         internal_kv._internal_kv_put(kv_key, json.dumps(keys).encode(), overwrite=True, namespace=_KV_NAMESPACE)
+
+
+# What Ray Tune's actor class cache (ray/tune/execution/class_cache.py) copies from the driver's environment into
+# every trial actor's runtime environment, which Ray writes in clear to the head's runtime_env_agent.log.
+TUNE_COPIED_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
+
+
+@contextlib.contextmanager
+def keys_out_of_environment() -> Iterator[None]:
+    """While Tune runs: no S3 key in this driver's environment. Keys that were there are moved to a private
+    credentials file (mode 0600 in a 0700 folder, removed afterwards) named by AEFORGE_S3_CREDENTIALS_FILE, which
+    this process reads (S3Connection.from_settings) and Tune does not copy; the trials take the node's own keys
+    (the environment their raylet started in, a credentials file, an instance role) or the ones share_s3_keys puts
+    in Ray's key-value store. Restored on the way out."""
+    saved = {name: os.environ[name] for name in TUNE_COPIED_CREDENTIALS if name in os.environ}
+    if not saved:
+        yield
+        return
+    previous_file = os.environ.get("AEFORGE_S3_CREDENTIALS_FILE")
+    with tempfile.TemporaryDirectory(prefix="aeforge-keys-") as folder:  # made 0700
+        if saved.get("AWS_SECRET_ACCESS_KEY"):
+            keys = {
+                "aws_access_key_id": saved.get("AWS_ACCESS_KEY_ID", ""),
+                "aws_secret_access_key": saved["AWS_SECRET_ACCESS_KEY"],
+            }
+            token = saved.get("AWS_SESSION_TOKEN") or saved.get("AWS_SECURITY_TOKEN")
+            if token:
+                keys["aws_session_token"] = token
+            path = Path(folder) / "credentials.json"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(keys, f)
+            os.environ["AEFORGE_S3_CREDENTIALS_FILE"] = str(path)
+        for name in saved:
+            del os.environ[name]
+        try:
+            yield
+        finally:
+            os.environ.update(saved)
+            if previous_file is None:
+                os.environ.pop("AEFORGE_S3_CREDENTIALS_FILE", None)
+            else:
+                os.environ["AEFORGE_S3_CREDENTIALS_FILE"] = previous_file

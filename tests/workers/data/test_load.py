@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pydantic import ValidationError
 
-from workers.config import DataConfig
+from workers.config import BUILTIN_DATA, DataConfig
 from workers.data import (
     BUILTINS,
     DataError,
@@ -52,9 +53,16 @@ def test_builtins():
     assert check_source(DataConfig(source="builtin:dsprites")) == (737_280, (1, 64, 64), True)
     for check in (open_dataset, check_source):
         with pytest.raises(DataError, match=r"unknown builtin 'mnist'; known builtins: dsprites"):
-            check(DataConfig(source="builtin:mnist"))
+            check(DataConfig.model_construct(source="builtin:mnist"))  # as an older stored spec could hold
         with pytest.raises(DataError, match="data.format"):
             check(DataConfig(source="builtin:dsprites", format="npz"))
+
+
+def test_builtin_names_are_checked_when_a_spec_is_validated():
+    assert set(BUILTIN_DATA) == set(BUILTINS)
+    for source in ("builtin:../x", "builtin:/abs", "builtin:", "builtin:mnist", "builtin:dsprites/../x"):
+        with pytest.raises(ValidationError, match="unknown builtin data set"):
+            DataConfig(source=source)
 
 
 def test_infer_format(tmp_path):
