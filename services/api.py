@@ -30,8 +30,10 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services import metrics
 from services.access import Identity, Refusal, check_priority, check_submission
-from services.dispatcher import Dispatcher, JobLauncher, LauncherUnavailable, parse_progress, redact
+from services.dispatcher import Dispatcher, JobLauncher, LauncherUnavailable, parse_progress
+from services.logs import configure_logging, job_fields, redact, uvicorn_log_config
 from services.policy import PolicySource
 from services.settings import Principal, ServiceSettings, SettingsError
 from services.store import STATES, InvalidTransition, InvalidValue, Job, JobNotFound, Store, submission_id_for
@@ -267,6 +269,46 @@ class BodySizeLimit:
         )
 
 
+# --- request metrics --------------------------------------------------------------------------------------------
+
+
+class RequestMetrics:
+    """Counts every answer per method, route template and status, and times it to the start of the response (a
+    followed log stream is timed to its first byte, not its end). The route is the path template ("/jobs/{job_id}"),
+    "unmatched" for a path no route has: a bounded label."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_and_note(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                metrics.HTTP_LATENCY.labels(scope["method"], _route_of(scope)).observe(time.perf_counter() - started)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            metrics.HTTP_REQUESTS.labels(scope["method"], _route_of(scope), str(status)).inc()
+
+
+def _route_of(scope) -> str:
+    from starlette.routing import Match
+
+    for route in scope["app"].routes if "app" in scope else ():
+        if route.matches(scope)[0] == Match.FULL:
+            return getattr(route, "path", "unmatched")
+    return "unmatched"
+
+
 # --- the app ----------------------------------------------------------------------------------------------------
 
 
@@ -325,6 +367,8 @@ def create_app(
         lifespan=lifespan,
     )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestMetrics)  # outermost: refusals of the size limit are counted too
+    registry = metrics.make_registry(store)
     bearer = HTTPBearer(auto_error=False, description="an API token from the service's token list")
 
     @app.exception_handler(RequestValidationError)
@@ -399,6 +443,13 @@ def create_app(
             return _error(503, "database unreachable")
         return {"status": "ok", "database": store.dialect, "schema_version": store.schema_version}
 
+    @app.get("/metrics", tags=["service"], include_in_schema=False)
+    def prometheus_metrics():
+        """Prometheus' text format (no token needed, as /healthz): services.metrics lists what it holds."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/whoami", response_model=Identity, tags=["service"], responses={401: {"model": ErrorOut}})
     def whoami(who: Principal = Depends(principal)):
         """Who the token belongs to: its owner and role."""
@@ -433,12 +484,14 @@ def create_app(
         if idempotency_key is not None:
             problem = text_problem(idempotency_key)
             if problem:
+                metrics.REJECTIONS.labels("submit", "bad_request").inc()
                 return _error(
                     422,
                     f"invalid request: header.Idempotency-Key: {problem}",
                     [{"loc": "header.Idempotency-Key", "msg": problem}],
                 )
             if key is not None and key != idempotency_key:
+                metrics.REJECTIONS.labels("submit", "bad_request").inc()
                 return _error(422, "the Idempotency-Key header and the body's idempotency_key differ")
             key = idempotency_key
         if isinstance(body.spec, str):
@@ -448,6 +501,7 @@ def create_app(
                 spec_text = json.dumps(body.spec)
             except (RecursionError, ValueError) as exc:
                 msg = "nested too deeply to be a job spec" if isinstance(exc, RecursionError) else str(exc)
+                metrics.REJECTIONS.labels("submit", "invalid_spec").inc()
                 return _error(422, f"invalid job spec:\n  <spec>: {msg}", [{"loc": "<spec>", "msg": msg}])
         try:
             spec = validate(spec_text, "<request>")
@@ -455,9 +509,11 @@ def create_app(
             errors = _spec_errors(exc)
             if errors is None:
                 errors = [{"loc": "<spec>", "msg": str(exc)}]
+            metrics.REJECTIONS.labels("submit", "invalid_spec").inc()
             return _error(422, "invalid job spec:\n" + "\n".join(f"  {e['loc']}: {e['msg']}" for e in errors), errors)
         refused = check_submission(spec, who, settings)  # data.source and register.model_name: services.access
         if refused is not None:
+            metrics.REJECTIONS.labels("submit", "forbidden" if refused.status == 403 else "unavailable").inc()
             return _error(refused.status, refused.detail, refused.errors)
         policy = policies.current()
         queued_as = check_priority(policy, who, body.priority_class, body.priority, spec)
@@ -477,8 +533,11 @@ def create_app(
             max_attempts=max_attempts,
             idempotency_key=key,
         )
-        if not created:
+        if created:
+            log.info("job %s: submitted by %s (%s)", job.id, job.owner, job.kind, extra=job_fields(job))
+        else:
             if job.spec_text != spec_text or job.priority != priority or job.max_attempts != max_attempts:
+                metrics.REJECTIONS.labels("submit", "idempotency_conflict").inc()
                 return _error(409, f"idempotency key {key!r} was used for a different submission (job {job.id})")
             response.status_code = 200
         return job_out(job)
@@ -544,7 +603,7 @@ def create_app(
             try:
                 out["progress"] = parse_progress(launcher.logs(job.ray_submission_id))
             except (LauncherUnavailable, RuntimeError) as exc:
-                log.warning("job %s: no progress, the Ray logs are unavailable: %s", job.id, exc)
+                log.warning("job %s: no progress, the Ray logs are unavailable: %s", job.id, exc, extra=job_fields(job))
         return out
 
     @app.post(
@@ -555,6 +614,7 @@ def create_app(
         cancelled once it has stopped (202)."""
         visible_job(job_id, who)
         job = store.request_cancel(job_id, who.owner)
+        log.info("job %s: cancel asked by %s (now %s)", job.id, who.owner, job.state, extra=job_fields(job))
         if job.state != "cancelled":
             response.status_code = 202
         return job_out(job)
@@ -563,7 +623,9 @@ def create_app(
     def retry_job(job_id: str, who: Principal = Depends(principal)):
         """A failed or cancelled job back to the queue; it resumes from its last checkpoint."""
         visible_job(job_id, who)
-        return job_out(store.retry(job_id, who.owner))
+        job = store.retry(job_id, who.owner)
+        log.info("job %s: retried by %s", job.id, who.owner, extra=job_fields(job))
+        return job_out(job)
 
     @app.get(
         "/jobs/{job_id}/logs",
@@ -688,31 +750,6 @@ async def _follow_logs(
 # --- running the service ----------------------------------------------------------------------------------------
 
 
-class RedactingFilter(logging.Filter):
-    """Masks secrets in a log record before a handler writes it: this process's secret values, URL passwords and
-    secret query values (the access log's `GET /jobs/x/logs?token=...`)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if redact(message) == message:
-            return True
-        # Each argument masked in place: formatters may read the arguments themselves (uvicorn's access log does).
-        if isinstance(record.args, tuple):
-            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
-        if isinstance(record.msg, str):
-            record.msg = redact(record.msg)
-        if redact(record.getMessage()) != record.getMessage():  # a secret split across arguments: the whole line
-            record.msg, record.args = redact(message), None
-        return True
-
-
-def redact_log_records(logger: logging.Logger) -> None:
-    """Every handler of ``logger`` masks what it writes (a filter on the handler sees propagated records too)."""
-    for handler in logger.handlers:
-        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
-            handler.addFilter(RedactingFilter())
-
-
 def start_embedded_ray() -> str:
     """A local Ray head with its dashboard (which serves the Jobs API), for as long as this process lives."""
     import ray
@@ -764,8 +801,7 @@ def run_service(
     )
 
     check_no_url_credentials()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    redact_log_records(logging.getLogger())
+    configure_logging()  # AEFORGE_LOG_FORMAT: text (default) or json; secrets masked
     sock = listen(host, port)
     url = url_for_listener(host, sock.getsockname()[1])
     try:
@@ -817,10 +853,7 @@ def run_service(
                     remove_service_record(home)
 
         try:
-            config = uvicorn.Config(app, log_level="info")  # configures uvicorn's loggers: masked after it
-            for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
-                redact_log_records(logging.getLogger(name))
-            RecordingServer(config).run(sockets=[sock])
+            RecordingServer(uvicorn.Config(app, log_level="info", log_config=uvicorn_log_config())).run(sockets=[sock])
         finally:
             remove_service_record(home)  # also when it stopped without a shutdown (it failed to start)
     finally:

@@ -504,10 +504,10 @@ def bench(
 
 
 def _mount_subcommands() -> None:
-    """The data, models, queue, token and doctor commands live next to the code they drive."""
-    from services import cli_data, cli_doctor, cli_jobs, cli_models, cli_tokens
+    """The data, models, queue, token, doctor and admin commands live next to the code they drive."""
+    from services import cli_admin, cli_data, cli_doctor, cli_jobs, cli_models, cli_tokens
 
-    for module in (cli_data, cli_models, cli_jobs, cli_tokens, cli_doctor):
+    for module in (cli_data, cli_models, cli_jobs, cli_tokens, cli_doctor, cli_admin):
         module.register(app)
 
 

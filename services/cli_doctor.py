@@ -328,11 +328,11 @@ def _creatable(folder: Path) -> bool:
 
 def check_store(timeout_s: float) -> Callable[[], str]:
     def run() -> str:
-        from sqlalchemy import create_engine, inspect, select
+        from sqlalchemy import create_engine
         from sqlalchemy.engine import make_url
 
         from services.settings import ServiceSettings
-        from services.store import MIGRATIONS, SCHEMA_VERSION, schema_table
+        from services.store import SchemaTooNew, current_revision, migration_history
 
         url = ServiceSettings.load().db_url
         try:
@@ -358,19 +358,23 @@ def check_store(timeout_s: float) -> Callable[[], str]:
         engine = create_engine(url, connect_args=connect_args)
         try:
             with engine.connect() as conn:
-                if not inspect(conn).has_table(schema_table.name):
-                    return f"{shown}: answers; no aeforge tables yet (the first `aeforge serve` creates them)"
-                version = conn.execute(select(schema_table.c.version).where(schema_table.c.id == 1)).scalar_one()
+                version = current_revision(conn)
+        except SchemaTooNew as exc:
+            raise CheckFailed(
+                f"{shown}: schema version {exc.current} is newer than this aeforge reads ({exc.head}); upgrade aeforge"
+            ) from None
         except Exception as exc:
             raise CheckFailed(f"{shown}: {describe_error(exc)}") from None
         finally:
             engine.dispose()
-        target = max([SCHEMA_VERSION, *(m.version for m in MIGRATIONS)])
-        if version > target:
-            raise CheckFailed(
-                f"{shown}: schema version {version} is newer than this aeforge reads ({target}); upgrade aeforge"
-            )
-        note = "" if version == target else f" (the next `aeforge serve` migrates it to {target})"
+        if version is None:
+            return f"{shown}: answers; no aeforge tables yet (the first `aeforge serve` creates them)"
+        head = migration_history()[-1].id
+        note = (
+            ""
+            if version == head
+            else f" (the next `aeforge serve` or `aeforge admin db upgrade` migrates it to {head})"
+        )
         return f"{shown}: answers, schema version {version}{note}"
 
     return run

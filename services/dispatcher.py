@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import re
 import shlex
@@ -29,10 +28,11 @@ from typing import Protocol
 from jobs import ray_train
 from jobs.ray_train import describe_resources, fits, never_fits, sweep_concurrency
 from jobs.spec import parse_spec_json
+from services import metrics
+from services.logs import job_fields, redact, secret_values
 from services.store import Decision, Holdings, Job, Store, add_resources
 from workers.errors import AeforgeError
 from workers.protocol import PROGRESS_MARK, RESULT_MARK, parse_progress, parse_result  # noqa: F401 (re-exported)
-from workers.redaction import environment_url_passwords, redact_urls
 
 log = logging.getLogger(__name__)
 
@@ -79,28 +79,6 @@ class JobLauncher(Protocol):
 
     def tail(self, submission_id: str) -> AsyncIterator[str]:
         """The job's log as it is written, until the job ends."""
-
-
-# --- secrets ----------------------------------------------------------------------------------------------------
-
-
-def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
-    """Values of this process's secret variables, longest first (so a secret inside another is masked whole)."""
-    from workers.settings import SECRET_ENV_VARS
-
-    env = os.environ if environ is None else environ
-    names = (*SECRET_ENV_VARS, "AEFORGE_API_TOKEN", "AEFORGE_TOKENS")
-    values = [env[n] for n in names if len(env.get(n) or "") >= 4]
-    # A password inside a URL setting (MLFLOW_TRACKING_URI, AEFORGE_DB_URL, ...) is masked also where it shows alone.
-    values += [p for p in environment_url_passwords(env) if len(p) >= 4]
-    return sorted(set(values), key=len, reverse=True)
-
-
-def redact(text: str, secrets: list[str] | None = None) -> str:
-    """``text`` with this process's secret values, every URL's password and secret query values masked."""
-    for value in secret_values() if secrets is None else secrets:
-        text = text.replace(value, "***")
-    return redact_urls(text)
 
 
 # --- log lines the job prints (workers.protocol) -------------------------------------------------------------
@@ -203,8 +181,9 @@ class Dispatcher:
     # --- one pass ---------------------------------------------------------------------------------------------
     def tick(self) -> TickReport:
         report = TickReport()
-        self.follow(report)
-        self.admit(report)
+        with metrics.DISPATCHER_PASS.time():
+            self.follow(report)
+            self.admit(report)
         return report
 
     def run(self, stop: threading.Event, interval_s: float = 1.0) -> None:
@@ -213,6 +192,7 @@ class Dispatcher:
             try:
                 self.tick()
             except Exception:
+                metrics.DISPATCHER_PASS_FAILURES.inc()
                 log.exception("dispatcher pass failed; trying again in %.1f s", interval_s)
             stop.wait(interval_s)
 
@@ -232,7 +212,7 @@ class Dispatcher:
             admission = self.store.admit(decide)
             report.rejected += [j.id for j in admission.rejected]
             for job in admission.rejected:
-                log.warning("job %s failed: it can never fit the cluster", job.id)
+                log.warning("job %s failed: it can never fit the cluster", job.id, extra=job_fields(job))
             if admission.started is None:
                 report.waiting = admission.waiting.id if admission.waiting else None
                 report.wait_reason = admission.wait_reason
@@ -290,16 +270,22 @@ class Dispatcher:
                 job.ray_submission_id, entrypoint, job_environment(job, self.environ, self.allowed_data_prefixes)
             )
         except SubmissionExists:
-            log.info("job %s: Ray already has %s; following it", job.id, job.ray_submission_id)
+            log.info("job %s: Ray already has %s; following it", job.id, job.ray_submission_id, extra=job_fields(job))
         except LauncherUnavailable as exc:
             # Left in `starting`: following it submits again once Ray answers.
             self._log_unreachable(exc)
         except Exception as exc:  # Ray refused the submission: this attempt failed
             why = self._redact(str(exc))
-            log.warning("job %s: Ray refused the submission: %s", job.id, why)
+            log.warning("job %s: Ray refused the submission: %s", job.id, why, extra=job_fields(job))
             self._attempt_failed(job, f"Ray refused the job submission: {why}")
         else:
-            log.info("job %s: submitted to Ray as %s (attempt %d)", job.id, job.ray_submission_id, job.attempts)
+            log.info(
+                "job %s: submitted to Ray as %s (attempt %d)",
+                job.id,
+                job.ray_submission_id,
+                job.attempts,
+                extra=job_fields(job),
+            )
 
     # --- following --------------------------------------------------------------------------------------------
     def follow(self, report: TickReport | None = None) -> TickReport:
@@ -324,7 +310,7 @@ class Dispatcher:
                     return self._set(job, "cancelled", f"cancelled by {job.cancel_requested_by} before it reached Ray")
                 if self.clock() - job.updated_at.timestamp() >= self.resubmit_after_s:
                     # Claimed, never submitted: the dispatcher that claimed it stopped in between.
-                    log.info("job %s: claimed but not on Ray; submitting it", job.id)
+                    log.info("job %s: claimed but not on Ray; submitting it", job.id, extra=job_fields(job))
                     self._submit(job)
                 return False
             return self._attempt_failed(job, "its Ray job is gone (the Ray cluster restarted or lost it)")
@@ -364,7 +350,7 @@ class Dispatcher:
         except LauncherUnavailable:
             raise
         except RuntimeError as exc:
-            log.warning("job %s: cannot read its Ray logs for the result: %s", job.id, exc)
+            log.warning("job %s: cannot read its Ray logs for the result: %s", job.id, exc, extra=job_fields(job))
             logs = ""
         result = parse_result(logs)
         fields: dict = {"error": None}
@@ -414,7 +400,7 @@ class Dispatcher:
         # Guarded by state and attempt: another dispatcher that saw the same Ray status changes it once.
         changed = self.store.transition(job.id, state, reason, expect=(job.state,), attempt=job.attempts, **fields)
         if changed is not None:
-            log.info("job %s: %s -> %s (%s)", job.id, job.state, state, reason)
+            log.info("job %s: %s -> %s (%s)", job.id, job.state, state, reason, extra=job_fields(changed))
         return changed is not None
 
     def _log_tail(self, sid: str) -> str:
@@ -459,38 +445,51 @@ class RayJobLauncher:
     def dashboard_url(self) -> str:
         return self.client().get_address()
 
-    def _call(self, fn: Callable, *args, **kwargs):
+    def _call(self, operation: str, fn: Callable, *args, **kwargs):
         import requests
 
-        client = self.client()
+        try:
+            client = self.client()
+        except LauncherUnavailable:
+            metrics.RAY_API_ERRORS.labels(operation, "unreachable").inc()
+            raise
         try:
             return fn(client, *args, **kwargs)
         except (requests.ConnectionError, requests.Timeout, ConnectionError) as exc:
+            metrics.RAY_API_ERRORS.labels(operation, "unreachable").inc()
             with self._lock:
                 self._client = None
             raise LauncherUnavailable(f"Ray's Jobs API did not answer: {exc}") from None
 
+    @staticmethod
+    def _refused(operation: str) -> None:
+        metrics.RAY_API_ERRORS.labels(operation, "refused").inc()
+
     def submit(self, submission_id: str, entrypoint: str, env_vars: dict[str, str]) -> None:
         try:
             self._call(
+                "submit",
                 lambda c: c.submit_job(
                     entrypoint=entrypoint, submission_id=submission_id, runtime_env={"env_vars": env_vars}
-                )
+                ),
             )
         except RuntimeError as exc:
             if "already exists" in str(exc):
                 raise SubmissionExists(submission_id) from None
             if "No available agent" in str(exc):
                 # A Ray head that has just started answers this for tens of seconds: not a failed attempt.
+                metrics.RAY_API_ERRORS.labels("submit", "unreachable").inc()
                 raise LauncherUnavailable(f"Ray's Jobs API is not ready yet: {exc}") from None
+            self._refused("submit")
             raise
 
     def info(self, submission_id: str) -> RayJobInfo | None:
         try:
-            details = self._call(lambda c: c.get_job_info(submission_id))
+            details = self._call("info", lambda c: c.get_job_info(submission_id))
         except RuntimeError as exc:
             if "status code 404" in str(exc):
                 return None
+            self._refused("info")
             raise
         return RayJobInfo(
             status=str(details.status.value if hasattr(details.status, "value") else details.status),
@@ -499,27 +498,34 @@ class RayJobLauncher:
 
     def stop(self, submission_id: str) -> None:
         try:
-            self._call(lambda c: c.stop_job(submission_id))
+            self._call("stop", lambda c: c.stop_job(submission_id))
         except RuntimeError as exc:
             if "status code 404" not in str(exc):
+                self._refused("stop")
                 raise
 
     def logs(self, submission_id: str) -> str:
         try:
-            return self._call(lambda c: c.get_job_logs(submission_id))
+            return self._call("logs", lambda c: c.get_job_logs(submission_id))
         except RuntimeError as exc:
             if "status code 404" in str(exc):
                 return ""
+            self._refused("logs")
             raise
 
     async def tail(self, submission_id: str) -> AsyncIterator[str]:
         import asyncio
 
-        client = await asyncio.to_thread(self.client)
+        try:
+            client = await asyncio.to_thread(self.client)
+        except LauncherUnavailable:
+            metrics.RAY_API_ERRORS.labels("tail", "unreachable").inc()
+            raise
         try:
             async for chunk in client.tail_job_logs(submission_id):
                 yield chunk
         except Exception as exc:  # the websocket or the job went away mid-stream
+            metrics.RAY_API_ERRORS.labels("tail", "unreachable").inc()
             raise LauncherUnavailable(f"the log stream of Ray job {submission_id} broke off: {exc}") from None
 
 
@@ -532,7 +538,11 @@ class RayClusterView:
     def total_resources(self) -> dict[str, float]:
         from ray.util.state import list_nodes
 
-        address = self.launcher.dashboard_url()
+        try:
+            address = self.launcher.dashboard_url()
+        except LauncherUnavailable:
+            metrics.RAY_API_ERRORS.labels("list_nodes", "unreachable").inc()
+            raise
         try:
             # raise_on_missing_output=False: once a node has died, Ray 2.60's state API counts it among the nodes the
             # ALIVE filter drops and raises "data truncation" on every call (found by the stack test).
@@ -540,6 +550,7 @@ class RayClusterView:
                 address=address, filters=[("state", "=", "ALIVE")], timeout=10, raise_on_missing_output=False
             )
         except Exception as exc:  # the state API raises several kinds when the dashboard is down
+            metrics.RAY_API_ERRORS.labels("list_nodes", "unreachable").inc()
             raise LauncherUnavailable(f"cannot list Ray's nodes at {address}: {exc}") from None
         total: dict[str, float] = {}
         for node in nodes:

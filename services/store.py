@@ -1,7 +1,9 @@
 """The job table: jobs, their state changes, and the atomic claim that admits a job to the cluster.
 
 SQLite (a file under AEFORGE_HOME) by default, PostgreSQL through AEFORGE_DB_URL (``postgresql+psycopg://``).
-The service creates the schema on first use and applies its migrations itself (``schema_version`` table).
+The service creates the schema on first use and upgrades it itself at start: Alembic revisions in
+services/migrations (version table ``aeforge_alembic_version``), under a PostgreSQL advisory lock so that two
+processes starting at once migrate once; ``aeforge admin db upgrade | current | history`` does the same by hand.
 
 Every state change goes through :meth:`Store.transition` or one of the methods built on it, in one transaction
 with its event row. Admission (:meth:`Store.admit`) reads what the admitted jobs hold and claims the next job in
@@ -12,11 +14,13 @@ start the same job, nor admit two jobs into the same free resources.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -45,10 +49,13 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.types import TypeDecorator
 
+from services import metrics
 from workers.errors import AeforgeError
 from workers.protocol import new_job_id
 
 log = logging.getLogger(__name__)
+# Alembic says "Context impl ...", "Running upgrade ..." at INFO; the store logs what a migration did itself.
+logging.getLogger("alembic").setLevel(logging.WARNING)
 
 STATES = ("queued", "starting", "running", "succeeded", "failed", "cancelled")
 ACTIVE_STATES = ("starting", "running")
@@ -66,13 +73,21 @@ TRANSITIONS: dict[str | None, frozenset[str]] = {
     "cancelled": frozenset({"queued"}),
 }
 
-# The version the table definitions below are at; a database made by an older aeforge is brought to it by MIGRATIONS.
-SCHEMA_VERSION = 2
+# Alembic's version table: not ``alembic_version``, which MLflow's tables use when both share one database.
+VERSION_TABLE = "aeforge_alembic_version"
+# The Alembic revisions (services/migrations), and the revision each schema version of the runner that came before
+# Alembic (the ``aeforge_schema`` table) corresponds to; a database it made is stamped at that revision first.
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+LEGACY_REVISIONS = {1: "0001", 2: "0002"}
+# What revisions from 0003 on leave in ``aeforge_schema.version``: an aeforge from before Alembic refuses it.
+LEGACY_MARKER = 3
 # The largest LIMIT/OFFSET both backends take (a signed 64-bit integer: SQLite's and PostgreSQL's bigint).
 MAX_SQL_INT = 2**63 - 1
 # Transaction-level advisory lock keys (PostgreSQL): admission decisions, schema migrations.
 ADMISSION_LOCK_KEY = 0x6165_0001
 MIGRATION_LOCK_KEY = 0x6165_0002
+# Where a transaction keeps the state changes it made until it commits (Connection.info).
+_CHANGES = "aeforge_state_changes"
 
 
 class StoreError(AeforgeError):
@@ -90,7 +105,15 @@ class InvalidTransition(StoreError):
 
 
 class SchemaTooNew(StoreError):
-    pass
+    """The database is at a schema revision this aeforge does not know: a newer aeforge made it."""
+
+    def __init__(self, current: object, head: str):
+        super().__init__(
+            f"the job database is at schema version {current}, newer than this aeforge understands ({head}); "
+            "upgrade aeforge"
+        )
+        self.current = current
+        self.head = head
 
 
 class InvalidValue(StoreError, ValueError):
@@ -188,27 +211,6 @@ schema_table = Table(
     Column("id", Integer, primary_key=True),
     Column("version", Integer, nullable=False),
     Column("migrated_at", UTCDateTime, nullable=False),
-)
-
-
-@dataclass(frozen=True)
-class Migration:
-    """One schema step from ``version - 1`` to ``version``; ``apply`` runs inside the migration transaction."""
-
-    version: int
-    description: str
-    apply: Callable[[Connection], None]
-
-
-def _add_wait_reason(conn: Connection) -> None:
-    column_type = Text().compile(dialect=conn.dialect)
-    conn.execute(text(f"ALTER TABLE {jobs_table.name} ADD COLUMN wait_reason {column_type}"))
-
-
-# Schema steps after version 1, in order. A fresh database is created at SCHEMA_VERSION directly from the table
-# definitions above; an existing one is brought up to date by the steps it has not had.
-MIGRATIONS: tuple[Migration, ...] = (
-    Migration(2, "aeforge_jobs.wait_reason: why a queued job waits", _add_wait_reason),
 )
 
 
@@ -355,9 +357,9 @@ def add_resources(total: dict[str, float], more: dict[str, float]) -> dict[str, 
 class Store:
     """The job table. Thread-safe: each method runs in its own transaction on a pooled connection."""
 
-    def __init__(self, url: str, *, migrations: Sequence[Migration] = MIGRATIONS, echo: bool = False):
+    def __init__(self, url: str, *, migrations: Path = MIGRATIONS_DIR, echo: bool = False):
         self.url = url
-        self.engine: Engine = _make_engine(url, echo=echo)
+        self.engine: Engine = make_engine(url, echo=echo)
         self.dialect = self.engine.dialect.name
         if self.dialect not in ("sqlite", "postgresql"):
             raise StoreError(
@@ -376,10 +378,24 @@ class Store:
                 # Take SQLite's write lock at BEGIN: a read-then-write transaction that upgraded later could fail
                 # with SQLITE_BUSY instead of waiting.
                 conn = conn.execution_options(sqlite_begin="IMMEDIATE")
-            with conn.begin():
-                if lock_key is not None and self.dialect == "postgresql":
-                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": lock_key})
-                yield conn
+            # The state changes this transaction makes, counted in the metrics once it has committed.
+            changes: list[dict[str, Any]] = []
+            conn.info[_CHANGES] = changes
+            try:
+                with conn.begin():
+                    if lock_key is not None and self.dialect == "postgresql":
+                        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": lock_key})
+                    yield conn
+            finally:
+                conn.info.pop(_CHANGES, None)
+        for change in changes:
+            metrics.record_transition(**change)
+
+    @staticmethod
+    def _note_change(conn: Connection, **change: Any) -> None:
+        pending = conn.info.get(_CHANGES)
+        if pending is not None:
+            pending.append(change)
 
     def _lock_job(self, conn: Connection, job_id: str):
         if not storable(job_id):
@@ -457,6 +473,18 @@ class Store:
                     else f"with priority {priority}"
                 )
                 self._event(conn, job_id, None, "queued", 0, f"submitted by {owner} {how}", now)
+                self._note_change(
+                    conn,
+                    from_state=None,
+                    to_state="queued",
+                    kind=kind,
+                    owner=owner,
+                    at=now,
+                    created_at=now,
+                    queued_since=None,
+                    started_at=None,
+                    attempt=0,
+                )
         except IntegrityError:
             # Two submissions with the same key raced; the one that committed first is the job.
             if idempotency_key is not None:
@@ -527,6 +555,20 @@ class Store:
             ).all()
         return [Job.from_row(r) for r in rows], int(total)
 
+    def active_counts(self) -> list[tuple[str, str, str, int]]:
+        """(state, owner, kind, jobs) for the queued, starting and running jobs: one grouped count per state, each
+        over the queue index, whatever the number of finished jobs."""
+        query = union_all(
+            *(
+                select(jobs_table.c.state, jobs_table.c.owner, jobs_table.c.kind, func.count())
+                .where(jobs_table.c.state == state)
+                .group_by(jobs_table.c.state, jobs_table.c.owner, jobs_table.c.kind)
+                for state in ("queued", *ACTIVE_STATES)
+            )
+        )
+        with self.engine.connect() as conn:
+            return [(r[0], r[1], r[2], int(r[3])) for r in conn.execute(query).all()]
+
     def active_jobs(self) -> list[Job]:
         with self.engine.connect() as conn:
             rows = conn.execute(_per_active_state(select(jobs_table))).all()
@@ -577,6 +619,18 @@ class Store:
         if result.rowcount != 1:  # unreachable while the row is locked; kept so a lost update cannot pass silently
             raise StoreError(f"job {row.id} changed during its own transition")
         self._event(conn, row.id, row.state, to_state, attempts, reason, now)
+        self._note_change(
+            conn,
+            from_state=row.state,
+            to_state=to_state,
+            kind=row.kind,
+            owner=row.owner,
+            at=now,
+            created_at=row.created_at,
+            queued_since=row.updated_at if row.state == "queued" else None,  # a queued row changes only on leaving
+            started_at=values.get("started_at", row.started_at),
+            attempt=attempts,
+        )
 
     def _event(
         self,
@@ -743,7 +797,7 @@ def _per_active_state(query):
 # --- engine and schema ---------------------------------------------------------------------------------------
 
 
-def _make_engine(url: str, *, echo: bool) -> Engine:
+def make_engine(url: str, *, echo: bool = False) -> Engine:
     if url.startswith("postgresql://") or url.startswith("postgres://"):
         raise StoreError("AEFORGE_DB_URL: use the psycopg 3 driver, postgresql+psycopg://user@host:port/db")
     if url.startswith("sqlite"):
@@ -753,8 +807,6 @@ def _make_engine(url: str, *, echo: bool) -> Engine:
                 "dispatcher; give a file, sqlite:////path/to/aeforge.db"
             )
         database = url.split("///", 1)[-1].split("?", 1)[0]
-        from pathlib import Path
-
         Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, echo=echo, connect_args={"timeout": 30, "check_same_thread": False})
 
@@ -776,32 +828,88 @@ def _make_engine(url: str, *, echo: bool) -> Engine:
     return create_engine(url, echo=echo, pool_pre_ping=True)
 
 
-def migrate(engine: Engine, migrations: Sequence[Migration] = MIGRATIONS) -> int:
-    """Create the schema on an empty database, or apply the migrations it lacks; returns the schema version."""
-    target = max([SCHEMA_VERSION, *(m.version for m in migrations)])
+@contextmanager
+def locked_migration_connection(engine: Engine) -> Iterator[Connection]:
+    """A connection inside the one transaction a migration runs in: PostgreSQL holds its advisory lock (so two
+    services starting at once migrate once, the second finding the work done), SQLite its write lock."""
     with engine.connect() as conn:
         if engine.dialect.name == "sqlite":
             conn = conn.execution_options(sqlite_begin="IMMEDIATE")
         with conn.begin():
             if engine.dialect.name == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
-            if not inspect(conn).has_table(schema_table.name):
-                metadata.create_all(conn)
-                conn.execute(insert(schema_table).values(id=1, version=target, migrated_at=utcnow()))
-                log.info("created the aeforge job store schema (version %d)", target)
-                return target
-            current = conn.execute(select(schema_table.c.version).where(schema_table.c.id == 1)).scalar_one()
-            if current > target:
-                raise SchemaTooNew(
-                    f"the job database is at schema version {current}, newer than this aeforge "
-                    f"understands ({target}); upgrade aeforge"
-                )
-            for step in sorted(migrations, key=lambda m: m.version):
-                if step.version > current:
-                    log.info("migrating the job store to schema version %d: %s", step.version, step.description)
-                    step.apply(conn)
-                    current = step.version
-            conn.execute(
-                update(schema_table).where(schema_table.c.id == 1).values(version=current, migrated_at=utcnow())
-            )
-            return current
+            yield conn
+
+
+@functools.cache
+def _scripts(location: Path):
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory(str(location))
+
+
+def _alembic_config(location: Path, conn: Connection):
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(location))
+    config.attributes["connection"] = conn
+    return config
+
+
+@dataclass(frozen=True)
+class Revision:
+    id: str
+    description: str
+    is_head: bool
+
+
+def migration_history(migrations: Path = MIGRATIONS_DIR) -> list[Revision]:
+    """The job store's revisions, oldest first."""
+    scripts = _scripts(migrations)
+    heads = set(scripts.get_heads())
+    return [
+        Revision(s.revision, (s.doc or "").strip().splitlines()[0] if s.doc else "", s.revision in heads)
+        for s in reversed(list(scripts.walk_revisions()))
+    ]
+
+
+def current_revision(conn: Connection, migrations: Path = MIGRATIONS_DIR) -> str | None:
+    """The revision the database is at: Alembic's version table, else (a database made before Alembic) the revision
+    its ``aeforge_schema`` version corresponds to, else None (no aeforge tables). A database newer than the code
+    (a revision or a version it does not know) is refused with SchemaTooNew."""
+    from alembic.runtime.migration import MigrationContext
+
+    head = _scripts(migrations).get_current_head()
+    inspector = inspect(conn)
+    if inspector.has_table(VERSION_TABLE):
+        current = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE}).get_current_revision()
+        known = {r.id for r in migration_history(migrations)}
+        if current is not None and current not in known:
+            raise SchemaTooNew(current, head)
+        return current
+    if not inspector.has_table(schema_table.name):
+        return None
+    version = conn.execute(select(schema_table.c.version).where(schema_table.c.id == 1)).scalar_one_or_none()
+    if version not in LEGACY_REVISIONS:
+        raise SchemaTooNew(version, head)
+    return LEGACY_REVISIONS[version]
+
+
+def migrate(engine: Engine, migrations: Path = MIGRATIONS_DIR, target: str = "head") -> str:
+    """Bring the database to ``target`` (the newest revision by default) in one transaction under the migration
+    lock: an empty database gets every revision, one made before Alembic is stamped at its version first. Returns
+    the revision it is at."""
+    from alembic import command
+
+    with locked_migration_connection(engine) as conn:
+        before = current_revision(conn, migrations)
+        config = _alembic_config(migrations, conn)
+        if before is not None and not inspect(conn).has_table(VERSION_TABLE):
+            command.stamp(config, before)
+            log.info("the job store predates Alembic (revision %s); Alembic versions it from now on", before)
+        command.upgrade(config, target)
+        after = current_revision(conn, migrations)
+        if after != before:
+            log.info("migrated the job store from revision %s to %s", before or "(empty)", after)
+        return after or ""

@@ -583,7 +583,7 @@ def test_following_the_logs_of_a_job_that_never_starts_ends_after_a_bound_with_h
 def test_a_token_in_a_query_string_is_masked_in_the_access_log(caplog):
     import logging
 
-    from services.api import RedactingFilter
+    from services.logs import RedactingFilter
 
     record = logging.LogRecord(
         "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',

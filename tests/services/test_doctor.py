@@ -227,11 +227,11 @@ def test_a_job_store_newer_than_this_aeforge_fails(home, monkeypatch):
     Store(f"sqlite:///{db}").close()
     engine = create_engine(f"sqlite:///{db}")
     with engine.begin() as conn:
-        conn.execute(text("UPDATE aeforge_schema SET version = 99"))
+        conn.execute(text("UPDATE aeforge_alembic_version SET version_num = '0099'"))
     engine.dispose()
     result, _ = doctor()
     line = lines_by_check(result.output)["job store"]
-    assert result.exit_code == 1 and line.startswith("FAIL") and "schema version 99 is newer" in line
+    assert result.exit_code == 1 and line.startswith("FAIL") and "schema version 0099 is newer" in line
 
 
 def test_a_postgres_password_is_not_shown(home, monkeypatch):

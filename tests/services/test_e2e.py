@@ -24,6 +24,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fixtures.processes import stop, wait_for
 from tests.fixtures.s3 import free_port, free_ports
@@ -250,7 +251,7 @@ def ray_client(ray_head):
 
 
 def test_jobs_that_take_the_whole_cluster_run_one_after_another_in_priority_order(service, ray_head):
-    svc = service()
+    svc = service(extra_env={"AEFORGE_LOG_FORMAT": "json"})
     blocker = svc.submit(fake_spec("blocker", steps=20, cpus=2))
     svc.wait_state(blocker, "running")
     low = svc.submit(fake_spec("low", steps=3, cpus=2), priority=0)
@@ -276,6 +277,26 @@ def test_jobs_that_take_the_whole_cluster_run_one_after_another_in_priority_orde
     for path in svc.home.glob("aeforge.db*"):
         assert SECRET.encode() not in path.read_bytes(), path
     assert SECRET not in svc.log_path.read_text() and SECRET not in logs
+
+    # The service's log is JSON lines; a job's lines carry its id, owner, attempt and Ray submission id.
+    lines = [json.loads(line) for line in svc.log_path.read_text().splitlines() if line.startswith("{")]
+    submitted = [line for line in lines if line.get("job_id") == high and "submitted to Ray" in line["message"]]
+    assert submitted and submitted[0]["owner"] == "tester" and submitted[0]["ray_submission_id"] == high
+    assert submitted[0]["attempt"] == 1
+    # /metrics after three real Ray jobs: each counted once, none left in the queue.
+    samples = {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(svc.http.get("/metrics").text)
+        for s in family.samples
+    }
+    train = frozenset({("kind", "train")})
+    assert samples[("aeforge_job_submissions_total", train | {("owner", "tester")})] == 3
+    assert samples[("aeforge_job_admissions_total", train)] == 3
+    assert samples[("aeforge_jobs_finished_total", train | {("state", "succeeded")})] == 3
+    assert samples[("aeforge_job_submit_to_start_seconds_count", train)] == 3
+    assert samples[("aeforge_job_start_to_end_seconds_count", train | {("state", "succeeded")})] == 3
+    assert samples[("aeforge_dispatcher_pass_seconds_count", frozenset())] > 3
+    assert not any(v for (name, labels), v in samples.items() if name == "aeforge_jobs" and v)
 
 
 def test_a_first_start_without_tokens_stores_a_hash_and_the_local_cli_submits_without_a_token_set(service, ray_head):
@@ -458,6 +479,7 @@ def test_s3_credentials_reach_jobs_from_the_node_never_through_ray_job_records(s
         extra_env={
             "AEFORGE_STORAGE": f"s3://{bucket}/aeforge",
             "AEFORGE_S3_ENDPOINT_URL": endpoint,
+            "AEFORGE_LOG_FORMAT": "json",  # the scan covers the JSON log lines too
             **NODE_CREDENTIALS,
         },
     )

@@ -3,22 +3,28 @@ atomicity, schema creation and migration."""
 
 from __future__ import annotations
 
+import shutil
 import threading
 
 import pytest
-from sqlalchemy import inspect, text
+from sqlalchemy import inspect, select, text
 
 from services.store import (
-    MIGRATIONS,
-    SCHEMA_VERSION,
+    LEGACY_MARKER,
+    MIGRATIONS_DIR,
+    VERSION_TABLE,
     Decision,
     InvalidTransition,
     JobNotFound,
-    Migration,
     SchemaTooNew,
     Store,
+    make_engine,
+    metadata,
+    migration_history,
+    schema_table,
     submission_id_for,
 )
+from tests.services.legacy_store import make_legacy_store
 
 
 def submit(store: Store, name="job", owner="alice", priority=0, cpus=1.0, key=None, max_attempts=3):
@@ -234,62 +240,115 @@ def test_retry_requeues_a_failed_job_with_one_more_attempt(store):
     assert store.events(job.id)[-2].reason == "retried by alice"
 
 
-def test_reopening_keeps_the_data_and_a_migration_runs_once(store_url):
+NEW_REVISION = '''"""a note per job
+
+Revision ID: 0099
+Revises: {head}
+"""
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0099"
+down_revision = "{head}"
+branch_labels = None
+depends_on = None
+
+
+def upgrade():
+    with op.batch_alter_table("aeforge_jobs") as batch:
+        batch.add_column(sa.Column("note", sa.String(20)))
+'''
+
+
+def schema_differences(store: Store) -> list:
+    """What Alembic's autogenerate finds between the database and the tables services.store describes."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    with store.engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE, "compare_type": True})
+        return [d for d in compare_metadata(context, metadata) if not _is_sqlite_desc_index_noise(d)]
+
+
+def _is_sqlite_desc_index_noise(difference) -> bool:
+    # SQLite's reflection loses an index's DESC; Alembic then reports the queue index as changed on SQLite alone.
+    return (
+        isinstance(difference, tuple)
+        and difference[0] in ("add_index", "remove_index")
+        and (difference[1].name == "ix_aeforge_jobs_queue")
+    )
+
+
+def test_a_new_store_is_at_the_newest_revision_and_matches_the_tables(store):
+    head = migration_history()[-1]
+    assert head.is_head and store.schema_version == head.id
+    assert [r.id for r in migration_history()][:3] == ["0001", "0002", "0003"]
+    assert schema_differences(store) == []
+    with store.engine.connect() as conn:
+        # The marker the runner before Alembic reads: it refuses a database past its version 2.
+        assert conn.execute(select(schema_table.c.version)).scalar_one() == LEGACY_MARKER
+
+
+def test_a_new_revision_runs_once_and_a_database_newer_than_the_code_is_refused(store_url, tmp_path):
     first = Store(store_url)
     job = submit(first)
     first.close()
-
-    calls = []
-
-    def add_column(conn):
-        calls.append(1)
-        conn.execute(text("ALTER TABLE aeforge_jobs ADD COLUMN note VARCHAR(20)"))
-
-    step = Migration(version=SCHEMA_VERSION + 1, description="a note per job", apply=add_column)
-    migrated = Store(store_url, migrations=[*MIGRATIONS, step])
-    assert migrated.schema_version == SCHEMA_VERSION + 1 and calls == [1]
+    newer = tmp_path / "migrations"
+    shutil.copytree(MIGRATIONS_DIR, newer, ignore=shutil.ignore_patterns("__pycache__"))
+    head = migration_history()[-1].id
+    (newer / "versions" / "0099_note.py").write_text(NEW_REVISION.format(head=head))
+    migrated = Store(store_url, migrations=newer)
+    assert migrated.schema_version == "0099"
     with migrated.engine.connect() as conn:
         assert "note" in {c["name"] for c in inspect(conn).get_columns("aeforge_jobs")}
     assert migrated.get(job.id).id == job.id
     migrated.close()
-    again = Store(store_url, migrations=[*MIGRATIONS, step])
-    assert again.schema_version == SCHEMA_VERSION + 1 and calls == [1]
+    again = Store(store_url, migrations=newer)  # adding the column twice would fail: it runs once
+    assert again.schema_version == "0099"
     again.close()
-    with pytest.raises(SchemaTooNew, match=f"schema version {SCHEMA_VERSION + 1}"):
+    with pytest.raises(SchemaTooNew, match=f"at schema version 0099, newer than this aeforge understands \\({head}\\)"):
         Store(store_url)
 
 
-def _make_version_1_database(store_url: str) -> str:
-    """A job store as aeforge made it at schema version 1 (no wait_reason column), with one queued job in it."""
-    store = Store(store_url)
-    job = submit(store, name="old")
-    with store.engine.begin() as conn:
-        conn.execute(text("ALTER TABLE aeforge_jobs DROP COLUMN wait_reason"))
-        conn.execute(text("UPDATE aeforge_schema SET version = 1"))
-    store.close()
-    return job.id
-
-
-def test_a_version_1_store_gains_the_wait_reason_and_keeps_its_jobs(store_url):
-    old_id = _make_version_1_database(store_url)
-    probe = Store(store_url, migrations=())  # no steps to apply: it reports the version the database is at
-    assert probe.schema_version == 1
-    probe.close()
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_store_made_before_alembic_upgrades_to_the_newest_revision_with_its_jobs(store_url, version):
+    ids = make_legacy_store(store_url, version)
     store = Store(store_url)
     try:
-        assert store.schema_version == SCHEMA_VERSION == 2
-        with store.engine.connect() as conn:
-            assert "wait_reason" in {c["name"] for c in inspect(conn).get_columns("aeforge_jobs")}
-        old = store.get(old_id)
-        assert old.state == "queued" and old.wait_reason is None and old.name == "old"
+        assert store.schema_version == migration_history()[-1].id
+        assert schema_differences(store) == []
+        finished = store.get(ids["finished"])
+        assert (finished.state, finished.attempts, finished.result) == ("succeeded", 2, {"loss": 0.25})
+        assert finished.ray_submission_id == "finished-0001-attempt-2" and finished.wait_reason is None
+        assert [e.to_state for e in store.events(ids["finished"])] == ["queued", "succeeded"]
+        assert store.submit(
+            name="again",
+            owner="alice",
+            kind="train",
+            spec_text="",
+            spec_json="{}",
+            resources={},
+            idempotency_key="k-1",
+        ) == (finished, False)  # the old idempotency key still finds its job
         admission = store.admit(lambda job, holdings: Decision.wait("needs CPU 4, GPU 0; free CPU 2, GPU 0"))
-        assert admission.waiting.id == old_id
-        assert store.get(old_id).wait_reason == "needs CPU 4, GPU 0; free CPU 2, GPU 0"
+        assert admission.waiting.id == ids["queued"]
     finally:
         store.close()
     reopened = Store(store_url)  # a restarted service reads the reason the last pass stored
-    assert reopened.get(old_id).wait_reason == "needs CPU 4, GPU 0; free CPU 2, GPU 0"
+    assert reopened.get(ids["queued"]).wait_reason == "needs CPU 4, GPU 0; free CPU 2, GPU 0"
     reopened.close()
+
+
+def test_an_unknown_pre_alembic_version_is_refused_untouched(store_url):
+    make_legacy_store(store_url, 2)
+    engine = make_engine(store_url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE aeforge_schema SET version = 7"))
+    with pytest.raises(SchemaTooNew, match="at schema version 7, newer than this aeforge understands"):
+        Store(store_url)
+    with engine.connect() as conn:
+        assert not inspect(conn).has_table(VERSION_TABLE)
+    engine.dispose()
 
 
 def test_wait_reasons_are_written_once_kept_for_judged_jobs_and_cleared_otherwise(store):
