@@ -83,7 +83,7 @@ def check_ray_auth(address: str) -> None:
     from ray.exceptions import AuthenticationError
 
     try:
-        from ray._raylet import GcsClient
+        from ray._raylet import GcsClient  # type: ignore[attr-defined]  # compiled; _raylet.pyi omits it
     except ImportError:  # a Ray without it: ray.init says what it says
         return
     saved = os.dup(2)  # the GCS client's own warning line goes to the C++ log, not to the user's terminal
@@ -189,6 +189,7 @@ def sweep_concurrency(spec: JobSpec, cluster: Mapping[str, float]) -> tuple[int,
     from jobs.spec import check_cluster, trial_cpus
 
     n = check_cluster(spec, dict(cluster))
+    assert spec.sweep is not None, "a sweep job has a sweep section (JobSpec's validation)"
     r = spec.resources
     per_trial = {"CPU": trial_cpus(r), "GPU": float(r.workers * r.gpus_per_worker)}
     wanted = min(spec.num_trials(), spec.sweep.max_concurrent_trials or spec.num_trials())
@@ -272,7 +273,8 @@ def _torch_trainer(spec: JobSpec, run_name: str, storage, loop, job, callbacks):
         scaling_config=ScalingConfig(
             num_workers=r.workers, use_gpu=r.gpus_per_worker > 0, resources_per_worker=r.per_worker()
         ),
-        run_config=RunConfig(
+        # Train V2's RunConfig takes worker_runtime_env; ray.train picks V2 at import, mypy reads V1's.
+        run_config=RunConfig(  # type: ignore[call-arg]
             name=run_name,
             storage_path=f"{base}/ray",
             storage_filesystem=fs,
@@ -292,7 +294,8 @@ def user_error(exc: BaseException) -> BaseException:
 
     if isinstance(exc, WorkerGroupError):
         for _, failure in sorted(exc.worker_failures.items()):
-            cause, seen = failure, 0
+            cause: BaseException | None = failure
+            seen = 0
             while cause is not None and not isinstance(cause, AeforgeError) and seen < 10:
                 # Ray wraps a worker's exception (UserExceptionWithTraceback._base_exc, RayTaskError.cause).
                 cause = getattr(cause, "_base_exc", None) or getattr(cause, "cause", None) or cause.__cause__

@@ -402,7 +402,7 @@ def check_cluster(spec: JobSpec, cluster: dict[str, float]) -> int:
     )
 
 
-def reported_metrics(spec: JobSpec, variants: list[str] | None = None) -> set[str]:
+def reported_metrics(spec: JobSpec, variants: Sequence[str] | None = None) -> set[str]:
     """Metric names every trial of this spec reports (those that need data factors are added by check_data)."""
     variants = variants or [spec.model.variant]
     names = {"train/loss", "train/recon", "eval/recon", "eval/elbo"}

@@ -378,6 +378,7 @@ def _tune(
 
     from workers.storage.ray_fs import keys_out_of_environment, share_s3_keys, tune_filesystem
 
+    assert spec.sweep is not None, "a sweep job has a sweep section (JobSpec's validation)"
     data_info = data_info or {}
     sweep_ctx = {
         "spec": spec,
@@ -441,6 +442,7 @@ def _summarise(spec: JobSpec, job_id: str, rows: list[dict[str, Any]], parent, s
     """The results table and pictures on the parent run (and storage), the best trial, the registered model."""
     from workers.plots.sweep import sweep_summary_pictures
 
+    assert spec.sweep is not None, "a sweep job has a sweep section (JobSpec's validation)"
     metric = spec.sweep.metric
     outcome: dict[str, Any] = {"job_id": job_id, "mlflow_run_id": parent.run_id, "trials": rows}
     with (
@@ -597,12 +599,13 @@ def _registered_by_sweep(name: str, job_id: str) -> list:
     return list(client().search_model_versions(f"name = '{name}' and tags.sweep_id = '{job_id}'"))
 
 
-def _register_trials(spec: JobSpec, job_id: str, finished: list[dict], metric, storage) -> dict:
+def _register_trials(spec: JobSpec, job_id: str, finished: list[dict], metric, storage) -> dict[str, Any] | None:
     """Register the best trial's model with alias ``best`` (and, with register_all, every other finished trial's
     without an alias), each version tagged with the sweep id, the trial id and its rank."""
     from jobs.registry import log_and_register, version_info
     from workers.tracking import ensure_experiment, start_or_resume_run
 
+    assert spec.sweep is not None and spec.registration is not None, "called for a sweep that registers"
     ordered = rank_rows(finished, metric.name, metric.mode)
     earlier = _registered_by_sweep(spec.registration.model_name, job_id)
     if earlier:

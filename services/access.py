@@ -171,11 +171,12 @@ def _owner_over_rest(name: str, tracking_uri: str, timeout_s: float) -> str | No
     import httpx
 
     env = os.environ.get
-    headers, auth = {}, None
+    headers: dict[str, str] = {}
+    auth: tuple[str, str] | None = None
     if env("MLFLOW_TRACKING_TOKEN"):
         headers["Authorization"] = f"Bearer {env('MLFLOW_TRACKING_TOKEN')}"
     elif env("MLFLOW_TRACKING_USERNAME"):
-        auth = (env("MLFLOW_TRACKING_USERNAME"), env("MLFLOW_TRACKING_PASSWORD") or "")
+        auth = (env("MLFLOW_TRACKING_USERNAME", ""), env("MLFLOW_TRACKING_PASSWORD") or "")
     response = httpx.get(
         f"{tracking_uri.rstrip('/')}/api/2.0/mlflow/registered-models/get",
         params={"name": name},

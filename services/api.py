@@ -430,8 +430,15 @@ def create_app(
 
     # Every route's error answers, as they are: {detail, errors}. A 422 given here replaces FastAPI's default
     # (HTTPValidationError), which is not what _invalid_request answers.
-    invalid_doc = {422: {"model": ErrorOut, "description": "an invalid parameter or body; `errors` names each field"}}
-    errors_doc = {401: {"model": ErrorOut}, 404: {"model": ErrorOut}, 409: {"model": ErrorOut}, **invalid_doc}
+    invalid_doc: dict[int | str, dict[str, Any]] = {
+        422: {"model": ErrorOut, "description": "an invalid parameter or body; `errors` names each field"}
+    }
+    errors_doc: dict[int | str, dict[str, Any]] = {
+        401: {"model": ErrorOut},
+        404: {"model": ErrorOut},
+        409: {"model": ErrorOut},
+        **invalid_doc,
+    }
 
     @app.get("/healthz", tags=["service"], responses={503: {"model": ErrorOut}})
     def healthz():

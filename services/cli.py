@@ -222,7 +222,7 @@ def run(
             log_path,
             verbose=verbose,
             sweep_trials=spec.num_trials() if is_sweep else None,
-            metric=spec.sweep.metric.name if is_sweep else None,
+            metric=spec.sweep.metric.name if spec.sweep is not None else None,
         ),
     ):
         if local:
@@ -237,7 +237,7 @@ def run(
         for name, path in sorted(result.pictures.items()):
             console.print(f"  picture {name}: {path}", highlight=False, soft_wrap=True)
         return
-    if spec.kind == "sweep":
+    if spec.sweep is not None:  # kind sweep (JobSpec's validation ties the two)
         _print_sweep_rows(outcome["trials"], spec.sweep.metric.name, spec.sweep.metric.mode)
     else:
         _print_metrics(outcome["metrics"], "final metrics")

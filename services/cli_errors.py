@@ -23,6 +23,7 @@ from typing import Any, NoReturn, TypeVar
 
 import typer
 from rich.markup import escape
+from typer import _click as typer_click  # the Click inside Typer: TyperGroup.invoke takes its Context
 from typer.core import TyperGroup
 
 from services.cli_output import CliConsole, make_console
@@ -116,6 +117,6 @@ def handle_errors(command: F) -> F:
 class ErrorHandlingGroup(TyperGroup):
     """A Typer group whose commands, sub-commands and callback run under :func:`handling_errors`."""
 
-    def invoke(self, ctx: typer.Context) -> Any:
+    def invoke(self, ctx: typer_click.Context) -> Any:
         with handling_errors():
             return super().invoke(ctx)

@@ -148,7 +148,7 @@ def progress_text(progress: dict[str, Any]) -> str:
     """``step 50 of 100 (50%) · 1,234 images/s`` from a progress line."""
     step, total = progress.get("step"), progress.get("total")
     text = f"step {step}"
-    if isinstance(total, int) and total > 0:
+    if isinstance(total, int) and total > 0 and isinstance(step, int | float):
         text += f" of {total} ({100 * step / total:.0f}%)"
     if isinstance(progress.get("images_per_second"), (int, float)):
         text += f" · {progress['images_per_second']:,.0f} images/s"

@@ -25,7 +25,7 @@ def add(
     from services.settings import add_token, tokens_file_for
 
     path = tokens_file_for()
-    principal = add_token(path, owner, role)  # type: ignore[arg-type]  (checked there)
+    principal = add_token(path, owner, role)  # type: ignore[arg-type]  # add_token checks the role
     Console(stderr=True).print(
         f"added a token for {principal.owner} (role {principal.role}) to {path}, its hash only; "
         f"the token is shown this once:",

@@ -334,7 +334,7 @@ class Dispatcher:
                 return self._set(job, "failed", why, error=why)
             return False
         if info.status == "SUCCEEDED":
-            return self._succeeded(job)
+            return self._succeeded(job, sid)
         if job.cancel_requested_by:
             return self._set(job, "cancelled", f"cancelled by {job.cancel_requested_by}; Ray job {sid} stopped")
         if info.status == "STOPPED":
@@ -344,9 +344,9 @@ class Dispatcher:
         retry = not USER_ERROR_EXIT.search(message)
         return self._attempt_failed(job, f"Ray job {sid} failed: {message}{self._log_tail(sid)}", retry=retry)
 
-    def _succeeded(self, job: Job) -> bool:
+    def _succeeded(self, job: Job, sid: str) -> bool:
         try:
-            logs = self.launcher.logs(job.ray_submission_id)
+            logs = self.launcher.logs(sid)
         except LauncherUnavailable:
             raise
         except RuntimeError as exc:

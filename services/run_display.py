@@ -35,7 +35,15 @@ from typing import Any, TextIO
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
@@ -161,7 +169,7 @@ class RunDisplay:
         self._shown_states: set[tuple[str, str]] = set()
         self._shown_notes: set[str] = set()
         self._progress: _TrainProgress | None = None
-        self._task = None
+        self._task: TaskID | None = None  # set with _progress
         self._live: Live | None = None
 
     # -- life cycle --
@@ -184,7 +192,7 @@ class RunDisplay:
             self._live.start()
 
     def stop(self) -> None:
-        if self._progress is not None:
+        if self._progress is not None and self._task is not None:
             track = self._tracks.get(None)
             if track is not None and track.total is not None and track.step >= track.total:
                 self._progress.update(self._task, description="done")
@@ -244,7 +252,7 @@ class RunDisplay:
             track.metrics = payload["metrics"]
         if isinstance(payload.get("images_per_second"), (int, float)):
             track.images_per_second = float(payload["images_per_second"])
-        if self._progress is not None:
+        if self._progress is not None and self._task is not None:
             done = track.total is not None and step >= track.total
             eta = track.eta()
             self._progress.update(

@@ -35,7 +35,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, overload
 from urllib.parse import urlparse
 
 import yaml
@@ -290,10 +290,11 @@ def write_local_admin_token(home: Path) -> Principal:
     AEFORGE_HOME/tokens.yaml and the token itself in AEFORGE_HOME/client-token for the CLI (both mode 0600)."""
     home.mkdir(parents=True, exist_ok=True)
     path = local_tokens_path(home)
-    principal = Principal(owner=getpass.getuser(), role="admin", token=secrets.token_urlsafe(32))
+    token = secrets.token_urlsafe(32)
+    principal = Principal(owner=getpass.getuser(), role="admin", token=token)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as fh:
-        write_private(local_client_token_path(home), principal.token + "\n")
+        write_private(local_client_token_path(home), token + "\n")
         yaml.safe_dump([principal.entry()], fh, sort_keys=False)
     return principal
 
@@ -324,7 +325,9 @@ def tokens_file_for(environ: Mapping[str, str] | None = None) -> Path:
             "AEFORGE_TOKENS is set, so the service reads its tokens from that variable, not from a "
             "file: set AEFORGE_TOKENS_FILE (and unset AEFORGE_TOKENS) to manage tokens with aeforge"
         )
-    return _tokens_file(values, home, existing_only=False)
+    path = _tokens_file(values, home, existing_only=False)
+    assert path is not None, "only AEFORGE_TOKENS without AEFORGE_TOKENS_FILE gives no file, refused above"
+    return path
 
 
 def check_owner_name(owner: str, role: Role) -> None:
@@ -370,7 +373,7 @@ class _TokenFiles:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._seen: dict[Path, tuple[tuple, tuple[Principal, ...]]] = {}
+        self._seen: dict[Path, tuple[tuple[int, int, int] | None, tuple[Principal, ...]]] = {}
 
     def current(self, path: Path, fallback: tuple[Principal, ...]) -> tuple[Principal, ...]:
         try:
@@ -418,6 +421,10 @@ def _file_values(env: Mapping[str, str]) -> dict[str, str]:
     return {k: str(v) for k, v in data.items() if v is not None}
 
 
+@overload
+def _positive_int(values: Mapping[str, str], name: str, default: int) -> int: ...
+@overload
+def _positive_int(values: Mapping[str, str], name: str, default: None) -> int | None: ...
 def _positive_int(values: Mapping[str, str], name: str, default: int | None) -> int | None:
     raw = values.get(name)
     if raw is None:

@@ -47,6 +47,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import TypeDecorator
 
 from services import metrics
@@ -537,7 +538,7 @@ class Store:
                 raise InvalidValue(field, f"must be between 0 and {MAX_SQL_INT}, got {value}")
         if any(v is not None and not storable(v) for v in (owner, name)):
             return [], 0  # no stored job has such an owner or name
-        conditions = []
+        conditions: list[ColumnElement[bool]] = []
         if states:
             states = list(states)
             unknown = sorted(set(states) - set(STATES))
