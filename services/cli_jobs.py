@@ -311,16 +311,19 @@ def jobs(
     name: str | None = typer.Option(None, help="only jobs with this name"),
     limit: int = typer.Option(50, min=1, max=500),
     offset: int = typer.Option(0, min=0),
+    cursor: str | None = typer.Option(None, help="the page after this one (the `more: --cursor` of a listing)"),
     output: OutputFormat = output_option(),
 ) -> None:
     """List jobs, newest first."""
-    page = make_client().list_jobs(states=state, owner=owner, name=name, limit=limit, offset=offset)
+    page = make_client().list_jobs(states=state, owner=owner, name=name, limit=limit, offset=offset, cursor=cursor)
     if output == OutputFormat.json:
         print_json(page)
         return
     items = page["items"]
+    total = f"{page['total']:,}" + ("" if page.get("total_exact", True) else "+")
+    shown = f"{len(items)} after --cursor {cursor}" if cursor else f"{offset + 1 if items else 0}-{offset + len(items)}"
     table = Table(
-        title=f"jobs {offset + 1 if items else 0}-{offset + len(items)} of {page['total']}",
+        title=f"jobs {shown} of {total}",
         box=box.SIMPLE_HEAD,
         pad_edge=False,
         collapse_padding=True,
@@ -356,8 +359,8 @@ def jobs(
         }
         table.add_row(job["id"], *(cells[c] for c in columns))
     print_table(table)
-    if page["next_offset"] is not None:
-        console.print(f"more: --offset {page['next_offset']}", highlight=False)
+    if page.get("next_cursor") is not None:
+        console.print(f"more: --cursor {page['next_cursor']}", highlight=False)
 
 
 def status(job_id: str = typer.Argument(..., metavar="ID"), output: OutputFormat = output_option()) -> None:

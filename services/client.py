@@ -115,8 +115,11 @@ class AeforgeClient:
         name: str | None = None,
         limit: int = 50,
         offset: int = 0,
+        cursor: str | None = None,
     ) -> dict[str, Any]:
         params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if cursor:
+            params["cursor"] = cursor
         if states:
             params["state"] = states
         if owner:

@@ -84,6 +84,11 @@ PREEMPTIONS = Counter(
     ["kind"],
     registry=None,
 )
+PURGED = Counter(
+    "aeforge_jobs_purged",
+    "Finished jobs deleted by retention (AEFORGE_RETENTION_DAYS), with their events",
+    registry=None,
+)
 FINISHED = Counter("aeforge_jobs_finished", "Jobs that reached a final state", ["state", "kind"], registry=None)
 DISPATCHER_PASS = Histogram(
     "aeforge_dispatcher_pass_seconds",
@@ -137,6 +142,7 @@ PROCESS_METRICS = (
     RETRIES,
     PREEMPTIONS,
     FINISHED,
+    PURGED,
     DISPATCHER_PASS,
     DISPATCHER_PASS_FAILURES,
     ADMISSION_LATENCY,

@@ -64,6 +64,8 @@ KNOWN_VARIABLES = (
     "AEFORGE_JOB_MODULE",
     "AEFORGE_ALLOWED_DATA_PREFIXES",
     "AEFORGE_POLICY_FILE",
+    "AEFORGE_RETENTION_DAYS",
+    "AEFORGE_RETENTION_ARCHIVE_DIR",
     "RAY_ADDRESS",
     *STORAGE_ENV_VARS,
     *CREDENTIAL_ENV_VARS,
@@ -135,6 +137,10 @@ class ServiceSettings:
     api_url_source: str = "the default"
     # The queue policy (teams, quotas, priority classes: services.policy); None: the default policy.
     policy_file: Path | None = None
+    # Finished jobs (and their events) older than this many days are deleted by the service; None: kept forever.
+    retention_days: float | None = None
+    # Where retention appends what it deletes (JSON lines per day); None: deleted without an archive.
+    retention_archive_dir: Path | None = None
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None) -> ServiceSettings:
@@ -166,6 +172,12 @@ class ServiceSettings:
             job_module=job_module,
             allowed_data_prefixes=_data_prefixes(values.get("AEFORGE_ALLOWED_DATA_PREFIXES", "")),
             policy_file=_policy_file(values),
+            retention_days=_positive_float(values, "AEFORGE_RETENTION_DAYS", 0.0) or None,
+            retention_archive_dir=(
+                Path(values["AEFORGE_RETENTION_ARCHIVE_DIR"]).expanduser()
+                if values.get("AEFORGE_RETENTION_ARCHIVE_DIR")
+                else None
+            ),
         )
 
     def current_tokens(self) -> tuple[Principal, ...]:

@@ -36,6 +36,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     create_engine,
+    delete,
     event,
     func,
     insert,
@@ -164,8 +165,8 @@ jobs_table = Table(
     # seq orders submissions (strictly increasing); id is the job id users and Ray see.
     Column("seq", Integer, primary_key=True, autoincrement=True),
     Column("id", String(128), nullable=False, unique=True),
-    Column("name", String(100), nullable=False, index=True),
-    Column("owner", String(100), nullable=False, index=True),
+    Column("name", String(100), nullable=False),
+    Column("owner", String(100), nullable=False),
     Column("kind", String(16), nullable=False),
     Column("spec_text", Text, nullable=False),
     Column("spec_json", Text, nullable=False),
@@ -193,6 +194,11 @@ jobs_table = Table(
     UniqueConstraint("owner", "idempotency_key", name="uq_aeforge_jobs_owner_idempotency_key"),
 )
 Index("ix_aeforge_jobs_queue", jobs_table.c.state, jobs_table.c.priority.desc(), jobs_table.c.seq)
+# Keyset listing, newest first, under each filter (Store.list_jobs); retention's scan of old finished jobs.
+Index("ix_aeforge_jobs_state_seq", jobs_table.c.state, jobs_table.c.seq)
+Index("ix_aeforge_jobs_owner_seq", jobs_table.c.owner, jobs_table.c.seq)
+Index("ix_aeforge_jobs_name_seq", jobs_table.c.name, jobs_table.c.seq)
+Index("ix_aeforge_jobs_finished_at", jobs_table.c.finished_at)
 
 events_table = Table(
     "aeforge_job_events",
@@ -531,9 +537,23 @@ class Store:
         name: str | None = None,
         limit: int = 50,
         offset: int = 0,
+        before_seq: int | None = None,
+        count_up_to: int | None = None,
     ) -> tuple[list[Job], int]:
-        """Newest first; returns one page and the number of jobs that match."""
-        for field, value in (("limit", limit), ("offset", offset)):
+        """Newest first; returns one page and the number of jobs that match.
+
+        ``before_seq`` pages by key (the jobs submitted before the one with that ``seq``: the last of the previous
+        page), which costs the same at any depth, where ``offset`` reads and skips every row before the page.
+        ``count_up_to`` bounds the count (the total is then at most that many: counting a million finished jobs
+        for every page costs more than the page)."""
+        for field, value in (
+            ("limit", limit),
+            ("offset", offset),
+            ("cursor", before_seq),
+            ("count_up_to", count_up_to),
+        ):
+            if value is None:
+                continue
             if not 0 <= value <= MAX_SQL_INT:
                 raise InvalidValue(field, f"must be between 0 and {MAX_SQL_INT}, got {value}")
         if any(v is not None and not storable(v) for v in (owner, name)):
@@ -549,12 +569,58 @@ class Store:
             conditions.append(jobs_table.c.owner == owner)
         if name is not None:
             conditions.append(jobs_table.c.name == name)
+        page_conditions = list(conditions)
+        if before_seq is not None:
+            page_conditions.append(jobs_table.c.seq < before_seq)
+        counted = select(jobs_table.c.seq).where(*conditions)
+        if count_up_to is not None:
+            counted = counted.limit(count_up_to)
         with self.engine.connect() as conn:
-            total = conn.execute(select(func.count()).select_from(jobs_table).where(*conditions)).scalar_one()
+            total = conn.execute(select(func.count()).select_from(counted.subquery())).scalar_one()
             rows = conn.execute(
-                select(jobs_table).where(*conditions).order_by(jobs_table.c.seq.desc()).limit(limit).offset(offset)
+                select(jobs_table).where(*page_conditions).order_by(jobs_table.c.seq.desc()).limit(limit).offset(offset)
             ).all()
         return [Job.from_row(r) for r in rows], int(total)
+
+    def purge_finished(
+        self,
+        finished_before: datetime,
+        batch: int = 500,
+        before_delete: Callable[[list[tuple[Job, list[Event]]]], None] | None = None,
+    ) -> int:
+        """Delete up to ``batch`` jobs that finished before ``finished_before``, oldest first, with their events, in
+        one short transaction (no admission lock: the dispatcher's passes go on between batches); returns how many.
+        ``before_delete`` gets the jobs and events first (an archive): if it raises, nothing is deleted. A job
+        retried since it finished is queued again and is not touched."""
+        query = (
+            select(jobs_table)
+            .where(jobs_table.c.finished_at < finished_before, jobs_table.c.state.in_(TERMINAL_STATES))
+            .order_by(jobs_table.c.finished_at)
+            .limit(batch)
+        )
+        if self.dialect == "postgresql":
+            # Rows a retry holds are left for the next batch; those taken here cannot be retried meanwhile.
+            query = query.with_for_update(skip_locked=True)
+        with self._tx() as conn:
+            rows = conn.execute(query).all()
+            if not rows:
+                return 0
+            ids = [r.id for r in rows]
+            if before_delete is not None:
+                events = conn.execute(
+                    select(events_table).where(events_table.c.job_id.in_(ids)).order_by(events_table.c.id)
+                ).all()
+                by_job: dict[str, list[Event]] = {job_id: [] for job_id in ids}
+                for row in events:
+                    by_job[row.job_id].append(Event.from_row(row))
+                before_delete([(Job.from_row(r), by_job[r.id]) for r in rows])
+            conn.execute(delete(events_table).where(events_table.c.job_id.in_(ids)))
+            conn.execute(
+                delete(jobs_table).where(
+                    jobs_table.c.seq.in_([r.seq for r in rows]), jobs_table.c.state.in_(TERMINAL_STATES)
+                )
+            )
+        return len(rows)
 
     def active_counts(self) -> list[tuple[str, str, str, int]]:
         """(state, owner, kind, jobs) for the queued, starting and running jobs: one grouped count per state, each

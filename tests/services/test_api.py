@@ -288,6 +288,33 @@ def test_listing_pages_and_filters(client, store):
     assert client.get("/jobs?offset=-1", headers=auth("alice")).status_code == 422
 
 
+def test_cursor_pages_walk_the_listing_once_and_the_count_is_bounded(client, store, monkeypatch):
+    import services.api
+
+    ids = [post_job(client, spec=SPEC.replace("api-test", f"n{i % 2}")).json()["id"] for i in range(7)]
+    seen, cursor, pages = [], None, 0
+    while True:
+        page = client.get("/jobs", params={"limit": 3, **({"cursor": cursor} if cursor else {})}, headers=auth("alice"))
+        assert page.status_code == 200, page.text
+        page = page.json()
+        seen += [j["id"] for j in page["items"]]
+        pages += 1
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == ids[::-1] and pages == 3
+    named = client.get("/jobs", params={"name": "n0", "limit": 2}, headers=auth("alice")).json()
+    rest = client.get("/jobs", params={"name": "n0", "cursor": named["next_cursor"]}, headers=auth("alice")).json()
+    assert [j["id"] for j in named["items"] + rest["items"]] == ids[::-2] and rest["next_cursor"] is None
+    for bad in ("-1", "abc", "1" * 20):
+        answer = client.get("/jobs", params={"cursor": bad}, headers=auth("alice"))
+        assert answer.status_code == 422 and "cursor" in answer.text, bad
+    monkeypatch.setattr(services.api, "MAX_COUNTED", 5)
+    capped = client.get("/jobs?limit=2", headers=auth("alice")).json()
+    assert (capped["total"], capped["total_exact"]) == (5, False)
+    assert client.get("/jobs?name=n1", headers=auth("alice")).json()["total_exact"] is True
+
+
 # --- cancel and retry --------------------------------------------------------------------------------------------
 
 

@@ -204,7 +204,8 @@ def test_jobs_json_is_the_api_page_with_full_values_and_stable_keys(env):
     raw = cli(env.app, "jobs", "--output", "json", columns=40)
     assert "[cyan]" not in raw and "\x1b" not in raw  # no rich markup, no colour
     page = json.loads(raw)
-    assert set(page) == {"items", "total", "limit", "offset", "next_offset"} and page["total"] == 2
+    assert set(page) == {"items", "total", "total_exact", "limit", "offset", "next_offset", "next_cursor"}
+    assert page["total"] == 2 and page["total_exact"] is True
     assert [job["id"] for job in page["items"]] == ids[::-1]
     assert page["items"][1]["name"] == LONG_NAME  # in full, though the terminal is 40 columns
     keys = [sorted(job) for job in page["items"]]
