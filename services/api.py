@@ -792,20 +792,6 @@ async def _follow_logs(
 # --- running the service ----------------------------------------------------------------------------------------
 
 
-def start_embedded_ray() -> str:
-    """A local Ray head with its dashboard (which serves the Jobs API), for as long as this process lives."""
-    import ray
-
-    context = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
-    url = getattr(context, "dashboard_url", None)
-    if not url:
-        raise RuntimeError(
-            "the local Ray started without its dashboard, which serves the Jobs API; "
-            "install ray[default] or set RAY_ADDRESS to a running cluster"
-        )
-    return url if "://" in url else f"http://{url}"
-
-
 def listen(host: str, port: int) -> socket.socket:
     """A socket bound to ``host``:``port`` (port 0: a free one), before anything else starts: a port in use is a
     one-line error, not a Ray head started for nothing and a traceback from the server."""
@@ -833,6 +819,7 @@ def run_service(
     import uvicorn
 
     from services.dispatcher import RayClusterView, RayJobLauncher
+    from services.embedded_ray import EmbeddedRay
     from services.settings import (
         check_no_url_credentials,
         local_tokens_path,
@@ -846,6 +833,7 @@ def run_service(
     configure_logging()  # AEFORGE_LOG_FORMAT: text (default) or json; secrets masked
     sock = listen(host, port)
     url = url_for_listener(host, sock.getsockname()[1])
+    embedded_ray: EmbeddedRay | None = None
     try:
         if not settings.tokens:
             principal = write_local_admin_token(settings.home)
@@ -858,8 +846,9 @@ def run_service(
         store = Store(settings.db_url)
         address = settings.ray_address
         if address is None:
-            address = start_embedded_ray()
-            log.info("started a local Ray head; its dashboard and Jobs API are at %s", address)
+            embedded_ray = EmbeddedRay(settings.home)
+            address = embedded_ray.start()
+            log.info("the embedded Ray head's dashboard and Jobs API are at %s", address)
         launcher = RayJobLauncher(address)
         dispatcher = None
         if dispatch:
@@ -869,6 +858,7 @@ def run_service(
                 launcher,
                 max_concurrent_jobs=settings.max_concurrent_jobs,
                 job_module=settings.job_module,
+                job_python=settings.job_interpreter(),
                 retry_backoff_s=settings.retry_backoff_s,
                 allowed_data_prefixes=settings.allowed_data_prefixes,
             )
@@ -893,12 +883,16 @@ def run_service(
                     await super().shutdown(sockets=sockets)
                 finally:
                     remove_service_record(home)
+                    if embedded_ray is not None:  # after the dispatcher has stopped: a clean stop ends its head
+                        embedded_ray.stop()
 
         try:
             RecordingServer(uvicorn.Config(app, log_level="info", log_config=uvicorn_log_config())).run(sockets=[sock])
         finally:
             remove_service_record(home)  # also when it stopped without a shutdown (it failed to start)
     finally:
+        if embedded_ray is not None:
+            embedded_ray.stop()
         sock.close()
 
 

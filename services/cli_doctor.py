@@ -3,6 +3,8 @@
 One line per check, OK or FAIL with the reason, and how long it took; exit code 1 when any check fails:
 
 - the versions of aeforge, torch (and whether CUDA sees a GPU), Ray and MLflow;
+- the interpreter the queue's jobs run with (AEFORGE_JOB_PYTHON, or this one for the embedded head) imports torch
+  and the job module: on RAY_ADDRESS's cluster as a tiny Ray job, else on this machine;
 - Ray: RAY_ADDRESS's cluster answers (its Jobs API and its nodes' resources), with the auth mode this process
   would use (RAY_AUTH_MODE, and where its token is); without RAY_ADDRESS, that this Ray can start one here (its
   train, tune and dashboard parts are installed);
@@ -21,10 +23,13 @@ command takes about as long as its slowest check.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
 import re
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -280,6 +285,130 @@ def check_ray(timeout_s: float) -> Callable[[], str]:
     return run
 
 
+# --- the jobs' interpreter ---------------------------------------------------------------------------------------
+
+# What a job's entry point needs: torch, and aeforge's job module. Printed on one line the check reads back.
+PROBE_MARK = "AEFORGE_INTERPRETER_PROBE"
+
+
+def interpreter_probe(job_module: str) -> str:
+    """Python source that imports torch and ``job_module`` with the interpreter that runs it, and prints their
+    versions after PROBE_MARK."""
+    return (
+        "import importlib, importlib.metadata as m, json, sys, torch; "
+        f"importlib.import_module({job_module!r}); "
+        f"print({PROBE_MARK!r}, json.dumps([sys.executable, torch.__version__, m.version('aeforge')]))"
+    )
+
+
+def read_probe(output: str, python: str, where: str) -> str:
+    """The OK line's detail from the probe's output; CheckFailed with its last lines when it printed no result."""
+    for line in output.splitlines():
+        if line.startswith(PROBE_MARK + " "):
+            executable, torch_version, aeforge_version = json.loads(line.split(" ", 1)[1])
+            return f"{python} ({executable}) {where}: torch {torch_version}, aeforge {aeforge_version}"
+    lines = [line.strip() for line in output.strip().splitlines() if line.strip()]
+    # The line that says what went wrong (a traceback's last line, the shell's "not found"), else the last lines.
+    telling = [line for line in lines if re.search(r"Error\b|[Nn]ot found|No such file|[Pp]ermission denied", line)]
+    last = telling[-1] if telling else " | ".join(lines[-3:])
+    raise CheckFailed(
+        f"{python} {where} cannot run aeforge's jobs: {last or 'no output'} (set AEFORGE_JOB_PYTHON to the "
+        f"interpreter of the environment where torch and aeforge are installed)"
+    )
+
+
+def check_job_python(contact_timeout_s: float, timeout_s: float) -> Callable[[], str]:
+    """The interpreter the queue's jobs run with (services.settings.ServiceSettings.job_interpreter) imports torch
+    and the job module: on the cluster, as a tiny Ray job of its own, when RAY_ADDRESS is set; here otherwise (the
+    embedded head runs on this machine)."""
+
+    def run() -> str:
+        import shlex
+        import subprocess
+
+        from services.settings import ServiceSettings
+
+        settings = ServiceSettings.load()
+        python = settings.job_interpreter()
+        probe = interpreter_probe(settings.job_module)
+        source = "AEFORGE_JOB_PYTHON" if settings.job_python else "this interpreter"
+        if settings.ray_address is None and python == sys.executable:
+            # The embedded head's jobs run with this very interpreter: import here what a job imports.
+            import importlib
+
+            import torch
+
+            try:
+                importlib.import_module(settings.job_module)
+            except Exception as exc:
+                raise CheckFailed(
+                    f"this interpreter ({python}) cannot import the job module: {describe_error(exc)}"
+                ) from None
+            return (
+                f"{python} (this interpreter, which the embedded head's jobs run with): torch {torch.__version__}, "
+                f"aeforge {_package_version('aeforge')}"
+            )
+        if settings.ray_address is None:
+            try:
+                done = subprocess.run(
+                    [python, "-c", probe], capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL
+                )
+            except FileNotFoundError:
+                raise CheckFailed(f"{python} (from {source}) does not exist") from None
+            except subprocess.TimeoutExpired:
+                raise CheckFailed(
+                    f"{python} (from {source}) did not finish the import within {timeout_s:g} s"
+                ) from None
+            except OSError as exc:
+                raise CheckFailed(f"{python} (from {source}) cannot be run: {exc.strerror or exc}") from None
+            return read_probe(done.stdout + done.stderr, python, f"(from {source}) on this machine")
+        return _probe_on_cluster(
+            settings.ray_address, f"{shlex.quote(python)} -c {shlex.quote(probe)}", python, contact_timeout_s, timeout_s
+        )
+
+    return run
+
+
+def _probe_on_cluster(address: str, entrypoint: str, python: str, contact_timeout_s: float, timeout_s: float) -> str:
+    """Run ``entrypoint`` as a Ray job at ``address`` (the queue's jobs start the same way), wait for it to end,
+    and read the probe from its log (it stays in Ray's job list as aeforge-doctor-<hex>). Reaching the Jobs API has
+    ``contact_timeout_s`` (a cluster that does not answer fails as fast as the other checks); the job, with its
+    start and imports, has ``timeout_s`` in all."""
+    import secrets
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    deadline = time.monotonic() + timeout_s - 1
+    ended = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED)
+    submission_id = f"aeforge-doctor-{secrets.token_hex(4)}"
+
+    def submit() -> JobSubmissionClient:
+        client = JobSubmissionClient(address)
+        client.submit_job(entrypoint=entrypoint, submission_id=submission_id)
+        return client
+
+    try:
+        client = call_with_deadline(submit, contact_timeout_s)
+    except CheckFailed as exc:
+        raise CheckFailed(f"cannot submit a probe job to Ray at {address} (RAY_ADDRESS): {exc}") from None
+    except Exception as exc:
+        raise CheckFailed(
+            f"cannot submit a probe job to Ray at {address} (RAY_ADDRESS): {describe_error(exc)}"
+        ) from None
+    try:
+        while (status := client.get_job_status(submission_id)) not in ended:
+            if time.monotonic() > deadline:
+                raise CheckFailed(f"the probe job {submission_id} on Ray at {address} is still {status.value}")
+            time.sleep(0.5)
+        return read_probe(client.get_job_logs(submission_id), python, f"on the cluster at {address}")
+    finally:
+        # A probe still running (the deadline passed) is stopped. An ended one stays in Ray's job list: deleting it
+        # races Ray's job monitor, which writes the record again when the probe's supervisor exits.
+        with contextlib.suppress(Exception):
+            if client.get_job_status(submission_id) not in ended:
+                client.stop_job(submission_id)
+
+
 # --- storage, MLflow, the job store, the API ---------------------------------------------------------------------
 
 
@@ -440,6 +569,12 @@ def all_checks(timeout_s: float) -> list[Check]:
         Check("ray package", check_ray_version, timeout_s),
         Check("mlflow package", check_mlflow_version, timeout_s),
         Check("Ray cluster", check_ray(timeout_s), timeout_s),
+        # Starting an interpreter that imports torch takes seconds; on a cluster, a Ray job's start as well.
+        Check(
+            "job interpreter",
+            check_job_python(timeout_s, max(timeout_s, IMPORT_TIMEOUT_S)),
+            max(timeout_s, IMPORT_TIMEOUT_S),
+        ),
         Check("storage", check_storage, timeout_s),
         Check("MLflow tracking", check_mlflow(timeout_s), timeout_s),
         Check("job store", check_store(timeout_s), timeout_s),

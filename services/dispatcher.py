@@ -42,6 +42,9 @@ JOB_STOP_WAIT_S = 30
 USER_ERROR_EXIT = re.compile(r"\bexit code 2\b")
 # Ray job statuses: PENDING, RUNNING, STOPPED, SUCCEEDED, FAILED.
 RAY_TERMINAL = ("STOPPED", "SUCCEEDED", "FAILED")
+# What Ray's Jobs API answers when no dashboard agent can take a submission ("No available agent to submit job",
+# "Timed out waiting for an available job agent"): the cluster's state, not the job's.
+NO_JOB_AGENT = re.compile(r"\bavailable (job )?agent\b", re.IGNORECASE)
 LOG_TAIL_LINES = 20
 
 
@@ -122,8 +125,10 @@ def max_hours_of(job: Job) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
 
 
-def entrypoint_for(job_id: str, module: str = "jobs.run") -> str:
-    return f"python -m {module} {shlex.quote(job_id)}"
+def entrypoint_for(job_id: str, module: str = "jobs.run", python: str = "python") -> str:
+    """The shell command Ray runs as the job's driver: ``python`` (a path, or a name looked up on the node's PATH)
+    running the job module."""
+    return f"{shlex.quote(python)} -m {module} {shlex.quote(job_id)}"
 
 
 def subtract(total: Mapping[str, float], held: Mapping[str, float]) -> dict[str, float]:
@@ -151,6 +156,7 @@ class Dispatcher:
         *,
         max_concurrent_jobs: int | None = None,
         job_module: str = "jobs.run",
+        job_python: str = "python",
         environ: Mapping[str, str] | None = None,
         resubmit_after_s: float = 15.0,
         retry_backoff_s: float = 0.0,
@@ -162,6 +168,7 @@ class Dispatcher:
         self.launcher = launcher
         self.max_concurrent_jobs = max_concurrent_jobs
         self.job_module = job_module
+        self.job_python = job_python
         self.environ = environ
         # A job claimed (starting) that Ray does not know yet is submitted again only after this long, so that a
         # dispatcher does not race another one that is between its claim and its submission.
@@ -264,7 +271,7 @@ class Dispatcher:
 
     def _submit(self, job: Job) -> None:
         assert job.ray_submission_id is not None
-        entrypoint = entrypoint_for(job.id, self.job_module)
+        entrypoint = entrypoint_for(job.id, self.job_module, self.job_python)
         try:
             self.launcher.submit(
                 job.ray_submission_id, entrypoint, job_environment(job, self.environ, self.allowed_data_prefixes)
@@ -476,8 +483,9 @@ class RayJobLauncher:
         except RuntimeError as exc:
             if "already exists" in str(exc):
                 raise SubmissionExists(submission_id) from None
-            if "No available agent" in str(exc):
-                # A Ray head that has just started answers this for tens of seconds: not a failed attempt.
+            if NO_JOB_AGENT.search(str(exc)):
+                # A Ray head that has just started answers this for tens of seconds: not a failed attempt (the job
+                # never reached Ray; it stays `starting` and is submitted again with the same attempt).
                 metrics.RAY_API_ERRORS.labels("submit", "unreachable").inc()
                 raise LauncherUnavailable(f"Ray's Jobs API is not ready yet: {exc}") from None
             self._refused("submit")

@@ -31,6 +31,7 @@ import os
 import re
 import secrets
 import socket
+import sys
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ KNOWN_VARIABLES = (
     "AEFORGE_DISPATCH_INTERVAL",
     "AEFORGE_RETRY_BACKOFF_S",
     "AEFORGE_JOB_MODULE",
+    "AEFORGE_JOB_PYTHON",
     "AEFORGE_ALLOWED_DATA_PREFIXES",
     "AEFORGE_POLICY_FILE",
     "AEFORGE_RETENTION_DAYS",
@@ -130,6 +132,9 @@ class ServiceSettings:
     dispatch_interval_s: float = 1.0
     retry_backoff_s: float = DEFAULT_RETRY_BACKOFF_S
     job_module: str = "jobs.run"
+    # The interpreter of the jobs' entry point (`<job_python> -m <job_module> <id>`) on the cluster's nodes. Unset:
+    # the embedded head's jobs run with the service's own interpreter, a cluster's with the `python` on its PATH.
+    job_python: str | None = None
     tokens_file: Path | None = None  # where ``tokens`` were read from: read again when it changes
     # Local paths and s3:// URLs a user's job may read (services.access); admins read anything.
     allowed_data_prefixes: tuple[str, ...] = ()
@@ -155,6 +160,12 @@ class ServiceSettings:
         job_module = values.get("AEFORGE_JOB_MODULE", "jobs.run")
         if not MODULE_PATTERN.match(job_module):
             raise SettingsError(f"AEFORGE_JOB_MODULE must be a dotted Python module name, got {job_module!r}")
+        job_python = values.get("AEFORGE_JOB_PYTHON")
+        if job_python is not None and (job_python != job_python.strip() or not job_python.isprintable()):
+            raise SettingsError(
+                f"AEFORGE_JOB_PYTHON must be the path or name of a Python interpreter on the cluster's nodes, "
+                f"got {job_python!r}"
+            )
         return cls(
             home=home,
             db_url=db_url,
@@ -170,6 +181,7 @@ class ServiceSettings:
             dispatch_interval_s=_positive_float(values, "AEFORGE_DISPATCH_INTERVAL", 1.0),
             retry_backoff_s=_positive_float(values, "AEFORGE_RETRY_BACKOFF_S", DEFAULT_RETRY_BACKOFF_S),
             job_module=job_module,
+            job_python=job_python,
             allowed_data_prefixes=_data_prefixes(values.get("AEFORGE_ALLOWED_DATA_PREFIXES", "")),
             policy_file=_policy_file(values),
             retention_days=_positive_float(values, "AEFORGE_RETENTION_DAYS", 0.0) or None,
@@ -179,6 +191,16 @@ class ServiceSettings:
                 else None
             ),
         )
+
+    def job_interpreter(self) -> str:
+        """The interpreter of the jobs' entry point: AEFORGE_JOB_PYTHON; else, for the embedded head (no
+        RAY_ADDRESS), the interpreter that runs this service, whatever PATH says (a venv that is not activated);
+        else `python` on the cluster's PATH."""
+        if self.job_python:
+            return self.job_python
+        if self.ray_address is None and sys.executable:
+            return sys.executable
+        return "python"
 
     def current_tokens(self) -> tuple[Principal, ...]:
         """The tokens: those of ``tokens_file`` as it is now (read again when it changed; if it cannot be read,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import sys
 import threading
 import time
 
@@ -16,11 +17,11 @@ import yaml
 from typer.testing import CliRunner
 
 from services import cli
-from services.cli_doctor import Check, ray_auth, redact_url, run_checks
+from services.cli_doctor import Check, CheckFailed, check_job_python, ray_auth, redact_url, run_checks
 from services.settings import Principal, ServiceSettings
 from services.store import Store
 from tests.fixtures.s3 import free_port
-from tests.services.test_e2e import ray_head  # noqa: F401  (a fixture: `ray start --head` in a process of its own)
+from tests.services.test_e2e import ray_client, ray_head  # noqa: F401  (a fixture: `ray start --head` in a process of its own)
 
 TOKEN = "doctor-admin-token-42"
 CHECKS = [
@@ -29,6 +30,7 @@ CHECKS = [
     "ray package",
     "mlflow package",
     "Ray cluster",
+    "job interpreter",
     "storage",
     "MLflow tracking",
     "job store",
@@ -72,6 +74,8 @@ def no_settings_from_outside(monkeypatch):
         "AEFORGE_TOKENS",
         "AEFORGE_TOKENS_FILE",
         "AEFORGE_SETTINGS_FILE",
+        "AEFORGE_JOB_PYTHON",
+        "AEFORGE_JOB_MODULE",
     ):
         monkeypatch.delenv(name, raising=False)
 
@@ -273,6 +277,23 @@ def test_checks_run_side_by_side_and_each_has_its_deadline():
     assert results[0].detail == "no answer within 0.5 s" and results[2].detail == "fine"
 
 
+def test_the_jobs_interpreter_is_checked_here_for_the_embedded_head(home, tmp_path, monkeypatch):
+    """Without RAY_ADDRESS the embedded head's jobs run with this interpreter (or AEFORGE_JOB_PYTHON): it must
+    import torch and the job module; a `python` without them fails, with what it said and the setting to change."""
+    assert check_job_python(10, 120)().startswith(f"{sys.executable} (this interpreter, which the embedded head's")
+    broken = tmp_path / "python"
+    broken.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'torch'\" >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("AEFORGE_JOB_PYTHON", str(broken))
+    with pytest.raises(CheckFailed) as failed:
+        check_job_python(10, 120)()
+    assert f"{broken} (from AEFORGE_JOB_PYTHON) on this machine cannot run aeforge's jobs" in str(failed.value)
+    assert "No module named 'torch'" in str(failed.value) and "set AEFORGE_JOB_PYTHON" in str(failed.value)
+    monkeypatch.setenv("AEFORGE_JOB_PYTHON", str(tmp_path / "missing"))
+    with pytest.raises(CheckFailed, match="does not exist"):
+        check_job_python(10, 120)()
+
+
 # --- against a real Ray head ------------------------------------------------------------------------------------
 
 
@@ -300,6 +321,15 @@ def test_doctor_and_validate_against_a_ray_head(home, ray_head, tmp_path, monkey
             }
         )
     )
+    # The jobs' interpreter, run as a Ray job: the head's `python` is the venv's; a missing one is named.
+    interpreter = lines_by_check(result.output)["job interpreter"]
+    assert interpreter.startswith("OK") and f"python ({sys.executable}) on the cluster at" in interpreter, interpreter
+    monkeypatch.setenv("AEFORGE_JOB_PYTHON", "/opt/no-such-env/bin/python")
+    with pytest.raises(CheckFailed, match="/opt/no-such-env/bin/python on the cluster at .* cannot run aeforge's jobs"):
+        check_job_python(10, 60)()
+    probes = [job for job in ray_client(ray_head).list_jobs() if job.submission_id.startswith("aeforge-doctor-")]
+    assert len(probes) == 2 and all(job.status.is_terminal() for job in probes)
+
     validated = CliRunner().invoke(cli.app, ["validate", "--no-data", str(spec)], env={"COLUMNS": None})
     assert validated.exit_code == 0, validated.output
     assert "warning: the spec asks for 1 GPU" in validated.output
