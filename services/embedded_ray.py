@@ -334,7 +334,7 @@ class EmbeddedRay:
 
     def _wait_healthy(self, record: HeadRecord) -> str | None:
         deadline = time.monotonic() + self.start_timeout_s
-        problem = "not checked"
+        problem: str | None = "not checked"
         while time.monotonic() < deadline:
             if self._proc is not None and self._proc.poll() is not None:
                 return f"`ray start` exited with code {self._proc.returncode}:\n{self._log_tail()}"

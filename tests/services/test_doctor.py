@@ -153,7 +153,7 @@ def test_all_ok_on_s3_an_mlflow_server_a_store_and_the_api(s3_env, mlflow_server
     assert "schema version" in lines["job store"]
     assert api_server in lines["API"] and "token of doc (admin)" in lines["API"]
     assert "no RAY_ADDRESS" in lines["Ray cluster"] and "auth disabled" in lines["Ray cluster"]
-    assert "all 10 checks passed" in result.output
+    assert "all 11 checks passed" in result.output
     assert seconds < 20 + SLACK_S
 
     as_json = json.loads(doctor("--timeout", "20", "--output", "json", env={"COLUMNS": "60"})[0].output)
@@ -184,7 +184,7 @@ def test_dead_mlflow_and_dead_storage_fail_by_name_in_bounded_time(s3_env, monke
     assert lines["MLflow tracking"].startswith("FAIL") and dead_mlflow in lines["MLflow tracking"]
     assert lines["storage"].startswith("FAIL") and "s3://" in lines["storage"]
     assert lines["job store"].startswith("OK") and lines["aeforge"].startswith("OK")
-    assert "2 of 10 checks failed: storage, MLflow tracking" in result.output
+    assert "2 of 11 checks failed: storage, MLflow tracking" in result.output
     assert seconds < 3 + SLACK_S
 
     as_json = json.loads(doctor("--timeout", "3", "-o", "json")[0].output)
