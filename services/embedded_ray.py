@@ -197,6 +197,14 @@ def head_problem(record: HeadRecord, timeout_s: float = 5.0) -> str | None:
     return None
 
 
+def ensure_local_auth_token() -> None:
+    """In Ray's token mode (RAY_AUTH_MODE=token) a new local head needs a token: one is made (~/.ray/auth_token) when
+    there is none, as ray.init does for a local cluster it starts; `ray start` would only refuse to start."""
+    from ray._private.authentication.authentication_token_setup import ensure_token_if_auth_enabled
+
+    ensure_token_if_auth_enabled(None, create_token_if_missing=True)
+
+
 # --- the head ---------------------------------------------------------------------------------------------------
 
 
@@ -308,6 +316,8 @@ class EmbeddedRay:
             *(f"{flag}={port}" for flag, port in ports.items()),
         ]
         env = {k: v for k, v in self.environ.items() if k != "RAY_ADDRESS"}
+        if env.get("RAY_AUTH_MODE", "").lower() == "token":
+            ensure_local_auth_token()
         self.home.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a") as out:
             out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")

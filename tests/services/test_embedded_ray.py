@@ -143,6 +143,26 @@ def test_a_record_of_a_head_long_gone_or_a_recycled_id_is_dropped(tmp_path, head
     assert HeadRecord.read(tmp_path) is None
 
 
+def test_token_mode_makes_the_local_heads_token_when_there_is_none(tmp_path):
+    """`ray start` in token mode refuses to start without a token; ray.init, which the embedded head used before,
+    made one. The embedded head makes it too (in a process with its own HOME: Ray writes ~/.ray/auth_token)."""
+
+    def run_with_home(home: Path) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+        env |= {"HOME": str(home), "RAY_AUTH_MODE": "token", "PYTHONPATH": str(REPO)}
+        code = "from services.embedded_ray import ensure_local_auth_token; ensure_local_auth_token()"
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+
+    run_with_home(tmp_path / "fresh")
+    assert len((tmp_path / "fresh" / ".ray" / "auth_token").read_text().strip()) >= 32
+    kept = tmp_path / "kept" / ".ray" / "auth_token"
+    kept.parent.mkdir(parents=True)
+    kept.write_text("the-clusters-own-token-0123456789abcdef")
+    run_with_home(tmp_path / "kept")
+    assert kept.read_text() == "the-clusters-own-token-0123456789abcdef"
+
+
 def test_the_jobs_interpreter_is_the_services_own_for_the_embedded_head_else_a_setting(tmp_path):
     home = {"AEFORGE_HOME": str(tmp_path)}
     assert ServiceSettings.load(home).job_interpreter() == sys.executable
