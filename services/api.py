@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal, get_type_hints
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
@@ -32,9 +32,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services import metrics
 from services.access import Identity, Refusal, check_priority, check_submission
-from services.dispatcher import Dispatcher, JobLauncher, LauncherUnavailable, parse_progress
+from services.dispatcher import (
+    HISTORY_HALF_LIVES,
+    ClusterView,
+    Dispatcher,
+    JobLauncher,
+    LauncherUnavailable,
+    parse_progress,
+    recent_usage,
+)
 from services.logs import configure_logging, job_fields, redact, uvicorn_log_config
 from services.policy import PolicySource
+from services.queue_report import only_own_jobs, queue_report
 from services.settings import Principal, ServiceSettings, SettingsError
 from services.store import STATES, InvalidTransition, InvalidValue, Job, JobNotFound, Store, submission_id_for
 from workers.errors import AeforgeError
@@ -338,12 +347,24 @@ def create_app(
     launcher: JobLauncher | None = None,
     dispatcher: Dispatcher | None = None,
     policies: PolicySource | None = None,
+    cluster: ClusterView | None = None,
 ) -> FastAPI:
     """The API over ``store``. ``validate(text, source)`` turns spec text into a spec object (default
     jobs.spec.parse_spec) or raises an error with ``.errors``; ``launcher`` serves logs; a ``dispatcher`` given
     here runs in a thread for the app's lifetime."""
     validate = validate or _default_validator()
-    policies = policies or PolicySource(settings.policy_file)
+    policies = policies or (dispatcher.policies if dispatcher is not None else PolicySource(settings.policy_file))
+    # What plans GET /queue's fresh pass: the service's dispatcher, or (API only) one that only plans.
+    planner = dispatcher
+    if planner is None and cluster is not None and launcher is not None:
+        planner = Dispatcher(
+            store,
+            cluster,
+            launcher,
+            max_concurrent_jobs=settings.max_concurrent_jobs,
+            retry_backoff_s=settings.retry_backoff_s,
+            policies=policies,
+        )
     if not settings.tokens:
         raise ValueError(
             "no API tokens are configured: set AEFORGE_TOKENS_FILE or AEFORGE_TOKENS (a list of {token, owner, role})"
@@ -553,6 +574,7 @@ def create_app(
             resources=spec.resource_request(),
             priority=priority,
             priority_class=klass,
+            max_hours=getattr(getattr(spec, "train", None), "max_hours", None),
             max_attempts=max_attempts,
             idempotency_key=key,
         )
@@ -668,6 +690,25 @@ def create_app(
         job = store.retry(job_id, who.owner)
         log.info("job %s: retried by %s", job.id, who.owner, extra=job_fields(job))
         return job_out(job)
+
+    @app.get("/queue", tags=["jobs"], responses={401: {"model": ErrorOut}})
+    def queue(who: Principal = Depends(principal)):
+        """The queue per team and owner: what runs, what waits, what they hold against quota and fair share, and
+        each waiting job's place and reason (a user sees every team's totals and their own jobs)."""
+        policy = policies.current()
+        since = datetime.fromtimestamp(time.time() - HISTORY_HALF_LIVES * policy.half_life_s, UTC)
+        snapshot = store.snapshot(history_since=since)
+        plan = total = recent = None
+        if planner is not None:
+            try:
+                total = {k: float(v) for k, v in planner.cluster.total_resources().items()}
+            except LauncherUnavailable as exc:
+                log.warning("GET /queue: the cluster is not reachable (%s); showing the stored reasons", exc)
+            if total:
+                plan = planner.plan(snapshot, total, policy)
+                recent = recent_usage(policy, snapshot, total, planner.clock())
+        report = queue_report(snapshot, policy, plan=plan, total=total, recent=recent, policy_problem=policies.problem)
+        return report if who.is_admin else only_own_jobs(report, who.owner)
 
     @app.get(
         "/jobs/{job_id}/logs",
@@ -818,8 +859,9 @@ def run_service(
     listens, AEFORGE_HOME/service.json records its address for the CLI (services.settings.api_url_for)."""
     import uvicorn
 
-    from services.dispatcher import RayClusterView, RayJobLauncher
+    from services.dispatcher import RayAutoscalerDemand, RayClusterView, RayJobLauncher
     from services.embedded_ray import EmbeddedRay
+    from services.policy import describe_policy
     from services.settings import (
         check_no_url_credentials,
         local_tokens_path,
@@ -850,19 +892,27 @@ def run_service(
             address = embedded_ray.start()
             log.info("the embedded Ray head's dashboard and Jobs API are at %s", address)
         launcher = RayJobLauncher(address)
+        cluster = RayClusterView(launcher)
+        policies = PolicySource(settings.policy_file)
+        log.info("queue policy: %s", describe_policy(policies.current()))
         dispatcher = None
         if dispatch:
+            autoscaler = None
+            if settings.autoscaler_address:
+                autoscaler = RayAutoscalerDemand(settings.autoscaler_address)
             dispatcher = Dispatcher(
                 store,
-                RayClusterView(launcher),
+                cluster,
                 launcher,
                 max_concurrent_jobs=settings.max_concurrent_jobs,
                 job_module=settings.job_module,
                 job_python=settings.job_interpreter(),
                 retry_backoff_s=settings.retry_backoff_s,
                 allowed_data_prefixes=settings.allowed_data_prefixes,
+                policies=policies,
+                autoscaler=autoscaler,
             )
-        app = create_app(store, settings, launcher=launcher, dispatcher=dispatcher)
+        app = create_app(store, settings, launcher=launcher, dispatcher=dispatcher, policies=policies, cluster=cluster)
         home = settings.home
 
         class RecordingServer(uvicorn.Server):

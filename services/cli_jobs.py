@@ -363,6 +363,56 @@ def jobs(
         console.print(f"more: --cursor {page['next_cursor']}", highlight=False)
 
 
+def queue_command(output: OutputFormat = output_option()) -> None:
+    """The queue per team and owner: what runs and waits, what each holds against its quota and share, and each
+    waiting job's place and reason (users see every team's totals and their own jobs)."""
+    report = make_client().queue()
+    if output == OutputFormat.json:
+        print_json(report)
+        return
+    policy = report["policy"]
+    console.print(f"policy: {policy['source']}", highlight=False, soft_wrap=True)
+    if policy.get("problem"):
+        console.print(f"[red]policy file refused:[/red] {policy['problem']}", highlight=False, soft_wrap=True)
+    teams = Table(title="teams", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for column in ("team", "owners", "running", "waiting", "holds", "quota", "share", "usage"):
+        teams.add_column(column, overflow="fold", justify="right" if column in ("running", "waiting") else "left")
+    for team in report["teams"]:
+        quota = team["quota"]
+        limits = ", ".join(f"{k} {v:g}" for k, v in quota.items() if v is not None) or "none"
+        holds = team["holds"]
+        share = "" if team["share"] is None else f"{team['share']:.0%}"
+        usage = "" if team["weighted_usage"] is None else f"{team['weighted_usage']:.3f} (weight {team['weight']:g})"
+        owners = ", ".join(f"{o['owner']} {o['running']}/{o['waiting']}" for o in team["owners"])
+        teams.add_row(
+            team["team"],
+            owners,
+            str(team["running"]),
+            str(team["waiting"]),
+            f"cpu {holds['cpu']:g}, gpu {holds['gpu']:g}, jobs {holds['jobs']}",
+            limits,
+            share,
+            usage,
+        )
+    print_table(teams)
+    if report["waiting"]:
+        waiting = Table(title="waiting", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        for column in ("place", "id", "owner", "team", "class", "reason"):
+            waiting.add_column(column, overflow="fold", justify="right" if column == "place" else "left")
+        for job in report["waiting"]:
+            waiting.add_row(
+                f"{job['place']} ({job['place_in_team']} in team)",
+                job["id"],
+                job["owner"],
+                job["team"],
+                job["priority_class"] or f"priority {job['priority']}",
+                job["reason"] or "",
+            )
+        print_table(waiting)
+    if not report["live"]:
+        console.print("(the service cannot see the cluster now: reasons are those of the last pass)", highlight=False)
+
+
 def status(job_id: str = typer.Argument(..., metavar="ID"), output: OutputFormat = output_option()) -> None:
     """A job's state, progress or why it waits, its results (metrics, model, pictures) and every state change."""
     job = make_client().get(job_id, progress=True)
@@ -563,6 +613,7 @@ def register(app: typer.Typer) -> None:
         ("serve", serve),
         ("submit", submit),
         ("jobs", jobs),
+        ("queue", queue_command),
         ("status", status),
         ("logs", logs),
         ("cancel", cancel),

@@ -83,6 +83,10 @@ class AeforgeClient:
     def health(self) -> dict[str, Any]:
         return self._request("GET", "/healthz").json()
 
+    def queue(self) -> dict[str, Any]:
+        """GET /queue: per team and owner, what runs and waits, holdings against quota and share, places and reasons."""
+        return self._request("GET", "/queue").json()
+
     def whoami(self) -> dict[str, Any]:
         """{owner, role} of this client's token."""
         return self._request("GET", "/whoami").json()

@@ -21,16 +21,20 @@ import re
 import shlex
 import threading
 import time
+from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Protocol
 
 from jobs import ray_train
-from jobs.ray_train import describe_resources, fits, never_fits, sweep_concurrency
+from jobs.ray_train import describe_resources, sweep_concurrency  # noqa: F401 (describe_resources re-exported)
 from jobs.spec import parse_spec_json
 from services import metrics
 from services.logs import job_fields, redact, secret_values
-from services.store import Decision, Holdings, Job, Store, add_resources
+from services.policy import Policy, PolicySource
+from services.scheduler import QueuedJob, RunningJob, Scheduler, decayed_usage, dominant_share
+from services.store import Decision, Job, QueueSnapshot, Store, add_resources
 from workers.errors import AeforgeError
 from workers.protocol import PROGRESS_MARK, RESULT_MARK, parse_progress, parse_result  # noqa: F401 (re-exported)
 
@@ -135,6 +139,25 @@ def subtract(total: Mapping[str, float], held: Mapping[str, float]) -> dict[str,
     return {k: total.get(k, 0.0) - held.get(k, 0.0) for k in set(total) | set(held)}
 
 
+# Finished jobs older than this many half-lives add under 0.1 % to recent usage: not read.
+HISTORY_HALF_LIVES = 10
+
+
+def recent_usage(policy: Policy, snapshot: QueueSnapshot, total: dict[str, float], now: float) -> dict[str, float]:
+    """Each team's and owner's (``owner:NAME``) decayed recent usage (services.scheduler.decayed_usage): the finished
+    jobs' last attempts and the admitted jobs so far, each as its dominant share of today's cluster."""
+    intervals: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+    rows = [(r.owner, r.resources, r.started_at, r.finished_at) for r in snapshot.history]
+    rows += [(j.owner, j.resources, j.started_at, None) for j in snapshot.active if j.started_at is not None]
+    for owner, resources, started, finished in rows:
+        interval = (started.timestamp(), now if finished is None else finished.timestamp(), 0.0)
+        share = dominant_share(resources or {}, total)
+        interval = (interval[0], interval[1], share)
+        intervals[policy.team_of(owner).name].append(interval)
+        intervals[f"owner:{owner}"].append(interval)
+    return {key: decayed_usage(spans, now, policy.half_life_s) for key, spans in intervals.items()}
+
+
 # --- the dispatcher -------------------------------------------------------------------------------------------
 
 
@@ -145,6 +168,7 @@ class TickReport:
     changed: list[str] = field(default_factory=list)
     waiting: str | None = None
     wait_reason: str | None = None
+    preempted: list[str] = field(default_factory=list)
 
 
 class Dispatcher:
@@ -162,6 +186,8 @@ class Dispatcher:
         retry_backoff_s: float = 0.0,
         clock: Callable[[], float] = time.time,
         allowed_data_prefixes: tuple[str, ...] = (),
+        policies: PolicySource | None = None,
+        autoscaler: AutoscalerDemand | None = None,
     ):
         self.store = store
         self.cluster = cluster
@@ -178,6 +204,11 @@ class Dispatcher:
         self.retry_backoff_s = retry_backoff_s
         self.clock = clock
         self.allowed_data_prefixes = tuple(allowed_data_prefixes)
+        # The queue policy (teams, quotas, classes), read again when its file changes.
+        self.policies = policies or PolicySource(None)
+        # Where the queue's unmet demand goes (Ray's autoscaler); None on a cluster of fixed size.
+        self.autoscaler = autoscaler
+        self.last_pass_s = 0.0
         self._unreachable_logged = False
         # Texts from Ray (messages, log tails) may echo what the job was given; they are masked before storing.
         self._secrets = sorted(set(secret_values(environ)) | set(secret_values()), key=len, reverse=True)
@@ -205,6 +236,8 @@ class Dispatcher:
 
     # --- admission --------------------------------------------------------------------------------------------
     def admit(self, report: TickReport | None = None) -> TickReport:
+        """One scheduling pass (services.scheduler) in one store transaction; then the started jobs are submitted
+        to Ray, the preempted ones asked to stop, and the autoscaler told what the queue still needs."""
         report = report or TickReport()
         try:
             total = {k: float(v) for k, v in self.cluster.total_resources().items()}
@@ -214,60 +247,113 @@ class Dispatcher:
         if not total:
             # No live node (the cluster is starting or gone): nothing can be judged to fit or not.
             return self._hold_queue(report, "the Ray cluster has no live node yet")
-        decide = self._policy(total)
-        while True:
-            admission = self.store.admit(decide)
-            report.rejected += [j.id for j in admission.rejected]
-            for job in admission.rejected:
-                log.warning("job %s failed: it can never fit the cluster", job.id, extra=job_fields(job))
-            if admission.started is None:
-                report.waiting = admission.waiting.id if admission.waiting else None
-                report.wait_reason = admission.wait_reason
-                return report
-            report.started.append(admission.started.id)
-            self._submit(admission.started)
+        policy = self.policies.current()
+        since = datetime.fromtimestamp(self.clock() - HISTORY_HALF_LIVES * policy.half_life_s, UTC)
+        started_at = time.perf_counter()
+        scheduled = self.store.schedule(lambda snapshot: self.plan(snapshot, total, policy), history_since=since)
+        self.last_pass_s = time.perf_counter() - started_at
+        plan = scheduled.plan
+        report.rejected += [j.id for j in scheduled.rejected]
+        for job in scheduled.rejected:
+            log.warning("job %s failed: %s", job.id, plan.rejects.get(job.id), extra=job_fields(job))
+        waiting = [job_id for job_id in plan.order if job_id in plan.waits]
+        report.waiting = waiting[0] if waiting else None
+        report.wait_reason = plan.waits.get(report.waiting) if report.waiting else None
+        report.preempted += scheduled.preempted
+        for victim in scheduled.preempted:
+            self._preempt(victim)
+        for job in scheduled.started:
+            report.started.append(job.id)
+            self._submit(job)
+        if self.autoscaler is not None:
+            bundles = []
+            for job_id in plan.demand:
+                bundles += job_bundles(self.store.get(job_id))
+                if len(bundles) >= RayAutoscalerDemand.MAX_BUNDLES:
+                    break
+            try:
+                self.autoscaler.request(bundles)
+            except Exception as exc:  # the autoscaler is advice: a failed request is tried again next pass
+                log.warning("cannot ask Ray's autoscaler for the queue's demand: %s", exc)
+        return report
+
+    def plan(self, snapshot: QueueSnapshot, total: dict[str, float], policy: Policy):
+        """The scheduling pass over a store snapshot (services.scheduler.Scheduler.plan), with what the store rows
+        do not say themselves: a sweep's resources on this cluster, a failed attempt's back-off, recent usage."""
+        now = self.clock()
+        queued, refused = [], {}
+        for row in snapshot.queued:
+            asks, note = row.resources, None
+            if row.kind == "sweep" and row.spec_json:
+                # A sweep runs as many trials at once as fit, up to its max_concurrent_trials (as its driver does).
+                try:
+                    _, asks, note = sweep_concurrency(parse_spec_json(row.spec_json, f"job {row.id}"), total)
+                except AeforgeError as exc:
+                    refused[row.id] = f"can never run here: {exc}"
+                    continue
+            queued.append(
+                QueuedJob(
+                    id=row.id,
+                    seq=row.seq,
+                    owner=row.owner,
+                    priority=row.priority,
+                    priority_class=row.priority_class,
+                    asks=asks,
+                    max_hours=row.max_hours,
+                    not_before=self.retry_due(row),
+                    attempts=row.attempts,
+                    note=note or "",
+                )
+            )
+        running = [
+            RunningJob(
+                id=job.id,
+                owner=job.owner,
+                priority=job.priority,
+                priority_class=job.priority_class,
+                holds=job.resources,
+                started_at=(job.started_at or job.updated_at).timestamp(),
+                max_hours=job.max_hours,
+                preempted_by=job.preempted_by,
+            )
+            for job in snapshot.active
+        ]
+        scheduler = Scheduler(
+            policy,
+            total,
+            now,
+            recent_usage=recent_usage(policy, snapshot, total, now),
+            max_concurrent_jobs=self.max_concurrent_jobs,
+            elastic=self.autoscaler is not None,
+        )
+        plan = scheduler.plan(queued, running)
+        plan.rejects.update(refused)
+        return plan
 
     def _hold_queue(self, report: TickReport, why: str) -> TickReport:
-        """Nothing can be admitted now: the head of the queue waits, and says why (its stored wait reason)."""
+        """Nothing can be admitted now: the first queued job waits, and says why (its stored wait reason)."""
         admission = self.store.admit(lambda job, holdings: Decision.wait(why))
         report.waiting = admission.waiting.id if admission.waiting else None
         report.wait_reason = admission.wait_reason
         return report
 
-    def _policy(self, total: dict[str, float]) -> Callable[[Job, Holdings], Decision]:
-        cap = self.max_concurrent_jobs
-
-        def decide(job: Job, holdings: Holdings) -> Decision:
-            asked, note = job.resources, ""
-            if job.kind == "sweep":
-                # A sweep runs as many trials at once as fit, up to its max_concurrent_trials (as its driver does).
-                try:
-                    _, asked, capped = sweep_concurrency(parse_spec_json(job.spec_json, f"job {job.id}"), total)
-                except AeforgeError as exc:
-                    return Decision.reject(f"can never run here: {exc}")
-                note = f" ({capped})" if capped else ""
-            due = self.retry_due(job)
-            if due > self.clock():  # a failed attempt backing off: the jobs behind it may go first
-                # A time, not a countdown: the reason is stored, and a fixed text is written once.
-                at = time.strftime("%H:%M:%S UTC", time.gmtime(due))
-                return Decision.skip(f"attempt {job.attempts + 1} waits until {at} (back-off after a failed attempt)")
-            why_never = never_fits(asked, total)
-            if why_never:
-                return Decision.reject(f"can never run here: {why_never}")
-            if cap is not None and holdings.active_jobs >= cap:
-                return Decision.wait(
-                    f"{holdings.active_jobs} jobs running, the cap is {cap} (AEFORGE_MAX_CONCURRENT_JOBS)"
-                )
-            free = subtract(total, holdings.resources)
-            if not fits(asked, free):
-                return Decision.wait(
-                    f"needs {describe_resources(asked)}; free {describe_resources(free, also=asked)}{note}"
-                )
-            return Decision.start(
-                f"admitted: asks for {describe_resources(asked)}; free: {describe_resources(free, also=asked)}{note}"
-            )
-
-        return decide
+    def _preempt(self, job_id: str) -> None:
+        """Ask a running job's Ray job to stop: Ray sends SIGTERM, and the job checkpoints at its current step before
+        it exits (jobs.run); following it then re-queues it without spending an attempt."""
+        job = self.store.get(job_id)
+        metrics.PREEMPTIONS.labels(job.kind).inc()
+        log.info(
+            "job %s: preempted by %s; asking Ray to stop %s",
+            job.id,
+            job.preempted_by,
+            job.ray_submission_id,
+            extra=job_fields(job),
+        )
+        if job.ray_submission_id:
+            try:
+                self.launcher.stop(job.ray_submission_id)
+            except LauncherUnavailable as exc:  # asked again on the next pass: following a marked job stops it
+                self._log_unreachable(exc)
 
     def _submit(self, job: Job) -> None:
         assert job.ray_submission_id is not None
@@ -321,9 +407,11 @@ class Dispatcher:
                     self._submit(job)
                 return False
             return self._attempt_failed(job, "its Ray job is gone (the Ray cluster restarted or lost it)")
-        if job.cancel_requested_by and info.status not in RAY_TERMINAL:
+        if (job.cancel_requested_by or job.preempted_by) and info.status not in RAY_TERMINAL:
             self.launcher.stop(sid)
             return False
+        if job.preempted_by and not job.cancel_requested_by and info.status in ("STOPPED", "FAILED"):
+            return self._preempted(job)
         if info.status == "PENDING":
             return False
         if info.status == "RUNNING":
@@ -375,6 +463,21 @@ class Dispatcher:
         if job.cancel_requested_by:
             reason += f"; it finished before the cancel by {job.cancel_requested_by} took effect"
         return self._set(job, "succeeded", reason, **fields)
+
+    def _preempted(self, job: Job) -> bool:
+        """A preempted job has stopped: back to the queue, where it resumes from the checkpoint it wrote at its last
+        step. The attempt it used is given back (max_attempts + 1): being preempted is not a failure."""
+        try:
+            progress = parse_progress(self.launcher.logs(job.ray_submission_id))
+        except (LauncherUnavailable, RuntimeError):
+            progress = None
+        at = f" at step {progress['step']}" if progress else ""
+        return self._set(
+            job,
+            "queued",
+            f"preempted by {job.preempted_by}{at}; re-queued to resume from its checkpoint (no attempt spent)",
+            max_attempts=job.max_attempts + 1,
+        )
 
     def retry_delay_s(self, job: Job) -> float:
         """How long after its failed attempt ``job`` waits before the next one: exponential, with a jitter that is
@@ -564,3 +667,55 @@ class RayClusterView:
         for node in nodes:
             total = add_resources(total, {k: v for k, v in node.resources_total.items() if not k.startswith("node:")})
         return total
+
+
+# --- the autoscaler -------------------------------------------------------------------------------------------
+
+
+def job_bundles(job: Job) -> list[dict[str, float]]:
+    """The resource shapes a job's Ray job asks the cluster for: one bundle per worker (a sweep: per worker of each
+    trial it runs at once, and each trial's driver), as the autoscaler packs them onto nodes."""
+    try:
+        spec = parse_spec_json(job.spec_json, f"job {job.id}")
+    except AeforgeError:
+        return [dict(job.resources)]
+    r = spec.resources
+    worker = {"CPU": float(r.cpus_per_worker), **({"GPU": float(r.gpus_per_worker)} if r.gpus_per_worker else {})}
+    trials = 1
+    if spec.kind == "sweep" and spec.sweep is not None:
+        trials = max(1, int(round(job.resources.get("CPU", 0.0) / max(r.workers * r.cpus_per_worker, 1e-9))))
+    return [dict(worker) for _ in range(r.workers * trials)]
+
+
+class AutoscalerDemand(Protocol):
+    def request(self, bundles: list[dict[str, float]]) -> None:
+        """Ask the cluster's autoscaler to make room for ``bundles`` (replacing the last request; [] withdraws it)."""
+
+
+class RayAutoscalerDemand:
+    """Ray's autoscaler (``ray.autoscaler.sdk.request_resources``, which KubeRay's autoscaler honours as well): the
+    request persists until replaced, so it is sent only when the queue's demand changed, and an empty queue withdraws
+    it. ``request_resources`` needs a driver connected to the cluster: this process joins it (its GCS address) on the
+    first request."""
+
+    # Most bundles asked for at once: enough for the queue's next jobs, not the whole backlog at once.
+    MAX_BUNDLES = 256
+
+    def __init__(self, address: str):
+        self.address = address
+        self._last: list[dict[str, float]] | None = None
+
+    def request(self, bundles: list[dict[str, float]]) -> None:
+        bundles = bundles[: self.MAX_BUNDLES]
+        if bundles == self._last:
+            return
+        import ray
+        from ray.autoscaler.sdk import request_resources
+
+        if not ray.is_initialized():
+            ray.init(address=self.address, namespace="aeforge-dispatcher", log_to_driver=False)
+        request_resources(bundles=bundles)
+        log.info(
+            "asked Ray's autoscaler for %s", f"{len(bundles)} bundle(s): {bundles[:4]}" if bundles else "nothing more"
+        )
+        self._last = bundles

@@ -32,6 +32,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from jobs.ray_train import describe_resources
 from services.policy import QUOTA_RESOURCES, Policy, PriorityClass, TeamView
 
 EPS = 1e-9
@@ -48,6 +49,9 @@ class QueuedJob:
     max_hours: float | None = None
     # A failed attempt backs off until then (epoch seconds); 0: may start now.
     not_before: float = 0.0
+    attempts: int = 0
+    # Said after its reasons: how the dispatcher sized it (a sweep's trials at once, when fewer than asked fit).
+    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -127,8 +131,8 @@ def fits(asks: Mapping[str, float], available: Mapping[str, float]) -> bool:
 
 
 def describe(resources: Mapping[str, float], also: Iterable[str] = ()) -> str:
-    keys = sorted({k for k, v in resources.items() if v} | set(also) | {"CPU"})
-    return ", ".join(f"{k} {resources.get(k, 0.0):g}" for k in keys)
+    """ "CPU 4, GPU 1", as every other admission message says it (jobs.ray_train.describe_resources)."""
+    return describe_resources(resources, also=also)
 
 
 @dataclass
@@ -203,9 +207,14 @@ class Scheduler:
             place = ahead_in_team[team.name]
             ahead_in_team[team.name] += 1
             asks = {k: float(v) for k, v in job.asks.items()}
+            note = f" ({job.note})" if job.note else ""
 
             if job.not_before > self.now:
-                plan.waits[job.id] = f"backing off after a failed attempt until {_clock(job.not_before)}"
+                # A time, not a countdown: the reason is stored, and a fixed text is written once.
+                plan.waits[job.id] = (
+                    f"attempt {job.attempts + 1} waits until {_clock(job.not_before, '%H:%M:%S UTC')} "
+                    f"(back-off after a failed attempt)"
+                )
                 continue
             if not self.elastic and not fits(asks, self.total):
                 plan.rejects[job.id] = (
@@ -235,6 +244,7 @@ class Scheduler:
 
             if fits(asks, free) and (head is None or self._may_backfill(job, asks, shadow, spare)):
                 reason, behind = self._start_reason(job, asks, free, head, shadow, borrowing, team)
+                reason += note
                 if head is not None and not self._ends_before(job, shadow):
                     spare = add(spare, asks, -1)  # a backfill past the head's start takes from what it leaves over
                 free = add(free, asks, -1)
@@ -267,7 +277,7 @@ class Scheduler:
                 shadow, spare = self._reservation(asks, free, [*running, *started_now])
                 when = "" if shadow is None else f"; expected to start by {_clock(shadow)} (running jobs' max_hours)"
                 short = "" if fits(asks, self.total) else " (waiting for the autoscaler to add nodes)"
-                plan.waits[job.id] = f"needs {describe(asks)}; free {describe(free, also=asks)}{short}{when}"
+                plan.waits[job.id] = f"needs {describe(asks)}; free {describe(free, also=asks)}{note}{short}{when}"
             elif job.max_hours is None:
                 plan.waits[job.id] = (
                     f"behind {head.id}, which waits for capacity; a job without train.max_hours does not overtake it"
@@ -365,6 +375,8 @@ class Scheduler:
 
     def _start_reason(self, job, asks, free, head, shadow, borrowing, team) -> tuple[str, str | None]:
         reason = f"admitted: asks for {describe(asks)}; free {describe(free, also=asks)}"
+        if job.attempts > 0:  # after a failed attempt or a preemption
+            reason = f"resumes from its checkpoint (attempt {job.attempts + 1}); " + reason
         if borrowing:
             reason += f"; borrows idle capacity beyond team {team.name}'s quota ({', '.join(borrowing)})"
         if head is None:
@@ -449,7 +461,7 @@ class Scheduler:
         return chosen
 
 
-def _clock(epoch_s: float) -> str:
+def _clock(epoch_s: float, form: str = "%Y-%m-%d %H:%M:%S UTC") -> str:
     import time
 
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch_s))
+    return time.strftime(form, time.gmtime(epoch_s))

@@ -68,6 +68,7 @@ KNOWN_VARIABLES = (
     "AEFORGE_POLICY_FILE",
     "AEFORGE_RETENTION_DAYS",
     "AEFORGE_RETENTION_ARCHIVE_DIR",
+    "AEFORGE_AUTOSCALER_ADDRESS",
     "RAY_ADDRESS",
     *STORAGE_ENV_VARS,
     *CREDENTIAL_ENV_VARS,
@@ -146,6 +147,9 @@ class ServiceSettings:
     retention_days: float | None = None
     # Where retention appends what it deletes (JSON lines per day); None: deleted without an archive.
     retention_archive_dir: Path | None = None
+    # The Ray cluster (GCS address, host:6379) whose autoscaler the dispatcher tells what the queue needs; None: a
+    # cluster of fixed size (then a job bigger than the whole cluster is refused rather than waited for).
+    autoscaler_address: str | None = None
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None) -> ServiceSettings:
@@ -190,6 +194,7 @@ class ServiceSettings:
                 if values.get("AEFORGE_RETENTION_ARCHIVE_DIR")
                 else None
             ),
+            autoscaler_address=values.get("AEFORGE_AUTOSCALER_ADDRESS") or None,
         )
 
     def job_interpreter(self) -> str:

@@ -27,6 +27,7 @@ from sqlalchemy import (
     JSON,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -186,6 +187,13 @@ jobs_table = Table(
     # free CPU 2, GPU 0"); set only on the jobs that pass looked at (the waiting head, jobs backing off), cleared
     # by every state change. Stored so that any API process, and one started after a restart, can say why.
     Column("wait_reason", Text),
+    # The queue policy's priority class the job was submitted in (None: an admin's raw priority, or a job from
+    # before classes); its value is ``priority``.
+    Column("priority_class", String(64)),
+    # train.max_hours of the spec, for backfill (a job with a known end may start ahead of a waiting head).
+    Column("max_hours", Float),
+    # A running job asked to checkpoint and stop for this queued job (preemption); cleared when it is re-queued.
+    Column("preempted_by", String(128)),
     Column("idempotency_key", String(200)),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
@@ -242,6 +250,9 @@ class Job:
     result: dict | None
     error: str | None
     wait_reason: str | None
+    priority_class: str | None
+    max_hours: float | None
+    preempted_by: str | None
     idempotency_key: str | None
     created_at: datetime
     updated_at: datetime
@@ -340,6 +351,51 @@ class QueuePlace:
     blocked_by: Job | None
 
 
+@dataclass(frozen=True)
+class QueuedRow:
+    """The columns of a queued job a scheduling pass reads (its spec only for a sweep)."""
+
+    seq: int
+    id: str
+    owner: str
+    kind: str
+    priority: int
+    priority_class: str | None
+    resources: dict[str, float]
+    max_hours: float | None
+    attempts: int
+    updated_at: datetime
+    wait_reason: str | None
+    spec_json: str | None = None
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    """A finished job's holding over its last attempt: what recent usage is made of."""
+
+    owner: str
+    resources: dict[str, float]
+    started_at: datetime
+    finished_at: datetime
+
+
+@dataclass(frozen=True)
+class QueueSnapshot:
+    queued: tuple[QueuedRow, ...]
+    active: tuple[Job, ...]
+    history: tuple[UsageRow, ...] = ()
+
+
+@dataclass(frozen=True)
+class Scheduled:
+    """What a scheduling pass did: the jobs it started and refused, the running jobs it newly asked to stop."""
+
+    started: list[Job]
+    rejected: list[Job]
+    preempted: list[str]
+    plan: Any
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -431,6 +487,7 @@ class Store:
         resources: dict[str, float],
         priority: int = 0,
         priority_class: str | None = None,
+        max_hours: float | None = None,
         max_attempts: int = 3,
         idempotency_key: str | None = None,
     ) -> tuple[Job, bool]:
@@ -462,6 +519,8 @@ class Store:
             spec_text=spec_text,
             spec_json=spec_json,
             priority=int(priority),
+            priority_class=priority_class,
+            max_hours=max_hours,
             resources={k: float(v) for k, v in resources.items()},
             state="queued",
             attempts=0,
@@ -672,7 +731,7 @@ class Store:
         if to_state not in TRANSITIONS[row.state]:
             raise InvalidTransition(f"job {row.id} cannot go from {row.state} to {to_state}")
         now = utcnow()
-        values: dict[str, Any] = {"state": to_state, "updated_at": now, "wait_reason": None}
+        values: dict[str, Any] = {"state": to_state, "updated_at": now, "wait_reason": None, "preempted_by": None}
         if to_state == "running":
             values["started_at"] = now
         if to_state in TERMINAL_STATES:
@@ -811,6 +870,104 @@ class Store:
                     )
                     started = Job.from_row(conn.execute(select(jobs_table).where(jobs_table.c.id == row.id)).one())
                     return Admission(started=started, rejected=tuple(rejected))
+
+    def schedule(self, plan_for: Callable[[QueueSnapshot], Any], *, history_since: datetime | None = None) -> Scheduled:
+        """One scheduling pass, atomic across dispatchers: read the queue, the admitted jobs and (from
+        ``history_since``) the finished ones, let ``plan_for`` decide (a services.scheduler.Plan), and apply the
+        decision in the same transaction: start, refuse, mark running jobs to be preempted, store every reason.
+
+        Only what a pass needs is read of the queued jobs (not their specs, but a sweep's, whose concurrency depends
+        on the cluster), so that a pass over ten thousand queued jobs stays short."""
+        with self._tx(lock_key=ADMISSION_LOCK_KEY) as conn:
+            snapshot = self._snapshot(conn, history_since)
+            queued = snapshot.queued
+            plan = plan_for(snapshot)
+            by_id = {row.id: row for row in queued}
+            started: list[Job] = []
+            rejected: list[Job] = []
+            for start in plan.starts:
+                row = self._lock_job(conn, start.job_id)
+                if row.state != "queued":  # cancelled meanwhile (under its own row lock)
+                    continue
+                attempt = row.attempts + 1
+                self._apply(
+                    conn,
+                    row,
+                    "starting",
+                    start.reason,
+                    {"attempts": attempt, "ray_submission_id": submission_id_for(row.id, attempt)},
+                )
+                started.append(Job.from_row(conn.execute(select(jobs_table).where(jobs_table.c.id == row.id)).one()))
+            for job_id, reason in plan.rejects.items():
+                row = self._lock_job(conn, job_id)
+                if row.state == "queued":
+                    self._apply(conn, row, "failed", reason, {"error": reason})
+                    rejected.append(Job.from_row(row))
+            preempted: list[str] = []
+            for preemption in plan.preemptions:
+                marked = conn.execute(
+                    update(jobs_table)
+                    .where(
+                        jobs_table.c.id == preemption.victim_id,
+                        jobs_table.c.state.in_(ACTIVE_STATES),
+                        jobs_table.c.preempted_by.is_(None),
+                    )
+                    .values(preempted_by=preemption.by_job_id)
+                )
+                if marked.rowcount == 1:
+                    preempted.append(preemption.victim_id)
+            for job_id, reason in plan.waits.items():
+                row = by_id.get(job_id)
+                if row is not None and row.wait_reason != reason:
+                    conn.execute(
+                        update(jobs_table)
+                        .where(jobs_table.c.seq == row.seq, jobs_table.c.state == "queued")
+                        .values(wait_reason=reason)
+                    )
+        return Scheduled(started=started, rejected=rejected, preempted=preempted, plan=plan)
+
+    def snapshot(self, *, history_since: datetime | None = None) -> QueueSnapshot:
+        """What a scheduling pass would see now, read without deciding anything (``aeforge queue``, GET /queue)."""
+        with self.engine.connect() as conn:
+            return self._snapshot(conn, history_since)
+
+    def _snapshot(self, conn: Connection, history_since: datetime | None) -> QueueSnapshot:
+        queued_columns = [jobs_table.c[name] for name in QueuedRow.__dataclass_fields__ if name != "spec_json"]
+        rows = conn.execute(
+            select(*queued_columns).where(jobs_table.c.state == "queued").order_by(jobs_table.c.seq)
+        ).all()
+        sweep_specs = dict(
+            conn.execute(
+                select(jobs_table.c.id, jobs_table.c.spec_json).where(
+                    jobs_table.c.state == "queued", jobs_table.c.kind == "sweep"
+                )
+            ).all()
+        )
+        queued = tuple(QueuedRow(**dict(r._mapping), spec_json=sweep_specs.get(r.id)) for r in rows)
+        active = tuple(
+            sorted(
+                (Job.from_row(r) for r in conn.execute(_per_active_state(select(jobs_table))).all()),
+                key=lambda job: job.seq,
+            )
+        )
+        history: tuple[UsageRow, ...] = ()
+        if history_since is not None:
+            history = tuple(
+                UsageRow(*r)
+                for r in conn.execute(
+                    select(
+                        jobs_table.c.owner,
+                        jobs_table.c.resources,
+                        jobs_table.c.started_at,
+                        jobs_table.c.finished_at,
+                    ).where(
+                        jobs_table.c.state.in_(TERMINAL_STATES),
+                        jobs_table.c.finished_at > history_since,
+                        jobs_table.c.started_at.is_not(None),
+                    )
+                ).all()
+            )
+        return QueueSnapshot(queued=queued, active=active, history=history)
 
     def _note_wait(self, conn: Connection, job: Job, reason: str) -> None:
         """Store why ``job`` waits (no event: it is not a state change), unless it says that already."""

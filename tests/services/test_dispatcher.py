@@ -109,9 +109,12 @@ def test_a_head_that_does_not_fit_yet_is_waited_for_not_overtaken(store, launche
     assert report.started == [first.id] and report.waiting == big.id
     assert report.wait_reason == "needs CPU 2, GPU 0; free CPU 1, GPU 0"
     assert store.get(small.id).state == "queued"  # 1 CPU is free, but the big job is ahead of it
-    # The reason is stored on the waiting job (the API and `aeforge status` show it); the job behind it has none:
-    # it waits for the one ahead.
-    assert store.get(big.id).wait_reason == report.wait_reason and store.get(small.id).wait_reason is None
+    # The reason is stored on each waiting job (the API and `aeforge status` show it); the job behind it waits for
+    # the one ahead, and (without train.max_hours) may not overtake it.
+    assert store.get(big.id).wait_reason == report.wait_reason
+    assert store.get(small.id).wait_reason == (
+        f"behind {big.id}, which waits for capacity; a job without train.max_hours does not overtake it"
+    )
     place = store.queue_place(store.get(small.id))
     assert place.jobs_ahead == 1 and place.blocked_by.id == big.id
     launcher.set(first.id, "SUCCEEDED")

@@ -146,7 +146,7 @@ def test_nothing_is_preempted_for_a_class_that_may_not_or_of_a_class_that_is_not
 def test_a_job_backing_off_waits_and_blocks_nobody():
     jobs = [queued("a-1", "alice", cpu=4, not_before=NOW + 60), queued("b-2", "bob", cpu=4)]
     plan = Scheduler(Policy(), {"CPU": 4}, NOW).plan(jobs, [])
-    assert [s.job_id for s in plan.starts] == ["b-2"] and "backing off" in plan.waits["a-1"]
+    assert [s.job_id for s in plan.starts] == ["b-2"] and "back-off after a failed attempt" in plan.waits["a-1"]
 
 
 def test_the_concurrency_cap_holds_everything():

@@ -136,11 +136,13 @@ def test_status_of_a_queued_job_says_why_it_waits_with_numbers(env):
     assert reason == "needs CPU 4, GPU 0; free CPU 1, GPU 0"
     out = cli(env.app, "status", head)
     assert "needs CPU 4, GPU 0; free CPU 1, GPU 0; 0 jobs ahead" in out
+    # The job behind has a reason of its own: it would fit, but it has no train.max_hours to backfill with.
+    behind_reason = f"behind {head}, which waits for capacity; a job without train.max_hours does not overtake it"
     out = cli(env.app, "status", behind)
-    assert f"1 job ahead; the dispatcher waits on {head}: {reason}" in out
+    assert f"{behind_reason}; 1 job ahead" in out
     data = json.loads(cli(env.app, "status", behind, "--output", "json"))
-    assert data["queue"] == {"jobs_ahead": 1, "reason": None, "blocked_by": head, "blocked_by_reason": reason}
-    assert data["wait_reason"] is None
+    assert data["queue"] == {"jobs_ahead": 1, "reason": behind_reason, "blocked_by": None, "blocked_by_reason": None}
+    assert data["wait_reason"] == behind_reason
     assert json.loads(cli(env.app, "status", head, "-o", "json"))["queue"]["reason"] == reason
 
 
