@@ -166,6 +166,7 @@ class Scheduler:
         self.max_concurrent_jobs = max_concurrent_jobs
         # An autoscaling cluster: a job bigger than today's nodes waits for (and asks for) more, and is not refused.
         self.elastic = elastic
+        self._preemptible_cache: tuple[Sequence[RunningJob], list[RunningJob]] | None = None
 
     # --- the pass -----------------------------------------------------------------------------------------------
     def plan(self, queued: Sequence[QueuedJob], running: Sequence[RunningJob]) -> Plan:
@@ -298,7 +299,9 @@ class Scheduler:
     # --- ordering -----------------------------------------------------------------------------------------------
     def _order(self, queued, teams, team_of, team_held, owner_held):
         """Queued jobs by priority, then fair share between teams and between a team's owners, then submission;
-        lazily, so that a job started by the pass counts in its team's share before the next job is chosen."""
+        lazily, so that a job started by the pass counts in its team's share before the next job is chosen. Heaps
+        of teams and of each team's owners, keyed by usage when pushed: an entry whose usage grew since (a job of
+        it started) is pushed again with its new usage rather than taken."""
         by_priority: dict[int, dict[str, dict[str, list[QueuedJob]]]] = defaultdict(
             lambda: defaultdict(lambda: defaultdict(list))
         )
@@ -306,7 +309,13 @@ class Scheduler:
             by_priority[job.priority][team_of[job.owner]][job.owner].append(job)
         for priority in sorted(by_priority, reverse=True):
             per_team = by_priority[priority]
-            cursors = {t: {o: 0 for o in owners} for t, owners in per_team.items()}
+            cursors = {o: 0 for owners in per_team.values() for o in owners}
+            owner_heaps = {
+                t: [(self._owner_usage(o, owner_held[o]), jobs[0].seq, o) for o, jobs in owners.items()]
+                for t, owners in per_team.items()
+            }
+            for owner_heap in owner_heaps.values():
+                heapq.heapify(owner_heap)
             heap = [(self._team_usage(teams[t], team_held[t]), t) for t in per_team]
             heapq.heapify(heap)
             while heap:
@@ -315,14 +324,22 @@ class Scheduler:
                 if current > usage + EPS:  # its share grew since it was pushed (a job of it started): re-place it
                     heapq.heappush(heap, (current, name))
                     continue
-                owners = [o for o, i in cursors[name].items() if i < len(per_team[name][o])]
-                owner = min(
-                    owners, key=lambda o: (self._owner_usage(o, owner_held[o]), per_team[name][o][cursors[name][o]].seq)
-                )
-                job = per_team[name][owner][cursors[name][owner]]
-                cursors[name][owner] += 1
+                owner_heap = owner_heaps[name]
+                while True:
+                    owner_usage, _, owner = heapq.heappop(owner_heap)
+                    now_usage = self._owner_usage(owner, owner_held[owner])
+                    if now_usage <= owner_usage + EPS:
+                        break
+                    heapq.heappush(owner_heap, (now_usage, per_team[name][owner][cursors[owner]].seq, owner))
+                jobs = per_team[name][owner]
+                job = jobs[cursors[owner]]
+                cursors[owner] += 1
                 yield job
-                if any(i < len(per_team[name][o]) for o, i in cursors[name].items()):
+                if cursors[owner] < len(jobs):
+                    heapq.heappush(
+                        owner_heap, (self._owner_usage(owner, owner_held[owner]), jobs[cursors[owner]].seq, owner)
+                    )
+                if owner_heap:
                     heapq.heappush(heap, (self._team_usage(teams[name], team_held[name]), name))
 
     def _team_usage(self, team: TeamView, holder: _Holder) -> float:
@@ -430,19 +447,24 @@ class Scheduler:
                     borrowed.add(job.id)
         return borrowed
 
+    def _preemptible(self, running) -> list[RunningJob]:
+        """The running jobs of preemptible classes that have run the policy's minimum (once per pass)."""
+        if self._preemptible_cache is None or self._preemptible_cache[0] is not running:
+            eligible = [
+                r
+                for r in running
+                if self._class_of(r).preemptible
+                and r.started_at is not None
+                and self.now - r.started_at >= self.policy.min_run_s
+            ]
+            self._preemptible_cache = (running, eligible)
+        return self._preemptible_cache[1]
+
     def _victims(self, job, asks, free, running, taken, borrowed) -> list[RunningJob]:
         """The smallest set of running jobs whose stopping makes room for ``job``: preemptible, of a lower priority,
         run for at least the policy's minimum; borrowed capacity first, then the lowest class, then the youngest.
         Empty when even all of them would not make room."""
-        candidates = [
-            r
-            for r in running
-            if r.id not in taken
-            and r.priority < job.priority
-            and self._class_of(r).preemptible
-            and r.started_at is not None
-            and self.now - r.started_at >= self.policy.min_run_s
-        ]
+        candidates = [r for r in self._preemptible(running) if r.id not in taken and r.priority < job.priority]
         candidates.sort(key=lambda r: (r.id not in borrowed, r.priority, -(r.started_at or 0.0)))
         chosen: list[RunningJob] = []
         available = dict(free)

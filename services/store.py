@@ -36,6 +36,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -916,14 +917,19 @@ class Store:
                 )
                 if marked.rowcount == 1:
                     preempted.append(preemption.victim_id)
-            for job_id, reason in plan.waits.items():
-                row = by_id.get(job_id)
-                if row is not None and row.wait_reason != reason:
-                    conn.execute(
-                        update(jobs_table)
-                        .where(jobs_table.c.seq == row.seq, jobs_table.c.state == "queued")
-                        .values(wait_reason=reason)
-                    )
+            changed = [
+                {"b_seq": row.seq, "b_reason": reason}
+                for job_id, reason in plan.waits.items()
+                if (row := by_id.get(job_id)) is not None and row.wait_reason != reason
+            ]
+            if changed:  # one statement, many parameter sets: a pass may change thousands of reasons
+                conn.execute(
+                    update(jobs_table)
+                    .where(jobs_table.c.seq == bindparam("b_seq"), jobs_table.c.state == "queued")
+                    .values(wait_reason=bindparam("b_reason"))
+                    .execution_options(synchronize_session=False),
+                    changed,
+                )
         return Scheduled(started=started, rejected=rejected, preempted=preempted, plan=plan)
 
     def snapshot(self, *, history_since: datetime | None = None) -> QueueSnapshot:
