@@ -7,10 +7,13 @@ never as YAML or JSON text to be parsed again.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from jobs.spec import JobSpec, SpecError
 from workers import settings
@@ -116,23 +119,62 @@ def check_ray_auth(address: str) -> None:
         os.close(saved)
 
 
+# Runs this driver trains (run names), and the storage their stop requests go to: a SIGTERM asks them to stop.
+_STOPPABLE: list[tuple[Any, str]] = []
+# The least time a graceful stop gets before the fit is aborted (when the stop wait is too short to leave more).
+MIN_GRACE_S = 5.0
+
+
+def stop_gracefully_on_sigterm(storage, run_name: str) -> None:
+    """A SIGTERM (the queue preempting or cancelling the job) first asks this run's workers to stop: they checkpoint
+    at the end of their current log window and return, so that nothing trained is lost. Any request left from an
+    earlier attempt is cleared first."""
+    from workers.ray_worker import stop_request_path
+
+    with contextlib.suppress(Exception):  # none there: the usual case
+        storage.delete(stop_request_path(run_name))
+    _STOPPABLE.append((storage, run_name))
+
+
+def _ask_to_stop() -> None:
+    from workers.ray_worker import stop_request_path
+
+    for storage, run_name in list(_STOPPABLE):
+        try:
+            storage.put_bytes(b"stop\n", stop_request_path(run_name))
+        except Exception as exc:  # then the abort below stops it, from its last periodic checkpoint
+            print(f"aeforge: could not ask run {run_name} to stop gracefully: {exc}", file=sys.stderr, flush=True)
+
+
 def _stop_on_sigterm() -> None:
-    """Ray stops a job (`ray job stop`, a cancel in the queue) with SIGTERM to its driver, and ray.init has just
-    put its own SIGTERM handler in place (it logs and dies). Take it back and stop as on Ctrl-C: inside a fit, Ray
-    Train's own Ctrl-C handler aborts the run gracefully (workers stopped, placement group and its detached
-    cleaner removed), and :func:`fit` then raises KeyboardInterrupt; elsewhere KeyboardInterrupt is raised at once.
-    Either way the `with` blocks mark the job's MLflow runs KILLED. The queue gives a job RAY_JOB_STOP_WAIT_TIME_S
-    for this before Ray sends SIGKILL."""
+    """Ray stops a job (`ray job stop`, a cancel or a preemption in the queue) with SIGTERM to its driver, and
+    ray.init has just put its own SIGTERM handler in place (it logs and dies). Take it back. Inside a fit of a run
+    registered with :func:`stop_gracefully_on_sigterm`, ask its workers to checkpoint and return (they see the
+    request within seconds), and abort the fit as on Ctrl-C only if they have not by the grace period's end;
+    otherwise stop as on Ctrl-C at once: inside a fit, Ray Train's own Ctrl-C handler aborts the run gracefully
+    (workers stopped, placement group and its detached cleaner removed), and :func:`fit` then raises
+    KeyboardInterrupt; elsewhere KeyboardInterrupt is raised at once. Either way the `with` blocks mark the job's
+    MLflow runs KILLED. The queue gives a job RAY_JOB_STOP_WAIT_TIME_S for this before Ray sends SIGKILL."""
     import signal
     import threading
 
     from workers.tracking import STOP_REQUESTED
 
     def stop(signum, frame):
+        first = not STOP_REQUESTED.is_set()
         STOP_REQUESTED.set()
         on_ctrl_c = signal.getsignal(signal.SIGINT)
         if callable(on_ctrl_c) and on_ctrl_c is not signal.default_int_handler:
-            on_ctrl_c(signal.SIGINT, frame)  # a fit's (or a Tune run's) graceful abort
+            if first and _STOPPABLE:
+                stop_wait = float(os.environ.get("RAY_JOB_STOP_WAIT_TIME_S", "30"))
+                grace = max(MIN_GRACE_S, stop_wait - 10.0)
+                threading.Thread(target=_ask_to_stop, name="aeforge-ask-to-stop", daemon=True).start()
+                # The fallback: Ctrl-C on the main thread (where Ray Train's handler runs) after the grace period.
+                timer = threading.Timer(grace, os.kill, args=(os.getpid(), signal.SIGINT))
+                timer.daemon = True
+                timer.start()
+                return
+            on_ctrl_c(signal.SIGINT, frame)  # a fit's (or a Tune run's) abort
             return
         raise KeyboardInterrupt(f"job stopped (signal {signum})")
 

@@ -16,7 +16,14 @@ from pathlib import Path
 
 import yaml
 
-from jobs.ray_train import build_trainer, check_fits_cluster, cluster_resources, connect_ray, fit
+from jobs.ray_train import (
+    build_trainer,
+    check_fits_cluster,
+    cluster_resources,
+    connect_ray,
+    fit,
+    stop_gracefully_on_sigterm,
+)
 from jobs.spec import JobSpec, check_data, parse_spec_json
 from workers import settings
 from workers.data import prepare
@@ -101,6 +108,7 @@ def run_train_on_ray(spec: JobSpec, job_id: str, spec_file: str | Path | None = 
         )
         tracking.describe(run_description(spec, job_id))
         tracking.log_dataset(dataset)
+        stop_gracefully_on_sigterm(storage, job_id)  # a preemption or cancel checkpoints at the current step
         started = time.time()
         result = fit(build_trainer(spec, job_id, storage, run_id))
         ended = time.time()

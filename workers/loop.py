@@ -104,6 +104,12 @@ class RunContext:
     def _checkpoint_root(self) -> Path | None:
         return None if self.run_dir is None else self.run_dir / "checkpoints"
 
+    # --- stopping early -------------------------------------------------------------------------------
+    def stop_requested(self) -> bool:
+        """Whether this run was asked to stop (checked at the end of each log window, the same steps on every
+        rank); a stopped run checkpoints at that step and returns. One local process is never asked."""
+        return False
+
     # --- metrics --------------------------------------------------------------------------------------
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Per-step curves and evaluation results (chief only). Default: JSON lines in the run folder."""
@@ -145,6 +151,9 @@ class TrainResult:
     images_per_second: float
     # The first step's wall time when the step was compiled (tracing and code generation included); 0 when eager.
     compile_seconds: float = 0.0
+    # The step a stop request (the queue preempting or cancelling the job) ended training at, after a checkpoint
+    # at that step; None when it trained to the end.
+    stopped_at_step: int | None = None
 
 
 # --- helpers -----------------------------------------------------------------------------------------------
@@ -510,6 +519,10 @@ def train(
         at_log = done % cfg.log_every == 0 or done == n_steps
         at_ckpt = done % cfg.checkpoint_every == 0 or done == n_steps
         at_eval = cfg.eval_every is not None and done % cfg.eval_every == 0 and done != n_steps
+        # A stop request (preemption, cancel) ends training at a log window's end: the window's curve point is
+        # whole, and a checkpoint at this very step loses no work; the resumed run goes on bit for bit.
+        stop_now = done % cfg.log_every == 0 and done != n_steps and ctx.stop_requested()
+        at_ckpt = at_ckpt or stop_now
         if at_log or at_ckpt:
             means, diverged = losses.read()  # the host sync of a log window: its steps are done
             if diverged is not None:
@@ -565,6 +578,20 @@ def train(
                 ctx.save_checkpoint(Path(tmp), dict(final_metrics), done, cfg.num_to_keep)
             if done == n_steps:
                 ctx.timeline.mark("final checkpoint")
+        if stop_now:
+            ctx.timeline.mark("stopped")
+            return TrainResult(
+                model=model,
+                steps=done,
+                final_metrics=final_metrics,
+                history=history,
+                pictures={},
+                resumed_from_step=start_step,
+                seconds=time.perf_counter() - t0,
+                images_per_second=0.0,
+                compile_seconds=compile_seconds,
+                stopped_at_step=done,
+            )
 
     if start_step >= n_steps and ctx.is_chief and evaluate_at_end:  # a finished run resumed: nothing to train
         model.eval()

@@ -10,6 +10,9 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,26 @@ class WorkerJob:
     trial: str | None = None
 
 
+# The object a driver writes to ask its training to stop (preemption, a cancel): STOP_REQUESTS/<run name>.
+STOP_REQUESTS = "stop-requests"
+STOP_POLL_S = 2.0
+
+
+def stop_request_path(run_name: str) -> str:
+    return f"{STOP_REQUESTS}/{run_name}"
+
+
+def _watch_for_stop(check: Callable[[], bool], seen: threading.Event) -> None:
+    while not seen.is_set():
+        try:
+            if check():
+                seen.set()
+                return
+        except Exception:  # storage unreachable for a moment: ask again; a stop is never invented
+            pass
+        time.sleep(STOP_POLL_S)
+
+
 def _all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     """Differentiable all-gather of equal-sized local batches, concatenated in rank order."""
     from torch.distributed.nn.functional import all_gather
@@ -55,6 +78,7 @@ class RayTrainContext(RunContext):
         gather_tc: bool,
         trial: str | None = None,
         timeline: Timeline | None = None,
+        stop_check: Callable[[], bool] | None = None,
     ):
         import ray.train
         import ray.train.torch
@@ -86,6 +110,23 @@ class RayTrainContext(RunContext):
         # On a resume, the last step the earlier attempt already logged to MLflow: the steps between the
         # checkpoint and it are trained again (to the same values) but not logged twice.
         self._logged_through = -1
+        self._distributed = distributed
+        # A stop request is looked for by a thread of its own (storage may take a while to answer), never by a
+        # training step; each rank's view is then agreed on at the same step (stop_requested).
+        self._stop_seen = threading.Event()
+        if stop_check is not None:
+            threading.Thread(
+                target=_watch_for_stop, args=(stop_check, self._stop_seen), name="aeforge-stop-watch", daemon=True
+            ).start()
+
+    def stop_requested(self) -> bool:
+        """Whether any rank has seen the stop request: every rank calls this at the same step, so all stop there."""
+        seen = self._stop_seen.is_set()
+        if not self._distributed:
+            return seen
+        flag = torch.tensor([1.0 if seen else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
 
     def latest_checkpoint(self) -> Path | None:
         """The run's last checkpoint (Ray Train's, from this attempt or an earlier fit under the same run name),
@@ -183,6 +224,7 @@ def train_loop_per_worker(config: dict[str, WorkerJob]) -> dict[str, Any] | None
             gather_tc=spec.model.gather_global_batch,
             trial=job.trial,
             timeline=timeline,
+            stop_check=lambda: storage.exists(stop_request_path(job.run_name)),
         )
         data = prepare(spec.data, spec.train.seed, resolve=storage.resolve)
         local_shard = shard(data.train, ctx.rank, ctx.world_size, spec.train.seed)
@@ -200,6 +242,12 @@ def train_loop_per_worker(config: dict[str, WorkerJob]) -> dict[str, Any] | None
         )
         if not ctx.is_chief:
             return None
+        if result.stopped_at_step is not None:  # asked to stop: checkpointed at this step, nothing to publish
+            return {
+                "steps": result.steps,
+                "resumed_from_step": result.resumed_from_step,
+                "stopped_at_step": result.steps,
+            }
         final = numeric_metrics(result.final_metrics)
         publish_outputs(run_dir, metrics=final, storage=storage, run_name=job.run_name, mlflow_run=mlflow_run)
         timeline.mark("outputs")

@@ -66,6 +66,37 @@ def test_a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_pa
     assert resumed.history["train/loss"] == straight.history["train/loss"]
 
 
+class StopAfter(RunContext):
+    """Asked to stop once ``after`` steps have passed (as a preemption asks a Ray Train worker)."""
+
+    def __init__(self, after: int, **kwargs):
+        super().__init__(**kwargs)
+        self.after = after
+        self.calls: list[int] = []
+
+    def stop_requested(self) -> bool:
+        self.calls.append(1)
+        return len(self.calls) * 3 >= self.after  # called at each log window's end (log_every = 3)
+
+
+def test_a_stop_request_checkpoints_at_the_current_step_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    data = dataset()
+    straight = train(
+        model_config(), train_config(), EVAL, data, data, RunContext(run_dir=tmp_path / "a"), evaluate_at_end=False
+    )
+    run_dir = tmp_path / "b"
+    stopped = train(model_config(), train_config(), EVAL, data, data, StopAfter(9, run_dir=run_dir))
+    # Stopped at step 9, between the periodic checkpoints (every 6): a checkpoint at step 9 itself.
+    assert stopped.stopped_at_step == 9 and stopped.steps == 9
+    assert (run_dir / "checkpoints" / "step_000000009" / CHECKPOINT_FILE).exists()
+    resumed = train(
+        model_config(), train_config(), EVAL, data, data, RunContext(run_dir=run_dir), evaluate_at_end=False
+    )
+    assert resumed.resumed_from_step == 9 and resumed.stopped_at_step is None
+    assert torch.equal(weights(straight.model), weights(resumed.model))
+    assert resumed.history["train/loss"] == straight.history["train/loss"]
+
+
 def test_checkpoints_keep_only_the_newest_and_load_back(tmp_path):
     data = dataset()
     result = train(
