@@ -3,8 +3,8 @@
 A job queued before them has no class (the scheduler treats it as of the policy's default class, at its stored
 priority), no max_hours (it never backfills) and is preempted by nobody.
 
-Revision ID: 0004
-Revises: 0003
+Revision ID: 0005
+Revises: 0004
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0004"
-down_revision = "0003"
+revision = "0005"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
