@@ -1,25 +1,38 @@
-"""Benchmarks of the queue service (not tests): submissions per second through the HTTP API, and the dispatcher's
-time to choose the next job among 10,000 queued ones, on SQLite and on PostgreSQL.
+"""Benchmarks of the queue service (not tests), on SQLite and on PostgreSQL:
 
-    python -m benchmarks.bench_queue [--submissions 300] [--clients 1,8] [--queued 10000] [--backends sqlite,postgresql]
+- ``throughput``: submissions per second through the HTTP API with 1, 8, 16 clients (each its own connection);
+- ``listing``: ``GET /jobs`` (what `aeforge jobs` asks) p50/p99 with 1,000,000 finished jobs in the table (first
+  page, a user's page, by state, a deep page by cursor and by offset), and the database size per 100,000 jobs
+  (each with its four events);
+- ``admission``: the dispatcher's time to choose the next job among 10,000 queued ones;
+- ``soak``: a day of a 50-user team compressed into ``--minutes`` (submits, status polls, log follows, cancels,
+  retries, listings) against one service, Ray simulated (:class:`SimulatedRay`); reports the service process's RSS,
+  open files and database connections at start and end, the answers by status (no 5xx), and p99 per endpoint.
 
-The API runs under uvicorn in this process, on a free local port, with the real spec validator; clients send
-over HTTP. For PostgreSQL a temporary database (aeforge_bench_<random>) is made at --pg-admin-url and dropped at
-the end. The admission timing is one :meth:`Store.admit` transaction as the dispatcher runs it: the advisory lock
-(PostgreSQL) or BEGIN IMMEDIATE (SQLite), the holdings of the admitted jobs, and the queue's head.
+    python -m benchmarks.bench_queue [throughput listing admission soak] [--backends sqlite,postgresql] [...]
+
+The service runs in its own process (``python -m benchmarks.bench_queue serve``: uvicorn, the real spec validator,
+the dispatcher with a simulated Ray), so the clients in this process do not share its interpreter. For PostgreSQL
+a temporary database (aeforge_bench_<random>) is made at --pg-admin-url and dropped at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import random
 import secrets
+import signal
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections import defaultdict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,8 +40,6 @@ from pathlib import Path
 import httpx
 from sqlalchemy import insert, text
 
-from services.api import create_app
-from services.settings import Principal, ServiceSettings
 from services.store import Decision, Store, jobs_table, new_job_id, utcnow
 
 SPEC = """\
@@ -39,6 +50,11 @@ train: {steps: 1000, batch_size: 64}
 resources: {workers: 2, cpus_per_worker: 2}
 """
 TOKEN = "bench-token-0123456789"
+USERS = 50
+
+
+def user_token(i: int) -> str:
+    return f"user{i:02d}-token-0123456789"
 
 
 def free_port() -> int:
@@ -70,43 +86,6 @@ def database(backend: str, pg_admin_url: str):
     else:
         with postgres_database(pg_admin_url) as url:
             yield url
-
-
-@contextmanager
-def api_server(store: Store, home: Path):
-    import uvicorn
-
-    settings = ServiceSettings(home=home, db_url=store.url, tokens=(Principal("bench", "admin", TOKEN),))
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(store, settings), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
-def bench_submissions(url: str, total: int, clients: int) -> float:
-    """Submissions per second: ``clients`` threads, each with its own connection, ``total`` POSTs in all."""
-    per_client = total // clients
-
-    def run(_):
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as http:
-            for _ in range(per_client):
-                response = http.post("/jobs", json={"spec": SPEC, "priority": 1})
-                if response.status_code != 201:
-                    raise RuntimeError(f"submission failed: {response.status_code} {response.text}")
-
-    start = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(run, range(clients)))
-    return per_client * clients / (time.perf_counter() - start)
 
 
 def fill_queue(store: Store, count: int, active: int) -> None:
@@ -161,18 +140,434 @@ def bench_admission(store: Store, repeats: int) -> dict[str, float]:
     }
 
 
+# --- the service under test, in its own process ----------------------------------------------------------------
+
+
+class SimulatedRay:
+    """Ray's Jobs API and cluster for the soak: a job runs for a drawn number of (compressed) seconds, then succeeds,
+    or fails (a tenth of attempts: retries); logs grow a line a second; ``stop`` ends it. Thread-safe."""
+
+    def __init__(self, cpus: float = 64.0, gpus: float = 8.0, mean_run_s: float = 5.0, seed: int = 0):
+        self.resources = {"CPU": cpus, "GPU": gpus}
+        self.mean_run_s = mean_run_s
+        self.random = random.Random(seed)
+        self.jobs: dict[str, dict] = {}
+        self.lock = threading.Lock()
+
+    def total_resources(self) -> dict[str, float]:
+        return dict(self.resources)
+
+    def submit(self, submission_id, entrypoint, env_vars):
+        from services.dispatcher import SubmissionExists
+
+        with self.lock:
+            if submission_id in self.jobs:
+                raise SubmissionExists(submission_id)
+            run_s = self.random.expovariate(1 / self.mean_run_s)
+            self.jobs[submission_id] = {
+                "start": time.monotonic(),
+                "end": time.monotonic() + run_s,
+                "fails": self.random.random() < 0.1,
+                "stopped": False,
+            }
+
+    def _status(self, job) -> str:
+        if job["stopped"]:
+            return "STOPPED"
+        if time.monotonic() < job["end"]:
+            return "RUNNING"
+        return "FAILED" if job["fails"] else "SUCCEEDED"
+
+    def info(self, submission_id):
+        from services.dispatcher import RayJobInfo
+
+        with self.lock:
+            job = self.jobs.get(submission_id)
+            if job is None:
+                return None
+            status = self._status(job)
+        return RayJobInfo(status, "simulated worker failure" if status == "FAILED" else None)
+
+    def stop(self, submission_id):
+        with self.lock:
+            if submission_id in self.jobs:
+                self.jobs[submission_id]["stopped"] = True
+
+    def logs(self, submission_id):
+        with self.lock:
+            job = self.jobs.get(submission_id)
+            if job is None:
+                return ""
+            lines = int(min(time.monotonic(), job["end"]) - job["start"]) + 1
+            done = self._status(job) == "SUCCEEDED"
+        text = "".join(f"step {i}: loss {1.0 / (i + 1):.4f}\n" for i in range(lines))
+        return text + ('AEFORGE_RESULT {"metrics": {"loss": 0.1}}\n' if done else "")
+
+    async def tail(self, submission_id):
+        import asyncio
+
+        sent = 0
+        while True:
+            text = self.logs(submission_id)
+            if len(text) > sent:
+                yield text[sent:]
+                sent = len(text)
+            info = self.info(submission_id)
+            if info is None or info.status in ("STOPPED", "SUCCEEDED", "FAILED"):
+                return
+            await asyncio.sleep(0.5)
+
+
+def serve(db_url: str, port: int, home: Path, dispatch: bool) -> None:
+    """The API (and with ``dispatch`` the dispatcher over a SimulatedRay) on 127.0.0.1:``port`` until SIGTERM."""
+    import logging
+
+    import uvicorn
+
+    from services.api import create_app
+    from services.dispatcher import Dispatcher
+    from services.settings import Principal, ServiceSettings
+
+    logging.basicConfig(level=logging.WARNING)
+    tokens = (
+        Principal("bench", "admin", TOKEN),
+        *(Principal(f"user{i:02d}", "user", user_token(i)) for i in range(USERS)),
+    )
+    settings = ServiceSettings(
+        home=home, db_url=db_url, tokens=tokens, dispatch_interval_s=0.5, retry_backoff_s=1.0, max_attempts=2
+    )
+    store = Store(db_url)
+    ray = SimulatedRay()
+    dispatcher = Dispatcher(store, ray, ray, retry_backoff_s=1.0) if dispatch else None
+    app = create_app(store, settings, launcher=ray, dispatcher=dispatcher)
+    # Keep-alive longer than uvicorn's 5 s default, as a proxy in front of the service would hold connections.
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, timeout_keep_alive=75)
+
+
+@contextmanager
+def service(db_url: str, dispatch: bool = False) -> Iterator[tuple[str, subprocess.Popen]]:
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="aeforge-bench-home-") as home:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.bench_queue", "serve", "--db-url", db_url, "--port", str(port)]
+            + ["--home", home]
+            + (["--dispatch"] if dispatch else []),
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the service exited with {proc.returncode}")
+                try:
+                    if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the service did not answer /healthz in 120 s")
+                time.sleep(0.2)
+            yield url, proc
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+# --- throughput ------------------------------------------------------------------------------------------------
+
+
+def bench_submissions(url: str, total: int, clients: int) -> dict[str, float]:
+    """Submissions per second: ``clients`` threads, each with its own connection, ``total`` POSTs in all; and the
+    p99 of one submission."""
+    per_client = max(1, total // clients)
+    latencies: list[float] = []
+
+    def run(_):
+        mine = []
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as http:
+            for _ in range(per_client):
+                start = time.perf_counter()
+                response = http.post("/jobs", json={"spec": SPEC, "priority": 1})
+                mine.append(time.perf_counter() - start)
+                if response.status_code != 201:
+                    raise RuntimeError(f"submission failed: {response.status_code} {response.text}")
+        latencies.extend(mine)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(run, range(clients)))
+    elapsed = time.perf_counter() - start
+    return {"rate": per_client * clients / elapsed, "p99_ms": percentile(latencies, 0.99) * 1000}
+
+
+# --- listing at a million rows ---------------------------------------------------------------------------------
+
+
+def fill_finished(store: Store, count: int) -> None:
+    """``count`` finished jobs (8 in 10 succeeded), each with its 4 events, made by the database itself."""
+    from jobs.spec import parse_spec
+
+    spec_json = json.dumps(parse_spec(SPEC, "<bench>").model_dump(mode="json"), sort_keys=True)
+    states = "CASE i % 10 WHEN 0 THEN 'failed' WHEN 1 THEN 'cancelled' ELSE 'succeeded' END"
+    if store.dialect == "sqlite":
+        series = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < :count) "
+        at = "datetime('2026-01-01', '+' || i || ' seconds')"
+        owner = "'user' || printf('%02d', i % 50)"
+        source = "FROM n"
+        resources = '\'{"CPU": 4.0, "GPU": 0.0}\''
+    else:
+        series = ""
+        at = "timestamp '2026-01-01' + i * interval '1 second'"
+        owner = "'user' || lpad((i % 50)::text, 2, '0')"
+        source = "FROM generate_series(1, :count) AS n(i)"
+        resources = '\'{"CPU": 4.0, "GPU": 0.0}\'::json'
+    jobs_sql = (
+        "INSERT INTO aeforge_jobs (id, name, owner, kind, spec_text, spec_json, priority, resources, state, attempts, "
+        "max_attempts, ray_submission_id, mlflow_run_id, created_at, updated_at, started_at, finished_at) "
+        f"{series}SELECT 'bench-' || i, 'bench-' || (i % 50), {owner}, 'train', :spec, :spec_json, 0, {resources}, "
+        f"{states}, 1, 3, 'bench-' || i, 'run' || i, {at}, {at}, {at}, {at} {source}"
+    )
+    events_sql = (
+        "INSERT INTO aeforge_job_events (job_id, at, from_state, to_state, attempt, reason) "
+        "SELECT j.id, j.finished_at, s.from_state, s.to_state, 1, s.reason FROM aeforge_jobs j CROSS JOIN ("
+        "SELECT NULL AS from_state, 'queued' AS to_state, 'submitted by someone with priority 0' AS reason "
+        "UNION ALL SELECT 'queued', 'starting', 'admitted: asks for CPU 4, GPU 0; free: CPU 60, GPU 8' "
+        "UNION ALL SELECT 'starting', 'running', 'Ray job is running' "
+        "UNION ALL SELECT 'running', 'succeeded', 'Ray job succeeded') s"
+    )
+    with store.engine.begin() as conn:
+        conn.execute(text(jobs_sql), {"count": count, "spec": SPEC, "spec_json": spec_json})
+        conn.execute(text(events_sql))
+    with store.engine.connect() as conn:
+        conn.execute(text("ANALYZE"))
+        conn.commit()
+
+
+def database_bytes(store: Store) -> int:
+    with store.engine.connect() as conn:
+        if store.dialect == "sqlite":
+            conn.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
+            pages = conn.execute(text("PRAGMA page_count")).scalar_one()
+            return int(pages) * int(conn.execute(text("PRAGMA page_size")).scalar_one())
+        return int(
+            conn.execute(
+                text(
+                    "SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c WHERE c.relkind = 'r' "
+                    "AND c.relname IN ('aeforge_jobs', 'aeforge_job_events')"
+                )
+            ).scalar_one()
+        )
+
+
+def bench_listing(url: str, requests: int) -> list[tuple[str, float, float]]:
+    """(what, p50 ms, p99 ms) of listing pages as `aeforge jobs` asks for them."""
+    out = []
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as http:
+        first = http.get("/jobs", params={"limit": 50}).json()
+        deep_cursor = "1001"  # the page after the 1,000 oldest jobs: as deep as a cursor walk gets
+        cases = [
+            ("first page (admin, all jobs)", "/jobs", {"limit": 50}),
+            ("a user's first page", "/jobs", {"limit": 50, "owner": "user07"}),
+            ("state=failed, first page", "/jobs", {"limit": 50, "state": "failed"}),
+            ("second page by cursor", "/jobs", {"limit": 50, "cursor": first["next_cursor"]}),
+            ("deepest page by cursor", "/jobs", {"limit": 50, "cursor": deep_cursor}),
+            ("a user's page by cursor, deep", "/jobs", {"limit": 50, "owner": "user07", "cursor": deep_cursor}),
+            ("page at offset 500,000 (for comparison)", "/jobs", {"limit": 50, "offset": 500_000}),
+        ]
+        with http.stream("GET", "/jobs", params={"limit": 1}) as warm:
+            warm.read()
+        for label, path, params in cases:
+            times = []
+            for _ in range(requests if "offset" not in params else max(5, requests // 20)):
+                start = time.perf_counter()
+                response = http.get(path, params=params)
+                times.append((time.perf_counter() - start) * 1000)
+                if response.status_code != 200:
+                    raise RuntimeError(f"{label}: {response.status_code} {response.text}")
+            out.append((label, statistics.median(times), percentile(times, 0.99)))
+    return out
+
+
+# --- soak ------------------------------------------------------------------------------------------------------
+
+
+def process_resources(pid: int, store_url: str) -> dict[str, float]:
+    """RSS (MiB) and open files of the service process, and the database connections it holds."""
+    rss_kib = 0
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                rss_kib = int(line.split()[1])
+    open_files = len(os.listdir(f"/proc/{pid}/fd"))
+    connections = float("nan")
+    if store_url.startswith("postgresql"):
+        from sqlalchemy import create_engine
+        from sqlalchemy.engine import make_url
+
+        engine = create_engine(store_url)
+        with engine.connect() as conn:
+            connections = conn.execute(
+                text("SELECT count(*) FROM pg_stat_activity WHERE datname = :db AND pid <> pg_backend_pid()"),
+                {"db": make_url(store_url).database},
+            ).scalar_one()
+        engine.dispose()
+    return {"rss_mib": rss_kib / 1024, "open_files": open_files, "db_connections": connections}
+
+
+def soak(url: str, pid: int, store_url: str, minutes: float, users: int = USERS, seed: int = 1) -> dict:
+    """A simulated day of ``users`` researchers in ``minutes``: each submits ~12 jobs, polls their status, follows
+    2 logs, cancels 2, retries the failed ones and lists their jobs ~20 times; operations run at their (compressed)
+    times from a pool of 16 client threads. Returns latencies per endpoint, answers by status, resources."""
+    rng = random.Random(seed)
+    span = minutes * 60
+    plan: list[tuple[float, int, str]] = []
+    for user in range(users):
+        plan += [(rng.uniform(0, span * 0.9), user, "submit") for _ in range(12)]
+        plan += [(rng.uniform(0, span), user, "list") for _ in range(20)]
+        plan += [(rng.uniform(0, span), user, "status") for _ in range(40)]
+        plan += [(rng.uniform(0.1 * span, span), user, "follow") for _ in range(2)]
+        plan += [(rng.uniform(0.1 * span, span), user, "cancel") for _ in range(2)]
+        plan += [(rng.uniform(0.2 * span, span), user, "retry") for _ in range(2)]
+    plan.sort()
+    latencies: dict[str, list[float]] = defaultdict(list)
+    statuses: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+    jobs_of: dict[int, list[str]] = defaultdict(list)
+    lock = threading.Lock()
+    local = threading.local()
+    start = time.monotonic()
+    samples = [process_resources(pid, store_url)]
+
+    def client(user: int) -> httpx.Client:
+        if not hasattr(local, "clients"):
+            local.clients = {}
+        if user not in local.clients:
+            local.clients[user] = httpx.Client(
+                base_url=url, headers={"Authorization": f"Bearer {user_token(user)}"}, timeout=120
+            )
+        return local.clients[user]
+
+    def note(endpoint: str, status: int, seconds: float) -> None:
+        with lock:
+            latencies[endpoint].append(seconds * 1000)
+            statuses[endpoint][status] += 1
+
+    transport_errors: dict[str, int] = defaultdict(int)
+
+    def one(op: tuple[float, int, str]) -> None:
+        at, user, what = op
+        delay = start + at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        for _attempt in (1, 2):
+            try:
+                return operation(user, what)
+            except httpx.TransportError as exc:
+                # Not an answer: counted apart from the status codes (a keep-alive connection closed by the server
+                # as the client reused it is retried once, as clients do).
+                with lock:
+                    transport_errors[f"{what}: {type(exc).__name__}"] += 1
+                local.clients.pop(user, None)
+
+    def operation(user: int, what: str) -> None:
+        http = client(user)
+        with lock:
+            mine = list(jobs_of[user])
+        began = time.perf_counter()
+        if what == "submit":
+            spec = SPEC.replace("name: bench", f"name: soak-{user}").replace("cpus_per_worker: 2", "cpus_per_worker: 1")
+            response = http.post("/jobs", json={"spec": spec})
+            note("POST /jobs", response.status_code, time.perf_counter() - began)
+            if response.status_code == 201:
+                with lock:
+                    jobs_of[user].append(response.json()["id"])
+        elif what == "list":
+            response = http.get("/jobs", params={"limit": 20})
+            note("GET /jobs", response.status_code, time.perf_counter() - began)
+        elif not mine:
+            return
+        elif what == "status":
+            response = http.get(f"/jobs/{rng.choice(mine)}")
+            note("GET /jobs/{id}", response.status_code, time.perf_counter() - began)
+        elif what == "follow":
+            with http.stream("GET", f"/jobs/{mine[-1]}/logs", params={"follow": "true"}) as response:
+                note("GET /jobs/{id}/logs?follow (to first byte)", response.status_code, time.perf_counter() - began)
+                for _ in response.iter_bytes():
+                    pass
+        elif what == "cancel":
+            response = http.post(f"/jobs/{rng.choice(mine)}/cancel")
+            note("POST /jobs/{id}/cancel", response.status_code, time.perf_counter() - began)
+        elif what == "retry":
+            failed = [j for j in mine[-5:] if http.get(f"/jobs/{j}").json().get("state") in ("failed", "cancelled")]
+            if failed:
+                began = time.perf_counter()
+                response = http.post(f"/jobs/{failed[0]}/retry")
+                note("POST /jobs/{id}/retry", response.status_code, time.perf_counter() - began)
+
+    stop = threading.Event()
+
+    def sampler():
+        while not stop.wait(15):
+            samples.append(process_resources(pid, store_url))
+
+    watcher = threading.Thread(target=sampler, daemon=True)
+    watcher.start()
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(one, plan))
+    stop.set()
+    samples.append(process_resources(pid, store_url))
+    return {
+        "operations": len(plan),
+        "seconds": time.monotonic() - start,
+        "latencies": {k: (statistics.median(v), percentile(v, 0.99), len(v)) for k, v in latencies.items()},
+        "statuses": {k: dict(v) for k, v in statuses.items()},
+        "transport_errors": dict(transport_errors),
+        "start": samples[0],
+        "end": samples[-1],
+        "peak_rss_mib": max(s["rss_mib"] for s in samples),
+    }
+
+
+# --- the command ---------------------------------------------------------------------------------------------
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        parser = argparse.ArgumentParser(prog="bench_queue serve")
+        parser.add_argument("--db-url", required=True)
+        parser.add_argument("--port", type=int, required=True)
+        parser.add_argument("--home", type=Path, required=True)
+        parser.add_argument("--dispatch", action="store_true")
+        args = parser.parse_args(argv[1:])
+        serve(args.db_url, args.port, args.home, args.dispatch)
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "parts", nargs="*", default=["throughput", "admission"], help="throughput listing admission soak"
+    )
     parser.add_argument("--backends", default="sqlite,postgresql")
-    parser.add_argument("--submissions", type=int, default=300, help="POSTs per measurement")
-    parser.add_argument("--clients", default="1,8", help="concurrent clients, comma-separated")
+    parser.add_argument("--submissions", type=int, default=2000, help="POSTs per throughput measurement")
+    parser.add_argument("--clients", default="1,8,16", help="concurrent clients, comma-separated")
+    parser.add_argument("--rows", type=int, default=1_000_000, help="finished jobs for the listing benchmark")
+    parser.add_argument("--requests", type=int, default=200, help="requests per listing case")
     parser.add_argument("--queued", type=int, default=10_000)
     parser.add_argument("--active", type=int, default=50, help="running jobs whose holdings admission adds up")
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--minutes", type=float, default=60.0, help="the soak's length (a day compressed)")
     parser.add_argument("--pg-admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     args = parser.parse_args(argv)
 
-    results = []
+    results: list[tuple[str, str, str]] = []
+    load_before = os.getloadavg()[0]
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
         try:
             context = database(backend, args.pg_admin_url)
@@ -181,38 +576,101 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{backend}: skipped ({exc})", file=sys.stderr)
             continue
         try:
-            store = Store(url)
-            with tempfile.TemporaryDirectory() as home, api_server(store, Path(home)) as api_url:
-                for clients in [int(c) for c in args.clients.split(",")]:
-                    rate = bench_submissions(api_url, args.submissions, clients)
-                    results.append((backend, f"submissions/s through the API, {clients} client(s)", f"{rate:,.0f}"))
-            with store.engine.begin() as conn:
-                conn.execute(jobs_table.delete())
-            fill_queue(store, args.queued, args.active)
-            timing = bench_admission(store, args.repeats)
-            label = f"choose among {args.queued:,} queued ({args.active} running)"
-            results.append(
-                (
-                    backend,
-                    f"{label}: head waits, ms (median / p95)",
-                    f"{timing['wait_median_ms']:.2f} / {timing['wait_p95_ms']:.2f}",
+            Store(url).close()  # the schema, before the service and the fills
+            if "throughput" in args.parts:
+                with service(url) as (api_url, _):
+                    for clients in [int(c) for c in args.clients.split(",")]:
+                        got = bench_submissions(api_url, args.submissions, clients)
+                        results.append(
+                            (
+                                backend,
+                                f"submissions/s through the API, {clients} client(s) (p99 ms)",
+                                f"{got['rate']:,.0f} ({got['p99_ms']:.0f})",
+                            )
+                        )
+            if "soak" in args.parts:
+                store = Store(url)
+                with store.engine.begin() as conn:
+                    conn.execute(text("DELETE FROM aeforge_job_events"))
+                    conn.execute(jobs_table.delete())
+                store.close()
+                with service(url, dispatch=True) as (api_url, proc):
+                    report = soak(api_url, proc.pid, url, args.minutes)
+                print_soak(backend, args.minutes, report)
+            if "listing" in args.parts:
+                store = Store(url)
+                with store.engine.begin() as conn:
+                    conn.execute(text("DELETE FROM aeforge_job_events"))
+                    conn.execute(jobs_table.delete())
+                began = time.perf_counter()
+                fill_finished(store, args.rows)
+                size = database_bytes(store)
+                results.append(
+                    (
+                        backend,
+                        f"{args.rows:,} finished jobs (+4 events each) made in {time.perf_counter() - began:.0f} s; "
+                        "MB per 100,000 jobs",
+                        f"{size / 1e6 / (args.rows / 100_000):.1f}",
+                    )
                 )
-            )
-            results.append(
-                (
-                    backend,
-                    f"{label}: head starts, ms (median / p95)",
-                    f"{timing['start_median_ms']:.2f} / {timing['start_p95_ms']:.2f}",
+                store.close()
+                with service(url) as (api_url, _):
+                    for label, p50, p99 in bench_listing(api_url, args.requests):
+                        results.append(
+                            (
+                                backend,
+                                f"GET /jobs at {args.rows:,} rows: {label}, ms p50 / p99",
+                                f"{p50:.1f} / {p99:.1f}",
+                            )
+                        )
+            if "admission" in args.parts:
+                store = Store(url)
+                with store.engine.begin() as conn:
+                    conn.execute(text("DELETE FROM aeforge_job_events"))
+                    conn.execute(jobs_table.delete())
+                fill_queue(store, args.queued, args.active)
+                timing = bench_admission(store, args.repeats)
+                label = f"choose among {args.queued:,} queued ({args.active} running)"
+                results.append(
+                    (
+                        backend,
+                        f"{label}: head waits, ms (median / p95)",
+                        f"{timing['wait_median_ms']:.2f} / {timing['wait_p95_ms']:.2f}",
+                    )
                 )
-            )
-            store.close()
+                results.append(
+                    (
+                        backend,
+                        f"{label}: head starts, ms (median / p95)",
+                        f"{timing['start_median_ms']:.2f} / {timing['start_p95_ms']:.2f}",
+                    )
+                )
+                store.close()
         finally:
             context.__exit__(None, None, None)
 
     width = max(len(r[1]) for r in results) if results else 0
     for backend, what, value in results:
         print(f"{backend:<11} {what:<{width}}  {value}")
+    print(f"load average (1 min) before {load_before:.1f}, after {os.getloadavg()[0]:.1f}, on {os.cpu_count()} CPUs")
     return 0
+
+
+def print_soak(backend: str, minutes: float, report: dict) -> None:
+    print(
+        f"{backend}: soak, a day of {USERS} users in {minutes:g} min: {report['operations']} operations in {report['seconds']:.0f} s"
+    )
+    for key in ("rss_mib", "open_files", "db_connections"):
+        print(f"  {key:<15} start {report['start'][key]:8.1f}   end {report['end'][key]:8.1f}")
+    print(f"  peak RSS {report['peak_rss_mib']:.1f} MiB")
+    errors = sum(n for codes in report["statuses"].values() for code, n in codes.items() if code >= 500)
+    print(
+        f"  5xx answers: {errors}; no answer (connection errors, each retried once): {report['transport_errors'] or 0}"
+    )
+    for endpoint, (p50, p99, n) in sorted(report["latencies"].items()):
+        codes = ", ".join(f"{c}: {k}" for c, k in sorted(report["statuses"][endpoint].items()))
+        print(f"  {endpoint:<45} n {n:5d}  p50 {p50:8.1f} ms  p99 {p99:8.1f} ms  ({codes})")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":
