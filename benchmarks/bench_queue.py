@@ -566,7 +566,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pg-admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     args = parser.parse_args(argv)
 
-    results: list[tuple[str, str, str]] = []
+    class Results(list):
+        """Printed as each comes (a long run interrupted keeps what it measured), and as a table at the end."""
+
+        def append(self, row):
+            super().append(row)
+            print(" | ".join(row), flush=True)
+
+    results: list[tuple[str, str, str]] = Results()
     load_before = os.getloadavg()[0]
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
         try:

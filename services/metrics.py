@@ -197,10 +197,12 @@ class StoreCollector:
     def collect(self) -> Iterable:
         jobs = GaugeMetricFamily(
             "aeforge_jobs",
-            "Jobs in each changing state (queued, starting, running), per owner and kind",
-            labels=["state", "owner", "kind"],
+            "Jobs in each changing state (queued, starting, running), per owner, kind and priority class",
+            labels=["state", "owner", "kind", "class"],
         )
-        counts: dict[tuple[str, str, str], int] = {(s, OTHER, k): 0 for s in ACTIVE_STATES for k in ("train", "sweep")}
+        counts: dict[tuple[str, str, str, str], int] = {
+            (s, OTHER, k, ""): 0 for s in ACTIVE_STATES for k in ("train", "sweep")
+        }
         try:
             rows = self.store.active_counts()
         except Exception:  # the database is down: /healthz says so; the gauges are left out, not wrong
@@ -209,11 +211,12 @@ class StoreCollector:
         up.add_metric([], 0 if rows is None else 1)
         yield up
         if rows is not None:
-            for state, owner, kind, count in rows:
-                key = (state, owner_label(owner), kind)
+            for state, owner, kind, priority_class, count in rows:
+                # Classes are the policy's few names (services.policy); none (a raw priority) is "".
+                key = (state, owner_label(owner), kind, priority_class or "")
                 counts[key] = counts.get(key, 0) + count
-            for (state, owner, kind), count in sorted(counts.items()):
-                jobs.add_metric([state, owner, kind], count)
+            for (state, owner, kind, priority_class), count in sorted(counts.items()):
+                jobs.add_metric([state, owner, kind, priority_class], count)
             yield jobs
         yield from self._pool()
 

@@ -683,19 +683,20 @@ class Store:
             )
         return len(rows)
 
-    def active_counts(self) -> list[tuple[str, str, str, int]]:
-        """(state, owner, kind, jobs) for the queued, starting and running jobs: one grouped count per state, each
-        over the queue index, whatever the number of finished jobs."""
+    def active_counts(self) -> list[tuple[str, str, str, str | None, int]]:
+        """(state, owner, kind, priority class, jobs) for the queued, starting and running jobs: one grouped count
+        per state, each over the queue index, whatever the number of finished jobs."""
+        c = jobs_table.c
         query = union_all(
             *(
-                select(jobs_table.c.state, jobs_table.c.owner, jobs_table.c.kind, func.count())
-                .where(jobs_table.c.state == state)
-                .group_by(jobs_table.c.state, jobs_table.c.owner, jobs_table.c.kind)
+                select(c.state, c.owner, c.kind, c.priority_class, func.count())
+                .where(c.state == state)
+                .group_by(c.state, c.owner, c.kind, c.priority_class)
                 for state in ("queued", *ACTIVE_STATES)
             )
         )
         with self.engine.connect() as conn:
-            return [(r[0], r[1], r[2], int(r[3])) for r in conn.execute(query).all()]
+            return [(r[0], r[1], r[2], r[3], int(r[4])) for r in conn.execute(query).all()]
 
     def active_jobs(self) -> list[Job]:
         with self.engine.connect() as conn:

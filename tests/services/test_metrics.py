@@ -30,6 +30,12 @@ def value(samples, name, **labels) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
+def jobs_gauge(samples, **labels) -> float:
+    """aeforge_jobs summed over the labels not given (kind, class)."""
+    wanted = set(labels.items())
+    return sum(v for (name, got), v in samples.items() if name == "aeforge_jobs" and wanted <= got)
+
+
 def moved(before, after, name, **labels) -> float:
     return value(after, name, **labels) - value(before, name, **labels)
 
@@ -56,8 +62,9 @@ def test_metrics_follow_jobs_through_the_queue(queue, store):
     assert moved(before, queued, "aeforge_job_submissions_total", owner="alice", kind="train") == 3
     assert moved(before, queued, "aeforge_job_submissions_total", owner="bob", kind="train") == 1
     assert moved(before, queued, "aeforge_job_rejections_total", stage="submit", reason="invalid_spec") == 1
-    assert value(queued, "aeforge_jobs", state="queued", owner="alice", kind="train") == 3
-    assert value(queued, "aeforge_jobs", state="queued", owner="bob", kind="train") == 1
+    assert jobs_gauge(queued, state="queued", owner="alice", kind="train") == 3
+    assert jobs_gauge(queued, state="queued", owner="alice", kind="train", **{"class": "normal"}) == 3
+    assert jobs_gauge(queued, state="queued", owner="bob", kind="train") == 1
 
     dispatcher.tick()  # admits the first two; the third waits; the one that can never fit is failed
     launcher.set(first, "RUNNING")
@@ -69,9 +76,9 @@ def test_metrics_follow_jobs_through_the_queue(queue, store):
     assert moved(before, running, "aeforge_admission_latency_seconds_count", kind="train") == 2
     assert moved(before, running, "aeforge_job_submit_to_start_seconds_count", kind="train") == 2
     assert moved(before, running, "aeforge_dispatcher_pass_seconds_count") == 2
-    assert value(running, "aeforge_jobs", state="running", owner="alice", kind="train") == 1
-    assert value(running, "aeforge_jobs", state="running", owner="bob", kind="train") == 1
-    assert value(running, "aeforge_jobs", state="queued", owner="alice", kind="train") == 1
+    assert jobs_gauge(running, state="running", owner="alice", kind="train") == 1
+    assert jobs_gauge(running, state="running", owner="bob", kind="train") == 1
+    assert jobs_gauge(running, state="queued", owner="alice", kind="train") == 1
     assert store.get(never).state == "failed"
 
     launcher.set(first, "SUCCEEDED", logs="done\n")
