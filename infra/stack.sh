@@ -139,8 +139,27 @@ build_image() {  # TAG CONTAINERFILE [podman build arguments...]
         [ -n "$ca" ] && args+=(--volume "$ca:/run/build-ca.crt:ro")
     fi
     local start=$SECONDS
-    "$ENGINE" build "${args[@]}" "$@" "$REPO" >"$BUILD_LOG" 2>&1 || { tail -n 40 "$BUILD_LOG" >&2; die "building $tag failed (log: $BUILD_LOG)"; }
+    # Each line of the build's log carries the seconds since the build began: the slow steps are reported below.
+    "$ENGINE" build "${args[@]}" "$@" "$REPO" 2>&1 | stamp "$start" >"$BUILD_LOG" \
+        || { tail -n 40 "$BUILD_LOG" >&2; die "building $tag failed (log: $BUILD_LOG)"; }
     log "built $tag in $((SECONDS - start)) s ($(image_size "$tag"))"
+    slow_steps <"$BUILD_LOG" | while IFS= read -r line; do log "  $line"; done
+}
+
+stamp() {  # START: each input line prefixed with the seconds since START
+    local line
+    while IFS= read -r line; do printf '%5d %s\n' "$((SECONDS - $1))" "$line"; done
+}
+
+# The build steps that took 5 s or more (from stamp's log): "STEP n/m ... : S s".
+slow_steps() {
+    awk '$2 == "STEP" || $2 == "COMMIT" {
+            if (step != "" && $1 - since >= 5) printf "%4d s  %s\n", $1 - since, step
+            step = substr($0, index($0, $2)); since = $1
+            if (length(step) > 100) step = substr(step, 1, 97) "..."
+        }
+        {last = $1}
+        END {if (step != "" && last - since >= 5) printf "%4d s  %s\n", last - since, step}'
 }
 
 image_size() { "$ENGINE" image inspect --format '{{.Size}}' "$1" | awk '{printf "%.0f MB", $1 / 1e6}'; }
@@ -258,26 +277,43 @@ container_ready() {
 
 restart_policy() { "$ENGINE" inspect --format '{{.HostConfig.RestartPolicy.Name}}' "$1" 2>/dev/null || true; }
 
-# One round of health checks: the services not ready yet, one a line (none: all ready).
-cmd_wait_once() {
-    local name service state
+# One round of health checks: "ready NAME" or "pending SERVICE" for each container, skipping the containers named in
+# SKIP (space-separated).
+check_round() {
+    local skip=" ${1:-} " name service state
     while read -r name service state; do
         [ -n "$name" ] || continue
-        container_ready "$name" </dev/null || echo "$service"
+        case "$skip" in *" $name "*) continue ;; esac
+        if container_ready "$name" </dev/null; then echo "ready $name"; else echo "pending $service"; fi
     done < <(containers)
 }
 
+# One round of health checks: the services not ready yet, one a line (none: all ready).
+cmd_wait_once() { check_round | awk '$1 == "pending" {print $2}'; }
+
 cmd_wait() {
-    local limit=${AEFORGE_WAIT_S:-600} start=$SECONDS pending
+    local limit=${AEFORGE_WAIT_S:-600} start=$SECONDS ready="" pending line
     while :; do
-        pending=$(cmd_wait_once | sort -u | tr '\n' ' ')
-        if [ -z "$pending" ] && [ -n "$(containers)" ]; then
-            log "all services healthy after $((SECONDS - start)) s"
-            return 0
+        # Each round checks only what was not ready yet: a check is a podman call and a process in the container, on
+        # a host busy starting the stack. When nothing is left, one full round confirms that all are ready at once.
+        pending=""
+        while read -r line; do
+            case $line in
+                ready\ *) ready="$ready ${line#ready }" ;;
+                *) pending="$pending ${line#pending }" ;;
+            esac
+        done < <(check_round "$ready")
+        if [ -z "$pending" ] && [ -n "$ready" ]; then
+            pending=$(cmd_wait_once | sort -u | tr '\n' ' ')
+            if [ -z "$pending" ] && [ -n "$(containers)" ]; then
+                log "all services healthy after $((SECONDS - start)) s"
+                return 0
+            fi
+            ready=""  # one fell over meanwhile (a Ray node that lost its head, say): check them all again
         fi
         if [ $((SECONDS - start)) -ge "$limit" ]; then
             cmd_ps >&2
-            die "not healthy after ${limit} s: ${pending:-no containers}"
+            die "not healthy after ${limit} s: $(echo "${pending:-no containers}" | tr ' ' '\n' | sort -u | tr '\n' ' ')"
         fi
         sleep 3
     done
