@@ -71,8 +71,10 @@ class Stack:
             stdin=subprocess.DEVNULL,
         )
         took = time.monotonic() - started
-        print(
-            f"[{time.monotonic() - self.started:6.0f} s] {command}  ({took:.0f} s, exit {proc.returncode})", flush=True
+        print(  # with the host's load average: on a shared machine a time means little without it
+            f"[{time.monotonic() - self.started:6.0f} s] {command}  ({took:.0f} s, exit {proc.returncode}, "
+            f"load {os.getloadavg()[0]:.1f})",
+            flush=True,
         )
         for line in proc.stderr.splitlines():  # infra/stack.sh's own account: what it built, in how long, how big
             if line.startswith("[stack "):
@@ -85,7 +87,7 @@ class Stack:
         return proc
 
     def phase(self, name: str, started: float) -> None:
-        self.timings.append((name, time.monotonic() - started))
+        self.timings.append((f"{name} (load {os.getloadavg()[0]:.1f})", time.monotonic() - started))
 
     def engine(self, *args: str, check: bool = True) -> str:
         return self.run(shlex.join(["podman", *args]), check=check).stdout.strip()
