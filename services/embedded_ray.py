@@ -43,6 +43,9 @@ RECORD_NAME = "ray-head.json"
 LOG_NAME = "ray-head.log"
 # A head starts in 5-20 s on an idle machine; a loaded 2-core machine has been seen to need a minute.
 START_TIMEOUT_S = 180.0
+# How long a head a crashed service left may take to pass its health checks before it is replaced: replacing it
+# ends its running jobs, so a head slow to answer on a loaded machine is given time.
+TAKE_OVER_PATIENCE_S = 20.0
 # How long a clean stop waits for `ray start --block` to stop its processes before they are killed.
 STOP_GRACE_S = 20.0
 # The flags of `ray start` that take a port, each given a free one (the GCS's is --port).
@@ -212,10 +215,17 @@ class EmbeddedRay:
     """The local Ray head of one ``aeforge serve``: :meth:`start` (takes over a healthy head a crashed service left,
     else starts a new one) returns the dashboard URL, where the Jobs API is; :meth:`stop` stops it."""
 
-    def __init__(self, home: Path, environ: Mapping[str, str] | None = None, start_timeout_s: float = START_TIMEOUT_S):
+    def __init__(
+        self,
+        home: Path,
+        environ: Mapping[str, str] | None = None,
+        start_timeout_s: float = START_TIMEOUT_S,
+        take_over_patience_s: float = TAKE_OVER_PATIENCE_S,
+    ):
         self.home = home
         self.environ = dict(os.environ if environ is None else environ)
         self.start_timeout_s = start_timeout_s
+        self.take_over_patience_s = take_over_patience_s
         self.record: HeadRecord | None = None
         self._proc: subprocess.Popen | None = None
 
@@ -251,7 +261,7 @@ class EmbeddedRay:
                 f"(recorded in {self.home / RECORD_NAME}); stop it, or give this service another AEFORGE_HOME"
             )
         if same_process(old.pid, old.pid_started):
-            problem = head_problem(old)
+            problem = self._check_for(old, self.take_over_patience_s)
             if problem is None:
                 record = HeadRecord(**(asdict(old) | self._service_identity()))
                 record.write(self.home)
@@ -343,16 +353,23 @@ class EmbeddedRay:
         return record
 
     def _wait_healthy(self, record: HeadRecord) -> str | None:
-        deadline = time.monotonic() + self.start_timeout_s
-        problem: str | None = "not checked"
-        while time.monotonic() < deadline:
+        return self._check_for(record, self.start_timeout_s)
+
+    def _check_for(self, record: HeadRecord, patience_s: float) -> str | None:
+        """None as soon as the head is healthy; else, after ``patience_s`` or once its process has exited, what is
+        wrong."""
+        deadline = time.monotonic() + patience_s
+        while True:
             if self._proc is not None and self._proc.poll() is not None:
                 return f"`ray start` exited with code {self._proc.returncode}:\n{self._log_tail()}"
+            if not same_process(record.pid, record.pid_started):
+                return f"its process {record.pid} has exited"
             problem = head_problem(record)
             if problem is None:
                 return None
+            if time.monotonic() > deadline:
+                return f"{problem} after {patience_s:g} s"
             time.sleep(0.5)
-        return f"{problem} after {self.start_timeout_s:g} s"
 
     def _log_tail(self, lines: int = 20) -> str:
         try:

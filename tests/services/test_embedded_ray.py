@@ -75,7 +75,7 @@ def test_an_unhealthy_head_a_crashed_service_left_is_killed_with_its_group(tmp_p
     record = record_for(head_proc, tmp_path, free_port(), free_port())  # nothing answers there
     record.write(tmp_path)
     members = group_members(head_proc.pid)
-    assert EmbeddedRay(tmp_path).take_over() is None
+    assert EmbeddedRay(tmp_path, take_over_patience_s=1).take_over() is None
     head_proc.wait(10)
     assert not group_members(head_proc.pid) and all(process_started(pid) is None for pid in members)
     assert not (tmp_path / RECORD_NAME).exists() and not Path(record.temp_dir).exists()
