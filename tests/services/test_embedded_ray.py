@@ -262,7 +262,7 @@ class EmbeddedService:
             except httpx.TransportError:
                 return False
 
-        wait_for(healthy, 240, "the embedded service to answer /healthz", interval=0.3, detail=self.tail)
+        wait_for(healthy, 300, "the embedded service to answer /healthz", interval=0.3, detail=self.tail)
         return self
 
     def tail(self) -> str:
@@ -277,7 +277,7 @@ class EmbeddedService:
     def job(self, job_id: str) -> dict:
         return self.http.get(f"/jobs/{job_id}").json()
 
-    def wait_ended(self, job_id: str, timeout: float = 180) -> dict:
+    def wait_ended(self, job_id: str, timeout: float = 300) -> dict:
         def ended():
             job = self.job(job_id)
             return job if job["state"] in ("succeeded", "failed", "cancelled") else None
