@@ -92,10 +92,11 @@ def experiment_description(spec: JobSpec, alias: str | None = None) -> str:
     ]
     if spec.registration is not None:
         alias = alias or spec.registration.alias
+        shown = f"@{alias}" if alias else ""
         lines += [
             "",
             f"Models are registered as `{spec.registration.model_name}` "
-            f"(`aeforge models show {spec.registration.model_name}@{alias}`).",
+            f"(`aeforge models show {spec.registration.model_name}{shown}`).",
         ]
     return "\n".join(lines)
 

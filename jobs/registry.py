@@ -7,6 +7,11 @@ description and tags saying what its latest version is. Models are logged in MLf
 one gives back the :class:`~workers.models.base.Autoencoder` with its methods (encode, decode, sample); loading
 needs aeforge's ``workers`` package importable.
 
+Aliases move only on purpose (jobs/gate.py): a job always registers a version (it is the record), but the alias
+the spec or command asks for moves to it only when it is finished, healthy and not worse than the version the alias
+points at on the spec's metric (``--force`` overrides that last check). The decision, in one line, is written into
+the version's description and its ``alias_decision`` tag, and returned to the caller to print.
+
 A registered model belongs to the owner who created it (its ``aeforge.owner`` tag): a job of another owner cannot add
 versions to it or move its aliases. A job's owner is AEFORGE_JOB_OWNER, which the queue sets to the job's owner;
 ``aeforge run`` (no queue) registers as this machine's user. A model registered before owners were recorded has no
@@ -26,6 +31,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from jobs.gate import AliasDecision, Incumbent, decide, health
 from jobs.spec import JobSpec
 from workers import settings
 from workers.config import BETA_VARIANTS
@@ -50,6 +56,20 @@ KEY_METRICS = (
 )
 INPUT_EXAMPLE_BATCH = 2
 OWNER_TAG = "aeforge.owner"
+# Version tags of the gate: the metric (and mode) the version is compared by, and the last alias decision about it.
+GATE_METRIC_TAG = "gate_metric"
+DECISION_TAG = "alias_decision"
+
+
+def decision_tag(alias: str) -> str:
+    """The version tag that holds the last decision about ``@alias`` for it: ``alias_decision.<alias>``."""
+    return f"{DECISION_TAG}.{alias}"
+
+
+# The heading of the paragraphs a version's description gets for each alias decision (`models show` prints them).
+DECISION_HEADING = "**Alias:**"
+# log_and_register's default alias: the spec's register.alias.
+SPEC_ALIAS: Any = object()
 # The pictures a version's page shows inline, in this order (what the model does to and makes of images); the
 # others (curves, embeddings, templates) are linked by name, since a page of every picture is too long to read.
 INLINE_PICTURES = ("reconstructions", "traversal", "samples")
@@ -68,7 +88,7 @@ class RegistrationError(AeforgeError, ValueError):
 # --- logging and registering -----------------------------------------------------------------------------
 
 
-def _check_alias(alias: str) -> None:
+def check_alias(alias: str) -> None:
     # MLflow reserves "latest" and "v<number>" (they already mean a version).
     if alias.lower() == "latest" or re.fullmatch(r"v\d+", alias.lower()):
         raise RegistrationError(
@@ -116,7 +136,7 @@ def _claim_model(mlflow_client, name: str, owner: str, description: str) -> None
         mlflow_client.update_registered_model(name, description=description)
 
 
-def model_description(spec: JobSpec, alias: str) -> str:
+def model_description(spec: JobSpec, alias: str | None) -> str:
     """The registered model page's description (Markdown): what its versions are, where their details are, and how
     to load the one ``alias`` points at."""
     from jobs.lineage import model_summary
@@ -131,8 +151,14 @@ def model_description(spec: JobSpec, alias: str) -> str:
         "Each version's description lists its final metrics and shows its run's pictures; its tags hold the "
         "variant, beta, latent size, data set, job and metrics. The model's tags describe its latest version.",
         "",
-        f"Load one with `aeforge models show {name}@{alias}` or "
-        f'`mlflow.pytorch.load_model("models:/{name}@{alias}")` (aeforge installed).',
+        "An alias moves to a new version only when it finished, is healthy (not collapsed) and is not worse than "
+        "the version the alias pointed at; each version's description says what it was compared with.",
+        "",
+    ]
+    ref = f"{name}@{alias}" if alias else f"{name}/VERSION"
+    lines += [
+        f"Load one with `aeforge models show {ref}` or "
+        f'`mlflow.pytorch.load_model("models:/{ref}")` (aeforge installed).',
     ]
     return "\n".join(lines)
 
@@ -206,11 +232,16 @@ def _pictures_section(mlflow_client, run) -> list[str]:
     return lines
 
 
-def version_description(spec: JobSpec, job_id: str, metrics: Mapping[str, Any], mlflow_client=None, run=None) -> str:
+def version_description(
+    spec: JobSpec, job_id: str, metrics: Mapping[str, Any], mlflow_client=None, run=None, note: str | None = None
+) -> str:
     """A version's description (Markdown): the spec's register.description if any, the generated summary line,
-    the final metrics as a table and, given the run, its pictures."""
+    ``note``, the final metrics as a table and, given the run, its pictures. The alias decisions are added after
+    the summary (:func:`apply_gate`)."""
     parts = [spec.registration.description] if spec.registration is not None and spec.registration.description else []
     parts.append(generated_description(spec, job_id, metrics))
+    if note:
+        parts.append(note)
     table = _metrics_table(metrics)
     if table:
         parts.append("\n".join(table))
@@ -262,16 +293,21 @@ def log_and_register(
     metrics: Mapping[str, Any],
     *,
     extra_tags: Mapping[str, Any] | None = None,
-    alias: str | None = None,
+    alias: str | None = SPEC_ALIAS,
     tracking_uri: str | None = None,
     owner: str | None = None,
+    force: bool = False,
+    note: str | None = None,
 ) -> dict[str, Any]:
     """Log ``model`` on MLflow run ``run_id``, register it as a new version of ``spec.registration.model_name``,
-    point the alias at it (the spec's alias unless ``alias`` is given), and tag and describe the version.
+    tag and describe the version, and move the alias to it if the gate lets it (jobs/gate.py: the spec's alias
+    unless ``alias`` is given, None for none; ``force`` moves it even when the version is worse than the one the
+    alias points at). ``note``: a line the description gets (why a sweep registered this trial).
     The model must be ``owner``'s (default :func:`job_owner`) or new: another owner's is a RegistrationError before
     anything is logged.
 
-    Returns {"model_uri": "models:/NAME/VERSION", "name", "version", "alias", "logged_model_uri", "run_id"}.
+    Returns {"model_uri": "models:/NAME/VERSION", "name", "version", "alias" (the alias now on this version, or
+    None), "requested_alias", "alias_moved", "decision" (the one line that says why), "logged_model_uri", "run_id"}.
     """
     import mlflow
     import mlflow.pytorch
@@ -283,8 +319,9 @@ def log_and_register(
             f"job {job_id}: the spec has no 'register' section, so there is no model name to register under"
         )
     name = spec.registration.model_name
-    alias = alias or spec.registration.alias
-    _check_alias(alias)
+    alias = spec.registration.alias if alias is SPEC_ALIAS else alias
+    if alias is not None:
+        check_alias(alias)
     uri = tracking_uri or settings.mlflow_tracking_uri()
     mlflow_client = tracking_client(uri)
     _claim_model(mlflow_client, name, owner or job_owner(), model_description(spec, alias))
@@ -294,6 +331,7 @@ def log_and_register(
     with torch.no_grad():
         output = cpu_model(torch.from_numpy(example)).numpy()
     signature = infer_signature(example, output)
+    gate_metric = spec.gate_metric()
     # Everything inside the block: the registry store looks a logged model up in MLflow's *global* tracking store,
     # which is not aeforge's when MLFLOW_TRACKING_URI is unset (the embedded sqlite default under AEFORGE_HOME).
     with use_tracking_uri(uri):
@@ -318,37 +356,133 @@ def log_and_register(
         )
 
         tags = version_tags(spec, job_id, metrics, extra_tags)
+        tags[GATE_METRIC_TAG] = f"{gate_metric.name} {gate_metric.mode}"
+        description = version_description(spec, job_id, metrics, mlflow_client, run, note=note)
         version = mlflow_client.create_model_version(
             name,
             source=info.model_uri,
             run_id=run_id,
             tags=tags,
-            description=version_description(spec, job_id, metrics, mlflow_client, run),
+            description=description,
             model_id=info.model_id,
         )
-        mlflow_client.set_registered_model_alias(name, alias, version.version)
         model_tags = mlflow_client.get_registered_model(name).tags or {}
         for key in MODEL_TAG_KEYS:
             if key in tags:
                 mlflow_client.set_registered_model_tag(name, key, tags[key])
             elif key in model_tags:  # e.g. no beta on an autoencoder registered after a beta-VAE
                 mlflow_client.delete_registered_model_tag(name, key)
+    decision = None
+    if alias is not None:
+        decision = apply_gate(mlflow_client, name, str(version.version), alias, force=force)
+    return registration_result(version, alias, decision)
+
+
+def registration_result(version, requested_alias: str | None, decision: AliasDecision | None) -> dict[str, Any]:
+    """What registering (or finding) a version returns: :func:`version_info`, and what happened to the alias."""
+    moved = decision is not None and decision.moved
     return {
-        "model_uri": f"models:/{name}/{version.version}",
-        "name": name,
-        "version": str(version.version),
-        "alias": alias,
-        "logged_model_uri": info.model_uri,
-        "run_id": run_id,
+        **version_info(version, requested_alias if moved else None),
+        "requested_alias": requested_alias,
+        "alias_moved": moved,
+        "decision": decision.message if decision is not None else "registered without an alias",
     }
+
+
+def _incumbent(mlflow_client, name: str, alias: str) -> Incumbent | None:
+    registered = mlflow_client.get_registered_model(name)
+    current = (registered.aliases or {}).get(alias)
+    if current is None:
+        return None
+    _, metrics = _split_tags(mlflow_client.get_model_version(name, str(current)).tags or {})
+    return Incumbent(str(current), metrics)
+
+
+def _run_status(mlflow_client, run_id: str | None) -> str:
+    """'finished' unless the version's run ended FAILED or KILLED (a run still RUNNING is the job registering
+    it: its training and evaluation are done)."""
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return "finished"
+    try:
+        status = mlflow_client.get_run(run_id).info.status
+    except MlflowException:
+        return "finished"  # the run was deleted; the version's metrics still say what it was
+    return "failed" if status == "FAILED" else "killed" if status == "KILLED" else "finished"
+
+
+def apply_gate(
+    mlflow_client, name: str, version: str, alias: str, *, force: bool = False, by: str | None = None
+) -> AliasDecision:
+    """Decide whether ``@alias`` moves to ``version`` of ``name`` (jobs/gate.py: finished, healthy, not worse than
+    the version the alias points at on the version's gate metric, unless ``force``), move it if so, and record the
+    decision on the version: its ``alias_decision`` tag and a paragraph of its description. ``by``: who asked
+    (a promotion), written into that paragraph."""
+    target = mlflow_client.get_model_version(name, version)
+    tags, metrics = _split_tags(target.tags or {})
+    metric, _, mode = tags.get(GATE_METRIC_TAG, "").partition(" ")
+    if not metric:  # a version registered before the gate: judge it as a spec of its variant would
+        stochastic = tags.get("variant") in ("vae", "beta_vae", "beta_tcvae")
+        metric, mode = ("eval/elbo", "max") if stochastic else ("eval/recon", "min")
+    decision = decide(
+        alias,
+        version,
+        metrics,
+        metric,
+        mode or "max",
+        _incumbent(mlflow_client, name, alias),
+        force=force,
+        status=_run_status(mlflow_client, target.run_id),
+    )
+    if decision.moved:
+        mlflow_client.set_registered_model_alias(name, alias, version)
+    mlflow_client.set_model_version_tag(name, version, decision_tag(alias), decision.message[:5000])
+    when = datetime.now(UTC).isoformat(timespec="seconds")
+    paragraph = f"{DECISION_HEADING} {decision.message}" + (f" (by {by}, {when})" if by else f" ({when})")
+    mlflow_client.update_model_version(name, version, description=_with_paragraph(target.description, paragraph))
+    return decision
+
+
+# MLflow's limit on a version's description.
+DESCRIPTION_LIMIT = 20_000
+
+
+def _with_paragraph(description: str | None, paragraph: str) -> str:
+    """``description`` with an alias decision added after the summary line and the earlier decisions (before the
+    metrics table and pictures), within MLflow's length limit (the oldest decisions give way first)."""
+    parts = [p for p in (description or "").split("\n\n") if p]
+    at = next((i for i, p in enumerate(parts) if p.startswith(("| ", "**Pictures**", "!["))), len(parts))
+    parts.insert(at, paragraph)
+    text = "\n\n".join(parts)
+    while len(text) > DESCRIPTION_LIMIT:
+        older = [i for i, p in enumerate(parts) if p.startswith(DECISION_HEADING) and p != paragraph]
+        if not older:
+            return text[:DESCRIPTION_LIMIT]
+        del parts[older[0]]
+        text = "\n\n".join(parts)
+    return text
+
+
+_DECISION_SUFFIX = re.compile(r" \((?:by .*, )?\d{4}-\d\d-\d\dT[\d:]+\+00:00\)$")
+
+
+def description_decisions(description: str | None) -> list[str]:
+    """The alias decisions a version's description records, oldest first, without their dates."""
+    return [
+        _DECISION_SUFFIX.sub("", paragraph[len(DECISION_HEADING) :].strip())
+        for paragraph in (description or "").split("\n\n")
+        if paragraph.startswith(DECISION_HEADING)
+    ]
 
 
 def registered_version_of_run(
     name: str, run_id: str, *, alias: str | None = None, tracking_uri: str | None = None
 ) -> dict[str, Any] | None:
     """The version of model ``name`` already registered from MLflow run ``run_id`` (a job run again after it
-    registered its model), as :func:`log_and_register` returns it; None if there is none. ``alias`` is pointed at
-    that version when the model does not have it yet (the first attempt died between registering and aliasing)."""
+    registered its model), as :func:`log_and_register` returns it; None if there is none. When no decision about
+    ``alias`` was recorded on that version (the first attempt died between registering and deciding), the gate
+    decides now."""
     from mlflow.exceptions import MlflowException
 
     uri = tracking_uri or settings.mlflow_tracking_uri()
@@ -364,15 +498,20 @@ def registered_version_of_run(
     if not found:
         return None
     version = max(found, key=lambda v: int(v.version))
+    if alias is None:
+        return registration_result(version, None, None)
     registered = mlflow_client.get_registered_model(name)
-    aliases = dict(registered.aliases or {})
-    if alias is not None and alias not in aliases:
-        _check_alias(alias)
+    aliases = {a: str(v) for a, v in (registered.aliases or {}).items()}
+    recorded = (version.tags or {}).get(decision_tag(alias))
+    if aliases.get(alias) == str(version.version):
+        decision = AliasDecision(alias, str(version.version), True, recorded or f"@{alias} is on v{version.version}")
+    elif recorded is not None:
+        decision = AliasDecision(alias, str(version.version), False, recorded)
+    else:
+        check_alias(alias)
         _check_owner(name, (registered.tags or {}).get(OWNER_TAG), job_owner())
-        mlflow_client.set_registered_model_alias(name, alias, version.version)
-        aliases[alias] = version.version
-    shown_alias = alias if alias is not None and str(aliases.get(alias)) == str(version.version) else None
-    return version_info(version, shown_alias)
+        decision = apply_gate(mlflow_client, name, str(version.version), alias)
+    return registration_result(version, alias, decision)
 
 
 def version_info(version, alias: str | None) -> dict[str, Any]:
@@ -384,6 +523,104 @@ def version_info(version, alias: str | None) -> dict[str, Any]:
         "alias": alias,
         "logged_model_uri": version.source,
         "run_id": version.run_id,
+    }
+
+
+# --- moving aliases by hand -----------------------------------------------------------------------------------
+
+
+def _owned_model(mlflow_client, uri: str, name: str):
+    """Registered model ``name``, checked to be :func:`job_owner`'s (an untagged one may be changed by anyone)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        registered = mlflow_client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        known = _registered_names(mlflow_client)
+        listed = ", ".join(known[:20]) + (", ..." if len(known) > 20 else "") if known else "none"
+        raise ModelLookupError(f"no registered model named '{name}' in {uri} (registered models: {listed})") from None
+    found = (registered.tags or {}).get(OWNER_TAG)
+    owner = job_owner()
+    if found is not None and found != owner:
+        raise RegistrationError(
+            f"the registered model '{name}' belongs to {found}; {owner} cannot move or remove its aliases"
+        )
+    return registered
+
+
+def _alias_name(alias: str) -> str:
+    alias = alias[1:] if alias.startswith("@") else alias
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,63}", alias):
+        raise RegistrationError(
+            f"alias '{alias}': an alias starts with a letter and holds letters, digits, '_' and '-' (at most 64)"
+        )
+    check_alias(alias)
+    return alias
+
+
+def promote(name: str, version: str, alias: str, *, force: bool = False, tracking_uri: str | None = None) -> dict:
+    """Point ``@alias`` of model ``name`` at ``version`` through the gate (finished, healthy, not worse than the
+    version the alias points at unless ``force``), as its owner. Returns {"name", "version", "alias", "moved",
+    "decision"}; a version the gate refuses leaves the alias where it was (``moved`` False)."""
+    uri = tracking_uri or settings.mlflow_tracking_uri()
+    mlflow_client = tracking_client(uri)
+    alias = _alias_name(alias)
+    _owned_model(mlflow_client, uri, name)
+    _, target = _resolve(mlflow_client, uri, f"{name}/{version}")
+    decision = apply_gate(mlflow_client, name, str(target.version), alias, force=force, by=f"promoted by {job_owner()}")
+    return {
+        "name": name,
+        "version": str(target.version),
+        "alias": alias,
+        "moved": decision.moved,
+        "decision": decision.message,
+    }
+
+
+def remove_alias(name: str, alias: str, tracking_uri: str | None = None) -> dict:
+    """Remove ``@alias`` from model ``name``, as its owner; the version it pointed at records the removal.
+    Returns {"name", "alias", "version" (the version it pointed at)}."""
+    uri = tracking_uri or settings.mlflow_tracking_uri()
+    mlflow_client = tracking_client(uri)
+    alias = _alias_name(alias)
+    registered = _owned_model(mlflow_client, uri, name)
+    aliases = {a: str(v) for a, v in (registered.aliases or {}).items()}
+    if alias not in aliases:
+        raise ModelLookupError(f"model '{name}' has no alias '{alias}'; {_aliases_text(aliases)}")
+    version = aliases[alias]
+    mlflow_client.delete_registered_model_alias(name, alias)
+    target = mlflow_client.get_model_version(name, version)
+    when = datetime.now(UTC).isoformat(timespec="seconds")
+    paragraph = f"{DECISION_HEADING} @{alias} removed from v{version} by {job_owner()} ({when})"
+    mlflow_client.update_model_version(name, version, description=_with_paragraph(target.description, paragraph))
+    return {"name": name, "alias": alias, "version": version}
+
+
+def compare(name: str, first: str, second: str, tracking_uri: str | None = None) -> dict[str, Any]:
+    """Two versions of model ``name`` side by side: {"name", "versions": [describe(v1), describe(v2)],
+    "metrics": [{"metric", "values": [a, b], "difference": b - a}], "tags": [{"tag", "values"}] (the tags that
+    differ), "health": [label, label]}."""
+    uri = tracking_uri or settings.mlflow_tracking_uri()
+    left = describe(f"{name}/{first}", uri)
+    right = describe(f"{name}/{second}", uri)
+    metrics = []
+    for key in sorted(set(left["metrics"]) | set(right["metrics"])):
+        a, b = left["metrics"].get(key), right["metrics"].get(key)
+        metrics.append({"metric": key, "values": [a, b], "difference": None if a is None or b is None else b - a})
+    tags = [
+        {"tag": key, "values": [left["tags"].get(key), right["tags"].get(key)]}
+        for key in sorted(set(left["tags"]) | set(right["tags"]))
+        if left["tags"].get(key) != right["tags"].get(key) and not key.startswith(DECISION_TAG)
+    ]
+    verdicts = [health(v["metrics"]) for v in (left, right)]
+    return {
+        "name": name,
+        "versions": [left, right],
+        "metrics": metrics,
+        "tags": tags,
+        "health": [v.label if v.healthy else v.reason for v in verdicts],
     }
 
 

@@ -67,7 +67,9 @@ def run_in_process(spec: JobSpec, job_id: str, resolve: Callable[[str], str] | N
     return result
 
 
-def run_train_on_ray(spec: JobSpec, job_id: str, spec_file: str | Path | None = None) -> dict:
+def run_train_on_ray(
+    spec: JobSpec, job_id: str, spec_file: str | Path | None = None, *, register: bool = True, force: bool = False
+) -> dict:
     """A `train` job end to end: preflight, data check, Ray Train (DDP), MLflow run, registered model.
 
     ``spec_file``: the file `aeforge run` read the spec from, the MLflow run's source (None: a queue job, whose
@@ -77,6 +79,11 @@ def run_train_on_ray(spec: JobSpec, job_id: str, spec_file: str | Path | None = 
     touched, so a wrong endpoint, bucket or data set fails in seconds and leaves nothing behind. Running the same
     job id again resumes: the Train run (named after the job id) restarts from its last checkpoint, the MLflow run
     is the same one, and a model already registered from that run is not registered twice.
+
+    ``register`` False (``aeforge run --no-register``) registers nothing. Otherwise the model is registered, and
+    the spec's alias moves to it only through the registry's gate (jobs/gate.py); ``force`` moves it even when the
+    new version is worse than the one the alias points at. The decision is printed to the run's log and returned
+    in ``model["decision"]``.
     """
     from jobs.lineage import experiment_description, experiment_tags, run_description, source_tags, training_dataset
     from jobs.registry import job_owner, log_and_register, registered_version_of_run
@@ -119,13 +126,17 @@ def run_train_on_ray(spec: JobSpec, job_id: str, spec_file: str | Path | None = 
         print(f"aeforge: fit {parts_line(timeline)}", flush=True)  # to the run's log: where the time went
         metrics = tracking.final_metrics()
         registered = None
-        if spec.registration is not None:
+        if spec.registration is not None and register:
             registered = registered_version_of_run(spec.registration.model_name, run_id, alias=spec.registration.alias)
             if registered is None:
                 with tempfile.TemporaryDirectory(prefix="aeforge-final-") as tmp:
                     result.checkpoint.to_directory(tmp)
                     model = load_model_from_checkpoint(tmp)
-                registered = log_and_register(model, spec, job_id, run_id, metrics)
+                registered = log_and_register(model, spec, job_id, run_id, metrics, force=force)
+            print(
+                f"aeforge: registered {registered['name']} version {registered['version']}: {registered['decision']}",
+                flush=True,
+            )
     return {
         "job_id": job_id,
         "mlflow_run_id": run_id,
@@ -140,13 +151,17 @@ def run_train_on_ray(spec: JobSpec, job_id: str, spec_file: str | Path | None = 
     }
 
 
-def run_job(spec: JobSpec, job_id: str, spec_file: str | Path | None = None) -> dict:
-    """Run a train or sweep job; ``spec_file`` is where `aeforge run` read the spec (None for a queue job)."""
+def run_job(
+    spec: JobSpec, job_id: str, spec_file: str | Path | None = None, *, register: bool = True, force: bool = False
+) -> dict:
+    """Run a train or sweep job; ``spec_file`` is where `aeforge run` read the spec (None for a queue job);
+    ``register`` False registers no model, ``force`` moves the alias past a better version (see the registry's
+    gate, jobs/gate.py)."""
     if spec.kind == "sweep":
         from jobs.sweep import run_sweep
 
-        return run_sweep(spec, job_id, spec_file=spec_file)
-    return run_train_on_ray(spec, job_id, spec_file=spec_file)
+        return run_sweep(spec, job_id, spec_file=spec_file, register=register, force=force)
+    return run_train_on_ray(spec, job_id, spec_file=spec_file, register=register, force=force)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                 "metrics": metrics,
                 "pictures": outcome.get("pictures"),
                 "best_trial": best.get("run_name"),
+                "no_best": outcome.get("no_best"),
                 **progress,
             }
         ),

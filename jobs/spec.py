@@ -156,8 +156,18 @@ class SweepConfig(StrictModel):
 
 class RegisterConfig(StrictModel):
     model_name: str = Field(..., pattern=NAME_PATTERN)
-    alias: str = Field("candidate", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+    alias: str | None = Field(
+        "candidate",
+        pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$",
+        description="the alias a finished, healthy version takes when it is not worse than the version the alias "
+        "points at (null: register without an alias)",
+    )
     description: str | None = None
+    metric: SweepMetric | None = Field(
+        None,
+        description="what 'not worse' means when the alias moves (default: a sweep's metric, else eval/elbo (max) "
+        "for the VAE family and eval/recon (min) for autoencoders)",
+    )
 
 
 class JobSpec(StrictModel):
@@ -242,6 +252,13 @@ class JobSpec(StrictModel):
                 )
             elif _metric_needs_factors(metric) and not self.eval.disentanglement:
                 errors.append(("sweep.metric.name", f"no trial reports '{metric}': eval.disentanglement is off"))
+        if self.registration is not None and self.registration.metric is not None:
+            metric = self.registration.metric.name
+            known = reported_metrics(self, variants)
+            if metric not in known and not _metric_needs_factors(metric):
+                errors.append(
+                    ("register.metric.name", f"no run reports '{metric}'; reported: {', '.join(sorted(known))}")
+                )
         if "beta_tcvae" in variants and self.train.batch_size < 2:
             errors.append(("train.batch_size", "beta_tcvae's minibatch TC estimators need a batch of at least 2"))
         if self.train.precision == "bf16" and self.resources.gpus_per_worker == 0:
@@ -252,6 +269,17 @@ class JobSpec(StrictModel):
         return self
 
     # --- derived ----------------------------------------------------------------------------------
+    def gate_metric(self) -> SweepMetric:
+        """The metric an alias moves by (jobs/gate.py): register.metric, else the sweep's, else the ELBO (max) for
+        the VAE family and the reconstruction error (min) for autoencoders."""
+        if self.registration is not None and self.registration.metric is not None:
+            return self.registration.metric
+        if self.sweep is not None:
+            return self.sweep.metric
+        if self.model.variant in STOCHASTIC_VARIANTS:
+            return SweepMetric(name="eval/elbo", mode="max")
+        return SweepMetric(name="eval/recon", mode="min")
+
     def resource_request(self) -> dict[str, float]:
         """What the whole job holds on the cluster while it runs: every worker, plus a little for the driver."""
         r = self.resources
@@ -408,6 +436,7 @@ def reported_metrics(spec: JobSpec, variants: Sequence[str] | None = None) -> se
     names = {"train/loss", "train/recon", "eval/recon", "eval/elbo"}
     if all(v in STOCHASTIC_VARIANTS for v in variants):
         names |= {"train/kl", "eval/kl", "eval/iwae_ll", "eval/mi", "eval/tc", "eval/dwkl"}
+        names |= {"eval/active_units", "eval/kl_per_latent", "eval/collapsed"}
     if all(v == "beta_tcvae" for v in variants):
         names |= {"train/mi", "train/tc", "train/dwkl"}
     return names

@@ -8,8 +8,9 @@
 - Trials end by their own step budget. Nothing here stops a trial from Tune: on Ray 2.60 stopping a Train V2 trial
   can leak its placement group and hang the next trial (ray#54305).
 - MLflow: one parent run per sweep (tagged with the job id), one nested run per trial with the trial's values as
-  params. At the end the parent run gets the results table (CSV) and the summary pictures, and the best trial's
-  model is registered with alias ``best``.
+  params. At the end the parent run gets the results table (CSV) and the summary pictures, and the best healthy
+  trial's model is registered and offered alias ``best`` through the registry's gate (jobs/gate.py); a collapsed
+  trial is never ranked, and a sweep with no healthy trial sets no ``best`` and says why in one line.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from jobs.gate import number, row_health
 from jobs.ray_train import (
     build_trainer,
     cluster_resources,
@@ -321,10 +323,18 @@ def _pack_trial(rows: list[dict[str, Any]], sweep: dict[str, Any]) -> None:
     tune.report({"members": len(members)})
 
 
-def run_sweep(spec: JobSpec, job_id: str, spec_file: str | Path | None = None) -> dict[str, Any]:
+def run_sweep(
+    spec: JobSpec,
+    job_id: str,
+    spec_file: str | Path | None = None,
+    *,
+    register: bool = True,
+    force: bool = False,
+) -> dict[str, Any]:
     """A `sweep` job end to end. Running the same job id again restores the Tune experiment: finished trials are
     kept as they are, unfinished and failed ones run again (each resuming its Train run's last checkpoint).
-    ``spec_file``: the file `aeforge run` read the spec from, the MLflow runs' source (None: a queue job)."""
+    ``spec_file``: the file `aeforge run` read the spec from, the MLflow runs' source (None: a queue job).
+    ``register`` False registers nothing; ``force`` moves @best past a better version (jobs/gate.py)."""
     from jobs.lineage import experiment_description, experiment_tags, run_description, source_tags, training_dataset
     from jobs.registry import job_owner
     from workers.storage import Storage
@@ -356,7 +366,9 @@ def run_sweep(spec: JobSpec, job_id: str, spec_file: str | Path | None = None) -
         parent.set_tags({"aeforge.kind": "sweep", SWEEP_ID_TAG: job_id, **lineage["source_tags"]})
         parent.describe(run_description(spec, job_id))
         parent.log_dataset(lineage["dataset"])
-        outcome = _tune(spec, job_id, storage, parent, experiment_id, max_concurrent, lineage, info)
+        outcome = _tune(
+            spec, job_id, storage, parent, experiment_id, max_concurrent, lineage, info, register=register, force=force
+        )
     outcome["data"] = info
     return outcome
 
@@ -370,6 +382,9 @@ def _tune(
     max_concurrent: int,
     lineage: dict[str, Any],
     data_info: dict[str, Any] | None = None,
+    *,
+    register: bool = True,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Run (or restore) the Tune experiment and summarise it on the parent run; each trial's run records
     ``lineage`` (source tags, data set) as the parent's does. ``data_info`` (check_data's): the image shape and
@@ -433,17 +448,30 @@ def _tune(
                 f"sweep {job_id}: no trial finished ({errors or 'see the trial errors in the Ray logs'}); "
                 f"running the same job id again (aeforge run SPEC --job-id {job_id}) continues it"
             )
-        return _summarise(spec, job_id, rows, parent, storage)
+        return _summarise(spec, job_id, rows, parent, storage, register=register, force=force)
     finally:
         share_s3_keys(kv_key, remove=True)
 
 
-def _summarise(spec: JobSpec, job_id: str, rows: list[dict[str, Any]], parent, storage) -> dict[str, Any]:
-    """The results table and pictures on the parent run (and storage), the best trial, the registered model."""
+def _summarise(
+    spec: JobSpec,
+    job_id: str,
+    rows: list[dict[str, Any]],
+    parent,
+    storage,
+    *,
+    register: bool = True,
+    force: bool = False,
+) -> dict[str, Any]:
+    """The results table and pictures on the parent run (and storage), the best healthy trial, the registered
+    model. Only healthy trials are ranked (jobs/gate.py): when none is, nothing is registered as @best and the
+    outcome's ``no_best`` says why in one line with the numbers."""
     from workers.plots.sweep import sweep_summary_pictures
 
     assert spec.sweep is not None, "a sweep job has a sweep section (JobSpec's validation)"
     metric = spec.sweep.metric
+    for row in rows:
+        row["health"] = row_health(row, metric.name).label
     outcome: dict[str, Any] = {"job_id": job_id, "mlflow_run_id": parent.run_id, "trials": rows}
     with (
         tempfile.TemporaryDirectory(prefix="aeforge-sweep-") as tmp,
@@ -462,24 +490,59 @@ def _summarise(spec: JobSpec, job_id: str, rows: list[dict[str, Any]], parent, s
     outcome["pictures"] = storage.uri(f"runs/{job_id}/pictures")
 
     finished = [r for r in rows if r["status"] == "finished" and isinstance(r.get(metric.name), (int, float))]
-    if finished:
-        best = rank_rows(finished, metric.name, metric.mode)[0]
+    healthy = [r for r in finished if row_health(r, metric.name).healthy]
+    if healthy:
+        best = rank_rows(healthy, metric.name, metric.mode)[0]
         parent.log_metrics({f"best/{metric.name}": best[metric.name]}, 0)
         parent.set_tags({"aeforge.best_trial": best["run_name"]})
         outcome["best"] = best
-        if spec.registration is not None:
-            outcome["model"] = _register_trials(spec, job_id, finished, metric, storage)
+    else:
+        outcome["no_best"] = no_best_line(job_id, rows, metric.name)
+        parent.set_tags({"aeforge.no_best": outcome["no_best"][:5000]})
+        print(f"aeforge: {outcome['no_best']}", flush=True)
+    if spec.registration is not None and register and finished:
+        outcome["model"] = _register_trials(spec, job_id, finished, metric, storage, force=force)
+        print(
+            f"aeforge: registered {outcome['model']['name']} version {outcome['model']['version']}: "
+            f"{outcome['model']['decision']}",
+            flush=True,
+        )
     return outcome
 
 
+def _span(values: list[float], digits: int = 2) -> str:
+    low, high = min(values), max(values)
+    return (
+        number(low, digits)
+        if number(low, digits) == number(high, digits)
+        else f"{number(low, digits)}-{number(high, digits)}"
+    )
+
+
+def no_best_line(job_id: str, rows: list[dict[str, Any]], metric: str) -> str:
+    """'sweep J: no healthy trial, so no @best: 4 of 4 trials collapsed (eval/active_units 0, eval/kl 0.1-0.37)'."""
+    verdicts = [row_health(r, metric) for r in rows]
+    counts: dict[str, int] = {}
+    for verdict in verdicts:
+        counts[verdict.label] = counts.get(verdict.label, 0) + 1
+    what = ", ".join(f"{n} of {len(rows)} trials {label}" for label, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    numbers = []
+    for key in ("eval/active_units", "eval/kl", metric):
+        values = [float(r[key]) for r in rows if isinstance(r.get(key), (int, float)) and r.get(key) == r.get(key)]
+        if values and f"{key} " not in " ".join(numbers):
+            numbers.append(f"{key} {_span(values)}")
+    return f"sweep {job_id}: no healthy trial, so no @best: {what}" + (f" ({', '.join(numbers)})" if numbers else "")
+
+
 def rank_rows(rows: list[dict[str, Any]], metric: str, mode: str) -> list[dict[str, Any]]:
-    """Rows with a numeric ``metric``, best first (NaN last); the others after them, in their order."""
+    """Healthy rows (jobs/gate.py: finished, not collapsed) with a numeric ``metric``, best first; then the
+    unhealthy ones by the same order (NaN last); the others after them, in their order."""
 
     def key(row):
         value = row.get(metric)
         if not isinstance(value, (int, float)) or value != value:
-            return (1, 0.0)
-        return (0, -value if mode == "max" else value)
+            return (2, 0.0)
+        return (0 if row_health(row, metric).healthy else 1, -value if mode == "max" else value)
 
     return sorted(rows, key=key)
 
@@ -599,25 +662,37 @@ def _registered_by_sweep(name: str, job_id: str) -> list:
     return list(client().search_model_versions(f"name = '{name}' and tags.sweep_id = '{job_id}'"))
 
 
-def _register_trials(spec: JobSpec, job_id: str, finished: list[dict], metric, storage) -> dict[str, Any] | None:
-    """Register the best trial's model with alias ``best`` (and, with register_all, every other finished trial's
-    without an alias), each version tagged with the sweep id, the trial id and its rank."""
-    from jobs.registry import log_and_register, version_info
-    from workers.tracking import ensure_experiment, start_or_resume_run
+def _register_trials(
+    spec: JobSpec, job_id: str, finished: list[dict], metric, storage, force: bool = False
+) -> dict[str, Any] | None:
+    """Register the best healthy trial's model, offered alias ``best`` through the registry's gate (and, with
+    register_all, every other finished trial's without an alias), each version tagged with the sweep id, the trial
+    id and its rank. With no healthy trial the top-ranked one is registered as the record, without the alias."""
+    from jobs.registry import log_and_register, registration_result
 
     assert spec.sweep is not None and spec.registration is not None, "called for a sweep that registers"
     ordered = rank_rows(finished, metric.name, metric.mode)
+    healthy = [r for r in ordered if row_health(r, metric.name).healthy]
     earlier = _registered_by_sweep(spec.registration.model_name, job_id)
     if earlier:
-        best = [v for v in earlier if (v.tags or {}).get("sweep_rank") == "1"] or earlier
-        return version_info(min(best, key=lambda v: int(v.version)), BEST_ALIAS)
+        first = [v for v in earlier if (v.tags or {}).get("sweep_rank") == "1"] or earlier
+        version = min(first, key=lambda v: int(v.version))
+        return _earlier_result(version, registration_result)
     to_register = ordered if spec.sweep.register_all else ordered[:1]
+    from workers.tracking import ensure_experiment, start_or_resume_run
+
     experiment_id = ensure_experiment(spec.name)
     best_version = None
     for rank, row in enumerate(to_register):
         trial_spec = spec.with_trial({k: row[k] for k in TRIAL_KEYS if k in row and row[k] is not None})
         model = _load_trial_model(storage, row["checkpoint_path"])
         run_id = start_or_resume_run(experiment_id, row["trial_job_id"], run_name=row["run_name"])
+        is_best = bool(healthy) and row is healthy[0]
+        verdict = row_health(row, metric.name)
+        note = (
+            f"Trial {row['run_name']} of sweep {job_id}, rank {rank + 1} of {len(ordered)} by {metric.name} "
+            f"({metric.mode})" + ("" if verdict.healthy else f"; not ranked: {verdict.reason}") + "."
+        )
         registered = log_and_register(
             model,
             trial_spec,
@@ -625,11 +700,30 @@ def _register_trials(spec: JobSpec, job_id: str, finished: list[dict], metric, s
             run_id,
             {k: v for k, v in row.items() if "/" in k},
             extra_tags={"sweep_id": job_id, "trial_id": row["trial_id"], "sweep_rank": str(rank + 1)},
-            alias=BEST_ALIAS if rank == 0 else None,
+            alias=BEST_ALIAS if is_best else None,
+            force=force,
+            note=note,
         )
         if rank == 0:
             best_version = registered
+            if not healthy:
+                best_version["decision"] = f"not offered @{BEST_ALIAS}: no trial is healthy ({verdict.reason})"
     return best_version
+
+
+def _earlier_result(version, registration_result) -> dict:
+    """What a finished sweep run again reports about the version it registered the first time: whether @best is
+    on it, and the decision recorded then."""
+    from jobs.gate import AliasDecision
+    from jobs.registry import decision_tag
+    from workers.tracking import client
+
+    recorded = (version.tags or {}).get(decision_tag(BEST_ALIAS))
+    if recorded is None:
+        return registration_result(version, None, None)
+    aliases = client().get_registered_model(version.name).aliases or {}
+    moved = str(aliases.get(BEST_ALIAS)) == str(version.version)
+    return registration_result(version, BEST_ALIAS, AliasDecision(BEST_ALIAS, str(version.version), moved, recorded))
 
 
 BEST_ALIAS = "best"
@@ -693,6 +787,9 @@ def load_sweep(ref: str, tracking_uri: str | None = None) -> dict[str, Any]:
         row["status"] = child.info.status.lower()
         row.update(sorted(child.data.metrics.items()))
         rows.append(row)
+    metric = params.get("sweep.metric.name", "eval/elbo")
+    for row in rows:
+        row["health"] = row_health(row, metric).label
     metric = params.get("sweep.metric.name", "eval/elbo")
     mode = params.get("sweep.metric.mode", "max")
     rows = rank_rows(sorted(rows, key=lambda r: r["run_name"]), metric, mode)

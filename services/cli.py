@@ -198,9 +198,21 @@ def run(
         "-v",
         help="show the run's log (Ray's and MLflow's output) here as it is written, instead of the progress bar",
     ),
+    no_register: bool = typer.Option(
+        False, "--no-register", help="register no model version (a quick try that leaves the registry as it is)"
+    ),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="move the spec's alias to the new version even when it is worse than the version the alias points at "
+        "(a collapsed or unfinished model never takes an alias)",
+    ),
 ) -> None:
     """Run a job here: on a local Ray (or RAY_ADDRESS's cluster), tracked in MLflow. Shows its progress (Ray's and
-    MLflow's output goes to the run's log file), then the final metrics and where the model and pictures are."""
+    MLflow's output goes to the run's log file), then the final metrics and where the model and pictures are.
+
+    The model is registered as a new version; the spec's alias moves to it only when it finished, is healthy and
+    is not worse than the version the alias points at (the output says why it did or did not)."""
     from jobs.run import new_job_id, run_dir_for, run_in_process, run_job
     from jobs.spec import load_spec
     from services.run_display import LOG_FILE, showing_progress
@@ -208,6 +220,8 @@ def run(
     spec = load_spec(spec_path, settings)
     if local and spec.kind != "train":
         fail("--local runs train jobs only; a sweep needs Ray")
+    if local and force:
+        fail("--force moves a registered alias, and --local registers nothing")
     job_id = job_id or new_job_id(spec.name)
     log_path = run_dir_for(job_id) / LOG_FILE
     console.print(
@@ -228,7 +242,7 @@ def run(
         if local:
             result = run_in_process(spec, job_id, resolve=_resolver())
         else:
-            outcome = run_job(spec, job_id, spec_file=spec_path)
+            outcome = run_job(spec, job_id, spec_file=spec_path, register=not no_register, force=force)
     if local:
         _print_metrics(
             result.final_metrics, f"final metrics ({result.steps} steps, {result.images_per_second:,.0f} images/s)"
@@ -244,13 +258,18 @@ def run(
     console.print(
         f"MLflow run: {outcome['mlflow_run_id']}  (tracking URI {_tracking_uri()})", highlight=False, soft_wrap=True
     )
+    if outcome.get("no_best"):
+        console.print(outcome["no_best"], highlight=False, soft_wrap=True)
     model = outcome.get("model")
     if model:
         console.print(
-            f"registered model: [bold]{model['name']}[/bold] version {model['version']} alias @{model['alias']}  ({model['model_uri']})",
+            f"registered model: [bold]{model['name']}[/bold] version {model['version']}  ({model['model_uri']})",
             highlight=False,
             soft_wrap=True,
         )
+        console.print(f"  {model.get('decision', '')}", highlight=False, soft_wrap=True)
+    elif no_register and spec.registration is not None:
+        console.print("registered no model (--no-register)", highlight=False, soft_wrap=True)
     if outcome.get("pictures"):
         console.print(f"pictures: {outcome['pictures']}", highlight=False, soft_wrap=True)
 
@@ -273,21 +292,32 @@ def _print_metrics(metrics: dict, title: str) -> None:
 
 def _print_sweep_rows(rows: list[dict], metric: str, mode: str = "max", title: str | None = None) -> None:
     """One row per trial, best first by ``metric``: its values, status and the key final metrics."""
+    from jobs.gate import row_health
     from jobs.sweep import rank_rows
 
     rows = rank_rows(rows, metric, mode)
     keys = [k for k in ("variant", "beta", "latent_dim", "seed") if any(r.get(k) is not None for r in rows)]
     shown = [metric] + [
-        m for m in ("eval/recon", "eval/elbo", "eval/mig", "eval/tc") if m != metric and any(m in r for r in rows)
+        m
+        for m in ("eval/recon", "eval/elbo", "eval/mig", "eval/tc", "eval/active_units")
+        if m != metric and any(m in r for r in rows)
     ]
-    table = new_table(title or f"sweep results ({len(rows)} trials, ranked by {metric}, {mode})")
-    for k in ["run_name", *keys, "status", *shown]:
+    table = new_table(title or f"sweep results ({len(rows)} trials, ranked by {metric}, {mode}; healthy first)")
+    for k in ["run_name", *keys, "status", "health", *shown]:
         (number_column if k in shown else text_column)(table, k)
     for row in rows:
         cells = [str(row.get("run_name", ""))] + [_cell(row.get(k)) for k in keys] + [str(row.get("status", ""))]
-        cells += [f"{row[m]:.4f}" if isinstance(row.get(m), (int, float)) else "" for m in shown]
+        cells.append(row_health(row, metric).label)
+        cells += [_metric_cell(row.get(m)) for m in shown]
         table.add_row(*cells)
     console.print(table)
+
+
+def _metric_cell(value) -> str:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return ""
+    text = f"{value:.4f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
 
 
 def _is_number(value) -> bool:
@@ -341,8 +371,22 @@ def sweep_results_command(
     if output is OutputFormat.json:
         # Every trial with all its values and metrics, best first; "rank" is 1 for the best, null for a trial
         # without a value of the metric (listed last).
+        # Only healthy trials are ranked (jobs/gate.py); "health" is healthy, collapsed, failed, running, ...
+        from jobs.gate import row_health
+
         ranked = rank_rows(rows, metric_name, mode)
-        trials = [{**row, "rank": i if _is_number(row.get(metric_name)) else None} for i, row in enumerate(ranked, 1)]
+        trials, rank = [], 0
+        for row in ranked:
+            verdict = row_health(row, metric_name)
+            rank += verdict.healthy
+            trials.append(
+                {
+                    **row,
+                    "health": verdict.label,
+                    "health_reason": verdict.reason,
+                    "rank": rank if verdict.healthy else None,
+                }
+            )
         print_json(
             {
                 "job_id": sweep["job_id"],

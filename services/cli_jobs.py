@@ -201,10 +201,14 @@ def model_rows(job: dict[str, Any]) -> list[tuple[str, str]]:
             uris.append(f"models:/{model['name']}@{model['alias']}")
         if uris:
             rows.append(("model URI", "  ".join(uris)))
+        if model.get("decision"):  # why the alias moved to this version or stayed (jobs/gate.py)
+            rows.append(("alias", str(model["decision"])))
     elif job.get("model_version"):
         rows.append(("model version", job["model_version"]))
     if result.get("best_trial"):
         rows.append(("best trial", str(result["best_trial"])))
+    if result.get("no_best"):
+        rows.append(("best trial", str(result["no_best"])))
     if result.get("pictures"):
         rows.append(("pictures", str(result["pictures"])))
     return rows

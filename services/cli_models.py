@@ -25,7 +25,9 @@ from services.cli_output import (
 )
 
 models_app = typer.Typer(
-    cls=ErrorHandlingGroup, no_args_is_help=True, help="Registered models: list, show, sample, traverse."
+    cls=ErrorHandlingGroup,
+    no_args_is_help=True,
+    help="Registered models: list, show, compare, promote, alias rm, sample, traverse.",
 )
 
 
@@ -259,3 +261,121 @@ def traverse_command(
         highlight=False,
         soft_wrap=True,
     )
+
+
+@models_app.command("promote")
+def promote_command(
+    name: str = typer.Argument(..., metavar="NAME"),
+    version: str = typer.Argument(..., metavar="VERSION"),
+    alias: str = typer.Argument(..., metavar="@ALIAS"),
+    force: bool = typer.Option(
+        False, "--force", help="move it even when the version is worse than the one the alias points at"
+    ),
+    output: OutputFormat = output_option(),
+) -> None:
+    """Point @ALIAS of model NAME at VERSION, as its owner, through the registry's gate: the version must have
+    finished, be healthy (not collapsed) and, unless --force, be no worse on its metric than the version the alias
+    points at now. A refusal leaves the alias where it is, says why and exits 1; the version's description records
+    the decision either way."""
+    console = _console()
+    from jobs.registry import promote
+
+    if version.startswith("v") and version[1:].isdigit():
+        version = version[1:]
+    if not version.isdigit():
+        fail(f"VERSION: a version number (3 or v3), not '{version}'")
+    result = _registry(lambda: promote(name, version, alias, force=force))
+    if output is OutputFormat.json:
+        # {"name", "version", "alias", "moved", "decision"}
+        print_json(result)
+    else:
+        console.print(f"{name}: {result['decision']}", highlight=False, soft_wrap=True)
+    if not result["moved"]:
+        raise typer.Exit(1)
+
+
+alias_app = typer.Typer(cls=ErrorHandlingGroup, no_args_is_help=True, help="A registered model's aliases.")
+models_app.add_typer(alias_app, name="alias")
+
+
+@alias_app.command("rm")
+def alias_rm_command(
+    name: str = typer.Argument(..., metavar="NAME"),
+    alias: str = typer.Argument(..., metavar="@ALIAS"),
+    output: OutputFormat = output_option(),
+) -> None:
+    """Remove @ALIAS from model NAME, as its owner (the versions stay; `models:/NAME@ALIAS` stops resolving)."""
+    console = _console()
+    from jobs.registry import remove_alias
+
+    result = _registry(lambda: remove_alias(name, alias))
+    if output is OutputFormat.json:
+        print_json(result)  # {"name", "alias", "version"}
+        return
+    console.print(
+        f"{name}: removed @{result['alias']} (it pointed at version {result['version']})",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _value(value) -> str:
+    if value is None:
+        return "-"
+    text = f"{value:.4g}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+
+@models_app.command("compare")
+def compare_command(
+    name: str = typer.Argument(..., metavar="NAME"),
+    first: str = typer.Argument(..., metavar="V1"),
+    second: str = typer.Argument(..., metavar="V2"),
+    output: OutputFormat = output_option(),
+) -> None:
+    """Two versions of model NAME side by side: their aliases and health, every metric (and V2 - V1), the tags that
+    differ, and links to each version's pictures."""
+    console = _console()
+    from jobs.registry import compare
+
+    versions = [v[1:] if v.startswith("v") and v[1:].isdigit() else v for v in (first, second)]
+    for v in versions:
+        if not v.isdigit():
+            fail(f"V1 and V2: version numbers (3 or v3), not '{v}'")
+    result = _registry(lambda: compare(name, *versions))
+    if output is OutputFormat.json:
+        # {"name", "versions": [show's object x 2], "metrics": [{"metric", "values", "difference"}],
+        # "tags": [{"tag", "values"}], "health": [..., ...]}
+        print_json(result)
+        return
+    left, right = result["versions"]
+    labels = [f"v{left['version']}", f"v{right['version']}"]
+    for label, info, verdict in zip(labels, result["versions"], result["health"]):
+        aliases = " ".join(f"@{a}" for a in info["aliases"]) or "(no aliases)"
+        console.print(
+            f"[bold]{name}[/bold] {label}  {aliases}  {verdict}  run {info['run_id'] or '-'}  created {info['created'] or '-'}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    table = new_table(f"{name}: {labels[0]} against {labels[1]}")
+    text_column(table, "metric")
+    for label in (*labels, f"{labels[1]} - {labels[0]}"):
+        number_column(table, label)
+    for row in result["metrics"]:
+        table.add_row(row["metric"], *(_value(v) for v in row["values"]), _value(row["difference"]))
+    console.print(table)
+    if result["tags"]:
+        tags = new_table("tags that differ")
+        text_column(tags, "tag")
+        for label in labels:
+            text_column(tags, label)
+        for row in result["tags"]:
+            tags.add_row(row["tag"], *(v if v is not None else "-" for v in row["values"]))
+        console.print(tags)
+    for label, info in zip(labels, result["versions"]):
+        if info["pictures"]:
+            console.print(f"pictures of {label}:", highlight=False)
+            for uri in info["pictures"]:
+                console.print(f"  {uri}", highlight=False, soft_wrap=True)
+        else:
+            console.print(f"pictures of {label}: none logged on its run", highlight=False)

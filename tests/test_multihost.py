@@ -101,8 +101,10 @@ def job_spec() -> str:
         f"name: multihost\n"
         f"model: {{variant: vae, architecture: mlp, latent_dim: 2, hidden_dims: [32]}}\n"
         f"data: {{source: {DATASET}, val_fraction: 0.125}}\n"
+        # lr 3e-3: at the default 1e-4 the 100 steps leave the VAE collapsed (no active unit), and the registry
+        # would rightly not give it @candidate (issue 20).
         f"train: {{steps: {STEPS}, batch_size: 16, checkpoint_every: {CHECKPOINT_EVERY}, log_every: 5, "
-        f"max_failures: 2}}\n"
+        f"max_failures: 2, optimizer: {{lr: 3.0e-3}}}}\n"
         f"eval: {{iwae_samples: 2, max_examples: 32, disentanglement: false}}\n"
         f"resources: {{workers: 2, cpus_per_worker: 1}}\n"
         f"register: {{model_name: {MODEL}}}\n"

@@ -206,6 +206,18 @@ class EvalConfig(StrictModel):
     disentanglement: bool = Field(
         True, description="MIG, SAP, DCI, FactorVAE and beta-VAE scores where the data has factors"
     )
+    active_unit_variance: float = Field(
+        0.01,
+        gt=0.0,
+        description="VAE family: a latent is active when its posterior mean's variance over the data exceeds this "
+        "(Burda et al.'s 0.01); eval/active_units counts them",
+    )
+    collapse_kl_per_latent: float = Field(
+        0.1,
+        ge=0.0,
+        description="VAE family: a model with no active unit, or with eval/kl per latent below this many nats, is "
+        "collapsed (eval/collapsed 1): registered without its alias, never a sweep's best",
+    )
     num_train: int = Field(2000, ge=10, le=MAX_EVAL_ROWS, description="points used to fit the disentanglement scores")
     num_test: int = Field(1000, ge=10, le=MAX_EVAL_ROWS)
     pictures: bool = True

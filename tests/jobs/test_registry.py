@@ -391,3 +391,91 @@ def test_the_job_owner_is_the_queues_else_the_local_user(monkeypatch):
     assert job_owner() == "alice"
     monkeypatch.delenv("AEFORGE_JOB_OWNER")
     assert job_owner() == getpass.getuser()
+
+
+# --- the gate: aliases move only on purpose (issue 20) ----------------------------------------------------------
+
+GOOD = {**METRICS, "eval/elbo": -88.2, "eval/active_units": 3.0, "eval/kl": 9.0, "eval/collapsed": 0.0}
+WEAK = {**GOOD, "eval/elbo": -473.1}
+COLLAPSED = {**GOOD, "eval/elbo": -90.0, "eval/active_units": 0.0, "eval/kl": 0.2, "eval/collapsed": 1.0}
+
+
+def register_with(spec: JobSpec, job_id: str, metrics: dict, **kwargs):
+    experiment_id = ensure_experiment(spec.name)
+    run_id = start_or_resume_run(experiment_id, job_id)
+    return log_and_register(make_model(spec), spec, job_id, run_id, metrics, **kwargs)
+
+
+def test_a_worse_or_collapsed_version_is_registered_without_the_alias_and_says_why(mlflow_sqlite):
+    from jobs.registry import description_decisions
+
+    spec = make_spec(name="gated-faces")
+    client = mlflow.MlflowClient(mlflow_sqlite)
+    first = register_with(spec, "job-1", GOOD)
+    assert (
+        first["alias"] == "candidate"
+        and first["alias_moved"]
+        and first["decision"] == ("@candidate moved to v1 (eval/elbo -88.2)")
+    )
+    weak = register_with(spec, "job-2", WEAK)
+    assert weak["version"] == "2" and weak["alias"] is None and not weak["alias_moved"]
+    assert weak["decision"].startswith("@candidate stays on v1: v2's eval/elbo -473.1 is worse than v1's -88.2")
+    collapsed = register_with(spec, "job-3", COLLAPSED)
+    assert collapsed["decision"].startswith("@candidate stays on v1: v3 is collapsed: 0 active units")
+    assert str(client.get_model_version_by_alias("gated-faces", "candidate").version) == "1"
+    # Each version's description says what it was compared with and why; `models show` prints that paragraph.
+    version = client.get_model_version("gated-faces", "2")
+    assert version.tags["alias_decision.candidate"] == weak["decision"]
+    assert version.tags["gate_metric"] == "eval/elbo max"
+    assert description_decisions(version.description) == [weak["decision"]]
+    paragraphs = version.description.split("\n\n")
+    assert paragraphs[1].startswith("**Alias:** @candidate stays on v1") and paragraphs[2].startswith("| metric")
+
+    # --force moves it past a better version, never onto a collapsed one.
+    forced = register_with(spec, "job-4", WEAK, force=True)
+    assert forced["alias"] == "candidate" and "by --force" in forced["decision"]
+    assert not register_with(spec, "job-5", COLLAPSED, force=True)["alias_moved"]
+    # A spec without an alias registers the record only.
+    plain = register_with(spec, "job-6", GOOD, alias=None)
+    assert plain["alias"] is None and plain["decision"] == "registered without an alias"
+    assert str(client.get_model_version_by_alias("gated-faces", "candidate").version) == "4"
+
+
+def test_promote_remove_and_compare_go_through_the_gate_as_the_owner(mlflow_sqlite, monkeypatch):
+    from jobs.registry import RegistrationError, compare, promote, remove_alias
+
+    monkeypatch.setenv("AEFORGE_JOB_OWNER", "alice")
+    spec = make_spec(name="promoted-faces")
+    register_with(spec, "job-1", GOOD)
+    register_with(spec, "job-2", WEAK)
+    register_with(spec, "job-3", COLLAPSED)
+    client = mlflow.MlflowClient(mlflow_sqlite)
+
+    refused = promote("promoted-faces", "2", "@candidate")
+    assert not refused["moved"] and "worse than v1's -88.2" in refused["decision"]
+    assert not promote("promoted-faces", "3", "candidate", force=True)["moved"]  # collapsed: never
+    moved = promote("promoted-faces", "2", "@candidate", force=True)
+    assert moved["moved"] and str(client.get_model_version_by_alias("promoted-faces", "candidate").version) == "2"
+    assert "(by promoted by alice" in client.get_model_version("promoted-faces", "2").description
+    assert promote("promoted-faces", "1", "@prod")["moved"]  # a new alias has nothing to be compared with
+
+    monkeypatch.setenv("AEFORGE_JOB_OWNER", "bob")
+    with pytest.raises(RegistrationError, match="belongs to alice; bob cannot"):
+        promote("promoted-faces", "1", "@candidate")
+    with pytest.raises(RegistrationError, match="belongs to alice"):
+        remove_alias("promoted-faces", "@prod")
+    monkeypatch.setenv("AEFORGE_JOB_OWNER", "alice")
+    with pytest.raises(RegistrationError, match="reserved by MLflow"):
+        promote("promoted-faces", "1", "@v3")
+    with pytest.raises(ModelLookupError, match="no version 9"):
+        promote("promoted-faces", "9", "@candidate")
+    assert remove_alias("promoted-faces", "@prod") == {"name": "promoted-faces", "alias": "prod", "version": "1"}
+    assert "prod" not in client.get_registered_model("promoted-faces").aliases
+    with pytest.raises(ModelLookupError, match="no alias 'prod'"):
+        remove_alias("promoted-faces", "prod")
+
+    side = compare("promoted-faces", "1", "3")
+    rows = {row["metric"]: row for row in side["metrics"]}
+    assert rows["eval/elbo"]["values"] == [-88.2, -90.0] and rows["eval/elbo"]["difference"] == pytest.approx(-1.8)
+    assert side["health"][0] == "healthy" and side["health"][1].startswith("collapsed: 0 active units")
+    assert {row["tag"] for row in side["tags"]} == {"job_id"}

@@ -80,7 +80,9 @@ def spec_dict(data: Path, name: str, **overrides) -> dict:
         "kind": "sweep",
         "model": {"variant": "beta_vae", "architecture": "mlp", "hidden_dims": [32], "latent_dim": 2},
         "data": {"source": str(data), "val_fraction": 0.25},
-        "train": {"steps": 30, "batch_size": 16, "log_every": 10, "checkpoint_every": 15, "optimizer": {"lr": 1.0e-3}},
+        # lr 5e-3: at 1e-3 the 30 steps leave every trial collapsed (eval/kl 0.02-0.06 nats), and a sweep ranks no
+        # collapsed trial (issue 20); at 5e-3 each carries 0.3-1 nats per latent.
+        "train": {"steps": 30, "batch_size": 16, "log_every": 10, "checkpoint_every": 15, "optimizer": {"lr": 5.0e-3}},
         "eval": {"iwae_samples": 2, "max_examples": 32, "num_train": 64, "num_test": 32},
         "resources": {"workers": 1, "cpus_per_worker": 0.5},
         "sweep": {
@@ -236,7 +238,8 @@ def test_a_grid_sweep_tracks_every_trial_and_registers_the_best(finished_sweep, 
     assert {(float(r["beta"]), int(r["latent_dim"])) for r in table_rows} == GRID
     assert all(r["eval/mig"] and r["status"] == "finished" for r in table_rows)
 
-    # The best trial (by eval/mig, max) is registered with alias best, tagged with the sweep id, and loads.
+    # The best healthy trial (by eval/mig, max) is registered with alias best, tagged with the sweep id, and loads.
+    assert all(r["health"] == "healthy" for r in rows), rows
     best = max(rows, key=lambda r: r["eval/mig"])
     assert outcome["best"]["run_name"] == best["run_name"]
     assert parent.data.tags["aeforge.best_trial"] == best["run_name"]
@@ -340,7 +343,9 @@ def test_a_packed_sweep_trains_its_trials_in_packs_each_a_first_class_result(swe
     # `aeforge sweep results` reads the same four rows from MLflow.
     assert {r["run_name"] for r in load_sweep(job_id)["rows"]} == {r["run_name"] for r in rows}
 
-    best = max(rows, key=lambda r: r["eval/mig"])
+    healthy = [r for r in rows if r["health"] == "healthy"]  # only healthy trials are ranked (issue 20)
+    assert healthy, rows
+    best = max(healthy, key=lambda r: r["eval/mig"])
     version = client.get_model_version_by_alias(spec.registration.model_name, "best")
     assert version.tags["trial_id"] == best["trial_id"]
     with mlflow_uri(sweep_env["tracking_uri"]):
@@ -386,6 +391,10 @@ def test_chen2018_study_spec_runs_tiny_and_draws_the_papers_two_pictures(sweep_e
             "eval.mig_chen_rows=256",
             "eval.mig_chen_samples=256",
             "eval.pictures=false",
+            # 4 steps leave the models collapsed, and a sweep ranks no collapsed trial (issue 20); this test is about
+            # the study's pictures, so any unit that moves at all counts as active here.
+            "eval.active_unit_variance=1e-12",
+            "eval.collapse_kl_per_latent=0",
             "sweep.beta=[1, 4]",
             "sweep.seed=[0, 1]",
             "sweep.pack=4",

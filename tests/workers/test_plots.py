@@ -477,8 +477,10 @@ def test_run_pictures_of_a_dae_on_factor_data_are_reproducible(tmp_path, caplog)
     with caplog.at_level(logging.WARNING, logger="workers.plots"):
         first = make_run_pictures(model, with_factors(), with_factors(12), tmp_path / "a", seed=5)
     assert not caplog.records
-    # No prior, no history; coloured by the first factor that varies ("color" is constant, as in dSprites).
-    assert set(first) == {"reconstructions", "traversal", "embedding_shape", "templates"}
+    # No prior, no history; coloured by the first factor that varies ("color" is constant, as in dSprites); the
+    # latent x factor mutual information of data with factors.
+    assert set(first) == {"reconstructions", "traversal", "embedding_shape", "templates", "mutual_information"}
+    assert open_png(first["mutual_information"]).size[0] > 100
     assert_readable(open_png(first["reconstructions"]), rows=3, cols=8)  # input, corrupted, reconstruction
     assert_readable(open_png(first["traversal"]), rows=3, cols=9)
     # The same seed gives the same pictures, and drawing them leaves the global random stream alone.
@@ -565,3 +567,21 @@ def test_the_heat_map_is_larger_for_more_betas_and_latent_sizes(tmp_path):
     large = open_png(metric_heatmap(rows, "eval/mig", tmp_path / "b.png", mode="max"))
     assert large.width > small.width and min(small.size) >= 256
     assert math.isclose(large.height, small.height)
+
+
+def test_the_mutual_information_matrix_shows_which_latent_holds_which_factor(tmp_path):
+    from workers.metrics.mig import mutual_info_matrix
+    from workers.plots import mutual_info_picture
+
+    rng = np.random.default_rng(0)
+    factors = np.stack([rng.integers(4, size=2000), rng.integers(5, size=2000), np.zeros(2000, dtype=int)], 1)
+    # z1 holds factor 1, z2 factor 0, z3 nothing.
+    codes = np.stack([factors[:, 1] + 0.01 * rng.normal(size=2000), factors[:, 0], rng.normal(size=2000)], 1)
+    mutual_info, entropy = mutual_info_matrix(codes, factors)
+    assert mutual_info.shape == (3, 3) and entropy[2] == 0
+    share = mutual_info[:, :2] / entropy[:2]
+    assert share[0, 1] > 0.95 and share[1, 0] > 0.95 and share[2].max() < 0.05 and share[0, 0] < 0.05
+    path = mutual_info_picture(codes, factors, ["a", "b", "constant"], tmp_path / "mi.png", "mutual information")
+    assert open_png(path).size[0] > 100
+    with pytest.raises(ValueError, match="single value"):
+        mutual_info_picture(codes, factors[:, 2:], ["constant"], tmp_path / "none.png", "nothing")

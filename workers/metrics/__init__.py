@@ -3,7 +3,11 @@
 What :func:`evaluate` reports (keys prefixed ``eval/``), and on which examples:
 
 - ``elbo``, ``recon``, ``kl`` (``recon`` only for deterministic autoencoders): ``max_examples`` validation rows;
-- VAE family: ``iwae_ll`` (k = ``iwae_samples``) and ``mi``, ``tc``, ``dwkl`` on the same validation rows;
+- VAE family: ``iwae_ll`` (k = ``iwae_samples``) and ``mi``, ``tc``, ``dwkl`` on the same validation rows, and
+  the model's health on them: ``active_units`` (Burda et al.: latents whose posterior mean varies over the data by
+  more than ``active_unit_variance``), ``kl_per_latent`` and ``collapsed`` (1.0: no active unit, or a KL per
+  latent below ``collapse_kl_per_latent``; see active_units.py). The registry never gives a collapsed model an
+  alias, and a sweep never ranks it best;
 - labelled data with ``probe`` on: ``probe_linear_accuracy`` (a logistic regression on the frozen posterior means
   of up to ``num_train`` training rows, tested on up to ``num_test`` validation rows) and, with
   ``probe_finetune_epochs`` > 0, ``probe_finetune_accuracy`` (a copy of the encoder and a linear head trained end
@@ -32,6 +36,7 @@ import torch
 
 from workers.config import EvalConfig
 from workers.data.base import DataError, ImageDataset
+from workers.metrics.active_units import active_units
 from workers.metrics.beta_vae_score import beta_vae_score
 from workers.metrics.dci import dci_from_codes
 from workers.metrics.elbo import elbo
@@ -85,6 +90,18 @@ def evaluate(
                 )
                 parts = tc_decomposition(model, val, config.max_examples, batch_size, _generator(seed, "val"))
                 out.update({k: parts[k] for k in ("mi", "tc", "dwkl")})
+                out.update(
+                    active_units(
+                        model,
+                        val,
+                        config.max_examples,
+                        batch_size,
+                        _generator(seed, "val"),
+                        kl=out["kl"],
+                        variance_threshold=config.active_unit_variance,
+                        kl_per_latent_floor=config.collapse_kl_per_latent,
+                    )
+                )
 
             if config.probe and train is not None and _has_classes(train) and _has_classes(val):
                 out.update(_probes(model, train, val, config, batch_size, seed))

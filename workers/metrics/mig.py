@@ -71,22 +71,33 @@ def _gap_score(mutual_info: np.ndarray, entropy: np.ndarray) -> float:
     return float(np.mean((ranked[0] - second) / entropy))
 
 
-def mig_from_codes(codes, factors, num_bins: int = 20) -> float:
-    """disentanglement_lib's MIG of codes (N, D) against discrete factors (N, K), both array-likes."""
+def mutual_info_matrix(codes, factors, num_bins: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """(I, H): the plug-in mutual information I[j, k] between binned code dimension j and factor k, (D, K) in
+    nats, and each factor's entropy H[k], (K,), from codes (N, D) and discrete factors (N, K), both array-likes.
+    I / H is the share of a factor's information one latent holds: the matrix the run's ``mutual_information``
+    picture shows, and MIG's raw material."""
     codes = np.asarray(codes, dtype=np.float64)
     factors = np.asarray(factors)
     if codes.ndim != 2 or factors.ndim != 2 or codes.shape[0] != factors.shape[0]:
         raise ValueError(f"codes (N, D) and factors (N, K) must have the same N; got {codes.shape} and {factors.shape}")
     binned = discretize(codes, num_bins)
     entropy = np.array([mutual_info_score(factors[:, k], factors[:, k]) for k in range(factors.shape[1])])
+    mutual_info = np.array(
+        [
+            [mutual_info_score(factors[:, k], binned[:, j]) for k in range(factors.shape[1])]
+            for j in range(codes.shape[1])
+        ]
+    ).reshape(codes.shape[1], factors.shape[1])
+    return mutual_info, entropy
+
+
+def mig_from_codes(codes, factors, num_bins: int = 20) -> float:
+    """disentanglement_lib's MIG of codes (N, D) against discrete factors (N, K), both array-likes."""
+    mutual_info, entropy = mutual_info_matrix(codes, factors, num_bins)
     informative = entropy > 0
     if not informative.any():
         raise DataError("MIG: every factor takes a single value in the sample; there is nothing to measure")
-    kept = np.flatnonzero(informative)
-    mutual_info = np.array(
-        [[mutual_info_score(factors[:, k], binned[:, j]) for k in kept] for j in range(codes.shape[1])]
-    )
-    return _gap_score(mutual_info, entropy[informative])
+    return _gap_score(mutual_info[:, informative], entropy[informative])
 
 
 def mig(

@@ -13,7 +13,9 @@ What each picture is for:
 - ``templates``: the first layer's weight rows of an ``mlp`` encoder shown as images, the lecture's
   "rows are templates" picture; :func:`templates_comparison` puts several models' templates side by side
   (Vincent et al.: "0% vs 50% input pixels destroyed");
-- ``loss_curves``: one panel per distinct logged ``train/*`` quantity, validation points on the same panel.
+- ``loss_curves``: one panel per distinct logged ``train/*`` quantity, validation points on the same panel;
+- ``mutual_information``: data with factors: the latent x factor mutual-information matrix (normalised by each
+  factor's entropy), the table behind MIG, where a collapsed model shows as an empty picture.
 
 Grids are drawn here with Pillow (no torchvision: it is not a dependency of the workers), in the layout
 torchvision's ``make_grid`` uses, so the pictures look like the papers'. A picture for people
@@ -582,6 +584,40 @@ def embedding_scatter(codes: Any, colours: Any, path: str | Path, title: str, co
     return _save_figure(fig, path)
 
 
+def mutual_info_picture(
+    codes: Any, factors: Any, factor_names: Sequence[str], path: str | Path, title: str, num_bins: int = 20
+) -> Path:
+    """The latent x factor mutual-information matrix as an annotated heat map: cell (j, k) is I(z_j; v_k) / H(v_k),
+    the share of factor k's information that latent j holds (binned posterior means, as disentanglement_lib's MIG
+    bins them), latents in rows, factors in columns. A disentangled model has one bright cell per column, each in
+    a different row; a collapsed one is dark everywhere. Factors that do not vary in the sample are left out."""
+    from workers.metrics.mig import mutual_info_matrix  # sklearn: only where this picture is drawn
+
+    mutual_info, entropy = mutual_info_matrix(_to_numpy(codes), _to_numpy(factors), num_bins)
+    kept = np.flatnonzero(entropy > 0)
+    if len(kept) == 0:
+        raise ValueError("every factor takes a single value in the sample: there is no information to show")
+    share = mutual_info[:, kept] / entropy[kept]
+    names = [str(factor_names[k]) for k in kept]
+    rows, cols = share.shape
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * cols, 1.2 + 0.45 * rows), dpi=100)
+    image = ax.imshow(share, cmap="viridis", vmin=0.0, vmax=max(1e-6, float(share.max()), 0.5), aspect="auto")
+    for j in range(rows):
+        for k in range(cols):
+            value = share[j, k]
+            ax.text(
+                k, j, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if value < 0.3 else "black"
+            )
+    ax.set_xticks(range(cols), names, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(rows), [f"z{j + 1}" for j in range(rows)], fontsize=8)
+    ax.set_xlabel("ground-truth factor")
+    ax.set_ylabel("latent")
+    fig.colorbar(image, ax=ax, label="I(z_j; v_k) / H(v_k)")
+    ax.set_title(title, fontsize=9, wrap=True)
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
 # What each logged loss part is, for panel titles.
 LOSS_PARTS = {
     "loss": "objective (total loss)",
@@ -716,7 +752,8 @@ def make_run_pictures(
 
     Names (file = name + ".png"): ``reconstructions``, ``traversal`` (the sweep summary collects this file
     from every trial), ``samples`` (VAE family), ``manifold`` (latent_dim 2), ``embedding_label`` (data with
-    labels) and ``embedding_<factor>`` (data with factors: the first factor that varies), ``templates``
+    labels) and ``embedding_<factor>`` and ``mutual_information`` (data with factors; the embedding is coloured by
+    the first factor that varies), ``templates``
     (architecture mlp) and ``loss_curves`` (a history with train/* curves). Grids are enlarged to at least
     ``MIN_SIDE`` pixels a side, titled with the model and data, and their rows labelled; the traversal's rows
     go by KL (VAE family) or by the codes' spread (autoencoders, swept over their mean +- 2 sd).
@@ -804,6 +841,17 @@ def make_run_pictures(
                     ),
                 )
             if data.has_factors:
+                values = data.factors(points).cpu()
+                attempt(
+                    "mutual_information",
+                    lambda: mutual_info_picture(
+                        codes,
+                        values,
+                        data.factor_names or [f"factor{k}" for k in range(values.shape[1])],
+                        out_dir / "mutual_information.png",
+                        f"latent x factor mutual information ({about}), {len(points)} validation images",
+                    ),
+                )
                 factor = _first_varying_factor(data, points)
                 if factor is not None:
                     name = f"embedding_{_safe_name(factor[0])}"

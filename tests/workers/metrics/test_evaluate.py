@@ -12,7 +12,15 @@ from workers.metrics import evaluate
 SIZES = (3, 4, 5, 6)
 SMALL = EvalConfig(iwae_samples=5, max_examples=100, num_train=300, num_test=150)
 BASIC = {"eval/elbo", "eval/recon", "eval/kl"}
-VAE_ONLY = {"eval/iwae_ll", "eval/mi", "eval/tc", "eval/dwkl"}
+VAE_ONLY = {
+    "eval/iwae_ll",
+    "eval/mi",
+    "eval/tc",
+    "eval/dwkl",
+    "eval/active_units",
+    "eval/kl_per_latent",
+    "eval/collapsed",
+}
 FACTOR = {
     "eval/mig",
     "eval/sap",
