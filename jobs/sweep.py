@@ -685,6 +685,9 @@ def _register_trials(
     best_version = None
     for rank, row in enumerate(to_register):
         trial_spec = spec.with_trial({k: row[k] for k in TRIAL_KEYS if k in row and row[k] is not None})
+        # A trial's spec is a train spec: @best is judged by the sweep's metric (jobs/gate.py), not a train job's.
+        registration = trial_spec.registration.model_copy(update={"metric": spec.gate_metric()})
+        trial_spec = trial_spec.model_copy(update={"registration": registration})
         model = _load_trial_model(storage, row["checkpoint_path"])
         run_id = start_or_resume_run(experiment_id, row["trial_job_id"], run_name=row["run_name"])
         is_best = bool(healthy) and row is healthy[0]

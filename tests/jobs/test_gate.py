@@ -68,3 +68,38 @@ def test_a_collapsed_or_unfinished_version_never_takes_the_alias(force):
 
 def test_numbers_read_as_people_write_them():
     assert number(-473.14159) == "-473.1" and number(-0.00001, 2) == "-1e-05" and number(-0.0) == "0"
+
+
+def test_the_gate_metric_is_the_specs_the_sweeps_or_the_variants():
+    from jobs.spec import JobSpec
+
+    def spec(**extra):
+        base = {"name": "g", "model": {"variant": "vae", "architecture": "mlp", "latent_dim": 2}}
+        base.update(extra)
+        return JobSpec.model_validate(base)
+
+    assert spec().gate_metric().model_dump() == {"name": "eval/elbo", "mode": "max"}
+    ae = spec(model={"variant": "ae", "architecture": "mlp", "latent_dim": 2})
+    assert ae.gate_metric().model_dump() == {"name": "eval/recon", "mode": "min"}
+    chosen = spec(register={"model_name": "g", "metric": {"name": "eval/iwae_ll", "mode": "max"}})
+    assert chosen.gate_metric().name == "eval/iwae_ll"
+    swept = spec(
+        kind="sweep",
+        model={"variant": "beta_vae", "architecture": "mlp", "latent_dim": 2},
+        sweep={"beta": [1.0], "metric": {"name": "eval/kl", "mode": "min"}},
+    )
+    assert swept.gate_metric().model_dump() == {"name": "eval/kl", "mode": "min"}
+    assert spec(register={"model_name": "g", "alias": None}).registration.alias is None
+
+
+def test_a_register_metric_no_run_reports_is_a_spec_error():
+    from jobs.spec import SpecError, parse_spec
+
+    with pytest.raises(SpecError) as info:
+        parse_spec(
+            "name: g\nmodel: {variant: ae, architecture: mlp, latent_dim: 2}\n"
+            "register: {model_name: g, metric: {name: eval/kl}}\n",
+            "g.yaml",
+        )
+    assert [e["loc"] for e in info.value.errors] == ["register.metric.name"]
+    assert "no run reports 'eval/kl'" in info.value.errors[0]["msg"]
