@@ -150,3 +150,27 @@ def test_a_sweep_whose_trials_all_collapsed_registers_no_best_and_says_so(gate_e
     as_json = runner.invoke(cli.app, ["sweep", "results", f"{name}-job", "-o", "json"])
     trials = yaml.safe_load(as_json.output)["trials"]
     assert [t["health"] for t in trials] == ["collapsed", "collapsed"] and [t["rank"] for t in trials] == [None, None]
+
+
+@pytest.mark.timeout(420)
+def test_a_collapsed_trial_with_the_higher_metric_is_never_the_best(gate_env):
+    """The issue's sweep in small: beta 400 collapses (no active unit) yet scores the higher eval/mig, binned noise
+    of a constant code (measured in-process: 0.16 against 0.03); @best goes to the healthy beta-1 trial."""
+    from jobs.spec import parse_spec
+    from jobs.sweep import run_sweep
+
+    name = f"gate-mixed-{uuid.uuid4().hex[:6]}"
+    spec = train_spec(gate_env["data"], name, 30)
+    spec.update(kind="sweep", register={"model_name": name})
+    spec["train"].update(checkpoint_every=15, optimizer={"lr": 5e-3})
+    spec["model"]["latent_dim"] = 2
+    spec["sweep"] = {"beta": [1, 400], "pack": 2, "metric": {"name": "eval/mig", "mode": "max"}}
+    outcome = run_sweep(parse_spec(yaml.safe_dump(spec), "mixed.yaml"), f"{name}-job")
+
+    by_beta = {r["beta"]: r for r in outcome["trials"]}
+    assert by_beta[1.0]["health"] == "healthy" and by_beta[400.0]["health"] == "collapsed", outcome["trials"]
+    assert outcome["best"]["run_name"] == by_beta[1.0]["run_name"] and "no_best" not in outcome
+    client = mlflow.MlflowClient(gate_env["tracking_uri"])
+    best = client.get_model_version_by_alias(name, "best")
+    assert best.tags["trial_id"] == by_beta[1.0]["trial_id"] and best.tags["gate_metric"] == "eval/mig max"
+    assert outcome["model"]["decision"].startswith("@best moved to v1 (eval/mig")
