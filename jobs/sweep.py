@@ -526,7 +526,7 @@ def no_best_line(job_id: str, rows: list[dict[str, Any]], metric: str) -> str:
     for verdict in verdicts:
         counts[verdict.label] = counts.get(verdict.label, 0) + 1
     what = ", ".join(f"{n} of {len(rows)} trials {label}" for label, n in sorted(counts.items(), key=lambda kv: -kv[1]))
-    numbers = []
+    numbers: list[str] = []
     for key in ("eval/active_units", "eval/kl", metric):
         values = [float(r[key]) for r in rows if isinstance(r.get(key), (int, float)) and r.get(key) == r.get(key)]
         if values and f"{key} " not in " ".join(numbers):
@@ -686,7 +686,7 @@ def _register_trials(
     for rank, row in enumerate(to_register):
         trial_spec = spec.with_trial({k: row[k] for k in TRIAL_KEYS if k in row and row[k] is not None})
         # A trial's spec is a train spec: @best is judged by the sweep's metric (jobs/gate.py), not a train job's.
-        registration = trial_spec.registration.model_copy(update={"metric": spec.gate_metric()})
+        registration = spec.registration.model_copy(update={"metric": spec.gate_metric()})
         trial_spec = trial_spec.model_copy(update={"registration": registration})
         model = _load_trial_model(storage, row["checkpoint_path"])
         run_id = start_or_resume_run(experiment_id, row["trial_job_id"], run_name=row["run_name"])
