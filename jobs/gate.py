@@ -137,9 +137,9 @@ def decide(
     value = float(metrics[metric])
     if incumbent is None:
         return AliasDecision(alias, version, True, f"{here} moved to v{version} ({metric} {number(value)})", None)
-    old = incumbent.metrics.get(metric)
+    recorded = incumbent.metrics.get(metric)
     against = str(incumbent.version)
-    if not _finite(old):
+    if recorded is None or not _finite(recorded):
         return AliasDecision(
             alias,
             version,
@@ -148,7 +148,7 @@ def decide(
             f"to compare)",
             against,
         )
-    old = float(old)
+    old = float(recorded)
     if is_worse(value, old, mode):
         if force:
             return AliasDecision(
