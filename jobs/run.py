@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                 "metrics": metrics,
                 "pictures": outcome.get("pictures"),
                 "best_trial": best.get("run_name"),
-                "no_best": outcome.get("no_best"),
+                # A sweep with no healthy trial: the one line that says why nothing is @best.
+                **({"no_best": outcome["no_best"]} if outcome.get("no_best") else {}),
                 **progress,
             }
         ),

@@ -69,3 +69,18 @@ def test_a_sweep_result_carries_its_best_trials_metrics(job_spec, monkeypatch, c
     result = parse_result(capsys.readouterr().out)
     assert result["metrics"] == {"eval/mig": 0.4, "eval/recon": 0.5} and result["best_trial"] == "j-t03"
     assert result["pictures"] == "s3://bucket/aeforge/runs/j/pictures"
+
+
+def test_a_sweep_without_a_healthy_trial_says_why_in_its_result_and_status(job_spec, monkeypatch, capsys):
+    from services.cli_jobs import model_rows
+
+    line = "sweep j: no healthy trial, so no @best: 2 of 2 trials collapsed (eval/active_units 0, eval/kl 0.001)"
+    model = {**MODEL, "alias": None, "decision": "not offered @best: no trial is healthy (collapsed: ...)"}
+    outcome = {"mlflow_run_id": "parent", "trials": [], "no_best": line, "model": model, "pictures": "s3://b/p"}
+    monkeypatch.setattr(job_run, "run_job", lambda spec, job_id, **kwargs: outcome)
+    assert job_run.main(["j"]) == 0
+    result = parse_result(capsys.readouterr().out)
+    assert result["no_best"] == line and result["best_trial"] is None
+    rows = dict(model_rows({"result": result, "mlflow_run_id": "parent"}))
+    assert rows["best trial"] == line and rows["alias"] == model["decision"]
+    assert rows["model"] == "alice-vae version 2"  # no alias on it
