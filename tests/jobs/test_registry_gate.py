@@ -64,7 +64,7 @@ def train_spec(data: Path, name: str, steps: int) -> dict:
     }
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(600)
 def test_a_weaker_run_leaves_candidate_on_the_better_version_and_says_so(gate_env, tmp_path):
     from services import cli
 
@@ -114,7 +114,7 @@ def test_a_weaker_run_leaves_candidate_on_the_better_version_and_says_so(gate_en
     assert "candidate" not in (client.get_registered_model(name).aliases or {})
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(600)
 def test_a_sweep_whose_trials_all_collapsed_registers_no_best_and_says_so(gate_env, tmp_path):
     from jobs.spec import parse_spec
     from jobs.sweep import run_sweep
@@ -152,7 +152,7 @@ def test_a_sweep_whose_trials_all_collapsed_registers_no_best_and_says_so(gate_e
     assert [t["health"] for t in trials] == ["collapsed", "collapsed"] and [t["rank"] for t in trials] == [None, None]
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(600)
 def test_a_collapsed_trial_with_the_higher_metric_is_never_the_best(gate_env):
     """The issue's sweep in small: beta 400 collapses (no active unit) yet scores the higher eval/mig, binned noise
     of a constant code (measured in-process: 0.16 against 0.03); @best goes to the healthy beta-1 trial."""
