@@ -290,7 +290,7 @@ def simulate(backend: str, trace: Trace, args, *, backfill: bool = True) -> Resu
                     util_sum += held / total_gpus
                     waiting_teams = {meta[j.id].team for j in store.list_jobs(states=["queued"], limit=500)[0]}
                     if len(waiting_teams) >= 2:
-                        per_team = defaultdict(float)
+                        per_team: dict[str, float] = defaultdict(float)
                         for j in active:
                             per_team[meta[j.id].team] += j.resources.get("GPU", 0.0)
                         xs = [per_team[t] / total_gpus / trace.weights[t] for t in waiting_teams]
@@ -367,6 +367,12 @@ def pass_time_at_scale(backend: str, args) -> list[float]:
 
                 def stop(self, sid):
                     pass
+
+                def logs(self, sid):
+                    return ""
+
+                async def tail(self, sid):
+                    yield ""
 
             dispatcher = Dispatcher(
                 store,

@@ -34,7 +34,7 @@ from services import metrics
 from services.logs import job_fields, redact, secret_values
 from services.policy import Policy, PolicySource
 from services.scheduler import QueuedJob, RunningJob, Scheduler, decayed_usage, dominant_share
-from services.store import Decision, Job, QueueSnapshot, Store, add_resources
+from services.store import Decision, Job, QueuedRow, QueueSnapshot, Store, add_resources
 from workers.errors import AeforgeError
 from workers.protocol import PROGRESS_MARK, RESULT_MARK, parse_progress, parse_result  # noqa: F401 (re-exported)
 
@@ -147,7 +147,9 @@ def recent_usage(policy: Policy, snapshot: QueueSnapshot, total: dict[str, float
     """Each team's and owner's (``owner:NAME``) decayed recent usage (services.scheduler.decayed_usage): the finished
     jobs' last attempts and the admitted jobs so far, each as its dominant share of today's cluster."""
     intervals: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
-    rows = [(r.owner, r.resources, r.started_at, r.finished_at) for r in snapshot.history]
+    rows: list[tuple[str, dict[str, float], datetime, datetime | None]] = [
+        (r.owner, r.resources, r.started_at, r.finished_at) for r in snapshot.history
+    ]
     rows += [(j.owner, j.resources, j.started_at, None) for j in snapshot.active if j.started_at is not None]
     for owner, resources, started, finished in rows:
         interval = (started.timestamp(), now if finished is None else finished.timestamp(), 0.0)
@@ -468,7 +470,7 @@ class Dispatcher:
         """A preempted job has stopped: back to the queue, where it resumes from the checkpoint it wrote at its last
         step. The attempt it used is given back (max_attempts + 1): being preempted is not a failure."""
         try:
-            progress = parse_progress(self.launcher.logs(job.ray_submission_id))
+            progress = parse_progress(self.launcher.logs(job.ray_submission_id or job.id))
         except (LauncherUnavailable, RuntimeError):
             progress = None
         at = f" at step {progress['step']}" if progress else ""
@@ -479,7 +481,7 @@ class Dispatcher:
             max_attempts=job.max_attempts + 1,
         )
 
-    def retry_delay_s(self, job: Job) -> float:
+    def retry_delay_s(self, job: Job | QueuedRow) -> float:
         """How long after its failed attempt ``job`` waits before the next one: exponential, with a jitter that is
         fixed per job and attempt (so every dispatcher computes the same time)."""
         if self.retry_backoff_s <= 0 or job.attempts < 1:
@@ -487,7 +489,7 @@ class Dispatcher:
         jitter = random.Random(f"{job.id}:{job.attempts}").random()
         return min(self.retry_backoff_s * 2 ** (job.attempts - 1) * (1 + 0.25 * jitter), MAX_RETRY_DELAY_S)
 
-    def retry_due(self, job: Job) -> float:
+    def retry_due(self, job: Job | QueuedRow) -> float:
         """When a queued job may start again (its re-queue time plus the back-off; 0 for a new job)."""
         if job.attempts < 1:
             return 0.0

@@ -184,6 +184,9 @@ class TeamView:
 class Policy:
     spec: PolicyFile = field(default_factory=PolicyFile)
     source: str = "the default policy (no AEFORGE_POLICY_FILE)"
+    # Lookups made once from ``spec``: each owner's team name, each class by name.
+    _owner_team: dict[str, str] = field(init=False, repr=False, compare=False)
+    _classes: dict[str, PriorityClass] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         owner_team = {owner: name for name, team in self.spec.teams.items() for owner in team.owners}
@@ -235,7 +238,7 @@ def never_fits_team(team: TeamView, asked: dict[str, float]) -> str | None:
     for ray_name in QUOTA_RESOURCES.values():
         ceiling = team.ceiling(ray_name)
         if ceiling is not None and asked.get(ray_name, 0.0) > ceiling + 1e-9:
-            quota = team.quota.resource(ray_name)
+            quota = team.quota.resource(ray_name) or 0.0  # set: a ceiling is a quota plus a borrowing limit
             return (
                 f"it asks for {ray_name} {asked[ray_name]:g} but team {team.name} may hold at most {ceiling:g} "
                 f"(quota {quota:g} plus borrowing limit {ceiling - quota:g})"
@@ -292,6 +295,8 @@ class PolicySource:
             self._stamp = self._stat()
 
     def _stat(self) -> tuple | None:
+        if self.path is None:
+            return None
         try:
             st = self.path.stat()
         except OSError:

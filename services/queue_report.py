@@ -28,14 +28,14 @@ def queue_report(
     recent = recent or {}
     total = total or {}
     if plan is not None:
-        order = [job_id for job_id in plan.order]
+        order = list(plan.order)
         reasons = dict(plan.waits)
         reasons.update({s.job_id: f"starts next pass: {s.reason}" for s in plan.starts})
         reasons.update({job_id: f"will be refused: {why}" for job_id, why in plan.rejects.items()})
     else:
         ranked = sorted(snapshot.queued, key=lambda r: (-r.priority, r.seq))
         order = [r.id for r in ranked]
-        reasons = {r.id: r.wait_reason for r in snapshot.queued}
+        reasons = {r.id: r.wait_reason or "" for r in snapshot.queued}
     place = {job_id: i + 1 for i, job_id in enumerate(order)}
     queued_by_id = {r.id: r for r in snapshot.queued}
 
@@ -103,7 +103,7 @@ def queue_report(
                 "place": place[row.id],
                 "place_in_team": team_places[entry["team"]],
                 "asks": {k: float((row.resources or {}).get(v, 0.0)) for k, v in QUOTA_RESOURCES.items()},
-                "reason": reasons.get(row.id),
+                "reason": reasons.get(row.id) or None,
             }
         )
     for entry in teams.values():

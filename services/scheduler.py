@@ -172,8 +172,9 @@ class Scheduler:
     def plan(self, queued: Sequence[QueuedJob], running: Sequence[RunningJob]) -> Plan:
         plan = Plan()
         teams: dict[str, TeamView] = {}
-        team_of = {}
-        for job in (*queued, *running):
+        team_of: dict[str, str] = {}
+        everyone: list[QueuedJob | RunningJob] = [*queued, *running]
+        for job in everyone:
             if job.owner not in team_of:
                 team = self.policy.team_of(job.owner)
                 teams[team.name] = team
