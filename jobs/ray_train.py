@@ -267,6 +267,24 @@ def pack_device_free_bytes(spec: JobSpec, concurrent: int) -> float | None:
         return None
 
 
+def largest_node_memory() -> float | None:
+    """Ray's ``memory`` resource (bytes) of the largest live node of the cluster this process joined."""
+    import ray
+
+    memories = [float(n.get("Resources", {}).get("memory", 0.0)) for n in ray.nodes() if n.get("Alive")]
+    return max(memories, default=0.0) or None
+
+
+def check_fits_memory(spec: JobSpec) -> None:
+    """SpecError naming the field when one worker of the job needs more memory than the largest node has: it would
+    be killed for memory, or fail allocating, on every attempt (the service checks this at submit as well)."""
+    from jobs.limits import memory_errors
+
+    errors = memory_errors(spec, largest_node_memory())
+    if errors:
+        raise SpecError(errors)
+
+
 def cluster_resources() -> dict[str, float]:
     import ray
 

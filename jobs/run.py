@@ -11,6 +11,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import yaml
 from jobs.ray_train import (
     build_trainer,
     check_fits_cluster,
+    check_fits_memory,
     cluster_resources,
     connect_ray,
     fit,
@@ -29,6 +31,7 @@ from workers import settings
 from workers.data import prepare
 from workers.errors import AeforgeError
 from workers.loop import TrainResult, train
+from workers.memory_failures import memory_failure
 from workers.outputs import publish_outputs
 from workers.protocol import new_job_id, result_line  # noqa: F401 (new_job_id: the CLI's, from here)
 from workers.timeline import fit_parts, parts_line
@@ -97,6 +100,7 @@ def run_train_on_ray(
     dataset = training_dataset(spec, storage, data_info)
     connect_ray()
     check_fits_cluster(spec, cluster_resources())  # a job that can never be placed would wait forever
+    check_fits_memory(spec)  # nor can one whose worker needs more memory than any node has
 
     experiment_id = ensure_experiment(spec.name, description=experiment_description(spec), tags=experiment_tags(spec))
     run_id = start_or_resume_run(experiment_id, job_id, run_name=job_id)
@@ -164,9 +168,40 @@ def run_job(
     return run_train_on_ray(spec, job_id, spec_file=spec_file, register=register, force=force)
 
 
+def read_job_spec() -> str | None:
+    """The spec JSON of a queue job: the object AEFORGE_JOB_SPEC_PATH names in storage, else AEFORGE_JOB_SPEC."""
+    from workers.storage import Storage
+    from workers.storage.job_specs import SPEC_PATH_VARIABLE, read_spec
+
+    if os.environ.get(SPEC_PATH_VARIABLE):
+        storage = Storage.from_settings()
+        storage.preflight(wait_s=settings.storage_wait_s())  # an outage is waited out, then retried by the queue
+        return read_spec(storage)
+    return os.environ.get("AEFORGE_JOB_SPEC") or None
+
+
+def _refused(job_id: str, exc: AeforgeError) -> int:
+    """The spec, its data, a setting or the registry says no: running it again changes nothing. Exit code 2 tells
+    the queue not to retry."""
+    message = str(exc)
+    print(message if message.startswith(f"job {job_id}") else f"job {job_id}: {message}", file=sys.stderr)
+    return 2
+
+
+def _error_text(exc: BaseException) -> str:
+    """The exception's text with its causes' (Ray Train and Tune wrap a worker's error), for telling what failed."""
+    parts, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        parts.append(f"{type(exc).__module__}.{type(exc).__name__}: {exc}")
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m jobs.run <job id>`: the queue's fixed entry point. The spec comes in AEFORGE_JOB_SPEC as the JSON
-    the queue stored when the job was submitted."""
+    """`python -m jobs.run <job id>`: the queue's fixed entry point. The spec is the JSON the queue stored when the
+    job was submitted, read from the storage object AEFORGE_JOB_SPEC_PATH names (workers.storage.job_specs); or,
+    run by hand, given in AEFORGE_JOB_SPEC."""
     from workers.storage import StorageUnreachable
 
     argv = sys.argv[1:] if argv is None else argv
@@ -174,24 +209,30 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m jobs.run <job id>", file=sys.stderr)
         return 2
     job_id = argv[0]
-    text = os.environ.get("AEFORGE_JOB_SPEC")
-    if not text:
-        print(
-            f"job {job_id}: AEFORGE_JOB_SPEC is not set; the queue passes the spec in the job's environment",
-            file=sys.stderr,
-        )
-        return 2
     try:
+        text = read_job_spec()
+        if not text:
+            print(
+                f"job {job_id}: neither AEFORGE_JOB_SPEC_PATH nor AEFORGE_JOB_SPEC is set; the queue names the "
+                f"spec it stored in the job's environment",
+                file=sys.stderr,
+            )
+            return 2
         spec = parse_spec_json(text, f"job {job_id}")
         outcome = run_job(spec, job_id)
     except StorageUnreachable:
         raise  # an outage: exit 1, and the queue tries the job again after a back-off
-    except AeforgeError as exc:
-        # The spec, its data, a setting or the registry says no: running it again changes nothing. Exit code 2
-        # tells the queue not to retry.
-        message = str(exc)
-        print(message if message.startswith(f"job {job_id}") else f"job {job_id}: {message}", file=sys.stderr)
-        return 2
+    except Exception as exc:
+        memory = memory_failure(_error_text(exc))
+        if memory is None:
+            if isinstance(exc, AeforgeError):
+                return _refused(job_id, exc)
+            raise
+        # Out of memory: said as such. From outside the job (the node ran low, a kill) exit 1: the queue retries;
+        # the job's own allocation exit 2: it would ask as much again.
+        traceback.print_exc()
+        print(f"job {job_id}: {memory.sentence()}", file=sys.stderr, flush=True)
+        return 1 if memory.outside else 2
     # The queue stores this line as the job's result: `aeforge status` and `submit --follow` show it. A sweep's
     # metrics are its best trial's.
     best = outcome.get("best") or {}

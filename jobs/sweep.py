@@ -25,6 +25,7 @@ from typing import Any
 from jobs.gate import number, row_health
 from jobs.ray_train import (
     build_trainer,
+    check_fits_memory,
     cluster_resources,
     connect_ray,
     fit,
@@ -350,6 +351,7 @@ def run_sweep(
         "dataset": training_dataset(spec, storage, info),
     }
     connect_ray()
+    check_fits_memory(spec)
     max_concurrent, _, capped = sweep_concurrency(spec, cluster_resources())
     if capped:
         print(f"aeforge: sweep {job_id}: {capped}", flush=True)

@@ -30,6 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from jobs.limits import check_submission_limits
+from jobs.spec import JobSpec
 from services import metrics
 from services.access import Identity, Refusal, check_priority, check_submission
 from services.dispatcher import (
@@ -459,6 +461,10 @@ def create_app(
             raise HTTPException(401, "unknown token", headers={"WWW-Authenticate": "Bearer"})
         return found
 
+    def largest_node_memory() -> float | None:
+        """The largest Ray node's memory as the dispatcher last saw it (None: not known here)."""
+        return getattr(getattr(dispatcher, "cluster", None), "largest_node_memory", None)
+
     def visible_job(job_id: str, who: Principal) -> Job:
         job = store.get(job_id)
         if not who.is_admin and job.owner != who.owner:
@@ -549,6 +555,8 @@ def create_app(
                 return _error(422, f"invalid job spec:\n  <spec>: {msg}", [{"loc": "<spec>", "msg": msg}])
         try:
             spec = validate(spec_text, "<request>")
+            if isinstance(spec, JobSpec):  # what MLflow stores and the largest node holds: jobs.limits
+                check_submission_limits(spec, largest_node_memory(), "<request>")
         except (AeforgeError, ValueError) as exc:  # a SpecError, or a plain ValueError from another validator
             errors = _spec_errors(exc)
             if errors is None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 import shlex
@@ -25,6 +26,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Protocol
 
 from jobs import ray_train
@@ -36,7 +38,9 @@ from services.policy import Policy, PolicySource
 from services.scheduler import QueuedJob, RunningJob, Scheduler, decayed_usage, dominant_share
 from services.store import Decision, Job, QueuedRow, QueueSnapshot, Store, add_resources
 from workers.errors import AeforgeError
+from workers.memory_failures import memory_failure
 from workers.protocol import PROGRESS_MARK, RESULT_MARK, parse_progress, parse_result  # noqa: F401 (re-exported)
+from workers.storage.objects import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +109,11 @@ def job_environment(
     job: Job, environ: Mapping[str, str] | None = None, allowed_data_prefixes: tuple[str, ...] = ()
 ) -> dict[str, str]:
     """The variables a job runs with: the settings every job gets (jobs.ray_train.job_environment), and its id,
-    spec (the JSON stored at submission), attempt and owner. No credential: Ray keeps a submission's runtime
-    environment in its job records (`ray job list`, the dashboard, runtime_env_agent.log); the job takes the Ray
-    node's own."""
+    attempt and owner; its spec goes by reference (:class:`StorageSpecs`). No credential: Ray keeps a submission's
+    runtime environment in its job records (`ray job list`, the dashboard, runtime_env_agent.log); the job takes the
+    Ray node's own."""
     env = ray_train.job_environment(environ)
     env["AEFORGE_JOB_ID"] = job.id
-    env["AEFORGE_JOB_SPEC"] = job.spec_json
     env["AEFORGE_ATTEMPT"] = str(job.attempts)
     # Seconds Ray waits after its SIGTERM before SIGKILL when the job is stopped: room for a fit's graceful abort.
     env["RAY_JOB_STOP_WAIT_TIME_S"] = str(JOB_STOP_WAIT_S)
@@ -118,6 +121,28 @@ def job_environment(
     # What the job's data readers check every local open against (workers.storage.read_access).
     env["AEFORGE_ALLOWED_DATA_PREFIXES"] = ",".join(allowed_data_prefixes)
     return env
+
+
+class SpecPublisher(Protocol):
+    def publish(self, job: Job) -> dict[str, str]:
+        """Put the job's spec where the job reads it; the variables that name it (raises StorageError)."""
+
+
+class StorageSpecs:
+    """The job's spec written to the storage the job uses (AEFORGE_STORAGE as jobs are given it), by reference in
+    its environment (workers.storage.job_specs)."""
+
+    def __init__(self, environ: Mapping[str, str] | None = None):
+        self.environ = environ
+
+    def publish(self, job: Job) -> dict[str, str]:
+        from workers.storage import Storage
+        from workers.storage.job_specs import publish_spec
+
+        env = os.environ if self.environ is None else self.environ
+        home = Path(env.get("AEFORGE_HOME", ".aeforge")).expanduser().resolve()
+        storage = Storage.from_uri(ray_train.job_environment(env)["AEFORGE_STORAGE"], cache_dir=home / "cache")
+        return publish_spec(storage, job.id, job.spec_json)
 
 
 def max_hours_of(job: Job) -> float | None:
@@ -190,6 +215,8 @@ class Dispatcher:
         allowed_data_prefixes: tuple[str, ...] = (),
         policies: PolicySource | None = None,
         autoscaler: AutoscalerDemand | None = None,
+        specs: SpecPublisher | None = None,
+        cancel_pending_after_s: float = 10.0,
     ):
         self.store = store
         self.cluster = cluster
@@ -211,6 +238,10 @@ class Dispatcher:
         # Where the queue's unmet demand goes (Ray's autoscaler); None on a cluster of fixed size.
         self.autoscaler = autoscaler
         self.last_pass_s = 0.0
+        self.specs = specs if specs is not None else StorageSpecs(environ)
+        # A Ray job still PENDING (its driver not started: a runtime env being set up, or failing to) does not act
+        # on a stop, which Ray queues behind the driver's start: a cancel of such a job takes effect after this long.
+        self.cancel_pending_after_s = cancel_pending_after_s
         self._unreachable_logged = False
         # Texts from Ray (messages, log tails) may echo what the job was given; they are masked before storing.
         self._secrets = sorted(set(secret_values(environ)) | set(secret_values()), key=len, reverse=True)
@@ -360,10 +391,15 @@ class Dispatcher:
     def _submit(self, job: Job) -> None:
         assert job.ray_submission_id is not None
         entrypoint = entrypoint_for(job.id, self.job_module, self.job_python)
+        env = job_environment(job, self.environ, self.allowed_data_prefixes)
         try:
-            self.launcher.submit(
-                job.ray_submission_id, entrypoint, job_environment(job, self.environ, self.allowed_data_prefixes)
-            )
+            env |= self.specs.publish(job)
+        except (StorageError, OSError) as exc:
+            # Left in `starting`, as when Ray does not answer: following it publishes and submits again.
+            log.warning("job %s: cannot write its spec to storage (%s); trying again", job.id, self._redact(str(exc)))
+            return
+        try:
+            self.launcher.submit(job.ray_submission_id, entrypoint, env)
         except SubmissionExists:
             log.info("job %s: Ray already has %s; following it", job.id, job.ray_submission_id, extra=job_fields(job))
         except LauncherUnavailable as exc:
@@ -411,6 +447,18 @@ class Dispatcher:
             return self._attempt_failed(job, "its Ray job is gone (the Ray cluster restarted or lost it)")
         if (job.cancel_requested_by or job.preempted_by) and info.status not in RAY_TERMINAL:
             self.launcher.stop(sid)
+            if (
+                info.status == "PENDING"
+                and job.state == "starting"
+                and self.clock() - job.updated_at.timestamp() >= self.cancel_pending_after_s
+            ):
+                # Its driver never started, so nothing of it runs; Ray fails the pending job on its own later.
+                return self._set(
+                    job,
+                    "cancelled",
+                    f"cancelled by {job.cancel_requested_by} while starting: Ray job {sid} never left PENDING "
+                    f"(stop asked; its driver had not started)",
+                )
             return False
         if job.preempted_by and not job.cancel_requested_by and info.status in ("STOPPED", "FAILED"):
             return self._preempted(job)
@@ -437,9 +485,15 @@ class Dispatcher:
         if info.status == "STOPPED":
             return self._set(job, "cancelled", f"Ray job {sid} was stopped outside aeforge")
         message = self._redact(info.message or "no message from Ray")
+        tail = self._log_tail(sid)
         # Exit code 2 is the entry point's "the spec or its data is wrong": running it again changes nothing.
         retry = not USER_ERROR_EXIT.search(message)
-        return self._attempt_failed(job, f"Ray job {sid} failed: {message}{self._log_tail(sid)}", retry=retry)
+        memory = memory_failure(f"{message}\n{tail}")
+        if memory is not None:  # said as such, and retried only when it came from outside the job
+            return self._attempt_failed(
+                job, f"Ray job {sid} failed: {memory.sentence()} ({message}){tail}", retry=memory.outside
+            )
+        return self._attempt_failed(job, f"Ray job {sid} failed: {message}{tail}", retry=retry)
 
     def _succeeded(self, job: Job, sid: str) -> bool:
         try:
@@ -647,6 +701,9 @@ class RayClusterView:
 
     def __init__(self, launcher: RayJobLauncher):
         self.launcher = launcher
+        # The memory (Ray's `memory` resource, bytes) of the largest live node when the nodes were last listed:
+        # what one worker of a job can have at most (jobs.limits checks a submission's estimate against it).
+        self.largest_node_memory: float | None = None
 
     def total_resources(self) -> dict[str, float]:
         from ray.util.state import list_nodes
@@ -668,6 +725,9 @@ class RayClusterView:
         total: dict[str, float] = {}
         for node in nodes:
             total = add_resources(total, {k: v for k, v in node.resources_total.items() if not k.startswith("node:")})
+        memories = [float(node.resources_total.get("memory", 0.0)) for node in nodes]
+        if memories:
+            self.largest_node_memory = max(memories) or None
         return total
 
 

@@ -89,3 +89,14 @@ class FakeLauncher:
     def forget(self, submission_id):
         with self.lock:
             del self.jobs[submission_id]
+
+
+class FakeSpecs:
+    """Where the dispatcher puts a job's spec (services.dispatcher.StorageSpecs), kept in a dict: job id -> JSON."""
+
+    def __init__(self):
+        self.specs: dict[str, str] = {}
+
+    def publish(self, job):
+        self.specs[job.id] = job.spec_json
+        return {"AEFORGE_JOB_SPEC_PATH": f"specs/{job.id}.json", "AEFORGE_JOB_SPEC_SHA256": "0" * 64}

@@ -625,3 +625,26 @@ def test_a_token_in_a_query_string_is_masked_in_the_access_log(caplog):
 def test_a_builtin_source_is_checked_at_submit(client, source):
     response = post_job(client, spec=SPEC + f"data: {{source: '{source}'}}\n")
     assert response.status_code == 422 and "unknown builtin data set" in fields_of(response)["data.source"]
+
+
+def test_a_200_kb_spec_is_refused_at_submit_by_field_or_accepted(roomy_client):
+    long_description = SPEC + f"description: {'d' * 200_000}\n"
+    refused = post_job(roomy_client, spec=long_description)
+    assert refused.status_code == 422 and "MLflow" in fields_of(refused)["description"]
+    commented = SPEC + "".join(f"# note {i:06d}: {'c' * 50}\n" for i in range(3_500))  # 200 KB, a small spec
+    assert len(commented) > 200_000 and post_job(roomy_client, spec=commented).status_code == 201
+
+
+def test_a_job_that_cannot_fit_the_largest_node_is_refused_at_submit(store, roomy_settings, launcher):
+    from services.dispatcher import Dispatcher
+    from tests.services.fakes import FakeCluster, FakeSpecs
+
+    cluster = FakeCluster({"CPU": 64})
+    cluster.largest_node_memory = 2 * 1024**3  # as RayClusterView records it
+    dispatcher = Dispatcher(store, cluster, launcher, environ={}, specs=FakeSpecs())
+    with TestClient(create_app(store, roomy_settings, launcher=launcher, dispatcher=dispatcher)) as c:
+        huge = SPEC.replace("latent_dim: 4}", "latent_dim: 4, hidden_dims: [65536, 65536]}")
+        refused = post_job(c, spec=huge)
+        assert refused.status_code == 422
+        assert "largest node has 2.0 GiB" in fields_of(refused)["train.batch_size"]
+        assert post_job(c).status_code == 201

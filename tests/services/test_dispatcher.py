@@ -18,7 +18,9 @@ from services.dispatcher import (
     redact,
 )
 from services.store import Store
-from tests.services.fakes import FakeCluster, FakeLauncher
+from tests.services.fakes import FakeCluster, FakeLauncher, FakeSpecs
+from workers.errors import AeforgeError
+from workers.storage import StorageUnreachable
 
 SECRET = "very-secret-aws-key-0123"
 ENVIRON = {
@@ -51,9 +53,15 @@ def launcher():
 
 
 @pytest.fixture
-def make_dispatcher(store, launcher):
+def specs():
+    return FakeSpecs()
+
+
+@pytest.fixture
+def make_dispatcher(store, launcher, specs):
     def make(cpus=2.0, gpus=0.0, **kwargs):
         kwargs.setdefault("environ", ENVIRON)
+        kwargs.setdefault("specs", specs)
         cluster = FakeCluster({"CPU": cpus, "GPU": gpus, "memory": 1e9, "node:10.0.0.1": 1.0})
         return Dispatcher(store, cluster, launcher, **kwargs)
 
@@ -79,13 +87,17 @@ def test_jobs_that_each_take_the_cluster_run_one_after_another_by_priority(store
     assert all(store.get(j.id).state == "succeeded" for j in (low, high, high_later))
 
 
-def test_the_job_gets_a_fixed_entrypoint_and_its_settings_but_the_table_no_secret(store, launcher, make_dispatcher):
+def test_the_job_gets_a_fixed_entrypoint_and_its_settings_but_the_table_no_secret(
+    store, launcher, make_dispatcher, specs
+):
     job = submit(store, "envjob")
     make_dispatcher().tick()
     [(sid, entrypoint, env)] = launcher.submissions
     assert sid == job.id and entrypoint == f"python -m jobs.run {job.id}"
     assert env["AEFORGE_JOB_ID"] == job.id and env["AEFORGE_ATTEMPT"] == "1"
-    assert json.loads(env["AEFORGE_JOB_SPEC"]) == {"name": "envjob"}
+    # The spec by reference: never in the environment (E2BIG at 128 KiB; Ray's job records)
+    assert "AEFORGE_JOB_SPEC" not in env and env["AEFORGE_JOB_SPEC_PATH"] == f"specs/{job.id}.json"
+    assert json.loads(specs.specs[job.id]) == {"name": "envjob"}
     # Where storage is, but no credential: Ray shows a submission's env in `ray job list`, its dashboard and logs;
     # the job takes the Ray node's own keys.
     assert env["AEFORGE_STORAGE"] == "s3://bucket/prefix" and env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
@@ -299,7 +311,7 @@ def test_ray_refusing_a_submission_is_a_failed_attempt(store, launcher, make_dis
             raise RuntimeError(f"Request failed with status code 400: bad runtime_env {SECRET}")
 
     refusing = Refusing()
-    dispatcher = Dispatcher(store, FakeCluster({"CPU": 2}), refusing, environ=ENVIRON)
+    dispatcher = Dispatcher(store, FakeCluster({"CPU": 2}), refusing, environ=ENVIRON, specs=FakeSpecs())
     job = submit(store, "refused", max_attempts=1)
     dispatcher.admit()
     failed = store.get(job.id)
@@ -311,7 +323,10 @@ def test_ray_refusing_a_submission_is_a_failed_attempt(store, launcher, make_dis
 def test_two_dispatchers_racing_start_every_job_once_within_the_cluster(store_url, launcher):
     setup = Store(store_url)
     ids = [submit(setup, f"r{i}", cpus=1).id for i in range(16)]
-    dispatchers = [Dispatcher(Store(store_url), FakeCluster({"CPU": 3}), launcher, environ=ENVIRON) for _ in range(2)]
+    dispatchers = [
+        Dispatcher(Store(store_url), FakeCluster({"CPU": 3}), launcher, environ=ENVIRON, specs=FakeSpecs())
+        for _ in range(2)
+    ]
     for _ in range(40):
         barrier = threading.Barrier(2)
         errors = []
@@ -511,3 +526,83 @@ def test_with_ray_down_or_no_live_node_the_head_of_the_queue_says_so(store, laun
     dispatcher.cluster.resources = {"CPU": 2.0, "GPU": 0.0}
     assert dispatcher.tick().started == [head.id, behind.id]
     assert store.get(head.id).wait_reason is None and store.get(behind.id).wait_reason is None
+
+
+# --- issue 19: the spec by reference, and a cancel of a job that never leaves PENDING ------------------------------
+
+
+def test_a_200_kb_spec_goes_by_reference_and_reads_back_in_the_job(store, launcher, tmp_path, monkeypatch):
+    """A spec far past the 128 KiB one environment string can hold (E2BIG): the job's environment names it in
+    storage, and the entry point reads the very JSON the queue stored."""
+    from jobs.run import read_job_spec
+    from services.dispatcher import StorageSpecs
+
+    big = {"name": "big", "eval": {"factors": [f"factor-{i:06d}" for i in range(13_000)]}}
+    job, _ = store.submit(
+        name="big",
+        owner="alice",
+        kind="train",
+        spec_text="...",
+        spec_json=json.dumps(big),
+        resources={"CPU": 1.0},
+        priority=0,
+        max_attempts=2,
+    )
+    assert len(job.spec_json) > 200_000
+    environ = {"AEFORGE_HOME": str(tmp_path), "AEFORGE_STORAGE": (tmp_path / "storage").as_uri()}
+    Dispatcher(store, FakeCluster({"CPU": 2}), launcher, environ=environ, specs=StorageSpecs(environ)).tick()
+    [(_, _, env)] = launcher.submissions
+    assert max(len(k) + len(v) for k, v in env.items()) < 4096 and "AEFORGE_JOB_SPEC" not in env
+    for name, value in {**environ, **env}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AEFORGE_JOB_SPEC", raising=False)
+    assert read_job_spec() == job.spec_json
+    (tmp_path / "storage" / env["AEFORGE_JOB_SPEC_PATH"]).write_text('{"name": "swapped"}')
+    with pytest.raises(AeforgeError, match="SHA-256 differs"):
+        read_job_spec()
+
+
+def test_a_spec_that_cannot_be_written_leaves_the_job_starting_until_storage_answers(store, launcher):
+    class Flaky(FakeSpecs):
+        down = True
+
+        def publish(self, job):
+            if self.down:
+                raise StorageUnreachable("endpoint down")
+            return super().publish(job)
+
+    specs, now = Flaky(), [time.time()]
+    dispatcher = Dispatcher(
+        store, FakeCluster({"CPU": 2}), launcher, environ=ENVIRON, specs=specs, clock=lambda: now[0]
+    )
+    job = submit(store)
+    dispatcher.tick()
+    assert store.get(job.id).state == "starting" and not launcher.submissions
+    specs.down, now[0] = False, now[0] + 60
+    dispatcher.tick()
+    assert [s[0] for s in launcher.submissions] == [job.id] and job.id in specs.specs
+
+
+def test_cancel_of_a_job_whose_ray_job_never_leaves_pending(store, make_dispatcher):
+    """Ray queues a stop behind the driver's start: a job stuck PENDING (a runtime env that cannot start) is marked
+    cancelled once the stop had its chance, instead of staying `starting` with its resources held."""
+
+    class StuckLauncher(FakeLauncher):
+        def stop(self, submission_id):
+            self.stops.append(submission_id)  # accepted, and nothing happens
+
+    launcher, now = StuckLauncher(), [time.time()]
+    dispatcher = Dispatcher(
+        store, FakeCluster({"CPU": 2}), launcher, environ=ENVIRON, specs=FakeSpecs(), clock=lambda: now[0]
+    )
+    job = submit(store)
+    dispatcher.tick()
+    assert store.request_cancel(job.id, "alice").state == "starting"
+    dispatcher.tick()
+    assert store.get(job.id).state == "starting" and launcher.stops == [job.id]  # asked first
+    now[0] += 11
+    dispatcher.tick()
+    cancelled = store.get(job.id)
+    assert cancelled.state == "cancelled" and "never left PENDING" in store.events(job.id)[-1].reason
+    submit(store, "next")
+    assert dispatcher.tick().started  # its resources are free again

@@ -467,10 +467,11 @@ def places_holding(
 
 
 @pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in REAL_JOB_MODULES), reason="no real job path")
+@pytest.mark.timeout(600)  # a train job, then a sweep
 def test_s3_credentials_reach_jobs_from_the_node_never_through_ray_job_records(service, ray_head, s3_bucket):
-    """A real job on S3 through the queue: the keys are in the Ray node's environment; the service has them too
-    (its operator's shell), and forwards none: the secret is in none of Ray's job records nor anything aeforge
-    wrote."""
+    """A real train job and a real sweep on S3 through the queue: the keys are in the Ray node's environment; the
+    service has them too (its operator's shell), and forwards none: the secret is in none of Ray's job records (its
+    session folder included) nor anything aeforge wrote."""
     from tests.fixtures.s3 import s3_client
 
     endpoint, bucket = s3_bucket
@@ -484,11 +485,19 @@ def test_s3_credentials_reach_jobs_from_the_node_never_through_ray_job_records(s
         },
     )
     job_id = svc.submit(real_spec("e2e-s3", 2))
+    # A sweep too: Ray Tune copies AWS_* from its driver's environment into every trial actor's runtime env, which
+    # Ray writes to the head's runtime_env_agent.log (issue 19); the driver holds none while Tune runs.
+    sweep_id = svc.submit(
+        real_spec("e2e-s3-sweep", 2, kind="sweep").replace("variant: vae", "variant: beta_vae")
+        + "sweep: {beta: [1, 4], pack: 2, metric: {name: eval/elbo, mode: max}}\n"
+    )
     job = svc.wait_state(job_id, "succeeded", timeout=240)
     assert job["mlflow_run_id"]
-    hits = places_holding(SECRET, svc, ray_head, job_id, s3_client(endpoint), bucket)
-    print(f"places checked for the secret: {len(hits)}; with it: {sum(bool(h) for h in hits.values())}")
-    assert len(hits) == 8 and not any(hits.values()), {place: found for place, found in hits.items() if found}
+    assert svc.wait_state(sweep_id, "succeeded", timeout=300)["mlflow_run_id"]
+    for checked in (job_id, sweep_id):
+        hits = places_holding(SECRET, svc, ray_head, checked, s3_client(endpoint), bucket)
+        print(f"{checked}: places checked for the secret: {len(hits)}; with it: {sum(bool(h) for h in hits.values())}")
+        assert len(hits) == 8 and not any(hits.values()), {place: found for place, found in hits.items() if found}
 
 
 UNICODE_DESCRIPTION = "🚀 VAE auf dSprites — 形状の分離 ✓"
