@@ -33,8 +33,13 @@ def _error(loc: str, msg: str) -> dict[str, str]:
 
 def mlflow_limit_errors(spec: JobSpec) -> list[dict[str, str]]:
     """The fields whose text would exceed what MLflow stores, each with the numbers."""
-    from jobs.lineage import experiment_description, run_description, trial_description
-    from jobs.registry import generated_description, model_description
+    from jobs.lineage import (
+        experiment_description,
+        generated_description,
+        model_description,
+        run_description,
+        trial_description,
+    )
 
     job_id = new_job_id(spec.name)  # as long as the real one
     errors = []

@@ -247,3 +247,54 @@ def training_dataset(spec: JobSpec, storage, info: Mapping[str, Any]):
         schema=json.dumps(schema.to_dict()),
         profile=json.dumps(profile, default=str),
     )
+
+
+# The metrics a generated description names, in this order, when the run reported them.
+KEY_METRICS = (
+    "eval/elbo",
+    "eval/iwae_ll",
+    "eval/recon",
+    "eval/kl",
+    "eval/tc",
+    "eval/mig",
+    "eval/dci_disentanglement",
+    "eval/sap",
+    "eval/factor_vae",
+)
+
+
+def model_description(spec: JobSpec, alias: str | None) -> str:
+    """The registered model page's description (Markdown): what its versions are, where their details are, and how
+    to load the one ``alias`` points at."""
+    assert spec.registration is not None
+    name = spec.registration.model_name
+    lines = [spec.registration.description, ""] if spec.registration.description else []
+    lines += [
+        f"Autoencoders trained by **aeforge** from the spec `{spec.name}`: {model_summary(spec)} on "
+        f"`{spec.data.source}`.",
+        "",
+        "Each version's description lists its final metrics and shows its run's pictures; its tags hold the "
+        "variant, beta, latent size, data set, job and metrics. The model's tags describe its latest version.",
+        "",
+        "An alias moves to a new version only when it finished, is healthy (not collapsed) and is not worse than "
+        "the version the alias pointed at; each version's description says what it was compared with.",
+        "",
+    ]
+    ref = f"{name}@{alias}" if alias else f"{name}/VERSION"
+    lines += [
+        f"Load one with `aeforge models show {ref}` or "
+        f'`mlflow.pytorch.load_model("models:/{ref}")` (aeforge installed).',
+    ]
+    return "\n".join(lines)
+
+
+def generated_description(spec: JobSpec, job_id: str, metrics: Mapping[str, Any]) -> str:
+    model = spec.model
+    what = f"{model.variant} ({model.architecture}, latent_dim={model.latent_dim}"
+    if model.variant in BETA_VARIANTS:
+        what += f", beta={model.effective_beta:g}"
+    what += f") trained on {spec.data.source} by job {job_id}"
+    shown = [
+        f"{name}={float(metrics[name]):.4g}" for name in KEY_METRICS if isinstance(metrics.get(name), (int, float))
+    ]
+    return what + (f"; {', '.join(shown)}" if shown else "")

@@ -32,9 +32,9 @@ from urllib.parse import quote
 import numpy as np
 
 from jobs.gate import AliasDecision, Incumbent, decide, health
+from jobs.lineage import KEY_METRICS, generated_description, model_description
 from jobs.spec import JobSpec
 from workers import settings
-from workers.config import BETA_VARIANTS
 from workers.errors import AeforgeError
 from workers.models.base import Autoencoder
 from workers.tracking import all_pages, use_tracking_uri
@@ -42,18 +42,6 @@ from workers.tracking import client as tracking_client
 
 METRIC_TAG_PREFIX = "metric."
 PICTURES_PATH = "pictures"
-# The metrics a generated description names, in this order, when the run reported them.
-KEY_METRICS = (
-    "eval/elbo",
-    "eval/iwae_ll",
-    "eval/recon",
-    "eval/kl",
-    "eval/tc",
-    "eval/mig",
-    "eval/dci_disentanglement",
-    "eval/sap",
-    "eval/factor_vae",
-)
 INPUT_EXAMPLE_BATCH = 2
 OWNER_TAG = "aeforge.owner"
 # Version tags of the gate: the metric (and mode) the version is compared by, and the last alias decision about it.
@@ -136,33 +124,6 @@ def _claim_model(mlflow_client, name: str, owner: str, description: str) -> None
         mlflow_client.update_registered_model(name, description=description)
 
 
-def model_description(spec: JobSpec, alias: str | None) -> str:
-    """The registered model page's description (Markdown): what its versions are, where their details are, and how
-    to load the one ``alias`` points at."""
-    from jobs.lineage import model_summary
-
-    assert spec.registration is not None
-    name = spec.registration.model_name
-    lines = [spec.registration.description, ""] if spec.registration.description else []
-    lines += [
-        f"Autoencoders trained by **aeforge** from the spec `{spec.name}`: {model_summary(spec)} on "
-        f"`{spec.data.source}`.",
-        "",
-        "Each version's description lists its final metrics and shows its run's pictures; its tags hold the "
-        "variant, beta, latent size, data set, job and metrics. The model's tags describe its latest version.",
-        "",
-        "An alias moves to a new version only when it finished, is healthy (not collapsed) and is not worse than "
-        "the version the alias pointed at; each version's description says what it was compared with.",
-        "",
-    ]
-    ref = f"{name}@{alias}" if alias else f"{name}/VERSION"
-    lines += [
-        f"Load one with `aeforge models show {ref}` or "
-        f'`mlflow.pytorch.load_model("models:/{ref}")` (aeforge installed).',
-    ]
-    return "\n".join(lines)
-
-
 def version_tags(
     spec: JobSpec, job_id: str, metrics: Mapping[str, Any], extra_tags: Mapping[str, Any] | None
 ) -> dict[str, str]:
@@ -185,18 +146,6 @@ def version_tags(
     for key, value in (extra_tags or {}).items():
         tags[str(key)] = str(value)
     return tags
-
-
-def generated_description(spec: JobSpec, job_id: str, metrics: Mapping[str, Any]) -> str:
-    model = spec.model
-    what = f"{model.variant} ({model.architecture}, latent_dim={model.latent_dim}"
-    if model.variant in BETA_VARIANTS:
-        what += f", beta={model.effective_beta:g}"
-    what += f") trained on {spec.data.source} by job {job_id}"
-    shown = [
-        f"{name}={float(metrics[name]):.4g}" for name in KEY_METRICS if isinstance(metrics.get(name), (int, float))
-    ]
-    return what + (f"; {', '.join(shown)}" if shown else "")
 
 
 def _metrics_table(metrics: Mapping[str, Any]) -> list[str]:

@@ -116,8 +116,8 @@ class SweepConfig(StrictModel):
     def _pack_positive(cls, v):
         if isinstance(v, int) and not 1 <= v <= MAX_TRIALS:
             raise ValueError(
-                f"a pack holds 1 to {MAX_TRIALS:,} trials (1: every trial trains on its own; a sweep runs at most "
-                f"{MAX_TRIALS:,})"
+                f"a pack holds at least 1 trial (1: every trial trains on its own) and at most {MAX_TRIALS:,}, "
+                f"the most a sweep runs"
             )
         return v
 

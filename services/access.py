@@ -7,11 +7,14 @@ service's MLflow, so the queue decides for the user:
   once it is shared (``aeforge data share``), by everyone; the owner is in the dataset's manifest. Local paths and
   ``s3://`` URLs are readable only under the prefixes an admin lists in AEFORGE_ALLOWED_DATA_PREFIXES, compared
   segment by segment after normalising (a path with a ``..`` part is refused outright, so none escapes); relative
-  paths never are. A refusal says nothing about the files: its text depends on the source string alone, never on
-  whether a file, object or dataset is there. Admins read anything.
+  paths never are. A local path's real path (symlinks resolved) must be under a prefix too, or inside a dataset the
+  user may read, and the job's readers check again at every open (workers.storage.read_access). A refusal says
+  nothing about the files: its text is the same whether a file, link, object or dataset is there or not. Admins
+  read anything.
 - A registered model belongs to the owner who created it (its ``aeforge.owner`` tag): another owner's job may not
-  add versions to it or move its aliases, admins included. The name is looked up in MLflow here; when MLflow cannot
-  be reached, the job goes through and its registration checks again (jobs.registry).
+  add versions to it or move its aliases, admins included. The name is looked up in MLflow here, and a new one is
+  reserved (created, tagged, with no versions yet) so that two owners racing for it cannot both train; when MLflow
+  cannot be reached, the job goes through and its registration checks again (jobs.registry).
 """
 
 from __future__ import annotations
@@ -136,6 +139,14 @@ def check_model_name(name: str, who: Principal, tracking_uri: str | None = None)
             "cannot look registered model %r up in MLflow (%s); the job will check its owner", name, type(exc).__name__
         )
         return None
+    if owner is None:
+        # A new name is reserved now, as the owner's registered model (with no versions yet): of two owners racing
+        # for it, the second is refused here rather than after training, when it registers.
+        try:
+            owner = reserve_model_name(name, who.owner, uri)
+        except Exception as exc:
+            log.warning("cannot reserve registered model %r in MLflow (%s); the job will", name, type(exc).__name__)
+            return None
     if owner is None or owner == who.owner:
         return None
     message = (
@@ -167,9 +178,41 @@ def registered_model_owner(name: str, tracking_uri: str, timeout_s: float = MLFL
     return (model.tags or {}).get(OWNER_TAG) or None
 
 
-def _owner_over_rest(name: str, tracking_uri: str, timeout_s: float) -> str | None:
-    import httpx
+def reserve_model_name(name: str, owner: str, tracking_uri: str, timeout_s: float = MLFLOW_TIMEOUT_S) -> str | None:
+    """Create registered model ``name`` with ``owner``'s tag (no versions: the job registers them); the owner that
+    holds the name afterwards (another one's when it was taken meanwhile; None for an untagged model)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        import httpx
 
+        headers, auth = _rest_auth()
+        response = httpx.post(
+            f"{tracking_uri.rstrip('/')}/api/2.0/mlflow/registered-models/create",
+            json={"name": name, "tags": [{"key": OWNER_TAG, "value": owner}]},
+            headers=headers,
+            auth=auth,
+            timeout=timeout_s,
+        )
+        if response.status_code == 200:
+            return owner
+        if "ALREADY_EXISTS" in response.text:
+            return _owner_over_rest(name, tracking_uri, timeout_s)
+        response.raise_for_status()
+        raise RuntimeError(f"MLflow answered {response.status_code}")
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri).create_registered_model(
+            name, tags={OWNER_TAG: owner}
+        )
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+        return registered_model_owner(name, tracking_uri, timeout_s)
+    return owner
+
+
+def _rest_auth() -> tuple[dict[str, str], tuple[str, str] | None]:
     env = os.environ.get
     headers: dict[str, str] = {}
     auth: tuple[str, str] | None = None
@@ -177,6 +220,13 @@ def _owner_over_rest(name: str, tracking_uri: str, timeout_s: float) -> str | No
         headers["Authorization"] = f"Bearer {env('MLFLOW_TRACKING_TOKEN')}"
     elif env("MLFLOW_TRACKING_USERNAME"):
         auth = (env("MLFLOW_TRACKING_USERNAME", ""), env("MLFLOW_TRACKING_PASSWORD") or "")
+    return headers, auth
+
+
+def _owner_over_rest(name: str, tracking_uri: str, timeout_s: float) -> str | None:
+    import httpx
+
+    headers, auth = _rest_auth()
     response = httpx.get(
         f"{tracking_uri.rstrip('/')}/api/2.0/mlflow/registered-models/get",
         params={"name": name},

@@ -11,6 +11,7 @@ AEFORGE_MAX_REQUEST_BYTES are refused with 413 before they are parsed.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import logging
 import socket
@@ -905,6 +906,9 @@ def run_service(
         log.info("queue policy: %s", describe_policy(policies.current()))
         dispatcher = None
         if dispatch:
+            # A submission's memory estimate (jobs.limits) builds its model on torch's meta device: torch is imported
+            # now, beside the start, rather than by the first submission.
+            threading.Thread(target=importlib.import_module, args=("workers.pack",), daemon=True).start()
             autoscaler = None
             if settings.autoscaler_address:
                 autoscaler = RayAutoscalerDemand(settings.autoscaler_address)

@@ -45,7 +45,7 @@ def identity() -> tuple[str, bool]:
     settings = ServiceSettings.load()
     token = settings.client_token()
     if not token:
-        return getpass.getuser(), False
+        return getpass.getuser(), False  # no token: nobody vouches for this name (see acting_owner)
     local = settings.principal_for(token)
     if local is not None:
         return local.owner, local.is_admin
@@ -193,21 +193,77 @@ def ls(output: OutputFormat = output_option()) -> None:
     console.print(table)
 
 
+AS_OWNER_HELP = (
+    "without an API token: act as the dataset's owner even though it is not this machine's user (your storage "
+    "keys allow it; aeforge cannot check who you are)"
+)
+
+
+def has_token() -> bool:
+    from services.settings import ServiceSettings
+
+    return bool(ServiceSettings.load().client_token())
+
+
+def acting_owner(storage, name: str, what: str, as_owner: bool) -> tuple[str, bool]:
+    """(owner, is admin) to change dataset ``name`` as. With an API token, its principal. Without one, this machine's
+    user, said in the output (nothing authenticates that name: the storage's keys are what allow a change); a dataset
+    of another owner is refused unless ``as_owner``, which then acts as its owner."""
+    owner, admin = identity()
+    if has_token():
+        return owner, admin
+    console.print(
+        f"no API token: acting as {escape(owner)} (this machine's user, $USER); the storage's keys, not aeforge, "
+        f"decide what may be changed",
+        highlight=False,
+        soft_wrap=True,
+    )
+    from workers.storage import StorageError, StorageUnreachable
+
+    try:
+        held = storage.manifest(name).get("owner")
+    except StorageUnreachable:
+        raise
+    except StorageError:  # none, or an incomplete one: the storage's own command says which
+        return owner, admin
+    if held == owner:
+        return owner, admin
+    if held is None:
+        raise StorageError(
+            f"dataset '{name}' was pushed before owners were recorded: only an admin may {what} it (with an admin's "
+            f"API token in AEFORGE_API_TOKEN)"
+        )
+    if not as_owner:
+        raise StorageError(
+            f"dataset '{name}' belongs to {held or 'no one (pushed before owners were recorded)'}, not {owner}: "
+            f"without an API token aeforge cannot tell who you are, so it does not {what} it; set AEFORGE_API_TOKEN, "
+            f"or give --as-owner to act as its owner"
+        )
+    console.print(f"--as-owner: acting as {escape(str(held))}, the owner of {escape(name)}", highlight=False)
+    return str(held), False
+
+
 def share(
     name: str = typer.Argument(..., metavar="NAME"),
     unshare: bool = typer.Option(False, "--unshare", help="make it readable by its owner's jobs only again"),
+    as_owner: bool = typer.Option(False, "--as-owner", help=AS_OWNER_HELP),
 ) -> None:
     """Let every user's jobs read dataset NAME (its owner or an admin); --unshare takes that back."""
-    owner, admin = identity()
-    manifest = _storage().share(name, not unshare, owner=owner, admin=admin)
+    storage = _storage()
+    owner, admin = acting_owner(storage, name, "unshare" if unshare else "share", as_owner)
+    manifest = storage.share(name, not unshare, owner=owner, admin=admin)
     state = "shared: every user's jobs may read it" if manifest["shared"] else "not shared: only its owner's jobs do"
     console.print(f"{escape(name)} is {state}", highlight=False)
 
 
-def rm(name: str = typer.Argument(..., metavar="NAME")) -> None:
+def rm(
+    name: str = typer.Argument(..., metavar="NAME"),
+    as_owner: bool = typer.Option(False, "--as-owner", help=AS_OWNER_HELP),
+) -> None:
     """Delete dataset NAME from storage (its owner or an admin)."""
-    owner, admin = identity()
-    deleted = _storage().rm(name, owner=owner, admin=admin)
+    storage = _storage()
+    owner, admin = acting_owner(storage, name, "remove", as_owner)
+    deleted = storage.rm(name, owner=owner, admin=admin)
     console.print(f"removed {name} ({deleted} object(s))", highlight=False)
 
 

@@ -263,6 +263,14 @@ def test_another_users_model_name_is_refused_at_submit(client, mlflow_sqlite):
     assert submit(client, "bob", spec(model_name="legacy-model")).status_code == 201
 
 
+def test_a_new_model_name_is_reserved_at_submit_so_a_second_owner_cannot_race_for_it(client, mlflow_sqlite):
+    assert submit(client, "bob", spec(model_name="fresh-model")).status_code == 201
+    assert registered_model_owner("fresh-model", mlflow_sqlite) == "bob"  # reserved before anything trained
+    detail = refused(attempt(client, "alice", spec(model_name="fresh-model")), 409, "register.model_name")
+    assert "belongs to bob" in detail
+    assert submit(client, "bob", spec(model_name="fresh-model")).status_code == 201  # his own, again
+
+
 def test_mlflow_out_of_reach_lets_the_job_through(client, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     started = time.monotonic()
@@ -284,6 +292,10 @@ def test_the_owner_is_read_from_an_mlflow_server(mlflow_server):
     assert registered_model_owner("served-no-such-model", str(mlflow_server)) is None
     bob = Principal("bob", "user", "bob-token-4567")
     assert access.check_model_name("served-alice-model", bob, str(mlflow_server)).status == 409
+    assert access.check_model_name("served-new-model", bob, str(mlflow_server)) is None  # reserved over REST
+    assert registered_model_owner("served-new-model", str(mlflow_server)) == "bob"
+    alice = Principal("alice", "user", "alice-token-123")
+    assert access.check_model_name("served-new-model", alice, str(mlflow_server)).status == 409
 
 
 def test_the_tag_is_the_one_the_registry_writes():

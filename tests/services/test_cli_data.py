@@ -187,6 +187,30 @@ def test_without_a_service_the_owner_is_the_local_user(app, local_home, tmp_path
     assert row_of(run(app, "data", "ls").output, "mine")[-1] == getpass.getuser()
 
 
+def test_without_a_token_share_and_rm_say_who_they_act_as_and_spare_another_owners_dataset(
+    app, local_home, tmp_path, monkeypatch
+):
+    import getpass
+
+    monkeypatch.delenv("AEFORGE_API_TOKEN", raising=False)
+    monkeypatch.delenv("AEFORGE_TOKENS", raising=False)
+    images, _ = files(tmp_path)
+    me = getpass.getuser()
+    Storage.from_settings().push([images], "alices", owner="alice" if me != "alice" else "alice2")
+    for command in (["share", "alices"], ["share", "alices", "--unshare"], ["rm", "alices"]):
+        refused = run(app, "data", *command)
+        assert_plain_error(refused, "give --as-owner to act as its owner")
+        assert f"no API token: acting as {me}" in refused.output
+    assert Storage.from_settings().manifest("alices")["shared"] is False  # untouched
+    shared = run(app, "data", "share", "alices", "--as-owner")
+    assert shared.exit_code == 0 and "--as-owner: acting as" in shared.output and "alices is shared" in shared.output
+    assert run(app, "data", "push", images, "--name", "mine").exit_code == 0
+    removed = run(app, "data", "rm", "mine")
+    assert removed.exit_code == 0 and f"acting as {me}" in removed.output and "removed mine" in removed.output
+    assert run(app, "data", "rm", "alices", "--as-owner").exit_code == 0
+    assert Storage.from_settings().ls() == []
+
+
 def test_a_token_this_machine_does_not_know_is_asked_of_the_service(app, local_home, tmp_path, monkeypatch):
     """AEFORGE_API_URL/AEFORGE_API_TOKEN of a remote service: the owner is what its /whoami says."""
     from fastapi.testclient import TestClient

@@ -467,7 +467,7 @@ def places_holding(
 
 
 @pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in REAL_JOB_MODULES), reason="no real job path")
-@pytest.mark.timeout(600)  # a train job, then a sweep
+@pytest.mark.timeout(900)  # a train job and a sweep
 def test_s3_credentials_reach_jobs_from_the_node_never_through_ray_job_records(service, ray_head, s3_bucket):
     """A real train job and a real sweep on S3 through the queue: the keys are in the Ray node's environment; the
     service has them too (its operator's shell), and forwards none: the secret is in none of Ray's job records (its
@@ -488,7 +488,9 @@ def test_s3_credentials_reach_jobs_from_the_node_never_through_ray_job_records(s
     # A sweep too: Ray Tune copies AWS_* from its driver's environment into every trial actor's runtime env, which
     # Ray writes to the head's runtime_env_agent.log (issue 19); the driver holds none while Tune runs.
     sweep_id = svc.submit(
-        real_spec("e2e-s3-sweep", 2, kind="sweep").replace("variant: vae", "variant: beta_vae")
+        real_spec("e2e-s3-sweep", 2, kind="sweep")
+        .replace("variant: vae", "variant: beta_vae")
+        .replace("cpus_per_worker: 1}", "cpus_per_worker: 0.9}")  # beside the train job on the 2 CPUs
         + "sweep: {beta: [1, 4], pack: 2, metric: {name: eval/elbo, mode: max}}\n"
     )
     job = svc.wait_state(job_id, "succeeded", timeout=240)
