@@ -56,7 +56,7 @@ def mlflow_limit_errors(spec: JobSpec) -> list[dict[str, str]]:
             )
         )
     texts = [run_description(spec, job_id)]
-    if spec.kind == "sweep":
+    if spec.sweep is not None:
         values = {key: max(v, key=lambda x: len(str(x))) for key, v in spec.sweep.space().items() if v}
         texts.append(trial_description(spec, job_id, values))
     longest = max(len(t) for t in texts)
