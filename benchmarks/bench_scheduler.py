@@ -41,7 +41,7 @@ from pathlib import Path
 
 import services.store as store_module
 from benchmarks.bench_queue import postgres_database
-from services.dispatcher import Dispatcher, RayJobInfo
+from services.dispatcher import Dispatcher, MemorySpecs, RayJobInfo
 from services.policy import PolicySource
 from services.store import Store
 
@@ -247,7 +247,13 @@ def simulate(backend: str, trace: Trace, args, *, backfill: bool = True) -> Resu
             durations: dict[str, float] = {}
             launcher = SimLauncher(clock, durations, args.checkpoint_minutes * 60)
             dispatcher = Dispatcher(
-                store, SimCluster(total), launcher, clock=clock, environ={}, policies=PolicySource(policy_path)
+                store,
+                SimCluster(total),
+                launcher,
+                clock=clock,
+                environ={},
+                policies=PolicySource(policy_path),
+                specs=MemorySpecs(),
             )
             tick_s = args.tick_minutes * 60
             arrivals = sorted(trace.jobs, key=lambda j: j.arrival_s)
@@ -381,6 +387,7 @@ def pass_time_at_scale(backend: str, args) -> list[float]:
                 clock=clock,
                 environ={},
                 policies=PolicySource(policy_path),
+                specs=MemorySpecs(),
             )
             times = []
             for _ in range(args.pass_repeats):

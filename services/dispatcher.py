@@ -145,6 +145,17 @@ class StorageSpecs:
         return publish_spec(storage, job.id, job.spec_json)
 
 
+class MemorySpecs:
+    """Specs kept in this process (a simulated cluster, whose jobs read nothing): job id -> JSON."""
+
+    def __init__(self):
+        self.specs: dict[str, str] = {}
+
+    def publish(self, job: Job) -> dict[str, str]:
+        self.specs[job.id] = job.spec_json
+        return {}
+
+
 def max_hours_of(job: Job) -> float | None:
     """The job's wall-clock limit in hours (``train.max_hours`` of the spec JSON stored at submission), or None."""
     try:
