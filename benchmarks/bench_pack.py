@@ -27,14 +27,14 @@ from typing import Any
 import torch
 
 from workers.config import ModelConfig
-from workers.models import build_model
+from workers.models import Autoencoder, build_model
 from workers.pack import PACK_WAYS, Pack
 
 IMAGE_SHAPE = (1, 64, 64)
 DATASET_SIZE = 737_280  # dSprites' N, for the beta-TCVAE estimators
 
 
-def _models(variant: str, k: int, device: torch.device) -> list[torch.nn.Module]:
+def _models(variant: str, k: int, device: torch.device) -> list[Autoencoder]:
     config = ModelConfig(variant=variant, architecture="conv64", latent_dim=10)
     models = []
     for seed in range(k):
@@ -74,7 +74,7 @@ def time_pack(how: str, variant: str, k: int, batch: int, steps: int, warmup: in
 
 
 def run(variant: str, packs: list[int], batch: int, steps: int, warmup: int, device: torch.device) -> dict[str, Any]:
-    rows = []
+    rows: list[dict[str, Any]] = []
     single: dict[str, float] = {}
     for k in packs:
         for way in PACK_WAYS:

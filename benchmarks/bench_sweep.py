@@ -49,7 +49,7 @@ def run(betas: list[float], seeds: list[int], steps: int, pack: int | str) -> di
     from jobs.sweep import run_sweep
 
     connect_ray()
-    rows = []
+    rows: list[dict[str, Any]] = []
     try:
         for label, packing in (("unpacked", 1), ("packed", pack)):
             spec = parse_spec(yaml.safe_dump(sweep_spec(f"bench-{label}", betas, seeds, steps, packing)))

@@ -159,6 +159,7 @@ def _ray_bench_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     data = open_dataset(data_cfg, resolve=Storage.from_settings().resolve)
     train_part, val_part = train_val_split(data, data_cfg.val_fraction, train_cfg.seed)
     local = shard(train_part, ctx.rank, ctx.world_size, train_cfg.seed)
+    assert train_cfg.steps is not None, "_bench_train_config gives steps"
     n = min(len(local), train_cfg.batch_size * train_cfg.steps)
     local = local.subset(torch.arange(n))
     result = train(
@@ -190,8 +191,9 @@ def run_ray_benchmark(spec, workers: int, steps: int = 200, warmup: int = 20) ->
         "warmup": warmup,
     }
     with tempfile.TemporaryDirectory(prefix="aeforge-bench-") as storage_path:
+        # Train V2 keeps what the loop returns (Result.return_value); ray.train picks V2 at import, mypy reads V1.
         trainer = TorchTrainer(
-            _ray_bench_loop_per_worker,
+            _ray_bench_loop_per_worker,  # type: ignore[arg-type]
             train_loop_config=config,
             scaling_config=ScalingConfig(
                 num_workers=workers, use_gpu=r.gpus_per_worker > 0, resources_per_worker=r.per_worker()
@@ -201,7 +203,7 @@ def run_ray_benchmark(spec, workers: int, steps: int = 200, warmup: int = 20) ->
         started = time.perf_counter()
         result = trainer.fit()
         fit_seconds = time.perf_counter() - started
-    ips = result.return_value["images_per_second"]
+    ips = result.return_value["images_per_second"]  # type: ignore[attr-defined]
     backend = "nccl" if r.gpus_per_worker else "gloo"
     return {
         "loop": f"aeforge on Ray Train ({workers} workers, DDP {backend}, {r.cpus_per_worker:g} CPU each)",
@@ -220,7 +222,7 @@ def run_ray_benchmark(spec, workers: int, steps: int = 200, warmup: int = 20) ->
 class _QuietContext(RunContext):
     """One local process that prints no progress lines: the bench's output is its table (or its JSON)."""
 
-    def log_progress(self, step, total, *, metrics=None, images_per_second=None) -> None:
+    def log_progress(self, step, total, *, metrics=None, images_per_second=None, trial=None) -> None:
         return None
 
 

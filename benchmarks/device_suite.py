@@ -263,7 +263,7 @@ def read_junit(path: Path) -> list[dict[str, Any]]:
     rows = []
     for case in ElementTree.parse(path).getroot().iter("testcase"):
         module = case.get("classname", "").rsplit(".", 1)[-1]
-        row = {
+        row: dict[str, Any] = {
             "name": f"{module}::{case.get('name')}",
             "status": "passed",
             "seconds": float(case.get("time") or 0),
@@ -575,6 +575,7 @@ def study_spec(sizes: Sizes):
 
     spec = load_spec(STUDY_SPEC)
     if sizes.study_grid is not None:
+        assert spec.sweep is not None, f"{STUDY_SPEC} is a sweep"
         spec = spec.model_copy(update={"sweep": spec.sweep.model_copy(update=sizes.study_grid)})
     if sizes.study_eval is not None:
         spec = spec.model_copy(update={"eval": spec.eval.model_copy(update=sizes.study_eval)})
@@ -751,8 +752,8 @@ def run_study(sizes: Sizes, device, budget_s: float, steps: int | None = None) -
 def goal_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     protocol = report.get("protocol") or {}
     cases = report.get("bench") or []
-    small = next((c for c in cases if c["batch_size"] == 64), {})
-    large = next((c for c in cases if c["batch_size"] > 64), {})
+    small: dict[str, Any] = next((c for c in cases if c["batch_size"] == 64), {})
+    large: dict[str, Any] = next((c for c in cases if c["batch_size"] > 64), {})
     finished = protocol.get("steps_done") == PROTOCOL_STEPS
     study = report.get("study") or {}
     study_full = study.get("status") == "ran" and not study.get("stopped_short")

@@ -14,6 +14,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -72,7 +73,7 @@ def run_in_process(spec: JobSpec, job_id: str, resolve: Callable[[str], str] | N
 
 def run_train_on_ray(
     spec: JobSpec, job_id: str, spec_file: str | Path | None = None, *, register: bool = True, force: bool = False
-) -> dict:
+) -> dict[str, Any]:
     """A `train` job end to end: preflight, data check, Ray Train (DDP), MLflow run, registered model.
 
     ``spec_file``: the file `aeforge run` read the spec from, the MLflow run's source (None: a queue job, whose
@@ -157,7 +158,7 @@ def run_train_on_ray(
 
 def run_job(
     spec: JobSpec, job_id: str, spec_file: str | Path | None = None, *, register: bool = True, force: bool = False
-) -> dict:
+) -> dict[str, Any]:
     """Run a train or sweep job; ``spec_file`` is where `aeforge run` read the spec (None for a queue job);
     ``register`` False registers no model, ``force`` moves the alias past a better version (see the registry's
     gate, jobs/gate.py)."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,7 @@ def check_submission(spec: Any, who: Principal, settings: ServiceSettings) -> Re
 # --- data ---------------------------------------------------------------------------------------------------------
 
 
-def _real_location_readable(source: str, allowed, who: Principal) -> bool:
+def _real_location_readable(source: str, allowed: Iterable[str], who: Principal) -> bool:
     """A local source's real path, symlinks resolved, must be under a prefix too, or inside a dataset ``who`` may
     read (the job checks again at every open: workers.storage.read_access)."""
     if source.startswith("s3://"):
@@ -252,7 +253,8 @@ def minimum_request(spec: Any) -> dict[str, float]:
 
         r = spec.resources
         return {"CPU": trial_cpus(r), "GPU": float(r.workers * r.gpus_per_worker)}
-    return spec.resource_request()
+    request: dict[str, float] = spec.resource_request()
+    return request
 
 
 def check_priority(

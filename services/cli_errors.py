@@ -107,7 +107,7 @@ def handle_errors(command: F) -> F:
     """``command`` under :func:`handling_errors` (for a command registered on an app that may not handle them)."""
 
     @functools.wraps(command)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         with handling_errors():
             return command(*args, **kwargs)
 

@@ -8,7 +8,9 @@ refuses, print a plain message and exit 2 (see services.cli_errors).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import typer
 
@@ -29,6 +31,8 @@ models_app = typer.Typer(
     no_args_is_help=True,
     help="Registered models: list, show, compare, promote, alias rm, sample, traverse.",
 )
+
+T = TypeVar("T")
 
 
 def description_prose(description: str | None) -> str:
@@ -52,7 +56,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(models_app, name="models")
 
 
-def _registry(fn, *args):
+def _registry(fn: Callable[..., T], *args: Any) -> T:
     """``fn(*args)`` against the MLflow registry; an MLflow that cannot be reached or refuses is a plain error (an
     unknown model, alias or version is a ModelLookupError, which the CLI prints as one)."""
     from mlflow.exceptions import MlflowException
@@ -63,7 +67,7 @@ def _registry(fn, *args):
         fail(str(exc))
 
 
-def _load(ref: str):
+def _load(ref: str) -> Any:
     from jobs.registry import load_model
 
     return _registry(load_model, ref)

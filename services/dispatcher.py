@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from jobs import ray_train
 from jobs.ray_train import describe_resources, sweep_concurrency  # noqa: F401 (describe_resources re-exported)
@@ -41,6 +41,9 @@ from workers.errors import AeforgeError
 from workers.memory_failures import memory_failure
 from workers.protocol import PROGRESS_MARK, RESULT_MARK, parse_progress, parse_result  # noqa: F401 (re-exported)
 from workers.storage.objects import StorageError
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobSubmissionClient
 
 log = logging.getLogger(__name__)
 
@@ -603,7 +606,7 @@ class RayJobLauncher:
 
     def __init__(self, address: str | None):
         self.address = address
-        self._client = None
+        self._client: JobSubmissionClient | None = None
         self._lock = threading.Lock()
 
     def client(self):

@@ -234,7 +234,7 @@ class RunDisplay:
             self._tracks[name] = Track(name)
         return self._tracks[name]
 
-    def _on_progress(self, payload: dict) -> None:
+    def _on_progress(self, payload: dict[str, Any]) -> None:
         step, total = payload.get("step"), payload.get("total")
         if not isinstance(step, int):
             return
@@ -266,7 +266,7 @@ class RunDisplay:
         elif not self.live:
             self._say(f"{name}  {track.progress_text()}" if name else track.progress_text())
 
-    def _on_trial(self, payload: dict) -> None:
+    def _on_trial(self, payload: dict[str, Any]) -> None:
         name, state = payload.get("trial"), payload.get("state")
         if not isinstance(name, str) or not isinstance(state, str) or (name, state) in self._shown_states:
             return
@@ -326,7 +326,7 @@ class _TrainProgress(Progress):
             refresh_per_second=4,
         )
 
-    def get_renderables(self):
+    def get_renderables(self) -> Iterator[RenderableType]:
         yield self.make_tasks_table(self.tasks)
         tracks = self._display.tracks()
         if tracks and tracks[0].metrics:
@@ -427,7 +427,8 @@ class LogFollower:
 
 def _fd_of(stream: Any) -> int | None:
     try:
-        return stream.fileno()
+        fd: int = stream.fileno()
+        return fd
     except (AttributeError, OSError, ValueError):
         return None
 

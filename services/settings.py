@@ -36,7 +36,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, overload
+from typing import Any, Literal, overload
 from urllib.parse import urlparse
 
 import yaml
@@ -269,7 +269,7 @@ def remove_service_record(home: Path, pid: int | None = None) -> None:
             path.unlink()
 
 
-def read_service_record(home: Path) -> dict | None:
+def read_service_record(home: Path) -> dict[str, Any] | None:
     """The record in AEFORGE_HOME/service.json, or None when there is none or it is not one (then it is ignored)."""
     try:
         record = json.loads(service_record_path(home).read_text())
@@ -616,7 +616,7 @@ def parse_tokens(text: str, source: str) -> tuple[Principal, ...]:
     return tuple(principals)
 
 
-def _compact_entry(part: str, source: str, index: int) -> dict:
+def _compact_entry(part: str, source: str, index: int) -> dict[str, Any]:
     pieces = part.split(":")
     if len(pieces) not in (2, 3):
         raise SettingsError(f"{source}: entry {index}: expected token:owner or token:owner:role")

@@ -8,7 +8,7 @@ Unknown keys are errors everywhere (``extra="forbid"``), and every number is fin
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -52,7 +52,7 @@ class StrictModel(BaseModel):
 
 # A denoising autoencoder's corruption when the spec gives none. Plain constants as well as the field defaults: the
 # compiled training step reads them without building a CorruptionConfig (pydantic's validation is not traceable).
-DEFAULT_CORRUPTION_KIND = "mask"
+DEFAULT_CORRUPTION_KIND: Final = "mask"
 DEFAULT_CORRUPTION_LEVEL = 0.5
 
 

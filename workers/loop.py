@@ -24,7 +24,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -204,7 +204,8 @@ def compile_loss(loss_module: nn.Module, mode: str, device: torch.device) -> nn.
                 "train.compile: true on a CPU needs a C++ compiler (g++, or the one $CXX names) for TorchInductor's "
                 "kernels, and none was found; install one or set train.compile: false"
             ) from exc
-    return torch.compile(loss_module, mode=mode, dynamic=False)
+    # A compiled Module is an OptimizedModule, a Module; torch.compile's annotation says only Callable.
+    return cast(nn.Module, torch.compile(loss_module, mode=mode, dynamic=False))
 
 
 def uses_cuda_graphs(mode: str, device: torch.device) -> bool:
@@ -277,6 +278,7 @@ class LossWindow:
 def total_steps(config: TrainConfig, shard_size: int) -> int:
     if config.steps is not None:
         return config.steps
+    assert config.epochs is not None, "TrainConfig has steps or epochs (its validator)"
     return int(config.epochs) * steps_per_epoch(shard_size, config.batch_size)
 
 
@@ -298,11 +300,12 @@ class BatchOrder:
     def __init__(self, n: int, seed: int, rank: int, batch_size: int, device: torch.device):
         self.n, self.seed, self.rank, self.batch_size, self.device = n, seed, rank, batch_size, device
         self.per_epoch = steps_per_epoch(n, batch_size)
-        self._epoch, self._perm = -1, None
+        self._epoch = -1
+        self._perm: torch.Tensor | None = None
 
     def rows(self, step: int) -> torch.Tensor:
         epoch, pos = divmod(step, self.per_epoch)
-        if epoch != self._epoch:
+        if epoch != self._epoch or self._perm is None:
             self._epoch, self._perm = epoch, epoch_permutation(self.n, self.seed, epoch, self.rank, self.device)
         return self._perm[pos * self.batch_size : (pos + 1) * self.batch_size]
 
@@ -436,8 +439,8 @@ def train(
     loss_module = ctx.wrap(LossModule(model, gather=ctx.gather))
     compiled = compiles(cfg, device)
     mode = compile_mode(cfg, device, ctx.world_size) if compiled else None
-    step_loss = compile_loss(loss_module, mode, device) if compiled else loss_module
-    cuda_graphs = compiled and uses_cuda_graphs(mode, device)
+    step_loss = compile_loss(loss_module, mode, device) if mode is not None else loss_module
+    cuda_graphs = mode is not None and uses_cuda_graphs(mode, device)
     compile_seconds = 0.0
     train_data = place_data(train_data, device)
 

@@ -12,6 +12,7 @@ import json
 import random
 import time
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -71,10 +72,10 @@ def publish_outputs(
         return
     if mlflow_run is not None:
         for folder in sorted(p for p in local_dir.iterdir() if p.is_dir() and any(p.iterdir())):
-            with_retries(lambda f=folder: mlflow_run.log_artifacts(f, f.name), f"MLflow upload of {folder.name}/")
+            with_retries(partial(mlflow_run.log_artifacts, folder, folder.name), f"MLflow upload of {folder.name}/")
     if storage is not None:
         if not run_name:
             raise ValueError("publish_outputs: a storage destination needs the run's name")
         for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
             relpath = f"runs/{run_name}/{path.relative_to(local_dir).as_posix()}"
-            with_retries(lambda p=path, r=relpath: storage.put_file(p, r), f"upload of {relpath}")
+            with_retries(partial(storage.put_file, path, relpath), f"upload of {relpath}")

@@ -308,22 +308,27 @@ def train_pack(
         torch.where(training, losses, torch.zeros_like(losses)).sum().backward()
         if average:
             for tensor in pack.parameters():
-                torch.distributed.all_reduce(tensor.grad)
-                tensor.grad /= ctx.world_size
+                grad = tensor.grad
+                assert grad is not None, "backward() gives every parameter of the pack a gradient"
+                torch.distributed.all_reduce(grad)
+                grad /= ctx.world_size
         if cfg.grad_clip is not None:
             pack.clip_gradients(cfg.grad_clip)
         optimizer.step()
         for k in range(k_models):
-            if windows[k] is None:
-                windows[k] = LossWindow(["loss", *parts], device, first_step=step)
-            windows[k].add(losses[k], {name: value[k] for name, value in parts.items()})
+            window = windows[k]
+            if window is None:
+                window = windows[k] = LossWindow(["loss", *parts], device, first_step=step)
+            window.add(losses[k], {name: value[k] for name, value in parts.items()})
 
         done = step + 1
         if done % cfg.log_every == 0 or done == n_steps:
             for k, result in enumerate(results):
                 if result.failed is not None:
                     continue
-                means, diverged = windows[k].read()
+                window = windows[k]
+                assert window is not None, "every member's window is made at the first step"
+                means, diverged = window.read()
                 if diverged is not None:
                     result.failed = diverged
                     training[k] = False
@@ -406,7 +411,7 @@ def _save(
                     {
                         "seed": m.seed,
                         "folder": member_folder(k),
-                        "failed": list(results[k].failed) if results[k].failed else None,
+                        "failed": list(failed) if (failed := results[k].failed) else None,
                     }
                     for k, m in enumerate(members)
                 ],

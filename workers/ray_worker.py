@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -23,6 +23,9 @@ import torch.distributed as dist
 from workers.loop import RunContext, is_checkpoint, total_steps, train
 from workers.outputs import numeric_metrics, publish_outputs, with_retries
 from workers.timeline import Timeline
+
+if TYPE_CHECKING:
+    from workers.tracking import MlflowRun
 
 CHECKPOINT_DIR = re.compile(r"checkpoint_step_(\d+)$")
 
@@ -74,7 +77,7 @@ class RayTrainContext(RunContext):
         self,
         *,
         mlflow_run=None,
-        run_dir: Path,
+        run_dir: Path | None,
         gather_tc: bool,
         trial: str | None = None,
         timeline: Timeline | None = None,
@@ -136,9 +139,9 @@ class RayTrainContext(RunContext):
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
-        self._restored = tempfile.TemporaryDirectory(prefix="aeforge-restore-")
-        with_retries(lambda: checkpoint.to_directory(self._restored.name), f"download of checkpoint {checkpoint.path}")
-        if not is_checkpoint(Path(self._restored.name)):
+        restored = self._restored = tempfile.TemporaryDirectory(prefix="aeforge-restore-")
+        with_retries(lambda: checkpoint.to_directory(restored.name), f"download of checkpoint {checkpoint.path}")
+        if not is_checkpoint(Path(restored.name)):
             return None
         found = CHECKPOINT_DIR.search(checkpoint.path.rstrip("/"))
         if found is not None:
@@ -150,7 +153,7 @@ class RayTrainContext(RunContext):
                     self._mlflow.log_metrics({"resume/from_step": self.resumed_from_step}, self.resumed_from_step)
                     history = self._mlflow.client.get_metric_history(self._mlflow.run_id, "train/loss")
                     self._logged_through = max((m.step for m in history), default=-1)
-        return Path(self._restored.name)
+        return Path(restored.name)
 
     def save_checkpoint(self, directory: Path, metrics: dict[str, float], step: int, keep: int) -> None:
         """Every rank reports (a barrier); the chief's report carries the checkpoint, uploaded with retries and
@@ -294,7 +297,8 @@ def pack_loop_per_worker(config: dict[str, PackWorkerJob]) -> dict[str, Any] | N
     spec = job.spec
     storage = Storage.from_settings()
     chief = ray.train.get_context().get_world_rank() == 0
-    runs, logged_through = None, []
+    runs: list[MlflowRun] = []  # the chief's: only it logs to MLflow
+    logged_through: list[int] = []
     if chief:
         from workers.tracking import MlflowRun
 

@@ -114,7 +114,8 @@ def use_tracking_uri(uri: str) -> Iterator[None]:
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(previous_global)
+        # None (no URI set before) puts MLflow back on its default; its annotation leaves None out.
+        mlflow.set_tracking_uri(previous_global)  # type: ignore[arg-type]
         if previous_env is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:

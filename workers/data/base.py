@@ -44,26 +44,46 @@ class ImageDataset:
             num_classes = int(labels.max().item()) + 1 if len(labels) else 0
         self.num_classes = num_classes
 
+    @property
+    def _u8(self) -> torch.Tensor:
+        """The stored images. A subclass that passes None keeps its own storage and overrides what reads this."""
+        if self._images is None:
+            raise TypeError(f"{type(self).__name__} stores no uint8 image tensor: it must override this method")
+        return self._images
+
     # --- shape ---------------------------------------------------------------------------------------
     def __len__(self) -> int:
-        return int(self._images.shape[0])
+        return int(self._u8.shape[0])
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self._images.shape[1:])  # type: ignore[return-value]
+        c, h, w = self._u8.shape[1:]
+        return c, h, w
 
     @property
     def device(self) -> torch.device:
-        return self._images.device
+        return self._u8.device
 
     @property
     def has_factors(self) -> bool:
         return self._factors is not None and self.factor_sizes is not None
 
+    def require_factor_sizes(self) -> tuple[int, ...]:
+        """The number of values of each ground-truth factor (DataError for a data set without factors)."""
+        if self.factor_sizes is None:
+            raise DataError(f"data set '{self.name}' has no ground-truth factors")
+        return self.factor_sizes
+
+    def require_factor_names(self) -> tuple[str, ...]:
+        """The names of the ground-truth factors (DataError for a data set without factors)."""
+        if self.factor_names is None:
+            raise DataError(f"data set '{self.name}' has no ground-truth factors")
+        return self.factor_names
+
     # --- access --------------------------------------------------------------------------------------
     def images(self, index: torch.Tensor) -> torch.Tensor:
         """Float images in [0, 1], shape (B, C, H, W), on this data set's device."""
-        return self._images[index.to(self._images.device)].float().div_(255.0)
+        return self._u8[index.to(self._u8.device)].float().div_(255.0)
 
     def factors(self, index: torch.Tensor) -> torch.Tensor:
         """Ground-truth factor indices, shape (B, K), long."""
@@ -78,7 +98,7 @@ class ImageDataset:
 
     def images_from_factors(self, factors: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images whose factors equal the given rows. Generic version: a random data set row for each."""
-        if not self.has_factors:
+        if not self.has_factors or self._factors is None:
             raise DataError(f"data set '{self.name}' has no ground-truth factors")
         all_f = self._factors.cpu()
         out = []
@@ -95,7 +115,7 @@ class ImageDataset:
         index = index.to(self.device)
         return ImageDataset(
             self.name,
-            self._images[index],
+            self._u8[index],
             None if self.labels is None else self.labels[index.to(self.labels.device)],
             None if self._factors is None else self._factors[index.to(self._factors.device)],
             self.factor_names,
@@ -105,7 +125,7 @@ class ImageDataset:
 
     def to(self, device: torch.device | str) -> ImageDataset:
         """Move storage to a device (the training loop keeps data on the GPU when it fits)."""
-        self._images = self._images.to(device)
+        self._images = self._u8.to(device)
         if self.labels is not None:
             self.labels = self.labels.to(device)
         if self._factors is not None:
@@ -113,7 +133,7 @@ class ImageDataset:
         return self
 
     def nbytes(self) -> int:
-        return int(self._images.numel() * self._images.element_size())
+        return int(self._u8.numel() * self._u8.element_size())
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, n={len(self)}, shape={self.image_shape})"

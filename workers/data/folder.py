@@ -91,7 +91,7 @@ def read_folder(
     folder = Path(folder)
     files = image_files(folder)
     classes = class_names(folder, files)
-    arrays = []
+    arrays: list[np.ndarray] = []
     for path in files:
         image = _fit(_open_image(path), image_size, grayscale)
         array = np.asarray(image, dtype=np.uint8)

@@ -138,7 +138,8 @@ class ArrayStore(RowStore):
 
     def __init__(self, images_u8: torch.Tensor):
         self._images = images_u8
-        self.shape = tuple(images_u8.shape)
+        n, c, h, w = images_u8.shape
+        self.shape = (n, c, h, w)
 
     @property
     def device(self) -> torch.device:
@@ -343,7 +344,7 @@ class GridImageDataset(LazyImageDataset):
 
     def images_from_factors(self, factors: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """The image of each factor row, exactly (``generator`` is unused)."""
-        sizes = self.factor_sizes
+        names, sizes = self.require_factor_names(), self.require_factor_sizes()
         if factors.ndim != 2 or factors.shape[1] != len(sizes):
             raise DataError(f"{self.name}: factors must have shape (B, {len(sizes)}), not {tuple(factors.shape)}")
         factors = factors.cpu().long()
@@ -351,7 +352,7 @@ class GridImageDataset(LazyImageDataset):
             low, high = factors.min(dim=0).values, factors.max(dim=0).values
             if bool((low < 0).any()) or bool((high >= torch.tensor(sizes)).any()):
                 raise DataError(
-                    f"{self.name}: factor values out of range: columns {list(self.factor_names)} take values "
+                    f"{self.name}: factor values out of range: columns {list(names)} take values "
                     f"0..size-1 with sizes {list(sizes)}, got minima {low.tolist()} and maxima {high.tolist()}"
                 )
         cells = (factors * torch.tensor(_strides(sizes), dtype=torch.long)).sum(dim=1)

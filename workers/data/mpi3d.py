@@ -20,6 +20,7 @@ from workers.data.base import DataError
 from workers.data.lazy import (
     ArrayStore,
     MemmapStore,
+    RowStore,
     channels_first_shape,
     ground_truth_dataset,
     member_header,
@@ -86,6 +87,7 @@ def read_mpi3d(path: str | Path, name: str | None = None):
             shape, dtype = _checked_header(path, archive)
             image_shape, channels_last = channels_first_shape(path, shape)
             offset = stored_member_offset(path, archive, IMAGES_KEY)
+            store: RowStore
             if offset is not None:
                 store = MemmapStore(path, offset, shape, dtype, channels_last, image_shape)
             else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -51,8 +52,8 @@ class H5Store(FileStore):
     ):
         super().__init__(path, stored_shape, channels_last, image_shape)
         self.key = key
-        self._file = None
-        self._dataset = None
+        self._file: Any = None  # an h5py File and Dataset (h5py has no type annotations)
+        self._dataset: Any = None
         self._pid: int | None = None
 
     def dataset(self):

@@ -54,9 +54,12 @@ def summarize_dataset(dataset: ImageDataset, where: str | Path | None = None) ->
     dataset.images(torch.tensor(sorted({0, n - 1})))
     factors = None
     if dataset.has_factors:
-        factors = tuple((str(name), int(size)) for name, size in zip(dataset.factor_names, dataset.factor_sizes))
+        factors = tuple(
+            (str(name), int(size)) for name, size in zip(dataset.require_factor_names(), dataset.require_factor_sizes())
+        )
     classes = dataset.num_classes if dataset.labels is not None else None
-    return DataSummary(n, tuple(int(d) for d in dataset.image_shape), classes, factors)
+    channels, height, width = dataset.image_shape
+    return DataSummary(n, (int(channels), int(height), int(width)), classes, factors)
 
 
 def _decoded(path: Path) -> Image.Image:
@@ -91,27 +94,27 @@ def summarize_folder(folder: str | Path) -> DataSummary:
 def summarize(paths: Sequence[str | Path], format: str | None = None) -> DataSummary:
     """The summary of what `aeforge data push` uploads: one folder, or files whose first is the data set, read
     with ``format`` (inferred from the first name when None). Raises DataError naming the file and the fault."""
-    paths = [Path(p) for p in paths]
-    if not paths:
+    local_paths = [Path(p) for p in paths]
+    if not local_paths:
         raise DataError("no files to read")
-    if len(paths) == 1 and paths[0].is_dir():
+    if len(local_paths) == 1 and local_paths[0].is_dir():
         if format not in (None, "folder"):
-            raise DataError(f"{paths[0]}: format '{format}' does not apply to a folder (use folder)")
-        return summarize_folder(paths[0])
+            raise DataError(f"{local_paths[0]}: format '{format}' does not apply to a folder (use folder)")
+        return summarize_folder(local_paths[0])
     if format == "folder":
-        raise DataError(f"{paths[0]}: format 'folder' needs a folder; this is a file")
+        raise DataError(f"{local_paths[0]}: format 'folder' needs a folder; this is a file")
     with tempfile.TemporaryDirectory(prefix="aeforge-push-") as staging:
         # The job's view of the files: links under their dataset names, side by side.
         links = {}
-        for path in paths:
+        for path in local_paths:
             link = Path(staging) / path.name
             link.symlink_to(path.resolve())
             links[str(link)] = str(path)
-        first = Path(staging) / paths[0].name
+        first = Path(staging) / local_paths[0].name
         try:
-            return summarize_dataset(read_local(first, DataConfig(source=str(first), format=format)), paths[0])
+            return summarize_dataset(read_local(first, DataConfig(source=str(first), format=format)), local_paths[0])
         except DataError as exc:
             message = str(exc)
-            for link, original in sorted(links.items(), key=lambda item: -len(item[0])):
-                message = message.replace(link, original)  # name the user's files, not the links
+            for link_name, original in sorted(links.items(), key=lambda item: -len(item[0])):
+                message = message.replace(link_name, original)  # name the user's files, not the links
             raise DataError(message) from None

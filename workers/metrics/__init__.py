@@ -169,7 +169,9 @@ def _disentanglement(
     dci = dci_from_codes(train_codes, train_factors, test_codes, test_factors, seed=seed)
     out.update({f"dci_{k}": v for k, v in dci.items()})
 
-    scored = [k for k, size in enumerate(truth.factor_sizes) if size > 1 and (columns is None or k in columns)]
+    scored = [
+        k for k, size in enumerate(truth.require_factor_sizes()) if size > 1 and (columns is None or k in columns)
+    ]
     if len(scored) >= 2:
         votes_train = max(2, config.num_train // VOTES_PER_POINT)
         votes_test = max(1, config.num_test // VOTES_PER_POINT)

@@ -33,7 +33,7 @@ from workers.losses import LOG_2PI
 from workers.metrics.sampling import (
     FactorSampler,
     Representation,
-    encode_rows,
+    encode_stochastic_rows,
     example_rows,
     factor_columns,
     model_device,
@@ -140,7 +140,7 @@ def _posterior_samples(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean, logvar, z) of the given rows: one z ~ q(z|x) per row, drawn on the model's device."""
     noise = noise_generator(model_device(model), generator)
-    mean, logvar = encode_rows(model, dataset, rows, batch_size)
+    mean, logvar = encode_stochastic_rows(model, dataset, rows, batch_size)
     return mean, logvar, Posterior(mean=mean, logvar=logvar).sample(noise)
 
 
@@ -296,5 +296,5 @@ def mig_chen(
         raise ValueError(f"mig_chen needs at least 2 rows; data set '{dataset.name}' gave {len(index)}")
     mean, logvar, z = _posterior_samples(model, dataset, index, batch_size, generator)
     values = dataset.factors(index).long()[:, columns]
-    sizes = [dataset.factor_sizes[c] for c in columns]
+    sizes = [dataset.require_factor_sizes()[c] for c in columns]
     return mig_chen_from_posteriors(mean, logvar, z, values, sizes, samples, generator)

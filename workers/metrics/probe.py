@@ -29,13 +29,20 @@ def _require_labels(dataset: ImageDataset, role: str) -> None:
         raise DataError(f"the {role} data set '{dataset.name}' is empty")
 
 
+def _stored_labels(dataset: ImageDataset) -> torch.Tensor:
+    if dataset.labels is None:
+        raise DataError(f"the probe needs class labels, and data set '{dataset.name}' has none")
+    return dataset.labels
+
+
 def _labels(dataset: ImageDataset, rows: torch.Tensor) -> torch.Tensor:
-    return dataset.labels[rows.to(dataset.labels.device)].long()
+    labels = _stored_labels(dataset)
+    return labels[rows.to(labels.device)].long()
 
 
 def _num_classes(train: ImageDataset, test: ImageDataset) -> int:
     found = [d.num_classes for d in (train, test) if d.num_classes is not None]
-    found += [int(d.labels.max()) + 1 for d in (train, test)]
+    found += [int(_stored_labels(d).max()) + 1 for d in (train, test)]
     return max(found)
 
 

@@ -62,6 +62,16 @@ def encode_rows(
     return torch.cat(means), (torch.cat(logvars) if logvars else None)
 
 
+def encode_stochastic_rows(
+    model, dataset: ImageDataset, rows: torch.Tensor, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`encode_rows` for a model of the VAE family, whose posteriors have log-variances (ValueError if not)."""
+    mean, logvar = encode_rows(model, dataset, rows, batch_size)
+    if logvar is None:
+        raise ValueError("the model's posterior has no log-variances: only vae, beta_vae and beta_tcvae have them")
+    return mean, logvar
+
+
 def require_stochastic(model, what: str) -> None:
     if not getattr(model, "stochastic", False):
         variant = getattr(getattr(model, "config", None), "variant", type(model).__name__)
@@ -97,7 +107,7 @@ class FactorSampler:
             raise DataError(f"data set '{dataset.name}' is empty: there is nothing to evaluate")
         self.dataset = dataset
         self.generator = generator
-        self.factor_sizes = tuple(dataset.factor_sizes)
+        self.factor_sizes = dataset.require_factor_sizes()
         self.renders = type(dataset).images_from_factors is not ImageDataset.images_from_factors
         self._groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 

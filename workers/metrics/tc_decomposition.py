@@ -11,7 +11,13 @@ import torch
 
 from workers.data.base import ImageDataset
 from workers.losses import kl_standard_normal, tc_terms
-from workers.metrics.sampling import encode_rows, example_rows, model_device, noise_generator, require_stochastic
+from workers.metrics.sampling import (
+    encode_stochastic_rows,
+    example_rows,
+    model_device,
+    noise_generator,
+    require_stochastic,
+)
 
 # Elements of the (rows, S, D) block of log q(z_i | x_j) evaluated at once.
 _BLOCK_ELEMENTS = 1 << 22
@@ -45,7 +51,7 @@ def tc_decomposition(
     if n < s:
         raise ValueError(f"dataset_size ({n}) is smaller than the number of evaluated examples ({s})")
     noise = noise_generator(device, generator)
-    mean, logvar = encode_rows(model, dataset, rows, batch_size)
+    mean, logvar = encode_stochastic_rows(model, dataset, rows, batch_size)
     z = mean + torch.randn(mean.shape, device=device, generator=noise) * torch.exp(0.5 * logvar)
     estimator = "mws" if s == n else "mss"
     block = max(1, _BLOCK_ELEMENTS // (s * mean.shape[1]))

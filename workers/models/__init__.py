@@ -30,4 +30,4 @@ def build_model(config: ModelConfig, image_shape: tuple[int, int, int], dataset_
     check_fits(config.architecture, tuple(image_shape))
     if dataset_size < 1:
         raise ValueError(f"dataset_size must be at least 1, not {dataset_size}")
-    return cls(config, tuple(image_shape), dataset_size)
+    return cls(config, image_shape, dataset_size)  # Autoencoder makes it a tuple of ints

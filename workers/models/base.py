@@ -41,9 +41,15 @@ class Posterior:
         eps = torch.randn(self.mean.shape, device=self.mean.device, dtype=self.mean.dtype, generator=generator)
         return self.reparameterise(eps)
 
+    def stochastic_logvar(self) -> torch.Tensor:
+        """``logvar`` of a stochastic code (NoPrior for a deterministic one, which has none)."""
+        if self.logvar is None:
+            raise NoPrior("a deterministic code has no variance: only vae, beta_vae and beta_tcvae have one")
+        return self.logvar
+
     def reparameterise(self, eps: torch.Tensor) -> torch.Tensor:
         """z = mean + eps * std for standard normal ``eps`` (the reparameterisation trick), in the mean's dtype."""
-        return self.mean + eps.to(self.mean.dtype) * torch.exp(0.5 * self.logvar)
+        return self.mean + eps.to(self.mean.dtype) * torch.exp(0.5 * self.stochastic_logvar())
 
     def kl_per_dimension(self) -> torch.Tensor | None:
         """(B, D) KL(q(z_d|x) || N(0, 1)) of each latent dimension in closed form; None for deterministic codes.
@@ -87,13 +93,18 @@ class Autoencoder(nn.Module):
 
     variant: str = ""
     stochastic: bool = False
+    # Buffers (register_buffer below), declared for the type checker: nn.Module's __getattr__ returns a union.
+    code_mean: torch.Tensor
+    code_std: torch.Tensor
+    code_kl: torch.Tensor
 
     def __init__(self, config: ModelConfig, image_shape: tuple[int, int, int], dataset_size: int):
         super().__init__()
         from workers.models.architectures import build_decoder, build_encoder
 
         self.config = config
-        self.image_shape = tuple(image_shape)
+        channels, height, width = image_shape
+        self.image_shape = (int(channels), int(height), int(width))
         self.latent_dim = config.latent_dim
         self.dataset_size = int(dataset_size)  # N, for the minibatch TC estimators
         encoder_out = 2 * config.latent_dim if self.stochastic else config.latent_dim
@@ -177,7 +188,7 @@ class Autoencoder(nn.Module):
 
     # --- where the codes lie -----------------------------------------------------------------------
     @torch.no_grad()
-    def record_code_statistics(self, batches: Iterable[torch.Tensor]) -> CodeStatistics:
+    def record_code_statistics(self, batches: Iterable[torch.Tensor]) -> CodeStatistics | None:
         """Encode ``batches`` of images (the training data) and keep per latent dimension the codes' mean and
         standard deviation and (VAE family) the mean KL to the prior, in the model's buffers. Runs in eval mode
         and gives the caller's mode back. Returns what it recorded."""

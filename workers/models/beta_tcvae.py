@@ -29,7 +29,7 @@ class BetaTCVAE(VAE):
     def loss(self, x: torch.Tensor, noise: Noise | None = None, gather: GatherFn | None = None) -> LossOutput:
         noise = self.draw_noise(x) if noise is None else noise
         posterior = self.encode(x)
-        mean, logvar = posterior.mean.float(), posterior.logvar.float()
+        mean, logvar = posterior.mean.float(), posterior.stochastic_logvar().float()
         z = Posterior(mean=mean, logvar=logvar).reparameterise(noise["eps"])  # in float32, as the TC terms are
         recon = reconstruction_nll(self.decode_logits(z.to(posterior.mean.dtype)), x, self.config.likelihood).mean()
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-VARIANTS: dict[str, type] = {}
+if TYPE_CHECKING:
+    from workers.models.base import Autoencoder
 
-T = TypeVar("T", bound=type)
+VARIANTS: dict[str, type[Autoencoder]] = {}
+
+T = TypeVar("T", bound="type[Autoencoder]")
 
 
 def register(name: str) -> Callable[[T], T]:

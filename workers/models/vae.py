@@ -17,6 +17,7 @@ from workers.models.registry import register
 @register("vae")
 class VAE(Autoencoder):
     stochastic = True
+    beta: torch.Tensor  # a buffer (register_buffer below), declared for the type checker
 
     def __init__(self, config, image_shape, dataset_size):
         super().__init__(config, image_shape, dataset_size)
@@ -39,5 +40,5 @@ class VAE(Autoencoder):
         posterior = self.encode(x)
         z = posterior.reparameterise(noise["eps"])
         recon = reconstruction_nll(self.decode_logits(z), x, self.config.likelihood).mean()
-        kl = kl_standard_normal(posterior.mean.float(), posterior.logvar.float()).mean()
+        kl = kl_standard_normal(posterior.mean.float(), posterior.stochastic_logvar().float()).mean()
         return LossOutput(loss=recon + self.beta * kl, parts={"recon": recon, "kl": kl})

@@ -35,7 +35,7 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -46,6 +46,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 from torch import nn
+
+if TYPE_CHECKING:
+    from workers.models.base import Autoencoder
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +128,7 @@ def save_grid(
         raise ValueError(f"scale must be at least 1, not {scale}")
     picture = _to_pil(make_grid(images, nrow, padding, pad_value))
     if scale > 1:
-        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     picture.save(path, format="PNG")
@@ -198,7 +201,7 @@ def save_labelled_grid(
     if row_labels is not None and len(row_labels) != rows:
         raise ValueError(f"{len(row_labels)} row labels for a grid of {rows} rows")
     scale = upscale_factor(grid.width, grid.height, min_side=min_side)
-    grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    grid = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
 
     # Labels no taller than their rows, so that neighbouring labels never overlap.
     label_font = _font(max(8, min(LABEL_FONT_SIZE, (h + padding) * scale - 2)))
@@ -234,7 +237,7 @@ def save_labelled_grid(
     return path
 
 
-def describe_model(model: nn.Module) -> str:
+def describe_model(model: Autoencoder) -> str:
     """A few words naming the model for titles: "dae, mask noise 50% of pixels", "beta_vae, beta 4", "ae"."""
     config = getattr(model, "config", None)
     variant = getattr(model, "variant", "") or getattr(config, "variant", "model")
@@ -247,7 +250,7 @@ def describe_model(model: nn.Module) -> str:
     return variant
 
 
-def corruption_level(model: nn.Module) -> str:
+def corruption_level(model: Autoencoder) -> str:
     """The input corruption a model trained with, in words: "mask noise 50% of pixels", "gaussian noise sd
     0.3", or "no corruption (0% destroyed)" for every model that is not a denoiser."""
     config = getattr(model, "config", None)
@@ -259,7 +262,7 @@ def corruption_level(model: nn.Module) -> str:
     return f"{c.kind.replace('_', ' ')} noise {c.level:.0%} of pixels"
 
 
-def _device(model: nn.Module) -> torch.device:
+def _device(model: Autoencoder) -> torch.device:
     return next(model.parameters()).device
 
 
@@ -277,7 +280,7 @@ def traversal_order(scores: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def latent_traversal(
-    model: nn.Module,
+    model: Autoencoder,
     image: torch.Tensor | None,
     path: str | Path,
     limit: float = TRAVERSAL_SDS,
@@ -306,7 +309,7 @@ def latent_traversal(
     if (image is None) == (start is None):
         raise ValueError("give either the image whose code the traversal starts from or the code, not both")
     device = _device(model)
-    if start is None:
+    if image is not None:  # and start is None (checked above)
         z = model.encode(image.reshape(1, *image.shape[-3:]).to(device).float()).mean[0].float()
     else:
         z = torch.as_tensor(start, dtype=torch.float32, device=device).reshape(-1)
@@ -347,7 +350,7 @@ def latent_traversal(
 
 @torch.no_grad()
 def reconstructions(
-    model: nn.Module,
+    model: Autoencoder,
     images: torch.Tensor,
     path: str | Path,
     per_row: int = 8,
@@ -389,8 +392,8 @@ def reconstructions(
     return save_labelled_grid(torch.cat(cells), path, nrow=min(per_row, len(x)), title=title, row_labels=labels)
 
 
-def _corrupt(model: nn.Module, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """The model's own corruption of x, drawn from ``generator`` where the model takes one, else from a forked
+def _corrupt(model: Any, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """The model's own corruption of x (a model with ``corrupt(x[, generator])``: a dae), drawn from ``generator`` where the model takes one, else from a forked
     copy of the global RNG seeded from it, so that drawing a picture never shifts the training's random stream."""
     if generator is None:
         return model.corrupt(x)
@@ -406,7 +409,7 @@ def _corrupt(model: nn.Module, x: torch.Tensor, generator: torch.Generator | Non
 
 @torch.no_grad()
 def prior_samples(
-    model: nn.Module, path: str | Path, n: int = 64, seed: int = 0, title: str | None = None, nrow: int | None = None
+    model: Autoencoder, path: str | Path, n: int = 64, seed: int = 0, title: str | None = None, nrow: int | None = None
 ) -> Path | None:
     """A square-ish grid (or ``nrow`` per row) of n decodings of z ~ N(0, I) drawn with ``seed``; None for
     deterministic autoencoders, which have no prior (their decoder fed N(0, I) draws shows nothing meaningful)."""
@@ -422,7 +425,7 @@ def prior_samples(
 
 @torch.no_grad()
 def latent_manifold(
-    model: nn.Module, path: str | Path, n: int = 15, codes: torch.Tensor | None = None, title: str | None = None
+    model: Autoencoder, path: str | Path, n: int = 15, codes: torch.Tensor | None = None, title: str | None = None
 ) -> Path | None:
     """For a 2-D latent space, an n x n grid of decoded codes; None for other latent sizes.
 
@@ -459,7 +462,7 @@ def latent_manifold(
 
 
 # --- what the model learned -------------------------------------------------------------------------------
-def _first_linear(model: nn.Module) -> nn.Linear | None:
+def _first_linear(model: Autoencoder) -> nn.Linear | None:
     """The encoder's first fully connected layer when it reads the pixels directly (architecture mlp)."""
     if getattr(getattr(model, "config", None), "architecture", None) != "mlp":
         return None
@@ -469,7 +472,7 @@ def _first_linear(model: nn.Module) -> nn.Linear | None:
     return layer
 
 
-def _templates(model: nn.Module, n: int) -> torch.Tensor | None:
+def _templates(model: Autoencoder, n: int) -> torch.Tensor | None:
     """The first n weight rows as (n, C, H, W) images in [0, 1], each scaled by its own largest |weight| so
     that 0 is mid-grey, positive weights lighter and negative darker: the sign is what makes a template an
     edge or a stroke detector, and per-row scaling keeps weak units visible."""
@@ -481,7 +484,7 @@ def _templates(model: nn.Module, n: int) -> torch.Tensor | None:
     return (0.5 + 0.5 * w / scale).reshape(len(w), *model.image_shape)
 
 
-def first_layer_templates(model: nn.Module, path: str | Path, n: int = 64, title: str | None = None) -> Path | None:
+def first_layer_templates(model: Autoencoder, path: str | Path, n: int = 64, title: str | None = None) -> Path | None:
     """The first-layer "templates" of an ``mlp`` encoder (the lecture's picture), titled with the corruption
     the model was trained with (Vincent et al. compare 0% and 50% destroyed); None for convolutional encoders,
     whose first layer is a set of small kernels, not image-sized rows."""
@@ -496,7 +499,7 @@ def first_layer_templates(model: nn.Module, path: str | Path, n: int = 64, title
     return save_labelled_grid(templates, path, nrow=math.ceil(math.sqrt(len(templates))), title=title)
 
 
-def templates_comparison(models_by_label: Mapping[str, nn.Module], path: str | Path, n: int = 64) -> Path:
+def templates_comparison(models_by_label: Mapping[str, Autoencoder], path: str | Path, n: int = 64) -> Path:
     """The first-layer templates of several ``mlp`` autoencoders side by side, one titled panel each, e.g.
     {"0% destroyed": ae, "50% destroyed": dae}: Vincent et al.'s argument that corrupting the input turns
     noisy, identity-like templates into stroke and blob detectors. Raises ValueError for a non-mlp model."""
@@ -701,7 +704,7 @@ def _safe_name(name: str) -> str:
 
 
 @torch.no_grad()
-def _encode(model: nn.Module, data: Any, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _encode(model: Autoencoder, data: Any, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The codes (posterior means) of ``data`` rows ``index``, (N, D), and for the VAE family the mean KL of
     each latent dimension to the prior over those rows, (D,); None for deterministic codes."""
     device = _device(model)
@@ -716,7 +719,7 @@ def _encode(model: nn.Module, data: Any, index: torch.Tensor) -> tuple[torch.Ten
 
 
 def traversal_settings(
-    model: nn.Module, codes: torch.Tensor, kl: torch.Tensor | None, sds: float = TRAVERSAL_SDS
+    model: Autoencoder, codes: torch.Tensor, kl: torch.Tensor | None, sds: float = TRAVERSAL_SDS
 ) -> dict[str, Any]:
     """How to traverse ``model`` given its data's ``codes`` (N, D) and per-latent ``kl`` (D,): keyword arguments
     for :func:`latent_traversal`. VAE family: the prior's -2..+2, rows by KL. Deterministic autoencoders: each
@@ -741,7 +744,7 @@ def _first_varying_factor(data: Any, index: torch.Tensor) -> tuple[str, torch.Te
 
 
 def make_run_pictures(
-    model: nn.Module,
+    model: Autoencoder,
     train_data: Any,
     val_data: Any,
     out_dir: Path,

@@ -139,7 +139,8 @@ def mig_against_elbo(rows: list[dict[str, Any]], mig: str, path: Path) -> Path |
         return None
     fig, ax = plt.subplots(figsize=(6.8, 4.8), dpi=100)
     variants = sorted({str(r.get("variant") or "") for r in trials})
-    for colour, variant in zip(plt.get_cmap("tab10").colors, variants):
+    # tab10 is a ListedColormap, whose colours are listed; get_cmap's annotation says only Colormap.
+    for colour, variant in zip(plt.get_cmap("tab10").colors, variants):  # type: ignore[attr-defined]
         mine = [r for r in trials if str(r.get("variant") or "") == variant]
         ax.scatter(
             [r[ELBO] for r in mine],
@@ -223,8 +224,8 @@ def metric_heatmap(rows: list[dict[str, Any]], metric: str, path: Path, mode: st
                 ax.text(j, i, text, ha="center", va="center", fontsize=8, color=colour)
         if mode in ("max", "min") and finite.size:
             best = np.nanargmax(means) if mode == "max" else np.nanargmin(means)
-            i, j = np.unravel_index(best, means.shape)
-            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+            best_i, best_j = np.unravel_index(best, means.shape)
+            ax.add_patch(Rectangle((best_j - 0.5, best_i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
         name = "" if variant == "None" else f"{variant}: "
         ax.set_title(f"{name}{metric}, mean over seeds" + (f" (best framed, {mode})" if mode else ""), fontsize=9)
     fig.tight_layout()
@@ -293,8 +294,8 @@ def traversal_grid(
 ) -> Path | None:
     """Every finished trial's traversal picture at its own resolution (no resampling, so its labels stay
     legible), ``columns`` to a row, each under a caption with the trial's values and ranking metric."""
-    panels = [(row, traversal_for(row)) for row in rows if row.get("status") == "finished"]
-    panels = [(row, Image.open(p).convert("RGB")) for row, p in panels if p is not None and Path(p).exists()]
+    found = [(row, traversal_for(row)) for row in rows if row.get("status") == "finished"]
+    panels = [(row, Image.open(p).convert("RGB")) for row, p in found if p is not None and Path(p).exists()]
     if not panels:
         return None
     font = _font(TITLE_FONT_SIZE)

@@ -113,34 +113,38 @@ class DatasetStore(ObjectStore):
         anything is uploaded or cleared; its fields (examples, image_shape, classes, factors) go into the manifest,
         and an AeforgeError it raises refuses the push, leaving a dataset of that name as it was."""
         validate_dataset_name(name)
-        paths = [Path(p) for p in paths]
-        if not paths:
+        local_paths = [Path(p) for p in paths]
+        if not local_paths:
             raise StorageError("no files to push")
-        for p in paths:
+        for p in local_paths:
             if not p.exists():
                 raise StorageError(f"no such file or folder: {p}")
-        layout = "folder" if any(p.is_dir() for p in paths) else "files"
-        if layout == "folder" and len(paths) != 1:
-            raise StorageError(f"push either one folder or one or more files, not a mix: {', '.join(map(str, paths))}")
-        for i, p in enumerate(paths if layout == "files" else []):
+        layout = "folder" if any(p.is_dir() for p in local_paths) else "files"
+        if layout == "folder" and len(local_paths) != 1:
+            raise StorageError(
+                f"push either one folder or one or more files, not a mix: {', '.join(map(str, local_paths))}"
+            )
+        for i, p in enumerate(local_paths if layout == "files" else []):
             if not p.is_file():
                 raise StorageError(f"not a regular file: {p}")
-            if p.name in (q.name for q in paths[:i]):
+            if p.name in (q.name for q in local_paths[:i]):
                 raise StorageError(f"two files named '{p.name}': a dataset keeps files by name")
         entries = (
-            [(f, f.relative_to(paths[0]).as_posix()) for f in sorted(paths[0].rglob("*")) if f.is_file()]
+            [(f, f.relative_to(local_paths[0]).as_posix()) for f in sorted(local_paths[0].rglob("*")) if f.is_file()]
             if layout == "folder"
-            else [(p, p.name) for p in paths]
+            else [(p, p.name) for p in local_paths]
         )
         if not entries:
-            raise StorageError(f"folder {paths[0]} has no files")
+            raise StorageError(f"folder {local_paths[0]} has no files")
         if format is None:
             from workers.data import infer_format  # imported here: workers.data imports torch, `data ls` does not
 
             try:
-                format = str(infer_format(paths[0]))
+                format = str(infer_format(local_paths[0]))
             except ValueError as exc:  # a DataError
-                raise StorageError(f"cannot tell the format of {paths[0]} ({exc}); give it with --format") from None
+                raise StorageError(
+                    f"cannot tell the format of {local_paths[0]} ({exc}); give it with --format"
+                ) from None
         elif format not in data_formats():
             raise StorageError(f"unknown format {format!r}: use one of {', '.join(data_formats())}")
         existing = self._read_manifest(name)
@@ -154,13 +158,14 @@ class DatasetStore(ObjectStore):
         contents = {}
         if describe is not None:
             try:
-                found = describe(paths, format)
+                found = describe(local_paths, format)
             except AeforgeError as exc:  # a DataError naming the file and what is wrong with it
                 raise StorageError(f"cannot push dataset '{name}': {exc}") from None
             contents = {key: found[key] for key in CONTENT_FIELDS if key in found}
         owner = (existing[0].get("owner") if existing else None) or owner  # a replaced dataset keeps its owner
-        shared = bool(existing) and existing[0].get("shared") is True  # and its sharing
-        prefix, files = self._clear(name), []  # from here on the name reads as incomplete until the manifest lands
+        shared = existing is not None and existing[0].get("shared") is True  # and its sharing
+        files: list[dict[str, Any]] = []
+        prefix = self._clear(name)  # from here on the name reads as incomplete until the manifest lands
         for local, relpath in entries:
             if progress is not None:
                 progress(relpath)

@@ -155,7 +155,8 @@ def _ini_credentials(text: str, what: str) -> dict[str, str]:
         parser.read_string(text)
     except configparser.Error as exc:  # its message quotes the lines: only say where
         lines = sorted(
-            {n for n, _ in getattr(exc, "errors", [])} | ({exc.lineno} if getattr(exc, "lineno", None) else set())
+            {n for n, _ in getattr(exc, "errors", [])}
+            | ({lineno} if (lineno := getattr(exc, "lineno", None)) else set())
         )
         where = f" (line {', '.join(map(str, lines))})" if lines else ""
         raise StorageError(f"{what}: not a valid AWS credentials (INI) file{where}") from None
@@ -272,11 +273,12 @@ def client_error_code(exc: Exception) -> str:
     return str(response.get("Error", {}).get("Code", "") or status or "")
 
 
-def s3_errors() -> tuple[type[Exception], ...]:
+def s3_errors(*also: type[Exception]) -> tuple[type[Exception], ...]:
+    """boto3's errors (imported when an except clause needs them) and ``also``, for one except clause."""
     from boto3.exceptions import Boto3Error
     from botocore.exceptions import BotoCoreError, ClientError
 
-    return ClientError, BotoCoreError, Boto3Error  # Boto3Error: a failed upload
+    return (*also, ClientError, BotoCoreError, Boto3Error)  # Boto3Error: a failed upload
 
 
 def is_outage(exc: Exception) -> bool:
@@ -369,8 +371,12 @@ class ObjectStore:
     def uri(self, relpath: str = "") -> str:
         cleaned = clean_relpath(relpath, allow_empty=True)
         if self.bucket is None:
-            return (self.root / cleaned).as_uri()
+            return self._local_path(cleaned).as_uri()
         return f"s3://{self.bucket}/{self._key(cleaned)}".rstrip("/")
+
+    def _local_path(self, relpath: str) -> Path:
+        assert self.root is not None, "storage without a bucket is a local folder, its root"
+        return self.root / relpath
 
     def _key(self, relpath: str) -> str:
         return "/".join(p for p in (self.prefix, relpath) if p)
@@ -383,7 +389,7 @@ class ObjectStore:
         """pyarrow's and boto3's errors as one StorageError sentence; ObjectNotFound if ``missing`` is not there."""
         try:
             yield
-        except (OSError, *s3_errors()) as exc:
+        except s3_errors(OSError) as exc:
             if missing is not None and (isinstance(exc, FileNotFoundError) or client_error_code(exc) in NOT_FOUND):
                 raise ObjectNotFound(f"no object {self.uri(missing)}{self._endpoint_note()}") from None
             if not isinstance(exc, OSError):
@@ -407,7 +413,7 @@ class ObjectStore:
                 return self.client.upload_fileobj(
                     stream, self.bucket, self._key(path), ExtraArgs={"Metadata": {SHA256_METADATA: sha256}}
                 )
-            write_file(stream, self.root / path)
+            write_file(stream, self._local_path(path))
 
     @contextlib.contextmanager
     def _open_read(self, relpath: str) -> Iterator[IO[bytes]]:

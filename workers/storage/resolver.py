@@ -81,7 +81,7 @@ class _S3SourceFetcher:
     def _errors(self, what: str) -> Iterator[None]:
         try:
             yield
-        except (StorageError, *s3_errors()) as exc:  # a StorageError: a bad key, or a copy that failed its check
+        except s3_errors(StorageError) as exc:  # a StorageError: a bad key, or a copy that failed its check
             code, reason = client_error_code(exc), str(exc)
             if code == "PreconditionFailed":
                 raise _data_error(f"data source {what} changed while it was being fetched; run again") from None
@@ -122,12 +122,17 @@ class _S3SourceFetcher:
                 f"data source {what}: no objects under this prefix at S3 endpoint {self.conn.endpoint_name}"
             )
         dest = self.files / key if folder else (self.files / key).parent
+
+        def fetch_one(rel: str, target: Path) -> None:
+            etag, size = listing[rel]
+            self._download(f"{key}/{rel}" if folder else key, etag, size, target)
+
         _sync(
             dest,
             self.state / f"{key}.{'prefix' if folder else 'object'}.json",
             listing,
             prune=folder,
-            fetch=lambda rel, target: self._download(f"{key}/{rel}" if folder else key, *listing[rel], target),
+            fetch=fetch_one,
         )
         return str(self.files / key)
 
