@@ -36,6 +36,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 from sqlalchemy import insert, text
@@ -384,7 +385,7 @@ def bench_listing(url: str, requests: int, pid: int | None = None) -> list[tuple
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as http:
         first = http.get("/jobs", params={"limit": 50}).json()
         deep_cursor = "1001"  # the page after the 1,000 oldest jobs: as deep as a cursor walk gets
-        cases = [
+        cases: list[tuple[str, str, dict[str, Any]]] = [
             ("first page (admin, all jobs)", "/jobs", {"limit": 50}),
             ("a user's first page", "/jobs", {"limit": 50, "owner": "user07"}),
             ("state=failed, first page", "/jobs", {"limit": 50, "state": "failed"}),

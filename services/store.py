@@ -532,7 +532,9 @@ class Store:
         )
         try:
             with self._tx() as conn:
-                seq = conn.execute(insert(jobs_table).values(**values)).inserted_primary_key[0]
+                inserted = conn.execute(insert(jobs_table).values(**values)).inserted_primary_key
+                assert inserted is not None, "an INSERT gives the new row's primary key"
+                seq = inserted[0]
                 how = (
                     f"in class {priority_class} (priority {priority})"
                     if priority_class
@@ -559,7 +561,9 @@ class Store:
                     return existing, False
             raise
         # The row as written (no second query: a submission is one transaction and nothing more).
-        unset = {name: None for name in Job.__dataclass_fields__ if name not in values and name != "seq"}
+        unset: dict[str, Any] = {
+            name: None for name in Job.__dataclass_fields__ if name not in values and name != "seq"
+        }
         return Job(seq=int(seq), **unset, **values), True
 
     def _by_idempotency_key(self, owner: str, key: str) -> Job | None:
