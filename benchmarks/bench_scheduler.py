@@ -383,7 +383,7 @@ def pass_time_at_scale(backend: str, args) -> list[float]:
             dispatcher = Dispatcher(
                 store,
                 SimCluster(total),
-                Running(),  # type: ignore[arg-type]  # a stand-in with only the launcher calls a pass makes
+                Running(),
                 clock=clock,
                 environ={},
                 policies=PolicySource(policy_path),

@@ -192,10 +192,11 @@ def _refused(job_id: str, exc: AeforgeError) -> int:
 def _error_text(exc: BaseException) -> str:
     """The exception's text with its causes' (Ray Train and Tune wrap a worker's error), for telling what failed."""
     parts, seen = [], set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        parts.append(f"{type(exc).__module__}.{type(exc).__name__}: {exc}")
-        exc = exc.__cause__ or exc.__context__
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        parts.append(f"{type(current).__module__}.{type(current).__name__}: {current}")
+        current = current.__cause__ or current.__context__
     return "\n".join(parts)
 
 

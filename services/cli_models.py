@@ -323,7 +323,7 @@ def alias_rm_command(
     )
 
 
-def _value(value) -> str:
+def _value(value: float | None) -> str:
     if value is None:
         return "-"
     text = f"{value:.4g}"

@@ -601,7 +601,7 @@ def mutual_info_picture(
     if len(kept) == 0:
         raise ValueError("every factor takes a single value in the sample: there is no information to show")
     share = mutual_info[:, kept] / entropy[kept]
-    names = [str(factor_names[k]) for k in kept]
+    names = [str(factor_names[int(k)]) for k in kept]
     rows, cols = share.shape
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * cols, 1.2 + 0.45 * rows), dpi=100)
     image = ax.imshow(share, cmap="viridis", vmin=0.0, vmax=max(1e-6, float(share.max()), 0.5), aspect="auto")
