@@ -60,7 +60,9 @@ def log_normal_density(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor
     return -0.5 * (LOG_2PI + logvar + (z - mean).pow(2) * torch.exp(-logvar))
 
 
-def _log_importance_weights(batch_size: int, dataset_size: int, self_index: torch.Tensor, device) -> torch.Tensor:
+def _log_importance_weights(
+    batch_size: int, dataset_size: int, self_index: torch.Tensor, device: torch.device
+) -> torch.Tensor:
     """Minibatch stratified sampling (MSS) weights of Chen et al. 2018, one row per local example.
 
     Row i weights the M posteriors of the global batch when estimating q(z_i): the example's own posterior
