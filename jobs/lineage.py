@@ -54,12 +54,21 @@ def _value_text(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+# A swept dimension with more values than this is summarised (count, first and last): a sweep may list thousands,
+# and the descriptions these summaries go into have MLflow's length limits (jobs.limits).
+LISTED_VALUES = 12
+
+
+def _values_text(values: list) -> str:
+    if len(values) <= LISTED_VALUES:
+        return ", ".join(_value_text(v) for v in values)
+    return f"{len(values):,} values: {_value_text(values[0])}, {_value_text(values[1])}, … {_value_text(values[-1])}"
+
+
 def _sweep_summary(spec: JobSpec) -> str:
     """ "a grid sweep of 4 trials over beta 1, 4 × latent_dim 2, 10, ranked by eval/mig (max)"."""
     assert spec.sweep is not None
-    space = " × ".join(
-        f"{key} {', '.join(_value_text(v) for v in values)}" for key, values in spec.sweep.space().items()
-    )
+    space = " × ".join(f"{key} {_values_text(list(values))}" for key, values in spec.sweep.space().items())
     metric = spec.sweep.metric
     return (
         f"a {spec.sweep.search} sweep of {spec.num_trials()} trials over {space}, ranked by {metric.name} "

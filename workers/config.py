@@ -118,7 +118,9 @@ class ModelConfig(StrictModel):
 
 class DataConfig(StrictModel):
     # builtin:NAME | a dataset name pushed with `aeforge data push` | s3://bucket/key | a local path
-    source: str = "builtin:dsprites"
+    # At most a path's length on Linux (PATH_MAX): it is also written into run descriptions and tags, which MLflow
+    # bounds (jobs.limits).
+    source: str = Field("builtin:dsprites", min_length=1, max_length=4096)
     format: Literal["idx", "npz", "folder", "hdf5"] | None = Field(
         None, description="inferred from the source if left out"
     )

@@ -32,7 +32,17 @@ def test_a_registered_models_description_and_a_long_source_are_refused_by_field(
     spec = BASE + "register: {model_name: m, description: " + "y" * 4_000 + "}\n"
     assert "5,000" in fields(spec)["register.description"]
     assert fields(BASE + "register: {model_name: m, description: short}\n") == {}
-    assert "data.source" in fields(BASE + "data: {source: /data/" + "d" * 9_000 + ".npz}\n")
+    with pytest.raises(SpecError, match="data.source"):  # longer than any path: the schema refuses it first
+        parse_spec(BASE + "data: {source: /data/" + "d" * 9_000 + ".npz}\n")
+
+
+def test_a_sweep_over_thousands_of_values_is_summarised_to_fit_mlflow():
+    betas = ", ".join(repr(1 / (i + 3)) for i in range(10_000))
+    spec = parse_spec(f"name: s\nkind: sweep\nmodel: {{variant: beta_vae}}\nsweep: {{beta: [{betas}]}}\n")
+    assert mlflow_limit_errors(spec) == []
+    from jobs.lineage import experiment_description
+
+    assert "beta 10,000 values: 0.333333, 0.25, … " in experiment_description(spec, "best")
 
 
 def test_a_200_kb_spec_is_refused_at_submit_with_a_clear_message():

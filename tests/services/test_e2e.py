@@ -328,6 +328,22 @@ def test_a_first_start_without_tokens_stores_a_hash_and_the_local_cli_submits_wi
     assert svc.http.get("/jobs", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 401
 
 
+def test_a_200_kb_spec_starts_on_ray(service, ray_head):
+    """A spec whose JSON is past the 128 KiB an environment string can hold (a sweep over 10,000 beta values): it goes
+    to the job by reference, so its Ray job starts (in an environment it would fail exec with E2BIG) and finishes."""
+    betas = ", ".join(repr(1 / (i + 3)) for i in range(10_000))
+    spec = (
+        "name: big-spec\nkind: sweep\nmodel: {variant: beta_vae, architecture: mlp, latent_dim: 2}\n"
+        "train: {steps: 2, batch_size: 4}\nresources: {workers: 1, cpus_per_worker: 1}\n"
+        f"sweep: {{beta: [{betas}], max_concurrent_trials: 1}}\n"
+    )
+    assert len(spec) > 200_000
+    svc = service()
+    job_id = svc.submit(spec)
+    svc.wait_state(job_id, "succeeded", timeout=240)
+    assert fake_record(svc.home, job_id) is not None  # the job read its spec (fake_job reads train.steps from it)
+
+
 def test_cancelling_a_running_job_stops_its_ray_job(service, ray_head):
     svc = service()
     job_id = svc.submit(fake_spec("long", steps=900, cpus=1))
