@@ -34,6 +34,8 @@ STACK = REPO / "infra" / "stack.sh"
 README = REPO / "README.md"
 TWO_WORKERS = "tests/stack/two_workers.yaml"
 PROJECT = "aeforge"
+# Every check passed (their number grows with the service: not pinned here).
+DOCTOR_PASSED = re.compile(r"^all \d+ checks passed$", re.M)
 
 pytestmark = pytest.mark.skipif(not os.environ.get("AEFORGE_STACK_TEST"), reason="run by make test-stack")
 
@@ -187,7 +189,7 @@ def test_stack_end_to_end():
                 smoke_id = submitted_id(out.stdout + out.stderr)
                 assert f"{smoke_id}: succeeded" in out.stdout, out.stdout[-3000:]
             if "doctor" in line:
-                assert "all 10 checks passed" in out.stdout, out.stdout
+                assert DOCTOR_PASSED.search(out.stdout), out.stdout
         api = Api(api_port)
         assert api.job(smoke_id)["model_version"], "the smoke job registered no model"
 
@@ -272,7 +274,7 @@ def test_stack_end_to_end():
         )
         stack.phase("second up, docker compose (healthy)", started)
         out = stack.run(f"{STACK} exec aeforge aeforge doctor")
-        assert "all 10 checks passed" in out.stdout, out.stdout
+        assert DOCTOR_PASSED.search(out.stdout), out.stdout
         # No job and no model (asked over the published ports: a client container is what the first run checked).
         jobs = api.http.get("/jobs").raise_for_status().json()
         assert jobs["total"] == 0, jobs
