@@ -459,6 +459,8 @@ def soak(url: str, pid: int, store_url: str, minutes: float, users: int = USERS,
     start = time.monotonic()
     samples = [process_resources(pid, store_url)]
 
+    every_client: list[httpx.Client] = []
+
     def client(user: int) -> httpx.Client:
         if not hasattr(local, "clients"):
             local.clients = {}
@@ -466,6 +468,8 @@ def soak(url: str, pid: int, store_url: str, minutes: float, users: int = USERS,
             local.clients[user] = httpx.Client(
                 base_url=url, headers={"Authorization": f"Bearer {user_token(user)}"}, timeout=120
             )
+            with lock:
+                every_client.append(local.clients[user])
         return local.clients[user]
 
     def note(endpoint: str, status: int, seconds: float) -> None:
@@ -536,6 +540,11 @@ def soak(url: str, pid: int, store_url: str, minutes: float, users: int = USERS,
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(one, plan))
     stop.set()
+    # The clients hang up (their keep-alive connections are open files of the service) and the service's pool
+    # settles: what is left open at the end is what the service holds on its own.
+    for http in every_client:
+        http.close()
+    time.sleep(3)
     samples.append(process_resources(pid, store_url))
     return {
         "operations": len(plan),
@@ -544,6 +553,7 @@ def soak(url: str, pid: int, store_url: str, minutes: float, users: int = USERS,
         "statuses": {k: dict(v) for k, v in statuses.items()},
         "transport_errors": dict(transport_errors),
         "start": samples[0],
+        "warm": samples[min(4, len(samples) - 1)],  # a minute in: imports and caches done
         "end": samples[-1],
         "peak_rss_mib": max(s["rss_mib"] for s in samples),
     }
@@ -681,7 +691,10 @@ def print_soak(backend: str, minutes: float, report: dict) -> None:
         f"{backend}: soak, a day of {USERS} users in {minutes:g} min: {report['operations']} operations in {report['seconds']:.0f} s"
     )
     for key in ("rss_mib", "open_files", "db_connections"):
-        print(f"  {key:<15} start {report['start'][key]:8.1f}   end {report['end'][key]:8.1f}")
+        print(
+            f"  {key:<15} start {report['start'][key]:8.1f}   after a minute {report['warm'][key]:8.1f}"
+            f"   end (clients gone) {report['end'][key]:8.1f}"
+        )
     print(f"  peak RSS {report['peak_rss_mib']:.1f} MiB")
     errors = sum(n for codes in report["statuses"].values() for code, n in codes.items() if code >= 500)
     print(

@@ -303,18 +303,20 @@ class RequestMetrics:
             return
         started = time.perf_counter()
         status = 500
+        route: str | None = None  # found once per request (a walk over the routes' patterns)
 
         async def send_and_note(message):
-            nonlocal status
+            nonlocal status, route
             if message["type"] == "http.response.start":
                 status = message["status"]
-                metrics.HTTP_LATENCY.labels(scope["method"], _route_of(scope)).observe(time.perf_counter() - started)
+                route = _route_of(scope)
+                metrics.HTTP_LATENCY.labels(scope["method"], route).observe(time.perf_counter() - started)
             await send(message)
 
         try:
             await self.app(scope, receive, send_and_note)
         finally:
-            metrics.HTTP_REQUESTS.labels(scope["method"], _route_of(scope), str(status)).inc()
+            metrics.HTTP_REQUESTS.labels(scope["method"], route or _route_of(scope), str(status)).inc()
 
 
 def _route_of(scope) -> str:

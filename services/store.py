@@ -87,6 +87,8 @@ LEGACY_REVISIONS = {1: "0001", 2: "0002"}
 LEGACY_MARKER = 3
 # The largest LIMIT/OFFSET both backends take (a signed 64-bit integer: SQLite's and PostgreSQL's bigint).
 MAX_SQL_INT = 2**63 - 1
+# The largest job seq (aeforge_jobs.seq is INTEGER: 32 bits on PostgreSQL).
+MAX_SEQ = 2**31 - 1
 # Transaction-level advisory lock keys (PostgreSQL): admission decisions, schema migrations.
 ADMISSION_LOCK_KEY = 0x6165_0001
 MIGRATION_LOCK_KEY = 0x6165_0002
@@ -635,7 +637,9 @@ class Store:
         if name is not None:
             conditions.append(jobs_table.c.name == name)
         page_conditions = list(conditions)
-        if before_seq is not None:
+        # seq is a 32-bit integer on PostgreSQL: a cursor past its range is before no job (and a bigger parameter is
+        # an error there), so it sets no bound.
+        if before_seq is not None and before_seq <= MAX_SEQ:
             page_conditions.append(jobs_table.c.seq < before_seq)
         counted = select(jobs_table.c.seq).where(*conditions)
         if count_up_to is not None:

@@ -431,6 +431,15 @@ def test_deeply_nested_specs_and_bodies_are_4xx_with_the_documented_body(roomy_c
     assert store.list_jobs()[1] == 0
 
 
+def test_a_cursor_past_every_job_lists_from_the_newest_on_both_stores(any_client):
+    client, _ = any_client
+    ids = [post_job(client).json()["id"] for _ in range(2)]
+    for cursor in ("3000000000", str(2**63 - 1)):  # past PostgreSQL's 32-bit seq (a 500 once), and SQLite's
+        page = client.get("/jobs", params={"cursor": cursor}, headers=auth("alice"))
+        assert page.status_code == 200 and [j["id"] for j in page.json()["items"]] == ids[::-1], page.text
+    assert client.get("/jobs", params={"cursor": "9" * 19}, headers=auth("alice")).status_code == 422
+
+
 def test_listing_offsets_beyond_the_bound_are_422_on_both_stores(any_client):
     from services.api import MAX_OFFSET
 
