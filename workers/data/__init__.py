@@ -16,6 +16,7 @@ from workers.config import DataConfig
 from workers.data import dsprites
 from workers.data.base import DataError, ImageDataset
 from workers.data.folder import read_folder, read_folder_header
+from workers.data.formats import infer_format
 from workers.data.idx import IMAGES_MAGIC, read_idx, read_idx_header
 from workers.data.npz import read_npz, read_npz_header
 from workers.data.shapes3d import read_shapes3d, read_shapes3d_header
@@ -55,27 +56,6 @@ Resolver = Callable[[str], "str | Path"]
 
 def builtin_names() -> list[str]:
     return sorted(BUILTINS)
-
-
-def infer_format(path: str | Path) -> str:
-    """ "folder" for a directory, "npz" for ``*.npz``, "hdf5" for ``*.h5``/``*.hdf5`` (3D Shapes), "idx" for a name
-    containing "idx" or "ubyte" (``.gz`` or not); anything else is a DataError. Within "npz", dSprites and MPI3D
-    archives are told by their keys (see ``workers.data.npz``)."""
-    path = Path(path)
-    if path.is_dir():
-        return "folder"
-    name = path.name.lower()
-    if name.endswith(".npz"):
-        return "npz"
-    if name.endswith((".h5", ".hdf5")):
-        return "hdf5"
-    if "idx" in name or "ubyte" in name:
-        return "idx"
-    raise DataError(
-        f"{path}: cannot tell the data format from the name; accepted: a folder of PNG/JPEG images, a .npz "
-        f"archive, an HDF5 file of 3D Shapes (.h5, .hdf5), or an IDX file (name containing 'idx' or 'ubyte', "
-        f"optionally .gz); or set data.format"
-    )
 
 
 def _format_of(path: Path, config: DataConfig) -> str:
