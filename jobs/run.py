@@ -34,7 +34,7 @@ from workers.errors import AeforgeError
 from workers.loop import TrainResult, train
 from workers.memory_failures import memory_failure
 from workers.outputs import publish_outputs
-from workers.protocol import new_job_id, result_line  # noqa: F401 (new_job_id: the CLI's, from here)
+from workers.protocol import emit, new_job_id, phase_line, result_line  # noqa: F401 (new_job_id: the CLI's)
 from workers.timeline import fit_parts, parts_line
 
 
@@ -97,8 +97,10 @@ def run_train_on_ray(
 
     storage = Storage.from_settings()
     storage.preflight(wait_s=settings.storage_wait_s())
+    emit(phase_line("loading data", detail="checking the data set"))
     data_info = check_data(spec, resolve=storage.resolve)
     dataset = training_dataset(spec, storage, data_info)
+    emit(phase_line("starting Ray"))
     connect_ray()
     check_fits_cluster(spec, cluster_resources())  # a job that can never be placed would wait forever
     check_fits_memory(spec)  # nor can one whose worker needs more memory than any node has
@@ -132,6 +134,7 @@ def run_train_on_ray(
         metrics = tracking.final_metrics()
         registered = None
         if spec.registration is not None and register:
+            emit(phase_line("registering", detail=spec.registration.model_name))
             registered = registered_version_of_run(spec.registration.model_name, run_id, alias=spec.registration.alias)
             if registered is None:
                 with tempfile.TemporaryDirectory(prefix="aeforge-final-") as tmp:

@@ -10,16 +10,18 @@ checks that the architecture fits its images.
 from __future__ import annotations
 
 import copy
+import difflib
 import itertools
 import json
 import math
 import re
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from workers.config import (
     BETA_VARIANTS,
@@ -48,11 +50,21 @@ class SpecError(AeforgeError):
     """A spec that cannot run. ``errors`` lists {"loc": "model.beta", "msg": "..."} entries."""
 
     def __init__(self, errors: list[dict[str, str]], source: str = "<spec>"):
+        # A message that starts with its own field path (a DataError's "data.source: ...") says it once.
+        errors = [{**e, "msg": _without_field(e["loc"], e["msg"])} for e in errors]
         self.errors = errors
         self.source = source
         lines = [f"{source}: {len(errors)} error{'s' if len(errors) != 1 else ''}"]
         lines += [f"  {e['loc']}: {e['msg']}" for e in errors]
         super().__init__("\n".join(lines))
+
+
+def _without_field(loc: str, msg: str) -> str:
+    """``msg`` without a leading ``loc:`` (or the field's last name), which the error's location already says."""
+    for prefix in (f"{loc}: ", f"{loc.rsplit('.', 1)[-1]}: "):
+        while msg.startswith(prefix):
+            msg = msg[len(prefix) :]
+    return msg
 
 
 class Resources(StrictModel):
@@ -487,6 +499,64 @@ def _loc(parts: tuple) -> str:
     return out or "<spec>"
 
 
+def _model_at(parts: tuple) -> type[BaseModel] | None:
+    """The spec's model class at a validation error's location (its last part, the key, left out), or None."""
+    model: Any = JobSpec
+    for part in parts:
+        if isinstance(part, int) or _is_branch(part):
+            continue
+        fields = {**model.model_fields, **{f.alias: f for f in model.model_fields.values() if f.alias}}
+        if part not in fields:
+            return None
+        model = _model_in(fields[part].annotation)
+        if model is None:
+            return None
+    return model
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model a field holds (through Optional, unions and lists), or None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _nearest(word: str, choices: list[str]) -> str | None:
+    found = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def _shown(value: Any) -> str:
+    """A bad value as the spec wrote it, short."""
+    text = repr(value) if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _explained(err: Any) -> str:
+    """pydantic's message for one error, with the bad value echoed and the nearest valid key or value offered."""
+    kind, msg, value = err["type"], err["msg"], err.get("input")
+    if kind == "extra_forbidden":
+        key = str(err["loc"][-1])
+        model = _model_at(err["loc"][:-1])
+        keys = sorted({f.alias or name for name, f in model.model_fields.items()}) if model else []
+        near = _nearest(key, keys)
+        hint = f"; did you mean '{near}'?" if near else (f" (keys here: {', '.join(keys)})" if keys else "")
+        return f"unknown key '{key}'{hint}"
+    if msg.startswith("Value error, "):
+        return msg[len("Value error, ") :]
+    if kind in ("literal_error", "enum"):
+        options = re.findall(r"'([^']*)'", str((err.get("ctx") or {}).get("expected", "")))
+        near = _nearest(str(value), options) if isinstance(value, str) else None
+        return f"{_shown(value)} is not one of {', '.join(options)}" + (f"; did you mean '{near}'?" if near else "")
+    if kind not in ("missing",) and isinstance(value, (str, int, float, bool)) and not msg.startswith("@"):
+        return f"{msg}, got {_shown(value)}"
+    return msg
+
+
 def _errors_from_validation(exc: ValidationError) -> list[dict[str, str]]:
     raw = exc.errors()
     in_union = [e for e in raw if any(_is_branch(p) for p in e["loc"])]
@@ -496,15 +566,11 @@ def _errors_from_validation(exc: ValidationError) -> list[dict[str, str]]:
         loc = _loc(err["loc"])
         if err in in_union and err["type"] in _BRANCH_MISMATCH and loc in useful_locs:
             continue
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (not part of the spec; check the spelling)"
-        elif msg.startswith("Value error, "):
-            msg = msg[len("Value error, ") :]
-        if msg.startswith("@"):  # cross-section rules: one entry per line, each with its own field path
+        msg = _explained(err)
+        if msg.startswith("@"):  # rules across fields: one entry per line, each at its own field path
             for line in msg.splitlines():
                 where, _, what = line[1:].partition(": ")
-                errors.append({"loc": where, "msg": what})
+                errors.append({"loc": where if loc == "<spec>" else f"{loc}.{where}", "msg": what})
             continue
         errors.append({"loc": loc, "msg": msg})
     seen, unique = set(), []
@@ -557,7 +623,41 @@ def spec_from_data(data: Any, source: str = "<spec>") -> JobSpec:
     try:
         return JobSpec.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(_errors_from_validation(exc), source) from None
+        errors = _errors_from_validation(exc)
+        unknown = [e["loc"] for e in exc.errors() if e["type"] == "extra_forbidden"]
+    if unknown:
+        # pydantic checks the rules across a section's fields only once every field of it is valid. An unknown key
+        # is no rule's input: the spec without them is checked again, so that its other errors come in this round
+        # too, not in the next one.
+        try:
+            JobSpec.model_validate(_without_keys(copy.deepcopy(data), unknown))
+        except (ValidationError, RecursionError) as again:
+            if isinstance(again, ValidationError):
+                seen = {(e["loc"], e["msg"]) for e in errors}
+                errors += [e for e in _errors_from_validation(again) if (e["loc"], e["msg"]) not in seen]
+    raise SpecError(errors, source) from None
+
+
+def _without_keys(data: Any, locations: list[tuple]) -> Any:
+    """``data`` with the key at each of pydantic's error ``locations`` removed (union branch names skipped)."""
+    for loc in locations:
+        parts = [p for p in loc if not _is_branch(p)]
+        node = data
+        for part in parts[:-1]:
+            if (
+                isinstance(node, dict)
+                and part in node
+                or isinstance(node, list)
+                and isinstance(part, int)
+                and part < len(node)
+            ):
+                node = node[part]
+            else:
+                node = None
+                break
+        if isinstance(node, dict) and parts:
+            node.pop(parts[-1], None)
+    return data
 
 
 def parse_spec_json(text: str, source: str = "<spec>") -> JobSpec:

@@ -37,7 +37,7 @@ from jobs.spec import TRIAL_DRIVER_CPU, BetaRange, JobSpec, check_data
 from workers import settings
 from workers.errors import AeforgeError
 from workers.outputs import publish_outputs
-from workers.protocol import emit, trial_line
+from workers.protocol import emit, phase_line, trial_line
 
 TRIAL_KEYS = ("variant", "beta", "latent_dim", "seed")
 SWEEP_ID_TAG = "aeforge.sweep_id"
@@ -344,12 +344,14 @@ def run_sweep(
     assert spec.sweep is not None
     storage = Storage.from_settings()
     storage.preflight(wait_s=settings.storage_wait_s())
+    emit(phase_line("loading data", detail="checking the data set"))
     info = check_data(spec, resolve=storage.resolve)
     # What every run of the sweep records about where it came from: its source, user and data set.
     lineage = {
         "source_tags": source_tags(job_id, spec_file, job_owner()),
         "dataset": training_dataset(spec, storage, info),
     }
+    emit(phase_line("starting Ray"))
     connect_ray()
     check_fits_memory(spec)
     max_concurrent, _, capped = sweep_concurrency(spec, cluster_resources())
@@ -673,6 +675,7 @@ def _register_trials(
     from jobs.registry import log_and_register, registration_result
 
     assert spec.sweep is not None and spec.registration is not None, "called for a sweep that registers"
+    emit(phase_line("registering", detail=spec.registration.model_name))
     ordered = rank_rows(finished, metric.name, metric.mode)
     healthy = [r for r in ordered if row_health(r, metric.name).healthy]
     earlier = _registered_by_sweep(spec.registration.model_name, job_id)

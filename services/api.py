@@ -44,12 +44,16 @@ from services.dispatcher import (
     parse_progress,
     recent_usage,
 )
+from services.door import DoorCheck, check_at_door
+from services.door import warm_up as warm_door_checks
+from services.job_log import ATTEMPT_NOTE, ReadableLog, readable_text
 from services.logs import configure_logging, job_fields, redact, uvicorn_log_config
 from services.policy import PolicySource
 from services.queue_report import only_own_jobs, queue_report
 from services.settings import Principal, ServiceSettings, SettingsError
 from services.store import STATES, InvalidTransition, InvalidValue, Job, JobNotFound, Store, submission_id_for
 from workers.errors import AeforgeError
+from workers.protocol import parse_phase
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +167,13 @@ def _job_out_fields() -> dict[str, Any]:
 JobOut = create_model("JobOut", **_job_out_fields())
 
 
+class SubmittedOut(JobOut):
+    notes: list[str] = Field(
+        default_factory=list,
+        description="what the service's data check at submission could not check, and why (the job checks it)",
+    )
+
+
 class QueueOut(BaseModel):
     """Where a queued job stands. ``reason``: why the dispatcher's last pass did not start it (None when that pass
     stopped before it: it is behind ``blocked_by``, whose reason is ``blocked_by_reason``)."""
@@ -180,6 +191,12 @@ class JobDetailOut(JobOut):
         None,
         description="a running job's last progress line: step, total, and (when the job reports them) its "
         "latest metrics, images_per_second and trial",
+    )
+    phase: dict[str, Any] | None = Field(
+        None,
+        description="a running job's phase (starting Ray, loading data, training, evaluating, pictures, "
+        "registering: workers.protocol.PHASES) with its detail (the metric being evaluated), its parts done of "
+        "its total and eta_s; in training, the last progress line's fields",
     )
     queue: QueueOut | None = Field(None, description="a queued job's place in the queue and why it waits")
 
@@ -353,10 +370,12 @@ def create_app(
     dispatcher: Dispatcher | None = None,
     policies: PolicySource | None = None,
     cluster: ClusterView | None = None,
+    door_check: Callable[[Any], DoorCheck] = check_at_door,
 ) -> FastAPI:
     """The API over ``store``. ``validate(text, source)`` turns spec text into a spec object (default
-    jobs.spec.parse_spec) or raises an error with ``.errors``; ``launcher`` serves logs; a ``dispatcher`` given
-    here runs in a thread for the app's lifetime."""
+    jobs.spec.parse_spec) or raises an error with ``.errors``; ``door_check(spec)`` checks its data before it is
+    queued (services.door); ``launcher`` serves logs; a ``dispatcher`` given here runs in a thread for the app's
+    lifetime."""
     validate = validate or _default_validator()
     policies = policies or (dispatcher.policies if dispatcher is not None else PolicySource(settings.policy_file))
     # What plans GET /queue's fresh pass: the service's dispatcher, or (API only) one that only plans.
@@ -379,6 +398,8 @@ def create_app(
     async def lifespan(app: FastAPI):
         stop = threading.Event()
         threads = []
+        # The door's data check imports torch: at start, in the background, not in the first submission.
+        threading.Thread(target=warm_door_checks, name="aeforge-door-imports", daemon=True).start()
         if dispatcher is not None:
             threads.append(
                 threading.Thread(
@@ -511,10 +532,10 @@ def create_app(
     @app.post(
         "/jobs",
         status_code=201,
-        response_model=JobOut,
+        response_model=SubmittedOut,
         tags=["jobs"],
         responses={
-            200: {"model": JobOut, "description": "the job an earlier submission with this idempotency key made"},
+            200: {"model": SubmittedOut, "description": "the job an earlier submission with this idempotency key made"},
             400: {"model": ErrorOut, "description": "a body that cannot be read (not JSON, nested too deeply)"},
             403: {
                 "model": ErrorOut,
@@ -575,6 +596,12 @@ def create_app(
         if isinstance(queued_as, Refusal):
             return _error(queued_as.status, queued_as.detail, queued_as.errors)
         klass, priority = queued_as
+
+        door = door_check(spec)  # the data check `aeforge validate` makes, on what the service can reach
+        if door.errors:
+            return _error(
+                422, "invalid job spec:\n" + "\n".join(f"  {e['loc']}: {e['msg']}" for e in door.errors), door.errors
+            )
         max_attempts = body.max_attempts or settings.max_attempts
         job, created = store.submit(
             name=spec.name,
@@ -596,7 +623,7 @@ def create_app(
                 metrics.REJECTIONS.labels("submit", "idempotency_conflict").inc()
                 return _error(409, f"idempotency key {key!r} was used for a different submission (job {job.id})")
             response.status_code = 200
-        return job_out(job)
+        return job_out(job) | {"notes": door.notes}
 
     @app.get(
         "/jobs",
@@ -676,7 +703,8 @@ def create_app(
             out["queue"] = queue_out(store, job)
         if progress and job.state == "running" and launcher is not None and job.ray_submission_id:
             try:
-                out["progress"] = parse_progress(launcher.logs(job.ray_submission_id))
+                text = launcher.logs(job.ray_submission_id)
+                out["progress"], out["phase"] = parse_progress(text), parse_phase(text)
             except (LauncherUnavailable, RuntimeError) as exc:
                 log.warning("job %s: no progress, the Ray logs are unavailable: %s", job.id, exc, extra=job_fields(job))
         return out
@@ -732,8 +760,14 @@ def create_app(
         who: Principal = Depends(principal),
         follow: bool = Query(False, description="keep streaming until the job ends"),
         attempt: int | None = Query(None, ge=1, description="default: the latest attempt"),
+        full: bool = Query(
+            False,
+            description="Ray's log as it is (colour codes, the lines for the service, Ray's own noise); by default "
+            "the readable log: step lines, phases and the job's and Ray's lines, without those",
+        ),
     ):
-        """The job's log from Ray (plain text); with follow=true, streamed as it is written, across attempts."""
+        """The job's log from Ray (plain text), readable unless full=true (services.job_log); with follow=true,
+        streamed as it is written, across attempts."""
         job = await run_in_threadpool(visible_job, job_id, who)
         if launcher is None:
             return _error(503, "this service has no Ray connection to read logs from")
@@ -747,8 +781,9 @@ def create_app(
                 text = await run_in_threadpool(launcher.logs, submission_id_for(job.id, number))
             except LauncherUnavailable as exc:
                 return _error(503, str(exc))
-            return Response(redact(text), media_type="text/plain")
-        return StreamingResponse(_follow_logs(store, launcher, job.id, attempt), media_type="text/plain")
+            return Response(redact(text if full else readable_text(text)), media_type="text/plain")
+        stream = _follow_logs(store, launcher, job.id, attempt)
+        return StreamingResponse(stream if full else _readable(stream), media_type="text/plain")
 
     return app
 
@@ -758,6 +793,18 @@ def create_app(
 # starts). Read when a stream starts, so tests may shorten them.
 FOLLOW_HEARTBEAT_S = 30.0
 FOLLOW_WAIT_LIMIT_S = 600.0
+
+
+async def _readable(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The readable lines of a streamed log (services.job_log), each as soon as its line is complete."""
+    reader = ReadableLog()
+    async for chunk in chunks:
+        lines = reader.feed(chunk)
+        if lines:
+            yield "\n".join(lines) + "\n"
+    rest = reader.flush()
+    if rest:
+        yield "\n".join(rest) + "\n"
 
 
 async def _follow_logs(
@@ -834,7 +881,7 @@ async def _follow_logs(
             job = await run_in_threadpool(store.get, job_id)
             if job.attempts > current:
                 current += 1
-                yield f"\n[aeforge] job {job_id}: attempt {current}\n"
+                yield f"\n{ATTEMPT_NOTE}{job_id}: attempt {current}\n"
                 break
             if job.is_terminal:
                 return

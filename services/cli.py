@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -22,12 +23,17 @@ from services.cli_errors import ErrorHandlingGroup, fail
 from services.cli_output import (
     OutputFormat,
     make_console,
+    metric_text,
     new_table,
     number_column,
     output_option,
     print_json,
     text_column,
 )
+
+# MLflow's INFO lines (its table creation on a fresh home, alembic's migrations) are not for the screen of a normal
+# command; MLflow reads this when it is first imported, and a user's own MLFLOW_LOGGING_LEVEL wins.
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 # Typer's --install-completion / --show-completion: shell completion of commands, options and their choices.
 app = typer.Typer(
@@ -286,7 +292,7 @@ def _print_metrics(metrics: dict, title: str) -> None:
     number_column(table, "value")
     for key in sorted(metrics):
         value = metrics[key]
-        table.add_row(key, f"{value:.4f}" if isinstance(value, (int, float)) else str(value))
+        table.add_row(key, metric_text(value))
     console.print(table)
 
 

@@ -8,6 +8,9 @@ One line per check, OK or FAIL with the reason, and how long it took; exit code 
 - Ray: RAY_ADDRESS's cluster answers (its Jobs API and its nodes' resources), with the auth mode this process
   would use (RAY_AUTH_MODE, and where its token is); without RAY_ADDRESS, that this Ray can start one here (its
   train, tune and dashboard parts are installed);
+- Ray nodes: a Ray job (services.node_probe) runs a small task on every alive node that imports aeforge and torch
+  and reports their versions (and CUDA where the node has GPUs); a node that cannot fails the check with how to
+  fix it;
 - storage: the preflight every job makes (AEFORGE_STORAGE reachable and writable);
 - MLflow: the tracking server (or store) answers a search;
 - the queue's job store (AEFORGE_DB_URL): it answers, and its schema is one this aeforge reads (nothing is
@@ -369,6 +372,54 @@ def check_job_python(contact_timeout_s: float, timeout_s: float) -> Callable[[],
     return run
 
 
+# How long the nodes' check may take: a Ray job, a worker process per node, and torch imported in each.
+NODE_CHECK_TIMEOUT_S = 180.0
+NODE_FIX = (
+    "install aeforge and its dependencies (torch, ray[train,tune]) into the Python that Ray runs on that node (the "
+    "`python` on the PATH of its `ray start`), or start the node from the environment that has them"
+)
+
+
+def node_findings(report: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(what each node has, what is wrong) from the node check's report (services.node_probe)."""
+    seen, problems = [], []
+    driver = report.get("driver") or {}
+    if driver.get("error"):
+        problems.append(f"the job driver's python ({driver.get('executable')}): {driver['error']}")
+    for node in report.get("nodes") or []:
+        where = f"{'head ' if node.get('head') else ''}node {node.get('address')} ({str(node.get('node_id'))[:8]})"
+        if node.get("error"):
+            problems.append(f"{where}: {node['error']}")
+            continue
+        text = f"{where}: aeforge {node.get('aeforge')}, torch {node.get('torch')}, Python {node.get('python')}"
+        gpus = node.get("gpus") or 0
+        if gpus:
+            if not node.get("cuda_gpus"):
+                problems.append(
+                    f"{where} has {gpus:g} GPU(s) for Ray but its torch {node.get('torch')} sees no CUDA GPU; "
+                    f"install a CUDA build of torch there"
+                )
+                continue
+            text += f", CUDA {node.get('cuda')} with {node['cuda_gpus']} GPU(s)"
+        seen.append(text)
+    return seen, problems
+
+
+def check_ray_nodes(contact_timeout_s: float, timeout_s: float) -> Callable[[], str]:
+    """Every alive node of RAY_ADDRESS's cluster imports aeforge and torch (services.node_probe, run as a Ray job
+    through the Jobs API, as the queue runs its jobs)."""
+
+    def run() -> str:
+        from workers.settings import ray_address
+
+        address = ray_address()
+        if not address:
+            return "no RAY_ADDRESS: jobs run on this machine's Python, whose torch is checked above"
+        return check_nodes_of(address, contact_timeout_s, timeout_s)
+
+    return run
+
+
 def _probe_on_cluster(address: str, entrypoint: str, python: str, contact_timeout_s: float, timeout_s: float) -> str:
     """Run ``entrypoint`` as a Ray job at ``address`` (the queue's jobs start the same way), wait for it to end,
     and read the probe from its log (it stays in Ray's job list as aeforge-doctor-<hex>). Reaching the Jobs API has
@@ -407,6 +458,62 @@ def _probe_on_cluster(address: str, entrypoint: str, python: str, contact_timeou
         with contextlib.suppress(Exception):
             if client.get_job_status(submission_id) not in ended:
                 client.stop_job(submission_id)
+
+
+def check_nodes_of(address: str, contact_timeout_s: float, timeout_s: float) -> str:
+    import shlex
+    import uuid
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from services import node_probe
+    from services.job_log import readable_lines
+    from services.settings import ServiceSettings
+
+    python = ServiceSettings.load().job_interpreter()  # the interpreter the queue's jobs start with
+    script = Path(node_probe.__file__).read_text()
+    submission_id = f"aeforge-doctor-{uuid.uuid4().hex[:12]}"
+    deadline = time.monotonic() + timeout_s
+
+    def submit() -> JobSubmissionClient:
+        client = JobSubmissionClient(address)
+        client.submit_job(entrypoint=f"{shlex.quote(python)} -c {shlex.quote(script)}", submission_id=submission_id)
+        return client
+
+    try:  # a cluster that does not answer fails as fast as the other checks; the job itself has timeout_s
+        client = call_with_deadline(submit, contact_timeout_s)
+    except Exception as exc:
+        raise CheckFailed(
+            f"cannot submit the node check to Ray at {address} (RAY_ADDRESS): {describe_error(exc)}"
+        ) from None
+    try:
+        while (status := client.get_job_status(submission_id)) not in (
+            JobStatus.SUCCEEDED,
+            JobStatus.FAILED,
+            JobStatus.STOPPED,
+        ):
+            if time.monotonic() > deadline:
+                raise CheckFailed(f"the node check (Ray job {submission_id}) did not finish within {timeout_s:g} s")
+            time.sleep(0.5)
+        logs = client.get_job_logs(submission_id)
+    finally:
+        if client.get_job_status(submission_id) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            client.stop_job(submission_id)
+    report = None
+    for line in reversed(logs.splitlines()):
+        if line.startswith(node_probe.MARK):
+            report = json.loads(line[len(node_probe.MARK) :])
+            break
+    if report is None:
+        lines = [line for line in readable_lines(logs) if line.strip()]
+        last = lines[-1] if lines else f"Ray job {submission_id} {status}"
+        raise CheckFailed(
+            f"the job driver's python on the cluster cannot run the node check: {last}. To fix: {NODE_FIX}"
+        )
+    seen, problems = node_findings(report)
+    if problems:
+        raise CheckFailed("; ".join(problems) + f". To fix: {NODE_FIX}")
+    return "; ".join(seen)
 
 
 # --- storage, MLflow, the job store, the API ---------------------------------------------------------------------
@@ -575,6 +682,7 @@ def all_checks(timeout_s: float) -> list[Check]:
             check_job_python(timeout_s, max(timeout_s, IMPORT_TIMEOUT_S)),
             max(timeout_s, IMPORT_TIMEOUT_S),
         ),
+        Check("Ray nodes", check_ray_nodes(timeout_s, NODE_CHECK_TIMEOUT_S), NODE_CHECK_TIMEOUT_S),
         Check("storage", check_storage, timeout_s),
         Check("MLflow tracking", check_mlflow(timeout_s), timeout_s),
         Check("job store", check_store(timeout_s), timeout_s),

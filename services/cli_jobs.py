@@ -16,7 +16,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,14 +27,14 @@ from rich.console import Console, RenderableType
 from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from rich.text import Text
 
 from services.cli_errors import fail, handle_errors
-from services.cli_output import OutputFormat, output_option, print_json
+from services.cli_output import OutputFormat, metric_text, output_option, print_json
 from services.client import AeforgeClient, ApiError
+from services.job_log import ReadableLog, format_duration, phase_text
 from services.settings import ServiceSettings
 from services.store import STATES, TERMINAL_STATES
-from workers.protocol import PROGRESS_MARK, TRIAL_MARK, is_protocol_line, parse_progress, read_mark
+from workers.protocol import PROGRESS_MARK
 
 console = Console()
 
@@ -75,12 +75,8 @@ def _resources(resources: dict) -> str:
 
 
 def _number(value: Any) -> str:
-    """A metric as a person reads it: 4 decimals, or scientific notation for tiny and huge values."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return str(value)
-    if value != 0 and not 1e-3 <= abs(value) < 1e6:
-        return f"{value:.3e}"
-    return f"{value:.4f}"
+    """A metric as a person reads it (services.cli_output.metric_text)."""
+    return metric_text(value)
 
 
 def print_table(renderable: RenderableType, out: Console | None = None) -> None:
@@ -99,46 +95,17 @@ def print_table(renderable: RenderableType, out: Console | None = None) -> None:
     wide.print(renderable)
 
 
-# --- the log, as a person reads it ---------------------------------------------------------------------------
+# --- the log ---------------------------------------------------------------------------------------------------
 
 
-def clean_line(line: str) -> str:
-    """A log line without its colour and cursor codes (rich's ANSI decoder; a carriage return overwrites, as on a
-    terminal)."""
-    return Text.from_ansi(line.rstrip("\r")).plain if "\x1b" in line or "\r" in line else line
-
-
-class LogLines:
-    """Log text in chunks -> whole lines for people: protocol lines dropped (``on_protocol`` sees them), colour
-    codes removed. A line cut between chunks is held until its end arrives (or :meth:`flush`)."""
-
-    def __init__(self, on_protocol=None):
-        self.partial = ""
-        self.on_protocol = on_protocol
-
-    def feed(self, chunk: str) -> list[str]:
-        lines = (self.partial + chunk).split("\n")
-        self.partial = lines.pop()
-        return self._keep(lines)
-
-    def flush(self) -> list[str]:
-        rest, self.partial = self.partial, ""
-        return self._keep([rest]) if rest else []
-
-    def _keep(self, lines: Iterable[str]) -> list[str]:
-        kept = []
-        for line in lines:
-            if is_protocol_line(line):
-                if self.on_protocol is not None:
-                    self.on_protocol(line)
-            else:
-                kept.append(clean_line(line))
-        return kept
-
-
-def readable_log(text: str) -> list[str]:
-    reader = LogLines()
-    return reader.feed(text) + reader.flush()
+def whole_lines(chunks: Iterable[str]) -> Iterator[str]:
+    """Text in chunks -> its lines, each once its end has arrived (the last one at the end)."""
+    partial = ""
+    for chunk in chunks:
+        *lines, partial = (partial + chunk).split("\n")
+        yield from lines
+    if partial:
+        yield partial
 
 
 # --- a job's outcome and progress, shared by status and submit --follow ---------------------------------------
@@ -152,21 +119,10 @@ def progress_text(progress: dict[str, Any]) -> str:
         text += f" of {total} ({100 * step / total:.0f}%)"
     if isinstance(progress.get("images_per_second"), (int, float)):
         text += f" · {progress['images_per_second']:,.0f} images/s"
+    if isinstance(progress.get("eta_s"), (int, float)) and step != total:
+        text += f" · ETA {format_duration(progress['eta_s'])}"
     if progress.get("trial"):
         text += f" · trial {progress['trial']}"
-    return text
-
-
-def trial_text(trial: dict[str, Any]) -> str:
-    """``trial t03 finished: eval/mig 0.4100`` from a sweep's trial line."""
-    text = f"trial {trial.get('trial')} {trial.get('state')}"
-    values = trial.get("values")
-    if isinstance(values, dict) and values:
-        text += " (" + ", ".join(f"{k} {v}" for k, v in values.items()) + ")"
-    if trial.get("metrics"):
-        text += ": " + metrics_brief(trial["metrics"])
-    if trial.get("error"):
-        text += f": {trial['error']}"
     return text
 
 
@@ -304,6 +260,8 @@ def submit(
         max_attempts=max_attempts,
     )
     print(job["id"], flush=True)
+    for note in job.get("notes") or []:  # what the service's data check could not check
+        Console(stderr=True).print(f"note: {note}", highlight=False, soft_wrap=True, markup=False)
     if follow:
         state = follow_job(client, job["id"])
         raise typer.Exit(0 if state == "succeeded" else 1)
@@ -431,7 +389,10 @@ def status(job_id: str = typer.Argument(..., metavar="ID"), output: OutputFormat
     rows = [("id", job["id"]), ("name", job["name"]), ("owner", job["owner"]), ("kind", job["kind"]), ("state", state)]
     if job.get("queue"):
         rows.append(("waiting", queue_text(job["queue"])))
-    progress = job.get("progress")
+    progress, phase = job.get("progress"), job.get("phase")
+    if phase and job["state"] == "running":
+        training = phase.get("phase") == "training"
+        rows.append(("phase", "training" if training else phase_text(phase)))
     if progress:
         rows.append(("progress", progress_text(progress)))
     rows += [
@@ -469,25 +430,25 @@ def logs(
     follow: bool = typer.Option(False, "--follow", "-f", help="keep printing until the job ends"),
     tail: int | None = typer.Option(None, "--tail", "-n", min=0, help="only the last N lines (then follow)"),
     attempt: int | None = typer.Option(None, "--attempt", min=1, help="default: the latest"),
+    full: bool = typer.Option(
+        False, "--full", help="Ray's log as it is: colour codes, the lines for the service, Ray's own noise"
+    ),
 ) -> None:
-    """A job's log (from its Ray job), as a person reads it: no colour codes, no lines meant for the service."""
+    """A job's log (from its Ray job), as a person reads it: its steps (loss parts, images/s), phases, and the job's
+    and Ray's lines, without colour codes, the lines meant for the service or Ray's known noise (see --full)."""
     client = make_client()
     skip = 0
     if not follow or tail is not None:
-        text = client.logs(job_id, attempt=attempt)
-        lines = readable_log(text)
+        lines = client.logs(job_id, attempt=attempt, full=full).splitlines()
+        skip = len(lines)  # the stream starts from the beginning of the log: what was shown is passed over
         if tail is not None:
             lines = lines[len(lines) - tail :] if tail else []
         _write_lines(lines)
         if not follow:
             return
-        skip = len(text)  # the stream starts from the beginning of the log: what was shown is passed over
-    reader = LogLines()
-    for chunk in client.follow_logs(job_id, attempt=attempt):
-        if skip:
-            chunk, skip = chunk[skip:], max(0, skip - len(chunk))
-        _write_lines(reader.feed(chunk))
-    _write_lines(reader.flush())
+    for number, line in enumerate(whole_lines(client.follow_logs(job_id, attempt=attempt, full=full))):
+        if number >= skip:
+            _write_lines([line])
 
 
 def _write_lines(lines: list[str]) -> None:
@@ -528,7 +489,7 @@ def follow_job(client: AeforgeClient, job_id: str, poll_s: float = 1.0, out: Con
 
     def read_logs():
         try:
-            for chunk in client.follow_logs(job_id):
+            for chunk in client.follow_logs(job_id, full=True):  # the marked lines drive the bar
                 chunks.put(chunk)
         except ApiError as exc:
             chunks.put(exc)
@@ -548,26 +509,37 @@ def follow_job(client: AeforgeClient, job_id: str, poll_s: float = 1.0, out: Con
     with Progress(*columns, console=out, transient=False) as progress:
         task = progress.add_task(f"{job_id}: submitted", total=None, detail="")
 
-        def on_protocol(line: str) -> None:
-            trial = read_mark(line, TRIAL_MARK)
-            if trial is not None:  # a sweep's trial started or ended: one readable line
-                progress.console.print(trial_text(trial), highlight=False, soft_wrap=True)
-                return
-            step = parse_progress(line) if PROGRESS_MARK in line else None
-            if step is not None:
+        def on_progress(mark: str, payload: dict[str, Any]) -> None:
+            """A step or phase line: the bar shows the phase, its parts done of its total, and its ETA."""
+            if mark == PROGRESS_MARK:
                 detail = "  ".join(
                     part
                     for part in (
-                        f"{step['images_per_second']:,.0f} images/s"
-                        if isinstance(step.get("images_per_second"), (int, float))
+                        f"{payload['images_per_second']:,.0f} images/s"
+                        if isinstance(payload.get("images_per_second"), (int, float))
                         else "",
-                        metrics_brief(step.get("metrics")),
+                        f"ETA {format_duration(payload['eta_s'])}"
+                        if isinstance(payload.get("eta_s"), (int, float)) and payload["step"] != payload.get("total")
+                        else "",
+                        metrics_brief(payload.get("metrics")),
                     )
                     if part
                 )
-                progress.update(task, completed=step["step"], total=step.get("total"), detail=detail)
+                phase["text"] = "training" + (f" {payload['trial']}" if payload.get("trial") else "")
+                progress.update(task, completed=payload["step"], total=payload.get("total"), detail=detail)
+            else:
+                phase["text"] = " ".join(str(payload[k]) for k in ("trial", "phase", "detail") if payload.get(k))
+                eta = payload.get("eta_s")
+                progress.update(
+                    task,
+                    completed=payload.get("done") or 0,
+                    total=payload.get("total") if isinstance(payload.get("total"), int) else None,
+                    detail=f"ETA {format_duration(eta)}" if isinstance(eta, (int, float)) else "",
+                )
+            progress.update(task, description=f"{job_id}: {phase['text']}")
 
-        reader = LogLines(on_protocol=on_protocol)
+        phase = {"text": ""}
+        reader = ReadableLog(on_progress=on_progress)
         while True:
             job = client.get(job_id)
             for e in job["events"][shown_events:]:
@@ -577,7 +549,8 @@ def follow_job(client: AeforgeClient, job_id: str, poll_s: float = 1.0, out: Con
                     soft_wrap=True,
                 )
             shown_events = len(job["events"])
-            progress.update(task, description=f"{job_id}: {job['state']}")
+            shown_state = phase["text"] if job["state"] == "running" and phase["text"] else job["state"]
+            progress.update(task, description=f"{job_id}: {shown_state}")
             deadline = time.monotonic() + poll_s
             while not logs_done and (left := deadline - time.monotonic()) > 0:
                 try:

@@ -10,15 +10,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
+
+if TYPE_CHECKING:
+    import torch
 
 from services.cli_errors import ErrorHandlingGroup, fail
 from services.cli_output import (
     CliConsole,
     OutputFormat,
     make_console,
+    metric_text,
     new_table,
     number_column,
     output_option,
@@ -71,6 +75,48 @@ def _load(ref: str) -> Any:
     from jobs.registry import load_model
 
     return _registry(load_model, ref)
+
+
+def _image_from_file(path: Path, shape: tuple[int, ...]) -> torch.Tensor:
+    """A picture file as the model's input: its channels (grey or RGB), resized to its height and width, in [0, 1]."""
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    channels, height, width = shape
+    try:
+        with Image.open(path) as opened:
+            picture = opened.convert("L" if channels == 1 else "RGB").resize((width, height), Image.Resampling.BILINEAR)
+            array = np.asarray(picture, dtype=np.float32) / 255.0
+    except FileNotFoundError:
+        fail(f"--image {path}: no such file")
+    except (UnidentifiedImageError, OSError) as exc:
+        fail(f"--image {path}: not a picture this can read (PNG, JPEG, ...): {exc}")
+    tensor = torch.from_numpy(array)
+    return tensor.unsqueeze(0) if channels == 1 else tensor.permute(2, 0, 1)
+
+
+def _image_from_data(ref: str, index: int, source: str | None) -> torch.Tensor:
+    """Example ``index`` of ``source`` (default: the data set the model version records it was trained on)."""
+    import torch
+
+    from jobs.registry import resolve
+    from workers.config import DataConfig
+    from workers.data import DataError, open_dataset
+    from workers.storage import resolver_from_settings
+
+    if source is None:
+        version = _registry(resolve, ref)
+        source = (version.tags or {}).get("dataset")
+        if not source:
+            fail(f"{ref} does not record the data set it was trained on; give it with --data")
+    try:
+        dataset = open_dataset(DataConfig(source=source), resolve=resolver_from_settings())
+    except DataError as exc:
+        fail(f"--data {source}: {exc}")
+    if index >= len(dataset):
+        fail(f"--index {index}: {source} has {len(dataset)} examples (0 to {len(dataset) - 1})")
+    return dataset.images(torch.tensor([index]))[0].float()
 
 
 def _output_path(path: Path) -> Path:
@@ -155,7 +201,7 @@ def show_command(
         text_column(metrics, "metric")
         number_column(metrics, "value")
         for key in sorted(info["metrics"]):
-            metrics.add_row(key, f"{info['metrics'][key]:.4f}")
+            metrics.add_row(key, metric_text(info["metrics"][key]))
         console.print(metrics)
     if info["pictures"]:
         console.print("pictures:", highlight=False)
@@ -206,12 +252,21 @@ def traverse_command(
     ),
     steps: int = typer.Option(9, "--steps", min=2, help="images per latent dimension"),
     seed: int = typer.Option(0, "--seed", help="seed of the prior draw the traversal starts from (VAE family)"),
+    image_path: Path | None = typer.Option(
+        None, "--image", help="start from this picture's code (PNG/JPEG; resized to the model's input)"
+    ),
+    index: int | None = typer.Option(
+        None, "--index", min=0, help="start from the code of this example of the data set (--data)"
+    ),
+    data_source: str | None = typer.Option(
+        None, "--data", help="the data set --index reads (default: the one the model was trained on)"
+    ),
 ) -> None:
     """One row per latent dimension, rows ordered by the KL the training data puts on each (largest first;
-    autoencoders: by the spread of their codes). VAE family: each latent from -limit to +limit, the others at
-    the posterior mean of a decoded prior sample. Autoencoders: each latent over its training codes' mean +-
-    limit standard deviations, the others at the mean code (both recorded with the model when training ended).
-    """
+    autoencoders: by the spread of their codes); the columns are labelled with their values. With --image or
+    --index, every row starts from that real image's code (its posterior mean). Otherwise, VAE family: the
+    posterior mean of a decoded prior sample; autoencoders: the mean training code (recorded with the model).
+    VAE family: each latent from -limit to +limit; autoencoders: over its training codes' mean +- limit sd."""
     console = _console()
     import torch
 
@@ -225,9 +280,20 @@ def traverse_command(
     order_by = None
     if stats is not None:
         order_by = ("KL", stats.kl) if model.stochastic and stats.kl is not None else ("sd", stats.std)
+    if image_path is not None and index is not None:
+        fail("give --image or --index, not both")
+    real, origin = None, ""
+    if image_path is not None:
+        real, origin = _image_from_file(image_path, model.image_shape), f" from {image_path.name}"
+    elif index is not None:
+        real, origin = _image_from_data(ref, index, data_source), f" from example {index}"
     with torch.no_grad():
         if model.stochastic:
-            image = model.sample(1, generator=torch.Generator(device=device).manual_seed(seed))[0]
+            image = (
+                real
+                if real is not None
+                else model.sample(1, generator=torch.Generator(device=device).manual_seed(seed))[0]
+            )
             sweep = f"from -{dim_limit:g} to +{dim_limit:g} (prior sd)"
         elif stats is not None:
             start = stats.mean
@@ -236,6 +302,8 @@ def traverse_command(
         else:
             start = torch.zeros(model.latent_dim)
             sweep = f"from -{dim_limit:g} to +{dim_limit:g} around z = 0"
+        if real is not None and not model.stochastic:
+            image, start = real, None  # the others at the image's code; each latent over its own range
     if stats is None:
         console.print(
             f"note: {ref} was saved without the statistics of its training codes (trained before aeforge "
@@ -258,7 +326,7 @@ def traverse_command(
         ranges=ranges,
         start=start,
         order_by=order_by,
-        title=f"latent traversal of {ref} ({describe_model(model)}): each row varies one latent {sweep}{rows}",
+        title=f"latent traversal of {ref} ({describe_model(model)}){origin}: each row varies one latent {sweep}{rows}",
     )
     console.print(
         f"wrote a traversal of {model.latent_dim} latent dimensions of {ref} to {output}",

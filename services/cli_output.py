@@ -107,3 +107,16 @@ def print_json(data: Any) -> None:
     """``data`` as indented, key-sorted strict JSON on stdout (plain text: no Rich markup or highlighting)."""
     sys.stdout.write(json.dumps(jsonable(data), indent=2, sort_keys=True, allow_nan=False, ensure_ascii=False) + "\n")
     sys.stdout.flush()
+
+
+def metric_text(value: Any) -> str:
+    """A metric as a person reads it: 4 decimals, or scientific notation for tiny and huge values; never ``-0.0000``
+    (a value that rounds to zero is 0, whatever its sign)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if value != value or value in (float("inf"), float("-inf")):  # NaN, inf: as Python writes them
+        return str(value)
+    if value != 0 and not 1e-3 <= abs(value) < 1e6:
+        return f"{value:.3e}"
+    text = f"{value:.4f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text

@@ -165,13 +165,21 @@ class AeforgeClient:
     def retry(self, job_id: str) -> dict[str, Any]:
         return self._request("POST", f"/jobs/{job_id}/retry").json()
 
-    def logs(self, job_id: str, *, attempt: int | None = None) -> str:
-        params = {} if attempt is None else {"attempt": attempt}
+    def logs(self, job_id: str, *, attempt: int | None = None, full: bool = False) -> str:
+        """The job's log as a person reads it: step lines (step, loss parts, images/s), phases, the job's and Ray's
+        own lines, without colour codes, the lines for the service or Ray's known noise; ``full``: Ray's log as it
+        is."""
+        params: dict[str, Any] = {} if attempt is None else {"attempt": attempt}
+        if full:
+            params["full"] = "true"
         return self._request("GET", f"/jobs/{job_id}/logs", params=params).text
 
-    def follow_logs(self, job_id: str, *, attempt: int | None = None) -> Iterator[str]:
-        """The log as the job writes it, until the job ends (no read timeout: a quiet job is not an error)."""
+    def follow_logs(self, job_id: str, *, attempt: int | None = None, full: bool = False) -> Iterator[str]:
+        """The log as the job writes it (readable, or ``full`` as :meth:`logs`), until the job ends (no read timeout:
+        a quiet job is not an error)."""
         params: dict[str, Any] = {"follow": "true"}
+        if full:
+            params["full"] = "true"
         if attempt is not None:
             params["attempt"] = attempt
         try:

@@ -33,6 +33,7 @@ from jobs import ray_train
 from jobs.ray_train import describe_resources, sweep_concurrency  # noqa: F401 (describe_resources re-exported)
 from jobs.spec import parse_spec_json
 from services import metrics
+from services.job_log import RAY_PREFIX, readable_lines
 from services.logs import job_fields, redact, secret_values
 from services.policy import Policy, PolicySource
 from services.scheduler import QueuedJob, RunningJob, Scheduler, decayed_usage, dominant_share
@@ -57,6 +58,9 @@ RAY_TERMINAL = ("STOPPED", "SUCCEEDED", "FAILED")
 # "Timed out waiting for an available job agent"): the cluster's state, not the job's.
 NO_JOB_AGENT = re.compile(r"\bavailable (job )?agent\b", re.IGNORECASE)
 LOG_TAIL_LINES = 20
+# An import error as Python prints it at the end of a traceback, or as Ray wraps a task's:
+# "ModuleNotFoundError: No module named 'torch'", "ray.exceptions.RayTaskError(ImportError): ...".
+IMPORT_ERROR = re.compile(r"^(?:[\w.]+\()?(?:[\w.]*\.)?((?:ModuleNotFound|Import)Error)\)?: (\S.*)$")
 
 
 class LauncherUnavailable(RuntimeError):
@@ -103,6 +107,16 @@ def model_version_of(result: dict) -> str | None:
     if version is None and isinstance(result.get("model"), dict):
         version = result["model"].get("version")
     return None if version is None else str(version)
+
+
+def environment_error(logs: str) -> str | None:
+    """The import error that failed a job (``ModuleNotFoundError: No module named 'torch'``), from its driver or,
+    as Ray reports a worker's, ``RayTaskError(ModuleNotFoundError): ...``; None when its log has none."""
+    for line in reversed(readable_lines(logs)):
+        found = IMPORT_ERROR.search(RAY_PREFIX.sub("", line, count=1))
+        if found:
+            return f"{found.group(1)}: {found.group(2).strip()}"
+    return None
 
 
 # --- what a job gets ------------------------------------------------------------------------------------------
@@ -499,15 +513,28 @@ class Dispatcher:
         if info.status == "STOPPED":
             return self._set(job, "cancelled", f"Ray job {sid} was stopped outside aeforge")
         message = self._redact(info.message or "no message from Ray")
-        tail = self._log_tail(sid)
+        logs = self._logs(sid)
+        missing = environment_error(logs)
+        if missing is not None:
+            # The job's Python on the cluster lacks a module: every attempt would fail the same way, at once.
+            why = (
+                f"environment error on the Ray cluster: {self._redact(missing)} (the Python of the Ray nodes must "
+                f"have aeforge and its dependencies; `aeforge doctor` checks every node)"
+            )
+            return self._set(job, "failed", f"attempt {job.attempts} of {job.max_attempts} failed: {why}", error=why)
+        tail = self._log_tail(logs)
         # Exit code 2 is the entry point's "the spec or its data is wrong": running it again changes nothing.
         retry = not USER_ERROR_EXIT.search(message)
+        progress = parse_progress(logs)
         memory = memory_failure(f"{message}\n{tail}")
         if memory is not None:  # said as such, and retried only when it came from outside the job
             return self._attempt_failed(
-                job, f"Ray job {sid} failed: {memory.sentence()} ({message}){tail}", retry=memory.outside
+                job,
+                f"Ray job {sid} failed: {memory.sentence()} ({message}){tail}",
+                retry=memory.outside,
+                progress=progress,
             )
-        return self._attempt_failed(job, f"Ray job {sid} failed: {message}{tail}", retry=retry)
+        return self._attempt_failed(job, f"Ray job {sid} failed: {message}{tail}", retry=retry, progress=progress)
 
     def _succeeded(self, job: Job, sid: str) -> bool:
         try:
@@ -547,6 +574,7 @@ class Dispatcher:
             "queued",
             f"preempted by {job.preempted_by}{at}; re-queued to resume from its checkpoint (no attempt spent)",
             max_attempts=job.max_attempts + 1,
+            error=None,  # not a failure: no back-off (retry_due) before it starts again
         )
 
     def retry_delay_s(self, job: Job | QueuedRow) -> float:
@@ -558,20 +586,29 @@ class Dispatcher:
         return min(self.retry_backoff_s * 2 ** (job.attempts - 1) * (1 + 0.25 * jitter), MAX_RETRY_DELAY_S)
 
     def retry_due(self, job: Job | QueuedRow) -> float:
-        """When a queued job may start again (its re-queue time plus the back-off; 0 for a new job)."""
-        if job.attempts < 1:
+        """When a queued job may start again (its re-queue time plus the back-off; 0 for a new job, and for a job
+        a person queued again with ``aeforge retry``: the back-off is for outages, not for a decision)."""
+        # A re-queue after a failed attempt keeps that attempt's error on the job; a manual retry clears it.
+        if job.attempts < 1 or job.error is None:
             return 0.0
         return job.updated_at.timestamp() + self.retry_delay_s(job)
 
-    def _attempt_failed(self, job: Job, why: str, retry: bool = True) -> bool:
+    def _attempt_failed(self, job: Job, why: str, retry: bool = True, progress: dict | None = None) -> bool:
+        """``progress``: the failed attempt's last progress line, when its log was read (what the next attempt
+        starts from is said only as far as it is known)."""
         if retry and job.attempts < job.max_attempts:
             delay = self.retry_delay_s(job)
-            when = f"in {delay:.0f} s " if delay > 0 else ""
+            when = f" in {delay:.0f} s" if delay > 0 else ""
+            if progress is not None:
+                resume = f"it resumes from its last checkpoint (this attempt reached step {progress['step']})"
+            elif job.attempts <= 1:
+                resume = "it had not started training, so it starts from the beginning"
+            else:
+                resume = "it resumes from the last checkpoint an earlier attempt wrote, if any"
             return self._set(
                 job,
                 "queued",
-                f"attempt {job.attempts} of {job.max_attempts} failed: {why}; "
-                f"re-queued to resume from its last checkpoint {when}".rstrip(),
+                f"attempt {job.attempts} of {job.max_attempts} failed: {why}; re-queued{when}: {resume}",
                 error=why,
             )
         return self._set(job, "failed", f"attempt {job.attempts} of {job.max_attempts} failed: {why}", error=why)
@@ -583,12 +620,15 @@ class Dispatcher:
             log.info("job %s: %s -> %s (%s)", job.id, job.state, state, reason, extra=job_fields(changed))
         return changed is not None
 
-    def _log_tail(self, sid: str) -> str:
+    def _logs(self, sid: str) -> str:
+        """The Ray job's log, "" when it cannot be read (the failure is recorded without it)."""
         try:
-            logs = self.launcher.logs(sid)
+            return self.launcher.logs(sid)
         except Exception:
             return ""
-        lines = [line for line in logs.splitlines() if line.strip()][-LOG_TAIL_LINES:]
+
+    def _log_tail(self, logs: str) -> str:
+        lines = [line for line in readable_lines(logs) if line.strip()][-LOG_TAIL_LINES:]
         return ("\nlast log lines:\n" + self._redact("\n".join(lines))) if lines else ""
 
     def _log_unreachable(self, exc: Exception) -> None:

@@ -22,7 +22,6 @@ The run itself stays on the main thread (Ray installs signal handlers there); a 
 from __future__ import annotations
 
 import os
-import re
 import sys
 import threading
 import time
@@ -48,53 +47,34 @@ from rich.table import Table
 from rich.text import Text
 
 from services.cli_output import CliConsole
+from services.job_log import (  # noqa: F401 (format_value, format_duration: this module's, for its readers)
+    RAY_PREFIX,
+    format_duration,
+    format_value,
+    is_ray_noise,
+    loss_parts,
+    phase_text,
+    plain_text,
+)
 from workers.errors import AeforgeError
-from workers.protocol import PROGRESS_MARK, TRIAL_MARK, is_protocol_line, read_mark
+from workers.protocol import PHASE_MARK, PROGRESS_MARK, TRIAL_MARK, is_protocol_line, read_mark
 
 LOG_FILE = "run.log"
 NOTICE_PREFIX = "aeforge: "
 # How often the log is read for new lines while nothing new has come.
 POLL_S = 0.1
 
-_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
 # The "(RayTrainWorker pid=123, ip=10.0.0.2) " Ray puts before a line it forwards from one of its processes.
-_RAY_PREFIX = re.compile(r"^\([^()]*\)\s")
+_RAY_PREFIX = RAY_PREFIX
 
 
 # --- reading lines --------------------------------------------------------------------------------------------
-
-
-def plain_text(line: str) -> str:
-    """A log line without colour codes or its line end."""
-    return _ANSI.sub("", line).rstrip("\r\n")
 
 
 def notice_of(line: str) -> str | None:
     """The text of a line a job addresses to its user (``aeforge: <text>``, also behind Ray's prefix), or None."""
     text = _RAY_PREFIX.sub("", plain_text(line), count=1)
     return text[len(NOTICE_PREFIX) :].strip() if text.startswith(NOTICE_PREFIX) else None
-
-
-def format_duration(seconds: float) -> str:
-    """``45s``, ``1m40s``, ``2h03m``."""
-    seconds = max(0, int(round(seconds)))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-def format_value(value: Any) -> str:
-    """Four significant digits; a value near 0 (a TC or MI estimate early on) in two, ``-5.7e-05``."""
-    if isinstance(value, float):
-        return f"{value:.4g}" if value == 0 or abs(value) >= 1e-3 else f"{value:.1e}"
-    return str(value)
-
-
-def loss_parts(metrics: dict[str, float]) -> str:
-    """``loss 123.4  recon 110.2  kl 13.2``: the loss parts of a progress line, in the order the loop logs them."""
-    return "  ".join(f"{key.rsplit('/', 1)[-1]} {format_value(value)}" for key, value in metrics.items())
 
 
 @dataclass
@@ -113,8 +93,14 @@ class Track:
     # When this reader first saw the run move, and at which step: the ETA comes from the pace since then.
     first_seen: tuple[float, int] | None = None
     last_seen: float | None = None
+    # The job's own estimate (its progress line's eta_s), when it gives one; else the pace this reader saw.
+    eta_s: float | None = None
+    # A sweep trial's phase (training, evaluating eval/mig, ...), as its lines last told it.
+    phase: str = ""
 
     def eta(self) -> float | None:
+        if self.eta_s is not None:
+            return self.eta_s
         if self.first_seen is None or self.total is None or self.last_seen is None:
             return None
         started, first_step = self.first_seen
@@ -168,6 +154,8 @@ class RunDisplay:
         self._shown_steps: set[tuple[str | None, int]] = set()
         self._shown_states: set[tuple[str, str]] = set()
         self._shown_notes: set[str] = set()
+        self._shown_phases: set[tuple[str, ...]] = set()
+        self._phase_shown = False
         self._progress: _TrainProgress | None = None
         self._task: TaskID | None = None  # set with _progress
         self._live: Live | None = None
@@ -195,7 +183,7 @@ class RunDisplay:
         if self._progress is not None and self._task is not None:
             track = self._tracks.get(None)
             if track is not None and track.total is not None and track.step >= track.total:
-                self._progress.update(self._task, description="done")
+                self._progress.update(self._task, description="done", eta="")
             self._progress.refresh()
             self._progress.stop()
         if self._live is not None:
@@ -212,6 +200,10 @@ class RunDisplay:
         trial = read_mark(line, TRIAL_MARK)
         if trial is not None:
             self._on_trial(trial)
+            return
+        phase = read_mark(line, PHASE_MARK)
+        if phase is not None:
+            self._on_phase(phase)
             return
         if is_protocol_line(line):
             return
@@ -252,6 +244,9 @@ class RunDisplay:
             track.metrics = payload["metrics"]
         if isinstance(payload.get("images_per_second"), (int, float)):
             track.images_per_second = float(payload["images_per_second"])
+        if isinstance(payload.get("eta_s"), (int, float)):
+            track.eta_s = float(payload["eta_s"])
+        track.phase = "training"
         if self._progress is not None and self._task is not None:
             done = track.total is not None and step >= track.total
             eta = track.eta()
@@ -265,6 +260,34 @@ class RunDisplay:
             )
         elif not self.live:
             self._say(f"{name}  {track.progress_text()}" if name else track.progress_text())
+
+    def _on_phase(self, payload: dict[str, Any]) -> None:
+        """A phase begins, or a part of it (the next metric of an evaluation): the bar names it, with its parts done
+        of its total and its ETA; a sweep's table shows it in its trial's row; plain, one line each."""
+        if not isinstance(payload.get("phase"), str):
+            return
+        key = tuple(str(payload.get(k)) for k in ("trial", "phase", "detail", "done", "total"))
+        if key in self._shown_phases:
+            return
+        self._shown_phases.add(key)
+        name = payload.get("trial") if isinstance(payload.get("trial"), str) else None
+        label = " ".join(str(payload[k]) for k in ("phase", "detail") if payload.get(k))
+        if name is not None:
+            self._track(name).phase = label
+        if self._progress is not None and self._task is not None and name is None:
+            eta = payload.get("eta_s")
+            total = payload.get("total") if isinstance(payload.get("total"), int) else None
+            self._progress.update(
+                self._task,
+                completed=payload.get("done") if isinstance(payload.get("done"), int) else 0,
+                total=total,
+                description=label,
+                speed="",
+                eta=f"ETA {format_duration(eta)}" if isinstance(eta, (int, float)) else "",
+            )
+            self._phase_shown = True
+        elif not self.live:
+            self._say(f"{name}  phase: {phase_text(payload)}" if name else f"phase: {phase_text(payload)}")
 
     def _on_trial(self, payload: dict[str, Any]) -> None:
         name, state = payload.get("trial"), payload.get("state")
@@ -366,7 +389,11 @@ class _SweepTable:
                 track.name,
                 _values_text(track.values),
                 Text(
-                    track.state if not track.error else f"{track.state}: {track.error}",
+                    f"{track.state}: {track.error}"
+                    if track.error
+                    else f"{track.state}: {track.phase}"
+                    if track.state == "running" and track.phase not in ("", "training")
+                    else track.state,
                     style=self.STATE_STYLES.get(track.state, ""),
                 ),
                 f"{track.step}/{track.total}" if track.total else "",

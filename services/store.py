@@ -369,6 +369,8 @@ class QueuedRow:
     attempts: int
     updated_at: datetime
     wait_reason: str | None
+    # The failed attempt's error that re-queued it; None for a new job or one queued again by `aeforge retry`.
+    error: str | None
     spec_json: str | None = None
 
 

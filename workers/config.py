@@ -88,12 +88,16 @@ class ModelConfig(StrictModel):
 
     @model_validator(mode="after")
     def _variant_fields(self) -> ModelConfig:
+        # Every problem at once, each at its own field (jobs.spec reads the "@field: message" lines back).
+        problems = []
         if self.corruption is not None and self.variant != "dae":
-            raise ValueError(f"'corruption' is only for variant 'dae', not '{self.variant}'")
+            problems.append(f"@corruption: is only for variant 'dae', not '{self.variant}'")
         if self.tc_estimator is not None and self.variant != "beta_tcvae":
-            raise ValueError(f"'tc_estimator' is only for variant 'beta_tcvae', not '{self.variant}'")
+            problems.append(f"@tc_estimator: is only for variant 'beta_tcvae', not '{self.variant}'")
         if self.beta is not None and self.variant not in BETA_VARIANTS:
-            raise ValueError(f"'beta' is only for variants 'beta_vae' and 'beta_tcvae', not '{self.variant}'")
+            problems.append(f"@beta: is only for variants 'beta_vae' and 'beta_tcvae', not '{self.variant}'")
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     # Resolved values: the defaults each variant uses when a field is left out.
@@ -179,18 +183,18 @@ class TrainConfig(StrictModel):
     )
 
     @model_validator(mode="after")
-    def _compile_mode_needs_compile(self) -> TrainConfig:
+    def _consistent(self) -> TrainConfig:
+        # Every problem at once, each at its own field (jobs.spec reads the "@field: message" lines back).
+        problems = []
         if self.compile is False and self.compile_mode is not None:
-            raise ValueError(
-                f"'compile_mode' ({self.compile_mode}) is set but 'compile' is false; "
-                f"drop compile_mode or set compile: true"
+            problems.append(
+                f"@compile_mode: is set ({self.compile_mode}) but 'compile' is false; drop compile_mode or set "
+                f"compile: true"
             )
-        return self
-
-    @model_validator(mode="after")
-    def _budget(self) -> TrainConfig:
         if self.steps is not None and self.epochs is not None:
-            raise ValueError("give either 'steps' or 'epochs', not both")
+            problems.append("@epochs: give either 'steps' or 'epochs', not both")
+        if problems:
+            raise ValueError("\n".join(problems))
         if self.steps is None and self.epochs is None:
             self.__dict__["steps"] = 300_000  # disentanglement_lib's protocol
         return self

@@ -34,7 +34,7 @@ from workers.data.base import ImageDataset
 from workers.errors import AeforgeError
 from workers.models import build_model
 from workers.models.base import Autoencoder, GatherFn, LossModule
-from workers.protocol import emit, progress_line
+from workers.protocol import emit, phase_line, progress_line
 from workers.timeline import Timeline
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -127,16 +127,49 @@ class RunContext:
         metrics: dict[str, float] | None = None,
         images_per_second: float | None = None,
         trial: str | None = None,
+        eta_s: float | None = None,
     ) -> None:
         """The line `aeforge run` and the queue service read to show progress: the step, the latest loss parts
-        (means over the last log window) and the speed over it; ``trial``: the sweep trial it is of, when not this
-        context's (a pack's members)."""
+        (means over the last log window), the speed over it and the seconds the remaining steps take at the pace
+        so far; ``trial``: the sweep trial it is of, when not this context's (a pack's members)."""
         if self.is_chief:
             emit(
                 progress_line(
-                    step, total, metrics=metrics, images_per_second=images_per_second, trial=trial or self.trial
+                    step,
+                    total,
+                    metrics=metrics,
+                    images_per_second=images_per_second,
+                    trial=trial or self.trial,
+                    eta_s=eta_s,
                 )
             )
+
+    def log_phase(
+        self,
+        phase: str,
+        *,
+        detail: str | None = None,
+        done: int | None = None,
+        total: int | None = None,
+        eta_s: float | None = None,
+        trial: str | None = None,
+    ) -> None:
+        """The line that names the phase the run is in (workers.protocol.PHASES), and its part ``done`` of
+        ``total`` (chief only)."""
+        if self.is_chief:
+            emit(phase_line(phase, detail=detail, done=done, total=total, eta_s=eta_s, trial=trial or self.trial))
+
+    def metric_progress(self, trial: str | None = None) -> Callable[[str, int, int], None]:
+        """For :func:`workers.metrics.evaluate`: each metric as it starts becomes an "evaluating" phase line, with
+        the ETA of the evaluation at its pace so far."""
+        started = time.perf_counter()
+
+        def on_metric(name: str, done: int, total: int) -> None:
+            elapsed = time.perf_counter() - started
+            eta = elapsed / done * (total - done) if done else None
+            self.log_phase("evaluating", detail=name, done=done, total=total, eta_s=eta, trial=trial)
+
+        return on_metric
 
 
 @dataclass
@@ -476,6 +509,8 @@ def train(
     final_metrics: dict[str, float] = {}
     t0 = time.perf_counter()
     window_started = t0  # the speed in a progress line is over its log window
+    steps_started = t0  # the ETA in a progress line is at the pace since this attempt's first step
+    ctx.log_phase("training", done=start_step, total=n_steps)
     seconds = 0.0
     model.train()
 
@@ -540,7 +575,8 @@ def train(
             for k, v in step_metrics.items():
                 history.setdefault(k, []).append((done, v))
             ctx.log_metrics(step_metrics, done)
-            ctx.log_progress(done, n_steps, metrics=step_metrics, images_per_second=window_speed)
+            eta = (now - steps_started) / (done - start_step) * (n_steps - done)
+            ctx.log_progress(done, n_steps, metrics=step_metrics, images_per_second=window_speed, eta_s=eta)
             steps_in_window = 0
             final_metrics.update(step_metrics)
 
@@ -551,7 +587,15 @@ def train(
             from workers.metrics import evaluate  # sklearn and scipy: imported by the one process that evaluates
 
             model.eval()
-            eval_metrics = evaluate(model, val_data, eval_config, seed=cfg.seed, full=full_data, train=train_data)
+            eval_metrics = evaluate(
+                model,
+                val_data,
+                eval_config,
+                seed=cfg.seed,
+                full=full_data,
+                train=train_data,
+                on_metric=ctx.metric_progress(),
+            )
             model.train()
             ctx.log_metrics(eval_metrics, done)
             final_metrics.update(eval_metrics)
@@ -600,7 +644,17 @@ def train(
         model.eval()
         from workers.metrics import evaluate
 
-        final_metrics.update(evaluate(model, val_data, eval_config, seed=cfg.seed, full=full_data, train=train_data))
+        final_metrics.update(
+            evaluate(
+                model,
+                val_data,
+                eval_config,
+                seed=cfg.seed,
+                full=full_data,
+                train=train_data,
+                on_metric=ctx.metric_progress(),
+            )
+        )
     trained = start_step < n_steps
     # A finished run started again trains nothing: it has no throughput to report, and a 0 would hide the real one.
     throughput = final_metrics.get("perf/images_per_second", 0.0)
@@ -611,6 +665,8 @@ def train(
             ctx.log_metrics({"perf/images_per_second": throughput}, n_steps)
         if pictures and eval_config.pictures and ctx.run_dir is not None:
             from workers.plots import make_run_pictures  # matplotlib: only where pictures are drawn
+
+            ctx.log_phase("pictures")
 
             pics = make_run_pictures(
                 model, train_data, val_data, ctx.run_dir / "pictures", seed=cfg.seed, history=history

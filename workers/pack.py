@@ -358,7 +358,13 @@ def train_pack(
                 continue
             result.model.eval()
             evaluated = evaluate(
-                result.model, val_data, eval_config, seed=member.seed, full=full_data, train=train_data
+                result.model,
+                val_data,
+                eval_config,
+                seed=member.seed,
+                full=full_data,
+                train=train_data,
+                on_metric=ctx.metric_progress(trial=member.name),
             )
             result.final_metrics.update(evaluated)
             for name, value in evaluated.items():
@@ -366,6 +372,7 @@ def train_pack(
             if log is not None:
                 log(k, evaluated, n_steps)
             if pictures and eval_config.pictures and ctx.run_dir is not None:
+                ctx.log_phase("pictures", trial=member.name)
                 make_run_pictures(
                     result.model,
                     train_data,

@@ -229,6 +229,7 @@ def train_loop_per_worker(config: dict[str, WorkerJob]) -> dict[str, Any] | None
             timeline=timeline,
             stop_check=lambda: storage.exists(stop_request_path(job.run_name)),
         )
+        ctx.log_phase("loading data")
         data = prepare(spec.data, spec.train.seed, resolve=storage.resolve)
         local_shard = shard(data.train, ctx.rank, ctx.world_size, spec.train.seed)
         timeline.mark("data")
@@ -314,6 +315,7 @@ def pack_loop_per_worker(config: dict[str, PackWorkerJob]) -> dict[str, Any] | N
         ctx = RayTrainContext(
             mlflow_run=None, run_dir=run_dir, gather_tc=spec.model.gather_global_batch, timeline=timeline
         )
+        ctx.log_phase("loading data")
         data = prepare(spec.data, spec.train.seed, resolve=storage.resolve)
         local_shard = shard(data.train, ctx.rank, ctx.world_size, spec.train.seed)
         timeline.mark("data")

@@ -138,7 +138,7 @@ def test_submit_follow_shows_progress_logs_and_the_outcome_not_protocol_lines(se
         assert state in out
     assert out.index("starting") < out.index("running") < out.rindex("succeeded")
     assert "3/3" in out and "1,234 images/s" in out and "loss 0.5000" in out
-    assert "trial t03 finished: eval/mig 0.4100" in out and "AEFORGE_TRIAL" not in out
+    assert "trial t03 finished: eval/mig 0.41" in out and "AEFORGE_TRIAL" not in out
     # The outcome comes after the end: the metrics table, then where the model and the pictures are.
     outcome = out[out.rindex("succeeded") :]
     assert "final metrics" in outcome and "eval/recon" in outcome and "0.1234" in outcome and "0.2500" in outcome

@@ -94,3 +94,44 @@ def test_samples_are_enlarged_and_titled(cli, mlflow_sqlite, tmp_path):
     target = tmp_path / "s.png"
     assert cli("models", "sample", "cli-vae-samples", "-n", "6", "-o", str(target)).exit_code == 0
     assert_readable(open_picture(target), rows=2, cols=3, labelled_rows=False)
+
+
+def test_a_traversal_starts_from_a_real_image_and_labels_its_columns(cli, mlflow_sqlite, tmp_path):
+    import numpy as np
+
+    spec = make_spec(variant="beta_vae", name="cli-vae-real")
+    model = real_model(spec, scales=[0.1, 4.0, 1.0])
+    register(model, spec, "job-vae-real")
+    # A picture twice the model's size, in colour: made grey and resized to the model's 8 x 8, as a user's file is.
+    pixels = (np.indices((16, 16)).sum(0) * 8 % 256).astype(np.uint8)
+    Image.fromarray(np.stack([pixels] * 3, axis=-1)).save(tmp_path / "x.png")
+    target = tmp_path / "t.png"
+    result = cli(
+        "models", "traverse", "cli-vae-real", "-o", str(target), "--steps", "3", "--image", str(tmp_path / "x.png")
+    )
+    assert result.exit_code == 0, result.output
+    picture = open_picture(target)
+    grey = Image.open(tmp_path / "x.png").convert("L").resize((8, 8), Image.BILINEAR)
+    image = torch.from_numpy(np.asarray(grey, dtype=np.float32) / 255.0)[None]
+    order = torch.argsort(model.code_statistics().kl, descending=True).tolist()
+    with torch.no_grad():
+        z = model.encode(image[None]).mean[0]
+        for row, latent in enumerate(order):
+            for col, value in ((0, -2.0), (1, 0.0), (2, 2.0)):
+                code = z.clone()
+                code[latent] = value
+                assert (cell(picture, row, col) - as_bytes(model.decode(code[None])[0])).abs().max() <= 1
+
+    # --index: example N of a data set (--data; by default the one the model was trained on).
+    images = (np.random.default_rng(0).random((5, 8, 8)) * 255).astype(np.uint8)
+    np.savez(tmp_path / "d.npz", images=images)
+    indexed = tmp_path / "i.png"
+    args = ("models", "traverse", "cli-vae-real", "-o", str(indexed), "--steps", "3", "--index", "3")
+    assert cli(*args, "--data", str(tmp_path / "d.npz")).exit_code == 0
+    with torch.no_grad():
+        z = model.encode(torch.from_numpy(images[3:4].astype(np.float32) / 255.0)[:, None]).mean[0]
+        code = z.clone()
+        code[order[0]] = 2.0
+        assert (cell(open_picture(indexed), 0, 2) - as_bytes(model.decode(code[None])[0])).abs().max() <= 1
+    too_far = cli(*args[:-1], "9", "--data", str(tmp_path / "d.npz"))
+    assert too_far.exit_code == 2 and "has 5 examples" in too_far.output

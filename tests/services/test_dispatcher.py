@@ -189,7 +189,9 @@ def test_a_failed_attempt_is_requeued_then_the_last_one_fails(store, launcher, m
     assert [s[0] for s in launcher.submissions] == [job.id, second]
     assert launcher.submissions[1][2]["AEFORGE_ATTEMPT"] == "2"
     requeue = [e for e in store.events(job.id) if e.to_state == "queued"][-1]
-    assert "attempt 1 of 2 failed" in requeue.reason and "resume from its last checkpoint" in requeue.reason
+    # Its log shows no step: nothing was trained, and the reason says so instead of promising a checkpoint.
+    assert "attempt 1 of 2 failed" in requeue.reason and "had not started training" in requeue.reason
+    assert "checkpoint" not in requeue.reason
     assert "worker died" in requeue.reason
     launcher.set(second, "FAILED", message="exit code 1")
     dispatcher.tick()
@@ -406,7 +408,7 @@ def test_a_failed_attempt_backs_off_exponentially_and_others_go_first(store, lau
     requeued = store.get(flaky.id)
     assert requeued.state == "queued" and requeued.attempts == 1
     events = store.events(flaky.id)
-    assert "re-queued to resume from its last checkpoint in " in events[-1].reason
+    assert "re-queued in " in events[-1].reason and "starts from the beginning" in events[-1].reason
     first_delay = dispatcher.retry_delay_s(requeued)
     assert 30.0 <= first_delay <= 37.5
 
@@ -606,3 +608,67 @@ def test_cancel_of_a_job_whose_ray_job_never_leaves_pending(store, make_dispatch
     assert cancelled.state == "cancelled" and "never left PENDING" in store.events(job.id)[-1].reason
     submit(store, "next")
     assert dispatcher.tick().started  # its resources are free again
+
+
+def test_an_import_error_is_an_environment_error_that_fails_at_once(store, launcher, make_dispatcher):
+    dispatcher = make_dispatcher()
+    job = submit(store, "no-torch", max_attempts=3)
+    dispatcher.tick()
+    log = (
+        "Traceback (most recent call last):\n"
+        '  File "<frozen runpy>", line 198, in _run_module_as_main\n'
+        '  File "/srv/aeforge/jobs/run.py", line 18, in <module>\n'
+        "    import torch\n"
+        "ModuleNotFoundError: No module named 'torch'\n"
+    )
+    launcher.set(job.id, "FAILED", message="Job entrypoint command failed with exit code 1", logs=log)
+    dispatcher.tick()
+    failed = store.get(job.id)
+    assert failed.state == "failed" and failed.attempts == 1 and len(launcher.submissions) == 1
+    assert failed.error.splitlines() == [failed.error]  # one line, not the traceback
+    assert "environment error" in failed.error and "ModuleNotFoundError: No module named 'torch'" in failed.error
+    assert "aeforge doctor" in failed.error
+    assert not any("checkpoint" in e.reason for e in store.events(job.id))
+
+
+def test_a_worker_import_error_as_ray_reports_it_is_an_environment_error(store, launcher, make_dispatcher):
+    dispatcher = make_dispatcher()
+    job = submit(store, "worker-no-torch", max_attempts=3)
+    dispatcher.tick()
+    log = (
+        "\x1b[36m(TrainController pid=77)\x1b[0m ray.exceptions.RayTaskError(ModuleNotFoundError): "
+        "ray::RayTrainWorker.__init__() (pid=78, ip=10.0.0.2)\n"
+        "\x1b[36m(TrainController pid=77)\x1b[0m ModuleNotFoundError: No module named 'workers'\n"
+        "RuntimeError: training failed\n"
+    )
+    launcher.set(job.id, "FAILED", message="exit code 1", logs=log)
+    dispatcher.tick()
+    failed = store.get(job.id)
+    assert failed.state == "failed" and "No module named 'workers'" in failed.error
+
+
+def test_a_requeue_after_steps_says_where_it_resumes(store, launcher, make_dispatcher):
+    from workers.protocol import progress_line
+
+    dispatcher = make_dispatcher()
+    job = submit(store, "trained-some", max_attempts=2)
+    dispatcher.tick()
+    launcher.set(job.id, "FAILED", message="exit code 1", logs=progress_line(40, 100) + "\nRuntimeError: node died\n")
+    dispatcher.tick()
+    requeue = [e for e in store.events(job.id) if e.to_state == "queued"][-1]
+    assert "resumes from its last checkpoint (this attempt reached step 40)" in requeue.reason
+
+
+def test_a_manual_retry_starts_without_the_back_off(store, launcher, make_dispatcher):
+    now = [1_000_000_000.0]
+    dispatcher = make_dispatcher(retry_backoff_s=600.0, clock=lambda: now[0])
+    job = submit(store, "retried", max_attempts=1)
+    dispatcher.tick()
+    now[0] = store.get(job.id).updated_at.timestamp()
+    launcher.set(job.id, "FAILED", message="exit code 1")
+    dispatcher.tick()
+    assert store.get(job.id).state == "failed"
+    store.retry(job.id, "alice")
+    now[0] += 1  # well inside the 600 s an automatic re-queue would wait
+    assert dispatcher.tick().started == [job.id]
+    assert store.get(job.id).attempts == 2

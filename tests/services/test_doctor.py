@@ -31,6 +31,7 @@ CHECKS = [
     "mlflow package",
     "Ray cluster",
     "job interpreter",
+    "Ray nodes",
     "storage",
     "MLflow tracking",
     "job store",
@@ -153,7 +154,7 @@ def test_all_ok_on_s3_an_mlflow_server_a_store_and_the_api(s3_env, mlflow_server
     assert "schema version" in lines["job store"]
     assert api_server in lines["API"] and "token of doc (admin)" in lines["API"]
     assert "no RAY_ADDRESS" in lines["Ray cluster"] and "auth disabled" in lines["Ray cluster"]
-    assert "all 11 checks passed" in result.output
+    assert "all 12 checks passed" in result.output
     assert seconds < 20 + SLACK_S
 
     as_json = json.loads(doctor("--timeout", "20", "--output", "json", env={"COLUMNS": "60"})[0].output)
@@ -184,7 +185,7 @@ def test_dead_mlflow_and_dead_storage_fail_by_name_in_bounded_time(s3_env, monke
     assert lines["MLflow tracking"].startswith("FAIL") and dead_mlflow in lines["MLflow tracking"]
     assert lines["storage"].startswith("FAIL") and "s3://" in lines["storage"]
     assert lines["job store"].startswith("OK") and lines["aeforge"].startswith("OK")
-    assert "2 of 11 checks failed: storage, MLflow tracking" in result.output
+    assert "2 of 12 checks failed: storage, MLflow tracking" in result.output
     assert seconds < 3 + SLACK_S
 
     as_json = json.loads(doctor("--timeout", "3", "-o", "json")[0].output)
@@ -334,3 +335,28 @@ def test_doctor_and_validate_against_a_ray_head(home, ray_head, tmp_path, monkey
     assert validated.exit_code == 0, validated.output
     assert "warning: the spec asks for 1 GPU" in validated.output
     assert f"the Ray cluster at {ray_head.address} (RAY_ADDRESS) has none" in validated.output
+
+
+def test_node_findings_name_each_node_and_what_it_lacks():
+    from services.cli_doctor import node_findings
+
+    fine = {"node_id": "a" * 28, "address": "10.0.0.1", "head": True, "gpus": 0, "aeforge": "0.1.0", "torch": "2.13.0"}
+    gpu = {"node_id": "b" * 28, "address": "10.0.0.2", "gpus": 2, "aeforge": "0.1.0", "torch": "2.13.0+cpu"}
+    gpu |= {"cuda": None, "cuda_gpus": 0}
+    cuda = gpu | {"node_id": "c" * 28, "address": "10.0.0.3", "torch": "2.13.0", "cuda": "12.8", "cuda_gpus": 2}
+    broken = {
+        "node_id": "d" * 28,
+        "address": "10.0.0.4",
+        "gpus": 0,
+        "error": "ModuleNotFoundError: No module named 'torch'",
+    }
+    seen, problems = node_findings({"driver": {"python": "3.11.7"}, "nodes": [fine, gpu, cuda, broken]})
+    assert seen == [
+        "head node 10.0.0.1 (aaaaaaaa): aeforge 0.1.0, torch 2.13.0, Python None",
+        "node 10.0.0.3 (cccccccc): aeforge 0.1.0, torch 2.13.0, Python None, CUDA 12.8 with 2 GPU(s)",
+    ]
+    assert problems == [
+        "node 10.0.0.2 (bbbbbbbb) has 2 GPU(s) for Ray but its torch 2.13.0+cpu sees no CUDA GPU; install a CUDA build "
+        "of torch there",
+        "node 10.0.0.4 (dddddddd): ModuleNotFoundError: No module named 'torch'",
+    ]

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -63,12 +64,22 @@ def tail(path: Path, lines: int = 40) -> str:
 def ray_head():
     """A Ray head with 2 CPUs and its dashboard, in a process of its own, stopped by its pid at the end; the S3 keys
     are in its environment (NODE_CREDENTIALS), where the jobs it runs find them."""
+    with started_ray_head() as head:
+        yield head
+
+
+@contextmanager
+def started_ray_head(extra_env: dict[str, str] | None = None):
+    """The Ray head of :func:`ray_head`, its environment with ``extra_env`` added (what that node's Python sees)."""
     gcs, dashboard, *component_ports = free_ports(9)
     temp_dir = tempfile.mkdtemp(prefix="aeray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     log_path = Path(temp_dir) / "ray-start.log"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and k not in MACHINE_AWS} | RAY_ENV
     env |= NODE_CREDENTIALS | {"AWS_DEFAULT_REGION": "us-east-1"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `python` for job entrypoints
+    # On a loaded machine the raylet registers after Ray's default 60 s wait, and `ray start` gives up.
+    env["RAY_raylet_start_wait_time_s"] = "300"
+    env |= extra_env or {}
     ports = dict(
         zip(
             (
@@ -116,7 +127,7 @@ def ray_head():
             except Exception:
                 return None
 
-        wait_for(alive, 120, "the Ray head to have a live node", interval=0.5)
+        wait_for(alive, 300, "the Ray head to have a live node", interval=0.5)
         yield head
     finally:
         stop(proc)
@@ -268,10 +279,12 @@ def test_jobs_that_take_the_whole_cluster_run_one_after_another_in_priority_orde
     info = ray_client(ray_head).get_job_info(high)
     assert info.status == "SUCCEEDED" and info.entrypoint == f"python -m tests.services.fake_job {high}"
 
-    logs = svc.http.get(f"/jobs/{high}/logs").text
+    logs = svc.http.get(f"/jobs/{high}/logs", params={"full": "true"}).text
     assert "credentials: present" in logs and "AEFORGE_RESULT" in logs
-    followed = svc.http.get(f"/jobs/{high}/logs", params={"follow": "true"}).text
+    followed = svc.http.get(f"/jobs/{high}/logs", params={"follow": "true", "full": "true"}).text
     assert "AEFORGE_RESULT" in followed
+    readable = svc.http.get(f"/jobs/{high}/logs").text
+    assert "step 3/3" in readable and "AEFORGE_" not in readable
     # The node's credential reached the job (the service had none to forward), and nothing aeforge wrote.
     assert "AWS_SECRET_ACCESS_KEY" not in svc.env
     for path in svc.home.glob("aeforge.db*"):
@@ -297,6 +310,23 @@ def test_jobs_that_take_the_whole_cluster_run_one_after_another_in_priority_orde
     assert samples[("aeforge_job_start_to_end_seconds_count", train | {("state", "succeeded")})] == 3
     assert samples[("aeforge_dispatcher_pass_seconds_count", frozenset())] > 3
     assert not any(v for (name, labels), v in samples.items() if name == "aeforge_jobs" and v)
+
+
+def test_logs_follow_shows_the_step_lines_of_a_running_job(service, ray_head):
+    from typer.testing import CliRunner
+
+    from services import cli
+
+    svc = service()
+    job_id = svc.submit(fake_spec("followed", steps=40, cpus=1))
+    svc.wait_state(job_id, "running")
+    env = {"AEFORGE_API_URL": svc.url, "AEFORGE_API_TOKEN": TOKEN, "AEFORGE_HOME": str(svc.home), "COLUMNS": None}
+    result = CliRunner().invoke(cli.app, ["logs", job_id, "-f"], env=env)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert [line for line in lines if line.startswith("step ")] == [f"step {n}/40" for n in range(1, 41)]
+    assert "credentials: present" in lines and not any("AEFORGE_" in line for line in lines)
+    assert svc.job(job_id)["state"] == "succeeded"
 
 
 def test_a_first_start_without_tokens_stores_a_hash_and_the_local_cli_submits_without_a_token_set(service, ray_head):

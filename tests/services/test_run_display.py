@@ -399,3 +399,31 @@ def test_aeforge_run_on_ray_keeps_rays_output_in_the_log(tmp_path, ray_cluster):
     assert all(
         set(p["metrics"]) == {"train/loss", "train/recon", "train/kl"} and p["images_per_second"] > 0 for p in points
     )
+
+
+def test_phases_are_named_with_their_parts_and_eta_once_each():
+    from workers.protocol import phase_line
+
+    display, out = plain_display()
+    for line in [
+        phase_line("starting Ray"),
+        ray_prefixed(phase_line("loading data")),
+        *train_log(total=20, every=10)[3:],
+        ray_prefixed(phase_line("evaluating", detail="eval/elbo", done=0, total=3)),
+        ray_prefixed(phase_line("evaluating", detail="eval/mig", done=1, total=3, eta_s=12)),
+        ray_prefixed(phase_line("evaluating", detail="eval/mig", done=1, total=3, eta_s=12)),  # Ray's duplicate
+        ray_prefixed(phase_line("pictures")),
+        phase_line("registering", detail="quickstart-btcvae"),
+    ]:
+        display.feed(line)
+    lines = out.getvalue().splitlines()
+    phases = [line for line in lines if line.startswith("phase: ")]
+    assert phases == [
+        "phase: starting Ray",
+        "phase: loading data",
+        "phase: evaluating eval/elbo (0 of 3)",
+        "phase: evaluating eval/mig (1 of 3)  ETA 12s",
+        "phase: pictures",
+        "phase: registering quickstart-btcvae",
+    ]
+    assert lines.index("phase: loading data") < lines.index(next(x for x in lines if x.startswith("step 20/20")))

@@ -98,14 +98,18 @@ LOG = (
     'AEFORGE_RESULT {"mlflow_run_id": "run-abc"}\n'
 )
 
+# The readable log: colour codes and the result line gone, progress lines as step lines.
+READABLE = ["(RayTrainWorker pid=42) starting", "step 1/3", "line 1", "line 2 in red", "step 3/3", "line 3"]
+
 
 def test_logs_drop_colour_codes_and_protocol_lines_and_tail_keeps_the_last_lines(env):
     job_id = submit(env)
     make_running(env, job_id, LOG)
     out = cli(env.app, "logs", job_id)
-    assert out.splitlines() == ["(RayTrainWorker pid=42) starting", "line 1", "line 2 in red", "line 3"]
+    assert out.splitlines() == READABLE
     assert "\x1b" not in out and "AEFORGE_" not in out
-    assert cli(env.app, "logs", job_id, "--tail", "2").splitlines() == ["line 2 in red", "line 3"]
+    assert cli(env.app, "logs", job_id, "--tail", "2").splitlines() == ["step 3/3", "line 3"]
+    assert cli(env.app, "logs", job_id, "--full") == LOG.replace("\r\n", "\n")  # Ray's log, line by line
     assert cli(env.app, "logs", job_id, "-n", "0") == ""
     assert cli(env.app, "logs", job_id, "--tail", "99").splitlines()[0] == "(RayTrainWorker pid=42) starting"
 
@@ -118,7 +122,7 @@ def test_logs_follow_is_clean_and_tail_with_follow_shows_the_last_lines_then_the
     env.launcher.set(sid, "SUCCEEDED", logs=LOG + "\x1b[32mdone\x1b[0m")  # the last line has no newline
     env.dispatcher.tick()
     followed = cli(env.app, "logs", job_id, "--follow")
-    assert followed.splitlines() == ["(RayTrainWorker pid=42) starting", "line 1", "line 2 in red", "line 3", "done"]
+    assert followed.splitlines() == [*READABLE, "done"]
     # --tail with --follow: the last N lines of what is there, then what the stream adds after it (nothing twice).
     assert cli(env.app, "logs", job_id, "--follow", "--tail", "1").splitlines() == ["done"]
 
@@ -293,3 +297,15 @@ def test_client_wait_returns_the_finished_job_and_times_out_naming_its_state(env
     final = env.client.wait(job_id, poll_s=0.01, on_poll=advance)
     assert final["state"] == "succeeded" and final["result"]["metrics"] == RESULT["metrics"]
     assert seen[0] == "queued" and seen[-1] == "succeeded"
+
+
+def test_status_names_the_phase_a_job_is_in_with_its_progress_and_eta(env):
+    from workers.protocol import phase_line, progress_line
+
+    job_id = submit(env)
+    log = progress_line(200, 200, images_per_second=900.0) + "\n"
+    log += phase_line("evaluating", detail="eval/mig", done=4, total=11, eta_s=40) + "\n"
+    make_running(env, job_id, log)
+    out = cli(env.app, "status", job_id)
+    assert "evaluating eval/mig (4 of 11)  ETA 40s" in out
+    assert "step 200 of 200 (100%)" in out  # the training it finished

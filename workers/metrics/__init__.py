@@ -31,6 +31,7 @@ close that comes).
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 
 import torch
 
@@ -59,6 +60,29 @@ def _generator(seed: int, stream: str) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(stream.encode())) % 2**63)
 
 
+# Told the metric an evaluation starts next, how many it has computed before it and how many it computes in all.
+MetricStart = Callable[[str, int, int], None]
+
+
+def evaluation_plan(model, val: ImageDataset, config: EvalConfig, *, full=None, train=None) -> list[str]:
+    """The metrics :func:`evaluate` computes for this model and data, in its order (``eval/`` names; a part that
+    yields several, such as dci, by its one name)."""
+    plan = ["eval/elbo"]
+    if model.stochastic:
+        plan += ["eval/iwae_ll", "eval/tc decomposition", "eval/active_units"]
+    if config.probe and train is not None and _has_classes(train) and _has_classes(val):
+        plan.append("eval/probes")
+    truth = full if full is not None else val
+    if config.disentanglement and truth.has_factors:
+        plan += ["eval/codes", "eval/mig", "eval/sap", "eval/dci"]
+        columns = None if config.factors is None else factor_columns(truth, config.factors)
+        if len(_scored_factors(truth, columns)) >= 2:
+            plan += ["eval/factor_vae", "eval/beta_vae"]
+        if model.stochastic:
+            plan += ["eval/mig_exact", "eval/mig_chen"]
+    return plan
+
+
 def evaluate(
     model,
     val: ImageDataset,
@@ -68,28 +92,40 @@ def evaluate(
     seed: int = 0,
     full: ImageDataset | None = None,
     train: ImageDataset | None = None,
+    on_metric: MetricStart | None = None,
 ) -> dict[str, float]:
-    """Every metric that applies to this model and data (see the module doc), as ``{"eval/NAME": value}``.
+    """Every metric that applies to this model and data (see the module doc), as ``{"eval/NAME": value}``;
+    ``on_metric`` is told each metric as it starts (a progress display's "evaluating eval/mig (5 of 11)").
 
     Runs in eval mode without gradients on the model's device and restores the model's train/eval mode.
     FactorVAE and beta-VAE scores need two factors that vary; with fewer they are left out.
     """
     device = model_device(model)
     was_training = model.training
+    plan = evaluation_plan(model, val, config, full=full, train=train)
+
+    def starting(name: str) -> None:
+        if on_metric is not None:
+            on_metric(name, plan.index(name), len(plan))
+
     model.eval()
     out: dict[str, float] = {}
     try:
         with torch.no_grad():
             # The same validation rows (same stream) for ELBO, IWAE and the decomposition, so they compare.
+            starting("eval/elbo")
             out.update(elbo(model, val, config.max_examples, batch_size, _generator(seed, "val")))
             if model.stochastic:
+                starting("eval/iwae_ll")
                 out.update(
                     iwae_log_likelihood(
                         model, val, config.iwae_samples, config.max_examples, batch_size, _generator(seed, "val")
                     )
                 )
+                starting("eval/tc decomposition")
                 parts = tc_decomposition(model, val, config.max_examples, batch_size, _generator(seed, "val"))
                 out.update({k: parts[k] for k in ("mi", "tc", "dwkl")})
+                starting("eval/active_units")
                 out.update(
                     active_units(
                         model,
@@ -103,15 +139,21 @@ def evaluate(
                     )
                 )
 
-            if config.probe and train is not None and _has_classes(train) and _has_classes(val):
+            if "eval/probes" in plan and train is not None:
+                starting("eval/probes")
                 out.update(_probes(model, train, val, config, batch_size, seed))
 
             truth = full if full is not None else val
-            if config.disentanglement and truth.has_factors:
-                out.update(_disentanglement(model, truth, config, batch_size, seed, device))
+            if "eval/codes" in plan:
+                out.update(_disentanglement(model, truth, config, batch_size, seed, device, starting))
     finally:
         model.train(was_training)
     return {f"eval/{name}": float(value) for name, value in out.items()}
+
+
+def _scored_factors(truth: ImageDataset, columns: list[int] | None) -> list[int]:
+    """The factors the vote-based scores use: those that vary, among the chosen ``columns`` (None: all)."""
+    return [k for k, size in enumerate(truth.require_factor_sizes()) if size > 1 and (columns is None or k in columns)]
 
 
 def check_scored_factors(config: EvalConfig, dataset: ImageDataset | None) -> None:
@@ -150,12 +192,19 @@ def _probes(
 
 
 def _disentanglement(
-    model, truth: ImageDataset, config: EvalConfig, batch_size: int, seed: int, device: torch.device
+    model,
+    truth: ImageDataset,
+    config: EvalConfig,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    starting: Callable[[str], None],
 ) -> dict[str, float]:
     def representation(x: torch.Tensor) -> torch.Tensor:
         return model.representation(x.to(device))
 
     out: dict[str, float] = {}
+    starting("eval/codes")
     sampler = FactorSampler(truth, _generator(seed, "codes"), "the disentanglement scores")
     train_codes, train_factors, test_codes, test_factors = sampler.train_test_codes(
         representation, config.num_train, config.num_test, batch_size
@@ -164,17 +213,18 @@ def _disentanglement(
     columns = None if config.factors is None else factor_columns(truth, config.factors)
     if columns is not None:
         train_factors, test_factors = train_factors[:, columns], test_factors[:, columns]
+    starting("eval/mig")
     out["mig"] = mig_from_codes(train_codes, train_factors)
+    starting("eval/sap")
     out["sap"] = sap_from_codes(train_codes, train_factors, test_codes, test_factors)
+    starting("eval/dci")
     dci = dci_from_codes(train_codes, train_factors, test_codes, test_factors, seed=seed)
     out.update({f"dci_{k}": v for k, v in dci.items()})
 
-    scored = [
-        k for k, size in enumerate(truth.require_factor_sizes()) if size > 1 and (columns is None or k in columns)
-    ]
-    if len(scored) >= 2:
+    if len(_scored_factors(truth, columns)) >= 2:
         votes_train = max(2, config.num_train // VOTES_PER_POINT)
         votes_test = max(1, config.num_test // VOTES_PER_POINT)
+        starting("eval/factor_vae")
         out["factor_vae"] = factor_vae_score(
             representation,
             truth,
@@ -186,6 +236,7 @@ def _disentanglement(
             _generator(seed, "factor_vae"),
             factors=config.factors,
         )["eval_accuracy"]
+        starting("eval/beta_vae")
         out["beta_vae"] = beta_vae_score(
             representation,
             truth,
@@ -197,9 +248,11 @@ def _disentanglement(
             factors=config.factors,
         )["eval_accuracy"]
     if model.stochastic:
+        starting("eval/mig_exact")
         out["mig_exact"] = mig_exact(
             model, truth, config.max_examples, batch_size, _generator(seed, "mig_exact"), factors=config.factors
         )
+        starting("eval/mig_chen")
         out["mig_chen"] = mig_chen(
             model,
             truth,

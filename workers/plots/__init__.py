@@ -187,12 +187,14 @@ def save_labelled_grid(
     *,
     title: str | None = None,
     row_labels: Sequence[str] | None = None,
+    column_labels: Sequence[str] | None = None,
     padding: int = 2,
     min_side: int = MIN_SIDE,
 ) -> Path:
     """Write images (N, C, H, W) in [0, 1] as a grid a person can read: enlarged by :func:`upscale_factor`
     (nearest neighbour), a title strip above it, and ``row_labels`` (one per grid row) right-aligned in a strip
-    on its left, level with their rows. Black text on white strips; the grid keeps its grey padding.
+    on its left, level with their rows, and ``column_labels`` (one per grid column) centred above their columns.
+    Black text on white strips; the grid keeps its grey padding.
     The grid's place in the picture is saved in the PNG text chunk ``GRID_INFO_KEY``. Returns the path."""
     n, _, h, w = images.shape if images.dim() == 4 else (0, 0, 0, 0)
     grid = _flatten_alpha(_to_pil(make_grid(images, nrow, padding)))
@@ -200,6 +202,8 @@ def save_labelled_grid(
     rows = math.ceil(n / cols)
     if row_labels is not None and len(row_labels) != rows:
         raise ValueError(f"{len(row_labels)} row labels for a grid of {rows} rows")
+    if column_labels is not None and len(column_labels) != cols:
+        raise ValueError(f"{len(column_labels)} column labels for a grid of {cols} columns")
     scale = upscale_factor(grid.width, grid.height, min_side=min_side)
     grid = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
 
@@ -212,6 +216,9 @@ def save_labelled_grid(
     title_font = _font(TITLE_FONT_SIZE)
     title_lines = _wrap(title, title_font, width - 2 * MARGIN) if title else []
     top = len(title_lines) * _line_height(title_font) + 2 * MARGIN if title_lines else 0
+    title_bottom = top
+    if column_labels:
+        top += _line_height(label_font) + MARGIN
 
     white = 255 if grid.mode == "L" else (255, 255, 255)
     black = 0 if grid.mode == "L" else (0, 0, 0)
@@ -223,6 +230,9 @@ def save_labelled_grid(
     for r, label in enumerate(row_labels or []):
         centre = top + scale * (padding + r * (h + padding) + h / 2)
         draw.text((left - MARGIN, centre), label, font=label_font, fill=black, anchor="rm")
+    for c, label in enumerate(column_labels or []):
+        centre = left + scale * (padding + c * (w + padding) + w / 2)
+        draw.text((centre, (title_bottom + top) / 2), label, font=label_font, fill=black, anchor="mm")
 
     info = PngInfo()
     info.add_text(
@@ -331,6 +341,10 @@ def latent_traversal(
     else:
         score_name, scores, order = None, None, torch.arange(d)
     decoded = model.decode(codes[order.to(device)].reshape(d * steps, d))
+    # The columns' values: the latent's own value (prior sd units), or for per-latent ranges the offset from the
+    # range's middle in the same units the range was made with.
+    offsets = torch.linspace(-limit, limit, steps).tolist()
+    column_labels = [signed(v) if spans is None else f"{signed(v)} sd" for v in offsets]
 
     labels = []
     for k in order.tolist():
@@ -345,7 +359,17 @@ def latent_traversal(
         title = f"latent traversal: each row varies one latent {sweep}, left to right"
         if score_name is not None:
             title += f"; rows by {score_name}, largest first"
-    return save_labelled_grid(decoded.float().cpu(), path, nrow=steps, title=title, row_labels=labels)
+    return save_labelled_grid(
+        decoded.float().cpu(), path, nrow=steps, title=title, row_labels=labels, column_labels=column_labels
+    )
+
+
+def signed(value: float) -> str:
+    """``-2``, ``-0.5``, ``0``, ``+1.5``: a traversal value as a column label (never ``-0``)."""
+    value = round(float(value), 2)
+    if value == 0:
+        return "0"
+    return f"{value:+g}"
 
 
 @torch.no_grad()

@@ -137,7 +137,9 @@ class DatasetStore(ObjectStore):
         if not entries:
             raise StorageError(f"folder {local_paths[0]} has no files")
         if format is None:
-            from workers.data.formats import infer_format  # imported here: workers.data imports torch, `data ls` does not
+            from workers.data.formats import (
+                infer_format,
+            )  # imported here: workers.data imports torch, `data ls` does not
 
             try:
                 format = str(infer_format(local_paths[0]))
