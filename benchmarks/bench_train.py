@@ -222,7 +222,10 @@ def run_ray_benchmark(spec, workers: int, steps: int = 200, warmup: int = 20) ->
 class _QuietContext(RunContext):
     """One local process that prints no progress lines: the bench's output is its table (or its JSON)."""
 
-    def log_progress(self, step, total, *, metrics=None, images_per_second=None, trial=None) -> None:
+    def log_progress(self, step, total, *, metrics=None, images_per_second=None, trial=None, eta_s=None) -> None:
+        return None
+
+    def log_phase(self, phase, **details) -> None:
         return None
 
 

@@ -420,7 +420,7 @@ def timed_context_class():
             self.loss_module = module
             return module
 
-        def log_progress(self, step, total, *, metrics=None, images_per_second=None, trial=None) -> None:
+        def log_progress(self, step, total, *, metrics=None, images_per_second=None, trial=None, eta_s=None) -> None:
             now = time.perf_counter()  # the loop has just read the window's losses back: its steps are done
             self.marks.append((step, now))
             if now - self.last_said >= 15.0:

@@ -40,7 +40,7 @@ class Watch(RunContext):
         module.register_forward_pre_hook(lambda _, args: self.batch_devices.add(args[0].device))
         return module
 
-    def log_progress(self, step, total, *, metrics=None, images_per_second=None) -> None:
+    def log_progress(self, step, total, *, metrics=None, images_per_second=None, eta_s=None) -> None:
         from torch._dynamo.utils import counters
 
         self.frames_at_step[step] = int(counters["frames"]["total"])

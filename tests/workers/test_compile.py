@@ -107,7 +107,7 @@ class CompileWatch(RunContext):
     frames: dict[int, int] = field(default_factory=dict)
     graphs: dict[int, int] = field(default_factory=dict)
 
-    def log_progress(self, step, total, *, metrics=None, images_per_second=None) -> None:
+    def log_progress(self, step, total, *, metrics=None, images_per_second=None, eta_s=None) -> None:
         self.frames[step] = int(counters["frames"]["total"])
         self.graphs[step] = int(counters["stats"]["unique_graphs"])
 
