@@ -153,3 +153,16 @@ def test_eval_factors_are_checked_against_the_data_before_training():
         check_scored_factors(SMALL.model_copy(update={"factors": ["f1"]}), ImageDataset("val", grid._images))
     with pytest.raises(ValueError, match="names one twice"):
         EvalConfig(factors=["f1", "f1"])
+
+
+def test_each_metric_is_announced_as_it_starts_in_the_planned_order():
+    """What a job's "evaluating eval/mig (5 of 12)" phase lines are made of."""
+    from workers.metrics import evaluation_plan
+
+    seen: list[tuple[str, int, int]] = []
+    data = factor_grid(SIZES)
+    out = evaluate(OracleVAE(4), data, SMALL, batch_size=64, on_metric=lambda *told: seen.append(told))
+    plan = evaluation_plan(OracleVAE(4), data, SMALL)
+    assert [name for name, _, _ in seen] == plan
+    assert [(done, total) for _, done, total in seen] == [(k, len(plan)) for k in range(len(plan))]
+    assert {"eval/elbo", "eval/mig", "eval/mig_chen"} <= set(plan) and set(out) >= {"eval/elbo", "eval/mig"}
