@@ -1058,11 +1058,10 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
             dbapi_conn.isolation_level = None
             cursor = dbapi_conn.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
-            # WAL's recommended setting: a commit is not fsynced (the checkpoint is), so the database is never
-            # corrupted and a crash of aeforge loses nothing, while a power loss may lose the last commits. A commit
-            # with fsync costs ~1-15 ms here, a ceiling of a few hundred submissions/s; PostgreSQL (group commit)
-            # is the store for a deployment that must survive power loss.
-            cursor.execute("PRAGMA synchronous=NORMAL")
+            # A 201 promises the job is stored, so every commit is fsynced (FULL), power loss included; WAL keeps
+            # that to one append of its log. NORMAL would be faster but may lose the last commits on a power loss;
+            # PostgreSQL's group commit is the store for throughput.
+            cursor.execute("PRAGMA synchronous=FULL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()
