@@ -12,6 +12,7 @@ import json
 import time
 
 import mlflow
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -98,9 +99,15 @@ def refused(response, status: int = 403, loc: str = "data.source") -> str:
     return body["detail"]
 
 
+def write_npz(path) -> None:
+    """A real (tiny) image archive: submit's door reads the data's header, so an allowed source must be readable."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, images=np.zeros((16, 8, 8), np.uint8))
+
+
 def push(env, name: str, owner: str | None) -> None:
     data = env / f"{name}.npz"
-    data.write_bytes(b"not really npz")
+    write_npz(data)
     Storage.from_settings().push([data], name, format="npz", owner=owner)
 
 
@@ -153,7 +160,11 @@ def test_paths_outside_the_allowed_prefixes_are_refused_alike(client, env, form)
     refused(attempt(client, "bob", spec("/etc/passwd" if form == "path" else "file:///etc/passwd")))
     refused(attempt(client, "bob", spec("file://%2E%2E/etc/x" if form == "file-url" else "alice/faces.npz")))
     ok = env / "shared" / "faces.npz"
-    assert submit(client, "bob", spec(source(ok))).status_code == 201
+    write_npz(ok)
+    write_npz(env / "shared" / "sub" / "x.npz")
+    write_npz(target)
+    answer = submit(client, "bob", spec(source(ok)))
+    assert answer.status_code == 201, answer.text
     assert submit(client, "bob", spec(source(env / "shared" / "." / "sub" / "x.npz"))).status_code == 201
     assert submit(client, "root", spec(source(target))).status_code == 201
 
@@ -166,6 +177,7 @@ def test_a_symlink_under_an_allowed_prefix_is_judged_by_where_it_leads(client, e
     (env / "shared" / "elsewhere").symlink_to(env / "alice")
     (env / "alice" / "faces.npz").write_bytes(b"alice's data")
     (env / "shared" / "real").mkdir()
+    write_npz(env / "shared" / "real" / "x.npz")
     (env / "shared" / "inside").symlink_to(env / "shared" / "real")
     private = env / "shared" / "link" / "alice-private" / "files" / "alice-private.npz"
     for source in (str(private), private.as_uri(), str(env / "shared" / "elsewhere" / "faces.npz")):
