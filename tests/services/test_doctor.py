@@ -329,7 +329,8 @@ def test_doctor_and_validate_against_a_ray_head(home, ray_head, tmp_path, monkey
     with pytest.raises(CheckFailed, match="/opt/no-such-env/bin/python on the cluster at .* cannot run aeforge's jobs"):
         check_job_python(10, 60)()
     probes = [job for job in ray_client(ray_head).list_jobs() if job.submission_id.startswith("aeforge-doctor-")]
-    assert len(probes) == 2 and all(job.status.is_terminal() for job in probes)
+    # doctor's two cluster probes (the job interpreter, every node's environment) and the failed interpreter check
+    assert len(probes) == 3 and all(job.status.is_terminal() for job in probes)
 
     validated = CliRunner().invoke(cli.app, ["validate", "--no-data", str(spec)], env={"COLUMNS": None})
     assert validated.exit_code == 0, validated.output
