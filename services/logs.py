@@ -117,11 +117,28 @@ class JsonFormatter(_Redacting, logging.Formatter):
         return json.dumps(out, ensure_ascii=False, default=str)
 
 
+class CurrentStderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is when a record is emitted, not as it was when logging was configured: a
+    caller that swaps stderr for a while (a test's CLI runner, a daemonising wrapper) and closes its stand-in would
+    otherwise leave every later record failing with "--- Logging error ---" on the real stderr."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass  # always the current sys.stderr
+
+
 def configure_logging(level: int = logging.INFO, environ: dict[str, str] | None = None) -> str:
     """The root logger writes to stderr in the format AEFORGE_LOG_FORMAT names; returns that format. Uvicorn's
     loggers are left to propagate here (``uvicorn_log_config``), so its lines are in the same format."""
     fmt = log_format(environ)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = CurrentStderrHandler()
     handler.addFilter(RedactingFilter())  # masks the record's arguments too: a formatter may read them itself
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()

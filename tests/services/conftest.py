@@ -96,3 +96,21 @@ def store(store_url):
         yield s
     finally:
         s.close()
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """A test that runs `serve` in-process configures the root logger (INFO, the service's handler); later tests'
+    CLI output would then carry httpx's INFO lines. Each test gets the root logger back as it found it."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)
