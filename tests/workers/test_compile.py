@@ -244,7 +244,7 @@ def test_the_spec_documents_compile_and_rejects_a_mode_without_it():
     schema = TrainConfig.model_json_schema()["properties"]
     assert "null: on for CUDA, off on CPU" in schema["compile"]["description"]
     assert "reduce-overhead" in schema["compile_mode"]["description"]
-    with pytest.raises(ValidationError, match="'compile_mode' .* is set but 'compile' is false"):
+    with pytest.raises(ValidationError, match="compile_mode.* is set .*but 'compile' is false"):
         TrainConfig(compile=False, compile_mode="reduce-overhead")
     with pytest.raises(ValidationError, match="compile_mode"):
         TrainConfig(compile_mode="fastest")
