@@ -123,6 +123,29 @@ def _pip_find_links() -> list[str]:
     return list(dict.fromkeys(env.split() + links))
 
 
+# What every lock's `uv pip compile` says: hashes, the images' Python and platform, and how to regenerate it.
+UV_COMPILE_FLAGS = [
+    "--quiet",
+    "--generate-hashes",
+    "--native-tls",
+    "--python-version",
+    PYTHON_VERSION,
+    "--python-platform",
+    PYTHON_PLATFORM,
+    "--custom-compile-command",
+    "make lock",
+]
+
+
+def _run_uv_compile(cmd: list[str], lock: Path, digest: str) -> None:
+    """Run ``cmd`` (pip's own settings left out: uv reads some PIP_ variables), then put ``digest`` on the lock's
+    first line, where the staleness check reads it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    subprocess.run(cmd, check=True, env=env, cwd=REPO)
+    text = lock.read_text(encoding="utf-8")
+    lock.write_text(f"{DIGEST_PREFIX}{digest}\n" + text, encoding="utf-8")
+
+
 def compile_lock(variant: Variant, uv: str = "uv") -> None:
     """Write the variant's lock with ``uv pip compile``, then put the inputs' digest on its first line."""
     data = _pyproject()
@@ -140,15 +163,7 @@ def compile_lock(variant: Variant, uv: str = "uv") -> None:
         "compile",
         "pyproject.toml",
         str(extra_in.relative_to(REPO)),
-        "--quiet",
-        "--generate-hashes",
-        "--native-tls",
-        "--python-version",
-        PYTHON_VERSION,
-        "--python-platform",
-        PYTHON_PLATFORM,
-        "--custom-compile-command",
-        "make lock",
+        *UV_COMPILE_FLAGS,
         "--no-strip-extras",
         "--output-file",
         str(variant.lock.relative_to(REPO)),
@@ -163,10 +178,7 @@ def compile_lock(variant: Variant, uv: str = "uv") -> None:
             cmd += ["--find-links", link]
     elif os.environ.get("TORCH_CUDA_INDEX_URL"):
         cmd += ["--extra-index-url", os.environ["TORCH_CUDA_INDEX_URL"]]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
-    subprocess.run(cmd, check=True, env=env, cwd=REPO)
-    text = variant.lock.read_text(encoding="utf-8")
-    variant.lock.write_text(f"{DIGEST_PREFIX}{inputs_digest(variant, data)}\n" + text, encoding="utf-8")
+    _run_uv_compile(cmd, variant.lock, inputs_digest(variant, data))
 
 
 # The installer the images' builds use (uv: parallel downloads and byte-compilation), pinned with its hashes too.
@@ -188,22 +200,11 @@ def compile_tools_lock(uv: str = "uv") -> None:
         "pip",
         "compile",
         str(tools_in.relative_to(REPO)),
-        "--quiet",
-        "--generate-hashes",
-        "--native-tls",
-        "--python-version",
-        PYTHON_VERSION,
-        "--python-platform",
-        PYTHON_PLATFORM,
-        "--custom-compile-command",
-        "make lock",
+        *UV_COMPILE_FLAGS,
         "--output-file",
         str(TOOLS_LOCK.relative_to(REPO)),
     ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
-    subprocess.run(cmd, check=True, env=env, cwd=REPO)
-    text = TOOLS_LOCK.read_text(encoding="utf-8")
-    TOOLS_LOCK.write_text(f"{DIGEST_PREFIX}{tools_digest()}\n" + text, encoding="utf-8")
+    _run_uv_compile(cmd, TOOLS_LOCK, tools_digest())
 
 
 def main(argv: list[str] | None = None) -> int:
