@@ -158,7 +158,7 @@ class SimulatedRay:
     def total_resources(self) -> dict[str, float]:
         return dict(self.resources)
 
-    def submit(self, submission_id, entrypoint, env_vars):
+    def submit(self, submission_id, entrypoint, env_vars, spec_json):
         from services.dispatcher import SubmissionExists
 
         with self.lock:
@@ -226,7 +226,7 @@ def serve(db_url: str, port: int, home: Path, dispatch: bool) -> None:
     import uvicorn
 
     from services.api import create_app
-    from services.dispatcher import Dispatcher, MemorySpecs
+    from services.dispatcher import Dispatcher
     from services.settings import Principal, ServiceSettings
 
     logging.basicConfig(level=logging.WARNING)
@@ -239,7 +239,7 @@ def serve(db_url: str, port: int, home: Path, dispatch: bool) -> None:
     )
     store = Store(db_url)
     ray = SimulatedRay()
-    dispatcher = Dispatcher(store, ray, ray, retry_backoff_s=1.0, specs=MemorySpecs()) if dispatch else None
+    dispatcher = Dispatcher(store, ray, ray, retry_backoff_s=1.0) if dispatch else None
     app = create_app(store, settings, launcher=ray, dispatcher=dispatcher)
     # Keep-alive longer than uvicorn's 5 s default, as a proxy in front of the service would hold connections.
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, timeout_keep_alive=75)

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import services.store as store_module
 from benchmarks.bench_queue import postgres_database
-from services.dispatcher import Dispatcher, MemorySpecs, RayJobInfo
+from services.dispatcher import Dispatcher, RayJobInfo
 from services.policy import PolicySource
 from services.store import Store
 
@@ -145,7 +145,7 @@ class SimLauncher:
     def _job_id(submission_id: str) -> str:
         return submission_id.split("-attempt-")[0]
 
-    def submit(self, submission_id, entrypoint, env_vars):
+    def submit(self, submission_id, entrypoint, env_vars, spec_json):
         job_id = self._job_id(submission_id)
         self.jobs[submission_id] = (job_id, SimJob(self.durations[job_id]))
         self.jobs[submission_id][1].run_started = self.clock.now + STARTUP_S
@@ -253,7 +253,6 @@ def simulate(backend: str, trace: Trace, args, *, backfill: bool = True) -> Resu
                 clock=clock,
                 environ={},
                 policies=PolicySource(policy_path),
-                specs=MemorySpecs(),
             )
             tick_s = args.tick_minutes * 60
             arrivals = sorted(trace.jobs, key=lambda j: j.arrival_s)
@@ -368,7 +367,7 @@ def pass_time_at_scale(backend: str, args) -> list[float]:
                 def info(self, sid):
                     return RayJobInfo("RUNNING")
 
-                def submit(self, sid, entrypoint, env_vars):
+                def submit(self, sid, entrypoint, env_vars, spec_json):
                     pass
 
                 def stop(self, sid):
@@ -387,7 +386,6 @@ def pass_time_at_scale(backend: str, args) -> list[float]:
                 clock=clock,
                 environ={},
                 policies=PolicySource(policy_path),
-                specs=MemorySpecs(),
             )
             times = []
             for _ in range(args.pass_repeats):

@@ -173,15 +173,11 @@ def run_job(
 
 
 def read_job_spec() -> str | None:
-    """The spec JSON of a queue job: the object AEFORGE_JOB_SPEC_PATH names in storage, else AEFORGE_JOB_SPEC."""
-    from workers.storage import Storage
-    from workers.storage.job_specs import SPEC_PATH_VARIABLE, read_spec
+    """The spec JSON of a queue job: the package AEFORGE_JOB_SPEC_MODULE names (workers.job_specs), else
+    AEFORGE_JOB_SPEC."""
+    from workers.job_specs import read_spec
 
-    if os.environ.get(SPEC_PATH_VARIABLE):
-        storage = Storage.from_settings()
-        storage.preflight(wait_s=settings.storage_wait_s())  # an outage is waited out, then retried by the queue
-        return read_spec(storage)
-    return os.environ.get("AEFORGE_JOB_SPEC") or None
+    return read_spec() or os.environ.get("AEFORGE_JOB_SPEC") or None
 
 
 def _refused(job_id: str, exc: AeforgeError) -> int:
@@ -205,8 +201,8 @@ def _error_text(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m jobs.run <job id>`: the queue's fixed entry point. The spec is the JSON the queue stored when the
-    job was submitted, read from the storage object AEFORGE_JOB_SPEC_PATH names (workers.storage.job_specs); or,
-    run by hand, given in AEFORGE_JOB_SPEC."""
+    job was submitted, read from the package AEFORGE_JOB_SPEC_MODULE names (workers.job_specs), which Ray installs
+    with the job; or, run by hand, given in AEFORGE_JOB_SPEC."""
     from workers.storage import StorageUnreachable
 
     argv = sys.argv[1:] if argv is None else argv
@@ -218,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         text = read_job_spec()
         if not text:
             print(
-                f"job {job_id}: neither AEFORGE_JOB_SPEC_PATH nor AEFORGE_JOB_SPEC is set; the queue names the "
+                f"job {job_id}: neither AEFORGE_JOB_SPEC_MODULE nor AEFORGE_JOB_SPEC is set; the queue names the "
                 f"spec it stored in the job's environment",
                 file=sys.stderr,
             )

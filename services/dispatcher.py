@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import re
 import shlex
+import tempfile
 import threading
 import time
 from collections import defaultdict
@@ -39,9 +39,9 @@ from services.policy import Policy, PolicySource
 from services.scheduler import QueuedJob, RunningJob, Scheduler, decayed_usage, dominant_share
 from services.store import Decision, Job, QueuedRow, QueueSnapshot, Store, add_resources
 from workers.errors import AeforgeError
+from workers.job_specs import write_spec_package
 from workers.memory_failures import memory_failure
 from workers.protocol import PROGRESS_MARK, RESULT_MARK, parse_progress, parse_result  # noqa: F401 (re-exported)
-from workers.storage.objects import StorageError
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -83,8 +83,9 @@ class ClusterView(Protocol):
 
 
 class JobLauncher(Protocol):
-    def submit(self, submission_id: str, entrypoint: str, env_vars: dict[str, str]) -> None:
-        """Start a Ray job; raises SubmissionExists if Ray has that submission id already."""
+    def submit(self, submission_id: str, entrypoint: str, env_vars: dict[str, str], spec_json: str) -> None:
+        """Start a Ray job that reads ``spec_json`` by reference (workers.job_specs); raises SubmissionExists if
+        Ray has that submission id already."""
 
     def info(self, submission_id: str) -> RayJobInfo | None:
         """The Ray job's status, or None when Ray has no job with that id."""
@@ -126,7 +127,7 @@ def job_environment(
     job: Job, environ: Mapping[str, str] | None = None, allowed_data_prefixes: tuple[str, ...] = ()
 ) -> dict[str, str]:
     """The variables a job runs with: the settings every job gets (jobs.ray_train.job_environment), and its id,
-    attempt and owner; its spec goes by reference (:class:`StorageSpecs`). No credential: Ray keeps a submission's
+    attempt and owner; its spec goes by reference (workers.job_specs). No credential: Ray keeps a submission's
     runtime environment in its job records (`ray job list`, the dashboard, runtime_env_agent.log); the job takes the
     Ray node's own."""
     env = ray_train.job_environment(environ)
@@ -138,39 +139,6 @@ def job_environment(
     # What the job's data readers check every local open against (workers.storage.read_access).
     env["AEFORGE_ALLOWED_DATA_PREFIXES"] = ",".join(allowed_data_prefixes)
     return env
-
-
-class SpecPublisher(Protocol):
-    def publish(self, job: Job) -> dict[str, str]:
-        """Put the job's spec where the job reads it; the variables that name it (raises StorageError)."""
-
-
-class StorageSpecs:
-    """The job's spec written to the storage the job uses (AEFORGE_STORAGE as jobs are given it), by reference in
-    its environment (workers.storage.job_specs)."""
-
-    def __init__(self, environ: Mapping[str, str] | None = None):
-        self.environ = environ
-
-    def publish(self, job: Job) -> dict[str, str]:
-        from workers.storage import Storage
-        from workers.storage.job_specs import publish_spec
-
-        env = os.environ if self.environ is None else self.environ
-        home = Path(env.get("AEFORGE_HOME", ".aeforge")).expanduser().resolve()
-        storage = Storage.from_uri(ray_train.job_environment(env)["AEFORGE_STORAGE"], cache_dir=home / "cache")
-        return publish_spec(storage, job.id, job.spec_json)
-
-
-class MemorySpecs:
-    """Specs kept in this process (a simulated cluster, whose jobs read nothing): job id -> JSON."""
-
-    def __init__(self):
-        self.specs: dict[str, str] = {}
-
-    def publish(self, job: Job) -> dict[str, str]:
-        self.specs[job.id] = job.spec_json
-        return {}
 
 
 def max_hours_of(job: Job) -> float | None:
@@ -243,7 +211,6 @@ class Dispatcher:
         allowed_data_prefixes: tuple[str, ...] = (),
         policies: PolicySource | None = None,
         autoscaler: AutoscalerDemand | None = None,
-        specs: SpecPublisher | None = None,
         cancel_pending_after_s: float = 10.0,
     ):
         self.store = store
@@ -266,7 +233,6 @@ class Dispatcher:
         # Where the queue's unmet demand goes (Ray's autoscaler); None on a cluster of fixed size.
         self.autoscaler = autoscaler
         self.last_pass_s = 0.0
-        self.specs = specs if specs is not None else StorageSpecs(environ)
         # A Ray job still PENDING (its driver not started: a runtime env being set up, or failing to) does not act
         # on a stop, which Ray queues behind the driver's start: a cancel of such a job takes effect after this long.
         self.cancel_pending_after_s = cancel_pending_after_s
@@ -421,13 +387,7 @@ class Dispatcher:
         entrypoint = entrypoint_for(job.id, self.job_module, self.job_python)
         env = job_environment(job, self.environ, self.allowed_data_prefixes)
         try:
-            env |= self.specs.publish(job)
-        except (StorageError, OSError) as exc:
-            # Left in `starting`, as when Ray does not answer: following it publishes and submits again.
-            log.warning("job %s: cannot write its spec to storage (%s); trying again", job.id, self._redact(str(exc)))
-            return
-        try:
-            self.launcher.submit(job.ray_submission_id, entrypoint, env)
+            self.launcher.submit(job.ray_submission_id, entrypoint, env, job.spec_json)
         except SubmissionExists:
             log.info("job %s: Ray already has %s; following it", job.id, job.ray_submission_id, extra=job_fields(job))
         except LauncherUnavailable as exc:
@@ -685,14 +645,19 @@ class RayJobLauncher:
     def _refused(operation: str) -> None:
         metrics.RAY_API_ERRORS.labels(operation, "refused").inc()
 
-    def submit(self, submission_id: str, entrypoint: str, env_vars: dict[str, str]) -> None:
+    def submit(self, submission_id: str, entrypoint: str, env_vars: dict[str, str], spec_json: str) -> None:
+        # The spec rides as a package Ray uploads to its own store with the submission and installs on the node that
+        # runs the job (workers.job_specs): no size limit of an environment, no storage credential in this process.
         try:
-            self._call(
-                "submit",
-                lambda c: c.submit_job(
-                    entrypoint=entrypoint, submission_id=submission_id, runtime_env={"env_vars": env_vars}
-                ),
-            )
+            with tempfile.TemporaryDirectory(prefix="aeforge-spec-") as folder:
+                package, spec_vars = write_spec_package(Path(folder), spec_json)
+                runtime_env = {"env_vars": {**env_vars, **spec_vars}, "py_modules": [str(package)]}
+                self._call(
+                    "submit",
+                    lambda c: c.submit_job(entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env),
+                )
+        except OSError as exc:  # this machine's temporary folder (full, read-only): tried again on the next pass
+            raise LauncherUnavailable(f"cannot write the job's spec package for Ray: {exc}") from None
         except RuntimeError as exc:
             if "already exists" in str(exc):
                 raise SubmissionExists(submission_id) from None

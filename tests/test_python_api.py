@@ -180,7 +180,7 @@ def served_queue(tmp_path, monkeypatch):
     from services.settings import Principal, ServiceSettings
     from services.store import Store
     from tests.fixtures.processes import serving_in_thread
-    from tests.services.fakes import FakeCluster, FakeLauncher, FakeSpecs
+    from tests.services.fakes import FakeCluster, FakeLauncher
     from workers.protocol import result_line
 
     store = Store(f"sqlite:///{tmp_path / 'queue.db'}")
@@ -188,7 +188,7 @@ def served_queue(tmp_path, monkeypatch):
     settings = ServiceSettings(
         home=tmp_path, db_url="unused", dispatch_interval_s=0.05, tokens=(Principal("nora", "user", "nora-token-123"),)
     )
-    dispatcher = Dispatcher(store, FakeCluster({"CPU": 2}), launcher, environ={}, specs=FakeSpecs())
+    dispatcher = Dispatcher(store, FakeCluster({"CPU": 2}), launcher, environ={})
     stop, ray_paused = threading.Event(), threading.Event()
 
     def ray():

@@ -1,6 +1,6 @@
 """A stand-in for ``python -m jobs.run <job id>`` in the queue's end-to-end tests (AEFORGE_JOB_MODULE points here).
 
-It reads what the dispatcher passes (AEFORGE_JOB_ID, the spec by AEFORGE_JOB_SPEC_PATH, AEFORGE_ATTEMPT), "trains" for
+It reads what the dispatcher passes (AEFORGE_JOB_ID, the spec by AEFORGE_JOB_SPEC_MODULE, AEFORGE_ATTEMPT), "trains" for
 ``train.steps`` steps of ``0.1 s`` printing AEFORGE_PROGRESS lines, records when it started and ended under
 the service's AEFORGE_HOME/fake-jobs/, and prints an AEFORGE_RESULT line like the real entry point.
 """
@@ -22,10 +22,9 @@ def main(argv: list[str]) -> int:
     if os.environ.get("AEFORGE_JOB_ID") != job_id:
         print(f"AEFORGE_JOB_ID is {os.environ.get('AEFORGE_JOB_ID')!r}, not {job_id!r}", file=sys.stderr)
         return 2
-    from workers.storage import Storage
-    from workers.storage.job_specs import read_spec
+    from workers.job_specs import read_spec
 
-    spec = json.loads(read_spec(Storage.from_settings()))  # by reference, as the real entry point reads it
+    spec = json.loads(read_spec())  # by reference (the package Ray installed with the job), as jobs.run reads it
     attempt = int(os.environ["AEFORGE_ATTEMPT"])
     # The queue names locations, not its AEFORGE_HOME: the service's embedded storage is <its home>/storage.
     record = (

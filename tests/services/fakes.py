@@ -24,6 +24,7 @@ class FakeLauncher:
     def __init__(self):
         self.jobs: dict[str, dict] = {}
         self.submissions: list[tuple[str, str, dict]] = []
+        self.specs: dict[str, str] = {}
         self.stops: list[str] = []
         self.down = False
         self.lock = threading.Lock()
@@ -33,13 +34,14 @@ class FakeLauncher:
         if self.down:
             raise LauncherUnavailable("Ray is down")
 
-    def submit(self, submission_id, entrypoint, env_vars):
+    def submit(self, submission_id, entrypoint, env_vars, spec_json):
         self._check()
         with self.lock:
             if submission_id in self.jobs:
                 raise SubmissionExists(submission_id)
             self.jobs[submission_id] = {"status": "PENDING", "message": None, "logs": ""}
             self.submissions.append((submission_id, entrypoint, dict(env_vars)))
+            self.specs[submission_id] = spec_json  # what the real launcher hands Ray as the job's spec package
 
     def info(self, submission_id):
         self._check()
@@ -89,14 +91,3 @@ class FakeLauncher:
     def forget(self, submission_id):
         with self.lock:
             del self.jobs[submission_id]
-
-
-class FakeSpecs:
-    """Where the dispatcher puts a job's spec (services.dispatcher.StorageSpecs), kept in a dict: job id -> JSON."""
-
-    def __init__(self):
-        self.specs: dict[str, str] = {}
-
-    def publish(self, job):
-        self.specs[job.id] = job.spec_json
-        return {"AEFORGE_JOB_SPEC_PATH": f"specs/{job.id}.json", "AEFORGE_JOB_SPEC_SHA256": "0" * 64}

@@ -658,11 +658,11 @@ def test_a_200_kb_spec_is_refused_at_submit_by_field_or_accepted(roomy_client):
 
 def test_a_job_that_cannot_fit_the_largest_node_is_refused_at_submit(store, roomy_settings, launcher):
     from services.dispatcher import Dispatcher
-    from tests.services.fakes import FakeCluster, FakeSpecs
+    from tests.services.fakes import FakeCluster
 
     cluster = FakeCluster({"CPU": 64})
     cluster.largest_node_memory = 2 * 1024**3  # as RayClusterView records it
-    dispatcher = Dispatcher(store, cluster, launcher, environ={}, specs=FakeSpecs())
+    dispatcher = Dispatcher(store, cluster, launcher, environ={})
     with TestClient(create_app(store, roomy_settings, launcher=launcher, dispatcher=dispatcher)) as c:
         huge = SPEC.replace("latent_dim: 4}", "latent_dim: 4, hidden_dims: [65536, 65536]}")
         refused = post_job(c, spec=huge)

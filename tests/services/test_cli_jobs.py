@@ -16,7 +16,7 @@ from services.client import AeforgeClient
 from services.dispatcher import Dispatcher
 from services.settings import Principal, ServiceSettings
 from services.store import Store
-from tests.services.fakes import FakeCluster, FakeLauncher, FakeSpecs
+from tests.services.fakes import FakeCluster, FakeLauncher
 from workers.protocol import trial_line
 
 SPEC = "name: cli-test\nmodel: {variant: ae, architecture: mlp, latent_dim: 2}\ntrain: {steps: 3, batch_size: 4}\n"
@@ -101,7 +101,7 @@ RESULT = {
 @pytest.mark.timeout(60)
 def test_submit_follow_shows_progress_logs_and_the_outcome_not_protocol_lines(setup):
     app, store, launcher, spec_path = setup
-    dispatcher = Dispatcher(store, FakeCluster({"CPU": 2}), launcher, environ={}, specs=FakeSpecs())
+    dispatcher = Dispatcher(store, FakeCluster({"CPU": 2}), launcher, environ={})
     stop = threading.Event()
     progress = 'AEFORGE_PROGRESS {"step": %d, "total": 3, "metrics": {"loss": 0.5}, "images_per_second": 1234.5}\n'
 

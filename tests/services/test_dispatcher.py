@@ -18,9 +18,8 @@ from services.dispatcher import (
     redact,
 )
 from services.store import Store
-from tests.services.fakes import FakeCluster, FakeLauncher, FakeSpecs
+from tests.services.fakes import FakeCluster, FakeLauncher
 from workers.errors import AeforgeError
-from workers.storage import StorageUnreachable
 
 SECRET = "very-secret-aws-key-0123"
 ENVIRON = {
@@ -53,15 +52,9 @@ def launcher():
 
 
 @pytest.fixture
-def specs():
-    return FakeSpecs()
-
-
-@pytest.fixture
-def make_dispatcher(store, launcher, specs):
+def make_dispatcher(store, launcher):
     def make(cpus=2.0, gpus=0.0, **kwargs):
         kwargs.setdefault("environ", ENVIRON)
-        kwargs.setdefault("specs", specs)
         cluster = FakeCluster({"CPU": cpus, "GPU": gpus, "memory": 1e9, "node:10.0.0.1": 1.0})
         return Dispatcher(store, cluster, launcher, **kwargs)
 
@@ -87,17 +80,14 @@ def test_jobs_that_each_take_the_cluster_run_one_after_another_by_priority(store
     assert all(store.get(j.id).state == "succeeded" for j in (low, high, high_later))
 
 
-def test_the_job_gets_a_fixed_entrypoint_and_its_settings_but_the_table_no_secret(
-    store, launcher, make_dispatcher, specs
-):
+def test_the_job_gets_a_fixed_entrypoint_and_its_settings_but_the_table_no_secret(store, launcher, make_dispatcher):
     job = submit(store, "envjob")
     make_dispatcher().tick()
     [(sid, entrypoint, env)] = launcher.submissions
     assert sid == job.id and entrypoint == f"python -m jobs.run {job.id}"
     assert env["AEFORGE_JOB_ID"] == job.id and env["AEFORGE_ATTEMPT"] == "1"
     # The spec by reference: never in the environment (E2BIG at 128 KiB; Ray's job records)
-    assert "AEFORGE_JOB_SPEC" not in env and env["AEFORGE_JOB_SPEC_PATH"] == f"specs/{job.id}.json"
-    assert json.loads(specs.specs[job.id]) == {"name": "envjob"}
+    assert "AEFORGE_JOB_SPEC" not in env and json.loads(launcher.specs[job.id]) == {"name": "envjob"}
     # Where storage is, but no credential: Ray shows a submission's env in `ray job list`, its dashboard and logs;
     # the job takes the Ray node's own keys.
     assert env["AEFORGE_STORAGE"] == "s3://bucket/prefix" and env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
@@ -309,11 +299,11 @@ def test_ray_unreachable_changes_nothing(store, launcher, make_dispatcher):
 
 def test_ray_refusing_a_submission_is_a_failed_attempt(store, launcher, make_dispatcher):
     class Refusing(FakeLauncher):
-        def submit(self, submission_id, entrypoint, env_vars):
+        def submit(self, submission_id, entrypoint, env_vars, spec_json):
             raise RuntimeError(f"Request failed with status code 400: bad runtime_env {SECRET}")
 
     refusing = Refusing()
-    dispatcher = Dispatcher(store, FakeCluster({"CPU": 2}), refusing, environ=ENVIRON, specs=FakeSpecs())
+    dispatcher = Dispatcher(store, FakeCluster({"CPU": 2}), refusing, environ=ENVIRON)
     job = submit(store, "refused", max_attempts=1)
     dispatcher.admit()
     failed = store.get(job.id)
@@ -325,10 +315,7 @@ def test_ray_refusing_a_submission_is_a_failed_attempt(store, launcher, make_dis
 def test_two_dispatchers_racing_start_every_job_once_within_the_cluster(store_url, launcher):
     setup = Store(store_url)
     ids = [submit(setup, f"r{i}", cpus=1).id for i in range(16)]
-    dispatchers = [
-        Dispatcher(Store(store_url), FakeCluster({"CPU": 3}), launcher, environ=ENVIRON, specs=FakeSpecs())
-        for _ in range(2)
-    ]
+    dispatchers = [Dispatcher(Store(store_url), FakeCluster({"CPU": 3}), launcher, environ=ENVIRON) for _ in range(2)]
     for _ in range(40):
         barrier = threading.Barrier(2)
         errors = []
@@ -443,7 +430,7 @@ def test_a_ray_head_that_is_not_ready_yet_is_not_a_failed_attempt(store, make_di
 
     launcher = NotReady("http://127.0.0.1:1")
     with pytest.raises(LauncherUnavailable, match="not ready yet"):
-        launcher.submit("sid", "python -m jobs.run x", {})
+        launcher.submit("sid", "python -m jobs.run x", {}, "{}")
 
 
 def test_a_job_running_longer_than_its_max_hours_is_stopped_and_failed_not_retried(store, launcher, make_dispatcher):
@@ -533,56 +520,64 @@ def test_with_ray_down_or_no_live_node_the_head_of_the_queue_says_so(store, laun
 # --- issue 19: the spec by reference, and a cancel of a job that never leaves PENDING ------------------------------
 
 
-def test_a_200_kb_spec_goes_by_reference_and_reads_back_in_the_job(store, launcher, tmp_path, monkeypatch):
-    """A spec far past the 128 KiB one environment string can hold (E2BIG): the job's environment names it in
-    storage, and the entry point reads the very JSON the queue stored."""
+def test_a_200_kb_spec_goes_by_reference_and_reads_back_in_the_job(tmp_path, monkeypatch):
+    """A spec far past the 128 KiB one environment string can hold (E2BIG): the job's environment names a package
+    (the one Ray installs with the job, here put on the path by hand) and its digest; the entry point reads the very
+    JSON the queue stored, and refuses one that was swapped."""
     from jobs.run import read_job_spec
-    from services.dispatcher import StorageSpecs
+    from workers.job_specs import write_spec_package
 
-    big = {"name": "big", "eval": {"factors": [f"factor-{i:06d}" for i in range(13_000)]}}
-    job, _ = store.submit(
-        name="big",
-        owner="alice",
-        kind="train",
-        spec_text="...",
-        spec_json=json.dumps(big),
-        resources={"CPU": 1.0},
-        priority=0,
-        max_attempts=2,
-    )
-    assert len(job.spec_json) > 200_000
-    environ = {"AEFORGE_HOME": str(tmp_path), "AEFORGE_STORAGE": (tmp_path / "storage").as_uri()}
-    Dispatcher(store, FakeCluster({"CPU": 2}), launcher, environ=environ, specs=StorageSpecs(environ)).tick()
-    [(_, _, env)] = launcher.submissions
-    assert max(len(k) + len(v) for k, v in env.items()) < 4096 and "AEFORGE_JOB_SPEC" not in env
-    for name, value in {**environ, **env}.items():
+    spec_json = json.dumps({"name": "big", "eval": {"factors": [f"factor-{i:06d}" for i in range(13_000)]}})
+    assert len(spec_json) > 200_000
+    package, env = write_spec_package(tmp_path, spec_json)
+    assert max(len(k) + len(v) for k, v in env.items()) < 200 and package.parent == tmp_path
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name, value in env.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AEFORGE_JOB_SPEC", raising=False)
-    assert read_job_spec() == job.spec_json
-    (tmp_path / "storage" / env["AEFORGE_JOB_SPEC_PATH"]).write_text('{"name": "swapped"}')
+    assert read_job_spec() == spec_json
+    (package / "spec.json").write_text('{"name": "swapped"}')
     with pytest.raises(AeforgeError, match="SHA-256 differs"):
+        read_job_spec()
+    monkeypatch.setenv("AEFORGE_JOB_SPEC_MODULE", "aeforge_spec_" + "0" * 32)
+    with pytest.raises(AeforgeError, match="not on this Python's path"):
         read_job_spec()
 
 
-def test_a_spec_that_cannot_be_written_leaves_the_job_starting_until_storage_answers(store, launcher):
-    class Flaky(FakeSpecs):
-        down = True
+def test_a_spec_package_that_cannot_be_written_leaves_the_job_starting_until_it_can(store, monkeypatch):
+    """The real launcher writes the package in this machine's temporary folder: a full disk is not the job's fault;
+    the job stays `starting` and is submitted on a later pass."""
+    import tempfile
 
-        def publish(self, job):
-            if self.down:
-                raise StorageUnreachable("endpoint down")
-            return super().publish(job)
+    from services.dispatcher import RayJobLauncher
 
-    specs, now = Flaky(), [time.time()]
-    dispatcher = Dispatcher(
-        store, FakeCluster({"CPU": 2}), launcher, environ=ENVIRON, specs=specs, clock=lambda: now[0]
-    )
+    calls = []
+
+    class Client:  # Ray's JobSubmissionClient, as far as submitting goes
+        def submit_job(self, **kwargs):
+            calls.append(kwargs)
+
+        def get_job_info(self, submission_id):
+            raise RuntimeError("Request failed with status code 404")
+
+    launcher = RayJobLauncher("127.0.0.1:1")
+    launcher._client = Client()
+    now = [time.time()]
+    dispatcher = Dispatcher(store, FakeCluster({"CPU": 2}), launcher, environ=ENVIRON, clock=lambda: now[0])
     job = submit(store)
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tempfile, "TemporaryDirectory", full)
+        dispatcher.tick()
+    assert store.get(job.id).state == "starting" and not calls
+    now[0] += 60
     dispatcher.tick()
-    assert store.get(job.id).state == "starting" and not launcher.submissions
-    specs.down, now[0] = False, now[0] + 60
-    dispatcher.tick()
-    assert [s[0] for s in launcher.submissions] == [job.id] and job.id in specs.specs
+    [call] = calls
+    assert call["submission_id"] == job.id and len(call["runtime_env"]["py_modules"]) == 1
+    assert call["runtime_env"]["env_vars"]["AEFORGE_JOB_SPEC_MODULE"].startswith("aeforge_spec_")
 
 
 def test_cancel_of_a_job_whose_ray_job_never_leaves_pending(store, make_dispatcher):
@@ -594,9 +589,7 @@ def test_cancel_of_a_job_whose_ray_job_never_leaves_pending(store, make_dispatch
             self.stops.append(submission_id)  # accepted, and nothing happens
 
     launcher, now = StuckLauncher(), [time.time()]
-    dispatcher = Dispatcher(
-        store, FakeCluster({"CPU": 2}), launcher, environ=ENVIRON, specs=FakeSpecs(), clock=lambda: now[0]
-    )
+    dispatcher = Dispatcher(store, FakeCluster({"CPU": 2}), launcher, environ=ENVIRON, clock=lambda: now[0])
     job = submit(store)
     dispatcher.tick()
     assert store.request_cancel(job.id, "alice").state == "starting"

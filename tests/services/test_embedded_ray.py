@@ -196,10 +196,10 @@ def test_a_head_without_a_job_agent_is_unavailable_not_a_failed_attempt(message)
     launcher = RayJobLauncher("http://127.0.0.1:1")
     launcher._client = RefusingClient(message)
     with pytest.raises(LauncherUnavailable, match="not ready yet"):
-        launcher.submit("job-1", "python -m jobs.run job-1", {})
+        launcher.submit("job-1", "python -m jobs.run job-1", {}, "{}")
     launcher._client = RefusingClient("Request failed with status code 400: bad runtime_env")
     with pytest.raises(RuntimeError, match="bad runtime_env"):
-        launcher.submit("job-1", "python -m jobs.run job-1", {})
+        launcher.submit("job-1", "python -m jobs.run job-1", {}, "{}")
 
 
 # --- end to end ---------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from services.dispatcher import Dispatcher
 from services.logs import JsonFormatter, TextFormatter, log_format
 from services.settings import SettingsError
 from services.store import Store
-from tests.services.fakes import FakeCluster, FakeLauncher, FakeSpecs
+from tests.services.fakes import FakeCluster, FakeLauncher
 from tests.services.test_store import submit
 
 SECRET = "s3cr3t-value-for-the-log-test"
@@ -44,7 +44,7 @@ def captured(monkeypatch):
 def test_json_lines_carry_the_job_fields_and_no_secret(tmp_path, captured):
     store = Store(f"sqlite:///{tmp_path / 'logs.db'}")
     launcher = FakeLauncher()
-    dispatcher = Dispatcher(store, FakeCluster({"CPU": 4.0}), launcher, specs=FakeSpecs())
+    dispatcher = Dispatcher(store, FakeCluster({"CPU": 4.0}), launcher)
     job = submit(store, owner="carol")
     dispatcher.tick()
     started = store.get(job.id)

@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.api import create_app
 from services.dispatcher import Dispatcher
-from tests.services.fakes import FakeCluster, FakeLauncher, FakeSpecs
+from tests.services.fakes import FakeCluster, FakeLauncher
 from tests.services.test_api import SPEC, auth, post_job, settings, store  # noqa: F401  (fixtures)
 
 BIG_SPEC = SPEC.replace("cpus_per_worker: 1.5", "cpus_per_worker: 64")
@@ -43,7 +43,7 @@ def moved(before, after, name, **labels) -> float:
 @pytest.fixture
 def queue(store, settings):
     launcher = FakeLauncher()
-    dispatcher = Dispatcher(store, FakeCluster({"CPU": 8.0, "GPU": 0.0}), launcher, specs=FakeSpecs())
+    dispatcher = Dispatcher(store, FakeCluster({"CPU": 8.0, "GPU": 0.0}), launcher)
     with TestClient(create_app(store, settings, launcher=launcher)) as client:
         yield client, dispatcher, launcher
 

@@ -20,7 +20,7 @@ from services.client import AeforgeClient, WaitTimeout
 from services.dispatcher import Dispatcher
 from services.settings import Principal, ServiceSettings
 from services.store import Store
-from tests.services.fakes import FakeCluster, FakeLauncher, FakeSpecs
+from tests.services.fakes import FakeCluster, FakeLauncher
 
 LONG_NAME = "dae-digits-beta-sweep-with-a-rather-long-name-0123456789"
 
@@ -37,7 +37,7 @@ def env(tmp_path, monkeypatch):
     """The API over a SQLite store with a fake Ray of 4 CPUs, the dispatcher driven by hand, and the CLI."""
     store = Store(f"sqlite:///{tmp_path / 'status.db'}")
     launcher = FakeLauncher()
-    dispatcher = Dispatcher(store, FakeCluster({"CPU": 4, "GPU": 0}), launcher, environ={}, specs=FakeSpecs())
+    dispatcher = Dispatcher(store, FakeCluster({"CPU": 4, "GPU": 0}), launcher, environ={})
     settings = ServiceSettings(home=tmp_path, db_url="unused", tokens=(Principal("carol", "user", "carol-token-1"),))
     app = typer.Typer()
     cli_jobs.register(app)

@@ -10,7 +10,7 @@ import pytest
 import jobs.run
 from services.dispatcher import Dispatcher
 from services.store import Store
-from tests.services.fakes import FakeCluster, FakeLauncher, FakeSpecs
+from tests.services.fakes import FakeCluster, FakeLauncher
 from workers.memory_failures import memory_failure
 
 RAY_MONITOR = (
@@ -42,7 +42,7 @@ def test_other_failures_are_not_memory_failures():
 @pytest.mark.parametrize("error,code", [(RuntimeError(TORCH_CPU), 2), (RuntimeError(RAY_MONITOR), 1)])
 def test_the_entry_point_exits_2_for_its_own_allocation_and_1_for_a_kill(monkeypatch, capsys, error, code):
     monkeypatch.setenv("AEFORGE_JOB_SPEC", json.dumps({"name": "oom"}))
-    monkeypatch.delenv("AEFORGE_JOB_SPEC_PATH", raising=False)
+    monkeypatch.delenv("AEFORGE_JOB_SPEC_MODULE", raising=False)
 
     def run_job(spec, job_id):
         try:
@@ -67,7 +67,7 @@ def test_the_entry_point_exits_2_for_its_own_allocation_and_1_for_a_kill(monkeyp
 def test_the_queue_retries_an_out_of_memory_only_from_outside(tmp_path, message, logs, state, words):
     store = Store(f"sqlite:///{tmp_path / 'oom.db'}")
     launcher = FakeLauncher()
-    dispatcher = Dispatcher(store, FakeCluster({"CPU": 2}), launcher, environ={}, specs=FakeSpecs())
+    dispatcher = Dispatcher(store, FakeCluster({"CPU": 2}), launcher, environ={})
     job, _ = store.submit(
         name="oom", owner="alice", kind="train", spec_text="name: oom\n", spec_json='{"name": "oom"}',
         resources={"CPU": 1.0}, priority=0, max_attempts=3,
