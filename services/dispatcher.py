@@ -181,6 +181,9 @@ def recent_usage(policy: Policy, snapshot: QueueSnapshot, total: dict[str, float
     return {key: decayed_usage(spans, now, policy.half_life_s) for key, spans in intervals.items()}
 
 
+# Of each owner's queued jobs of one priority, class and resources, a pass reads this many (Store.schedule).
+QUEUE_WINDOW = 2
+
 # --- the dispatcher -------------------------------------------------------------------------------------------
 
 
@@ -212,6 +215,7 @@ class Dispatcher:
         policies: PolicySource | None = None,
         autoscaler: AutoscalerDemand | None = None,
         cancel_pending_after_s: float = 10.0,
+        queue_window: int | None = QUEUE_WINDOW,
     ):
         self.store = store
         self.cluster = cluster
@@ -233,6 +237,9 @@ class Dispatcher:
         # Where the queue's unmet demand goes (Ray's autoscaler); None on a cluster of fixed size.
         self.autoscaler = autoscaler
         self.last_pass_s = 0.0
+        # A pass reads of each owner's queued jobs alike (class, resources) only the first queue_window, and more
+        # only where those unread could change it (Store.schedule); None: every queued job, every pass.
+        self.queue_window = queue_window
         # A Ray job still PENDING (its driver not started: a runtime env being set up, or failing to) does not act
         # on a stop, which Ray queues behind the driver's start: a cancel of such a job takes effect after this long.
         self.cancel_pending_after_s = cancel_pending_after_s
@@ -277,7 +284,9 @@ class Dispatcher:
         policy = self.policies.current()
         since = datetime.fromtimestamp(self.clock() - HISTORY_HALF_LIVES * policy.half_life_s, UTC)
         started_at = time.perf_counter()
-        scheduled = self.store.schedule(lambda snapshot: self.plan(snapshot, total, policy), history_since=since)
+        scheduled = self.store.schedule(
+            lambda snapshot: self.plan(snapshot, total, policy), history_since=since, window=self.queue_window
+        )
         self.last_pass_s = time.perf_counter() - started_at
         plan = scheduled.plan
         report.rejected += [j.id for j in scheduled.rejected]
@@ -330,6 +339,7 @@ class Dispatcher:
                     not_before=self.retry_due(row),
                     attempts=row.attempts,
                     note=note or "",
+                    unread_group=row.unread_group,
                 )
             )
         running = [

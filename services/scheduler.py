@@ -52,6 +52,10 @@ class QueuedJob:
     attempts: int = 0
     # Said after its reasons: how the dispatcher sized it (a sweep's trials at once, when fewer than asked fit).
     note: str = ""
+    # Set when the store read only the first jobs of this job's kind (same owner, priority, class and resources) and
+    # more of them queue behind: the kind's id (its first job's seq). Plan.reread says whether those unread could
+    # have changed the pass.
+    unread_group: int | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,14 @@ class Plan:
     demand: list[str] = field(default_factory=list)
     # Every queued job in the order the pass considered it (its place in the queue).
     order: list[str] = field(default_factory=list)
+    # Waiting jobs whose wait says the same of any later job of the same owner, priority, class and resources in this
+    # pass, whatever its max_hours: a quota, the cap, capacity it does not fit (see Scheduler._alike_wait).
+    alike_waits: set[str] = field(default_factory=set)
+    # The kinds of queued jobs (QueuedJob.unread_group) the store read only in part where those unread could have
+    # changed the plan: the pass is to be made again with more of them read.
+    reread: set[int] = field(default_factory=set)
+    # Why the unread jobs of each kind (QueuedJob.unread_group) wait: behind the last one read, which waits alike.
+    unread_waits: dict[int, str] = field(default_factory=dict)
 
 
 def dominant_share(resources: Mapping[str, float], total: Mapping[str, float]) -> float:
@@ -227,19 +239,19 @@ class Scheduler:
             quota_wait, borrowing = self._quota(job, asks, team, team_held[team.name], place)
             if quota_wait is not None:
                 plan.waits[job.id] = quota_wait
+                plan.alike_waits.add(job.id)
                 continue
             if self.max_concurrent_jobs is not None and active >= self.max_concurrent_jobs:
                 plan.waits[job.id] = (
                     f"{active} jobs running, the cap is {self.max_concurrent_jobs} (AEFORGE_MAX_CONCURRENT_JOBS)"
                 )
+                plan.alike_waits.add(job.id)
                 continue
 
             pending = stopping_for.get(job.id, [])
             if pending:
                 # It preempted before: the capacity its victims give back is its own; it waits for them to stop.
-                for victim in pending:
-                    free = add(free, victim.holds)
-                free = add(free, asks, -1)
+                free = _reserve(free, asks, pending)
                 names = ", ".join(v.id for v in pending)
                 plan.waits[job.id] = f"waiting for {names} to checkpoint and stop (preempted for it)"
                 continue
@@ -264,16 +276,20 @@ class Scheduler:
                 if victims:
                     for victim in victims:
                         victims_taken.add(victim.id)
-                        free = add(free, victim.holds)
                         plan.preemptions.append(
                             Preemption(victim.id, job.id, f"preempted by {job.id} (class {klass.name})")
                         )
-                    free = add(free, asks, -1)
+                    free = _reserve(free, asks, victims)
                     names = ", ".join(v.id for v in victims)
                     plan.waits[job.id] = f"preempting {names}: waiting for them to checkpoint and stop"
                     continue
 
             plan.demand.append(job.id)
+            if head is None or not fits(asks, free) or (shadow is None and not fits(asks, spare)):
+                # The head, or a job that fits neither now nor in what the head leaves over: a later job asking the
+                # same can neither start nor backfill in this pass (free capacity only shrinks: _reserve), nor preempt
+                # (this one's class found no victims for as much).
+                plan.alike_waits.add(job.id)
             if head is None:
                 head = job
                 shadow, spare = self._reservation(asks, free, [*running, *started_now])
@@ -295,7 +311,28 @@ class Scheduler:
                 plan.waits[job.id] = (
                     f"behind {head.id}: its train.max_hours = {job.max_hours:g} h would end after {head.id} could start"
                 )
+        self._reread(plan, queued)
         return plan
+
+    def _reread(self, plan: Plan, queued: Sequence[QueuedJob]) -> None:
+        """Whether the jobs the store left unread could have changed this plan (Plan.reread), and why those that
+        could not wait (Plan.unread_waits).
+
+        The store reads, of each owner's queued jobs of one priority, class and resources (a kind), only the first
+        few in submission order (and every sweep). A job left unread, B, would have been judged after those read of
+        its kind, with no less held by its team and owner, no more capacity free (_reserve), no fewer running
+        jobs taken as victims; so if one of those read waited for a reason that then holds for B too
+        (``alike_waits``: a quota, the cap, capacity it fits neither now nor in what the head leaves over), B would
+        have waited as well, and leaving it unread changed nothing: not the starts, not the fair-share order (a job
+        that waits moves nobody's usage, and each owner's jobs keep their order). Where none of them did (they
+        started, preempted, or waited for what B's own max_hours might not: to backfill), more of the kind is read."""
+        partial = sorted((job for job in queued if job.unread_group is not None), key=lambda j: j.seq)
+        for job in partial:  # the last one read of each kind that waits alike stays
+            if job.id in plan.alike_waits:
+                plan.unread_waits[job.unread_group] = (
+                    f"behind {job.id}, which asks for the same (owner, class, resources) and waits"
+                )
+        plan.reread = {job.unread_group for job in partial if job.unread_group not in plan.unread_waits}
 
     # --- ordering -----------------------------------------------------------------------------------------------
     def _order(self, queued, teams, team_of, team_held, owner_held):
@@ -482,6 +519,17 @@ class Scheduler:
                 chosen.remove(victim)
                 available = add(available, victim.holds, -1)
         return chosen
+
+
+def _reserve(free: Mapping[str, float], asks: Mapping[str, float], victims: Iterable[RunningJob]) -> dict[str, float]:
+    """What stays free once a preempting job has the capacity its victims give back, and what of its asks free must
+    cover beyond that. The victims' capacity beyond its asks is not offered to later jobs of the pass: the victims
+    still run until they checkpoint (the next pass sees it free). So free never grows during a pass, which is what
+    lets a pass leave jobs unread (Scheduler._reread)."""
+    after = add(free, asks, -1)
+    for victim in victims:
+        after = add(after, victim.holds)
+    return {k: min(v, after.get(k, v)) for k, v in free.items()} | {k: v for k, v in after.items() if k not in free}
 
 
 def _clock(epoch_s: float, form: str = "%Y-%m-%d %H:%M:%S UTC") -> str:

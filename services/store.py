@@ -15,7 +15,9 @@ start the same job, nor admit two jobs into the same free resources.
 from __future__ import annotations
 
 import functools
+import json
 import logging
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -37,6 +39,8 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     bindparam,
+    cast,
+    column,
     create_engine,
     delete,
     event,
@@ -91,6 +95,9 @@ MAX_SQL_INT = 2**63 - 1
 MAX_SEQ = 2**31 - 1
 # Transaction-level advisory lock keys (PostgreSQL): admission decisions, schema migrations.
 ADMISSION_LOCK_KEY = 0x6165_0001
+# A scheduling pass that read only the first queued jobs of each kind reads more at most this many times (the whole
+# queue of the owners whose unread jobs could matter), then every queued job (Store.schedule).
+MAX_REREADS = 3
 MIGRATION_LOCK_KEY = 0x6165_0002
 # Where a transaction keeps the state changes it made until it commits (Connection.info).
 _CHANGES = "aeforge_state_changes"
@@ -197,6 +204,9 @@ jobs_table = Table(
     Column("max_hours", Float),
     # A running job asked to checkpoint and stop for this queued job (preemption); cleared when it is re-queued.
     Column("preempted_by", String(128)),
+    # What a scheduling pass judges a queued job by, but its max_hours and past attempts (queue_kind_of): a pass
+    # reads of each owner's jobs alike only the first few (Store.schedule). NULL (none given): read by every pass.
+    Column("queue_kind", Text),
     Column("idempotency_key", String(200)),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
@@ -205,6 +215,15 @@ jobs_table = Table(
     UniqueConstraint("owner", "idempotency_key", name="uq_aeforge_jobs_owner_idempotency_key"),
 )
 Index("ix_aeforge_jobs_queue", jobs_table.c.state, jobs_table.c.priority.desc(), jobs_table.c.seq)
+# Each owner's queued jobs alike, in submission order: what a scheduling pass numbers to read the first few of.
+Index(
+    "ix_aeforge_jobs_queue_kind",
+    jobs_table.c.state,
+    jobs_table.c.owner,
+    jobs_table.c.priority,
+    jobs_table.c.queue_kind,
+    jobs_table.c.seq,
+)
 # Keyset listing, newest first, under each filter (Store.list_jobs); retention's scan of old finished jobs.
 Index("ix_aeforge_jobs_state_seq", jobs_table.c.state, jobs_table.c.seq)
 Index("ix_aeforge_jobs_owner_seq", jobs_table.c.owner, jobs_table.c.seq)
@@ -371,7 +390,30 @@ class QueuedRow:
     wait_reason: str | None
     # The failed attempt's error that re-queued it; None for a new job or one queued again by `aeforge retry`.
     error: str | None
+    queue_kind: str | None = None
     spec_json: str | None = None
+    # Set when the read left later queued jobs of this row's kind unread (Store.schedule's ``window``): the kind's
+    # id, its first job's seq (services.scheduler.QueuedJob.unread_group); and the wait reasons stored on the first
+    # and the last of those unread (so that a reason they all have already is not written again).
+    unread_group: int | None = None
+    unread_reasons: tuple[str | None, str | None] = (None, None)
+
+
+@dataclass(frozen=True)
+class ActiveRow:
+    """The columns of an admitted (starting or running) job a scheduling pass and the queue's report read."""
+
+    seq: int
+    id: str
+    owner: str
+    state: str
+    priority: int
+    priority_class: str | None
+    resources: dict[str, float]
+    max_hours: float | None
+    preempted_by: str | None
+    started_at: datetime | None
+    updated_at: datetime
 
 
 @dataclass(frozen=True)
@@ -387,7 +429,7 @@ class UsageRow:
 @dataclass(frozen=True)
 class QueueSnapshot:
     queued: tuple[QueuedRow, ...]
-    active: tuple[Job, ...]
+    active: tuple[ActiveRow, ...]
     history: tuple[UsageRow, ...] = ()
 
 
@@ -399,6 +441,16 @@ class Scheduled:
     rejected: list[Job]
     preempted: list[str]
     plan: Any
+
+
+def queue_kind_of(job_id: str, kind: str, priority_class: str | None, resources: dict[str, float]) -> str:
+    """What a scheduling pass judges a queued job by, but its max_hours and past attempts: two jobs of one owner and
+    priority with the same kind ask for the same and may preempt alike. A sweep's is its own (its resources depend on
+    the cluster). The resources as stored (JSON, as the 0006 migration reads them back): equal texts are equal
+    resources, and equal resources written in another key order only make two kinds of one."""
+    if kind == "sweep":
+        return f"sweep:{job_id}"
+    return f"{kind}|{priority_class or ''}|{json.dumps(resources)}"
 
 
 def utcnow() -> datetime:
@@ -534,9 +586,10 @@ class Store:
             created_at=now,
             updated_at=now,
         )
+        queue_kind = queue_kind_of(job_id, kind, priority_class, values["resources"])
         try:
             with self._tx() as conn:
-                inserted = conn.execute(insert(jobs_table).values(**values)).inserted_primary_key
+                inserted = conn.execute(insert(jobs_table).values(**values, queue_kind=queue_kind)).inserted_primary_key
                 assert inserted is not None, "an INSERT gives the new row's primary key"
                 seq = inserted[0]
                 how = (
@@ -883,17 +936,40 @@ class Store:
                     started = Job.from_row(conn.execute(select(jobs_table).where(jobs_table.c.id == row.id)).one())
                     return Admission(started=started, rejected=tuple(rejected))
 
-    def schedule(self, plan_for: Callable[[QueueSnapshot], Any], *, history_since: datetime | None = None) -> Scheduled:
+    def schedule(
+        self,
+        plan_for: Callable[[QueueSnapshot], Any],
+        *,
+        history_since: datetime | None = None,
+        window: int | None = None,
+    ) -> Scheduled:
         """One scheduling pass, atomic across dispatchers: read the queue, the admitted jobs and (from
         ``history_since``) the finished ones, let ``plan_for`` decide (a services.scheduler.Plan), and apply the
         decision in the same transaction: start, refuse, mark running jobs to be preempted, store every reason.
 
         Only what a pass needs is read of the queued jobs (not their specs, but a sweep's, whose concurrency depends
-        on the cluster), so that a pass over ten thousand queued jobs stays short."""
+        on the cluster), so that a pass over ten thousand queued jobs stays short. With ``window``, of each owner's
+        queued jobs alike (priority and queue_kind: class, kind, resources) only the first ``window`` are read;
+        where the plan says that those unread could have changed it (``plan.reread``: kinds), the pass is made
+        again with four times as many of those kinds read (after MAX_REREADS rounds, with every queued job). The
+        jobs left unread get the reason the plan gives for them (``plan.unread_waits``), written where it changed."""
         with self._tx(lock_key=ADMISSION_LOCK_KEY) as conn:
-            snapshot = self._snapshot(conn, history_since)
-            queued = snapshot.queued
+            snapshot = self._snapshot(conn, history_since, window=window)
             plan = plan_for(snapshot)
+            wider: dict[tuple, int] = {}  # (owner, priority, queue_kind): how many to read of it
+            rounds = 0
+            while window is not None and plan.reread:
+                rounds += 1
+                if rounds > MAX_REREADS:
+                    window = None
+                else:
+                    for row in snapshot.queued:
+                        if row.unread_group in plan.reread:
+                            wider[(row.owner, row.priority, row.queue_kind)] = window * 4**rounds
+                queued = self._queued_rows(conn, window, wider)
+                snapshot = QueueSnapshot(queued=queued, active=snapshot.active, history=snapshot.history)
+                plan = plan_for(snapshot)
+            queued = snapshot.queued
             by_id = {row.id: row for row in queued}
             started: list[Job] = []
             rejected: list[Job] = []
@@ -941,6 +1017,37 @@ class Store:
                     .execution_options(synchronize_session=False),
                     changed,
                 )
+            last_read: dict[int, QueuedRow] = {}
+            for row in queued:  # in submission order: the last one of each kind stays
+                if row.unread_group is not None:
+                    last_read[row.unread_group] = row
+            unread = []
+            for group, reason in plan.unread_waits.items():
+                last = last_read[group]
+                if last.unread_reasons != (reason, reason):
+                    unread.append(
+                        {
+                            "b_owner": last.owner,
+                            "b_priority": last.priority,
+                            "b_kind": last.queue_kind,
+                            "b_after": last.seq,
+                            "b_reason": reason,
+                        }
+                    )
+            if unread:  # the jobs of a kind the pass did not read wait behind the last one it read
+                conn.execute(
+                    update(jobs_table)
+                    .where(
+                        jobs_table.c.state == "queued",
+                        jobs_table.c.owner == bindparam("b_owner"),
+                        jobs_table.c.priority == bindparam("b_priority"),
+                        jobs_table.c.queue_kind == bindparam("b_kind"),
+                        jobs_table.c.seq > bindparam("b_after"),
+                    )
+                    .values(wait_reason=bindparam("b_reason"))
+                    .execution_options(synchronize_session=False),
+                    unread,
+                )
         return Scheduled(started=started, rejected=rejected, preempted=preempted, plan=plan)
 
     def snapshot(self, *, history_since: datetime | None = None) -> QueueSnapshot:
@@ -948,22 +1055,16 @@ class Store:
         with self.engine.connect() as conn:
             return self._snapshot(conn, history_since)
 
-    def _snapshot(self, conn: Connection, history_since: datetime | None) -> QueueSnapshot:
-        queued_columns = [jobs_table.c[name] for name in QueuedRow.__dataclass_fields__ if name != "spec_json"]
-        rows = conn.execute(
-            select(*queued_columns).where(jobs_table.c.state == "queued").order_by(jobs_table.c.seq)
-        ).all()
-        sweep_specs = dict(
-            conn.execute(
-                select(jobs_table.c.id, jobs_table.c.spec_json).where(
-                    jobs_table.c.state == "queued", jobs_table.c.kind == "sweep"
-                )
-            ).all()
-        )
-        queued = tuple(QueuedRow(**dict(r._mapping), spec_json=sweep_specs.get(r.id)) for r in rows)
+    def _snapshot(
+        self, conn: Connection, history_since: datetime | None, *, window: int | None = None
+    ) -> QueueSnapshot:
+        queued = self._queued_rows(conn, window, set())
         active = tuple(
             sorted(
-                (Job.from_row(r) for r in conn.execute(_per_active_state(select(jobs_table))).all()),
+                (
+                    ActiveRow(**{**r._mapping, "resources": resources_of(r.resources)})
+                    for r in conn.execute(_per_active_state(select(*_ACTIVE_COLUMNS))).all()
+                ),
                 key=lambda job: job.seq,
             )
         )
@@ -985,6 +1086,102 @@ class Store:
                 ).all()
             )
         return QueueSnapshot(queued=queued, active=active, history=history)
+
+    def _queued_rows(
+        self, conn: Connection, window: int | None, wider: dict[tuple, int] | None = None
+    ) -> tuple[QueuedRow, ...]:
+        """The queued jobs in submission order; with ``window``, of each owner's jobs alike (priority, queue_kind)
+        only the first ``window`` (``wider``: more of some kinds), and every job with no queue_kind."""
+        queued = jobs_table.c.state == "queued"
+        groups: dict[int, tuple[int, tuple[str | None, str | None]]] = {}
+        if window is None:
+            rows = list(conn.execute(select(*_QUEUED_COLUMNS).where(queued)).all())
+        else:
+            firsts = self._first_of_each_kind(conn, window)
+            for key, n in (wider or {}).items():
+                if key in firsts:
+                    firsts[key] = self._first_of_kind(conn, key, n)
+            rows = []
+            for read, unread in firsts.values():
+                rows += read
+                if unread is not None:
+                    groups.update({r[_SEQ]: (read[0][_SEQ], unread) for r in read})
+            rows += conn.execute(select(*_QUEUED_COLUMNS).where(queued, jobs_table.c.queue_kind.is_(None))).all()
+        rows.sort(key=lambda r: r[_SEQ])
+        sweeps = [r[_SEQ] for r in rows if r[_KIND] == "sweep"]
+        sweep_specs: dict[int, str] = {}
+        if sweeps:
+            sweep_specs = dict(
+                conn.execute(select(jobs_table.c.seq, jobs_table.c.spec_json).where(jobs_table.c.seq.in_(sweeps))).all()
+            )
+        out = []
+        for r in rows:
+            group, reasons = groups.get(r[_SEQ], (None, (None, None)))
+            values = dict(zip(_QUEUED_NAMES, r, strict=True))
+            values["resources"] = resources_of(values["resources"])
+            out.append(
+                QueuedRow(**values, spec_json=sweep_specs.get(r[_SEQ]), unread_group=group, unread_reasons=reasons)
+            )
+        return tuple(out)
+
+    def _first_of_kind(self, conn: Connection, key: tuple, n: int) -> tuple[list, tuple | None]:
+        """The first ``n`` queued jobs of one kind (owner, priority, queue_kind) and, when it has more, the wait
+        reasons of the first and the last of those (as _first_of_each_kind)."""
+        owner, priority, queue_kind = key
+        of_kind = select(*_QUEUED_COLUMNS).where(
+            jobs_table.c.state == "queued",
+            jobs_table.c.owner == owner,
+            jobs_table.c.priority == priority,
+            jobs_table.c.queue_kind == queue_kind,
+        )
+        # Ordered as ix_aeforge_jobs_queue_kind is, so that the database reads that index's range for the kind.
+        in_index = [jobs_table.c[name] for name in ("state", "owner", "priority", "queue_kind", "seq")]
+        rows = list(conn.execute(of_kind.order_by(*in_index).limit(n + 1)).all())
+        if len(rows) <= n:
+            return rows, None
+        last = conn.execute(of_kind.order_by(*(c.desc() for c in in_index)).limit(1)).one()
+        return rows[:n], (rows[n][_WAIT], last[_WAIT])
+
+    def _first_of_each_kind(self, conn: Connection, window: int) -> dict[tuple, tuple[list, tuple | None]]:
+        """Per (owner, priority, queue_kind) of the queued jobs: its first ``window`` jobs in submission order (the
+        QueuedRow columns) and, when it has more, the wait reasons of the first and the last of those (else None).
+        On PostgreSQL a skip scan of ix_aeforge_jobs_queue_kind (each kind found by one index probe after the
+        previous one, its jobs by three more): the read costs the number of kinds, not of queued jobs. On SQLite
+        (in-process, no LATERAL) the queued jobs are numbered per kind by window functions."""
+        firsts: dict[tuple, tuple[list, tuple | None]] = {}
+        if self.dialect == "postgresql":
+            extra = [column("unread_seq", Integer), column("first_unread", Text), column("last_unread", Text)]
+            query = text(_FIRST_OF_EACH_KIND_PG).columns(*_QUEUED_COLUMNS, *extra)
+            for r in conn.execute(query, {"n": window}).all():
+                key = (r.owner, r.priority, r.queue_kind)
+                unread = None if r.unread_seq is None else (r.first_unread, r.last_unread)
+                firsts.setdefault(key, ([], unread))[0].append(r[: len(_QUEUED_COLUMNS)])
+        else:
+            alike = [jobs_table.c.owner, jobs_table.c.priority, jobs_table.c.queue_kind]
+            numbered = (
+                select(
+                    *_QUEUED_COLUMNS,
+                    func.row_number().over(partition_by=alike, order_by=jobs_table.c.seq).label("place"),
+                    func.row_number().over(partition_by=alike, order_by=jobs_table.c.seq.desc()).label("from_end"),
+                )
+                .where(jobs_table.c.state == "queued", jobs_table.c.queue_kind.is_not(None))
+                .subquery()
+            )
+            found = conn.execute(
+                select(numbered)
+                .where((numbered.c.place <= window + 1) | (numbered.c.from_end == 1))
+                .order_by(numbered.c.seq)
+            ).all()
+            peeks: dict[tuple, list] = defaultdict(list)
+            for r in found:
+                key = (r.owner, r.priority, r.queue_kind)
+                if r.place <= window:
+                    firsts.setdefault(key, ([], None))[0].append(r[: len(_QUEUED_COLUMNS)])
+                else:
+                    peeks[key].append(r.wait_reason)  # the first one unread, then the last one
+            for key, reasons in peeks.items():
+                firsts[key] = (firsts[key][0], (reasons[0], reasons[-1]))
+        return firsts
 
     def _note_wait(self, conn: Connection, job: Job, reason: str) -> None:
         """Store why ``job`` waits (no event: it is not a state change), unless it says that already."""
@@ -1028,6 +1225,78 @@ class Store:
     def holdings(self) -> Holdings:
         with self.engine.connect() as conn:
             return self._holdings(conn)
+
+
+# The first window + 1 queued jobs of each kind (owner, priority, queue_kind) and the last one: a recursive CTE walks
+# the kinds in the order of ix_aeforge_jobs_queue_kind, one probe from each to the next (a "loose index scan").
+_FIRST_OF_EACH_KIND_PG = """
+WITH RECURSIVE kinds AS (
+    (SELECT owner, priority, queue_kind FROM aeforge_jobs
+     WHERE state = 'queued' AND queue_kind IS NOT NULL
+     ORDER BY state, owner, priority, queue_kind LIMIT 1)
+    UNION ALL
+    SELECT next.owner, next.priority, next.queue_kind FROM kinds, LATERAL (
+        SELECT owner, priority, queue_kind FROM aeforge_jobs
+        WHERE state = 'queued' AND queue_kind IS NOT NULL
+          AND (owner, priority, queue_kind) > (kinds.owner, kinds.priority, kinds.queue_kind)
+        ORDER BY state, owner, priority, queue_kind LIMIT 1
+    ) AS next
+), ends AS (
+    SELECT kinds.owner, kinds.priority, kinds.queue_kind,
+           peek.seq AS unread_seq, peek.wait_reason AS first_unread, last.wait_reason AS last_unread
+    FROM kinds
+    LEFT JOIN LATERAL (
+        SELECT seq, wait_reason FROM aeforge_jobs
+        WHERE state = 'queued' AND owner = kinds.owner AND priority = kinds.priority AND queue_kind = kinds.queue_kind
+        ORDER BY state, owner, priority, queue_kind, seq OFFSET :n LIMIT 1
+    ) AS peek ON true
+    LEFT JOIN LATERAL (
+        SELECT wait_reason FROM aeforge_jobs
+        WHERE peek.seq IS NOT NULL
+          AND state = 'queued' AND owner = kinds.owner AND priority = kinds.priority AND queue_kind = kinds.queue_kind
+        ORDER BY state DESC, owner DESC, priority DESC, queue_kind DESC, seq DESC LIMIT 1
+    ) AS last ON true
+)
+SELECT {job_columns}, ends.unread_seq, ends.first_unread, ends.last_unread FROM ends, LATERAL (
+    SELECT {columns} FROM aeforge_jobs
+    WHERE state = 'queued' AND owner = ends.owner AND priority = ends.priority AND queue_kind = ends.queue_kind
+    ORDER BY state, owner, priority, queue_kind, seq LIMIT :n
+) AS job
+"""
+
+
+@functools.lru_cache(maxsize=4096)
+def _resource_items(stored: str) -> tuple[tuple[str, float], ...]:
+    return tuple((str(k), float(v)) for k, v in json.loads(stored).items())
+
+
+def resources_of(stored: str | None) -> dict[str, float]:
+    """A job's resources from their stored JSON text: a pass reads thousands, of a few distinct texts, each parsed
+    once (and each job given its own dict)."""
+    return dict(_resource_items(stored)) if stored else {}
+
+
+# What a pass reads of a queued job (QueuedRow, but what the store adds to it), and of an admitted one (ActiveRow):
+# the resources as their JSON text (resources_of).
+def _pass_columns(names) -> list:
+    return [
+        cast(jobs_table.c.resources, Text).label("resources") if name == "resources" else jobs_table.c[name]
+        for name in names
+    ]
+
+
+_QUEUED_COLUMNS = _pass_columns(
+    name for name in QueuedRow.__dataclass_fields__ if name not in ("spec_json", "unread_group", "unread_reasons")
+)
+_QUEUED_NAMES = [c.name for c in _QUEUED_COLUMNS]
+_SEQ, _KIND, _WAIT = (_QUEUED_NAMES.index(name) for name in ("seq", "kind", "wait_reason"))
+_ACTIVE_COLUMNS = _pass_columns(ActiveRow.__dataclass_fields__)
+_FIRST_OF_EACH_KIND_PG = _FIRST_OF_EACH_KIND_PG.format(
+    columns=", ".join(
+        "CAST(resources AS TEXT) AS resources" if c.name == "resources" else c.name for c in _QUEUED_COLUMNS
+    ),
+    job_columns=", ".join(f"job.{c.name}" for c in _QUEUED_COLUMNS),
+)
 
 
 def _per_active_state(query):
