@@ -2,7 +2,8 @@
 synthetic trace with a simulated clock and a fake launcher, at a scale this machine cannot hold.
 
     python -m benchmarks.bench_scheduler [--jobs 20000] [--nodes 64] [--gpus-per-node 8] [--teams 8] [--users 50]
-                                         [--backends sqlite,postgresql] [--compare-backfill] [--pass-queued 10000]
+                                         [--backends sqlite,postgresql] [--compare-backfill] [--one-class]
+                                         [--pass-queued 10000]
 
 The trace: jobs arrive over ``--hours`` (Poisson), each from a user of a team, with heavy-tailed sizes (1 to 32
 GPUs, most of them 1) and durations (log-normal, median 1 h, capped at 48 h), a priority mix (low 20 %, normal
@@ -41,8 +42,9 @@ from pathlib import Path
 
 import services.store as store_module
 from benchmarks.bench_queue import postgres_database
-from services.dispatcher import Dispatcher, RayJobInfo
+from services.dispatcher import HISTORY_HALF_LIVES, Dispatcher, RayJobInfo, recent_usage
 from services.policy import PolicySource
+from services.scheduler import dominant_share
 from services.store import Store
 
 CLASSES = (("low", -10, 0.20), ("normal", 0, 0.65), ("high", 50, 0.10), ("urgent", 100, 0.05))
@@ -69,7 +71,8 @@ class Trace:
     jobs: list[TraceJob]
 
 
-def make_trace(jobs: int, teams: int, users: int, hours: float, seed: int) -> Trace:
+def make_trace(jobs: int, teams: int, users: int, hours: float, seed: int, *, one_class: bool = False) -> Trace:
+    """``one_class``: the same trace with every job in class normal (fair share alone orders it)."""
     rng = random.Random(seed)
     team_names = [f"team{i}" for i in range(teams)]
     members: dict[str, list[str]] = {t: [] for t in team_names}
@@ -86,6 +89,7 @@ def make_trace(jobs: int, teams: int, users: int, hours: float, seed: int) -> Tr
         t += rng.expovariate(rate)
         user, team = rng.choices(all_users, popularity)[0]
         klass = rng.choices([c[0] for c in CLASSES], [c[2] for c in CLASSES])[0]
+        klass = "normal" if one_class else klass
         gpus = rng.choices([g for g, _ in GPU_SIZES], [p for _, p in GPU_SIZES])[0]
         duration = min(3600 * math.exp(rng.gauss(0.0, 1.0)), 48 * 3600.0)
         max_hours = math.ceil(duration * 1.5 / 1800) / 2 if rng.random() < 0.6 else None
@@ -226,6 +230,7 @@ class Result:
     utilisation: float
     waits: dict[str, list[float]] = field(default_factory=dict)
     fairness: float = float("nan")
+    fairness_recent: float = float("nan")
     preemptions: int = 0
     lost_gpu_h: float = 0.0
     lost_without_step_checkpoint_gpu_h: float = 0.0
@@ -260,7 +265,9 @@ def simulate(backend: str, trace: Trace, args, *, backfill: bool = True) -> Resu
             first_start: dict[str, float] = {}
             submitted_at: dict[str, float] = {}
             next_arrival = 0
-            busy_ticks, util_sum, fairness = 0, 0.0, []
+            busy_ticks, util_sum, fairness, fairness_recent = 0, 0.0, [], []
+            team_of = {owner: team for team, owners in trace.teams.items() for owner in owners}
+            policy = dispatcher.policies.current()
             result = Result(utilisation=0.0)
             while True:
                 while next_arrival < len(arrivals) and arrivals[next_arrival].arrival_s + start <= clock.now:
@@ -293,14 +300,21 @@ def simulate(backend: str, trace: Trace, args, *, backfill: bool = True) -> Resu
                 if queued:
                     busy_ticks += 1
                     util_sum += held / total_gpus
-                    waiting_teams = {meta[j.id].team for j in store.list_jobs(states=["queued"], limit=500)[0]}
+                    # Every team with a job queued (not only those among the first queued jobs listed).
+                    waiting_teams = {team_of[owner] for state, owner, *_ in store.active_counts() if state == "queued"}
                     if len(waiting_teams) >= 2:
                         per_team: dict[str, float] = defaultdict(float)
                         for j in active:
-                            per_team[meta[j.id].team] += j.resources.get("GPU", 0.0)
-                        xs = [per_team[t] / total_gpus / trace.weights[t] for t in waiting_teams]
-                        if sum(x * x for x in xs) > 0:
-                            fairness.append(sum(xs) ** 2 / (len(xs) * sum(x * x for x in xs)))
+                            per_team[meta[j.id].team] += dominant_share(j.resources, total)
+                        # Held now, over the weight (the first figure); held now plus recent usage decayed with the
+                        # policy's half-life, over the weight: the weighted usage fair share orders by (issue 21).
+                        now_only = [per_team[t] / trace.weights[t] for t in waiting_teams]
+                        since = datetime.fromtimestamp(clock.now - HISTORY_HALF_LIVES * policy.half_life_s, UTC)
+                        recent = recent_usage(policy, store.snapshot(history_since=since), total, clock.now)
+                        with_recent = [(per_team[t] + recent.get(t, 0.0)) / trace.weights[t] for t in waiting_teams]
+                        for xs, series in ((now_only, fairness), (with_recent, fairness_recent)):
+                            if sum(x * x for x in xs) > 0:
+                                series.append(sum(xs) ** 2 / (len(xs) * sum(x * x for x in xs)))
                 if next_arrival >= len(arrivals) and not queued and not active:
                     break
                 clock.now += tick_s
@@ -311,6 +325,7 @@ def simulate(backend: str, trace: Trace, args, *, backfill: bool = True) -> Resu
                 result.waits.setdefault(f"team {tj.team}", []).append(wait)
             result.utilisation = util_sum / busy_ticks if busy_ticks else float("nan")
             result.fairness = statistics.fmean(fairness) if fairness else float("nan")
+            result.fairness_recent = statistics.fmean(fairness_recent) if fairness_recent else float("nan")
             result.lost_without_step_checkpoint_gpu_h = launcher.lost_without_step_checkpoint_s / 3600
             result.finished = store.list_jobs(states=["succeeded"], limit=1)[1]
             result.refused = store.list_jobs(states=["failed"], limit=1)[1]
@@ -418,13 +433,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint-minutes", type=float, default=15.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compare-backfill", action="store_true")
+    parser.add_argument(
+        "--one-class", action="store_true", help="every job in class normal: fair share alone orders the queue"
+    )
     parser.add_argument("--pass-queued", type=int, default=10_000)
     parser.add_argument("--pass-running", type=int, default=1_000)
     parser.add_argument("--pass-repeats", type=int, default=20)
     parser.add_argument("--pg-admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     args = parser.parse_args(argv)
 
-    trace = make_trace(args.jobs, args.teams, args.users, args.hours, args.seed)
+    trace = make_trace(args.jobs, args.teams, args.users, args.hours, args.seed, one_class=args.one_class)
     gpu_hours = sum(j.gpus * j.duration_s for j in trace.jobs) / 3600
     print(
         f"trace: {len(trace.jobs)} jobs, {args.teams} teams, {args.users} users, "
@@ -438,7 +456,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n== {backend} ({time.perf_counter() - started:.0f} s wall, {result.sim_hours:.0f} h simulated)")
         print(f"finished jobs: {result.finished} of {len(trace.jobs)} ({result.refused} failed or refused)")
         print(f"GPU utilisation while a backlog exists: {result.utilisation:.1%}")
-        print(f"Jain's fairness of weighted usage among teams with work queued: {result.fairness:.3f}")
+        print(
+            f"Jain's fairness among teams with work queued, of weighted usage held now: {result.fairness:.3f}; "
+            f"of weighted usage held now plus recent (half-life decay, what fair share orders by): "
+            f"{result.fairness_recent:.3f}"
+        )
         print(
             f"preemptions: {result.preemptions}; work lost: 0 GPU-h (checkpoint at the current step); "
             f"resuming from the last {args.checkpoint_minutes:g}-minute checkpoint would have lost "

@@ -172,11 +172,13 @@ def recent_usage(policy: Policy, snapshot: QueueSnapshot, total: dict[str, float
         (r.owner, r.resources, r.started_at, r.finished_at) for r in snapshot.history
     ]
     rows += [(j.owner, j.resources, j.started_at, None) for j in snapshot.active if j.started_at is not None]
+    team_names: dict[str, str] = {}
     for owner, resources, started, finished in rows:
-        interval = (started.timestamp(), now if finished is None else finished.timestamp(), 0.0)
         share = dominant_share(resources or {}, total)
-        interval = (interval[0], interval[1], share)
-        intervals[policy.team_of(owner).name].append(interval)
+        interval = (started.timestamp(), now if finished is None else finished.timestamp(), share)
+        if owner not in team_names:
+            team_names[owner] = policy.team_of(owner).name
+        intervals[team_names[owner]].append(interval)
         intervals[f"owner:{owner}"].append(interval)
     return {key: decayed_usage(spans, now, policy.half_life_s) for key, spans in intervals.items()}
 

@@ -108,8 +108,12 @@ class Plan:
 
 def dominant_share(resources: Mapping[str, float], total: Mapping[str, float]) -> float:
     """The largest fraction of any one of the cluster's resources that ``resources`` take (DRF)."""
-    shares = [resources.get(k, 0.0) / v for k, v in total.items() if v > 0 and k in ("CPU", "GPU")]
-    return max(shares, default=0.0)
+    share = 0.0
+    for key in ("CPU", "GPU"):  # a loop, not a list: a pass computes thousands
+        capacity = total.get(key, 0.0)
+        if capacity > 0:
+            share = max(share, resources.get(key, 0.0) / capacity)
+    return share
 
 
 def decay_factor(elapsed_s: float, half_life_s: float) -> float:
@@ -155,7 +159,8 @@ class _Holder:
     jobs: int = 0
 
     def take(self, resources: Mapping[str, float]) -> None:
-        self.resources = add(self.resources, resources)
+        for key, value in resources.items():  # in place: a pass takes for every running job
+            self.resources[key] = self.resources.get(key, 0.0) + float(value)
         self.jobs += 1
 
 
@@ -197,10 +202,11 @@ class Scheduler:
         for job in running:
             team_held[team_of[job.owner]].take(job.holds)
             owner_held[job.owner].take(job.holds)
-            held = add(held, job.holds)
+            for key, value in job.holds.items():
+                held[key] = held.get(key, 0.0) + float(value)
         free = {k: v - held.get(k, 0.0) for k, v in self.total.items()}
         active = len(running)
-        borrowed_running = self._borrowed(running, teams, team_of)
+        borrowed_running: set[str] | None = None  # found when a job first looks for victims
         # Capacity that running jobs asked to stop for a queued job will give back: reserved for that job.
         stopping_for: dict[str, list[RunningJob]] = defaultdict(list)
         for job in running:
@@ -272,6 +278,8 @@ class Scheduler:
                 continue
 
             if klass.may_preempt:
+                if borrowed_running is None:
+                    borrowed_running = self._borrowed(running, teams, team_of)
                 victims = self._victims(job, asks, free, running, victims_taken, borrowed_running)
                 if victims:
                     for victim in victims:

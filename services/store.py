@@ -39,6 +39,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     bindparam,
+    case,
     cast,
     column,
     create_engine,
@@ -951,7 +952,7 @@ class Store:
         on the cluster), so that a pass over ten thousand queued jobs stays short. With ``window``, of each owner's
         queued jobs alike (priority and queue_kind: class, kind, resources) only the first ``window`` are read;
         where the plan says that those unread could have changed it (``plan.reread``: kinds), the pass is made
-        again with four times as many of those kinds read (after MAX_REREADS rounds, with every queued job). The
+        again with sixteen times as many of those kinds read (after MAX_REREADS rounds, with every queued job). The
         jobs left unread get the reason the plan gives for them (``plan.unread_waits``), written where it changed."""
         with self._tx(lock_key=ADMISSION_LOCK_KEY) as conn:
             snapshot = self._snapshot(conn, history_since, window=window)
@@ -965,7 +966,7 @@ class Store:
                 else:
                     for row in snapshot.queued:
                         if row.unread_group in plan.reread:
-                            wider[(row.owner, row.priority, row.queue_kind)] = window * 4**rounds
+                            wider[(row.owner, row.priority, row.queue_kind)] = window * 16**rounds
                 queued = self._queued_rows(conn, window, wider)
                 snapshot = QueueSnapshot(queued=queued, active=snapshot.active, history=snapshot.history)
                 plan = plan_for(snapshot)
@@ -992,18 +993,21 @@ class Store:
                     self._apply(conn, row, "failed", reason, {"error": reason})
                     rejected.append(Job.from_row(row))
             preempted: list[str] = []
-            for preemption in plan.preemptions:
-                marked = conn.execute(
-                    update(jobs_table)
-                    .where(
-                        jobs_table.c.id == preemption.victim_id,
-                        jobs_table.c.state.in_(ACTIVE_STATES),
-                        jobs_table.c.preempted_by.is_(None),
-                    )
-                    .values(preempted_by=preemption.by_job_id)
+            if plan.preemptions:  # one statement: a pass may preempt hundreds of jobs at once
+                preemptor = {p.victim_id: p.by_job_id for p in plan.preemptions}
+                marked = set(
+                    conn.execute(
+                        update(jobs_table)
+                        .where(
+                            jobs_table.c.id.in_(list(preemptor)),
+                            jobs_table.c.state.in_(ACTIVE_STATES),
+                            jobs_table.c.preempted_by.is_(None),
+                        )
+                        .values(preempted_by=case(preemptor, value=jobs_table.c.id))
+                        .returning(jobs_table.c.id)
+                    ).scalars()
                 )
-                if marked.rowcount == 1:
-                    preempted.append(preemption.victim_id)
+                preempted = [p.victim_id for p in plan.preemptions if p.victim_id in marked]
             changed = [
                 {"b_seq": row.seq, "b_reason": reason}
                 for job_id, reason in plan.waits.items()

@@ -16,6 +16,12 @@ def test_the_trace_and_its_policy_are_what_the_benchmark_says():
     assert all(j.max_hours is None or j.max_hours * 3600 >= j.duration_s for j in trace.jobs)
     policy = parse_policy(policy_yaml(trace, 64), "bench")
     assert policy.team_of("user0").name == "team0" and policy.team_of("user0").quota.gpu == 16
+    # --one-class: the same jobs (sizes, durations, arrivals), every one in class normal.
+    one = make_trace(jobs=200, teams=4, users=10, hours=5, seed=1, one_class=True)
+    assert {j.klass for j in one.jobs} == {"normal"}
+    assert [(j.gpus, j.duration_s, j.arrival_s) for j in one.jobs] == [
+        (j.gpus, j.duration_s, j.arrival_s) for j in trace.jobs
+    ]
 
 
 def test_a_tiny_simulation_runs_every_job_and_prints_every_figure(capsys):
@@ -25,7 +31,8 @@ def test_a_tiny_simulation_runs_every_job_and_prints_every_figure(capsys):
     assert "finished jobs: 40 of 40 (0 failed or refused)" in out
     for figure in (
         r"GPU utilisation while a backlog exists: [\d.]+%",
-        r"Jain's fairness of weighted usage among teams with work queued: ([\d.]+|nan)",
+        r"Jain's fairness among teams with work queued, of weighted usage held now: ([\d.]+|nan); of weighted "
+        r"usage held now plus recent \(half-life decay, what fair share orders by\): ([\d.]+|nan)",
         r"preemptions: \d+; work lost: 0 GPU-h",
         r"class normal +n= *\d+",
         r"team team0 +n= *\d+",

@@ -72,7 +72,7 @@ def random_case(rng: random.Random) -> tuple[list[QueuedJob], list[RunningJob], 
 
 def windowed_plan(scheduler: Scheduler, queued: list[QueuedJob], running: list[RunningJob], window: int):
     """The pass as Store.schedule makes it: the first ``window`` queued jobs of each kind, then more of the kinds the
-    plan asks for (four times as many each round, then all of them)."""
+    plan asks for (sixteen times as many each round, then all of them)."""
     kinds: dict[tuple, list[QueuedJob]] = defaultdict(list)
     for job in queued:
         kinds[(job.owner, job.priority, job.priority_class, tuple(sorted(job.asks.items())))].append(job)
@@ -89,7 +89,7 @@ def windowed_plan(scheduler: Scheduler, queued: list[QueuedJob], running: list[R
             return plan, seen
         for key, jobs in kinds.items():
             if jobs[0].seq in plan.reread:
-                wider[key] = window * 4 ** (rounds + 1)
+                wider[key] = window * 16 ** (rounds + 1)
     raise AssertionError("the last round reads every job")
 
 
