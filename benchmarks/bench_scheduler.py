@@ -2,7 +2,7 @@
 synthetic trace with a simulated clock and a fake launcher, at a scale this machine cannot hold.
 
     python -m benchmarks.bench_scheduler [--jobs 20000] [--nodes 64] [--gpus-per-node 8] [--teams 8] [--users 50]
-                                         [--backends sqlite,postgresql] [--compare-backfill] [--one-class]
+                                         [--backends sqlite,postgresql] [--compare-backfill] [--one-class] [--one-gpu]
                                          [--pass-queued 10000]
 
 The trace: jobs arrive over ``--hours`` (Poisson), each from a user of a team, with heavy-tailed sizes (1 to 32
@@ -71,8 +71,11 @@ class Trace:
     jobs: list[TraceJob]
 
 
-def make_trace(jobs: int, teams: int, users: int, hours: float, seed: int, *, one_class: bool = False) -> Trace:
-    """``one_class``: the same trace with every job in class normal (fair share alone orders it)."""
+def make_trace(
+    jobs: int, teams: int, users: int, hours: float, seed: int, *, one_class: bool = False, one_gpu: bool = False
+) -> Trace:
+    """``one_class``: the same trace with every job in class normal (fair share alone orders it); ``one_gpu``: with
+    every job asking for one GPU (no lumpy 16- and 32-GPU jobs)."""
     rng = random.Random(seed)
     team_names = [f"team{i}" for i in range(teams)]
     members: dict[str, list[str]] = {t: [] for t in team_names}
@@ -91,6 +94,7 @@ def make_trace(jobs: int, teams: int, users: int, hours: float, seed: int, *, on
         klass = rng.choices([c[0] for c in CLASSES], [c[2] for c in CLASSES])[0]
         klass = "normal" if one_class else klass
         gpus = rng.choices([g for g, _ in GPU_SIZES], [p for _, p in GPU_SIZES])[0]
+        gpus = 1 if one_gpu else gpus
         duration = min(3600 * math.exp(rng.gauss(0.0, 1.0)), 48 * 3600.0)
         max_hours = math.ceil(duration * 1.5 / 1800) / 2 if rng.random() < 0.6 else None
         out.append(TraceJob(f"j{i}", user, team, klass, gpus, duration, max_hours, t))
@@ -436,13 +440,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--one-class", action="store_true", help="every job in class normal: fair share alone orders the queue"
     )
+    parser.add_argument("--one-gpu", action="store_true", help="every job asks for one GPU (no heavy-tailed sizes)")
     parser.add_argument("--pass-queued", type=int, default=10_000)
     parser.add_argument("--pass-running", type=int, default=1_000)
     parser.add_argument("--pass-repeats", type=int, default=20)
     parser.add_argument("--pg-admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     args = parser.parse_args(argv)
 
-    trace = make_trace(args.jobs, args.teams, args.users, args.hours, args.seed, one_class=args.one_class)
+    trace = make_trace(
+        args.jobs, args.teams, args.users, args.hours, args.seed, one_class=args.one_class, one_gpu=args.one_gpu
+    )
     gpu_hours = sum(j.gpus * j.duration_s for j in trace.jobs) / 3600
     print(
         f"trace: {len(trace.jobs)} jobs, {args.teams} teams, {args.users} users, "
