@@ -97,7 +97,7 @@ class Plan:
     # Every queued job in the order the pass considered it (its place in the queue).
     order: list[str] = field(default_factory=list)
     # Waiting jobs whose wait says the same of any later job of the same owner, priority, class and resources in this
-    # pass, whatever its max_hours: a quota, the cap, capacity it does not fit (see Scheduler._alike_wait).
+    # pass, whatever its max_hours: a quota, the cap, capacity it does not fit (Scheduler._reread).
     alike_waits: set[str] = field(default_factory=set)
     # The kinds of queued jobs (QueuedJob.unread_group) the store read only in part where those unread could have
     # changed the plan: the pass is to be made again with more of them read.

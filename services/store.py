@@ -967,7 +967,7 @@ class Store:
                     for row in snapshot.queued:
                         if row.unread_group in plan.reread:
                             wider[(row.owner, row.priority, row.queue_kind)] = window * 16**rounds
-                queued = self._queued_rows(conn, window, wider)
+                queued = self._queued_rows(conn, window, wider, _stopping_for(snapshot.active))
                 snapshot = QueueSnapshot(queued=queued, active=snapshot.active, history=snapshot.history)
                 plan = plan_for(snapshot)
             queued = snapshot.queued
@@ -1052,6 +1052,23 @@ class Store:
                     .execution_options(synchronize_session=False),
                     unread,
                 )
+                # A job read on its own among them (one running jobs stop for) keeps the reason the pass gave it.
+                kinds = {(u["b_owner"], u["b_priority"], u["b_kind"]): u["b_after"] for u in unread}
+                own = [
+                    {"b_seq": row.seq, "b_reason": plan.waits[row.id]}
+                    for row in queued
+                    if row.unread_group is None
+                    and row.id in plan.waits
+                    and row.seq > kinds.get((row.owner, row.priority, row.queue_kind), row.seq)
+                ]
+                if own:
+                    conn.execute(
+                        update(jobs_table)
+                        .where(jobs_table.c.seq == bindparam("b_seq"))
+                        .values(wait_reason=bindparam("b_reason"))
+                        .execution_options(synchronize_session=False),
+                        own,
+                    )
         return Scheduled(started=started, rejected=rejected, preempted=preempted, plan=plan)
 
     def snapshot(self, *, history_since: datetime | None = None) -> QueueSnapshot:
@@ -1062,7 +1079,6 @@ class Store:
     def _snapshot(
         self, conn: Connection, history_since: datetime | None, *, window: int | None = None
     ) -> QueueSnapshot:
-        queued = self._queued_rows(conn, window, set())
         active = tuple(
             sorted(
                 (
@@ -1072,6 +1088,7 @@ class Store:
                 key=lambda job: job.seq,
             )
         )
+        queued = self._queued_rows(conn, window, stopping_for=_stopping_for(active))
         history: tuple[UsageRow, ...] = ()
         if history_since is not None:
             history = tuple(
@@ -1092,10 +1109,15 @@ class Store:
         return QueueSnapshot(queued=queued, active=active, history=history)
 
     def _queued_rows(
-        self, conn: Connection, window: int | None, wider: dict[tuple, int] | None = None
+        self,
+        conn: Connection,
+        window: int | None,
+        wider: dict[tuple, int] | None = None,
+        stopping_for: Sequence[str] = (),
     ) -> tuple[QueuedRow, ...]:
         """The queued jobs in submission order; with ``window``, of each owner's jobs alike (priority, queue_kind)
-        only the first ``window`` (``wider``: more of some kinds), and every job with no queue_kind."""
+        only the first ``window`` (``wider``: more of some kinds), and every job with no queue_kind or that running
+        jobs are stopping for (its reservation of what they give back is part of the pass)."""
         queued = jobs_table.c.state == "queued"
         groups: dict[int, tuple[int, tuple[str | None, str | None]]] = {}
         if window is None:
@@ -1110,7 +1132,13 @@ class Store:
                 rows += read
                 if unread is not None:
                     groups.update({r[_SEQ]: (read[0][_SEQ], unread) for r in read})
-            rows += conn.execute(select(*_QUEUED_COLUMNS).where(queued, jobs_table.c.queue_kind.is_(None))).all()
+            read_seqs = {r[_SEQ] for r in rows}
+            also = jobs_table.c.queue_kind.is_(None)
+            if stopping_for:
+                also = also | jobs_table.c.id.in_(sorted(stopping_for))
+            rows += [
+                r for r in conn.execute(select(*_QUEUED_COLUMNS).where(queued, also)).all() if r[_SEQ] not in read_seqs
+            ]
         rows.sort(key=lambda r: r[_SEQ])
         sweeps = [r[_SEQ] for r in rows if r[_KIND] == "sweep"]
         sweep_specs: dict[int, str] = {}
@@ -1301,6 +1329,11 @@ _FIRST_OF_EACH_KIND_PG = _FIRST_OF_EACH_KIND_PG.format(
     ),
     job_columns=", ".join(f"job.{c.name}" for c in _QUEUED_COLUMNS),
 )
+
+
+def _stopping_for(active: Iterable[ActiveRow]) -> list[str]:
+    """The queued jobs that running jobs were asked to stop for (preemption)."""
+    return sorted({job.preempted_by for job in active if job.preempted_by is not None})
 
 
 def _per_active_state(query):

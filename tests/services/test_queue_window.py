@@ -175,3 +175,30 @@ def test_a_backlog_over_its_quota_still_lets_the_next_job_that_fits_it_start(sto
     # Written once: the next pass, with nothing changed, finds the reasons already there.
     assert not dispatcher.tick().started
     assert store.get(big[5].id).wait_reason.startswith(f"behind {big[1].id}")
+
+
+def test_a_job_running_jobs_stop_for_is_read_even_beyond_the_window(store):
+    from sqlalchemy import update
+
+    from services.scheduler import Plan
+    from services.store import jobs_table
+
+    jobs = [submit(store, f"dave-{i}", "dave") for i in range(5)]
+    victim = submit(store, "erin-0", "erin")
+    with store.engine.begin() as conn:  # erin's job runs and was asked to stop for dave's last
+        conn.execute(
+            update(jobs_table)
+            .where(jobs_table.c.id == victim.id)
+            .values(state="running", attempts=1, preempted_by=jobs[4].id)
+        )
+    seen = []
+
+    def plan_for(snapshot):
+        seen.append(snapshot)
+        return Plan()
+
+    store.schedule(plan_for, window=1)
+    read = {row.id: row for row in seen[0].queued}
+    assert set(read) == {jobs[0].id, jobs[4].id}
+    # The first is its kind's only one read, with more behind it; the last is read on its own.
+    assert read[jobs[0].id].unread_group == jobs[0].seq and read[jobs[4].id].unread_group is None
