@@ -1123,10 +1123,11 @@ class Store:
         if window is None:
             rows = list(conn.execute(select(*_QUEUED_COLUMNS).where(queued)).all())
         else:
-            firsts = self._first_of_each_kind(conn, window)
+            # A job running jobs stop for is read on its own, and not counted in its kind's window.
+            firsts = self._first_of_each_kind(conn, window, stopping_for)
             for key, n in (wider or {}).items():
                 if key in firsts:
-                    firsts[key] = self._first_of_kind(conn, key, n)
+                    firsts[key] = self._first_of_kind(conn, key, n, stopping_for)
             rows = []
             for read, unread in firsts.values():
                 rows += read
@@ -1156,7 +1157,9 @@ class Store:
             )
         return tuple(out)
 
-    def _first_of_kind(self, conn: Connection, key: tuple, n: int) -> tuple[list, tuple | None]:
+    def _first_of_kind(
+        self, conn: Connection, key: tuple, n: int, stopping_for: Sequence[str] = ()
+    ) -> tuple[list, tuple | None]:
         """The first ``n`` queued jobs of one kind (owner, priority, queue_kind) and, when it has more, the wait
         reasons of the first and the last of those (as _first_of_each_kind)."""
         owner, priority, queue_kind = key
@@ -1165,6 +1168,7 @@ class Store:
             jobs_table.c.owner == owner,
             jobs_table.c.priority == priority,
             jobs_table.c.queue_kind == queue_kind,
+            jobs_table.c.id.not_in(list(stopping_for)),
         )
         # Ordered as ix_aeforge_jobs_queue_kind is, so that the database reads that index's range for the kind.
         in_index = [jobs_table.c[name] for name in ("state", "owner", "priority", "queue_kind", "seq")]
@@ -1174,7 +1178,9 @@ class Store:
         last = conn.execute(of_kind.order_by(*(c.desc() for c in in_index)).limit(1)).one()
         return rows[:n], (rows[n][_WAIT], last[_WAIT])
 
-    def _first_of_each_kind(self, conn: Connection, window: int) -> dict[tuple, tuple[list, tuple | None]]:
+    def _first_of_each_kind(
+        self, conn: Connection, window: int, stopping_for: Sequence[str] = ()
+    ) -> dict[tuple, tuple[list, tuple | None]]:
         """Per (owner, priority, queue_kind) of the queued jobs: its first ``window`` jobs in submission order (the
         QueuedRow columns) and, when it has more, the wait reasons of the first and the last of those (else None).
         On PostgreSQL a skip scan of ix_aeforge_jobs_queue_kind (each kind found by one index probe after the
@@ -1184,7 +1190,7 @@ class Store:
         if self.dialect == "postgresql":
             extra = [column("unread_seq", Integer), column("first_unread", Text), column("last_unread", Text)]
             query = text(_FIRST_OF_EACH_KIND_PG).columns(*_QUEUED_COLUMNS, *extra)
-            for r in conn.execute(query, {"n": window}).all():
+            for r in conn.execute(query, {"n": window, "stopping_for": list(stopping_for)}).all():
                 key = (r.owner, r.priority, r.queue_kind)
                 unread = None if r.unread_seq is None else (r.first_unread, r.last_unread)
                 firsts.setdefault(key, ([], unread))[0].append(r[: len(_QUEUED_COLUMNS)])
@@ -1196,7 +1202,11 @@ class Store:
                     func.row_number().over(partition_by=alike, order_by=jobs_table.c.seq).label("place"),
                     func.row_number().over(partition_by=alike, order_by=jobs_table.c.seq.desc()).label("from_end"),
                 )
-                .where(jobs_table.c.state == "queued", jobs_table.c.queue_kind.is_not(None))
+                .where(
+                    jobs_table.c.state == "queued",
+                    jobs_table.c.queue_kind.is_not(None),
+                    jobs_table.c.id.not_in(list(stopping_for)),
+                )
                 .subquery()
             )
             found = conn.execute(
@@ -1280,18 +1290,21 @@ WITH RECURSIVE kinds AS (
     LEFT JOIN LATERAL (
         SELECT seq, wait_reason FROM aeforge_jobs
         WHERE state = 'queued' AND owner = kinds.owner AND priority = kinds.priority AND queue_kind = kinds.queue_kind
+          AND id <> ALL(:stopping_for)
         ORDER BY state, owner, priority, queue_kind, seq OFFSET :n LIMIT 1
     ) AS peek ON true
     LEFT JOIN LATERAL (
         SELECT wait_reason FROM aeforge_jobs
         WHERE peek.seq IS NOT NULL
           AND state = 'queued' AND owner = kinds.owner AND priority = kinds.priority AND queue_kind = kinds.queue_kind
+          AND id <> ALL(:stopping_for)
         ORDER BY state DESC, owner DESC, priority DESC, queue_kind DESC, seq DESC LIMIT 1
     ) AS last ON true
 )
 SELECT {job_columns}, ends.unread_seq, ends.first_unread, ends.last_unread FROM ends, LATERAL (
     SELECT {columns} FROM aeforge_jobs
     WHERE state = 'queued' AND owner = ends.owner AND priority = ends.priority AND queue_kind = ends.queue_kind
+      AND id <> ALL(:stopping_for)
     ORDER BY state, owner, priority, queue_kind, seq LIMIT :n
 ) AS job
 """
