@@ -337,8 +337,9 @@ def simulate(backend: str, trace: Trace, args, *, backfill: bool = True) -> Resu
     return result
 
 
-def pass_time_at_scale(backend: str, args) -> list[float]:
-    """Dispatcher pass time with ``--pass-queued`` queued and ``--pass-running`` running jobs in the store."""
+def pass_time_at_scale(backend: str, args) -> tuple[float, list[float]]:
+    """Dispatcher pass time with ``--pass-queued`` queued and ``--pass-running`` running jobs in the store: the first
+    pass's, and those of the ``--pass-repeats`` passes after it."""
     from sqlalchemy import insert, text
 
     from services.store import jobs_table, new_job_id, queue_kind_of
@@ -415,12 +416,16 @@ def pass_time_at_scale(backend: str, args) -> list[float]:
                 environ={},
                 policies=PolicySource(policy_path),
             )
+            # The first pass writes the wait reason of every job inserted at once above: a one-off of this fill (a
+            # queue fills job by job), reported apart from the passes timed after it.
+            dispatcher.admit()
+            first = dispatcher.last_pass_s * 1000
             times = []
             for _ in range(args.pass_repeats):
                 clock.now += 60
                 dispatcher.admit()
                 times.append(dispatcher.last_pass_s * 1000)
-            return times
+            return first, times
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -492,10 +497,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"(gain {result.utilisation - plain.utilisation:+.1%})"
             )
         if args.pass_queued:
-            times = pass_time_at_scale(backend, args)
+            first, times = pass_time_at_scale(backend, args)
             print(
                 f"dispatcher pass at {args.pass_queued} queued / {args.pass_running} running: "
-                f"p50 {percentile(times, 0.5):.0f} ms, p99 {percentile(times, 0.99):.0f} ms"
+                f"p50 {percentile(times, 0.5):.0f} ms, p95 {percentile(times, 0.95):.0f} ms, "
+                f"p99 {percentile(times, 0.99):.0f} ms over {len(times)} passes, one a minute (the running jobs become "
+                f"preemptible after 10 minutes: urgent jobs then preempt them); the first pass, writing the wait "
+                f"reasons of the {args.pass_queued} jobs inserted at once: {first:.0f} ms"
             )
     return 0
 

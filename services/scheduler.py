@@ -206,7 +206,13 @@ class Scheduler:
                 held[key] = held.get(key, 0.0) + float(value)
         free = {k: v - held.get(k, 0.0) for k, v in self.total.items()}
         active = len(running)
-        borrowed_running: set[str] | None = None  # found when a job first looks for victims
+        borrowed: list[set[str]] = []  # the running jobs on borrowed capacity, found when first needed
+
+        def borrowed_running() -> set[str]:
+            if not borrowed:
+                borrowed.append(self._borrowed(running, teams, team_of))
+            return borrowed[0]
+
         # Capacity that running jobs asked to stop for a queued job will give back: reserved for that job.
         stopping_for: dict[str, list[RunningJob]] = defaultdict(list)
         for job in running:
@@ -278,8 +284,6 @@ class Scheduler:
                 continue
 
             if klass.may_preempt:
-                if borrowed_running is None:
-                    borrowed_running = self._borrowed(running, teams, team_of)
                 victims = self._victims(job, asks, free, running, victims_taken, borrowed_running)
                 if victims:
                     for victim in victims:
@@ -506,11 +510,15 @@ class Scheduler:
             self._preemptible_cache = (running, eligible)
         return self._preemptible_cache[1]
 
-    def _victims(self, job, asks, free, running, taken, borrowed) -> list[RunningJob]:
+    def _victims(self, job, asks, free, running, taken, borrowed_running) -> list[RunningJob]:
         """The smallest set of running jobs whose stopping makes room for ``job``: preemptible, of a lower priority,
         run for at least the policy's minimum; borrowed capacity first, then the lowest class, then the youngest.
-        Empty when even all of them would not make room."""
+        Empty when even all of them would not make room. ``borrowed_running()``: the running jobs on borrowed
+        capacity (found only when there are candidates)."""
         candidates = [r for r in self._preemptible(running) if r.id not in taken and r.priority < job.priority]
+        if not candidates:
+            return []
+        borrowed = borrowed_running()
         candidates.sort(key=lambda r: (r.id not in borrowed, r.priority, -(r.started_at or 0.0)))
         chosen: list[RunningJob] = []
         available = dict(free)

@@ -1082,7 +1082,8 @@ class Store:
         active = tuple(
             sorted(
                 (
-                    ActiveRow(**{**r._mapping, "resources": resources_of(r.resources)})
+                    # By position: a Row's mapping costs more than the rest of the pass's reading of it.
+                    ActiveRow(*r[:_ACTIVE_RESOURCES], resources_of(r[_ACTIVE_RESOURCES]), *r[_ACTIVE_RESOURCES + 1 :])
                     for r in conn.execute(_per_active_state(select(*_ACTIVE_COLUMNS))).all()
                 ),
                 key=lambda job: job.seq,
@@ -1150,10 +1151,15 @@ class Store:
         out = []
         for r in rows:
             group, reasons = groups.get(r[_SEQ], (None, (None, None)))
-            values = dict(zip(_QUEUED_NAMES, r, strict=True))
-            values["resources"] = resources_of(values["resources"])
             out.append(
-                QueuedRow(**values, spec_json=sweep_specs.get(r[_SEQ]), unread_group=group, unread_reasons=reasons)
+                QueuedRow(
+                    *r[:_RESOURCES],
+                    resources_of(r[_RESOURCES]),
+                    *r[_RESOURCES + 1 :],
+                    spec_json=sweep_specs.get(r[_SEQ]),
+                    unread_group=group,
+                    unread_reasons=reasons,
+                )
             )
         return tuple(out)
 
@@ -1334,8 +1340,9 @@ _QUEUED_COLUMNS = _pass_columns(
     name for name in QueuedRow.__dataclass_fields__ if name not in ("spec_json", "unread_group", "unread_reasons")
 )
 _QUEUED_NAMES = [c.name for c in _QUEUED_COLUMNS]
-_SEQ, _KIND, _WAIT = (_QUEUED_NAMES.index(name) for name in ("seq", "kind", "wait_reason"))
+_SEQ, _KIND, _WAIT, _RESOURCES = (_QUEUED_NAMES.index(name) for name in ("seq", "kind", "wait_reason", "resources"))
 _ACTIVE_COLUMNS = _pass_columns(ActiveRow.__dataclass_fields__)
+_ACTIVE_RESOURCES = list(ActiveRow.__dataclass_fields__).index("resources")
 _FIRST_OF_EACH_KIND_PG = _FIRST_OF_EACH_KIND_PG.format(
     columns=", ".join(
         "CAST(resources AS TEXT) AS resources" if c.name == "resources" else c.name for c in _QUEUED_COLUMNS
