@@ -242,7 +242,8 @@ class Dispatcher:
         self.autoscaler = autoscaler
         self.last_pass_s = 0.0
         # A pass reads of each owner's queued jobs alike (class, resources) only the first queue_window, and more
-        # only where those unread could change it (Store.schedule); None: every queued job, every pass.
+        # only where those unread could change it (Store.schedule); None: every queued job, every pass (as with an
+        # autoscaler, which is told the demand of every waiting job).
         self.queue_window = queue_window
         # A Ray job still PENDING (its driver not started: a runtime env being set up, or failing to) does not act
         # on a stop, which Ray queues behind the driver's start: a cancel of such a job takes effect after this long.
@@ -288,8 +289,10 @@ class Dispatcher:
         policy = self.policies.current()
         since = datetime.fromtimestamp(self.clock() - HISTORY_HALF_LIVES * policy.half_life_s, UTC)
         started_at = time.perf_counter()
+        # The autoscaler is asked for every waiting job's bundles, unread ones included: with one, the whole queue.
+        window = None if self.autoscaler is not None else self.queue_window
         scheduled = self.store.schedule(
-            lambda snapshot: self.plan(snapshot, total, policy), history_since=since, window=self.queue_window
+            lambda snapshot: self.plan(snapshot, total, policy), history_since=since, window=window
         )
         self.last_pass_s = time.perf_counter() - started_at
         plan = scheduled.plan

@@ -202,3 +202,30 @@ def test_a_job_running_jobs_stop_for_is_read_even_beyond_the_window(store):
     assert set(read) == {jobs[0].id, jobs[4].id}
     # The first is its kind's only one read, with more behind it; the last is read on its own.
     assert read[jobs[0].id].unread_group == jobs[0].seq and read[jobs[4].id].unread_group is None
+
+
+def test_with_an_autoscaler_every_waiting_job_is_read_and_asked_for(store, tmp_path):
+    class Autoscaler:
+        def __init__(self):
+            self.requests = []
+
+        def request(self, bundles):
+            self.requests.append(bundles)
+
+    path = tmp_path / "policy.yaml"
+    path.write_text(POLICY)
+    autoscaler = Autoscaler()
+    dispatcher = Dispatcher(
+        store,
+        FakeCluster({"CPU": 1.0, "GPU": 0.0}),
+        FakeLauncher(),
+        policies=PolicySource(path),
+        environ={},
+        autoscaler=autoscaler,
+        queue_window=1,
+    )
+    jobs = [submit(store, f"dave-{i}", "dave", cpus=2.0) for i in range(4)]
+    assert not dispatcher.tick().started
+    # Each job's bundle (one worker each), not only the first's of the four alike.
+    assert len(autoscaler.requests[-1]) == len(jobs)
+    assert store.get(jobs[3].id).wait_reason.startswith(f"behind {jobs[0].id}, which waits for capacity")
