@@ -41,7 +41,7 @@ from typing import Any
 import httpx
 from sqlalchemy import insert, text
 
-from services.store import Decision, Store, jobs_table, new_job_id, utcnow
+from services.store import Decision, Store, jobs_table, new_job_id, queue_kind_of, utcnow
 
 SPEC = """\
 name: bench
@@ -94,9 +94,10 @@ def fill_queue(store: Store, count: int, active: int) -> None:
     now = utcnow()
     rows = []
     for i in range(count + active):
+        job_id = new_job_id(f"bench-{i}") + f"-{i}"
         rows.append(
             {
-                "id": new_job_id(f"bench-{i}") + f"-{i}",
+                "id": job_id,
                 "name": f"bench-{i % 50}",
                 "owner": f"user{i % 20}",
                 "kind": "train",
@@ -104,6 +105,7 @@ def fill_queue(store: Store, count: int, active: int) -> None:
                 "spec_json": json.dumps({"name": "bench"}),
                 "priority": i % 10,
                 "resources": {"CPU": 4.0, "GPU": 0.0},
+                "queue_kind": queue_kind_of(job_id, "train", None, {"CPU": 4.0, "GPU": 0.0}),
                 "state": "running" if i < active else "queued",
                 "attempts": 1 if i < active else 0,
                 "max_attempts": 3,
