@@ -94,7 +94,8 @@ class Plan:
     preemptions: list[Preemption] = field(default_factory=list)
     # The waiting jobs that pass every check but capacity, in queue order: what the autoscaler should find room for.
     demand: list[str] = field(default_factory=list)
-    # Every queued job in the order the pass considered it (its place in the queue).
+    # Every queued job the pass read, in the order it considered them (its place in the queue; Store.schedule may
+    # leave later jobs alike unread).
     order: list[str] = field(default_factory=list)
     # Waiting jobs whose wait says the same of any later job of the same owner, priority, class and resources in this
     # pass, whatever its max_hours: a quota, the cap, capacity it does not fit (Scheduler._reread).

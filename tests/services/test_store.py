@@ -21,6 +21,7 @@ from services.store import (
     make_engine,
     metadata,
     migration_history,
+    queue_kind_of,
     schema_table,
     submission_id_for,
 )
@@ -330,6 +331,10 @@ def test_a_store_made_before_alembic_upgrades_to_the_newest_revision_with_its_jo
             resources={},
             idempotency_key="k-1",
         ) == (finished, False)  # the old idempotency key still finds its job
+        # Revision 0006 gave the queued job its kind: a pass that reads the first of each kind reads it.
+        with store.engine.connect() as conn:
+            (row,) = [r for r in store._queued_rows(conn, 1) if r.id == ids["queued"]]
+        assert row.queue_kind == queue_kind_of(row.id, row.kind, row.priority_class, row.resources)
         admission = store.admit(lambda job, holdings: Decision.wait("needs CPU 4, GPU 0; free CPU 2, GPU 0"))
         assert admission.waiting.id == ids["queued"]
     finally:
