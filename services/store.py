@@ -96,8 +96,8 @@ MAX_SQL_INT = 2**63 - 1
 MAX_SEQ = 2**31 - 1
 # Transaction-level advisory lock keys (PostgreSQL): admission decisions, schema migrations.
 ADMISSION_LOCK_KEY = 0x6165_0001
-# A scheduling pass that read only the first queued jobs of each kind reads more at most this many times (the whole
-# queue of the owners whose unread jobs could matter), then every queued job (Store.schedule).
+# A scheduling pass that read only the first queued jobs of each kind reads more of the kinds whose unread jobs could
+# matter at most this many times (16 times as many each time), then every queued job (Store.schedule).
 MAX_REREADS = 3
 MIGRATION_LOCK_KEY = 0x6165_0002
 # Where a transaction keeps the state changes it made until it commits (Connection.info).
