@@ -12,11 +12,14 @@ could not be checked at all (storage down, a check over its time) is a note too,
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlparse
+
+log = logging.getLogger(__name__)
 
 # A check slower than this (a storage endpoint that does not answer) is left to the job.
 DOOR_CHECK_S = 10.0
@@ -65,9 +68,16 @@ def load_checks() -> None:
 
 
 def warm_up() -> None:
-    """:func:`load_checks` in the background at the service's start; an import that fails is told per submission."""
+    """:func:`load_checks` and one memory estimate (jobs.limits.warm_up), in the background at the service's start;
+    an import that fails is told per submission."""
+    from jobs.limits import warm_up as warm_limits
+
     with contextlib.suppress(ImportError):
         load_checks()
+    try:
+        warm_limits()
+    except Exception as exc:  # the first submission pays the cost instead; nothing else depends on it
+        log.warning("warming up the memory estimate failed (%s: %s)", type(exc).__name__, exc)
 
 
 def _check(spec: Any) -> DoorCheck:

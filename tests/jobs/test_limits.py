@@ -68,3 +68,14 @@ def test_a_job_that_cannot_fit_the_largest_node_is_refused_with_the_numbers():
     )
     need_pack, what = training_memory(sweep)
     assert "4 x beta_vae" in what and need_pack > 3 * training_memory(small)[0]
+
+
+def test_the_services_warm_up_estimate_is_a_valid_spec_and_runs():
+    """The service runs one memory estimate at start (so its first submission does not pay torch's first-call
+    cost); the spec it uses must stay valid as the schema changes, or the warm-up would only log a failure."""
+    from jobs.limits import _WARM_UP_SPEC, training_memory, warm_up
+    from jobs.spec import parse_spec
+
+    warm_up()
+    need, what = training_memory(parse_spec(_WARM_UP_SPEC, "<warm-up>"))
+    assert need > 0 and "beta_vae" in what
