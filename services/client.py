@@ -60,6 +60,17 @@ class AeforgeClient:
     def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
         try:
             response = self.http.request(method, path, headers=self.headers, **kwargs)
+        except httpx.ReadTimeout:
+            # Connected, asked, and no answer in time: the service is up but busy, and a POST may have taken effect.
+            took = self.http.timeout.read
+            raise ApiError(
+                f"the aeforge service at {self.url} took the request but did not answer within {took:g} s"
+                + (
+                    "; it may still have done it: look with `aeforge jobs` before you send it again"
+                    if method not in ("GET", "HEAD", "OPTIONS")
+                    else "; try again"
+                )
+            ) from None
         except httpx.TransportError as exc:
             raise ApiError(
                 f"cannot reach the aeforge service at {self.url} ({exc}); the address is from "

@@ -145,3 +145,22 @@ def test_submit_follow_shows_progress_logs_and_the_outcome_not_protocol_lines(se
     assert "carol-ae version 3 @latest" in outcome
     assert "models:/carol-ae/3" in outcome and "models:/carol-ae@latest" in outcome
     assert "s3://bucket/aeforge/runs/the-job/pictures" in outcome and "MLflow run" in outcome
+
+
+def test_a_service_that_takes_a_submission_and_does_not_answer_in_time_is_not_called_unreachable():
+    """A read timeout is not 'cannot reach': the service took the request, and a submission may have been queued."""
+    import httpx
+
+    from services.client import AeforgeClient, ApiError
+
+    def no_answer(request):
+        raise httpx.ReadTimeout("timed out", request=request)
+
+    http = httpx.Client(base_url="http://service:8765", transport=httpx.MockTransport(no_answer), timeout=30.0)
+    client = AeforgeClient("http://service:8765", None, http=http)
+    with pytest.raises(ApiError) as raised:
+        client._request("POST", "/jobs", json={"spec": "name: x"})
+    text = str(raised.value)
+    assert "did not answer within 30 s" in text and "aeforge jobs" in text and "cannot reach" not in text
+    with pytest.raises(ApiError, match="did not answer within 30 s; try again"):
+        client._request("GET", "/jobs")
