@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.processes import stop
-from tests.fixtures.s3 import free_ports
+from tests.fixtures.ray_head import ray_head_process
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
 
@@ -30,55 +29,27 @@ train: {steps: 2, batch_size: 16}
 
 @pytest.fixture(scope="module")
 def token_auth_head():
-    """A Ray head with RAY_AUTH_MODE=token (its token in a file of its own), stopped by its pid at the end."""
-    gcs, *component_ports = free_ports(7)
-    temp_dir = tempfile.mkdtemp(prefix="aeauth-", dir="/tmp")
-    token_file = Path(temp_dir) / "token"
+    """A Ray head with RAY_AUTH_MODE=token (its token in a file of its own), stopped at the end."""
+    token_dir = tempfile.mkdtemp(prefix="aeauth-token-", dir="/tmp")
+    token_file = Path(token_dir) / "token"
     token_file.write_text(secrets.token_hex(16))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file), "RAY_USAGE_STATS_ENABLED": "0"}
-    ports = dict(
-        zip(
-            (
-                "--metrics-export-port",
-                "--runtime-env-agent-port",
-                "--dashboard-agent-grpc-port",
-                "--node-manager-port",
-                "--object-manager-port",
-                "--dashboard-agent-listen-port",
-            ),
-            component_ports,
-        )
-    )
-    command = [
-        str(Path(sys.executable).parent / "ray"),
-        "start",
-        "--head",
-        "--block",
-        "--num-cpus=1",
-        f"--port={gcs}",
-        "--include-dashboard=false",
-        "--disable-usage-stats",
-        f"--temp-dir={temp_dir}",
-        *(f"{k}={v}" for k, v in ports.items()),
-    ]
-    log = open(Path(temp_dir) / "ray-start.log", "w")
-    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=temp_dir)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, (Path(temp_dir) / "ray-start.log").read_text()[-3000:]
-            try:
-                socket.create_connection(("127.0.0.1", gcs), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the Ray head did not open its GCS port"
-                time.sleep(0.5)
-        yield f"127.0.0.1:{gcs}", token_file
+        with ray_head_process(env, num_cpus=1, dashboard=False, prefix="aeauth-") as head:
+            gcs = int(head.address.rsplit(":", 1)[1])
+            deadline = time.monotonic() + 90
+            while True:
+                assert head.proc.poll() is None, head.log_path.read_text()[-3000:]
+                try:
+                    socket.create_connection(("127.0.0.1", gcs), timeout=1).close()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, "the Ray head did not open its GCS port"
+                    time.sleep(0.5)
+            yield head.address, token_file
     finally:
-        stop(proc)
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(token_dir, ignore_errors=True)
 
 
 def aeforge_run(tmp_path: Path, address: str, **env_extra: str) -> tuple[subprocess.CompletedProcess, float]:

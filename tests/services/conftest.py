@@ -114,3 +114,14 @@ def _root_logging_restored():
         if handler not in root.handlers:
             root.addHandler(handler)
     root.setLevel(level)
+
+
+@pytest.fixture(scope="package")
+def ray_head():
+    """One `ray start --head` with 2 CPUs (tests.services.test_e2e.started_ray_head) for the modules of this package
+    that need a plain head: the queue's end-to-end tests, preemption, doctor. Each of their tests leaves no job running
+    on it; it is stopped when the package's tests end."""
+    from tests.services.test_e2e import started_ray_head
+
+    with started_ray_head() as head:
+        yield head

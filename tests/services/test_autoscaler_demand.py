@@ -7,18 +7,12 @@ launched did not come up within minutes, and the monitor's status after the with
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
 
-from tests.fixtures.processes import stop, wait_for
-from tests.fixtures.s3 import free_ports
+from tests.fixtures.processes import wait_for
+from tests.fixtures.ray_head import ray_head_process
 from tests.services.test_e2e import RAY_ENV, Service, fake_spec, tail
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -57,41 +51,15 @@ CONFIG = {
 
 
 @pytest.fixture
-def fake_cluster():
-    gcs, dashboard = free_ports(2)
-    temp_dir = tempfile.mkdtemp(prefix="aefake-", dir="/tmp")
-    config = Path(temp_dir) / "autoscaling.yaml"
+def fake_cluster(tmp_path):
+    config = tmp_path / "autoscaling.yaml"
     config.write_text(yaml.safe_dump(CONFIG))
-    log_path = Path(temp_dir) / "ray-start.log"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | RAY_ENV | {"RAY_FAKE_CLUSTER": "1"}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    command = [
-        str(Path(sys.executable).parent / "ray"),
-        "start",
-        "--head",
-        "--block",
-        f"--autoscaling-config={config}",
-        "--num-cpus=1",  # as the config says the head has
-        "--num-gpus=0",
-        f"--port={gcs}",
-        f"--dashboard-port={dashboard}",
-        "--include-dashboard=true",
-        "--dashboard-host=127.0.0.1",
-        "--disable-usage-stats",
-        f"--temp-dir={temp_dir}",
-    ]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=temp_dir)
-    head = SimpleNamespace(
-        address=f"127.0.0.1:{gcs}", dashboard=f"http://127.0.0.1:{dashboard}", env=env, temp_dir=Path(temp_dir)
-    )
-    try:
+    # --num-cpus as the config says the head has; `ray start --block` stops the fake nodes it started with itself.
+    with ray_head_process(env, num_cpus=1, args=[f"--autoscaling-config={config}"], prefix="aefake-") as head:
         os.environ.update(RAY_ENV)
-        wait_for(lambda: live_cpus(head, proc, log_path) is not None, 300, "the fake cluster's head to be up")
+        wait_for(lambda: live_cpus(head, head.proc, head.log_path) is not None, 300, "the fake cluster's head to be up")
         yield head
-    finally:
-        stop(proc)  # `ray start --block` stops the fake nodes it started with itself
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def live_cpus(head, proc=None, log_path=None) -> float | None:

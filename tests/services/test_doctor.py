@@ -21,7 +21,7 @@ from services.cli_doctor import Check, CheckFailed, check_job_python, ray_auth, 
 from services.settings import Principal, ServiceSettings
 from services.store import Store
 from tests.fixtures.s3 import free_port
-from tests.services.test_e2e import ray_client, ray_head  # noqa: F401  (a fixture: `ray start --head` in a process of its own)
+from tests.services.test_e2e import ray_client
 
 TOKEN = "doctor-admin-token-42"
 CHECKS = [

@@ -14,21 +14,19 @@ import getpass
 import importlib.util
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.fixtures.processes import stop, wait_for
-from tests.fixtures.s3 import free_port, free_ports
+from tests.fixtures.processes import wait_for
+from tests.fixtures.ray_head import ray_head_process
+from tests.fixtures.s3 import free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -60,66 +58,20 @@ def tail(path: Path, lines: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
 
-@pytest.fixture(scope="module")
-def ray_head():
-    """A Ray head with 2 CPUs and its dashboard, in a process of its own, stopped by its pid at the end; the S3 keys
-    are in its environment (NODE_CREDENTIALS), where the jobs it runs find them."""
-    with started_ray_head() as head:
-        yield head
-
-
 @contextmanager
 def started_ray_head(extra_env: dict[str, str] | None = None):
-    """The Ray head of :func:`ray_head`, its environment with ``extra_env`` added (what that node's Python sees)."""
-    gcs, dashboard, *component_ports = free_ports(9)
-    temp_dir = tempfile.mkdtemp(prefix="aeray-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    log_path = Path(temp_dir) / "ray-start.log"
+    """A Ray head with 2 CPUs and its dashboard, in a process of its own (tests.fixtures.ray_head); the S3 keys are
+    in its environment (NODE_CREDENTIALS), where the jobs it runs find them, with ``extra_env`` added (what that
+    node's Python sees). The modules of tests/services share one (the ``ray_head`` fixture of their conftest)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and k not in MACHINE_AWS} | RAY_ENV
     env |= NODE_CREDENTIALS | {"AWS_DEFAULT_REGION": "us-east-1"}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `python` for job entrypoints
-    # On a loaded machine the raylet registers after Ray's default 60 s wait, and `ray start` gives up.
-    env["RAY_raylet_start_wait_time_s"] = "300"
     env |= extra_env or {}
-    ports = dict(
-        zip(
-            (
-                "--dashboard-agent-listen-port",
-                "--metrics-export-port",
-                "--runtime-env-agent-port",
-                "--dashboard-agent-grpc-port",
-                "--node-manager-port",
-                "--object-manager-port",
-                "--ray-client-server-port",
-            ),
-            component_ports,
-        )
-    )
-    command = [
-        str(Path(sys.executable).parent / "ray"),
-        "start",
-        "--head",
-        "--block",
-        "--num-cpus=2",
-        "--num-gpus=0",
-        f"--port={gcs}",
-        f"--dashboard-port={dashboard}",
-        "--include-dashboard=true",
-        "--dashboard-host=127.0.0.1",
-        "--disable-usage-stats",
-        f"--temp-dir={temp_dir}",
-        *(f"{k}={v}" for k, v in ports.items()),
-    ]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=temp_dir)
-    head = SimpleNamespace(
-        address=f"127.0.0.1:{gcs}", dashboard=f"http://127.0.0.1:{dashboard}", env=env, temp_dir=Path(temp_dir)
-    )
-    try:
+    with ray_head_process(env, num_cpus=2) as head:
         os.environ.update(RAY_ENV)
 
         def alive():
-            if proc.poll() is not None:
-                raise AssertionError(f"ray start exited with {proc.returncode}:\n{tail(log_path)}")
+            if head.proc.poll() is not None:
+                raise AssertionError(f"ray start exited with {head.proc.returncode}:\n{tail(head.log_path)}")
             try:
                 from ray.util.state import list_nodes
 
@@ -129,9 +81,6 @@ def started_ray_head(extra_env: dict[str, str] | None = None):
 
         wait_for(alive, 300, "the Ray head to have a live node", interval=0.5)
         yield head
-    finally:
-        stop(proc)
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 class Service:

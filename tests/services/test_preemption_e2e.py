@@ -15,7 +15,6 @@ from tests.fixtures.processes import wait_for
 from tests.services.test_e2e import (
     REAL_JOB_MODULES,
     Service,
-    ray_head,  # noqa: F401  (a fixture: `ray start --head` with 2 CPUs)
     real_spec,
     run_of_job,
     tail,
