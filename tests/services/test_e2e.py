@@ -192,6 +192,18 @@ def service(tmp_path, ray_head):
         s.stop()
 
 
+@pytest.fixture(scope="module")
+def real_job_service(tmp_path_factory, ray_head):
+    """One service running the real `python -m jobs.run`, shared by the real-job tests that need nothing else of a
+    service: they tell their jobs, MLflow runs and models apart by id and name, and the embedded MLflow store is
+    made once (by the first job), not once per test."""
+    svc = Service(tmp_path_factory.mktemp("real-jobs") / "home", ray_head, job_module=None).start()
+    try:
+        yield svc
+    finally:
+        svc.stop()
+
+
 def fake_spec(name: str, steps: int, cpus: float) -> str:
     return (
         f"name: {name}\nmodel: {{variant: ae, architecture: mlp, latent_dim: 2}}\n"
@@ -356,27 +368,6 @@ def test_a_killed_service_comes_back_reattaches_and_the_job_succeeds_once(servic
 REAL_JOB_MODULES = ("jobs.run", "jobs.registry", "workers.storage", "workers.tracking", "workers.ray_worker")
 
 
-@pytest.mark.skipif(
-    any(importlib.util.find_spec(m) is None for m in REAL_JOB_MODULES),
-    reason="the real job path (jobs.run with jobs.registry, workers.storage, workers.tracking, "
-    "workers.ray_worker) is not complete yet; the queue's Ray path is covered by the tests above",
-)
-def test_a_real_training_job_runs_through_the_queue(service, ray_head):
-    svc = service(job_module=None)
-    spec = (
-        "name: e2e-real\nmodel: {variant: vae, architecture: conv64, latent_dim: 2}\n"
-        "data: {source: 'builtin:dsprites', limit: 256, val_fraction: 0.25}\n"
-        "train: {steps: 4, batch_size: 16, checkpoint_every: 2, log_every: 1}\n"
-        "eval: {iwae_samples: 2, max_examples: 16, disentanglement: false, pictures: false}\n"
-        "resources: {workers: 1, cpus_per_worker: 1}\n"
-        "register: {model_name: e2e-real-vae}\n"
-    )
-    job_id = svc.submit(spec)
-    job = svc.wait_state(job_id, "succeeded", timeout=280)
-    assert job["mlflow_run_id"] and job["model_version"]
-    assert [e["to_state"] for e in job["events"]] == ["queued", "starting", "running", "succeeded"]
-
-
 def real_spec(name: str, steps: int, **extra: str) -> str:
     lines = [
         f"name: {name}",
@@ -502,10 +493,12 @@ UNICODE_MODEL_DESCRIPTION = "模型说明 🧪 (registered through the queue)"
 
 
 @pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in REAL_JOB_MODULES), reason="no real job path")
-def test_a_spec_with_emoji_and_cjk_text_trains_through_the_queue(service, ray_head):
-    """The spec's free text crosses the API, the job table, the Ray job's environment and the entry point intact
-    (it once failed every attempt: JSON's escaped surrogate pairs read back as YAML)."""
-    svc = service(job_module=None)
+def test_a_spec_with_emoji_and_cjk_text_trains_through_the_queue(real_job_service, ray_head):
+    """A real training job (`python -m jobs.run`) through the queue, registered; the spec's free text crosses the
+    API, the job table, the Ray job's environment and the entry point intact (it once failed every attempt: JSON's
+    escaped surrogate pairs read back as YAML). The queue's plain real-job test was folded in here: one Ray Train fit
+    fewer."""
+    svc = real_job_service
     spec = real_spec(
         "e2e-unicode",
         2,
@@ -514,21 +507,23 @@ def test_a_spec_with_emoji_and_cjk_text_trains_through_the_queue(service, ray_he
     )
     job_id = svc.submit(spec)
     job = svc.wait_state(job_id, "succeeded", timeout=280)
-    assert job["attempts"] == 1 and job["model_version"]
+    assert job["attempts"] == 1 and job["mlflow_run_id"] and job["model_version"]
+    assert [e["to_state"] for e in job["events"]] == ["queued", "starting", "running", "succeeded"]
     run = run_of_job(svc, job_id)
+    assert run.info.run_id == job["mlflow_run_id"]
     assert run.data.params["description"] == UNICODE_DESCRIPTION
     version = mlflow_of(svc).get_model_version("e2e-unicode", job["model_version"])
     assert version.description.startswith(UNICODE_MODEL_DESCRIPTION + "\n\n")  # then the metrics, pictures
 
 
 @pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in REAL_JOB_MODULES), reason="no real job path")
-def test_a_packed_sweep_runs_through_the_queue(service, ray_head):
+def test_a_packed_sweep_runs_through_the_queue(real_job_service, ray_head):
     """2 beta x 2 seeds in packs of 2 (issue 12), submitted to the queue: four nested runs with their metrics, the
     results table and summary pictures on the sweep's run, and the best trial's model, which loads."""
     import mlflow.pytorch
     import torch
 
-    svc = service(job_module=None)
+    svc = real_job_service
     spec = (
         "name: e2e-packed\nkind: sweep\nmodel: {variant: beta_vae, architecture: conv64, latent_dim: 2}\n"
         "data: {source: 'builtin:dsprites', limit: 256, val_fraction: 0.25}\n"
@@ -570,8 +565,8 @@ def test_a_packed_sweep_runs_through_the_queue(service, ray_head):
 
 
 @pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in REAL_JOB_MODULES), reason="no real job path")
-def test_cancelling_a_real_job_ends_its_mlflow_run_killed(service, ray_head):
-    svc = service(job_module=None)
+def test_cancelling_a_real_job_ends_its_mlflow_run_killed(real_job_service, ray_head):
+    svc = real_job_service
     job_id = svc.submit(real_spec("e2e-cancel", 100_000))
     svc.wait_state(job_id, "running", timeout=120)
     # The job's progress lines first, then MLflow: reading the embedded store while the job creates it would race
