@@ -15,13 +15,14 @@ from tests.fixtures.processes import wait_for
 from tests.services.test_e2e import (
     REAL_JOB_MODULES,
     Service,
+    mlflow_of,
     real_spec,
     run_of_job,
     tail,
 )
 from workers.loop import CHECKPOINT_FILE
 
-# Four fits on 2 CPUs (victim twice, its twin, the urgent job): about two minutes on an idle machine.
+# Four fits on 2 CPUs (victim twice, its twin, the urgent job).
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 POLICY = """\
@@ -58,20 +59,23 @@ def test_a_preempted_job_resumes_from_its_current_step_and_ends_as_an_uninterrup
     svc = Service(tmp_path / "home", ray_head, job_module=None, extra_env={"AEFORGE_POLICY_FILE": str(policy)})
     svc.start()
     try:
-        # Enough steps that an idle machine cannot finish the victim before the urgent job's stop request lands
-        # (60 did: the victim ended at step 60 first); a tiny model's step takes milliseconds.
-        steps = 600
+        # Enough steps that an idle machine cannot finish the victim between its first log window and the stop
+        # request's landing (the urgent job's submission, a dispatcher pass, Ray's stop, the workers' poll of the
+        # request: seconds; 60 steps did not last that long). The twin starts with the victim, so the victim need not
+        # also outlast the twin's start (600 steps did, when the twin was submitted after the victim's first window).
+        steps = 300
 
         def trained_a_window(job_id):
             progress = svc.http.get(f"/jobs/{job_id}", params={"progress": "true"}).json().get("progress") or {}
             return progress.get("step", 0) >= 5
 
+        # The embedded MLflow store made before the jobs: two first jobs at once race to create it.
+        mlflow_of(svc).search_experiments()
         victim = submit(svc, spec("e2e-victim", steps), "normal")
-        svc.wait_state(victim, "running", timeout=400)
-        wait_for(lambda: trained_a_window(victim), 600, "the victim to train a log window")
-        # The twin after the victim's first steps: two first jobs at once race to create the embedded MLflow store.
         twin = submit(svc, spec("e2e-twin", steps), "pinned")  # not preemptible: it runs straight through
+        svc.wait_state(victim, "running", timeout=400)
         svc.wait_state(twin, "running", timeout=400)
+        wait_for(lambda: trained_a_window(victim), 600, "the victim to train a log window")
         urgent = submit(svc, spec("e2e-urgent", 5), "urgent")
 
         def requeue_event():
