@@ -61,7 +61,7 @@ def test_a_preempted_job_resumes_from_its_current_step_and_ends_as_an_uninterrup
     try:
         # Enough steps that an idle machine cannot finish the victim between its first log window and the stop
         # request's landing (the urgent job's submission, a dispatcher pass, Ray's stop, the workers' poll of the
-        # request: seconds; 60 steps did not last that long). The twin starts with the victim, so the victim need not
+        # request: seconds; 60 steps did not last that long). The twin starts beside the victim, so the victim need not
         # also outlast the twin's start (600 steps did, when the twin was submitted after the victim's first window).
         steps = 300
 
@@ -72,8 +72,10 @@ def test_a_preempted_job_resumes_from_its_current_step_and_ends_as_an_uninterrup
         # The embedded MLflow store made before the jobs: two first jobs at once race to create it.
         mlflow_of(svc).search_experiments()
         victim = submit(svc, spec("e2e-victim", steps), "normal")
-        twin = submit(svc, spec("e2e-twin", steps), "pinned")  # not preemptible: it runs straight through
         svc.wait_state(victim, "running", timeout=400)
+        # The twin once the victim's Ray job runs (its driver only starting): a little behind the victim, so it is
+        # still training, and holding its CPU, when the urgent job comes.
+        twin = submit(svc, spec("e2e-twin", steps), "pinned")  # not preemptible: it runs straight through
         svc.wait_state(twin, "running", timeout=400)
         wait_for(lambda: trained_a_window(victim), 600, "the victim to train a log window")
         urgent = submit(svc, spec("e2e-urgent", 5), "urgent")
