@@ -210,6 +210,8 @@ def paged_run(env, tmp_path_factory):
     from jobs.run import run_train_on_ray
 
     spec = tiny_spec(model_name="pages-btcvae", alias="candidate", description="the pages test's model")
+    # One worker: the pages show nothing of a second one, which would only add its process's start-up.
+    spec = spec.model_copy(update={"resources": spec.resources.model_copy(update={"workers": 1})})
     spec_file = tmp_path_factory.mktemp("specs") / "pages.yaml"
     spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json", by_alias=True)))
     job_id = new_job_id("pages")

@@ -94,7 +94,9 @@ def test_a_weaker_run_leaves_candidate_on_the_better_version_and_says_so(gate_en
     assert "pictures/mutual_information.png" in pictures
 
     # `--no-register` leaves the registry as it is: no version 3.
-    quick = runner.invoke(cli.app, ["run", str(spec_path), "--set", "train.steps=5", "--no-register"])
+    quick = runner.invoke(
+        cli.app, ["run", str(spec_path), "--set", "train.steps=5", "--set", "eval.pictures=false", "--no-register"]
+    )
     assert quick.exit_code == 0, quick.output
     assert "registered no model (--no-register)" in quick.output
     assert len(client.search_model_versions(f"name = '{name}'")) == 2
@@ -126,6 +128,7 @@ def test_a_sweep_whose_trials_all_collapsed_registers_no_best_and_says_so(gate_e
     # 0.001 nats, no active unit); one pack, so one Ray Train fit.
     spec.update(kind="sweep", register={"model_name": name})
     spec["train"].update(checkpoint_every=15, optimizer={"lr": 1e-3})
+    spec["eval"]["pictures"] = False  # nothing here looks at them
     spec["model"]["latent_dim"] = 2
     spec["sweep"] = {"beta": [100, 400], "pack": 2, "metric": {"name": "eval/mig", "mode": "max"}}
     outcome = run_sweep(parse_spec(yaml.safe_dump(spec), "collapsed.yaml"), f"{name}-job")
@@ -163,6 +166,7 @@ def test_a_collapsed_trial_with_the_higher_metric_is_never_the_best(gate_env):
     spec = train_spec(gate_env["data"], name, 30)
     spec.update(kind="sweep", register={"model_name": name})
     spec["train"].update(checkpoint_every=15, optimizer={"lr": 5e-3})
+    spec["eval"]["pictures"] = False  # nothing here looks at them
     spec["model"]["latent_dim"] = 2
     spec["sweep"] = {"beta": [1, 400], "pack": 2, "metric": {"name": "eval/mig", "mode": "max"}}
     outcome = run_sweep(parse_spec(yaml.safe_dump(spec), "mixed.yaml"), f"{name}-job")
