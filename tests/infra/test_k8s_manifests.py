@@ -152,9 +152,15 @@ def test_the_raycluster_has_a_cpu_head_and_an_autoscaled_gpu_group():
 def test_the_service_and_mlflow_are_probed_and_mlflow_lists_its_hosts():
     deployments = by_kind("Deployment")
     services = by_kind("Service")
-    for name, path in (("aeforge", "/healthz"), ("mlflow", "/health")):
+    # MLflow is ready when its tracking API answers (its backend store with it), alive while /health does.
+    mlflow_api = "/api/2.0/mlflow/experiments/search?max_results=1"
+    expected = {
+        "aeforge": {"startupProbe": "/healthz", "readinessProbe": "/healthz", "livenessProbe": "/healthz"},
+        "mlflow": {"startupProbe": "/health", "readinessProbe": mlflow_api, "livenessProbe": "/health"},
+    }
+    for name, paths in expected.items():
         container = deployments[name]["spec"]["template"]["spec"]["containers"][0]
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        for probe, path in paths.items():
             assert container[probe]["httpGet"]["path"] == path, (name, probe)
         selector = services[name]["spec"]["selector"]
         labels = deployments[name]["spec"]["template"]["metadata"]["labels"]
