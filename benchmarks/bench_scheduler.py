@@ -269,7 +269,9 @@ def simulate(backend: str, trace: Trace, args, *, backfill: bool = True) -> Resu
             first_start: dict[str, float] = {}
             submitted_at: dict[str, float] = {}
             next_arrival = 0
-            busy_ticks, util_sum, fairness, fairness_recent = 0, 0.0, [], []
+            busy_ticks, util_sum = 0, 0.0
+            fairness: list[float] = []
+            fairness_recent: list[float] = []
             team_of = {owner: team for team, owners in trace.teams.items() for owner in owners}
             policy = dispatcher.policies.current()
             result = Result(utilisation=0.0)

@@ -341,11 +341,15 @@ class Scheduler:
         started, preempted, or waited for what B's own max_hours might not: to backfill), more of the kind is read."""
         partial = sorted((job for job in queued if job.unread_group is not None), key=lambda j: j.seq)
         for job in partial:  # the last one read of each kind that waits alike stays
-            if job.id in plan.alike_waits:
+            if job.id in plan.alike_waits and job.unread_group is not None:
                 plan.unread_waits[job.unread_group] = (
                     f"behind {job.id}, which asks for the same (owner, class, resources) and waits"
                 )
-        plan.reread = {job.unread_group for job in partial if job.unread_group not in plan.unread_waits}
+        plan.reread = {
+            job.unread_group
+            for job in partial
+            if job.unread_group is not None and job.unread_group not in plan.unread_waits
+        }
 
     # --- ordering -----------------------------------------------------------------------------------------------
     def _order(self, queued, teams, team_of, team_held, owner_held):

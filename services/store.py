@@ -1009,9 +1009,9 @@ class Store:
                 )
                 preempted = [p.victim_id for p in plan.preemptions if p.victim_id in marked]
             changed = [
-                {"b_seq": row.seq, "b_reason": reason}
+                {"b_seq": waiting.seq, "b_reason": reason}
                 for job_id, reason in plan.waits.items()
-                if (row := by_id.get(job_id)) is not None and row.wait_reason != reason
+                if (waiting := by_id.get(job_id)) is not None and waiting.wait_reason != reason
             ]
             if changed:  # one statement, many parameter sets: a pass may change thousands of reasons
                 conn.execute(
@@ -1083,7 +1083,8 @@ class Store:
             sorted(
                 (
                     # By position: a Row's mapping costs more than the rest of the pass's reading of it.
-                    ActiveRow(*r[:_ACTIVE_RESOURCES], resources_of(r[_ACTIVE_RESOURCES]), *r[_ACTIVE_RESOURCES + 1 :])
+                    # (mypy cannot count a Row's columns: _ACTIVE_COLUMNS lists them in ActiveRow's order.)
+                    ActiveRow(*r[:_ACTIVE_RESOURCES], resources_of(r[_ACTIVE_RESOURCES]), *r[_ACTIVE_RESOURCES + 1 :])  # type: ignore[call-arg]
                     for r in conn.execute(_per_active_state(select(*_ACTIVE_COLUMNS))).all()
                 ),
                 key=lambda job: job.seq,
@@ -1135,7 +1136,7 @@ class Store:
                 if unread is not None:
                     groups.update({r[_SEQ]: (read[0][_SEQ], unread) for r in read})
             read_seqs = {r[_SEQ] for r in rows}
-            also = jobs_table.c.queue_kind.is_(None)
+            also: ColumnElement[bool] = jobs_table.c.queue_kind.is_(None)
             if stopping_for:
                 also = also | jobs_table.c.id.in_(sorted(stopping_for))
             rows += [
@@ -1152,7 +1153,8 @@ class Store:
         for r in rows:
             group, reasons = groups.get(r[_SEQ], (None, (None, None)))
             out.append(
-                QueuedRow(
+                # By position (mypy cannot count a Row's columns): _QUEUED_COLUMNS lists them in QueuedRow's order.
+                QueuedRow(  # type: ignore[call-arg, misc]
                     *r[:_RESOURCES],
                     resources_of(r[_RESOURCES]),
                     *r[_RESOURCES + 1 :],
@@ -1194,7 +1196,11 @@ class Store:
         (in-process, no LATERAL) the queued jobs are numbered per kind by window functions."""
         firsts: dict[tuple, tuple[list, tuple | None]] = {}
         if self.dialect == "postgresql":
-            extra = [column("unread_seq", Integer), column("first_unread", Text), column("last_unread", Text)]
+            extra: list[ColumnElement[Any]] = [
+                column("unread_seq", Integer),
+                column("first_unread", Text),
+                column("last_unread", Text),
+            ]
             query = text(_FIRST_OF_EACH_KIND_PG).columns(*_QUEUED_COLUMNS, *extra)
             for r in conn.execute(query, {"n": window, "stopping_for": list(stopping_for)}).all():
                 key = (r.owner, r.priority, r.queue_kind)
