@@ -512,6 +512,24 @@ def train(
     steps_started = t0  # the ETA in a progress line is at the pace since this attempt's first step
     ctx.log_phase("training", done=start_step, total=n_steps)
     seconds = 0.0
+
+    def evaluate_now() -> dict[str, float]:
+        """The evaluation of the model as it is now (the chief's), in eval mode; training mode after."""
+        from workers.metrics import evaluate  # sklearn and scipy: imported by the one process that evaluates
+
+        model.eval()
+        metrics = evaluate(
+            model,
+            val_data,
+            eval_config,
+            seed=cfg.seed,
+            full=full_data,
+            train=train_data,
+            on_metric=ctx.metric_progress(),
+        )
+        model.train()
+        return metrics
+
     model.train()
 
     for step in range(start_step, n_steps):
@@ -584,19 +602,7 @@ def train(
         # ranking metric) carries it.
         at_final_eval = done == n_steps and evaluate_at_end
         if (at_eval or at_final_eval) and ctx.is_chief:
-            from workers.metrics import evaluate  # sklearn and scipy: imported by the one process that evaluates
-
-            model.eval()
-            eval_metrics = evaluate(
-                model,
-                val_data,
-                eval_config,
-                seed=cfg.seed,
-                full=full_data,
-                train=train_data,
-                on_metric=ctx.metric_progress(),
-            )
-            model.train()
+            eval_metrics = evaluate_now()
             ctx.log_metrics(eval_metrics, done)
             final_metrics.update(eval_metrics)
             # In the history too: the loss-curve picture puts validation points next to the training curve.
@@ -641,20 +647,7 @@ def train(
             )
 
     if start_step >= n_steps and ctx.is_chief and evaluate_at_end:  # a finished run resumed: nothing to train
-        model.eval()
-        from workers.metrics import evaluate
-
-        final_metrics.update(
-            evaluate(
-                model,
-                val_data,
-                eval_config,
-                seed=cfg.seed,
-                full=full_data,
-                train=train_data,
-                on_metric=ctx.metric_progress(),
-            )
-        )
+        final_metrics.update(evaluate_now())
     trained = start_step < n_steps
     # A finished run started again trains nothing: it has no throughput to report, and a 0 would hide the real one.
     throughput = final_metrics.get("perf/images_per_second", 0.0)
