@@ -67,6 +67,11 @@ class LauncherUnavailable(RuntimeError):
     """Ray's Jobs API could not be reached; nothing can be concluded about the jobs on it."""
 
 
+class SpecPackageUnwritable(LauncherUnavailable):
+    """This machine could not write the package a submission carries (its temporary folder is full or read-only):
+    Ray is not the cause, and the job is not at fault either (it stays `starting`, submitted again on a later pass)."""
+
+
 class SubmissionExists(RuntimeError):
     """Ray already has a job with this submission id (a dispatcher submitted it before it stopped)."""
 
@@ -610,7 +615,10 @@ class Dispatcher:
 
     def _log_unreachable(self, exc: Exception) -> None:
         if not self._unreachable_logged:
-            log.warning("Ray is not reachable (%s); jobs keep their states until it is", exc)
+            if isinstance(exc, SpecPackageUnwritable):  # the local disk, not Ray: say which, for the on-call
+                log.warning("%s; jobs stay starting and are submitted when it can be written", exc)
+            else:
+                log.warning("Ray is not reachable (%s); jobs keep their states until it is", exc)
             self._unreachable_logged = True
 
 
@@ -674,7 +682,7 @@ class RayJobLauncher:
                     lambda c: c.submit_job(entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env),
                 )
         except OSError as exc:  # this machine's temporary folder (full, read-only): tried again on the next pass
-            raise LauncherUnavailable(f"cannot write the job's spec package for Ray: {exc}") from None
+            raise SpecPackageUnwritable(f"cannot write the job's spec package for Ray: {exc}") from None
         except RuntimeError as exc:
             if "already exists" in str(exc):
                 raise SubmissionExists(submission_id) from None

@@ -4,6 +4,7 @@ launcher that records submissions (the real Ray path is in test_e2e.py)."""
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 
@@ -544,7 +545,7 @@ def test_a_200_kb_spec_goes_by_reference_and_reads_back_in_the_job(tmp_path, mon
         read_job_spec()
 
 
-def test_a_spec_package_that_cannot_be_written_leaves_the_job_starting_until_it_can(store, monkeypatch):
+def test_a_spec_package_that_cannot_be_written_leaves_the_job_starting_until_it_can(store, monkeypatch, caplog):
     """The real launcher writes the package in this machine's temporary folder: a full disk is not the job's fault;
     the job stays `starting` and is submitted on a later pass."""
     import tempfile
@@ -571,8 +572,12 @@ def test_a_spec_package_that_cannot_be_written_leaves_the_job_starting_until_it_
 
     with monkeypatch.context() as patch:
         patch.setattr(tempfile, "TemporaryDirectory", full)
-        dispatcher.tick()
+        with caplog.at_level(logging.WARNING, logger="services.dispatcher"):
+            dispatcher.tick()
     assert store.get(job.id).state == "starting" and not calls
+    # The log names the cause (this machine's disk), not Ray.
+    [line] = [r.getMessage() for r in caplog.records if "spec package" in r.getMessage()]
+    assert "No space left on device" in line and "Ray is not reachable" not in line
     now[0] += 60
     dispatcher.tick()
     [call] = calls
