@@ -36,7 +36,7 @@ from services import metrics
 from services.job_log import RAY_PREFIX, readable_lines
 from services.logs import job_fields, redact, secret_values
 from services.policy import Policy, PolicySource
-from services.scheduler import QueuedJob, RunningJob, Scheduler, decayed_usage, dominant_share
+from services.scheduler import QueuedJob, ResumePoint, RunningJob, Scheduler, decayed_usage, dominant_share
 from services.store import Decision, Job, QueuedRow, QueueSnapshot, Store, add_resources
 from workers.errors import AeforgeError
 from workers.job_specs import write_spec_package
@@ -352,6 +352,12 @@ class Dispatcher:
                     attempts=row.attempts,
                     note=note or "",
                     unread_group=row.unread_group,
+                    unread_count=row.unread_count,
+                    resumes_after_preemption=(
+                        None
+                        if row.last_preempted_by is None
+                        else ResumePoint(row.last_preempted_by, row.last_preempted_step)
+                    ),
                 )
             )
         running = [
@@ -550,13 +556,17 @@ class Dispatcher:
             progress = parse_progress(self.launcher.logs(job.ray_submission_id or job.id))
         except (LauncherUnavailable, RuntimeError):
             progress = None
-        at = f" at step {progress['step']}" if progress else ""
+        step = progress["step"] if progress else None
+        at = "" if step is None else f" at step {step}"
         return self._set(
             job,
             "queued",
             f"preempted by {job.preempted_by}{at}; re-queued to resume from its checkpoint (no attempt spent)",
             max_attempts=job.max_attempts + 1,
             error=None,  # not a failure: no back-off (retry_due) before it starts again
+            # What its next start says it resumed after (services.scheduler.QueuedJob.resumes_after_preemption).
+            last_preempted_by=job.preempted_by,
+            last_preempted_step=step,
         )
 
     def retry_delay_s(self, job: Job | QueuedRow) -> float:

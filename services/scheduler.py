@@ -39,6 +39,15 @@ EPS = 1e-9
 
 
 @dataclass(frozen=True)
+class ResumePoint:
+    """The preemption that re-queued a job: the job it was stopped for, and the step of the checkpoint it wrote then
+    (None when its log said no step)."""
+
+    by: str
+    step: int | None
+
+
+@dataclass(frozen=True)
 class QueuedJob:
     id: str
     seq: int
@@ -56,6 +65,11 @@ class QueuedJob:
     # more of them queue behind: the kind's id (its first job's seq). Plan.reread says whether those unread could
     # have changed the pass.
     unread_group: int | None = None
+    # With unread_group: how many of the kind the store left unread. They queue behind the last one read, and count
+    # among the jobs ahead in its team's queue of any job of the team the pass considers after that one.
+    unread_count: int = 0
+    # Set when a preemption re-queued it: its start says it resumed after that preemption.
+    resumes_after_preemption: ResumePoint | None = None
 
 
 @dataclass(frozen=True)
@@ -225,7 +239,13 @@ class Scheduler:
         head: QueuedJob | None = None
         shadow: float | None = None  # when the head can start, by the running jobs' max_hours
         spare: dict[str, float] = {}  # what the head leaves over at that time
+        # How many of each team's queued jobs go before the one considered: those considered before it, and the
+        # unread jobs of a kind once the last one read of that kind was (they queue behind it).
         ahead_in_team: dict[str, int] = defaultdict(int)
+        last_read_of_kind: dict[int, str] = {}
+        for job in sorted(queued, key=lambda j: j.seq):
+            if job.unread_group is not None:
+                last_read_of_kind[job.unread_group] = job.id
 
         for job in self._order(queued, teams, team_of, team_held, owner_held):
             plan.order.append(job.id)
@@ -233,6 +253,8 @@ class Scheduler:
             klass = self._class_of(job)
             place = ahead_in_team[team.name]
             ahead_in_team[team.name] += 1
+            if job.unread_group is not None and last_read_of_kind[job.unread_group] == job.id:
+                ahead_in_team[team.name] += job.unread_count
             asks = {k: float(v) for k, v in job.asks.items()}
             note = f" ({job.note})" if job.note else ""
 
@@ -270,7 +292,7 @@ class Scheduler:
                 continue
 
             if fits(asks, free) and (head is None or self._may_backfill(job, asks, shadow, spare)):
-                reason, behind = self._start_reason(job, asks, free, head, shadow, borrowing, team)
+                reason, behind = self._start_reason(job, asks, free, head, shadow, borrowing)
                 reason += note
                 if head is not None and not self._ends_before(job, shadow):
                     spare = add(spare, asks, -1)  # a backfill past the head's start takes from what it leaves over
@@ -412,7 +434,8 @@ class Scheduler:
 
     # --- checks -------------------------------------------------------------------------------------------------
     def _quota(self, job, asks, team: TeamView, holder: _Holder, place: int) -> tuple[str | None, list[str]]:
-        """(why the job waits for its team's quota, or None; the resources it would hold beyond the quota)."""
+        """(why the job waits for its team's quota, or None; what its team would hold beyond its quota with it, as
+        "GPU 2 beyond team vision's quota 8", one per resource, and the jobs)."""
         borrowing: list[str] = []
         ahead = f"; {place} job{'s' if place != 1 else ''} ahead in its queue" if place else ""
         for ray_name in QUOTA_RESOURCES.values():
@@ -429,12 +452,15 @@ class Scheduler:
                     f"team {team.name} holds {ray_name} {holder.resources.get(ray_name, 0.0):g} of its quota "
                     f"{quota:g}{extra}; this job needs {asks.get(ray_name, 0.0):g}{ahead}"
                 ), []
-            borrowing.append(ray_name)
+            borrowing.append(f"{ray_name} {after - quota:g} beyond team {team.name}'s quota {quota:g}")
         if team.quota.jobs is not None and holder.jobs + 1 > team.quota.jobs:
             ceiling = team.jobs_ceiling()
             if ceiling is not None and holder.jobs + 1 > ceiling:
                 return f"team {team.name} runs {holder.jobs} jobs of its quota {team.quota.jobs}{ahead}", []
-            borrowing.append("jobs")
+            beyond = holder.jobs + 1 - team.quota.jobs
+            borrowing.append(
+                f"{beyond} job{'s' if beyond != 1 else ''} beyond team {team.name}'s quota of {team.quota.jobs} jobs"
+            )
         return None, borrowing
 
     def _may_backfill(self, job: QueuedJob, asks, shadow: float | None, spare: Mapping[str, float]) -> bool:
@@ -445,20 +471,34 @@ class Scheduler:
     def _ends_before(self, job: QueuedJob, shadow: float | None) -> bool:
         return job.max_hours is not None and shadow is not None and self.now + job.max_hours * 3600 <= shadow + EPS
 
-    def _start_reason(self, job, asks, free, head, shadow, borrowing, team) -> tuple[str, str | None]:
-        reason = f"admitted: asks for {describe(asks)}; free {describe(free, also=asks)}"
-        if job.attempts > 0:  # after a failed attempt or a preemption
-            reason = f"resumes from its checkpoint (attempt {job.attempts + 1}); " + reason
+    def _start_reason(self, job, asks, free, head, shadow, borrowing) -> tuple[str, str | None]:
+        """The reason of a start, as its event says it: first how it starts when that is not plainly (resumed after
+        a preemption, backfilled ahead of a waiting head, on borrowed capacity), then what it asks for and finds free;
+        and the head it backfills ahead of, if any."""
+        said = []
+        resumed = job.resumes_after_preemption
+        if resumed is not None:
+            at = (
+                "its last checkpoint, if it wrote one,"
+                if resumed.step is None
+                else f"its checkpoint at step {resumed.step}"
+            )
+            said.append(f"resumed from {at} after preemption by {resumed.by} (attempt {job.attempts + 1})")
+        elif job.attempts > 0:  # after a failed attempt, or queued again by a person
+            said.append(f"resumes from its checkpoint (attempt {job.attempts + 1})")
+        if head is not None:
+            expected = "" if shadow is None else f", expected to start by {_clock(shadow)}"
+            if self._ends_before(job, shadow):
+                said.append(
+                    f"backfilled ahead of {head.id} (ends by {_clock(self.now + job.max_hours * 3600)}, its "
+                    f"train.max_hours = {job.max_hours:g} h, before {head.id} could start{expected})"
+                )
+            else:
+                said.append(f"backfilled ahead of {head.id} (it fits in what {head.id} leaves over{expected})")
         if borrowing:
-            reason += f"; borrows idle capacity beyond team {team.name}'s quota ({', '.join(borrowing)})"
-        if head is None:
-            return reason, None
-        how = (
-            f"it ends within train.max_hours = {job.max_hours:g} h, before {head.id} could start"
-            if self._ends_before(job, shadow)
-            else f"it fits in what {head.id} leaves over"
-        )
-        return f"backfilled ahead of {head.id}: {how}; " + reason, head.id
+            said.append(f"on borrowed capacity: {', '.join(borrowing)}")
+        said.append(f"admitted: asks for {describe(asks)}; free {describe(free, also=asks)}")
+        return "; ".join(said), None if head is None else head.id
 
     def _reservation(self, asks, free, running: Sequence[RunningJob]) -> tuple[float | None, dict[str, float]]:
         """When the head could start (the running jobs ending at their max_hours, earliest first) and what it leaves

@@ -205,6 +205,10 @@ jobs_table = Table(
     Column("max_hours", Float),
     # A running job asked to checkpoint and stop for this queued job (preemption); cleared when it is re-queued.
     Column("preempted_by", String(128)),
+    # A queued job that a preemption re-queued: the job that preempted it and the step of the checkpoint it wrote
+    # (None when its log said none); cleared by its next state change, whose start event says it resumed after it.
+    Column("last_preempted_by", String(128)),
+    Column("last_preempted_step", Integer),
     # What a scheduling pass judges a queued job by, but its max_hours and past attempts (queue_kind_of): a pass
     # reads of each owner's jobs alike only the first few (Store.schedule). NULL (none given): read by every pass.
     Column("queue_kind", Text),
@@ -392,12 +396,27 @@ class QueuedRow:
     # The failed attempt's error that re-queued it; None for a new job or one queued again by `aeforge retry`.
     error: str | None
     queue_kind: str | None = None
+    # Set when a preemption re-queued it (the columns of the same names).
+    last_preempted_by: str | None = None
+    last_preempted_step: int | None = None
     spec_json: str | None = None
     # Set when the read left later queued jobs of this row's kind unread (Store.schedule's ``window``): the kind's
     # id, its first job's seq (services.scheduler.QueuedJob.unread_group); and the wait reasons stored on the first
     # and the last of those unread (so that a reason they all have already is not written again).
     unread_group: int | None = None
     unread_reasons: tuple[str | None, str | None] = (None, None)
+    # With unread_group: how many of the kind's queued jobs the read left unread.
+    unread_count: int = 0
+
+
+@dataclass(frozen=True)
+class Unread:
+    """The queued jobs of one kind that a windowed read left unread: how many, and the wait reasons stored on the
+    first and the last of them."""
+
+    count: int
+    first_reason: str | None
+    last_reason: str | None
 
 
 @dataclass(frozen=True)
@@ -797,7 +816,14 @@ class Store:
         if to_state not in TRANSITIONS[row.state]:
             raise InvalidTransition(f"job {row.id} cannot go from {row.state} to {to_state}")
         now = utcnow()
-        values: dict[str, Any] = {"state": to_state, "updated_at": now, "wait_reason": None, "preempted_by": None}
+        values: dict[str, Any] = {
+            "state": to_state,
+            "updated_at": now,
+            "wait_reason": None,
+            "preempted_by": None,
+            "last_preempted_by": None,
+            "last_preempted_step": None,
+        }
         if to_state == "running":
             values["started_at"] = now
         if to_state in TERMINAL_STATES:
@@ -1121,7 +1147,7 @@ class Store:
         only the first ``window`` (``wider``: more of some kinds), and every job with no queue_kind or that running
         jobs are stopping for (its reservation of what they give back is part of the pass)."""
         queued = jobs_table.c.state == "queued"
-        groups: dict[int, tuple[int, tuple[str | None, str | None]]] = {}
+        groups: dict[int, tuple[int, Unread]] = {}
         if window is None:
             rows = list(conn.execute(select(*_QUEUED_COLUMNS).where(queued)).all())
         else:
@@ -1151,7 +1177,7 @@ class Store:
             )
         out = []
         for r in rows:
-            group, reasons = groups.get(r[_SEQ], (None, (None, None)))
+            group, unread = groups.get(r[_SEQ], (None, Unread(0, None, None)))
             out.append(
                 # By position (mypy cannot count a Row's columns): _QUEUED_COLUMNS lists them in QueuedRow's order.
                 QueuedRow(  # type: ignore[call-arg, misc]
@@ -1160,16 +1186,17 @@ class Store:
                     *r[_RESOURCES + 1 :],
                     spec_json=sweep_specs.get(r[_SEQ]),
                     unread_group=group,
-                    unread_reasons=reasons,
+                    unread_reasons=(unread.first_reason, unread.last_reason),
+                    unread_count=unread.count,
                 )
             )
         return tuple(out)
 
     def _first_of_kind(
         self, conn: Connection, key: tuple, n: int, stopping_for: Sequence[str] = ()
-    ) -> tuple[list, tuple | None]:
-        """The first ``n`` queued jobs of one kind (owner, priority, queue_kind) and, when it has more, the wait
-        reasons of the first and the last of those (as _first_of_each_kind)."""
+    ) -> tuple[list, Unread | None]:
+        """The first ``n`` queued jobs of one kind (owner, priority, queue_kind) and, when it has more, how many and
+        the wait reasons of the first and the last of those (as _first_of_each_kind)."""
         owner, priority, queue_kind = key
         of_kind = select(*_QUEUED_COLUMNS).where(
             jobs_table.c.state == "queued",
@@ -1184,27 +1211,32 @@ class Store:
         if len(rows) <= n:
             return rows, None
         last = conn.execute(of_kind.order_by(*(c.desc() for c in in_index)).limit(1)).one()
-        return rows[:n], (rows[n][_WAIT], last[_WAIT])
+        count = conn.execute(
+            select(func.count()).select_from(of_kind.where(jobs_table.c.seq >= rows[n][_SEQ]).subquery())
+        ).scalar_one()
+        return rows[:n], Unread(int(count), rows[n][_WAIT], last[_WAIT])
 
     def _first_of_each_kind(
         self, conn: Connection, window: int, stopping_for: Sequence[str] = ()
-    ) -> dict[tuple, tuple[list, tuple | None]]:
+    ) -> dict[tuple, tuple[list, Unread | None]]:
         """Per (owner, priority, queue_kind) of the queued jobs: its first ``window`` jobs in submission order (the
-        QueuedRow columns) and, when it has more, the wait reasons of the first and the last of those (else None).
+        QueuedRow columns) and, when it has more, how many and the wait reasons of the first and the last of those
+        (else None).
         On PostgreSQL a skip scan of ix_aeforge_jobs_queue_kind (each kind found by one index probe after the
         previous one, its jobs by three more): the read costs the number of kinds, not of queued jobs. On SQLite
         (in-process, no LATERAL) the queued jobs are numbered per kind by window functions."""
-        firsts: dict[tuple, tuple[list, tuple | None]] = {}
+        firsts: dict[tuple, tuple[list, Unread | None]] = {}
         if self.dialect == "postgresql":
             extra: list[ColumnElement[Any]] = [
                 column("unread_seq", Integer),
                 column("first_unread", Text),
                 column("last_unread", Text),
+                column("unread_count", Integer),
             ]
             query = text(_FIRST_OF_EACH_KIND_PG).columns(*_QUEUED_COLUMNS, *extra)
             for r in conn.execute(query, {"n": window, "stopping_for": list(stopping_for)}).all():
                 key = (r.owner, r.priority, r.queue_kind)
-                unread = None if r.unread_seq is None else (r.first_unread, r.last_unread)
+                unread = None if r.unread_seq is None else Unread(r.unread_count, r.first_unread, r.last_unread)
                 firsts.setdefault(key, ([], unread))[0].append(r[: len(_QUEUED_COLUMNS)])
         else:
             alike = [jobs_table.c.owner, jobs_table.c.priority, jobs_table.c.queue_kind]
@@ -1232,9 +1264,12 @@ class Store:
                 if r.place <= window:
                     firsts.setdefault(key, ([], None))[0].append(r[: len(_QUEUED_COLUMNS)])
                 else:
-                    peeks[key].append(r.wait_reason)  # the first one unread, then the last one
-            for key, reasons in peeks.items():
-                firsts[key] = (firsts[key][0], (reasons[0], reasons[-1]))
+                    peeks[key].append(r)  # the first one unread (counting from it to the end), then the last one
+            for key, (first, *rest) in peeks.items():
+                firsts[key] = (
+                    firsts[key][0],
+                    Unread(first.from_end, first.wait_reason, (rest or [first])[-1].wait_reason),
+                )
         return firsts
 
     def _note_wait(self, conn: Connection, job: Job, reason: str) -> None:
@@ -1297,7 +1332,8 @@ WITH RECURSIVE kinds AS (
     ) AS next
 ), ends AS (
     SELECT kinds.owner, kinds.priority, kinds.queue_kind,
-           peek.seq AS unread_seq, peek.wait_reason AS first_unread, last.wait_reason AS last_unread
+           peek.seq AS unread_seq, peek.wait_reason AS first_unread, last.wait_reason AS last_unread,
+           unread.count AS unread_count
     FROM kinds
     LEFT JOIN LATERAL (
         SELECT seq, wait_reason FROM aeforge_jobs
@@ -1312,8 +1348,14 @@ WITH RECURSIVE kinds AS (
           AND id <> ALL(:stopping_for)
         ORDER BY state DESC, owner DESC, priority DESC, queue_kind DESC, seq DESC LIMIT 1
     ) AS last ON true
+    LEFT JOIN LATERAL (
+        SELECT count(*) AS count FROM aeforge_jobs
+        WHERE peek.seq IS NOT NULL
+          AND state = 'queued' AND owner = kinds.owner AND priority = kinds.priority AND queue_kind = kinds.queue_kind
+          AND seq >= peek.seq AND id <> ALL(:stopping_for)
+    ) AS unread ON true
 )
-SELECT {job_columns}, ends.unread_seq, ends.first_unread, ends.last_unread FROM ends, LATERAL (
+SELECT {job_columns}, ends.unread_seq, ends.first_unread, ends.last_unread, ends.unread_count FROM ends, LATERAL (
     SELECT {columns} FROM aeforge_jobs
     WHERE state = 'queued' AND owner = ends.owner AND priority = ends.priority AND queue_kind = ends.queue_kind
       AND id <> ALL(:stopping_for)
@@ -1343,7 +1385,9 @@ def _pass_columns(names) -> list:
 
 
 _QUEUED_COLUMNS = _pass_columns(
-    name for name in QueuedRow.__dataclass_fields__ if name not in ("spec_json", "unread_group", "unread_reasons")
+    name
+    for name in QueuedRow.__dataclass_fields__
+    if name not in ("spec_json", "unread_group", "unread_reasons", "unread_count")
 )
 _QUEUED_NAMES = [c.name for c in _QUEUED_COLUMNS]
 _SEQ, _KIND, _WAIT, _RESOURCES = (_QUEUED_NAMES.index(name) for name in ("seq", "kind", "wait_reason", "resources"))

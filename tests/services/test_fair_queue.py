@@ -11,6 +11,7 @@ import pytest
 
 from services.dispatcher import Dispatcher
 from services.policy import PolicySource
+from services.scheduler import _clock
 from services.store import Store
 from tests.services.fakes import FakeCluster, FakeLauncher
 
@@ -106,7 +107,12 @@ def test_backfill_with_max_hours_and_never_without(store, launcher, make_dispatc
     short = submit(store, "short", owner="gina", cpus=1, max_hours=1)
     report = dispatcher.tick()
     assert report.started == [short.id] and report.waiting == head.id
-    assert f"backfilled ahead of {head.id}" in store.events(short.id)[-1].reason
+    # The long run's max_hours ends from its start as the store stamped it (the wall clock, not this test's).
+    expected = _clock(store.get(long_run.id).started_at.timestamp() + 2 * 3600)
+    assert store.events(short.id)[-1].reason == (
+        f"backfilled ahead of {head.id} (ends by {_clock(now[0] + 3600)}, its train.max_hours = 1 h, before "
+        f"{head.id} could start, expected to start by {expected}); admitted: asks for CPU 1, GPU 0; free CPU 1, GPU 0"
+    )
     assert "does not overtake it" in store.get(no_limit.id).wait_reason
     assert store.get(head.id).state == "queued"
 
@@ -126,7 +132,9 @@ def test_a_preempted_job_is_stopped_requeued_without_spending_an_attempt_and_res
     after = store.get(victim.id)
     assert after.state == "queued" and after.preempted_by is None
     assert after.attempts == 1 and after.max_attempts == 2  # the attempt it used is given back
-    assert f"preempted by {urgent.id} at step 1234" in store.events(victim.id)[-1].reason
+    assert store.events(victim.id)[-1].reason == (
+        f"preempted by {urgent.id} at step 1234; re-queued to resume from its checkpoint (no attempt spent)"
+    )
     assert store.get(urgent.id).state == "starting"
     assert "behind" in after.wait_reason or "needs" in after.wait_reason
 
@@ -135,7 +143,61 @@ def test_a_preempted_job_is_stopped_requeued_without_spending_an_attempt_and_res
     assert report.started == [victim.id]
     resumed = store.get(victim.id)
     assert resumed.attempts == 2 and resumed.ray_submission_id == f"{victim.id}-attempt-2"
-    assert "resumes from its checkpoint" in store.events(victim.id)[-1].reason
+    assert store.events(victim.id)[-1].reason == (
+        f"resumed from its checkpoint at step 1234 after preemption by {urgent.id} (attempt 2); "
+        f"admitted: asks for CPU 2, GPU 0; free CPU 2, GPU 0"
+    )
+
+
+def test_a_job_preempted_before_it_reported_a_step_resumes_from_its_last_checkpoint(store, launcher, make_dispatcher):
+    dispatcher = make_dispatcher(cpus=2)
+    victim = submit(store, "victim", owner="dave", cpus=2)
+    dispatcher.tick()
+    launcher.set(store.get(victim.id).ray_submission_id, "RUNNING")  # no progress line yet
+    dispatcher.tick()
+    urgent = submit(store, "urgent", owner="erin", cpus=2, klass="urgent")
+    dispatcher.tick()
+    dispatcher.tick()
+    assert store.events(victim.id)[-1].reason == (
+        f"preempted by {urgent.id}; re-queued to resume from its checkpoint (no attempt spent)"
+    )
+    launcher.set(urgent.id, "SUCCEEDED")
+    assert dispatcher.tick().started == [victim.id]
+    assert store.events(victim.id)[-1].reason.startswith(
+        f"resumed from its last checkpoint, if it wrote one, after preemption by {urgent.id} (attempt 2); admitted"
+    )
+
+
+def test_a_job_that_failed_once_resumes_without_a_word_of_preemption(store, launcher, make_dispatcher):
+    dispatcher = make_dispatcher(cpus=2)
+    job = submit(store, "flaky", owner="dave", cpus=1)
+    dispatcher.tick()
+    launcher.set(store.get(job.id).ray_submission_id, "FAILED", message="node died", logs=PROGRESS)
+    assert dispatcher.tick().started == [job.id]  # followed back to the queue, started again (no back-off here)
+    assert store.events(job.id)[-2].to_state == "queued"
+    assert store.events(job.id)[-1].reason == (
+        "resumes from its checkpoint (attempt 2); admitted: asks for CPU 1, GPU 0; free CPU 2, GPU 0"
+    )
+
+
+def test_a_job_on_borrowed_capacity_says_how_much_beyond_its_teams_quota(store, launcher, tmp_path):
+    path = tmp_path / "borrowing.yaml"
+    path.write_text(
+        "teams:\n  vision: {owners: [alice], quota: {cpu: 2, jobs: 2}, borrowing_limit: {cpu: 2, jobs: 2}}\n"
+        "classes:\n  - {name: normal, value: 0}\n"
+    )
+    dispatcher = Dispatcher(
+        store, FakeCluster({"CPU": 8.0, "GPU": 0.0}), launcher, policies=PolicySource(path), environ={}
+    )
+    jobs = [submit(store, f"alice-{i}", owner="alice", cpus=1) for i in range(4)]
+    assert dispatcher.tick().started == [j.id for j in jobs]
+    reasons = [store.events(j.id)[-1].reason for j in jobs]
+    assert reasons[1] == "admitted: asks for CPU 1, GPU 0; free CPU 7, GPU 0"  # within the quota: nothing borrowed
+    assert reasons[2] == (
+        "on borrowed capacity: CPU 1 beyond team vision's quota 2, 1 job beyond team vision's quota of 2 jobs; "
+        "admitted: asks for CPU 1, GPU 0; free CPU 6, GPU 0"
+    )
+    assert reasons[3].startswith("on borrowed capacity: CPU 2 beyond team vision's quota 2, 2 jobs beyond")
 
 
 def test_two_dispatchers_run_each_job_once_with_preemption_in_play(store, launcher, make_dispatcher):

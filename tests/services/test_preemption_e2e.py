@@ -104,7 +104,10 @@ def test_a_preempted_job_resumes_from_its_current_step_and_ends_as_an_uninterrup
         done = svc.wait_state(victim, "succeeded", timeout=600)
         svc.wait_state(twin, "succeeded", timeout=600)
         assert done["attempts"] == 2 and done["result"]["resumed_from_step"] == stopped_at
-        assert any("resumes from its checkpoint (attempt 2)" in e["reason"] for e in done["events"])
+        assert any(
+            e["reason"].startswith(f"resumed from its checkpoint at step {stopped_at} after preemption by {urgent}")
+            for e in done["events"]
+        )
         home = tmp_path / "home"
         assert torch.equal(final_weights(home, victim), final_weights(home, twin))
         run = run_of_job(svc, victim)

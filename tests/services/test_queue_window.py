@@ -83,7 +83,7 @@ def windowed_plan(scheduler: Scheduler, queued: list[QueuedJob], running: list[R
             n = len(jobs) if rounds == 4 else wider.get(key, window)
             read = jobs[:n]
             group = read[0].seq if len(jobs) > n else None
-            seen += [replace(job, unread_group=group) for job in read]
+            seen += [replace(job, unread_group=group, unread_count=len(jobs) - len(read)) for job in read]
         plan = scheduler.plan(sorted(seen, key=lambda j: j.seq), running)
         if not plan.reread:
             return plan, seen
@@ -189,6 +189,30 @@ def test_a_backlog_over_its_quota_still_lets_the_next_job_that_fits_it_start(sto
     assert store.get(big[5].id).wait_reason.startswith(f"behind {big[1].id}")
 
 
+def test_a_quota_wait_counts_the_jobs_ahead_that_the_window_left_unread(store, make_dispatcher):
+    dispatcher = make_dispatcher(cpus=8, queue_window=1)
+    backlog = [submit(store, f"alice-{i}", "alice") for i in range(30)]
+    bigger = submit(store, "alice-big", "alice", cpus=2.0)
+    report = dispatcher.tick()
+    assert report.started == [backlog[0].id, backlog[1].id]  # the team's quota: CPU 2
+    # Read: the first 16 of the backlog (a second round, after the first one read started); unread: the other 14.
+    # All 30 go before the bigger job in alice's queue, the 2 started in this pass among them.
+    assert store.get(backlog[15].id).wait_reason == (
+        "team vision holds CPU 2 of its quota 2; this job needs 1; 15 jobs ahead in its queue"
+    )
+    assert store.get(bigger.id).wait_reason == (
+        "team vision holds CPU 2 of its quota 2; this job needs 2; 30 jobs ahead in its queue"
+    )
+    # The next pass reads one of the backlog (it waits for the quota, as all of them would): 28 still ahead.
+    assert not dispatcher.tick().started
+    assert store.get(bigger.id).wait_reason == (
+        "team vision holds CPU 2 of its quota 2; this job needs 2; 28 jobs ahead in its queue"
+    )
+    assert store.get(backlog[29].id).wait_reason == (
+        f"behind {backlog[2].id}, which asks for the same (owner, class, resources) and waits"
+    )
+
+
 def test_a_job_running_jobs_stop_for_is_read_even_beyond_the_window(store):
     from sqlalchemy import update
 
@@ -214,6 +238,7 @@ def test_a_job_running_jobs_stop_for_is_read_even_beyond_the_window(store):
     assert set(read) == {jobs[0].id, jobs[4].id}
     # The first is its kind's only one read, with more behind it; the last is read on its own.
     assert read[jobs[0].id].unread_group == jobs[0].seq and read[jobs[4].id].unread_group is None
+    assert read[jobs[0].id].unread_count == 3  # dave-1 to dave-3: the one read on its own is not among them
 
 
 def test_with_an_autoscaler_every_waiting_job_is_read_and_asked_for(store, tmp_path):
