@@ -33,6 +33,7 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from services.settings import process_alive, write_private
 from workers.errors import AeforgeError
@@ -227,7 +228,7 @@ class EmbeddedRay:
         self.start_timeout_s = start_timeout_s
         self.take_over_patience_s = take_over_patience_s
         self.record: HeadRecord | None = None
-        self._proc: subprocess.Popen | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def log_path(self) -> Path:
@@ -293,7 +294,7 @@ class EmbeddedRay:
         self._reap(record, grace_s=STOP_GRACE_S)
 
     # --- inside -------------------------------------------------------------------------------------------------
-    def _service_identity(self) -> dict:
+    def _service_identity(self) -> dict[str, Any]:
         return {"service_pid": os.getpid(), "service_started": process_started(os.getpid())}
 
     def _reap(self, record: HeadRecord, grace_s: float = 0.0) -> None:

@@ -129,7 +129,7 @@ class ReadableLog:
     ``on_progress(mark, payload)``: when given, progress and phase lines go to it instead of becoming text (a live
     display shows them as a bar)."""
 
-    def __init__(self, on_progress: Callable[[str, dict], None] | None = None):
+    def __init__(self, on_progress: Callable[[str, dict[str, Any]], None] | None = None):
         self.partial = ""
         self.on_progress = on_progress
         self._shown_steps: set[tuple[str | None, int]] = set()

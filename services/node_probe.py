@@ -11,19 +11,24 @@ It imports nothing of aeforge at its top, so that a node without aeforge is repo
 import json
 import logging
 import sys
+from typing import Any
 
 MARK = "AEFORGE_NODE_CHECK "
 # A node's task may wait for a worker process to start and for torch to import on a busy machine.
 TASK_TIMEOUT_S = 90.0
 
 
-def probe() -> dict:
+def probe() -> dict[str, Any]:
     """This process's Python and what it can import: aeforge (its job entry point), torch, CUDA."""
     import platform
     import socket
     from importlib import metadata
 
-    found: dict = {"python": platform.python_version(), "executable": sys.executable, "host": socket.gethostname()}
+    found: dict[str, Any] = {
+        "python": platform.python_version(),
+        "executable": sys.executable,
+        "host": socket.gethostname(),
+    }
     try:
         found["aeforge"] = metadata.version("aeforge")
         import torch
@@ -60,7 +65,7 @@ def main() -> None:
             "gpus": node.get("Resources", {}).get("GPU", 0),
         }
         try:
-            found: dict = ray.get(pending[node["NodeID"]], timeout=TASK_TIMEOUT_S)
+            found: dict[str, Any] = ray.get(pending[node["NodeID"]], timeout=TASK_TIMEOUT_S)
             entry |= found
         except Exception as exc:  # the task could not run there: its worker process failed to start or died
             entry["error"] = f"the check task did not run there: {type(exc).__name__}: {str(exc).splitlines()[0]}"

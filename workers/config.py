@@ -256,7 +256,7 @@ class EvalConfig(StrictModel):
 
     @field_validator("factors")
     @classmethod
-    def _distinct_factors(cls, v):
+    def _distinct_factors(cls, v: list[str] | None) -> list[str] | None:
         if v is not None and len(set(v)) != len(v):
             raise ValueError(f"each factor once: {v} names one twice")
         return v

@@ -14,7 +14,11 @@ import time
 from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:  # for the annotations only: both import this module's helpers
+    from workers.storage import Storage
+    from workers.tracking import MlflowRun
 
 T = TypeVar("T")
 METRICS_FILE = "metrics.json"
@@ -58,9 +62,9 @@ def publish_outputs(
     local_dir: Path,
     *,
     metrics: Mapping[str, float] | None = None,
-    storage=None,
+    storage: Storage | None = None,
     run_name: str | None = None,
-    mlflow_run=None,
+    mlflow_run: MlflowRun | None = None,
 ) -> None:
     """Write ``metrics`` as ``local_dir/metrics.json`` (when given), then upload every file of ``local_dir`` to
     ``storage`` under ``runs/<run_name>/`` (same relative paths) and every sub-folder to ``mlflow_run`` as an

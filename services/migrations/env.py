@@ -9,11 +9,12 @@ store) and takes the same lock itself. No logging is configured here: Alembic's 
 from __future__ import annotations
 
 from alembic import context
+from sqlalchemy.engine import Connection
 
 from services.store import VERSION_TABLE, metadata
 
 
-def run_on(connection) -> None:
+def run_on(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=metadata,

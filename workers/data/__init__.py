@@ -78,7 +78,8 @@ def read_local(path: str | Path, config: DataConfig, name: str | None = None) ->
     if fmt == "npz":
         return read_npz(path, name=name)
     if fmt == "hdf5":
-        return read_shapes3d(path, name=name)
+        dataset: ImageDataset = read_shapes3d(path, name=name)
+        return dataset
     return read_folder(path, config.image_size, config.grayscale, name=name)
 
 

@@ -75,7 +75,8 @@ def centre_pixels() -> torch.Tensor:
 
 def _heart_inside(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     # The classic implicit heart (x^2 + y^2 - 1)^3 <= x^2 y^3 (y up), about as wide as the unit square.
-    return (u * u + v * v - 1.0) ** 3 - u * u * v**3 <= 0.0
+    inside: np.ndarray = (u * u + v * v - 1.0) ** 3 - u * u * v**3 <= 0.0
+    return inside
 
 
 @functools.lru_cache(maxsize=1)

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import math
 import zipfile
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from workers.data.base import DataError
+from workers.data.base import DataError, ImageDataset
 from workers.data.lazy import RowStore, ground_truth_dataset, member_header, read_npy_header
 
 FACTOR_NAMES = ("shape", "scale", "orientation", "pos_x", "pos_y")
@@ -31,7 +32,7 @@ CHUNK_BYTES = 4 * 2**20  # uint8 pixels read (and checked, and packed) at a time
 _SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)  # np.packbits's big-endian bit order
 
 
-def is_dsprites(keys) -> bool:
+def is_dsprites(keys: Collection[str]) -> bool:
     return IMAGES_KEY in keys and CLASSES_KEY in keys
 
 
@@ -133,7 +134,7 @@ def _packed_images(path: Path, archive: zipfile.ZipFile) -> np.ndarray:
     return packed
 
 
-def read_dsprites_npz(path: str | Path, name: str | None = None):
+def read_dsprites_npz(path: str | Path, name: str | None = None) -> ImageDataset:
     path = Path(path)
     try:
         with zipfile.ZipFile(path) as archive:

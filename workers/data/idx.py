@@ -8,6 +8,7 @@ int32 per dimension, then the values. Images are magic 2051 (uint8, 3 dims: N, H
 from __future__ import annotations
 
 import gzip
+import io
 import math
 import re
 import zlib
@@ -29,7 +30,7 @@ def is_gzip(path: str | Path) -> bool:
         return f.read(2) == GZIP_MAGIC
 
 
-def _open(path: Path):
+def _open(path: Path) -> io.BufferedIOBase:
     return gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")
 
 
@@ -39,7 +40,8 @@ def _read_bytes(path: Path, limit: int | None = None) -> bytes:
         raise DataError(f"{path}: no such file")
     try:
         with _open(path) as f:
-            return f.read() if limit is None else f.read(limit)
+            data: bytes = f.read() if limit is None else f.read(limit)
+            return data
     except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
         raise DataError(f"{path}: cannot read the IDX file: {exc}") from None
 

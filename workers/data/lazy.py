@@ -22,6 +22,7 @@ import struct
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ _LOCAL_MAGIC = b"PK\x03\x04"
 # --- npy members of zip archives ---------------------------------------------------------------------------
 
 
-def read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
+def read_npy_header(f: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
     """(shape, fortran_order, dtype) of the ``.npy`` stream ``f``, leaving ``f`` at the first data byte."""
     version = np.lib.format.read_magic(f)
     if version == (1, 0):
@@ -218,7 +219,7 @@ class MemmapStore(FileStore):
     def _read_slice(self, start: int, stop: int) -> np.ndarray:
         return np.array(self.array()[start:stop])
 
-    def __getstate__(self) -> dict:
+    def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_array"] = None
         return state

@@ -15,6 +15,11 @@ A model is *collapsed* when it has no active unit, or its KL per latent (eval/kl
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the model's class, for the annotations only (models import metrics' helpers)
+    from workers.models.base import Autoencoder
+
 import torch
 
 from workers.data.base import ImageDataset
@@ -49,7 +54,7 @@ def is_collapsed(active: int, kl: float, latent_dim: int, kl_per_latent_floor: f
 
 @torch.no_grad()
 def active_units(
-    model,
+    model: Autoencoder,
     dataset: ImageDataset,
     max_examples: int,
     batch_size: int = 256,

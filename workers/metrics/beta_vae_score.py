@@ -21,7 +21,14 @@ from workers.metrics.factor_vae import varying_factors
 from workers.metrics.sampling import FactorSampler, Representation, factor_columns
 
 
-def _points(sampler, representation, factor_ids, num_points, pair_batch_size, batch_size):
+def _points(
+    sampler: FactorSampler,
+    representation: Representation,
+    factor_ids: torch.Tensor,
+    num_points: int,
+    pair_batch_size: int,
+    batch_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
     chosen = factor_ids[torch.randint(len(factor_ids), (num_points,), generator=sampler.generator)]
     per_pair = chosen.repeat_interleave(pair_batch_size)
     first = sampler.sample(num_points * pair_batch_size)

@@ -28,10 +28,10 @@ DEFAULT_LEARNING_RATE = 0.5
 
 
 def importance_matrix(
-    train_codes,
-    train_factors,
-    test_codes,
-    test_factors,
+    train_codes: np.ndarray,
+    train_factors: np.ndarray,
+    test_codes: np.ndarray,
+    test_factors: np.ndarray,
     n_estimators: int = DEFAULT_ESTIMATORS,
     learning_rate: float = DEFAULT_LEARNING_RATE,
     seed: int = 0,
@@ -66,10 +66,10 @@ def _weighted_one_minus_entropy(weights: np.ndarray) -> float:
 
 
 def dci_from_codes(
-    train_codes,
-    train_factors,
-    test_codes,
-    test_factors,
+    train_codes: np.ndarray,
+    train_factors: np.ndarray,
+    test_codes: np.ndarray,
+    test_factors: np.ndarray,
     n_estimators: int = DEFAULT_ESTIMATORS,
     learning_rate: float = DEFAULT_LEARNING_RATE,
     seed: int = 0,

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the model's class, for the annotations only (models import metrics' helpers)
+    from workers.models.base import Autoencoder
+
 import torch
 
 from workers.data.base import ImageDataset
@@ -11,7 +16,7 @@ from workers.metrics.sampling import example_rows, model_device, noise_generator
 
 @torch.no_grad()
 def elbo(
-    model,
+    model: Autoencoder,
     dataset: ImageDataset,
     max_examples: int,
     batch_size: int = 256,
@@ -34,7 +39,7 @@ def elbo(
         if model.stochastic:
             z = posterior.sample(noise)
             recon = reconstruction_nll(model.decode_logits(z), x, likelihood)
-            kl = kl_standard_normal(posterior.mean.float(), posterior.logvar.float())
+            kl = kl_standard_normal(posterior.mean.float(), posterior.stochastic_logvar().float())
             sums += torch.stack([recon.sum(), kl.sum()]).double()
         else:
             sums[0] += reconstruction_distance(model.decode_logits(posterior.mean), x, likelihood).sum().double()

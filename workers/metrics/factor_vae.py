@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from workers.data.base import ImageDataset
-from workers.metrics.sampling import FactorSampler, Representation, factor_columns
+from workers.metrics.sampling import FactorDraw, FactorSampler, Representation, factor_columns
 
 
 def varying_factors(sampler: FactorSampler, what: str, columns: Sequence[int] | None = None) -> torch.Tensor:
@@ -33,7 +33,9 @@ def varying_factors(sampler: FactorSampler, what: str, columns: Sequence[int] | 
     return varying
 
 
-def draw_sharing_groups(sampler: FactorSampler, factor_ids: torch.Tensor, groups: int, group_size: int):
+def draw_sharing_groups(
+    sampler: FactorSampler, factor_ids: torch.Tensor, groups: int, group_size: int
+) -> tuple[torch.Tensor, FactorDraw]:
     """``groups`` groups of ``group_size`` draws; group g shares one value of a factor drawn from ``factor_ids``.
 
     Returns the chosen factor per group (groups,) and the draws (groups * group_size rows, group-major).
@@ -45,7 +47,16 @@ def draw_sharing_groups(sampler: FactorSampler, factor_ids: torch.Tensor, groups
     return chosen, draw
 
 
-def _votes(sampler, representation, factor_ids, num_votes, vote_batch_size, batch_size, scale, active):
+def _votes(
+    sampler: FactorSampler,
+    representation: Representation,
+    factor_ids: torch.Tensor,
+    num_votes: int,
+    vote_batch_size: int,
+    batch_size: int,
+    scale: torch.Tensor,
+    active: torch.Tensor,
+) -> torch.Tensor:
     chosen, draw = draw_sharing_groups(sampler, factor_ids, num_votes, vote_batch_size)
     codes = sampler.codes(draw, representation, batch_size)
     codes = codes.view(num_votes, vote_batch_size, -1)[:, :, active] / scale[active]

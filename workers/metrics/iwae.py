@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the model's class, for the annotations only (models import metrics' helpers)
+    from workers.models.base import Autoencoder
+
 import math
 
 import torch
@@ -13,7 +18,7 @@ from workers.metrics.sampling import example_rows, model_device, noise_generator
 
 @torch.no_grad()
 def iwae_log_likelihood(
-    model,
+    model: Autoencoder,
     dataset: ImageDataset,
     k: int,
     max_examples: int,
@@ -37,7 +42,7 @@ def iwae_log_likelihood(
     for chunk in rows.split(batch_size):
         x = dataset.images(chunk).to(device)
         posterior = model.encode(x)
-        mean, logvar = posterior.mean.float(), posterior.logvar.float()
+        mean, logvar = posterior.mean.float(), posterior.stochastic_logvar().float()
         std = torch.exp(0.5 * logvar)
         b, d = mean.shape
         samples_per_pass = max(1, max_decoded // b)

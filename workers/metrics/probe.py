@@ -7,6 +7,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the model's class, for the annotations only (models import metrics' helpers)
+    from workers.models.base import Autoencoder
+
 import copy
 import warnings
 
@@ -47,14 +52,14 @@ def _num_classes(train: ImageDataset, test: ImageDataset) -> int:
 
 
 @torch.no_grad()
-def _features(model, dataset: ImageDataset, rows: torch.Tensor, batch_size: int) -> np.ndarray:
+def _features(model: Autoencoder, dataset: ImageDataset, rows: torch.Tensor, batch_size: int) -> np.ndarray:
     device = model_device(model)
     parts = [model.representation(dataset.images(chunk).to(device)).float() for chunk in rows.split(batch_size)]
     return torch.cat(parts).cpu().numpy().astype(np.float64)
 
 
 def linear_probe(
-    model,
+    model: Autoencoder,
     train: ImageDataset,
     test: ImageDataset,
     *,
@@ -88,7 +93,7 @@ def linear_probe(
 
 
 def fine_tune(
-    model,
+    model: Autoencoder,
     train: ImageDataset,
     test: ImageDataset,
     epochs: int,

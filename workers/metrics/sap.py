@@ -20,7 +20,9 @@ from workers.data.base import DataError, ImageDataset
 from workers.metrics.sampling import FactorSampler, Representation, train_test_arrays
 
 
-def sap_score_matrix(train_codes, train_factors, test_codes, test_factors) -> np.ndarray:
+def sap_score_matrix(
+    train_codes: np.ndarray, train_factors: np.ndarray, test_codes: np.ndarray, test_factors: np.ndarray
+) -> np.ndarray:
     """(D, K) test accuracies of one-dimensional classifiers; factors constant in the training set are NaN."""
     train_codes, train_factors, test_codes, test_factors = train_test_arrays(
         "SAP", train_codes, train_factors, test_codes, test_factors
@@ -39,7 +41,9 @@ def sap_score_matrix(train_codes, train_factors, test_codes, test_factors) -> np
     return scores
 
 
-def sap_from_codes(train_codes, train_factors, test_codes, test_factors) -> float:
+def sap_from_codes(
+    train_codes: np.ndarray, train_factors: np.ndarray, test_codes: np.ndarray, test_factors: np.ndarray
+) -> float:
     """SAP of codes (N, D) against discrete factors (N, K); training set to fit, test set to score."""
     scores = sap_score_matrix(train_codes, train_factors, test_codes, test_factors)
     scores = scores[:, ~np.isnan(scores).any(axis=0)]

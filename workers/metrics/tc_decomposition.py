@@ -7,6 +7,11 @@ with q(z) = 1/N sum_n q(z|x_n) the aggregate posterior over the evaluated data s
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the model's class, for the annotations only (models import metrics' helpers)
+    from workers.models.base import Autoencoder
+
 import torch
 
 from workers.data.base import ImageDataset
@@ -25,7 +30,7 @@ _BLOCK_ELEMENTS = 1 << 22
 
 @torch.no_grad()
 def tc_decomposition(
-    model,
+    model: Autoencoder,
     dataset: ImageDataset,
     max_examples: int,
     batch_size: int = 256,

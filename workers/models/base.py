@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -126,7 +127,8 @@ class Autoencoder(nn.Module):
 
     def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
         """Decoder output before the output non-linearity, shaped like an image batch."""
-        return self.decoder(z)
+        logits: torch.Tensor = self.decoder(z)
+        return logits
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1]: sigmoid of the logits (the Bernoulli mean, or the clamped Gaussian mean)."""
@@ -239,8 +241,15 @@ class Autoencoder(nn.Module):
         )
 
     def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
         # Checkpoints written before the code statistics existed lack these buffers: load them as "not recorded"
         # (NaN) instead of refusing the whole checkpoint. load_state_dict hands this method its own copy.
         for name in CODE_STATISTICS_BUFFERS:

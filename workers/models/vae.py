@@ -7,8 +7,11 @@ z ~ q(z|x), plus beta times the closed-form KL(q(z|x) || N(0, I)). beta = 1 here
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from workers.config import ModelConfig
 from workers.losses import kl_standard_normal, reconstruction_nll
 from workers.models.base import Autoencoder, GatherFn, LossOutput, Noise
 from workers.models.registry import register
@@ -19,13 +22,13 @@ class VAE(Autoencoder):
     stochastic = True
     beta: torch.Tensor  # a buffer (register_buffer below), declared for the type checker
 
-    def __init__(self, config, image_shape, dataset_size):
+    def __init__(self, config: ModelConfig, image_shape: tuple[int, int, int], dataset_size: int) -> None:
         super().__init__(config, image_shape, dataset_size)
         # beta as a buffer, not a float read from the config: models trained as one (workers/pack.py) share one
         # module's code, and their betas stack with their weights. Not persistent: state dicts are unchanged.
         self.register_buffer("beta", torch.tensor(float(config.effective_beta)), persistent=False)
 
-    def __setstate__(self, state):
+    def __setstate__(self, state: dict[str, Any]) -> None:
         # A model pickled before beta was a buffer (a registered model logged by an older aeforge) gets it back.
         super().__setstate__(state)
         if "beta" not in self._buffers:

@@ -202,7 +202,7 @@ class DatasetStore(ObjectStore):
         found = [self._read_manifest(n) for n in names if DATASET_NAME.fullmatch(n)]
         return [f[0] for f in found if f is not None]
 
-    def share(self, name: str, shared: bool = True, *, owner: str | None = None, admin: bool = False) -> dict:
+    def share(self, name: str, shared: bool = True, *, owner: str | None = None, admin: bool = False) -> dict[str, Any]:
         """Mark dataset ``name`` shared (or not): only its owner or an admin may. Returns the new manifest."""
         manifest = self.manifest(name)
         self._check_owner(name, manifest, owner, admin, "share or unshare")

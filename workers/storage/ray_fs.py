@@ -9,19 +9,24 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs
 
 from workers import settings
 from workers.storage.objects import TIMEOUTS, S3Connection
 
+if TYPE_CHECKING:  # the annotation only
+    from workers.storage.resolver import Storage
+
 _KV_NAMESPACE = "aeforge"
 
 
-def _rebuild_tune_s3(options: dict[str, Any], kv_key: str | None, keys: dict[str, str] | None = None):
+def _rebuild_tune_s3(
+    options: dict[str, Any], kv_key: str | None, keys: dict[str, str] | None = None
+) -> TuneS3FileSystem:
     """A TuneS3FileSystem with these options and keys (unpickled: the keys of the environment or of Ray's store)."""
     if keys is None and not (keys := S3Connection.from_settings().pyarrow_keys()):
         try:
@@ -41,11 +46,11 @@ def _rebuild_tune_s3(options: dict[str, Any], kv_key: str | None, keys: dict[str
 class TuneS3FileSystem(pyarrow.fs.S3FileSystem):
     """pyarrow's S3FileSystem, pickled as its settings without the keys (see the module's docstring)."""
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Callable[..., TuneS3FileSystem], tuple[Any, ...]]:
         return (_rebuild_tune_s3, self._aeforge_public)
 
 
-def tune_filesystem(storage, kv_key: str | None = None) -> tuple[pyarrow.fs.FileSystem, str]:
+def tune_filesystem(storage: Storage, kv_key: str | None = None) -> tuple[pyarrow.fs.FileSystem, str]:
     """(filesystem, base path) for Tune: the storage's own, but on S3 a :class:`TuneS3FileSystem`."""
     fs, base = storage.pyarrow_filesystem()
     if not isinstance(fs, pyarrow.fs.S3FileSystem):

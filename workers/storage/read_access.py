@@ -15,7 +15,11 @@ import os
 import posixpath
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
+
+if TYPE_CHECKING:  # the annotation only: the resolver imports this module
+    from workers.storage.resolver import Storage
 
 # Set by the dispatcher for every queue job: the prefixes, comma-separated (empty: none).
 PREFIXES_VARIABLE = "AEFORGE_ALLOWED_DATA_PREFIXES"
@@ -92,7 +96,9 @@ def local_dataset_of(real_path: str, storage_root: Path | None) -> str | None:
     return rel.parts[0] if len(rel.parts) >= 2 and rel.parts[1] == "files" else None
 
 
-def real_path_readable(path: str | Path, prefixes: Iterable[str], owner: str | None, storage=None) -> bool:
+def real_path_readable(
+    path: str | Path, prefixes: Iterable[str], owner: str | None, storage: Storage | None = None
+) -> bool:
     """Whether the real path of local ``path`` is under one of ``prefixes`` (real paths on both sides) or inside a
     pushed dataset that ``owner`` may read (theirs, or shared) in the local ``storage``."""
     real = os.path.realpath(path)

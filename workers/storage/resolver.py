@@ -37,7 +37,9 @@ def _data_error(message: str) -> Exception:
     return DataError(message)
 
 
-def _sync(dest: Path, record: Path, wanted: dict[str, Any], fetch: Callable[[str, Path], None], prune: bool = False):
+def _sync(
+    dest: Path, record: Path, wanted: dict[str, Any], fetch: Callable[[str, Path], None], prune: bool = False
+) -> None:
     """Make ``dest/<rel>`` a copy for every ``rel`` of ``wanted`` (rel -> what names its content), fetching only what
     the record does not show unchanged (that name, size and mtime); ``prune``: delete files no longer wanted."""
 
@@ -182,4 +184,5 @@ class Storage(DatasetStore):
 
 def resolver_from_settings() -> Callable[[str], str]:
     """The resolver for ``open_dataset(config, resolve=...)``: the storage of AEFORGE_STORAGE's ``resolve``."""
-    return Storage.from_settings().resolve
+    resolve: Callable[[str], str] = Storage.from_settings().resolve
+    return resolve
