@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,7 +37,7 @@ from services.job_log import RAY_PREFIX, readable_lines
 from services.logs import job_fields, redact, secret_values
 from services.policy import Policy, PolicySource
 from services.scheduler import QueuedJob, ResumePoint, RunningJob, Scheduler, decayed_usage, dominant_share
-from services.store import Decision, Job, QueuedRow, QueueSnapshot, Store, add_resources
+from services.store import ActiveRow, Decision, Job, QueuedRow, QueueSnapshot, Store, add_resources
 from workers.errors import AeforgeError
 from workers.job_specs import write_spec_package
 from workers.memory_failures import memory_failure
@@ -243,8 +243,10 @@ class Dispatcher:
         self.allowed_data_prefixes = tuple(allowed_data_prefixes)
         # The queue policy (teams, quotas, classes), read again when its file changes.
         self.policies = policies or PolicySource(None)
-        # Where the queue's unmet demand goes (Ray's autoscaler); None on a cluster of fixed size.
+        # Where the queue's demand goes (Ray's autoscaler); None on a cluster of fixed size.
         self.autoscaler = autoscaler
+        # The bundles of the admitted jobs, by job id (a job's spec does not change): asked for with the queue's.
+        self._admitted_bundles: dict[str, list[dict[str, float]]] = {}
         self.last_pass_s = 0.0
         # A pass reads of each owner's queued jobs alike (class, resources) only the first queue_window, and more
         # only where those unread could change it (Store.schedule); None: every queued job, every pass (as with an
@@ -314,16 +316,31 @@ class Dispatcher:
             report.started.append(job.id)
             self._submit(job)
         if self.autoscaler is not None:
-            bundles = []
-            for job_id in plan.demand:
-                bundles += job_bundles(self.store.get(job_id))
-                if len(bundles) >= RayAutoscalerDemand.MAX_BUNDLES:
-                    break
-            try:
-                self.autoscaler.request(bundles)
-            except Exception as exc:  # the autoscaler is advice: a failed request is tried again next pass
-                log.warning("cannot ask Ray's autoscaler for the queue's demand: %s", exc)
+            self._ask_autoscaler(self.autoscaler, scheduled.active, scheduled.started, plan.demand)
         return report
+
+    def _ask_autoscaler(
+        self, autoscaler: AutoscalerDemand, active: Sequence[ActiveRow], started: Sequence[Job], demand: Sequence[str]
+    ) -> None:
+        """Ask for the admitted jobs' bundles and the waiting ones'. Ray's autoscaler fits a request into its nodes as
+        if they were idle (the request is a size for the cluster, not more on top of its use): asked for the queue
+        alone, it finds the nodes the running jobs hold big enough and adds none; and a job just submitted holds
+        nothing until its driver has placed its workers, so its node would be idle, and removed, meanwhile."""
+        known = self._admitted_bundles
+        self._admitted_bundles = {
+            row.id: known[row.id] if row.id in known else job_bundles(self.store.get(row.id)) for row in active
+        }
+        self._admitted_bundles |= {job.id: job_bundles(job) for job in started}
+        bundles = [bundle for each in self._admitted_bundles.values() for bundle in each]
+        queued: list[dict[str, float]] = []
+        for job_id in demand:
+            queued += job_bundles(self.store.get(job_id))
+            if len(queued) >= RayAutoscalerDemand.MAX_BUNDLES:
+                break
+        try:
+            autoscaler.request(bundles + queued[: RayAutoscalerDemand.MAX_BUNDLES])
+        except Exception as exc:  # the autoscaler is advice: a failed request is tried again next pass
+            log.warning("cannot ask Ray's autoscaler for the queue's demand: %s", exc)
 
     def plan(self, snapshot: QueueSnapshot, total: dict[str, float], policy: Policy):
         """The scheduling pass over a store snapshot (services.scheduler.Scheduler.plan), with what the store rows
@@ -810,11 +827,12 @@ class AutoscalerDemand(Protocol):
 
 class RayAutoscalerDemand:
     """Ray's autoscaler (``ray.autoscaler.sdk.request_resources``, which KubeRay's autoscaler honours as well): the
-    request persists until replaced, so it is sent only when the queue's demand changed, and an empty queue withdraws
-    it. ``request_resources`` needs a driver connected to the cluster: this process joins it (its GCS address) on the
-    first request."""
+    request persists until replaced, so it is sent only when the demand changed, and an empty queue with no job
+    admitted withdraws it. ``request_resources`` needs a driver connected to the cluster: this process joins it (its
+    GCS address) on the first request."""
 
-    # Most bundles asked for at once: enough for the queue's next jobs, not the whole backlog at once.
+    # Most bundles asked for the queue at once (beside the admitted jobs'): enough for its next jobs, not the whole
+    # backlog at once.
     MAX_BUNDLES = 256
 
     def __init__(self, address: str):
@@ -822,7 +840,6 @@ class RayAutoscalerDemand:
         self._last: list[dict[str, float]] | None = None
 
     def request(self, bundles: list[dict[str, float]]) -> None:
-        bundles = bundles[: self.MAX_BUNDLES]
         if bundles == self._last:
             return
         import ray

@@ -455,12 +455,14 @@ class QueueSnapshot:
 
 @dataclass(frozen=True)
 class Scheduled:
-    """What a scheduling pass did: the jobs it started and refused, the running jobs it newly asked to stop."""
+    """What a scheduling pass did: the jobs it started and refused, the running jobs it newly asked to stop; and the
+    jobs that were admitted (starting or running) when it began."""
 
     started: list[Job]
     rejected: list[Job]
     preempted: list[str]
     plan: Any
+    active: tuple[ActiveRow, ...] = ()
 
 
 def queue_kind_of(job_id: str, kind: str, priority_class: str | None, resources: dict[str, float]) -> str:
@@ -1095,7 +1097,7 @@ class Store:
                         .execution_options(synchronize_session=False),
                         own,
                     )
-        return Scheduled(started=started, rejected=rejected, preempted=preempted, plan=plan)
+        return Scheduled(started=started, rejected=rejected, preempted=preempted, plan=plan, active=snapshot.active)
 
     def snapshot(self, *, history_since: datetime | None = None) -> QueueSnapshot:
         """What a scheduling pass would see now, read without deciding anything (``aeforge queue``, GET /queue)."""

@@ -125,6 +125,48 @@ def test_a_head_that_does_not_fit_yet_is_waited_for_not_overtaken(store, launche
     assert store.get(big.id).wait_reason is None  # started: the reason is gone with the state change
 
 
+def test_the_autoscaler_is_asked_for_the_admitted_jobs_bundles_as_well_as_the_queues(store, launcher, make_dispatcher):
+    # Ray's autoscaler fits a request into its nodes as if they were idle: asked for the queued job alone, it would
+    # find the node the running job holds big enough and add none. A job just submitted holds its node only once its
+    # driver has placed its workers: until it ends, its bundle stays asked for, or its node could be removed as idle.
+    class Autoscaler:
+        def __init__(self):
+            self.requests: list[list[dict[str, float]]] = []
+
+        def request(self, bundles):
+            self.requests.append(bundles)
+
+    def submit_two_cpu_worker(name, priority):
+        spec = {"name": name, "resources": {"workers": 1, "cpus_per_worker": 2}}
+        job, _ = store.submit(
+            name=name,
+            owner="alice",
+            kind="train",
+            spec_text=f"name: {name}\n",
+            spec_json=json.dumps(spec),
+            resources={"CPU": 2.0, "GPU": 0.0},
+            priority=priority,
+        )
+        return job
+
+    autoscaler = Autoscaler()
+    dispatcher = make_dispatcher(cpus=2, autoscaler=autoscaler)
+    first = submit_two_cpu_worker("first", priority=5)
+    second = submit_two_cpu_worker("second", priority=0)
+    two = {"CPU": 2.0}  # one worker's bundle
+    assert dispatcher.tick().started == [first.id]
+    assert autoscaler.requests[-1] == [two, two]  # the started job's and the waiting one's
+    launcher.set(first.id, "RUNNING")
+    dispatcher.tick()
+    assert store.get(first.id).state == "running" and autoscaler.requests[-1] == [two, two]
+    launcher.set(first.id, "SUCCEEDED")
+    assert dispatcher.tick().started == [second.id]
+    assert autoscaler.requests[-1] == [two]
+    launcher.set(second.id, "SUCCEEDED")
+    dispatcher.tick()
+    assert store.get(second.id).state == "succeeded" and autoscaler.requests[-1] == []  # withdrawn
+
+
 def test_a_job_that_can_never_fit_fails_with_what_it_asked_and_what_exists(store, launcher, make_dispatcher):
     dispatcher = make_dispatcher(cpus=2, gpus=0)
     too_many_cpus = submit(store, "cpus", cpus=8, priority=3)
