@@ -23,9 +23,9 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -36,8 +36,16 @@ from services import metrics
 from services.job_log import RAY_PREFIX, readable_lines
 from services.logs import job_fields, redact, secret_values
 from services.policy import Policy, PolicySource
-from services.scheduler import QueuedJob, ResumePoint, RunningJob, Scheduler, decayed_usage, dominant_share
-from services.store import ActiveRow, Decision, Job, QueuedRow, QueueSnapshot, Store, add_resources
+from services.scheduler import (
+    QueuedJob,
+    ResumePoint,
+    RunningJob,
+    Scheduler,
+    decay_factor,
+    decayed_usage,
+    dominant_share,
+)
+from services.store import ActiveRow, Decision, Job, QueuedRow, QueueSnapshot, Store, UsageRow, add_resources
 from workers.errors import AeforgeError
 from workers.job_specs import write_spec_package
 from workers.memory_failures import memory_failure
@@ -169,23 +177,101 @@ def subtract(total: Mapping[str, float], held: Mapping[str, float]) -> dict[str,
 HISTORY_HALF_LIVES = 10
 
 
-def recent_usage(policy: Policy, snapshot: QueueSnapshot, total: dict[str, float], now: float) -> dict[str, float]:
+def recent_usage(
+    policy: Policy,
+    snapshot: QueueSnapshot,
+    total: dict[str, float],
+    now: float,
+    finished: Mapping[str, float] | None = None,
+) -> dict[str, float]:
     """Each team's and owner's (``owner:NAME``) decayed recent usage (services.scheduler.decayed_usage): the finished
-    jobs' last attempts and the admitted jobs so far, each as its dominant share of today's cluster."""
+    jobs' last attempts and the admitted jobs so far, each as its dominant share of today's cluster. ``finished``:
+    the finished jobs' part as a FinishedUsage keeps it (then ``snapshot.history`` is not read here)."""
     intervals: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
-    rows: list[tuple[str, dict[str, float], datetime, datetime | None]] = [
-        (r.owner, r.resources, r.started_at, r.finished_at) for r in snapshot.history
-    ]
+    rows: list[tuple[str, dict[str, float], datetime, datetime | None]] = []
+    if finished is None:
+        rows += [(r.owner, r.resources, r.started_at, r.finished_at) for r in snapshot.history]
     rows += [(j.owner, j.resources, j.started_at, None) for j in snapshot.active if j.started_at is not None]
     team_names: dict[str, str] = {}
-    for owner, resources, started, finished in rows:
+    for owner, resources, started, ended in rows:
         share = dominant_share(resources or {}, total)
-        interval = (started.timestamp(), now if finished is None else finished.timestamp(), share)
+        interval = (started.timestamp(), now if ended is None else ended.timestamp(), share)
         if owner not in team_names:
             team_names[owner] = policy.team_of(owner).name
         intervals[team_names[owner]].append(interval)
         intervals[f"owner:{owner}"].append(interval)
-    return {key: decayed_usage(spans, now, policy.half_life_s) for key, spans in intervals.items()}
+    usage = dict(finished or {})
+    for key, spans in intervals.items():
+        usage[key] = usage.get(key, 0.0) + decayed_usage(spans, now, policy.half_life_s)
+    return usage
+
+
+class FinishedUsage:
+    """The finished jobs' part of recent usage, kept by a dispatcher from pass to pass instead of read and summed
+    again by each: a pass reads only the jobs that finished since the latest finish it has counted (less OVERLAP_S),
+    decays the sums it keeps, one per team and owner, by one factor, and adds the new ones. The same sums as
+    recent_usage over the same finished jobs (services.scheduler.decayed_usage: a sum decays as each of its terms
+    does), but that a job counted once stays counted: one finished longer than HISTORY_HALF_LIVES ago (under 0.1 %
+    each), or purged, or run again by ``aeforge retry`` (its earlier attempt's usage stays with the new one's). A
+    change of the policy (teams, half-life) or of the cluster's size (each job's share) starts the sums again from a
+    read of the last HISTORY_HALF_LIVES."""
+
+    # A job whose finish is stamped earlier than one already counted, but commits later (another process's
+    # transaction), is still read if it is within this many seconds of the latest finish counted.
+    OVERLAP_S = 300.0
+
+    def __init__(self) -> None:
+        self._basis: tuple[Policy, dict[str, float]] | None = None
+        self._sums: dict[str, float] = {}
+        self._at = 0.0
+        # The jobs counted that finished within OVERLAP_S of the latest (they are read again), with their finish.
+        self._counted: dict[str, datetime] = {}
+        self._latest: datetime | None = None
+
+    def _same_basis(self, policy: Policy, total: Mapping[str, float]) -> bool:
+        return self._basis is not None and self._basis[0] is policy and self._basis[1] == total
+
+    def since(self, policy: Policy, total: Mapping[str, float], now: float) -> datetime:
+        """From when the pass is to read finished jobs."""
+        if not self._same_basis(policy, total) or self._latest is None:
+            return datetime.fromtimestamp(now - HISTORY_HALF_LIVES * policy.half_life_s, UTC)
+        return self._latest - timedelta(seconds=self.OVERLAP_S)
+
+    def update(
+        self, history: Iterable[UsageRow], policy: Policy, total: Mapping[str, float], now: float
+    ) -> dict[str, float]:
+        """The sums at ``now``, with the jobs of ``history`` (read from ``since``) that were not counted yet.
+        Called again with the same rows (a pass that reads more of the queue plans again), it adds nothing."""
+        # What the read from since() left out; a row before it comes from a read made before the last update (the
+        # same pass planning again) and was counted then, though no longer listed in _counted.
+        floor = None if self._latest is None else self._latest - timedelta(seconds=self.OVERLAP_S)
+        if not self._same_basis(policy, total):
+            floor = None
+            self._basis = (policy, dict(total))
+            self._sums, self._counted, self._latest, self._at = {}, {}, None, now
+        elif now != self._at:
+            factor = decay_factor(now - self._at, policy.half_life_s)
+            self._sums = {key: value * factor for key, value in self._sums.items()}
+            self._at = now
+        team_names: dict[str, str] = {}
+        for row in history:
+            if (floor is not None and row.finished_at <= floor) or self._counted.get(row.id) == row.finished_at:
+                continue
+            self._counted[row.id] = row.finished_at
+            if self._latest is None or row.finished_at > self._latest:
+                self._latest = row.finished_at
+            share = dominant_share(row.resources or {}, total)
+            usage = decayed_usage(
+                [(row.started_at.timestamp(), row.finished_at.timestamp(), share)], now, policy.half_life_s
+            )
+            if row.owner not in team_names:
+                team_names[row.owner] = policy.team_of(row.owner).name
+            for key in (team_names[row.owner], f"owner:{row.owner}"):
+                self._sums[key] = self._sums.get(key, 0.0) + usage
+        if self._latest is not None:
+            oldest = self._latest - timedelta(seconds=self.OVERLAP_S)
+            self._counted = {job_id: at for job_id, at in self._counted.items() if at >= oldest}
+        return dict(self._sums)
 
 
 # Of each owner's queued jobs of one priority, class and resources, a pass reads this many (Store.schedule);
@@ -248,6 +334,8 @@ class Dispatcher:
         # The bundles of the admitted jobs, by job id (a job's spec does not change): asked for with the queue's.
         self._admitted_bundles: dict[str, list[dict[str, float]]] = {}
         self.last_pass_s = 0.0
+        # The finished jobs' recent usage, kept from pass to pass (each reads only the jobs finished since).
+        self.finished_usage = FinishedUsage()
         # A pass reads of each owner's queued jobs alike (class, resources) only the first queue_window, and more
         # only where those unread could change it (Store.schedule); None: every queued job, every pass (as with an
         # autoscaler, which is told the demand of every waiting job).
@@ -294,12 +382,17 @@ class Dispatcher:
             # No live node (the cluster is starting or gone): nothing can be judged to fit or not.
             return self._hold_queue(report, "the Ray cluster has no live node yet")
         policy = self.policies.current()
-        since = datetime.fromtimestamp(self.clock() - HISTORY_HALF_LIVES * policy.half_life_s, UTC)
+        now = self.clock()
         started_at = time.perf_counter()
         # The autoscaler is asked for every waiting job's bundles, unread ones included: with one, the whole queue.
         window = None if self.autoscaler is not None else self.queue_window
+
+        def plan_for(snapshot: QueueSnapshot):
+            finished = self.finished_usage.update(snapshot.history, policy, total, now)
+            return self.plan(snapshot, total, policy, finished=finished, now=now)
+
         scheduled = self.store.schedule(
-            lambda snapshot: self.plan(snapshot, total, policy), history_since=since, window=window
+            plan_for, history_since=self.finished_usage.since(policy, total, now), window=window
         )
         self.last_pass_s = time.perf_counter() - started_at
         plan = scheduled.plan
@@ -342,10 +435,19 @@ class Dispatcher:
         except Exception as exc:  # the autoscaler is advice: a failed request is tried again next pass
             log.warning("cannot ask Ray's autoscaler for the queue's demand: %s", exc)
 
-    def plan(self, snapshot: QueueSnapshot, total: dict[str, float], policy: Policy):
+    def plan(
+        self,
+        snapshot: QueueSnapshot,
+        total: dict[str, float],
+        policy: Policy,
+        *,
+        finished: Mapping[str, float] | None = None,
+        now: float | None = None,
+    ):
         """The scheduling pass over a store snapshot (services.scheduler.Scheduler.plan), with what the store rows
-        do not say themselves: a sweep's resources on this cluster, a failed attempt's back-off, recent usage."""
-        now = self.clock()
+        do not say themselves: a sweep's resources on this cluster, a failed attempt's back-off, recent usage (of the
+        finished jobs: ``finished``, as FinishedUsage keeps it, or else those of ``snapshot.history``)."""
+        now = self.clock() if now is None else now
         queued, refused = [], {}
         for row in snapshot.queued:
             asks, note = row.resources, None
@@ -394,7 +496,7 @@ class Dispatcher:
             policy,
             total,
             now,
-            recent_usage=recent_usage(policy, snapshot, total, now),
+            recent_usage=recent_usage(policy, snapshot, total, now, finished),
             max_concurrent_jobs=self.max_concurrent_jobs,
             elastic=self.autoscaler is not None,
         )

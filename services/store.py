@@ -440,6 +440,7 @@ class ActiveRow:
 class UsageRow:
     """A finished job's holding over its last attempt: what recent usage is made of."""
 
+    id: str
     owner: str
     resources: dict[str, float]
     started_at: datetime
@@ -1125,6 +1126,7 @@ class Store:
                 UsageRow(*r)
                 for r in conn.execute(
                     select(
+                        jobs_table.c.id,
                         jobs_table.c.owner,
                         jobs_table.c.resources,
                         jobs_table.c.started_at,
