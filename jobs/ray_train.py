@@ -292,11 +292,18 @@ def cluster_resources() -> dict[str, float]:
 
 
 def build_trainer(
-    spec: JobSpec, run_name: str, storage, mlflow_run_id: str | None, callbacks=(), trial: str | None = None
+    spec: JobSpec,
+    run_name: str,
+    storage,
+    mlflow_run_id: str | None,
+    callbacks=(),
+    trial: str | None = None,
+    stop_on: str | None = None,
 ):
     """One TorchTrainer for a `train` spec (or one sweep trial); the Train run is named after the job/trial id,
     so running the same id again resumes from its last checkpoint. ``trial``: a sweep trial's run name, which its
-    progress lines carry."""
+    progress lines carry. ``stop_on``: whose stop request (:func:`stop_gracefully_on_sigterm`) the workers obey,
+    when not the run's own (a sweep trial obeys its sweep's)."""
     from workers.ray_worker import WorkerJob, train_loop_per_worker
 
     job = WorkerJob(
@@ -305,18 +312,25 @@ def build_trainer(
         mlflow_run_id=mlflow_run_id,
         mlflow_tracking_uri=settings.mlflow_tracking_uri(),
         trial=trial,
+        stop_on=stop_on,
     )
     return _torch_trainer(spec, run_name, storage, train_loop_per_worker, job, callbacks)
 
 
-def build_pack_trainer(spec: JobSpec, run_name: str, storage, members: list[dict], callbacks=()):
+def build_pack_trainer(
+    spec: JobSpec, run_name: str, storage, members: list[dict], callbacks=(), stop_on: str | None = None
+):
     """One TorchTrainer for a pack of sweep trials (workers/pack.py), named ``run_name`` (the pack's own id: the
     same id again resumes its last checkpoint). ``members``: each trial's spec, run name, job id and MLflow run id
-    (workers.ray_worker.PackWorkerJob)."""
+    (workers.ray_worker.PackWorkerJob). ``stop_on``: as for :func:`build_trainer` (the sweep's job id)."""
     from workers.ray_worker import PackWorkerJob, pack_loop_per_worker
 
     job = PackWorkerJob(
-        spec=spec, run_name=run_name, members=members, mlflow_tracking_uri=settings.mlflow_tracking_uri()
+        spec=spec,
+        run_name=run_name,
+        members=members,
+        mlflow_tracking_uri=settings.mlflow_tracking_uri(),
+        stop_on=stop_on,
     )
     return _torch_trainer(spec, run_name, storage, pack_loop_per_worker, job, callbacks)
 

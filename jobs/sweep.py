@@ -7,6 +7,12 @@
   differ early in the UI's runs list, unique within the sweep (Tune's trial index) and the same on a resume.
 - Trials end by their own step budget. Nothing here stops a trial from Tune: on Ray 2.60 stopping a Train V2 trial
   can leak its placement group and hang the next trial (ray#54305).
+- A SIGTERM to the sweep's driver (the queue preempting or cancelling it) writes one stop request named after the
+  sweep's job id, which every trial's and pack's Train workers watch (``stop_on``): the driver need not know which
+  trials run in Tune's actors, and a trial that starts after it does not train at all. The workers checkpoint at
+  their current step and return, their Train run ends as a finished fit would (its placement group freed by Train,
+  not by Tune), and the trial then fails with :class:`TrialStopped`, writing no trial.json: Tune records it as
+  errored, never as done, and the same job id run again resumes it from that step.
 - MLflow: one parent run per sweep (tagged with the job id), one nested run per trial with the trial's values as
   params. At the end the parent run gets the results table (CSV) and the summary pictures, and the best healthy
   trial's model is registered and offered alias ``best`` through the registry's gate (jobs/gate.py); a collapsed
@@ -31,6 +37,7 @@ from jobs.ray_train import (
     fit,
     job_environment,
     pack_device_free_bytes,
+    stop_gracefully_on_sigterm,
     sweep_concurrency,
 )
 from jobs.spec import TRIAL_DRIVER_CPU, BetaRange, JobSpec, check_data
@@ -52,6 +59,23 @@ class SweepNotFound(AeforgeError):
 
 class SweepFailed(AeforgeError):
     """A sweep that ended with no finished trial: the message gives each trial's error, and how to continue."""
+
+
+class TrialStopped(AeforgeError):
+    """A trial (or pack) that stopped because its sweep was asked to stop: checkpointed at its current step, not
+    finished. Raised in its Tune trial so that Tune records it as errored, and a re-run of the sweep resumes it."""
+
+
+def _sweep_stopping(storage, job_id: str) -> bool:
+    """Whether the sweep's driver has asked its trials to stop (a SIGTERM: preemption or cancel)."""
+    from workers.ray_worker import stop_request_path
+
+    return storage.exists(stop_request_path(job_id))
+
+
+def _stopped_at(return_value: dict[str, Any] | None) -> int | None:
+    """The step a trial's or pack's Train run checkpointed at and returned, when it was asked to stop."""
+    return (return_value or {}).get("stopped_at_step")
 
 
 # How a swept value is written in a trial's run name: "beta4", "z10", "seed1"; a variant by its name.
@@ -135,6 +159,8 @@ def _trial(config: dict[str, Any], sweep: dict[str, Any]) -> dict[str, float]:
     trial_job = trial_job_id(sweep["job_id"], trial_id)
     run_name = _trial_name(config, sweep)
     storage = Storage.from_settings()
+    if _sweep_stopping(storage, sweep["job_id"]):  # started after the stop: nothing to train until the re-run
+        raise TrialStopped(f"trial {run_name} not started: sweep {sweep['job_id']} was asked to stop")
     run_id = start_or_resume_run(
         sweep["experiment_id"],
         trial_job,
@@ -148,7 +174,23 @@ def _trial(config: dict[str, Any], sweep: dict[str, Any]) -> dict[str, float]:
             tune.report({**done["metrics"], "checkpoint_path": done["checkpoint_path"]})
             return done["metrics"]
         _describe_trial_run(tracking, sweep, spec, values, trial_id)
-        result = fit(build_trainer(spec, trial_job, storage, run_id, callbacks=[TuneReportCallback()], trial=run_name))
+        trainer = build_trainer(
+            spec,
+            trial_job,
+            storage,
+            run_id,
+            callbacks=[TuneReportCallback()],
+            trial=run_name,
+            stop_on=sweep["job_id"],
+        )
+        result = fit(trainer)
+        stopped = _stopped_at(result.return_value)
+        if stopped is not None:
+            tracking.terminate("KILLED")  # as the sweep's own run ends: stopped, to be resumed
+            raise TrialStopped(
+                f"trial {run_name} stopped at step {stopped} (checkpointed there): sweep {sweep['job_id']} was asked "
+                f"to stop; running the same job id again resumes it from that step"
+            )
         metrics = numeric_metrics(result.metrics or {})
         record = {"metrics": metrics, "checkpoint_path": result.checkpoint.path if result.checkpoint else None}
         storage.put_bytes(json.dumps(record, sort_keys=True).encode(), trial_result_relpath(trial_job))
@@ -271,6 +313,8 @@ def _pack_trial(rows: list[dict[str, Any]], sweep: dict[str, Any]) -> None:
     if all(_finished_trial(storage, m["job"]) is not None for m in members):
         tune.report({"members": len(members)})
         return
+    if _sweep_stopping(storage, sweep["job_id"]):  # started after the stop: nothing to train until the re-run
+        raise TrialStopped(f"pack {trial_id} not started: sweep {sweep['job_id']} was asked to stop")
     for m in members:
         emit(trial_line(m["name"], "running", values=m["values"]))
     with contextlib.ExitStack() as stack:
@@ -293,7 +337,15 @@ def _pack_trial(rows: list[dict[str, Any]], sweep: dict[str, Any]) -> None:
         pack_job = trial_job_id(sweep["job_id"], trial_id)
         worker_members = [{key: m[key] for key in ("spec", "name", "job", "mlflow_run_id")} for m in members]
         try:
-            result = fit(build_pack_trainer(base, pack_job, storage, worker_members))
+            result = fit(build_pack_trainer(base, pack_job, storage, worker_members, stop_on=sweep["job_id"]))
+            stopped = _stopped_at(result.return_value)
+            if stopped is not None:
+                for run in runs:
+                    run.terminate("KILLED")  # as the sweep's own run ends: stopped, to be resumed
+                raise TrialStopped(
+                    f"pack {trial_id} stopped at step {stopped} (checkpointed there): sweep {sweep['job_id']} was "
+                    f"asked to stop; running the same job id again resumes it from that step"
+                )
         except Exception as exc:
             last = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
             for m in members:
@@ -370,6 +422,9 @@ def run_sweep(
         parent.set_tags({"aeforge.kind": "sweep", SWEEP_ID_TAG: job_id, **lineage["source_tags"]})
         parent.describe(run_description(spec, job_id))
         parent.log_dataset(lineage["dataset"])
+        # Before any trial starts (this clears a request left by an earlier attempt): a SIGTERM from here on asks
+        # every trial and pack of the sweep to stop at its current step (the module's docstring says how).
+        stop_gracefully_on_sigterm(storage, job_id)
         outcome = _tune(
             spec, job_id, storage, parent, experiment_id, max_concurrent, lineage, info, register=register, force=force
         )
@@ -396,6 +451,7 @@ def _tune(
     from ray import tune
 
     from workers.storage.ray_fs import keys_out_of_environment, share_s3_keys, tune_filesystem
+    from workers.tracking import STOP_REQUESTED
 
     assert spec.sweep is not None, "a sweep job has a sweep section (JobSpec's validation)"
     data_info = data_info or {}
@@ -445,6 +501,9 @@ def _tune(
                     run_config=tune.RunConfig(name=job_id, storage_path=tune_path, storage_filesystem=fs, verbose=0),
                 )
             grid = tuner.fit()
+        if STOP_REQUESTED.is_set():
+            # Its trials stopped at their steps (errored in Tune, to be resumed): a stopped sweep, not a failed one.
+            raise KeyboardInterrupt(f"sweep {job_id} stopped")
         rows = results_rows(grid, job_id, spec, storage)
         if not any(r["status"] == "finished" for r in rows):
             errors = "; ".join(f"{r['run_name']}: {r.get('error')}" for r in rows if r.get("error"))

@@ -225,13 +225,15 @@ MemberLog = Callable[[int, dict[str, float], int], None]
 @dataclass
 class MemberResult:
     """What one member's training came to: its model (trained weights, or as it stood when it failed), its curves
-    and final metrics, and, when it diverged, the step and the loss part that first was not finite."""
+    and final metrics, and, when it diverged, the step and the loss part that first was not finite; when the pack
+    was asked to stop (``ctx.stop_requested``), the step it checkpointed at and returned, unevaluated."""
 
     model: Autoencoder
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     final_metrics: dict[str, float] = field(default_factory=dict)
     failed: tuple[int, str] | None = None
     resumed_from_step: int = 0
+    stopped_at_step: int | None = None
 
 
 def train_pack(
@@ -257,7 +259,9 @@ def train_pack(
     Checkpoints (every ``checkpoint_every`` steps and at the end, through ``ctx``) are a folder holding each
     member's ordinary checkpoint (``member_000/checkpoint.pt``, ...: load_model_from_checkpoint reads it, and a run
     of that member alone resumes from it) and pack.json (the members and which failed where). Running the pack
-    again with the same ``ctx`` resumes from its last one. ``spec_jsons``: each member's job spec, kept in its
+    again with the same ``ctx`` resumes from its last one; asked to stop (``ctx.stop_requested``), the pack
+    checkpoints at the end of the current log window and returns, each member's ``stopped_at_step`` set and nothing
+    evaluated. ``spec_jsons``: each member's job spec, kept in its
     checkpoint. ``how``: PACK_WAYS (default: the faster on the device, pack_way). ``log``: where each member's
     curves and evaluation go (:data:`MemberLog`). With ``ctx.run_dir``, each finished member's pictures go to
     ``<run_dir>/member_<k>/pictures``."""
@@ -322,6 +326,9 @@ def train_pack(
             window.add(losses[k], {name: value[k] for name, value in parts.items()})
 
         done = step + 1
+        # A stop request (preemption), as workers.loop.train takes it: at a log window's end, with a checkpoint at
+        # this very step, so that the resumed pack loses no work.
+        stop_now = done % cfg.log_every == 0 and done != n_steps and ctx.stop_requested()
         if done % cfg.log_every == 0 or done == n_steps:
             for k, result in enumerate(results):
                 if result.failed is not None:
@@ -345,8 +352,13 @@ def train_pack(
             for model, member, result in zip(pack.unpack(), members, results):
                 if result.failed is None:
                     record_code_statistics(model, train_data, member.seed)
-        if done % cfg.checkpoint_every == 0 or done == n_steps:
+        if done % cfg.checkpoint_every == 0 or done == n_steps or stop_now:
             _save(pack, optimizer, members, results, generators, done, ctx, cfg, spec_jsons)
+        if stop_now:
+            pack.unpack()
+            for result in results:
+                result.stopped_at_step = done
+            return results
 
     pack.unpack()
     if evaluate_at_end and ctx.is_chief:

@@ -34,13 +34,15 @@ CHECKPOINT_DIR = re.compile(r"checkpoint_step_(\d+)$")
 class WorkerJob:
     """What a worker is given: the job's spec as the typed object the driver parsed (anything with ``model``,
     ``data``, ``train`` and ``eval`` sections: a ``jobs.spec.JobSpec``), the run's name (job or trial id), and
-    where its MLflow run is; for a sweep's trial, its run name (``trial``), which its progress lines carry."""
+    where its MLflow run is; for a sweep's trial, its run name (``trial``), which its progress lines carry.
+    ``stop_on``: the name whose stop request (:func:`stop_request_path`) ends the run early; None: its own."""
 
     spec: Any
     run_name: str
     mlflow_run_id: str | None
     mlflow_tracking_uri: str
     trial: str | None = None
+    stop_on: str | None = None
 
 
 # The object a driver writes to ask its training to stop (preemption, a cancel): STOP_REQUESTS/<run name>.
@@ -227,7 +229,7 @@ def train_loop_per_worker(config: dict[str, WorkerJob]) -> dict[str, Any] | None
             gather_tc=spec.model.gather_global_batch,
             trial=job.trial,
             timeline=timeline,
-            stop_check=lambda: storage.exists(stop_request_path(job.run_name)),
+            stop_check=lambda: storage.exists(stop_request_path(job.stop_on or job.run_name)),
         )
         ctx.log_phase("loading data")
         data = prepare(spec.data, spec.train.seed, resolve=storage.resolve)
@@ -272,12 +274,14 @@ class PackWorkerJob:
     """What a worker is given for a pack of sweep trials (workers/pack.py): the sweep's spec (its data, train and
     eval sections are every member's), the pack's Train run name, the tracking URI, and per member (``members``,
     in pack order) its trial spec (``spec``: model settings and seed), run name (``name``), own job id (``job``:
-    its folder on storage) and MLflow run id (``mlflow_run_id``)."""
+    its folder on storage) and MLflow run id (``mlflow_run_id``). ``stop_on``: the name whose stop request ends the
+    pack early (its sweep's job id); None: its own run name."""
 
     spec: Any
     run_name: str
     members: list[dict[str, Any]]
     mlflow_tracking_uri: str
+    stop_on: str | None = None
 
 
 def pack_loop_per_worker(config: dict[str, PackWorkerJob]) -> dict[str, Any] | None:
@@ -286,7 +290,8 @@ def pack_loop_per_worker(config: dict[str, PackWorkerJob]) -> dict[str, Any] | N
 
     The members share the sweep's train/validation split (drawn with the sweep's train.seed); each member's seed
     sets its initial weights, data order and noise. Returns (rank 0) per member whether it failed (step, part) and
-    its final metrics, and the chief's timeline."""
+    its final metrics, and the chief's timeline; a pack asked to stop returns the step it checkpointed at
+    (``stopped_at_step``) instead of its members."""
     import ray.train
 
     from workers.data import prepare, shard
@@ -313,7 +318,11 @@ def pack_loop_per_worker(config: dict[str, PackWorkerJob]) -> dict[str, Any] | N
     run_dir = Path(tempfile.mkdtemp(prefix=f"aeforge-{job.run_name}-"))
     try:
         ctx = RayTrainContext(
-            mlflow_run=None, run_dir=run_dir, gather_tc=spec.model.gather_global_batch, timeline=timeline
+            mlflow_run=None,
+            run_dir=run_dir,
+            gather_tc=spec.model.gather_global_batch,
+            timeline=timeline,
+            stop_check=lambda: storage.exists(stop_request_path(job.stop_on or job.run_name)),
         )
         ctx.log_phase("loading data")
         data = prepare(spec.data, spec.train.seed, resolve=storage.resolve)
@@ -339,6 +348,9 @@ def pack_loop_per_worker(config: dict[str, PackWorkerJob]) -> dict[str, Any] | N
         )
         if not chief:
             return None
+        stopped = {r.stopped_at_step for r in results} - {None}
+        if stopped:  # asked to stop: checkpointed at this step, no member finished, nothing to publish
+            return {"stopped_at_step": stopped.pop(), "timeline": timeline.to_dict()}
         summaries = []
         for k, (member, result) in enumerate(zip(job.members, results)):
             final = numeric_metrics(result.final_metrics)

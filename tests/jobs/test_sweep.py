@@ -12,6 +12,7 @@ import csv
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -658,6 +659,118 @@ def test_a_sweep_whose_driver_was_killed_continues_without_retraining_finished_t
     objects = storage.list_prefix("")
     assert any("/tuner.pkl" in o for o in objects) and any("experiment_state-" in o for o in objects)
     assert not [o for o in objects if secret in storage.get_bytes(o) or secret.hex().encode() in storage.get_bytes(o)]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("pack", [1, 2])
+def test_a_sweep_stopped_by_sigterm_checkpoints_its_trial_at_the_current_step_and_resumes_from_it(
+    sweep_env, tmp_path, pack
+):
+    """The queue's preemption of a sweep: its driver (`python -m jobs.run JOB_ID`, as the queue runs it) gets
+    SIGTERM while its one trial (or pack of two) trains. The workers checkpoint at their current step (there is no
+    periodic checkpoint before the end: checkpoint_every is the step budget), no trial is recorded as finished, and
+    the same job id run again resumes from that step: no step is trained twice."""
+    import ray
+
+    from jobs.sweep import run_sweep, trial_result_relpath
+    from workers.storage import Storage
+
+    name = f"sweep-stopped-{uuid.uuid4().hex[:6]}"
+    steps, log_every = 3000, 50
+    sweep = {"beta": [1], "latent_dim": [2], "max_concurrent_trials": 1, "metric": {"name": "eval/elbo", "mode": "max"}}
+    if pack > 1:
+        sweep.update(seed=[0, 1], pack=pack)
+    quiet_eval = {"disentanglement": False, "pictures": False, "probe": False}
+    train = {"steps": steps, "log_every": log_every, "checkpoint_every": steps}
+    spec_text = yaml.safe_dump(
+        spec_dict(sweep_env["data"], name, sweep=sweep, eval=quiet_eval, train=train, register=None)
+    )
+    job_id = f"{name}-job"
+    storage = Storage.from_settings()
+    env = {
+        **os.environ,
+        "AEFORGE_JOB_SPEC": json.dumps(parse_spec(spec_text).model_dump(mode="json"), sort_keys=True),
+        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+        "PYTHONPATH": str(ROOT),
+        # The graceful stop's grace period (this less 10 s) outlasts a loaded machine's stop: no Ctrl-C fallback.
+        "RAY_JOB_STOP_WAIT_TIME_S": "60",
+    }
+    log_path = tmp_path / "driver.log"
+    log = open(log_path, "wb")
+    t0 = time.perf_counter()
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "jobs.run", job_id],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and driver.poll() is None:
+            if '"step": ' in log_path.read_text(errors="replace"):  # the trial trains (a progress line)
+                break
+            time.sleep(0.2)
+        assert driver.poll() is None, log_path.read_text()[-3000:]
+        driver.send_signal(signal.SIGTERM)
+        t_term = time.perf_counter()
+        driver.wait(timeout=90)
+        stop_seconds = time.perf_counter() - t_term
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait(timeout=30)
+        log.close()
+    text = log_path.read_text(errors="replace")
+    found = re.search(r"stopped at step (\d+) \(checkpointed there\)", text)
+    assert found, text[-3000:]
+    stopped_at = int(found.group(1))
+    assert 0 < stopped_at < steps and stopped_at % log_every == 0
+
+    client = mlflow.MlflowClient(sweep_env["tracking_uri"])
+    parent, children = parent_and_children(client, job_id)
+    assert len(children) == pack
+    trial_jobs = sorted(c.data.tags["aeforge.job_id"] for c in children)
+    # Not finished: no trial.json, Tune holds the trial as errored (to resume), the runs ended KILLED.
+    assert not [j for j in trial_jobs if storage.exists(trial_result_relpath(j))]
+    assert set(_experiment_state_trials(storage, f"tune/{job_id}").values()) == {"ERROR"}
+    assert {parent.info.status} | {c.info.status for c in children} == {"KILLED"}
+    # The Train run's one checkpoint is the stop's, at the stop step itself (a pack's run: its members' job id
+    # less "-m<k>").
+    train_run = trial_jobs[0] if pack == 1 else trial_jobs[0].rsplit("-m", 1)[0]
+    checkpoints = {p.split("/")[2] for p in storage.list_prefix(f"ray/{train_run}/") if "/checkpoint_step_" in p}
+    assert checkpoints == {f"checkpoint_step_{stopped_at:09d}"}, checkpoints
+    print(
+        f"\nSIGTERM {t_term - t0:.1f} s after the start; stopped at step {stopped_at} of {steps}, the driver gone "
+        f"{stop_seconds:.1f} s after the signal"
+    )
+
+    # The stopped driver's actors and placement groups are gone: every CPU is free again.
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) >= 2, ray.available_resources()
+    t1 = time.perf_counter()
+    outcome = run_sweep(parse_spec(spec_text), job_id)
+    print(f"re-run: {time.perf_counter() - t1:.1f} s")
+
+    rows = outcome["trials"]
+    assert len(rows) == pack and all(r["status"] == "finished" and r["step"] == steps for r in rows), rows
+    for child in children:
+        run_id = child.info.run_id
+        assert client.get_run(run_id).info.status == "FINISHED"
+        # Each log window's curve point logged once, from the first to the last.
+        logged = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+        assert sorted(logged) == list(range(log_every, steps + 1, log_every)), logged
+        # Resumed once, from the stop step (a trial's chief logs it on its run; a pack records it per member).
+        if pack == 1:
+            resumed = [(m.step, m.value) for m in client.get_metric_history(run_id, "resume/from_step")]
+            assert resumed == [(stopped_at, stopped_at)]
+        else:
+            record = json.loads(storage.get_bytes(trial_result_relpath(child.data.tags["aeforge.job_id"])))
+            assert record["resumed_from_step"] == stopped_at, record
 
 
 # --- validation before anything starts -------------------------------------------------------------------------

@@ -240,6 +240,39 @@ def test_a_pack_resumes_from_its_checkpoint_as_if_never_stopped(tmp_path, how):
         assert a.history == b.history
 
 
+class StopAtWindow(RunContext):
+    """Asked to stop at the ``at``-th log window's end (as a preemption asks a pack's Ray Train workers)."""
+
+    def __init__(self, at: int, **kwargs):
+        super().__init__(**kwargs)
+        self.at, self.asked = at, 0
+
+    def stop_requested(self) -> bool:
+        self.asked += 1
+        return self.asked >= self.at
+
+
+def test_a_pack_asked_to_stop_checkpoints_at_that_step_and_resumes_as_if_never_stopped(tmp_path):
+    """Stopped at step 10 (the second log window's end; periodic checkpoints only at 30): a checkpoint at step 10
+    itself, no member evaluated, and the resumed pack ends as an uninterrupted one."""
+    data = loop_data()
+    members = [PackMember(member_config("beta_vae", b), s) for b, s in zip([1.0, 6.0], SEEDS)]
+    straight = train_pack(
+        members, loop_config(), NO_EVAL, data, data, RunContext(run_dir=tmp_path / "a"), evaluate_at_end=False
+    )
+    stopped = train_pack(members, loop_config(), NO_EVAL, data, data, StopAtWindow(2, run_dir=tmp_path / "b"))
+    assert [r.stopped_at_step for r in stopped] == [10, 10]
+    assert not any(name.startswith("eval/") for r in stopped for name in r.final_metrics)
+    assert [p.name for p in sorted((tmp_path / "b" / "checkpoints").iterdir())] == ["step_000000010"]
+    resumed = train_pack(
+        members, loop_config(), NO_EVAL, data, data, RunContext(run_dir=tmp_path / "b"), evaluate_at_end=False
+    )
+    for a, b in zip(straight, resumed):
+        assert b.resumed_from_step == 10 and b.stopped_at_step is None
+        assert torch.equal(weights(a.model), weights(b.model))
+        assert a.history == b.history
+
+
 @pytest.mark.parametrize("how", PACK_WAYS)
 def test_a_member_s_checkpoint_is_an_ordinary_one_that_its_own_run_resumes(tmp_path, how):
     import shutil
