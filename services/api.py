@@ -47,11 +47,12 @@ from services.dispatcher import (
 from services.door import DoorCheck, check_at_door
 from services.door import warm_up as warm_door_checks
 from services.job_log import ATTEMPT_NOTE, ReadableLog, readable_text
+from services.job_states import STATES
 from services.logs import configure_logging, job_fields, redact, uvicorn_log_config
 from services.policy import PolicySource
 from services.queue_report import only_own_jobs, queue_report
 from services.settings import Principal, ServiceSettings, SettingsError
-from services.store import STATES, InvalidTransition, InvalidValue, Job, JobNotFound, Store, submission_id_for
+from services.store import InvalidTransition, InvalidValue, Job, JobNotFound, Store, submission_id_for
 from workers.errors import AeforgeError
 from workers.protocol import parse_phase
 
@@ -431,7 +432,7 @@ def create_app(
     )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestMetrics)  # outermost: refusals of the size limit are counted too
-    registry = metrics.make_registry(store)
+    registry = metrics.make_registry(store, policies)
     bearer = HTTPBearer(auto_error=False, description="an API token from the service's token list")
 
     @app.exception_handler(RequestValidationError)
@@ -617,6 +618,7 @@ def create_app(
             idempotency_key=key,
         )
         if created:
+            metrics.record_submission(policy, job.owner, job.kind)
             log.info("job %s: submitted by %s (%s)", job.id, job.owner, job.kind, extra=job_fields(job))
         else:
             if job.spec_text != spec_text or job.priority != priority or job.max_attempts != max_attempts:

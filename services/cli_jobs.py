@@ -32,8 +32,8 @@ from services.cli_errors import fail, handle_errors
 from services.cli_output import OutputFormat, metric_text, output_option, print_json
 from services.client import AeforgeClient, ApiError
 from services.job_log import ReadableLog, format_duration, phase_text
+from services.job_states import STATES, TERMINAL_STATES
 from services.settings import ServiceSettings
-from services.store import STATES, TERMINAL_STATES
 from workers.protocol import PROGRESS_MARK
 
 console = Console()

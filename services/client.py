@@ -157,7 +157,7 @@ class AeforgeClient:
         """Poll the job until it has ended (succeeded, failed or cancelled) and return it as the API shows it
         (its ``result`` holds the metrics, the model and where the pictures are). ``on_poll`` sees the job at each
         poll; past ``timeout_s`` a :class:`WaitTimeout` names the job and its state then."""
-        from services.store import TERMINAL_STATES
+        from services.job_states import TERMINAL_STATES
 
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:

@@ -2,9 +2,10 @@
 
 Three kinds, all named ``aeforge_*``:
 
-- What the job table holds, read from the database at each scrape (:class:`StoreCollector`): jobs per state, owner
-  and kind for the states that change (queued, starting, running); the store's connection pool. Every service
-  process reads the same table, so these agree across processes: aggregate them with ``max``, not ``sum``.
+- What the job table holds, read from the database at each scrape (:class:`StoreCollector`): jobs per state, owner,
+  team, kind and priority class for the states that change (queued, starting, running); the store's connection
+  pool. Every service process reads the same table, so these agree across processes: aggregate them with ``max``,
+  not ``sum``.
 - What happened, counted by this process as it happens (the counters and histograms below): submissions,
   admissions, rejections, retries, preemptions, finished jobs; the dispatcher's pass time, admission latency, time
   from submit to start and from start to end; Ray Jobs API errors; HTTP requests per route. A state change is
@@ -15,7 +16,10 @@ The service is one process per replica (``aeforge serve``: uvicorn with the disp
 replicas are several scrape targets, so no multiprocess directory is needed.
 
 Labels are bounded: states and kinds are fixed sets, routes are the API's path templates, and owners are capped
-(:data:`MAX_OWNER_LABELS`, AEFORGE_METRICS_MAX_OWNERS) with the rest counted as ``other``. No job id is a label.
+(:data:`MAX_OWNER_LABELS`, AEFORGE_METRICS_MAX_OWNERS) with the rest counted as ``other``. A team is the queue
+policy's team of the owner (services.policy): a team the policy file names (the admins' few), or ``@owner`` for an
+owner no team names (each is a team of their own; without a policy file, every owner), ``other`` for an owner past
+the cap. No job id is a label.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from datetime import datetime
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
+
+from services.policy import Policy, PolicySource
 
 ACTIVE_STATES = ("queued", "starting", "running")
 OTHER = "other"
@@ -58,9 +64,20 @@ class BoundedLabel:
 
 owner_label = BoundedLabel(MAX_OWNER_LABELS)
 
+
+def team_label(policy: Policy, owner: str) -> str:
+    """The owner's team as a label: a team the policy names (bounded by the policy file), else the owner's own team
+    ``@owner`` while the owner has a label of their own, ``other`` past the owner cap."""
+    team = policy.team_of(owner).name
+    if not team.startswith("@"):  # a named team (the policy refuses team names that start with @)
+        return team
+    return team if owner_label(owner) != OTHER else OTHER
+
+
 # registry=None: created once per process, registered into each app's registry (make_registry).
+# Counted by the API's submit (it knows the owner's team), once the new job is committed.
 SUBMISSIONS = Counter(
-    "aeforge_job_submissions", "Jobs submitted (queued for the first time)", ["owner", "kind"], registry=None
+    "aeforge_job_submissions", "Jobs submitted (queued for the first time)", ["owner", "team", "kind"], registry=None
 )
 ADMISSIONS = Counter(
     "aeforge_job_admissions", "Attempts admitted to the cluster (queued -> starting)", ["kind"], registry=None
@@ -166,9 +183,9 @@ def record_transition(
     started_at: datetime | None,
     attempt: int,
 ) -> None:
-    """Count one committed state change (services.store calls this after its transaction commits)."""
+    """Count one committed state change (services.store calls this after its transaction commits). A submission
+    (``from_state`` None) is counted by the API instead (:func:`record_submission`): the store knows no teams."""
     if from_state is None:
-        SUBMISSIONS.labels(owner_label(owner), kind).inc()
         return
     if to_state == "starting" and from_state == "queued":
         ADMISSIONS.labels(kind).inc()
@@ -187,21 +204,29 @@ def record_transition(
             START_TO_END.labels(kind, to_state).observe(max(0.0, (at - started_at).total_seconds()))
 
 
-class StoreCollector:
-    """Jobs per state, owner and kind for the states that change, and the store's connection pool, read at each
-    scrape (a grouped count over the queue index: cheap however many finished jobs the table holds)."""
+def record_submission(policy: Policy, owner: str, kind: str) -> None:
+    """Count one new job, committed, under its owner and the owner's team in ``policy``."""
+    SUBMISSIONS.labels(owner_label(owner), team_label(policy, owner), kind).inc()
 
-    def __init__(self, store):
+
+class StoreCollector:
+    """Jobs per state, owner, team, kind and class for the states that change, and the store's connection pool, read
+    at each scrape (a grouped count over the queue index: cheap however many finished jobs the table holds). The
+    team is the owner's in the policy in force at the scrape: a policy change regroups the jobs at once."""
+
+    def __init__(self, store, policies: PolicySource | None = None):
         self.store = store
+        self.policies = policies
 
     def collect(self) -> Iterable:
         jobs = GaugeMetricFamily(
             "aeforge_jobs",
-            "Jobs in each changing state (queued, starting, running), per owner, kind and priority class",
-            labels=["state", "owner", "kind", "class"],
+            "Jobs in each changing state (queued, starting, running), per owner, the owner's team, kind and priority "
+            "class",
+            labels=["state", "owner", "team", "kind", "class"],
         )
-        counts: dict[tuple[str, str, str, str], int] = {
-            (s, OTHER, k, ""): 0 for s in ACTIVE_STATES for k in ("train", "sweep")
+        counts: dict[tuple[str, str, str, str, str], int] = {
+            (s, OTHER, OTHER, k, ""): 0 for s in ACTIVE_STATES for k in ("train", "sweep")
         }
         try:
             rows = self.store.active_counts()
@@ -211,14 +236,18 @@ class StoreCollector:
         up.add_metric([], 0 if rows is None else 1)
         yield up
         if rows is not None:
+            policy = self._policy()
             for state, owner, kind, priority_class, count in rows:
                 # Classes are the policy's few names (services.policy); none (a raw priority) is "".
-                key = (state, owner_label(owner), kind, priority_class or "")
+                key = (state, owner_label(owner), team_label(policy, owner), kind, priority_class or "")
                 counts[key] = counts.get(key, 0) + count
-            for (state, owner, kind, priority_class), count in sorted(counts.items()):
-                jobs.add_metric([state, owner, kind, priority_class], count)
+            for labels, count in sorted(counts.items()):
+                jobs.add_metric(list(labels), count)
             yield jobs
         yield from self._pool()
+
+    def _policy(self) -> Policy:
+        return Policy() if self.policies is None else self.policies.current()
 
     def _pool(self) -> Iterable:
         pool = self.store.engine.pool
@@ -235,11 +264,12 @@ class StoreCollector:
             yield family
 
 
-def make_registry(store) -> CollectorRegistry:
-    """A registry for one app: this process's counters and histograms, the store's gauges, the process's own."""
+def make_registry(store, policies: PolicySource | None = None) -> CollectorRegistry:
+    """A registry for one app: this process's counters and histograms, the store's gauges (teams from ``policies``;
+    None: the default policy, every owner a team of their own), the process's own."""
     registry = CollectorRegistry()
     for metric in PROCESS_METRICS:
         registry.register(metric)
-    registry.register(StoreCollector(store))
+    registry.register(StoreCollector(store, policies))
     registry.register(ProcessCollector(registry=None))
     return registry

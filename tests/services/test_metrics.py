@@ -59,12 +59,16 @@ def test_metrics_follow_jobs_through_the_queue(queue, store):
     third = post_job(client).json()["id"]  # waits: the first two hold 6 of 8 CPUs, it asks for 3
     assert post_job(client, spec="name: x\nmodel: {variant: nope}\n").status_code == 422
     queued = scrape(client)
-    assert moved(before, queued, "aeforge_job_submissions_total", owner="alice", kind="train") == 3
-    assert moved(before, queued, "aeforge_job_submissions_total", owner="bob", kind="train") == 1
+    # No policy file: each owner is a team of their own.
+    assert moved(before, queued, "aeforge_job_submissions_total", owner="alice", team="@alice", kind="train") == 3
+    assert moved(before, queued, "aeforge_job_submissions_total", owner="bob", team="@bob", kind="train") == 1
     assert moved(before, queued, "aeforge_job_rejections_total", stage="submit", reason="invalid_spec") == 1
     assert jobs_gauge(queued, state="queued", owner="alice", kind="train") == 3
     assert jobs_gauge(queued, state="queued", owner="alice", kind="train", **{"class": "normal"}) == 3
     assert jobs_gauge(queued, state="queued", owner="bob", kind="train") == 1
+    assert (
+        jobs_gauge(queued, state="queued", team="@alice") == 3 and jobs_gauge(queued, state="queued", team="@bob") == 1
+    )
 
     dispatcher.tick()  # admits the first two; the third waits; the one that can never fit is failed
     launcher.set(first, "RUNNING")
@@ -111,6 +115,43 @@ def test_metrics_follow_jobs_through_the_queue(queue, store):
         assert not any(job_id in str(labels) for job_id in (first, second, third, never)), (name, labels)
 
 
+def test_jobs_and_submissions_are_counted_per_policy_team(store, settings, tmp_path):
+    """A policy file that puts alice and bob in one team: the gauge and the submissions counter show that team; an
+    owner the file does not name is still a team of their own; a changed file regroups at the next scrape."""
+    import dataclasses
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("teams:\n  vision:\n    owners: [alice, bob]\n")
+    with TestClient(create_app(store, dataclasses.replace(settings, policy_file=policy))) as client:
+        before = scrape(client)
+        for who in ("alice", "alice", "bob", "root"):
+            assert post_job(client, who=who).status_code == 201
+        after = scrape(client)
+        assert jobs_gauge(after, state="queued", team="vision") == 3
+        assert jobs_gauge(after, state="queued", team="vision", owner="alice") == 2
+        assert jobs_gauge(after, state="queued", team="vision", owner="bob") == 1
+        assert jobs_gauge(after, state="queued", team="@root") == 1
+        assert moved(before, after, "aeforge_job_submissions_total", owner="alice", team="vision", kind="train") == 2
+        assert moved(before, after, "aeforge_job_submissions_total", owner="bob", team="vision", kind="train") == 1
+        assert moved(before, after, "aeforge_job_submissions_total", owner="root", team="@root", kind="train") == 1
+
+        policy.write_text("teams:\n  vision:\n    owners: [alice]\n  speech:\n    owners: [bob, root]\n")
+        regrouped = scrape(client)
+        assert jobs_gauge(regrouped, state="queued", team="vision") == 2
+        assert jobs_gauge(regrouped, state="queued", team="speech") == 2
+
+
+def test_team_labels_are_bounded_by_the_owner_cap(monkeypatch):
+    from services import metrics
+    from services.policy import parse_policy
+
+    monkeypatch.setattr(metrics, "owner_label", metrics.BoundedLabel(1))
+    policy = parse_policy("teams:\n  vision:\n    owners: [carol]\n", "<test>")
+    assert metrics.team_label(policy, "alice") == "@alice"
+    assert metrics.team_label(policy, "bob") == metrics.OTHER  # past the cap: no team of their own
+    assert metrics.team_label(policy, "carol") == "vision"  # a named team is always shown
+
+
 def test_owner_labels_are_capped():
     from services.metrics import OTHER, BoundedLabel
 
@@ -150,17 +191,26 @@ def test_the_grafana_dashboard_uses_only_names_the_service_exports(store):
     import re
     from pathlib import Path
 
-    from services.metrics import make_registry
+    from services.metrics import PROCESS_METRICS, make_registry
 
     exported = set()
+    labels: dict[str, set[str]] = {}  # each exported name's labels, to check what a panel groups by
+    defined_labels = {m._name: set(m._labelnames) for m in PROCESS_METRICS}
     for family in make_registry(store).collect():
         suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"]}.get(family.type, [""])
         exported |= {family.name + suffix for suffix in suffixes}
+        own = defined_labels.get(family.name, set()).union(*(sample.labels for sample in family.samples))
+        labels |= {family.name + suffix: own | ({"le"} if suffix == "_bucket" else set()) for suffix in suffixes}
     dashboard = json.loads((Path(__file__).resolve().parents[2] / "infra/grafana/aeforge-dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     used = {name for expr in exprs for name in re.findall(r"\b((?:aeforge|process)_[a-z_]+)\b", expr)}
     assert len(exprs) >= 12 and used, exprs
     assert used <= exported, sorted(used - exported)
+    # A panel groups by labels its metrics have (aeforge_jobs by team, say).
+    for expr in exprs:
+        names = set(re.findall(r"\b((?:aeforge|process)_[a-z_]+)\b", expr))
+        grouped = {g.strip() for by in re.findall(r"\bby \(([^)]*)\)", expr) for g in by.split(",")}
+        assert grouped <= set().union(*(labels[n] for n in names)), (expr, grouped)
     # Every metric the service defines is on the dashboard (a new one needs a panel).
     defined = {n for n in exported if n.startswith("aeforge_") and not n.endswith(("_count", "_sum"))}
     assert defined <= used, sorted(defined - used)

@@ -131,6 +131,28 @@ def test_list_filters_and_pages_newest_first(store):
         store.list_jobs(states=["done"])
 
 
+def test_listing_by_several_states_merges_them_newest_first(store):
+    """Each state's page is read on its own (an index range) and the pages merged: the same jobs, in the same
+    order, by offset and by cursor, as one filter over all of them would give."""
+    ids = [submit(store, name=f"j{i}", owner="alice" if i % 3 else "bob").id for i in range(9)]
+    for i in (1, 4, 6):
+        store.request_cancel(ids[i], by="alice")
+    store.admit(start_all)  # the oldest queued job starts
+    states = {j.id: j.state for j in store.list_jobs(limit=20)[0]}
+    assert sorted(set(states.values())) == ["cancelled", "queued", "starting"]
+    newest_first = ids[::-1]
+    wanted = [i for i in newest_first if states[i] in ("cancelled", "starting")]
+    page, total = store.list_jobs(states=["starting", "cancelled"], limit=2)
+    assert [j.id for j in page] == wanted[:2] and total == len(wanted) == 4
+    assert [j.id for j in store.list_jobs(states=["cancelled", "starting"], limit=2, offset=2)[0]] == wanted[2:4]
+    after = store.get(wanted[1]).seq
+    assert [j.id for j in store.list_jobs(states=["starting", "cancelled"], before_seq=after)[0]] == wanted[2:]
+    mine = [i for i in wanted if i in {j.id for j in store.list_jobs(owner="alice", limit=20)[0]}]
+    page, total = store.list_jobs(states=["starting", "cancelled", "failed"], owner="alice")
+    assert [j.id for j in page] == mine and total == len(mine)
+    assert store.list_jobs(states=["cancelled", "cancelled"], limit=1)[0][0].state == "cancelled"
+
+
 def test_admission_follows_priority_then_submission_order(store):
     low = submit(store, name="low", priority=0)
     high1 = submit(store, name="high1", priority=5)
@@ -309,6 +331,34 @@ def test_a_new_revision_runs_once_and_a_database_newer_than_the_code_is_refused(
     again.close()
     with pytest.raises(SchemaTooNew, match=f"at schema version 0099, newer than this aeforge understands \\({head}\\)"):
         Store(store_url)
+
+
+def test_the_owner_state_index_gets_planner_statistics_where_the_others_have_them(tmp_path):
+    """Revision 0008 on an analyzed SQLite store: the new index is analyzed too. Among indexes with statistics one
+    without looks as selective as (owner, seq) for a plain owner listing, which would then sort all of the owner's
+    jobs for every page."""
+    url = f"sqlite:///{tmp_path / 'analyzed.db'}"
+    before = tmp_path / "migrations"
+    shutil.copytree(MIGRATIONS_DIR, before, ignore=shutil.ignore_patterns("__pycache__", "0008_*"))
+    old = Store(url, migrations=before)
+    assert old.schema_version == "0007"
+    for i in range(40):
+        submit(old, name=f"j{i}", owner=f"user{i % 4}")
+    with old.engine.connect() as conn:
+        conn.execute(text("ANALYZE"))
+        conn.commit()
+    old.close()
+    store = Store(url)
+    try:
+        assert store.schema_version == "0008"
+        with store.engine.connect() as conn:
+            analyzed = {r[0] for r in conn.execute(text("SELECT idx FROM sqlite_stat1 WHERE tbl = 'aeforge_jobs'"))}
+            listing = "SELECT * FROM aeforge_jobs WHERE owner = 'user1' ORDER BY seq DESC LIMIT 51"
+            plan = " ".join(str(r[-1]) for r in conn.execute(text(f"EXPLAIN QUERY PLAN {listing}")))
+        assert "ix_aeforge_jobs_owner_seq" in plan and "TEMP B-TREE" not in plan, plan
+        assert {"ix_aeforge_jobs_owner_seq", "ix_aeforge_jobs_owner_state_seq"} <= analyzed
+    finally:
+        store.close()
 
 
 @pytest.mark.parametrize("version", [1, 2])
