@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from workers import settings
 from workers.loop import RunContext, is_checkpoint, total_steps, train
 from workers.outputs import numeric_metrics, publish_outputs, with_retries
 from workers.timeline import Timeline
@@ -47,14 +48,13 @@ class WorkerJob:
 
 # The object a driver writes to ask its training to stop (preemption, a cancel): STOP_REQUESTS/<run name>.
 STOP_REQUESTS = "stop-requests"
-STOP_POLL_S = 2.0
 
 
 def stop_request_path(run_name: str) -> str:
     return f"{STOP_REQUESTS}/{run_name}"
 
 
-def _watch_for_stop(check: Callable[[], bool], seen: threading.Event) -> None:
+def _watch_for_stop(check: Callable[[], bool], seen: threading.Event, poll_s: float) -> None:
     while not seen.is_set():
         try:
             if check():
@@ -62,7 +62,7 @@ def _watch_for_stop(check: Callable[[], bool], seen: threading.Event) -> None:
                 return
         except Exception:  # storage unreachable for a moment: ask again; a stop is never invented
             pass
-        time.sleep(STOP_POLL_S)
+        time.sleep(poll_s)
 
 
 def _all_gather_cat(t: torch.Tensor) -> torch.Tensor:
@@ -120,8 +120,12 @@ class RayTrainContext(RunContext):
         # training step; each rank's view is then agreed on at the same step (stop_requested).
         self._stop_seen = threading.Event()
         if stop_check is not None:
+            poll_s = settings.stop_poll_s()  # read here: a bad value fails the run, not the watching thread
             threading.Thread(
-                target=_watch_for_stop, args=(stop_check, self._stop_seen), name="aeforge-stop-watch", daemon=True
+                target=_watch_for_stop,
+                args=(stop_check, self._stop_seen, poll_s),
+                name="aeforge-stop-watch",
+                daemon=True,
             ).start()
 
     def stop_requested(self) -> bool:

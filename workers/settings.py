@@ -101,3 +101,24 @@ def storage_wait_s() -> float:
 
         raise AeforgeError(f"AEFORGE_STORAGE_WAIT_S must be a number of seconds >= 0, got {raw!r}")
     return value
+
+
+DEFAULT_STOP_POLL_S = 2.0
+
+
+def stop_poll_s() -> float:
+    """AEFORGE_STOP_POLL_S: how often a run's workers look for a stop request (a preemption or a cancel) on
+    storage (default 2 s: one small read per worker each time; the stop waits this long at most before the current
+    log window's end). Read on the node, from the environment its Ray workers were started with."""
+    raw = os.environ.get("AEFORGE_STOP_POLL_S")
+    if not raw:
+        return DEFAULT_STOP_POLL_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not (0 < value < float("inf")):
+        from workers.errors import AeforgeError
+
+        raise AeforgeError(f"AEFORGE_STOP_POLL_S must be a number of seconds > 0, got {raw!r}")
+    return value
