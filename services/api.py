@@ -340,6 +340,11 @@ class RequestMetrics:
 def _route_of(scope) -> str:
     from starlette.routing import Match
 
+    # The route the router chose (FastAPI's routes put themselves in the scope as they match): one pattern to check
+    # rather than every route's. A partial match (a 405) leaves its route there too, hence the check.
+    chosen = scope.get("route")
+    if chosen is not None and chosen.matches(scope)[0] == Match.FULL:
+        return getattr(chosen, "path", "unmatched")
     for route in scope["app"].routes if "app" in scope else ():
         if route.matches(scope)[0] == Match.FULL:
             return getattr(route, "path", "unmatched")
@@ -476,7 +481,10 @@ def create_app(
                 return Response(status_code=204, headers=headers)
         return _error(exc.status_code, str(exc.detail), headers=headers)
 
-    def principal(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
+    # A coroutine, so that FastAPI calls it on the event loop: a plain function dependency is run in the thread
+    # pool, one more thread hand-off (and its wake-ups) per request for a hash and a comparison. The token file's
+    # stat (and its read, when it changed) is a local file's, as the token file's reading has always been.
+    async def principal(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Principal:
         if credentials is None:
             raise HTTPException(
                 401, "missing bearer token (Authorization: Bearer <token>)", headers={"WWW-Authenticate": "Bearer"}

@@ -246,6 +246,11 @@ events_table = Table(
     Column("reason", Text, nullable=False),
 )
 
+# The two INSERTs of a submission, built once with their values given at execution: a statement built per call
+# with .values(...) is compiled from the cache, but its cache key is walked over every value each time.
+_INSERT_JOB = insert(jobs_table)
+_INSERT_EVENT = insert(events_table)
+
 schema_table = Table(
     "aeforge_schema",
     metadata,
@@ -611,7 +616,7 @@ class Store:
         queue_kind = queue_kind_of(job_id, kind, priority_class, values["resources"])
         try:
             with self._tx() as conn:
-                inserted = conn.execute(insert(jobs_table).values(**values, queue_kind=queue_kind)).inserted_primary_key
+                inserted = conn.execute(_INSERT_JOB, {**values, "queue_kind": queue_kind}).inserted_primary_key
                 assert inserted is not None, "an INSERT gives the new row's primary key"
                 seq = inserted[0]
                 how = (
@@ -880,9 +885,15 @@ class Store:
         at: datetime,
     ) -> None:
         conn.execute(
-            insert(events_table).values(
-                job_id=job_id, at=at, from_state=from_state, to_state=to_state, attempt=attempt, reason=reason
-            )
+            _INSERT_EVENT,
+            {
+                "job_id": job_id,
+                "at": at,
+                "from_state": from_state,
+                "to_state": to_state,
+                "attempt": attempt,
+                "reason": reason,
+            },
         )
 
     def request_cancel(self, job_id: str, by: str) -> Job:

@@ -214,3 +214,20 @@ def test_the_grafana_dashboard_uses_only_names_the_service_exports(store):
     # Every metric the service defines is on the dashboard (a new one needs a panel).
     defined = {n for n in exported if n.startswith("aeforge_") and not n.endswith(("_count", "_sum"))}
     assert defined <= used, sorted(defined - used)
+
+
+def test_request_routes_are_the_matched_templates(queue):
+    """The route label is the template of the route that answered; a path no route has in full (an unknown path,
+    or a known path with a method it does not take: a 405) is 'unmatched'."""
+    client, _dispatcher, _launcher = queue
+    job_id = post_job(client).json()["id"]
+    before = scrape(client)
+    assert client.get(f"/jobs/{job_id}", headers=auth("alice")).status_code == 200
+    assert client.get("/no/such/path", headers=auth("alice")).status_code == 404
+    assert client.delete("/jobs", headers=auth("alice")).status_code == 405
+    after = scrape(client)
+    requests = "aeforge_http_requests_total"
+    assert moved(before, after, requests, method="GET", route="/jobs/{job_id}", status="200") == 1
+    assert moved(before, after, requests, method="GET", route="unmatched", status="404") == 1
+    assert moved(before, after, requests, method="DELETE", route="unmatched", status="405") == 1
+    assert moved(before, after, requests, method="DELETE", route="/jobs", status="405") == 0
