@@ -264,7 +264,8 @@ def test_jobs_that_take_the_whole_cluster_run_one_after_another_in_priority_orde
         for s in family.samples
     }
     train = frozenset({("kind", "train")})
-    assert samples[("aeforge_job_submissions_total", train | {("owner", "tester")})] == 3
+    # No policy file: every owner is a team of its own, labelled "@owner".
+    assert samples[("aeforge_job_submissions_total", train | {("owner", "tester"), ("team", "@tester")})] == 3
     assert samples[("aeforge_job_admissions_total", train)] == 3
     assert samples[("aeforge_jobs_finished_total", train | {("state", "succeeded")})] == 3
     assert samples[("aeforge_job_submit_to_start_seconds_count", train)] == 3
