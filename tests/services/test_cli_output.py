@@ -268,7 +268,10 @@ def test_version_names_aeforge_and_its_main_packages():
         assert f"{label} {metadata.version(package)}" in result.output
 
 
-def test_shell_completion_script_and_completions():
+def test_shell_completion_script_and_completions(monkeypatch):
+    # Typer's own switch for tests: `--show-completion SHELL` takes the shell named, instead of detecting the shell
+    # this process runs under (none when pytest's ancestors hold no shell, e.g. `make` exec'd from a script).
+    monkeypatch.setenv("_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION", "1")
     runner = CliRunner()
     script = runner.invoke(cli.app, ["--show-completion", "bash"], prog_name="aeforge")
     assert script.exit_code == 0, script.output
