@@ -282,15 +282,15 @@ def service(db_url: str, dispatch: bool = False) -> Iterator[tuple[str, subproce
                 proc.wait(10)
 
 
-def wait_until_idle(pid: int, most_s: float = 120.0) -> None:
-    """Until the service process uses under a tenth of a core for a second: it answers /healthz before its start-up
-    work is done (services.door's warm-up imports torch in a thread, seconds of CPU), and timings taken meanwhile
-    are of that, not of the requests."""
+def wait_until_idle(pid: int, most_s: float = 120.0, window_s: float = 1.0, busy_share: float = 0.1) -> None:
+    """Until the service process uses under ``busy_share`` of a core over ``window_s`` (a tenth over a second by
+    default): it answers /healthz before its start-up work is done (services.door's warm-up imports torch in a
+    thread, seconds of CPU), and timings taken meanwhile are of that, not of the requests."""
     deadline = time.monotonic() + most_s
     while time.monotonic() < deadline:
         before = cpu_seconds(pid)
-        time.sleep(1.0)
-        if cpu_seconds(pid) - before < 0.1:
+        time.sleep(window_s)
+        if cpu_seconds(pid) - before < busy_share * window_s:
             return
 
 
@@ -341,12 +341,7 @@ def settle(url: str, pid: int, timeout_s: float = 120.0) -> None:
     memory estimate) runs in a thread after /healthz answers, and the first submissions compile what later ones
     reuse. A few submissions, then until the process is idle (under 5% of a core over half a second)."""
     bench_submissions(url, 50, 1)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        before = cpu_seconds(pid)
-        time.sleep(0.5)
-        if cpu_seconds(pid) - before < 0.025:
-            return
+    wait_until_idle(pid, timeout_s, window_s=0.5, busy_share=0.05)
 
 
 # --- listing at a million rows ---------------------------------------------------------------------------------

@@ -89,17 +89,24 @@ DEFAULT_STORAGE_WAIT_S = 300.0
 def storage_wait_s() -> float:
     """AEFORGE_STORAGE_WAIT_S: how long a job starting while its storage endpoint does not answer keeps trying
     before it fails (default 300 s; 0: fail at once)."""
-    raw = os.environ.get("AEFORGE_STORAGE_WAIT_S")
+    return _seconds("AEFORGE_STORAGE_WAIT_S", DEFAULT_STORAGE_WAIT_S, zero_allowed=True)
+
+
+def _seconds(name: str, default: float, *, zero_allowed: bool) -> float:
+    """The finite number of seconds variable ``name`` holds (``default`` when unset or empty); AeforgeError naming
+    the variable otherwise."""
+    raw = os.environ.get(name)
     if not raw:
-        return DEFAULT_STORAGE_WAIT_S
+        return default
     try:
         value = float(raw)
     except ValueError:
         value = -1.0
-    if not (0 <= value < float("inf")):
+    if not ((value >= 0 if zero_allowed else value > 0) and value < float("inf")):
         from workers.errors import AeforgeError
 
-        raise AeforgeError(f"AEFORGE_STORAGE_WAIT_S must be a number of seconds >= 0, got {raw!r}")
+        bound = ">= 0" if zero_allowed else "> 0"
+        raise AeforgeError(f"{name} must be a number of seconds {bound}, got {raw!r}")
     return value
 
 
@@ -110,15 +117,4 @@ def stop_poll_s() -> float:
     """AEFORGE_STOP_POLL_S: how often a run's workers look for a stop request (a preemption or a cancel) on
     storage (default 2 s: one small read per worker each time; the stop waits this long at most before the current
     log window's end). Read on the node, from the environment its Ray workers were started with."""
-    raw = os.environ.get("AEFORGE_STOP_POLL_S")
-    if not raw:
-        return DEFAULT_STOP_POLL_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = 0.0
-    if not (0 < value < float("inf")):
-        from workers.errors import AeforgeError
-
-        raise AeforgeError(f"AEFORGE_STOP_POLL_S must be a number of seconds > 0, got {raw!r}")
-    return value
+    return _seconds("AEFORGE_STOP_POLL_S", DEFAULT_STOP_POLL_S, zero_allowed=False)

@@ -137,6 +137,29 @@ def fits_per_trial(client, children) -> dict[str, int]:
     }
 
 
+def start_sweep_driver(spec_text: str, job_id: str, log_path: Path, **extra_env: str) -> subprocess.Popen:
+    """A sweep's driver as the queue runs it: `python -m jobs.run JOB_ID` in a process group of its own, joined to
+    the test's Ray, with the spec in its environment as the queue stores it; its output goes to ``log_path``."""
+    import ray
+
+    env = {
+        **os.environ,
+        "AEFORGE_JOB_SPEC": json.dumps(parse_spec(spec_text).model_dump(mode="json"), sort_keys=True),
+        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+        "PYTHONPATH": str(ROOT),
+        **extra_env,
+    }
+    with open(log_path, "wb") as log:  # the driver writes through its own copy of the file
+        return subprocess.Popen(
+            [sys.executable, "-m", "jobs.run", job_id],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
 # --- fixtures --------------------------------------------------------------------------------------------------
 
 
@@ -585,23 +608,8 @@ def test_a_sweep_whose_driver_was_killed_continues_without_retraining_finished_t
 
     job_id = f"{name}-job"
     storage = Storage.from_settings()
-    spec_json = json.dumps(parse_spec(spec_text).model_dump(mode="json"), sort_keys=True)  # as the queue stores it
-    env = {
-        **os.environ,
-        "AEFORGE_JOB_SPEC": spec_json,
-        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
-        "PYTHONPATH": str(ROOT),
-    }
-    log = open(tmp_path / "driver.log", "wb")
     t0 = time.perf_counter()
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "jobs.run", job_id],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    driver = start_sweep_driver(spec_text, job_id, tmp_path / "driver.log")
     finished_before_kill: set[str] = set()
     try:
         deadline = time.monotonic() + 180
@@ -616,7 +624,6 @@ def test_a_sweep_whose_driver_was_killed_continues_without_retraining_finished_t
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(timeout=30)
-        log.close()
     assert finished_before_kill, (
         f"no trial finished before the driver ended:\n{(tmp_path / 'driver.log').read_text()[-3000:]}"
     )
@@ -688,25 +695,10 @@ def test_a_sweep_stopped_by_sigterm_checkpoints_its_trial_at_the_current_step_an
     )
     job_id = f"{name}-job"
     storage = Storage.from_settings()
-    env = {
-        **os.environ,
-        "AEFORGE_JOB_SPEC": json.dumps(parse_spec(spec_text).model_dump(mode="json"), sort_keys=True),
-        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
-        "PYTHONPATH": str(ROOT),
-        # The graceful stop's grace period (this less 10 s) outlasts a loaded machine's stop: no Ctrl-C fallback.
-        "RAY_JOB_STOP_WAIT_TIME_S": "60",
-    }
     log_path = tmp_path / "driver.log"
-    log = open(log_path, "wb")
     t0 = time.perf_counter()
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "jobs.run", job_id],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    # The graceful stop's grace period (this less 10 s) outlasts a loaded machine's stop: no Ctrl-C fallback.
+    driver = start_sweep_driver(spec_text, job_id, log_path, RAY_JOB_STOP_WAIT_TIME_S="60")
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and driver.poll() is None:
@@ -722,7 +714,6 @@ def test_a_sweep_stopped_by_sigterm_checkpoints_its_trial_at_the_current_step_an
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
             driver.wait(timeout=30)
-        log.close()
     text = log_path.read_text(errors="replace")
     found = re.search(r"stopped at step (\d+) \(checkpointed there\)", text)
     assert found, text[-3000:]
