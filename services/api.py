@@ -916,20 +916,55 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def build_service_app(settings: ServiceSettings, ray_address: str, dispatch: bool) -> FastAPI:
+    """The service's app over ``settings``' database and the Ray cluster at ``ray_address``, with the dispatcher
+    (run for the app's lifetime) when ``dispatch``."""
+    from services.dispatcher import RayAutoscalerDemand, RayClusterView, RayJobLauncher
+    from services.policy import describe_policy
+
+    store = Store(settings.db_url)
+    launcher = RayJobLauncher(ray_address)
+    cluster = RayClusterView(launcher)
+    policies = PolicySource(settings.policy_file)
+    dispatcher = None
+    if dispatch:
+        log.info("queue policy: %s", describe_policy(policies.current()))
+        # A submission's memory estimate (jobs.limits) builds its model on torch's meta device: torch is imported
+        # now, beside the start, rather than by the first submission.
+        threading.Thread(target=importlib.import_module, args=("workers.pack",), daemon=True).start()
+        autoscaler = None
+        if settings.autoscaler_address:
+            autoscaler = RayAutoscalerDemand(settings.autoscaler_address)
+        dispatcher = Dispatcher(
+            store,
+            cluster,
+            launcher,
+            max_concurrent_jobs=settings.max_concurrent_jobs,
+            job_module=settings.job_module,
+            job_python=settings.job_interpreter(),
+            retry_backoff_s=settings.retry_backoff_s,
+            allowed_data_prefixes=settings.allowed_data_prefixes,
+            policies=policies,
+            autoscaler=autoscaler,
+        )
+    return create_app(store, settings, launcher=launcher, dispatcher=dispatcher, policies=policies, cluster=cluster)
+
+
 def run_service(
     settings: ServiceSettings,
     host: str = "127.0.0.1",
     port: int = 8000,
     dispatch: bool = True,
     on_ready: Callable[[str], None] | None = None,
+    workers: int | None = None,
 ) -> None:
-    """The API and (unless ``dispatch`` is False) the dispatcher in this process, until interrupted. While it
-    listens, AEFORGE_HOME/service.json records its address for the CLI (services.settings.api_url_for)."""
+    """The API and (unless ``dispatch`` is False) the dispatcher, until interrupted: in this process, or with
+    ``workers`` (default AEFORGE_API_WORKERS) > 1 in that many worker processes on one port (:class:`ServiceWorkers`;
+    they read their settings from this process's environment). While it listens, AEFORGE_HOME/service.json records
+    its address for the CLI (services.settings.api_url_for)."""
     import uvicorn
 
-    from services.dispatcher import RayAutoscalerDemand, RayClusterView, RayJobLauncher
     from services.embedded_ray import EmbeddedRay
-    from services.policy import describe_policy
     from services.settings import (
         check_no_url_credentials,
         local_tokens_path,
@@ -941,6 +976,9 @@ def run_service(
 
     check_no_url_credentials()
     configure_logging()  # AEFORGE_LOG_FORMAT: text (default) or json; secrets masked
+    workers = settings.api_workers if workers is None else workers
+    if workers < 1:
+        raise SettingsError(f"--workers must be at least 1, got {workers}")
     sock = listen(host, port)
     url = url_for_listener(host, sock.getsockname()[1])
     embedded_ray: EmbeddedRay | None = None
@@ -953,37 +991,16 @@ def run_service(
                 local_tokens_path(settings.home),
             )
             settings = ServiceSettings.load()
-        store = Store(settings.db_url)
         address = settings.ray_address
         if address is None:
             embedded_ray = EmbeddedRay(settings.home)
             address = embedded_ray.start()
             log.info("the embedded Ray head's dashboard and Jobs API are at %s", address)
-        launcher = RayJobLauncher(address)
-        cluster = RayClusterView(launcher)
-        policies = PolicySource(settings.policy_file)
-        log.info("queue policy: %s", describe_policy(policies.current()))
-        dispatcher = None
-        if dispatch:
-            # A submission's memory estimate (jobs.limits) builds its model on torch's meta device: torch is imported
-            # now, beside the start, rather than by the first submission.
-            threading.Thread(target=importlib.import_module, args=("workers.pack",), daemon=True).start()
-            autoscaler = None
-            if settings.autoscaler_address:
-                autoscaler = RayAutoscalerDemand(settings.autoscaler_address)
-            dispatcher = Dispatcher(
-                store,
-                cluster,
-                launcher,
-                max_concurrent_jobs=settings.max_concurrent_jobs,
-                job_module=settings.job_module,
-                job_python=settings.job_interpreter(),
-                retry_backoff_s=settings.retry_backoff_s,
-                allowed_data_prefixes=settings.allowed_data_prefixes,
-                policies=policies,
-                autoscaler=autoscaler,
-            )
-        app = create_app(store, settings, launcher=launcher, dispatcher=dispatcher, policies=policies, cluster=cluster)
+        if workers > 1:
+            Store(settings.db_url).close()  # the schema upgraded once, and a database that fails, failed here
+            ServiceWorkers(sock, url, settings.home, address, dispatch, workers).run(on_ready)
+            return
+        app = build_service_app(settings, address, dispatch)
         home = settings.home
 
         class RecordingServer(uvicorn.Server):
@@ -1017,6 +1034,128 @@ def run_service(
         sock.close()
 
 
+class ServiceWorkers:
+    """``count`` worker processes serving one listening socket (the kernel gives each new connection to one of
+    them): the first also dispatches when the service does, the others serve the API only (as `serve --no-dispatch`).
+    Why processes: one Python process serves some 250-300 submissions/s before its interpreter lock is the limit,
+    however many threads it has. This process supervises: it starts them (``python -m services.api --worker-fd``,
+    this environment plus the Ray address and a metrics directory: services.metrics), records the service's address
+    once one answers, starts again one that exits, and stops them all on SIGTERM or SIGINT. A worker that keeps
+    exiting within its first seconds (a setting it cannot use, a database it cannot reach) stops the service, with
+    its log above."""
+
+    RESTART_DELAY_S = 1.0
+    EARLY_EXIT_S = 10.0  # an exit this soon after the start counts towards giving up
+    EARLY_EXITS = 3
+    STOP_S = 30.0  # a worker's graceful stop (the dispatcher's thread is joined within 30 s)
+
+    def __init__(self, sock: socket.socket, url: str, home, ray_address: str, dispatch: bool, count: int):
+        self.sock = sock
+        self.url = url
+        self.home = home
+        self.ray_address = ray_address
+        self.dispatch = dispatch
+        self.count = count
+
+    def _start(self, index: int, metrics_dir: str):
+        import os
+        import subprocess
+
+        fd = self.sock.fileno()
+        env = dict(os.environ, RAY_ADDRESS=self.ray_address, AEFORGE_HOME=str(self.home))
+        env[metrics.MULTIPROCESS_DIR] = metrics_dir
+        # Not `-m services.api`: that module would run as __main__ beside the services.api its imports load.
+        args = [sys.executable, "-c", "from services.api import main; raise SystemExit(main())", "--worker-fd", str(fd)]
+        if not (self.dispatch and index == 0):
+            args.append("--no-dispatch")
+        process = subprocess.Popen(args, env=env, pass_fds=(fd,))
+        log.info("API worker %d: pid %d%s", index, process.pid, " (dispatching)" if "--no-dispatch" not in args else "")
+        return process, time.monotonic()
+
+    def _answers(self) -> bool:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as answer:
+                return answer.status == 200
+        except OSError:
+            return False
+
+    def run(self, on_ready: Callable[[str], None] | None = None) -> None:
+        import shutil
+        import signal
+        import subprocess
+        import tempfile
+
+        from services.settings import remove_service_record, write_service_record
+
+        stop = threading.Event()
+        previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                previous[signum] = signal.signal(signum, lambda *_: stop.set())
+        metrics_dir = tempfile.mkdtemp(prefix="aeforge-metrics-")
+        workers = []
+        early_exits = [0] * self.count
+        try:
+            workers = [self._start(i, metrics_dir) for i in range(self.count)]
+            ready = False
+            while not stop.wait(0.2):
+                if not ready and self._answers():
+                    ready = True
+                    record = write_service_record(self.home, self.url)
+                    log.info(
+                        "serving the aeforge API at %s with %d worker processes (recorded in %s for the CLI)",
+                        self.url,
+                        self.count,
+                        record,
+                    )
+                    if on_ready is not None:
+                        on_ready(self.url)
+                for index, (process, started) in enumerate(workers):
+                    code = process.poll()
+                    if code is None or stop.is_set():
+                        continue
+                    early_exits[index] = early_exits[index] + 1 if time.monotonic() - started < self.EARLY_EXIT_S else 0
+                    if early_exits[index] >= self.EARLY_EXITS:
+                        raise SettingsError(
+                            f"API worker {index} exited with {code} {self.EARLY_EXITS} times within "
+                            f"{self.EARLY_EXIT_S:g} s of its start: see its log above"
+                        )
+                    log.warning("API worker %d (pid %d) exited with %s; starting it again", index, process.pid, code)
+                    stop.wait(self.RESTART_DELAY_S)
+                    workers[index] = self._start(index, metrics_dir)
+        finally:
+            for process, _ in workers:
+                if process.poll() is None:
+                    process.terminate()
+            deadline = time.monotonic() + self.STOP_S
+            for process, _ in workers:
+                try:
+                    process.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:  # past the graceful stop: it is killed
+                    process.kill()
+                    process.wait()
+            for signal_number, handler in previous.items():
+                signal.signal(signal_number, handler)
+            remove_service_record(self.home)
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def run_worker(fd: int, dispatch: bool) -> None:
+    """One of :class:`ServiceWorkers`' processes: the app over the listening socket ``fd`` it was given, its settings
+    from the environment (the supervisor's, with the Ray address it uses), until SIGTERM."""
+    import uvicorn
+
+    configure_logging()
+    settings = ServiceSettings.load()
+    if settings.ray_address is None:
+        raise SettingsError("an API worker is started by `aeforge serve --workers N`, which sets RAY_ADDRESS")
+    sock = socket.socket(fileno=fd)
+    app = build_service_app(settings, settings.ray_address, dispatch)
+    uvicorn.Server(uvicorn.Config(app, log_level="info", log_config=uvicorn_log_config())).run(sockets=[sock])
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -1024,9 +1163,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--no-dispatch", action="store_true", help="API only (another process dispatches)")
+    parser.add_argument("--workers", type=int, default=None, help="API processes (default AEFORGE_API_WORKERS, 1)")
+    parser.add_argument("--worker-fd", type=int, default=None, help=argparse.SUPPRESS)  # ServiceWorkers' own
     args = parser.parse_args(argv)
     try:
-        run_service(ServiceSettings.load(), host=args.host, port=args.port, dispatch=not args.no_dispatch)
+        if args.worker_fd is not None:
+            run_worker(args.worker_fd, dispatch=not args.no_dispatch)
+        else:
+            run_service(
+                ServiceSettings.load(),
+                host=args.host,
+                port=args.port,
+                dispatch=not args.no_dispatch,
+                workers=args.workers,
+            )
     except AeforgeError as exc:  # a setting or the port: one line, as the CLI says it
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -214,6 +214,12 @@ def serve(
     dispatch: bool = typer.Option(
         True, "--dispatch/--no-dispatch", help="also run the dispatcher in this process (off: API only)"
     ),
+    workers: int | None = typer.Option(
+        None,
+        min=1,
+        help="API processes on the port, the first also dispatching (default AEFORGE_API_WORKERS, 1): one process "
+        "serves some 250-300 submissions/s",
+    ),
 ) -> None:
     """Run the queue service: the API, the dispatcher, and a local Ray head when RAY_ADDRESS is not set. The CLI
     on this machine finds it without AEFORGE_API_URL (its address is recorded in AEFORGE_HOME/service.json)."""
@@ -231,7 +237,7 @@ def serve(
             soft_wrap=True,
         )
 
-    run_service(settings, host=host, port=port, dispatch=dispatch, on_ready=ready)
+    run_service(settings, host=host, port=port, dispatch=dispatch, on_ready=ready, workers=workers)
 
 
 def submit(

@@ -44,6 +44,10 @@ def check_at_door(spec: Any, timeout_s: float | None = None) -> DoorCheck:
         load_checks()  # the deadline is for endpoints that do not answer, not for a slow first import
     except ImportError as exc:  # the service's own Python lacks a reader's library: the job checks the data
         return DoorCheck(notes=[f"data.source '{source}' was not checked: {type(exc).__name__}: {exc}"])
+    if source.startswith("builtin:"):
+        # Nothing to wait for (no file, no endpoint): checked here, not in a thread of its own, whose start and join
+        # cost a submission ten times the check itself (0.22 ms against 0.016).
+        return _check(spec)
     outcome: dict[str, DoorCheck] = {}
 
     def target() -> None:

@@ -70,15 +70,17 @@ class RedactingFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if redact(message) == message:
+        secrets = secret_values()  # once per record: it reads the whole environment (an access line each request)
+        if redact(message, secrets) == message:
             return True
         # Each argument masked in place: formatters may read the arguments themselves (uvicorn's access log does).
         if isinstance(record.args, tuple):
-            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
+            record.args = tuple(redact(a, secrets) if isinstance(a, str) else a for a in record.args)
         if isinstance(record.msg, str):
-            record.msg = redact(record.msg)
-        if redact(record.getMessage()) != record.getMessage():  # a secret split across arguments: the whole line
-            record.msg, record.args = redact(message), None
+            record.msg = redact(record.msg, secrets)
+        # A secret split across arguments: the whole line.
+        if redact(record.getMessage(), secrets) != record.getMessage():
+            record.msg, record.args = redact(message, secrets), None
         return True
 
 

@@ -12,8 +12,11 @@ Three kinds, all named ``aeforge_*``:
   counted by the process that made it, once: add these up over processes (``sum``).
 - The process itself (prometheus_client's process collector): RSS, open files, CPU.
 
-The service is one process per replica (``aeforge serve``: uvicorn with the dispatcher in a thread); several
-replicas are several scrape targets, so no multiprocess directory is needed.
+A replica is one process (``aeforge serve``: uvicorn with the dispatcher in a thread) or, with
+AEFORGE_API_WORKERS > 1, several processes on one port (services.api.ServiceWorkers): then every process writes its
+counters and histograms to prometheus_client's multiprocess directory (PROMETHEUS_MULTIPROC_DIR, set by the
+supervisor before they start), and whichever process answers ``/metrics`` adds up all of them: the replica is still
+one scrape target. Its process collector is left out there (it would describe whichever worker answered).
 
 Labels are bounded: states and kinds are fixed sets, routes are the API's path templates, and owners are capped
 (:data:`MAX_OWNER_LABELS`, AEFORGE_METRICS_MAX_OWNERS) with the rest counted as ``other``. A team is the queue
@@ -36,6 +39,9 @@ from prometheus_client.process_collector import ProcessCollector
 from services.policy import Policy, PolicySource
 
 ACTIVE_STATES = ("queued", "starting", "running")
+# prometheus_client's multiprocess mode: where each process writes its values (read when prometheus_client is
+# imported, so set before a worker process starts).
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 OTHER = "other"
 MAX_OWNER_LABELS = int(os.environ.get("AEFORGE_METRICS_MAX_OWNERS", "100"))
 
@@ -268,8 +274,13 @@ def make_registry(store, policies: PolicySource | None = None) -> CollectorRegis
     """A registry for one app: this process's counters and histograms, the store's gauges (teams from ``policies``;
     None: the default policy, every owner a team of their own), the process's own."""
     registry = CollectorRegistry()
-    for metric in PROCESS_METRICS:
-        registry.register(metric)
+    if os.environ.get(MULTIPROCESS_DIR):  # one of several worker processes: every worker's, added up
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        MultiProcessCollector(registry)
+    else:
+        for metric in PROCESS_METRICS:
+            registry.register(metric)
+        registry.register(ProcessCollector(registry=None))
     registry.register(StoreCollector(store, policies))
-    registry.register(ProcessCollector(registry=None))
     return registry

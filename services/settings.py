@@ -52,6 +52,7 @@ ROLES = ("user", "admin")
 # Every variable a settings file may set (the job-side ones are passed through to jobs; see workers.settings).
 KNOWN_VARIABLES = (
     "AEFORGE_HOME",
+    "AEFORGE_API_WORKERS",
     "AEFORGE_DB_URL",
     "AEFORGE_API_URL",
     "AEFORGE_API_TOKEN",
@@ -150,6 +151,8 @@ class ServiceSettings:
     # The Ray cluster (GCS address, host:6379) whose autoscaler the dispatcher tells what the queue needs; None: a
     # cluster of fixed size (then a job bigger than the whole cluster is refused rather than waited for).
     autoscaler_address: str | None = None
+    # API processes on the service's port (services.api.ServiceWorkers); 1: the API and dispatcher in one process.
+    api_workers: int = 1
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None) -> ServiceSettings:
@@ -195,6 +198,7 @@ class ServiceSettings:
                 else None
             ),
             autoscaler_address=values.get("AEFORGE_AUTOSCALER_ADDRESS") or None,
+            api_workers=_positive_int(values, "AEFORGE_API_WORKERS", 1),
         )
 
     def job_interpreter(self) -> str:

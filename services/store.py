@@ -17,10 +17,12 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from dataclasses import field as dataclass_field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -250,6 +252,10 @@ events_table = Table(
 # with .values(...) is compiled from the cache, but its cache key is walked over every value each time.
 _INSERT_JOB = insert(jobs_table)
 _INSERT_EVENT = insert(events_table)
+# Several submissions' jobs in one statement, their seqs back in the order given (SQLAlchemy's "insertmanyvalues").
+_INSERT_JOBS = insert(jobs_table).returning(jobs_table.c.seq, sort_by_parameter_order=True)
+# The most submissions one group commit writes: a bound on one transaction's size and on the last one's wait.
+GROUP_COMMIT_MAX = 64
 
 schema_table = Table(
     "aeforge_schema",
@@ -501,8 +507,25 @@ def add_resources(total: dict[str, float], more: dict[str, float]) -> dict[str, 
     return out
 
 
+@dataclass(eq=False)
+class _PendingSubmission:
+    """One submission waiting for a group commit (Store._write_submission)."""
+
+    job: dict[str, Any]
+    event: dict[str, Any]
+    change: dict[str, Any]
+    ready: threading.Event = dataclass_field(
+        default_factory=threading.Event
+    )  # written (or failed), or this one now leads
+    leads: bool = False
+    done: bool = False
+    seq: int | None = None
+    error: BaseException | None = None
+
+
 class Store:
-    """The job table. Thread-safe: each method runs in its own transaction on a pooled connection."""
+    """The job table. Thread-safe: each method runs in its own transaction on a pooled connection, but for
+    submissions, which concurrent callers commit together (:meth:`_write_submission`)."""
 
     def __init__(self, url: str, *, migrations: Path = MIGRATIONS_DIR, echo: bool = False):
         self.url = url
@@ -513,6 +536,9 @@ class Store:
                 f"AEFORGE_DB_URL: unsupported database {self.dialect!r}; use sqlite:/// or postgresql+psycopg://"
             )
         self.schema_version = migrate(self.engine, migrations)
+        self._submissions: list[_PendingSubmission] = []  # waiting for the next group commit, oldest first
+        self._submissions_lock = threading.Lock()
+        self._submissions_leader = False  # a caller is writing a group now
 
     def close(self) -> None:
         self.engine.dispose()
@@ -614,29 +640,31 @@ class Store:
             updated_at=now,
         )
         queue_kind = queue_kind_of(job_id, kind, priority_class, values["resources"])
+        how = f"in class {priority_class} (priority {priority})" if priority_class else f"with priority {priority}"
+        pending = _PendingSubmission(
+            job={**values, "queue_kind": queue_kind},
+            event=dict(
+                job_id=job_id,
+                at=now,
+                from_state=None,
+                to_state="queued",
+                attempt=0,
+                reason=f"submitted by {owner} {how}",
+            ),
+            change=dict(
+                from_state=None,
+                to_state="queued",
+                kind=kind,
+                owner=owner,
+                at=now,
+                created_at=now,
+                queued_since=None,
+                started_at=None,
+                attempt=0,
+            ),
+        )
         try:
-            with self._tx() as conn:
-                inserted = conn.execute(_INSERT_JOB, {**values, "queue_kind": queue_kind}).inserted_primary_key
-                assert inserted is not None, "an INSERT gives the new row's primary key"
-                seq = inserted[0]
-                how = (
-                    f"in class {priority_class} (priority {priority})"
-                    if priority_class
-                    else f"with priority {priority}"
-                )
-                self._event(conn, job_id, None, "queued", 0, f"submitted by {owner} {how}", now)
-                self._note_change(
-                    conn,
-                    from_state=None,
-                    to_state="queued",
-                    kind=kind,
-                    owner=owner,
-                    at=now,
-                    created_at=now,
-                    queued_since=None,
-                    started_at=None,
-                    attempt=0,
-                )
+            seq = self._write_submission(pending)
         except IntegrityError:
             # Two submissions with the same key raced; the one that committed first is the job.
             if idempotency_key is not None:
@@ -649,6 +677,67 @@ class Store:
             name: None for name in Job.__dataclass_fields__ if name not in values and name != "seq"
         }
         return Job(seq=int(seq), **unset, **values), True
+
+    def _write_submission(self, pending: _PendingSubmission) -> int:
+        """Group commit: ``pending`` is written with every submission that waits beside it, in one transaction and
+        one fsync (SQLite's FULL sync; PostgreSQL's WAL flush), and returns its seq once that has committed: a 201
+        still means stored. One caller at a time leads: it takes up to GROUP_COMMIT_MAX waiting submissions (its own
+        the first), writes them, then hands the lead to the oldest still waiting, so no caller writes for others
+        longer than one group. Alone, a submission is one transaction as before; concurrent ones share the
+        commit's cost and stop queueing on SQLite's write lock, whose busy handler sleeps (1-100 ms) between
+        tries."""
+        with self._submissions_lock:
+            self._submissions.append(pending)
+            if not self._submissions_leader:
+                self._submissions_leader = pending.leads = True
+        if not pending.leads:
+            pending.ready.wait()
+        if not pending.done:  # this caller leads now: the oldest waiting, so its own submission is in this group
+            with self._submissions_lock:
+                group = self._submissions[:GROUP_COMMIT_MAX]
+                del self._submissions[:GROUP_COMMIT_MAX]
+            try:
+                self._write_group(group)
+            finally:
+                with self._submissions_lock:
+                    following = self._submissions[0] if self._submissions else None
+                    if following is None:
+                        self._submissions_leader = False
+                    else:
+                        following.leads = True
+                for written in group:
+                    written.done = True
+                    written.ready.set()
+                if following is not None:
+                    following.ready.set()
+        if pending.error is not None:
+            raise pending.error
+        assert pending.seq is not None, "a written submission has its seq"
+        return pending.seq
+
+    def _write_group(self, group: list[_PendingSubmission]) -> None:
+        """Writes each submission's job and first event, all in one transaction; if that fails on a constraint (an
+        idempotency key two of them share, or one already stored) each is written alone, so that only the one at
+        fault fails."""
+        try:
+            with self._tx() as conn:
+                seqs = conn.execute(_INSERT_JOBS, [p.job for p in group]).scalars().all()
+                conn.execute(_INSERT_EVENT, [p.event for p in group])
+                for p in group:
+                    self._note_change(conn, **p.change)
+        except IntegrityError as exc:
+            if len(group) == 1:
+                group[0].error = exc
+                return
+            for p in group:
+                self._write_group([p])
+            return
+        except BaseException as exc:  # the database is down, say: every submission in the group gets the error
+            for p in group:
+                p.error = exc
+            return
+        for p, seq in zip(group, seqs, strict=True):
+            p.seq = int(seq)
 
     def _by_idempotency_key(self, owner: str, key: str) -> Job | None:
         if not (storable(owner) and storable(key)):

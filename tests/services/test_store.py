@@ -116,6 +116,87 @@ def test_racing_submissions_with_one_key_make_one_job(store_url):
         s.close()
 
 
+def test_concurrent_submissions_are_committed_together_each_with_its_own_job_and_event(store, monkeypatch):
+    """Group commit: while one submission is being written, the others that arrive wait and are written together in
+    the next transaction; each caller still gets its own job (and seq) only once it is committed. Two of them share
+    an idempotency key: their group fails on the unique index, is written one by one, and the key makes one job."""
+    groups: list[int] = []
+    write_group = store._write_group
+    first_group_may_write = threading.Event()
+
+    def counted(group):
+        groups.append(len(group))
+        if len(groups) == 1:  # hold the first group until every other caller waits for the next one
+            first_group_may_write.wait(30)
+        write_group(group)
+
+    monkeypatch.setattr(store, "_write_group", counted)
+    callers = 12
+    results: dict[int, tuple] = {}
+
+    def caller(i):
+        results[i] = store.submit(
+            name=f"g{i}",
+            owner="alice",
+            kind="train",
+            spec_text=f"name: g{i}\n",
+            spec_json="{}",
+            resources={"CPU": 1},
+            idempotency_key="shared" if i in (3, 7) else None,
+        )
+
+    first = threading.Thread(target=caller, args=(0,))
+    first.start()
+    while not groups:
+        threading.Event().wait(0.01)
+    rest = [threading.Thread(target=caller, args=(i,)) for i in range(1, callers)]
+    for t in rest:
+        t.start()
+    while len(store._submissions) < callers - 1:
+        threading.Event().wait(0.01)
+    assert not results  # nobody has an answer before their commit
+    first_group_may_write.set()
+    for t in [first, *rest]:
+        t.join(30)
+    assert groups[:2] == [1, callers - 1]  # the second group is every caller that waited
+    assert groups[2:] == [1] * (callers - 1)  # it failed on the shared key: written one by one
+    assert sorted(results) == list(range(callers))
+    shared = {results[3][0].id, results[7][0].id}
+    assert len(shared) == 1 and sorted([results[3][1], results[7][1]]) == [False, True]
+    created = [job for job, made in results.values() if made]
+    assert len(created) == callers - 1 and len({job.seq for job in created}) == callers - 1
+    for job in created:
+        assert store.get(job.id) == job
+        [event] = store.events(job.id)
+        assert (event.from_state, event.to_state) == (None, "queued")
+    assert store.list_jobs()[1] == callers - 1
+    assert not store._submissions and not store._submissions_leader
+
+
+def test_a_group_commit_that_fails_fails_each_of_its_submissions_and_the_next_one_writes(store, monkeypatch):
+    from contextlib import contextmanager
+
+    from sqlalchemy.exc import OperationalError
+
+    real_tx = store._tx
+    calls = []
+
+    @contextmanager
+    def down_once(**kwargs):
+        calls.append(kwargs)
+        if len(calls) == 1:
+            raise OperationalError("BEGIN", {}, Exception("the database is down"))
+        with real_tx(**kwargs) as conn:
+            yield conn
+
+    monkeypatch.setattr(store, "_tx", down_once)
+    with pytest.raises(OperationalError, match="down"):
+        submit(store, name="lost")
+    assert not store._submissions_leader  # the lead was given up: the next submission is not left waiting
+    job = submit(store, name="kept")
+    assert [j.name for j in store.list_jobs()[0]] == ["kept"] and store.get(job.id) == job
+
+
 def test_list_filters_and_pages_newest_first(store):
     ids = [submit(store, name=f"n{i % 2}", owner="alice" if i < 5 else "bob").id for i in range(7)]
     store.request_cancel(ids[0], by="alice")
