@@ -1,6 +1,9 @@
 """Benchmarks of the queue service (not tests), on SQLite and on PostgreSQL:
 
-- ``throughput``: submissions per second through the HTTP API with 1, 8, 16 clients (each its own connection);
+- ``throughput``: submissions per second through the HTTP API with 1, 8, 16 clients (each its own connection), against
+  the service as it runs (``python -m services.api --no-dispatch --workers N``: its logging, its access log, N API
+  processes on one port) for each ``--workers``; with the service's CPU per submission and how busy the machine's
+  cores were (a rate limited by the cores shows them near 100%);
 - ``listing``: ``GET /jobs`` (what `aeforge jobs` asks) p50/p99 with 1,000,000 finished jobs in the table (first
   page, a user's page, by state, a deep page by cursor and by offset), and the database size per 100,000 jobs
   (each with its four events);
@@ -259,18 +262,7 @@ def service(db_url: str, dispatch: bool = False) -> Iterator[tuple[str, subproce
         )
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"the service exited with {proc.returncode}")
-                try:
-                    if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the service did not answer /healthz in 120 s")
-                time.sleep(0.2)
+            wait_until_answers(url, proc)
             wait_until_idle(proc.pid)
             yield url, proc
         finally:
@@ -280,6 +272,21 @@ def service(db_url: str, dispatch: bool = False) -> Iterator[tuple[str, subproce
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+
+
+def wait_until_answers(url: str, proc: subprocess.Popen, most_s: float = 120.0) -> None:
+    deadline = time.monotonic() + most_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the service exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the service did not answer /healthz in {most_s:g} s")
+        time.sleep(0.2)
 
 
 def wait_until_idle(pid: int, most_s: float = 120.0, window_s: float = 1.0, busy_share: float = 0.1) -> None:
@@ -303,44 +310,120 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time of a process and its children so far (Linux /proc): the service's supervisor and its
+    worker processes together."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:  # exited meanwhile
+        return 0.0
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except FileNotFoundError:
+            continue
+        total += sum(cpu_seconds(int(child)) for child in children)
+    return total
+
+
+def busy_cores() -> tuple[float, float]:
+    """(busy, all) CPU time of the whole machine so far, in seconds (/proc/stat's first line)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle and iowait
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (sum(values) - idle) / ticks, sum(values) / ticks
 
 
 def bench_submissions(url: str, total: int, clients: int, pid: int | None = None) -> dict[str, float]:
-    """Submissions per second: ``clients`` threads, each with its own connection, ``total`` POSTs in all; the p99
-    of one submission; and the service's CPU time per submission (what the rate would be on idle cores: a shared
-    machine's load changes the rate, hardly the CPU time)."""
+    """Submissions per second: ``clients`` threads, each with its own keep-alive connection, ``total`` POSTs in all;
+    the p99 of one submission; the service's CPU time per submission (what the rate would be on free cores: a shared
+    machine's load changes the rate, hardly the CPU time); the share of the machine's cores busy meanwhile, and this
+    client's own CPU per submission. The client is http.client (0.4-0.6 ms of CPU a request, where httpx took 2):
+    on a 2-core machine the client's cost comes out of the service's cores."""
+    import http.client
+    from urllib.parse import urlparse
+
+    address = urlparse(url)
+    body = json.dumps({"spec": SPEC, "priority": 1}).encode()
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
     per_client = max(1, total // clients)
     latencies: list[float] = []
 
     def run(_):
         mine = []
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60) as http:
+        connection = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
+        try:
             for _ in range(per_client):
                 start = time.perf_counter()
-                response = http.post("/jobs", json={"spec": SPEC, "priority": 1})
+                connection.request("POST", "/jobs", body=body, headers=headers)
+                response = connection.getresponse()
+                answer = response.read()
                 mine.append(time.perf_counter() - start)
-                if response.status_code != 201:
-                    raise RuntimeError(f"submission failed: {response.status_code} {response.text}")
+                if response.status != 201:
+                    raise RuntimeError(f"submission failed: {response.status} {answer[:500]!r}")
+        finally:
+            connection.close()
         latencies.extend(mine)
 
     cpu_before = cpu_seconds(pid) if pid else 0.0
+    busy_before, all_before = busy_cores()
+    own_before = time.process_time()
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(run, range(clients)))
     elapsed = time.perf_counter() - start
+    busy_after, all_after = busy_cores()
     done = per_client * clients
     cpu_ms = (cpu_seconds(pid) - cpu_before) * 1000 / done if pid else float("nan")
-    return {"rate": done / elapsed, "p99_ms": percentile(latencies, 0.99) * 1000, "cpu_ms": cpu_ms}
+    return {
+        "rate": done / elapsed,
+        "p99_ms": percentile(latencies, 0.99) * 1000,
+        "cpu_ms": cpu_ms,
+        "client_cpu_ms": (time.process_time() - own_before) * 1000 / done,
+        "busy": (busy_after - busy_before) / max(1e-9, all_after - all_before),
+    }
+
+
+@contextmanager
+def aeforge_service(db_url: str, workers: int) -> Iterator[tuple[str, subprocess.Popen]]:
+    """The service as `aeforge serve --no-dispatch --workers N` runs it (python -m services.api), its log in a file;
+    Ray is not needed to take submissions (RAY_ADDRESS names a port nothing listens on)."""
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="aeforge-bench-home-") as home:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AEFORGE_", "PROMETHEUS_"))} | {
+            "AEFORGE_HOME": home,
+            "AEFORGE_DB_URL": db_url,
+            "AEFORGE_TOKENS": json.dumps([{"token": TOKEN, "owner": "bench", "role": "admin"}]),
+            "RAY_ADDRESS": "http://127.0.0.1:9",
+        }
+        with open(Path(home) / "service.log", "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "services.api", "--port", str(port), "--no-dispatch"]
+                + ["--workers", str(workers)],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_until_answers(url, proc)
+            wait_until_idle(proc.pid)
+            yield url, proc
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
 
 
 def settle(url: str, pid: int, timeout_s: float = 120.0) -> None:
     """Wait out the service's start before its CPU time is counted: the door's warm-up (torch's import, the first
     memory estimate) runs in a thread after /healthz answers, and the first submissions compile what later ones
-    reuse. A few submissions, then until the process is idle (under 5% of a core over half a second)."""
-    bench_submissions(url, 50, 1)
+    reuse. A few submissions (from 8 clients: every worker process gets some), then until the service is idle (under
+    5% of a core over half a second)."""
+    bench_submissions(url, 200, 8)
     wait_until_idle(pid, timeout_s, window_s=0.5, busy_share=0.05)
 
 
@@ -615,6 +698,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", default="sqlite,postgresql")
     parser.add_argument("--submissions", type=int, default=2000, help="POSTs per throughput measurement")
     parser.add_argument("--clients", default="1,8,16", help="concurrent clients, comma-separated")
+    parser.add_argument("--workers", default="1,2", help="the service's API processes (throughput), comma-separated")
     parser.add_argument("--rows", type=int, default=1_000_000, help="finished jobs for the listing benchmark")
     parser.add_argument("--requests", type=int, default=200, help="requests per listing case")
     parser.add_argument("--queued", type=int, default=10_000)
@@ -643,17 +727,20 @@ def main(argv: list[str] | None = None) -> int:
         try:
             Store(url).close()  # the schema, before the service and the fills
             if "throughput" in args.parts:
-                with service(url) as (api_url, proc):
-                    settle(api_url, proc.pid)
-                    for clients in [int(c) for c in args.clients.split(",")]:
-                        got = bench_submissions(api_url, args.submissions, clients, proc.pid)
-                        results.append(
-                            (
-                                backend,
-                                f"submissions/s through the API, {clients} client(s) (p99 ms; service CPU ms each)",
-                                f"{got['rate']:,.0f} ({got['p99_ms']:.0f}; {got['cpu_ms']:.2f})",
+                for workers in [int(w) for w in args.workers.split(",")]:
+                    with aeforge_service(url, workers) as (api_url, proc):
+                        settle(api_url, proc.pid)
+                        for clients in [int(c) for c in args.clients.split(",")]:
+                            got = bench_submissions(api_url, args.submissions, clients, proc.pid)
+                            results.append(
+                                (
+                                    backend,
+                                    f"submissions/s, {workers} API process(es), {clients} client(s) (p99 ms; "
+                                    "service CPU ms each; client CPU ms each; machine's cores busy)",
+                                    f"{got['rate']:,.0f} ({got['p99_ms']:.0f}; {got['cpu_ms']:.2f}; "
+                                    f"{got['client_cpu_ms']:.2f}; {got['busy']:.0%})",
+                                )
                             )
-                        )
             if "soak" in args.parts:
                 store = Store(url)
                 with store.engine.begin() as conn:
