@@ -5,7 +5,8 @@ only (another user's job is a 404, as an unknown id is), an admin on all. A spec
 written: a malformed one is a 422 listing each field's problem, and never a row. Request bodies over
 AEFORGE_MAX_REQUEST_BYTES are refused with 413 before they are parsed.
 
-``python -m services.api`` (and ``aeforge serve``) runs the API with the dispatcher in the same process.
+``python -m services.api`` (and ``aeforge serve``) runs the API with the dispatcher in the same process, or with
+``--workers N`` in N processes on one port (:class:`ServiceWorkers`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import asyncio
 import importlib
 import json
 import logging
+import os
+import signal
 import socket
 import sys
 import threading
@@ -1058,7 +1061,6 @@ class ServiceWorkers:
         self.count = count
 
     def _start(self, index: int, metrics_dir: str):
-        import os
         import subprocess
 
         fd = self.sock.fileno()
@@ -1083,7 +1085,6 @@ class ServiceWorkers:
 
     def run(self, on_ready: Callable[[str], None] | None = None) -> None:
         import shutil
-        import signal
         import subprocess
         import tempfile
 
@@ -1152,8 +1153,20 @@ def run_worker(fd: int, dispatch: bool) -> None:
     if settings.ray_address is None:
         raise SettingsError("an API worker is started by `aeforge serve --workers N`, which sets RAY_ADDRESS")
     sock = socket.socket(fileno=fd)
+    threading.Thread(
+        target=_stop_when_orphaned, args=(os.getppid(),), name="aeforge-supervisor-watch", daemon=True
+    ).start()
     app = build_service_app(settings, settings.ray_address, dispatch)
     uvicorn.Server(uvicorn.Config(app, log_level="info", log_config=uvicorn_log_config())).run(sockets=[sock])
+
+
+def _stop_when_orphaned(supervisor: int, poll_s: float = 1.0) -> None:
+    """A worker whose supervisor is gone (killed outright: it could not stop its workers) stops as on SIGTERM,
+    rather than serve on alone with nothing to start it again or stop it."""
+    while os.getppid() == supervisor:
+        time.sleep(poll_s)
+    log.warning("the service's supervisor (pid %d) is gone; this worker stops", supervisor)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def main(argv: list[str] | None = None) -> int:

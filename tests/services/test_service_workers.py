@@ -155,3 +155,38 @@ def test_workers_must_be_a_positive_number(tmp_path):
         app, ["serve", "--port", "0"], env={"AEFORGE_HOME": str(tmp_path), "AEFORGE_API_WORKERS": "two"}
     )
     assert result.exit_code == 2 and "AEFORGE_API_WORKERS must be a positive integer, got 'two'" in result.output
+
+
+@pytest.mark.timeout(180)
+def test_workers_stop_when_their_supervisor_is_killed_outright(tmp_path):
+    home = tmp_path / "home"
+    log = tmp_path / "serve.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AEFORGE_", "PROMETHEUS_"))} | {
+        "AEFORGE_HOME": str(home),
+        "AEFORGE_TOKENS": json.dumps([{"token": TOKEN, "owner": "alice", "role": "admin"}]),
+        "RAY_ADDRESS": "http://127.0.0.1:9",
+        "PYTHONPATH": str(REPO),
+    }
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.api", "--port", "0", "--no-dispatch", "--workers", "2"],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(lambda: read_service_record(home), 120, "service.json", detail=log.read_text)
+        workers = children(proc.pid)
+        assert len(workers) == 2
+    finally:
+        proc.kill()
+        proc.wait(30)
+    # Each notices within its poll (1 s) and stops as on SIGTERM: no worker is left serving with nobody to stop it.
+    wait_for(lambda: not any(Path(f"/proc/{w}").exists() and _running(w) for w in workers), 60, "the workers to stop")
+    assert log.read_text().count("supervisor (pid") == 2
+
+
+def _running(pid: int) -> bool:
+    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return state != "Z"  # a zombie has ended: nobody waits for it now that its parent is gone
