@@ -351,7 +351,7 @@ def bench_submissions(url: str, total: int, clients: int, pid: int | None = None
 
     def run(_):
         mine = []
-        connection = http.client.HTTPConnection(address.hostname, address.port, timeout=60)
+        connection = http.client.HTTPConnection(address.hostname or "127.0.0.1", address.port, timeout=60)
         try:
             for _ in range(per_client):
                 start = time.perf_counter()
