@@ -556,7 +556,8 @@ def process_resources(pid: int, store_url: str) -> dict[str, float]:
 
 def soak(url: str, pid: int, store_url: str, minutes: float, users: int = USERS, seed: int = 1) -> dict:
     """A simulated day of ``users`` researchers in ``minutes``: each submits ~12 jobs, polls their status, follows
-    2 logs, cancels 2, retries the failed ones and lists their jobs ~20 times; operations run at their (compressed)
+    2 logs, cancels 2 (one just submitted, one earlier: about half of each), retries the failed ones and lists their
+    jobs ~20 times; operations run at their (compressed)
     times from a pool of 16 client threads. Returns latencies per endpoint, answers by status, resources."""
     rng = random.Random(seed)
     span = minutes * 60
@@ -638,7 +639,21 @@ def soak(url: str, pid: int, store_url: str, minutes: float, users: int = USERS,
                 for _ in response.iter_bytes():
                     pass
         elif what == "cancel":
-            response = http.post(f"/jobs/{rng.choice(mine)}/cancel")
+            # Half the cancels are of a job just submitted (a user who saw the mistake: queued or starting, so a
+            # cancel that takes effect), half of an earlier one (often finished by now: a 409 that says so).
+            if rng.random() < 0.5:
+                spec = SPEC.replace("name: bench", f"name: oops-{user}")
+                submitted = http.post("/jobs", json={"spec": spec})
+                note("POST /jobs", submitted.status_code, time.perf_counter() - began)
+                if submitted.status_code != 201:
+                    return
+                target = submitted.json()["id"]
+                with lock:
+                    jobs_of[user].append(target)
+                began = time.perf_counter()
+            else:
+                target = rng.choice(mine)
+            response = http.post(f"/jobs/{target}/cancel")
             note("POST /jobs/{id}/cancel", response.status_code, time.perf_counter() - began)
         elif what == "retry":
             failed = [j for j in mine[-5:] if http.get(f"/jobs/{j}").json().get("state") in ("failed", "cancelled")]

@@ -1077,8 +1077,9 @@ class ServiceWorkers:
     def _answers(self) -> bool:
         import urllib.request
 
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # its own port: never via a proxy
         try:
-            with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as answer:
+            with direct.open(f"{self.url}/healthz", timeout=2) as answer:
                 return answer.status == 200
         except OSError:
             return False
@@ -1124,7 +1125,8 @@ class ServiceWorkers:
                             f"{self.EARLY_EXIT_S:g} s of its start: see its log above"
                         )
                     log.warning("API worker %d (pid %d) exited with %s; starting it again", index, process.pid, code)
-                    stop.wait(self.RESTART_DELAY_S)
+                    if stop.wait(self.RESTART_DELAY_S):
+                        break
                     workers[index] = self._start(index, metrics_dir)
         finally:
             for process, _ in workers:

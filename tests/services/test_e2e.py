@@ -94,8 +94,10 @@ class Service:
         job_module: str | None = "tests.services.fake_job",
         extra_env: dict[str, str] | None = None,
         tokens: str | None = f"{TOKEN}:tester:admin",
+        workers: int = 1,
     ):
         self.home = home
+        self.workers = workers
         home.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -122,7 +124,7 @@ class Service:
     def start(self) -> Service:
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.api", "--port", str(self.port)],
+            [sys.executable, "-m", "services.api", "--port", str(self.port), "--workers", str(self.workers)],
             env=self.env,
             cwd=REPO,
             stdout=log,
@@ -196,8 +198,9 @@ def service(tmp_path, ray_head):
 def real_job_service(tmp_path_factory, ray_head):
     """One service running the real `python -m jobs.run`, shared by the real-job tests that need nothing else of a
     service: they tell their jobs, MLflow runs and models apart by id and name, and the embedded MLflow store is
-    made once (by the first job), not once per test."""
-    svc = Service(tmp_path_factory.mktemp("real-jobs") / "home", ray_head, job_module=None).start()
+    made once (by the first job), not once per test. It runs two API processes (`--workers 2`), so these real jobs
+    also cross processes: a submission or cancel taken by one worker, dispatched by the other."""
+    svc = Service(tmp_path_factory.mktemp("real-jobs") / "home", ray_head, job_module=None, workers=2).start()
     try:
         yield svc
     finally:
