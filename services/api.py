@@ -1001,7 +1001,9 @@ def run_service(
             log.info("the embedded Ray head's dashboard and Jobs API are at %s", address)
         if workers > 1:
             Store(settings.db_url).close()  # the schema upgraded once, and a database that fails, failed here
-            ServiceWorkers(sock, url, settings.home, address, dispatch, workers).run(on_ready)
+            ServiceWorkers(sock, url, settings.home, address, dispatch, workers, settings.job_interpreter()).run(
+                on_ready
+            )
             return
         app = build_service_app(settings, address, dispatch)
         home = settings.home
@@ -1052,8 +1054,20 @@ class ServiceWorkers:
     EARLY_EXITS = 3
     STOP_S = 30.0  # a worker's graceful stop (the dispatcher's thread is joined within 30 s)
 
-    def __init__(self, sock: socket.socket, url: str, home, ray_address: str, dispatch: bool, count: int):
+    def __init__(
+        self,
+        sock: socket.socket,
+        url: str,
+        home,
+        ray_address: str,
+        dispatch: bool,
+        count: int,
+        job_python: str | None = None,
+    ):
         self.sock = sock
+        # The jobs' interpreter as this process chose it: for an embedded head its own, which a worker (given the
+        # head's address as RAY_ADDRESS) would otherwise take for a cluster's `python`.
+        self.job_python = job_python
         self.url = url
         self.home = home
         self.ray_address = ray_address
@@ -1065,6 +1079,8 @@ class ServiceWorkers:
 
         fd = self.sock.fileno()
         env = dict(os.environ, RAY_ADDRESS=self.ray_address, AEFORGE_HOME=str(self.home))
+        if self.job_python:
+            env["AEFORGE_JOB_PYTHON"] = self.job_python
         env[metrics.MULTIPROCESS_DIR] = metrics_dir
         # Not `-m services.api`: that module would run as __main__ beside the services.api its imports load.
         args = [sys.executable, "-c", "from services.api import main; raise SystemExit(main())", "--worker-fd", str(fd)]

@@ -243,10 +243,11 @@ class EmbeddedService:
         self.proc: subprocess.Popen | None = None
         self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
 
-    def start(self) -> EmbeddedService:
+    def start(self, workers: int = 1) -> EmbeddedService:
         with open(self.log_path, "a") as log:
             self.proc = subprocess.Popen(
-                [str(Path(sys.executable).parent / "aeforge"), "serve", "--port", str(self.port)],
+                [str(Path(sys.executable).parent / "aeforge"), "serve", "--port", str(self.port)]
+                + ["--workers", str(workers)],
                 env=self.env,
                 cwd=self.home,
                 stdin=subprocess.DEVNULL,
@@ -317,11 +318,13 @@ def test_the_embedded_service_runs_jobs_without_its_venv_on_path_and_comes_back_
             assert job["state"] == "succeeded" and job["attempts"] == 1, (job, svc.tail())
 
         # The service and its head killed together: the next start reaps what is left and starts a new head on
-        # free ports, and a new job runs on it.
+        # free ports, and a new job runs on it. This start runs two API processes (`--workers 2`): the job is
+        # dispatched by a worker given the head's address, and still runs with the service's own interpreter.
         svc.proc.send_signal(signal.SIGKILL)
         svc.proc.wait(30)
         kill_recorded_head(home)
-        svc.start()
+        svc.start(workers=2)
+        wait_for(lambda: "with 2 worker processes" in svc.log_path.read_text(), 30, "the supervisor's record")
         second_head = HeadRecord.read(home)
         assert second_head.pid != first_head.pid and second_head.agent_port != first_head.agent_port
         last = svc.wait_ended(svc.submit(fake_spec("after-the-head-died", steps=2)))
