@@ -456,38 +456,68 @@ def places_holding(
     return hits
 
 
+# 2 beta x 2 seeds in packs of 2 (issue 12): the packed sweep the queue runs, and the sweep the secret scan reads.
+PACKED_SWEEP_SPEC = (
+    "name: e2e-packed\nkind: sweep\nmodel: {variant: beta_vae, architecture: conv64, latent_dim: 2}\n"
+    "data: {source: 'builtin:dsprites', limit: 256, val_fraction: 0.25}\n"
+    "train: {steps: 4, batch_size: 16, checkpoint_every: 2, log_every: 2}\n"
+    # 4 steps leave every trial collapsed (no active unit at Burda et al.'s 0.01), and a sweep gives no collapsed
+    # trial @best (issue 20): this test is about the queue and packs, so it lowers the health bar to "any unit
+    # moves at all"; tests/jobs/test_registry_gate.py tests the bar itself.
+    "eval: {iwae_samples: 2, max_examples: 16, disentanglement: false, pictures: true,"
+    " active_unit_variance: 1.0e-9, collapse_kl_per_latent: 0}\n"
+    "resources: {workers: 1, cpus_per_worker: 0.9}\n"  # beside the train job on the 2 CPUs
+    "sweep: {beta: [1, 4], seed: [0, 1], pack: 2, metric: {name: eval/elbo, mode: max}}\n"
+    "register: {model_name: e2e-packed}\n"
+)
+
+
+@pytest.fixture(scope="module")
+def s3_real_jobs(tmp_path_factory, ray_head, s3_server):
+    """A real train job and a real packed sweep through the queue, on S3 (a bucket of their own on the session's
+    moto), run once for the module and read by two tests: the secret scan, and the packed sweep's results. The keys
+    are in the Ray node's environment; the service has them too (its operator's shell), and forwards none.
+    (the service, the bucket, the train job's id, the sweep's id, the sweep's job record)"""
+    from tests.fixtures.s3 import s3_client
+
+    bucket = f"aeforge-test-{os.urandom(6).hex()}"
+    s3_client(s3_server).create_bucket(Bucket=bucket)
+    svc = Service(
+        tmp_path_factory.mktemp("s3-real-jobs") / "home",
+        ray_head,
+        job_module=None,
+        extra_env={
+            "AEFORGE_STORAGE": f"s3://{bucket}/aeforge",
+            "AEFORGE_S3_ENDPOINT_URL": s3_server,
+            "AEFORGE_LOG_FORMAT": "json",  # the scan covers the JSON log lines too
+            **NODE_CREDENTIALS,
+        },
+    ).start()
+    try:
+        job_id = svc.submit(real_spec("e2e-s3", 2))
+        # A sweep too: Ray Tune copies AWS_* from its driver's environment into every trial actor's runtime env, which
+        # Ray writes to the head's runtime_env_agent.log (issue 19); the driver holds none while Tune runs.
+        sweep_id = svc.submit(PACKED_SWEEP_SPEC)
+        job = svc.wait_state(job_id, "succeeded", timeout=240)
+        assert job["mlflow_run_id"]
+        sweep = svc.wait_state(sweep_id, "succeeded", timeout=400)
+        assert sweep["mlflow_run_id"]
+        yield svc, bucket, job_id, sweep_id, sweep
+    finally:
+        svc.stop()
+
+
 @pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in REAL_JOB_MODULES), reason="no real job path")
 @pytest.mark.timeout(900)  # a train job and a sweep
-def test_s3_credentials_reach_jobs_from_the_node_never_through_ray_job_records(service, ray_head, s3_bucket):
+def test_s3_credentials_reach_jobs_from_the_node_never_through_ray_job_records(s3_real_jobs, ray_head, s3_server):
     """A real train job and a real sweep on S3 through the queue: the keys are in the Ray node's environment; the
     service has them too (its operator's shell), and forwards none: the secret is in none of Ray's job records (its
     session folder included) nor anything aeforge wrote."""
     from tests.fixtures.s3 import s3_client
 
-    endpoint, bucket = s3_bucket
-    svc = service(
-        job_module=None,
-        extra_env={
-            "AEFORGE_STORAGE": f"s3://{bucket}/aeforge",
-            "AEFORGE_S3_ENDPOINT_URL": endpoint,
-            "AEFORGE_LOG_FORMAT": "json",  # the scan covers the JSON log lines too
-            **NODE_CREDENTIALS,
-        },
-    )
-    job_id = svc.submit(real_spec("e2e-s3", 2))
-    # A sweep too: Ray Tune copies AWS_* from its driver's environment into every trial actor's runtime env, which
-    # Ray writes to the head's runtime_env_agent.log (issue 19); the driver holds none while Tune runs.
-    sweep_id = svc.submit(
-        real_spec("e2e-s3-sweep", 2, kind="sweep")
-        .replace("variant: vae", "variant: beta_vae")
-        .replace("cpus_per_worker: 1}", "cpus_per_worker: 0.9}")  # beside the train job on the 2 CPUs
-        + "sweep: {beta: [1, 4], pack: 2, metric: {name: eval/elbo, mode: max}}\n"
-    )
-    job = svc.wait_state(job_id, "succeeded", timeout=240)
-    assert job["mlflow_run_id"]
-    assert svc.wait_state(sweep_id, "succeeded", timeout=300)["mlflow_run_id"]
+    svc, bucket, job_id, sweep_id, _ = s3_real_jobs
     for checked in (job_id, sweep_id):
-        hits = places_holding(SECRET, svc, ray_head, checked, s3_client(endpoint), bucket)
+        hits = places_holding(SECRET, svc, ray_head, checked, s3_client(s3_server), bucket)
         print(f"{checked}: places checked for the secret: {len(hits)}; with it: {sum(bool(h) for h in hits.values())}")
         assert len(hits) == 8 and not any(hits.values()), {place: found for place, found in hits.items() if found}
 
@@ -521,28 +551,15 @@ def test_a_spec_with_emoji_and_cjk_text_trains_through_the_queue(real_job_servic
 
 
 @pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in REAL_JOB_MODULES), reason="no real job path")
-def test_a_packed_sweep_runs_through_the_queue(real_job_service, ray_head):
+@pytest.mark.timeout(900)  # the module's S3 jobs, when this test is the first to ask for them
+def test_a_packed_sweep_runs_through_the_queue(s3_real_jobs, ray_head):
     """2 beta x 2 seeds in packs of 2 (issue 12), submitted to the queue: four nested runs with their metrics, the
-    results table and summary pictures on the sweep's run, and the best trial's model, which loads."""
+    results table and summary pictures on the sweep's run, and the best trial's model, which loads. (The sweep the
+    secret scan above reads: submitted beside a train job, on S3.)"""
     import mlflow.pytorch
     import torch
 
-    svc = real_job_service
-    spec = (
-        "name: e2e-packed\nkind: sweep\nmodel: {variant: beta_vae, architecture: conv64, latent_dim: 2}\n"
-        "data: {source: 'builtin:dsprites', limit: 256, val_fraction: 0.25}\n"
-        "train: {steps: 4, batch_size: 16, checkpoint_every: 2, log_every: 2}\n"
-        # 4 steps leave every trial collapsed (no active unit at Burda et al.'s 0.01), and a sweep gives no collapsed
-        # trial @best (issue 20): this test is about the queue and packs, so it lowers the health bar to "any unit
-        # moves at all"; tests/jobs/test_registry_gate.py tests the bar itself.
-        "eval: {iwae_samples: 2, max_examples: 16, disentanglement: false, pictures: true,"
-        " active_unit_variance: 1.0e-9, collapse_kl_per_latent: 0}\n"
-        "resources: {workers: 1, cpus_per_worker: 0.9}\n"
-        "sweep: {beta: [1, 4], seed: [0, 1], pack: 2, metric: {name: eval/elbo, mode: max}}\n"
-        "register: {model_name: e2e-packed}\n"
-    )
-    job_id = svc.submit(spec)
-    job = svc.wait_state(job_id, "succeeded", timeout=280)
+    svc, _, _, job_id, job = s3_real_jobs
     mlflow_client = mlflow_of(svc)
     parent = run_of_job(svc, job_id)
     children = mlflow_client.search_runs(
