@@ -292,21 +292,48 @@ def test_a_grid_sweep_tracks_every_trial_and_registers_the_best(finished_sweep, 
         assert sweep_env["secret"] not in json.dumps({**run.data.params, **run.data.tags})
 
 
-@pytest.mark.ray
-@pytest.mark.timeout(120)
-def test_running_a_finished_sweep_again_trains_nothing(finished_sweep, sweep_env):
-    from jobs.sweep import run_sweep
+@pytest.fixture(scope="module")
+def finished_sweep_run_again(finished_sweep, sweep_env, tmp_path_factory):
+    """The finished grid sweep run again once for the module, as `aeforge run SPEC --job-id ID` runs it (the CLI calls
+    run_sweep, which a spy wraps to keep its outcome and its seconds): one Tune restore read by two tests, the one on
+    what a re-run trains and the one on what `aeforge run` prints. (the CLI result, the outcome, the re-run's seconds,
+    fits per trial and the number of model versions before it)"""
+    import jobs.sweep
+    from services import cli
 
-    spec, job_id, first, _ = finished_sweep
+    spec, job_id, _, _ = finished_sweep
     client = mlflow.MlflowClient(sweep_env["tracking_uri"])
     _, children = parent_and_children(client, job_id)
     fits_before = fits_per_trial(client, children)
-    versions_before = client.search_model_versions(f"name = '{spec.registration.model_name}'")
+    versions_before = len(client.search_model_versions(f"name = '{spec.registration.model_name}'"))
 
-    t0 = time.perf_counter()
-    again = run_sweep(spec, job_id)
-    seconds = time.perf_counter() - t0
+    calls: list[tuple[dict, float]] = []
+    run_sweep = jobs.sweep.run_sweep
+
+    def timed_run_sweep(*args, **kwargs):
+        t0 = time.perf_counter()
+        outcome = run_sweep(*args, **kwargs)
+        calls.append((outcome, time.perf_counter() - t0))
+        return outcome
+
+    path = tmp_path_factory.mktemp("run-again") / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(jobs.sweep, "run_sweep", timed_run_sweep)
+        result = runner.invoke(cli.app, ["run", str(path), "--job-id", job_id])
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 1, calls
+    again, seconds = calls[0]
     print(f"\nre-run of a finished sweep: {seconds:.1f} s")
+    return result, again, seconds, fits_before, versions_before
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_running_a_finished_sweep_again_trains_nothing(finished_sweep, finished_sweep_run_again, sweep_env):
+    spec, job_id, first, _ = finished_sweep
+    _, again, seconds, fits_before, versions_before = finished_sweep_run_again
+    client = mlflow.MlflowClient(sweep_env["tracking_uri"])
 
     parent, children = parent_and_children(client, job_id)
     assert parent.info.status == "FINISHED"
@@ -315,7 +342,7 @@ def test_running_a_finished_sweep_again_trains_nothing(finished_sweep, sweep_env
         r["run_name"]: r["eval/mig"] for r in first["trials"]
     }
     assert again["model"]["version"] == first["model"]["version"]
-    assert len(client.search_model_versions(f"name = '{spec.registration.model_name}'")) == len(versions_before)
+    assert len(client.search_model_versions(f"name = '{spec.registration.model_name}'")) == versions_before
     assert seconds < 60
 
 
@@ -503,14 +530,11 @@ def test_sweep_results_cli_prints_the_table(finished_sweep, sweep_env, tmp_path,
 
 @pytest.mark.ray
 @pytest.mark.timeout(120)
-def test_aeforge_run_prints_the_sweep_table(finished_sweep, sweep_env, tmp_path, monkeypatch):
-    """`aeforge run SPEC --job-id ID` on the finished sweep: restored, nothing trained, the table printed."""
-    from services import cli
-
+def test_aeforge_run_prints_the_sweep_table(finished_sweep, finished_sweep_run_again):
+    """`aeforge run SPEC --job-id ID` on the finished sweep: restored, nothing trained (the test above), the table
+    printed."""
     spec, job_id, outcome, _ = finished_sweep
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
-    result = runner.invoke(cli.app, ["run", str(path), "--job-id", job_id])
+    result = finished_sweep_run_again[0]
     assert result.exit_code == 0, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("│") and f"{spec.name}-t0" in line]
     assert len(lines) == 4 and outcome["best"]["run_name"] in lines[0]
