@@ -260,18 +260,25 @@ def service(db_url: str, dispatch: bool = False) -> Iterator[tuple[str, subproce
             + ["--home", home]
             + (["--dispatch"] if dispatch else []),
         )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_until_answers(url, proc)
-            wait_until_idle(proc.pid)
+        with serving(proc, f"http://127.0.0.1:{port}", stop_s=30) as url:
             yield url, proc
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+
+
+@contextmanager
+def serving(proc: subprocess.Popen, url: str, stop_s: float) -> Iterator[str]:
+    """``url`` once the service ``proc`` answers and its start-up work is done; SIGTERM after, SIGKILL past
+    ``stop_s``."""
+    try:
+        wait_until_answers(url, proc)
+        wait_until_idle(proc.pid)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(stop_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
 def wait_until_answers(url: str, proc: subprocess.Popen, most_s: float = 120.0) -> None:
@@ -404,18 +411,8 @@ def aeforge_service(db_url: str, workers: int) -> Iterator[tuple[str, subprocess
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_until_answers(url, proc)
-            wait_until_idle(proc.pid)
+        with serving(proc, f"http://127.0.0.1:{port}", stop_s=60) as url:
             yield url, proc
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
 
 
 def settle(url: str, pid: int, timeout_s: float = 120.0) -> None:

@@ -53,24 +53,23 @@ def submit_many(url: str, count: int) -> list[int]:
         return list(pool.map(one, range(count)))
 
 
-@pytest.mark.timeout(300)
-def test_serve_with_two_workers_one_port_one_dispatcher_metrics_added_up_a_dead_worker_replaced(tmp_path):
-    home = tmp_path / "home"
-    log = tmp_path / "serve.log"
+def start_service(home: Path, log: Path, args: list[str]) -> subprocess.Popen:
+    """The service (``python <args>``) over ``home``, its output in ``log``; Ray at a port nothing listens on: the
+    dispatcher's passes fail, the API does not care."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AEFORGE_", "PROMETHEUS_"))} | {
         "AEFORGE_HOME": str(home),
         "AEFORGE_TOKENS": json.dumps([{"token": TOKEN, "owner": "alice", "role": "admin"}]),
-        "RAY_ADDRESS": "http://127.0.0.1:9",  # nothing listens: the dispatcher's passes fail, the API does not care
+        "RAY_ADDRESS": "http://127.0.0.1:9",
         "PYTHONPATH": str(REPO),
     }
     with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "serve", "--port", "0", "--workers", "2"],
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+        return subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+@pytest.mark.timeout(300)
+def test_serve_with_two_workers_one_port_one_dispatcher_metrics_added_up_a_dead_worker_replaced(tmp_path):
+    home, log = tmp_path / "home", tmp_path / "serve.log"
+    proc = start_service(home, log, ["-m", "services.cli", "serve", "--port", "0", "--workers", "2"])
     try:
         record = wait_for(lambda: read_service_record(home), 120, "service.json", detail=log.read_text)
         url = record["url"]
@@ -159,22 +158,8 @@ def test_workers_must_be_a_positive_number(tmp_path):
 
 @pytest.mark.timeout(180)
 def test_workers_stop_when_their_supervisor_is_killed_outright(tmp_path):
-    home = tmp_path / "home"
-    log = tmp_path / "serve.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AEFORGE_", "PROMETHEUS_"))} | {
-        "AEFORGE_HOME": str(home),
-        "AEFORGE_TOKENS": json.dumps([{"token": TOKEN, "owner": "alice", "role": "admin"}]),
-        "RAY_ADDRESS": "http://127.0.0.1:9",
-        "PYTHONPATH": str(REPO),
-    }
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "services.api", "--port", "0", "--no-dispatch", "--workers", "2"],
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    home, log = tmp_path / "home", tmp_path / "serve.log"
+    proc = start_service(home, log, ["-m", "services.api", "--port", "0", "--no-dispatch", "--workers", "2"])
     try:
         wait_for(lambda: read_service_record(home), 120, "service.json", detail=log.read_text)
         workers = children(proc.pid)
